@@ -1,0 +1,176 @@
+// y[t, col0 + m] (+)= act(sum_k W[m, k] * x[x_off + t * K + k]) for a weight matrix in
+// nn.Linear layout [M, K], stored as 16-bit floats packed two per u32 along K, so that
+// devices without shader-f16 run it. All arithmetic is f32.
+//
+// Variants (preprocessor): WEIGHT_BF16 (bf16 pairs instead of f16), ACT_TANH,
+// ACT_SIGMOID, ACT_RELU_SQ (relu(v)^2), ADD (accumulate into y: the residual stream).
+// Two entry points: `matvec` for a few tokens (weights streamed once per group of 4
+// tokens, reduction over K in workgroup memory) and `matmul_tiled` for prefill chunks
+// (64x64 output tiles, 16-deep K steps staged in workgroup memory).
+
+struct Params {
+    m: u32,        // output rows of this weight (chunk)
+    k: u32,        // input width, even
+    t: u32,        // tokens
+    x_off: u32,    // first element of x
+    y_off: u32,    // first element of y
+    y_stride: u32, // elements between tokens in y
+    col0: u32,     // column of y that output row 0 lands in
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> w: array<u32>;        // (M, K/2) packed pairs
+@group(0) @binding(2) var<storage, read> x: array<f32>;        // (T, K) at x_off
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // (T, y_stride) at y_off
+
+fn unpack_pair(v: u32) -> vec2<f32> {
+#ifdef WEIGHT_BF16
+    return vec2<f32>(bitcast<f32>(v << 16u), bitcast<f32>(v & 0xffff0000u));
+#else
+    return unpack2x16float(v);
+#endif
+}
+
+fn activate(v: f32) -> f32 {
+#ifdef ACT_TANH
+    return tanh(v);
+#endif
+#ifdef ACT_SIGMOID
+    return 1.0 / (1.0 + exp(-v));
+#endif
+#ifdef ACT_RELU_SQ
+    let r = max(v, 0.0);
+    return r * r;
+#endif
+    return v;
+}
+
+fn store(t: u32, m: u32, v: f32) {
+    let at = p.y_off + t * p.y_stride + p.col0 + m;
+#ifdef ADD
+    y[at] = y[at] + activate(v);
+#else
+    y[at] = activate(v);
+#endif
+}
+
+// ---- matvec: workgroup = 4 rows x 64 lanes; each lane strides over K ----
+
+const LANES: u32 = 64u;
+const ROWS: u32 = 4u;
+var<workgroup> lane_sums: array<vec4<f32>, 256>;
+
+@compute @workgroup_size(64, 4)
+fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
+          @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_id) lid: vec3<u32>) {
+    let group = wid.y * nwg.x + wid.x;
+    if (group * ROWS >= p.m) {
+        return;
+    }
+    let row = group * ROWS + lid.y;
+    let live = row < p.m;
+    let half_k = p.k / 2u;
+    let slot = lid.y * LANES + lid.x;
+
+    for (var t0 = 0u; t0 < p.t; t0 += 4u) {
+        var acc = vec4<f32>(0.0);
+        if (live) {
+            for (var i = lid.x; i < half_k; i += LANES) {
+                let wv = unpack_pair(w[row * half_k + i]);
+                for (var j = 0u; j < 4u; j++) {
+                    let t = t0 + j;
+                    if (t < p.t) {
+                        let xi = p.x_off + t * p.k + 2u * i;
+                        acc[j] += wv.x * x[xi] + wv.y * x[xi + 1u];
+                    }
+                }
+            }
+        }
+        lane_sums[slot] = acc;
+        workgroupBarrier();
+        for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
+            if (lid.x < s) {
+                lane_sums[slot] = lane_sums[slot] + lane_sums[slot + s];
+            }
+            workgroupBarrier();
+        }
+        if (live && lid.x == 0u) {
+            let total = lane_sums[slot];
+            for (var j = 0u; j < 4u; j++) {
+                if (t0 + j < p.t) {
+                    store(t0 + j, row, total[j]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+// ---- matmul_tiled: 16x16 threads, each computing 4 rows x 4 tokens of a 64x64 tile ----
+
+const TILE: u32 = 64u;
+const KSTEP: u32 = 16u;
+var<workgroup> w_tile: array<f32, 1024>;  // [KSTEP][TILE rows]
+var<workgroup> x_tile: array<f32, 1024>;  // [KSTEP][TILE tokens]
+
+@compute @workgroup_size(16, 16)
+fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
+                @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_id) lid: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let tiles_m = (p.m + TILE - 1u) / TILE;
+    let tiles_t = (p.t + TILE - 1u) / TILE;
+    let tile = wid.y * nwg.x + wid.x;
+    if (tile >= tiles_m * tiles_t) {
+        return;
+    }
+    let m0 = (tile % tiles_m) * TILE;
+    let t0 = (tile / tiles_m) * TILE;
+    let half_k = p.k / 2u;
+
+    var acc: array<vec4<f32>, 4>;  // acc[token][row]
+    for (var k0 = 0u; k0 < p.k; k0 += KSTEP) {
+        // Weights: 64 rows x 8 pairs = 512 u32, two per thread.
+        for (var q = li; q < 512u; q += 256u) {
+            let r = q / 8u;
+            let pair = q % 8u;
+            let kk = k0 + 2u * pair;
+            var v = vec2<f32>(0.0);
+            if (m0 + r < p.m && kk < p.k) {
+                v = unpack_pair(w[(m0 + r) * half_k + kk / 2u]);
+            }
+            w_tile[(2u * pair) * TILE + r] = v.x;
+            w_tile[(2u * pair + 1u) * TILE + r] = v.y;
+        }
+        // Inputs: 64 tokens x 16 k, four per thread.
+        for (var q = li; q < 1024u; q += 256u) {
+            let tt = q / KSTEP;
+            let kk = q % KSTEP;
+            var v = 0.0;
+            if (t0 + tt < p.t && k0 + kk < p.k) {
+                v = x[p.x_off + (t0 + tt) * p.k + k0 + kk];
+            }
+            x_tile[kk * TILE + tt] = v;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < KSTEP; kk++) {
+            let wr = vec4<f32>(w_tile[kk * TILE + lid.y * 4u], w_tile[kk * TILE + lid.y * 4u + 1u],
+                               w_tile[kk * TILE + lid.y * 4u + 2u], w_tile[kk * TILE + lid.y * 4u + 3u]);
+            for (var j = 0u; j < 4u; j++) {
+                acc[j] += wr * x_tile[kk * TILE + lid.x * 4u + j];
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + lid.x * 4u + j;
+        for (var i = 0u; i < 4u; i++) {
+            let m = m0 + lid.y * 4u + i;
+            if (t < p.t && m < p.m) {
+                store(t, m, acc[j][i]);
+            }
+        }
+    }
+}

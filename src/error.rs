@@ -1,0 +1,50 @@
+//! The one error type of the core. The Python layer maps each variant to an
+//! exception class (see `python/errors.rs`); messages carry the values that were wrong.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matches the request, or the device could not be created.
+    #[error("{0}")]
+    Device(String),
+
+    /// The device ran out of memory while allocating a buffer.
+    #[error("out of device memory: {0}")]
+    OutOfMemory(String),
+
+    /// A WGSL kernel failed to compile or validate: names the kernel and its variant.
+    #[error("shader `{kernel}` failed to compile: {message}")]
+    Shader { kernel: String, message: String },
+
+    /// A file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, #[source] source: std::io::Error },
+
+    /// A checkpoint or state file is malformed, truncated, foreign or unsupported.
+    #[error("{path}: {message}")]
+    Load { path: PathBuf, message: String },
+
+    /// A tensor, token list or state has the wrong shape, size or range.
+    #[error("{0}")]
+    Shape(String),
+
+    /// A state was used by two threads at once, or with a model it does not belong to.
+    #[error("{0}")]
+    State(String),
+
+    /// Anything else that is the caller's fault (bad option value and the like).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn load(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Load { path: path.into(), message: message.into() }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,415 @@
+//! Adapter discovery and selection, device creation with the adapter's real limits,
+//! and the error plumbing that turns wgpu's panicking defaults into `Error`s.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Waker};
+
+use crate::error::{Error, Result};
+
+/// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
+/// of the adapter's name or backend ("vulkan", "gl", "nvidia", "llvmpipe").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterChoice {
+    Index(usize),
+    Name(String),
+}
+
+impl AdapterChoice {
+    /// Digits are an index, anything else a name substring.
+    pub fn parse(text: &str) -> AdapterChoice {
+        match text.trim().parse::<usize>() {
+            Ok(i) => AdapterChoice::Index(i),
+            Err(_) => AdapterChoice::Name(text.trim().to_string()),
+        }
+    }
+}
+
+/// How to open the device. Every switch also has an environment variable so that
+/// CI can force the fallback paths on a capable device.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceOptions {
+    /// `RWKV_GPU_ADAPTER`: index or name substring.
+    pub adapter: Option<AdapterChoice>,
+    /// `RWKV_GPU_NO_F16=1`: do not enable `shader-f16` even where supported.
+    pub no_f16: bool,
+    /// `RWKV_GPU_NO_SUBGROUPS=1`: do not enable subgroup operations.
+    pub no_subgroups: bool,
+    /// `RWKV_GPU_MAX_BINDING=<bytes>`: plan as if no storage binding could exceed this,
+    /// so that the tensor-splitting paths run on devices with large bindings.
+    pub max_binding: Option<u64>,
+}
+
+impl DeviceOptions {
+    /// Fills every unset field from the environment.
+    pub fn with_env(mut self) -> Result<Self> {
+        let flag = |name: &str| std::env::var(name).map(|v| !v.is_empty() && v != "0").unwrap_or(false);
+        if self.adapter.is_none() {
+            if let Ok(v) = std::env::var("RWKV_GPU_ADAPTER") {
+                if !v.trim().is_empty() {
+                    self.adapter = Some(AdapterChoice::parse(&v));
+                }
+            }
+        }
+        self.no_f16 |= flag("RWKV_GPU_NO_F16");
+        self.no_subgroups |= flag("RWKV_GPU_NO_SUBGROUPS");
+        if self.max_binding.is_none() {
+            if let Ok(v) = std::env::var("RWKV_GPU_MAX_BINDING") {
+                let bytes = v.trim().parse::<u64>().map_err(|_| {
+                    Error::Invalid(format!("RWKV_GPU_MAX_BINDING must be a byte count, got {v:?}"))
+                })?;
+                self.max_binding = Some(bytes);
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// What users see of an adapter (`rwkv_gpu.adapters()`).
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub max_storage_binding: u64,
+    pub max_buffer_size: u64,
+    pub max_workgroups_per_dimension: u32,
+    pub max_workgroup_invocations: u32,
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    // GL is listed so that users can ask for it, never chosen by default.
+    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL;
+    wgpu::Instance::new(desc)
+}
+
+fn enumerate(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+fn summarize(index: usize, adapter: &wgpu::Adapter) -> AdapterSummary {
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let features = adapter.features();
+    AdapterSummary {
+        index,
+        name: info.name,
+        backend: backend_name(info.backend).to_string(),
+        device_type: device_type_name(info.device_type).to_string(),
+        driver: info.driver,
+        driver_info: info.driver_info,
+        shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        subgroups: features.contains(wgpu::Features::SUBGROUP),
+        max_storage_binding: limits.max_storage_buffer_binding_size,
+        max_buffer_size: limits.max_buffer_size,
+        max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
+        max_workgroup_invocations: limits.max_compute_invocations_per_workgroup,
+    }
+}
+
+/// Every adapter wgpu can see, on every native backend, in a stable order.
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    let instance = instance();
+    enumerate(&instance).iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
+}
+
+pub fn backend_name(b: wgpu::Backend) -> &'static str {
+    match b {
+        wgpu::Backend::Vulkan => "vulkan",
+        wgpu::Backend::Metal => "metal",
+        wgpu::Backend::Dx12 => "dx12",
+        wgpu::Backend::Gl => "gl",
+        wgpu::Backend::BrowserWebGpu => "webgpu",
+        _ => "other",
+    }
+}
+
+fn device_type_name(t: wgpu::DeviceType) -> &'static str {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => "discrete",
+        wgpu::DeviceType::IntegratedGpu => "integrated",
+        wgpu::DeviceType::VirtualGpu => "virtual",
+        wgpu::DeviceType::Cpu => "cpu",
+        wgpu::DeviceType::Other => "other",
+    }
+}
+
+/// Lower is better: discrete, integrated, virtual, other, then software; GL after all
+/// native backends.
+fn preference(s: &AdapterSummary) -> (u8, u8) {
+    let kind = match s.device_type.as_str() {
+        "discrete" => 0,
+        "integrated" => 1,
+        "virtual" => 2,
+        "other" => 3,
+        _ => 4,
+    };
+    (u8::from(s.backend == "gl"), kind)
+}
+
+/// Picks an adapter index for `choice`; returns it with warnings worth showing.
+pub fn select(summaries: &[AdapterSummary], choice: Option<&AdapterChoice>) -> Result<(usize, Vec<String>)> {
+    let listing = || {
+        if summaries.is_empty() {
+            "no adapters found (is a Vulkan driver installed? on Debian/Ubuntu: apt-get install mesa-vulkan-drivers libvulkan1)".to_string()
+        } else {
+            let rows: Vec<String> = summaries
+                .iter()
+                .map(|s| format!("  {}: {} ({}, {})", s.index, s.name, s.backend, s.device_type))
+                .collect();
+            format!("available adapters:\n{}", rows.join("\n"))
+        }
+    };
+    let mut warnings = Vec::new();
+    let chosen = match choice {
+        Some(AdapterChoice::Index(i)) => {
+            if *i >= summaries.len() {
+                return Err(Error::Device(format!("adapter index {i} is out of range; {}", listing())));
+            }
+            *i
+        }
+        Some(AdapterChoice::Name(name)) => {
+            let needle = name.to_lowercase();
+            let best = summaries
+                .iter()
+                .filter(|s| s.name.to_lowercase().contains(&needle) || s.backend == needle)
+                .min_by_key(|s| (preference(s), s.index));
+            match best {
+                Some(s) => s.index,
+                None => return Err(Error::Device(format!("no adapter matches {name:?}; {}", listing()))),
+            }
+        }
+        None => {
+            let best = summaries
+                .iter()
+                .filter(|s| s.backend != "gl")
+                .min_by_key(|s| (preference(s), s.index));
+            match best {
+                Some(s) => {
+                    if s.device_type == "cpu" {
+                        warnings.push(format!(
+                            "using the software adapter {:?}: no hardware GPU adapter was found, so everything runs on the CPU and is slow",
+                            s.name
+                        ));
+                    }
+                    s.index
+                }
+                None => {
+                    return Err(Error::Device(format!(
+                        "no Vulkan, Metal or DX12 adapter found (OpenGL adapters are used only when asked for by name, e.g. adapter=\"gl\"); {}",
+                        listing()
+                    )))
+                }
+            }
+        }
+    };
+    Ok((chosen, warnings))
+}
+
+/// The opened device and the facts about it that planning needs.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter: AdapterSummary,
+    /// Largest storage binding that plans may use: the device's, or the forced cap.
+    pub max_binding: u64,
+    pub max_buffer: u64,
+    pub max_workgroups: u32,
+    pub storage_offset_alignment: u32,
+    pub uniform_offset_alignment: u32,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+    pub warnings: Vec<String>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl GpuContext {
+    pub fn new(options: &DeviceOptions) -> Result<Arc<GpuContext>> {
+        let instance = instance();
+        let adapters = enumerate(&instance);
+        let summaries: Vec<AdapterSummary> = adapters.iter().enumerate().map(|(i, a)| summarize(i, a)).collect();
+        let (index, warnings) = select(&summaries, options.adapter.as_ref())?;
+        let adapter = &adapters[index];
+        let summary = summaries[index].clone();
+
+        let available = adapter.features();
+        let mut features = wgpu::Features::empty();
+        let shader_f16 = !options.no_f16 && available.contains(wgpu::Features::SHADER_F16);
+        let subgroups = !options.no_subgroups && available.contains(wgpu::Features::SUBGROUP);
+        if shader_f16 {
+            features |= wgpu::Features::SHADER_F16;
+        }
+        if subgroups {
+            features |= wgpu::Features::SUBGROUP;
+        }
+        // The real limits, not the WebGPU defaults: big models need big bindings.
+        let limits = adapter.limits();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("rwkv-gpu"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        };
+        let (device, queue) = block_on(adapter.request_device(&desc)).map_err(|e| {
+            Error::Device(format!("failed to open {} ({}): {e}", summary.name, summary.backend))
+        })?;
+
+        let uncaptured = Arc::new(Mutex::new(None::<String>));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut slot = sink.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(e.to_string());
+            }
+        }));
+        let lost = Arc::new(Mutex::new(None::<String>));
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let mut slot = lost_sink.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(format!("{reason:?}: {message}"));
+        });
+
+        let device_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let max_binding = match options.max_binding {
+            Some(cap) => cap.min(device_binding),
+            None => device_binding,
+        };
+        Ok(Arc::new(GpuContext {
+            device,
+            queue,
+            adapter: summary,
+            max_binding,
+            max_buffer: limits.max_buffer_size,
+            max_workgroups: limits.max_compute_workgroups_per_dimension,
+            storage_offset_alignment: limits.min_storage_buffer_offset_alignment,
+            uniform_offset_alignment: limits.min_uniform_buffer_offset_alignment,
+            shader_f16,
+            subgroups,
+            warnings,
+            uncaptured,
+            lost,
+        }))
+    }
+
+    /// Runs `f` inside out-of-memory and validation error scopes; an error caught there
+    /// becomes `Error::OutOfMemory` or `Error::Device` naming `what`.
+    pub fn scoped<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        self.check_alive()?;
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let value = f();
+        let validation_error = block_on(validation.pop());
+        let oom_error = block_on(oom.pop());
+        if let Some(e) = oom_error {
+            return Err(Error::OutOfMemory(format!("{what}: {e}")));
+        }
+        if let Some(e) = validation_error {
+            return Err(Error::Device(format!("{what}: {e}")));
+        }
+        Ok(value)
+    }
+
+    /// Fails once the device is lost or an error escaped every scope.
+    pub fn check_alive(&self) -> Result<()> {
+        if let Some(m) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Err(Error::Device(format!("the GPU device was lost ({m}); open the model again")));
+        }
+        if let Some(m) = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(Error::Device(format!("GPU error: {m}")));
+        }
+        Ok(())
+    }
+
+    /// Blocks until the queue is idle.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        self.check_alive()
+    }
+
+    /// Splits `n` workgroups into a grid whose dimensions respect the device maximum.
+    /// Kernels rebuild the linear index from `workgroup_id` and `num_workgroups`.
+    pub fn grid(&self, n: u32) -> (u32, u32) {
+        let max = self.max_workgroups.max(1);
+        if n <= max {
+            (n.max(1), 1)
+        } else {
+            (max, n.div_ceil(max))
+        }
+    }
+}
+
+/// Drives a future to completion on this thread. wgpu's native futures are ready once
+/// the device has been polled, so a no-op waker and a spin with yield suffice.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = std::pin::pin!(future);
+    let mut cx = TaskContext::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(index: usize, name: &str, backend: &str, kind: &str) -> AdapterSummary {
+        AdapterSummary {
+            index,
+            name: name.into(),
+            backend: backend.into(),
+            device_type: kind.into(),
+            driver: String::new(),
+            driver_info: String::new(),
+            shader_f16: false,
+            subgroups: false,
+            max_storage_binding: 1 << 27,
+            max_buffer_size: 1 << 28,
+            max_workgroups_per_dimension: 65535,
+            max_workgroup_invocations: 256,
+        }
+    }
+
+    #[test]
+    fn default_prefers_discrete_over_integrated_and_never_gl() {
+        let list = vec![
+            fake(0, "llvmpipe", "gl", "cpu"),
+            fake(1, "Intel Iris", "vulkan", "integrated"),
+            fake(2, "RTX 4090", "vulkan", "discrete"),
+        ];
+        assert_eq!(select(&list, None).unwrap(), (2, vec![]));
+    }
+
+    #[test]
+    fn software_only_warns_and_gl_needs_asking() {
+        let list = vec![fake(0, "llvmpipe", "gl", "cpu"), fake(1, "llvmpipe (LLVM)", "vulkan", "cpu")];
+        let (i, warnings) = select(&list, None).unwrap();
+        assert_eq!(i, 1);
+        assert!(warnings[0].contains("software adapter"));
+        assert_eq!(select(&list, Some(&AdapterChoice::parse("gl"))).unwrap().0, 0);
+        // A name shared by both picks the native backend.
+        assert_eq!(select(&list, Some(&AdapterChoice::parse("LLVMPIPE"))).unwrap().0, 1);
+    }
+
+    #[test]
+    fn bad_choices_list_what_exists() {
+        let list = vec![fake(0, "RTX", "vulkan", "discrete")];
+        let e = select(&list, Some(&AdapterChoice::parse("7"))).unwrap_err().to_string();
+        assert!(e.contains("out of range") && e.contains("0: RTX"), "{e}");
+        let e = select(&list, Some(&AdapterChoice::parse("radeon"))).unwrap_err().to_string();
+        assert!(e.contains("\"radeon\"") && e.contains("RTX"), "{e}");
+        let e = select(&[], None).unwrap_err().to_string();
+        assert!(e.contains("mesa-vulkan-drivers"), "{e}");
+    }
+}

@@ -1,0 +1,15 @@
+//! rwkv-gpu: RWKV-7 inference with WGSL compute shaders on wgpu.
+//!
+//! The core (this crate without the `python` feature) knows nothing of Python:
+//! `gpu` opens the device and runs kernels, `loader` reads checkpoints, `model` holds
+//! weights and states and plans the forward pass. `python` is the binding layer.
+
+pub mod error;
+pub mod gpu;
+pub mod loader;
+pub mod model;
+
+pub use error::{Error, Result};
+
+#[cfg(feature = "python")]
+mod python;

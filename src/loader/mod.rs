@@ -1,0 +1,74 @@
+//! Checkpoint readers. Each format yields the same thing: named tensors with a
+//! dtype and shape, read one at a time as contiguous little-endian row-major bytes,
+//! so that host memory stays bounded by the largest tensor.
+
+pub mod pth;
+pub mod safetensors_file;
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Element types found in RWKV checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A checkpoint opened for reading.
+pub trait Checkpoint: Send + Sync {
+    /// Tensor names, in file order.
+    fn names(&self) -> Vec<String>;
+    fn info(&self, name: &str) -> Option<TensorInfo>;
+    /// The tensor's elements, contiguous, row-major, little-endian: borrowed from the
+    /// mapped file where the layout allows, copied otherwise.
+    fn read(&self, name: &str) -> Result<Cow<'_, [u8]>>;
+    fn path(&self) -> &Path;
+}
+
+/// Opens `.pth` (PyTorch zip) or `.safetensors`/`.st` by content, not by extension.
+pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
+    let mut magic = [0u8; 8];
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+        if n < 8 {
+            return Err(Error::load(path, format!("file is {n} bytes long: too short to be a checkpoint")));
+        }
+    }
+    if &magic[..4] == b"PK\x03\x04" {
+        Ok(Box::new(pth::PthFile::open(path)?))
+    } else if u64::from_le_bytes(magic) < (100 << 20) {
+        Ok(Box::new(safetensors_file::SafetensorsFile::open(path)?))
+    } else {
+        Err(Error::load(
+            path,
+            "not a checkpoint this library reads: expected a PyTorch .pth (zip) or a .safetensors file",
+        ))
+    }
+}

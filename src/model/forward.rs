@@ -1,0 +1,320 @@
+//! The forward pass plan: for each chunk of tokens, one recorded list of dispatches and
+//! one queue submission. Per layer (decode): ln1, token shift (6 mixes), r/k/v, the
+//! low-rank paths, the fused WKV kernel, the output projection into the residual, ln2,
+//! token shift, ffn key (relu^2) and ffn value into the residual.
+//!
+//! Sequences are ragged: a chunk holds the tokens of one or more sequences back to back
+//! and a table of (first token, tokens, slot) rows; nothing is padded.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::weights::{consts, Matrix};
+use super::{CallStats, Model, State};
+use crate::error::Result;
+use crate::gpu::recorder::{read_buffer, Binding, Copy, Recorder};
+use crate::gpu::{GpuContext, Kernel};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    None,
+    Last,
+    All,
+}
+
+/// Tokens per chunk at most: enough for matrix-matrix kernels to pay off, small enough
+/// that prefill scratch stays a small fraction of the weights.
+const MAX_CHUNK: usize = 256;
+/// Up to this many tokens, matrices use the matrix-vector kernel.
+const MATVEC_TOKENS: usize = 4;
+const MAX_SEQS: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct LnParams { c: u32, rows: u32, in_row0: u32, w_off: u32, b_off: u32, eps: f32, _pad: [u32; 2] }
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ShiftParams { c: u32, t_total: u32, n_seq: u32, mix_off: u32, state_off: u32, slot_stride: u32, _pad: [u32; 2] }
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatParams { m: u32, k: u32, t: u32, x_off: u32, y_off: u32, y_stride: u32, col0: u32, _pad: u32 }
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct WkvParams {
+    c: u32, t_total: u32, n_seq: u32, first_layer: u32, slot_stride: u32, wkv_off: u32,
+    w0: u32, a0: u32, v0: u32, k_k: u32, k_a: u32, r_k: u32, lnx_w: u32, lnx_b: u32, eps: f32, _pad: u32,
+}
+
+/// Activations for up to `tokens` tokens, allocated once and reused.
+pub struct Scratch {
+    pub tokens: usize,
+    emb: wgpu::Buffer,     // (T, C) embedding rows from the host
+    x: wgpu::Buffer,       // (T, C) residual stream
+    xn: wgpu::Buffer,      // (T, C) normalised
+    mix: wgpu::Buffer,     // (6, T, C) token-shifted mixes
+    rkv: wgpu::Buffer,     // (3, T, C)
+    mid: wgpu::Buffer,     // (T, Dw + Da + Dv + Dg) low-rank hidden
+    lora: wgpu::Buffer,    // (4, T, C) low-rank outputs w, a, v, g
+    att: wgpu::Buffer,     // (T, C) time-mix output
+    v_first: wgpu::Buffer, // (T, C)
+    ffn: wgpu::Buffer,     // (T, F)
+    seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32
+    /// One logits buffer per head row chunk: (head_tokens, rows).
+    logits: Vec<wgpu::Buffer>,
+    head_tokens: usize,
+    staging: Option<wgpu::Buffer>,
+    uniform: Option<wgpu::Buffer>,
+    bytes: u64,
+}
+
+impl Scratch {
+    pub fn device_bytes(&self) -> u64 {
+        self.bytes + self.staging.as_ref().map(|b| b.size()).unwrap_or(0)
+    }
+}
+
+/// The largest number of tokens a chunk may hold on this device.
+fn chunk_tokens(model: &Model) -> usize {
+    let cfg = &model.config;
+    let c = cfg.n_embd;
+    let widest = (6 * c).max(cfg.ffn_size).max(cfg.lora_w + cfg.lora_a + cfg.lora_v + cfg.lora_g);
+    ((model.ctx.max_binding as usize) / (4 * widest)).clamp(1, MAX_CHUNK)
+}
+
+fn allocate(model: &Model) -> Result<Scratch> {
+    let ctx = &model.ctx;
+    let cfg = &model.config;
+    let t = chunk_tokens(model);
+    let c = cfg.n_embd;
+    let dsum = cfg.lora_w + cfg.lora_a + cfg.lora_v + cfg.lora_g;
+    let device = &ctx.device;
+    let make = |label: &str, floats: usize| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (floats * 4).max(16) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    // Logits: as many tokens at once as the largest head chunk allows in one binding.
+    let widest_chunk = model.weights.head.chunks.iter().map(|(_, _, r)| *r).max().unwrap_or(1);
+    let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
+    ctx.scoped("allocating scratch activations", || {
+        let logits: Vec<wgpu::Buffer> = model.weights.head.chunks.iter().map(|(_, _, rows)| make("logits", head_tokens * rows)).collect();
+        let mut s = Scratch {
+            tokens: t,
+            emb: make("emb rows", t * c),
+            x: make("x", t * c),
+            xn: make("xn", t * c),
+            mix: make("mix", 6 * t * c),
+            rkv: make("rkv", 3 * t * c),
+            mid: make("lora hidden", t * dsum),
+            lora: make("lora", 4 * t * c),
+            att: make("att", t * c),
+            v_first: make("v_first", t * c),
+            ffn: make("ffn", t * cfg.ffn_size),
+            seqs: make("seqs", MAX_SEQS * 4),
+            logits,
+            head_tokens,
+            staging: None,
+            uniform: None,
+            bytes: 0,
+        };
+        s.bytes = [&s.emb, &s.x, &s.xn, &s.mix, &s.rkv, &s.mid, &s.lora, &s.att, &s.v_first, &s.ffn, &s.seqs]
+            .iter()
+            .map(|b| b.size())
+            .sum::<u64>()
+            + s.logits.iter().map(|b| b.size()).sum::<u64>();
+        s
+    })
+}
+
+/// Records one matrix product y = act(W x) (or y += ...) over `t` tokens.
+#[allow(clippy::too_many_arguments)]
+fn matmul(model: &Model, rec: &mut Recorder, w: &Matrix, flags: &[&str], x: &wgpu::Buffer, x_off: usize,
+          y: &wgpu::Buffer, y_off: usize, y_stride: usize, t: usize) -> Result<()> {
+    let mut defines: Vec<&str> = flags.to_vec();
+    if w.bf16 {
+        defines.push("WEIGHT_BF16");
+    }
+    let (entry, per_group) = if t <= MATVEC_TOKENS { ("matvec", 4) } else { ("matmul_tiled", 0) };
+    let pipeline = model.pipelines.get(Kernel::Matmul, entry, &defines)?;
+    for (buffer, row0, rows) in &w.chunks {
+        let params = MatParams {
+            m: *rows as u32, k: w.k as u32, t: t as u32, x_off: x_off as u32, y_off: y_off as u32,
+            y_stride: y_stride as u32, col0: *row0 as u32, _pad: 0,
+        };
+        let groups = if per_group > 0 { rows.div_ceil(per_group) } else { rows.div_ceil(64) * t.div_ceil(64) };
+        let (gx, gy) = model.ctx.grid(groups as u32);
+        rec.dispatch(&pipeline, &params, vec![Binding::whole(buffer), Binding::whole(x), Binding::whole(y)], (gx, gy, 1));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_norm(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, consts_buf: &wgpu::Buffer, w_slot: usize, b_slot: usize,
+              y: &wgpu::Buffer, rows: usize, in_row0: usize) -> Result<()> {
+    let c = model.config.n_embd;
+    let pipeline = model.pipelines.get(Kernel::LayerNorm, "layer_norm", &[])?;
+    let params = LnParams { c: c as u32, rows: rows as u32, in_row0: in_row0 as u32, w_off: (w_slot * c) as u32, b_off: (b_slot * c) as u32, eps: 1e-5, _pad: [0; 2] };
+    let (gx, gy) = model.ctx.grid(rows as u32);
+    rec.dispatch(&pipeline, &params, vec![Binding::whole(x), Binding::whole(consts_buf), Binding::whole(y)], (gx, gy, 1));
+    Ok(())
+}
+
+/// Runs `tokens` for one sequence; the plan takes a table of sequences so that batches
+/// of several need no new kernels.
+pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: &[u32], want: Want) -> Result<(Vec<f32>, CallStats)> {
+    if scratch.is_none() {
+        *scratch = Some(allocate(model)?);
+    }
+    let s = scratch.as_mut().expect("allocated above");
+    let cfg = &model.config;
+    let (c, v) = (cfg.n_embd, cfg.vocab_size);
+    let ctx: &GpuContext = &model.ctx;
+    let mut stats = CallStats::default();
+    let mut logits = Vec::new();
+    let page = model.pool.page(state.0.page);
+    let slot = state.0.slot as u32;
+
+    for (chunk_index, chunk) in tokens.chunks(s.tokens).enumerate() {
+        let t = chunk.len();
+        let last_chunk = (chunk_index + 1) * s.tokens >= tokens.len();
+        // Upload: embedding rows (exactly converted to f32) and the sequence table.
+        let mut rows = Vec::with_capacity(t * c);
+        let esize = model.weights.emb_dtype.size();
+        for &tok in chunk {
+            let at = tok as usize * c * esize;
+            rows.extend(super::weights::to_f32(&model.weights.emb[at..at + c * esize], model.weights.emb_dtype));
+        }
+        ctx.queue.write_buffer(&s.emb, 0, bytemuck::cast_slice(&rows));
+        let seq_table = [0u32, t as u32, slot, 0];
+        ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&seq_table));
+
+        let mut rec = Recorder::new(ctx);
+        record_layers(model, &mut rec, s, &page.layers, t)?;
+
+        // Head: only the rows whose logits are wanted.
+        let head_rows: Vec<usize> = match want {
+            Want::None => vec![],
+            Want::Last if last_chunk => vec![t - 1],
+            Want::Last => vec![],
+            Want::All => (0..t).collect(),
+        };
+        let out_tokens = head_rows.len();
+        if out_tokens > 0 {
+            let staging_size = (out_tokens * v * 4) as u64;
+            if s.staging.as_ref().map(|b| b.size() < staging_size).unwrap_or(true) {
+                s.staging = Some(model.staging(staging_size)?);
+            }
+            let staging = s.staging.clone().expect("just ensured");
+            let mut done = 0;
+            while done < out_tokens {
+                let n = (out_tokens - done).min(s.head_tokens);
+                // Consecutive rows: one layer-norm dispatch for the whole group.
+                layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, n, head_rows[done])?;
+                let mut col_off = 0u64;
+                for (i, (_, _, chunk_rows)) in model.weights.head.chunks.iter().enumerate() {
+                    let single = Matrix { m: model.weights.head.m, k: c, bf16: model.weights.head.bf16, chunks: vec![model.weights.head.chunks[i].clone()] };
+                    // Each chunk writes (n, rows) from column 0 of its own buffer.
+                    let mut local = single;
+                    local.chunks[0].1 = 0;
+                    matmul(model, &mut rec, &local, &[], &s.xn, 0, &s.logits[i], 0, *chunk_rows, n)?;
+                    let bytes = (n * chunk_rows * 4) as u64;
+                    rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: staging.clone(), dst_offset: (done * v * 4) as u64 + col_off * n as u64, size: bytes });
+                    col_off += (*chunk_rows * 4) as u64;
+                }
+                done += n;
+            }
+            let counts = rec.submit(ctx, &mut s.uniform)?;
+            stats.submissions += 1;
+            stats.dispatches += counts.dispatches;
+            let raw = read_buffer(ctx, &staging, staging_size)?;
+            stats.readbacks += 1;
+            let values: &[f32] = bytemuck::cast_slice(&raw);
+            // Staging holds, per token group, each head chunk's (n, rows) block in turn.
+            let mut out = vec![0f32; out_tokens * v];
+            let mut group_start = 0;
+            while group_start < out_tokens {
+                let n = (out_tokens - group_start).min(s.head_tokens);
+                let mut at = group_start * v;
+                for (_, row0, rows) in &model.weights.head.chunks {
+                    for j in 0..n {
+                        let dst = (group_start + j) * v + row0;
+                        out[dst..dst + rows].copy_from_slice(&values[at + j * rows..at + (j + 1) * rows]);
+                    }
+                    at += n * rows;
+                }
+                group_start += n;
+            }
+            logits.extend(out);
+        } else {
+            let counts = rec.submit(ctx, &mut s.uniform)?;
+            stats.submissions += 1;
+            stats.dispatches += counts.dispatches;
+        }
+    }
+    if want == Want::None {
+        ctx.wait()?;
+    }
+    Ok((logits, stats))
+}
+
+fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &[wgpu::Buffer], t: usize) -> Result<()> {
+    let cfg = &model.config;
+    let c = cfg.n_embd;
+    let tc = t * c;
+    let stride = model.pool.slot_stride;
+    let w = &model.weights;
+    let shift6 = model.pipelines.get(Kernel::TokenShift, "token_shift", &["N_MIX=6u"])?;
+    let shift1 = model.pipelines.get(Kernel::TokenShift, "token_shift", &["N_MIX=1u"])?;
+    let head_size = format!("HEAD_SIZE={}u", cfg.head_size);
+    let wkv = model.pipelines.get(Kernel::Wkv7, "wkv7", &[head_size.as_str()])?;
+    let shift_groups = c.div_ceil(64) as u32;
+
+    layer_norm(model, rec, &s.emb, &w.consts, consts::LN0_W, consts::LN0_B, &s.x, t, 0)?;
+    for (l, layer) in w.layers.iter().enumerate() {
+        let state = &state_layers[l];
+        // Time mix.
+        layer_norm(model, rec, &s.x, &layer.consts, consts::LN1_W, consts::LN1_B, &s.xn, t, 0)?;
+        let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: 1, mix_off: (consts::ATT_MIX * c) as u32, state_off: 0, slot_stride: stride as u32, _pad: [0; 2] };
+        rec.dispatch(&shift6, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, 1, 1));
+        // mix rows: 0 r, 1 w, 2 k, 3 v, 4 a, 5 g
+        matmul(model, rec, &layer.receptance, &[], &s.mix, 0, &s.rkv, 0, c, t)?;
+        matmul(model, rec, &layer.key, &[], &s.mix, 2 * tc, &s.rkv, tc, c, t)?;
+        matmul(model, rec, &layer.value, &[], &s.mix, 3 * tc, &s.rkv, 2 * tc, c, t)?;
+        let (dw, da, dv, dg) = (cfg.lora_w, cfg.lora_a, cfg.lora_v, cfg.lora_g);
+        let (mw, ma, mv, mg) = (0, t * dw, t * (dw + da), t * (dw + da + dv));
+        matmul(model, rec, &layer.w1, &["ACT_TANH"], &s.mix, tc, &s.mid, mw, dw, t)?;
+        matmul(model, rec, &layer.w2, &[], &s.mid, mw, &s.lora, 0, c, t)?;
+        matmul(model, rec, &layer.a1, &[], &s.mix, 4 * tc, &s.mid, ma, da, t)?;
+        matmul(model, rec, &layer.a2, &[], &s.mid, ma, &s.lora, tc, c, t)?;
+        if l > 0 {
+            // The value-residual path is unused in block 0.
+            matmul(model, rec, &layer.v1, &[], &s.mix, 3 * tc, &s.mid, mv, dv, t)?;
+            matmul(model, rec, &layer.v2, &[], &s.mid, mv, &s.lora, 2 * tc, c, t)?;
+        }
+        matmul(model, rec, &layer.g1, &["ACT_SIGMOID"], &s.mix, 5 * tc, &s.mid, mg, dg, t)?;
+        matmul(model, rec, &layer.g2, &[], &s.mid, mg, &s.lora, 3 * tc, c, t)?;
+        let k = |slot: usize| (slot * c) as u32;
+        let p = WkvParams {
+            c: c as u32, t_total: t as u32, n_seq: 1, first_layer: u32::from(l == 0), slot_stride: stride as u32,
+            wkv_off: (2 * c) as u32, w0: k(consts::W0), a0: k(consts::A0), v0: k(consts::V0), k_k: k(consts::K_K),
+            k_a: k(consts::K_A), r_k: k(consts::R_K), lnx_w: k(consts::LNX_W), lnx_b: k(consts::LNX_B), eps: 64e-5, _pad: 0,
+        };
+        rec.dispatch(&wkv, &p, vec![
+            Binding::whole(&s.rkv), Binding::whole(&s.lora), Binding::whole(&layer.consts), Binding::whole(&s.seqs),
+            Binding::whole(&s.v_first), Binding::whole(state), Binding::whole(&s.att),
+        ], (cfg.n_head as u32, 1, 1));
+        matmul(model, rec, &layer.output, &["ADD"], &s.att, 0, &s.x, 0, c, t)?;
+        // Channel mix.
+        layer_norm(model, rec, &s.x, &layer.consts, consts::LN2_W, consts::LN2_B, &s.xn, t, 0)?;
+        let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: 1, mix_off: (consts::FFN_MIX * c) as u32, state_off: c as u32, slot_stride: stride as u32, _pad: [0; 2] };
+        rec.dispatch(&shift1, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, 1, 1));
+        matmul(model, rec, &layer.ffn_key, &["ACT_RELU_SQ"], &s.mix, 0, &s.ffn, 0, cfg.ffn_size, t)?;
+        matmul(model, rec, &layer.ffn_value, &["ADD"], &s.ffn, 0, &s.x, 0, c, t)?;
+    }
+    Ok(())
+}

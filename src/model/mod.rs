@@ -1,0 +1,208 @@
+//! The RWKV-7 model on the device: weights, state pool, and the forward pass plan.
+
+pub mod config;
+pub mod random;
+pub mod state;
+pub mod state_file;
+pub mod weights;
+mod forward;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use config::Config;
+pub use forward::Want;
+pub use state::State;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
+use crate::loader::{self, Checkpoint};
+use forward::Scratch;
+use state::StatePool;
+use weights::{Loader, Weights};
+
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Counts from the last forward call, for profiling and for tests that guard them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CallStats {
+    pub submissions: usize,
+    pub dispatches: usize,
+    pub readbacks: usize,
+}
+
+pub struct Model {
+    pub ctx: Arc<GpuContext>,
+    pub config: Config,
+    pub weights: Weights,
+    pub pool: Arc<StatePool>,
+    pipelines: Pipelines,
+    /// Scratch activations, reused by every call. Calls on one model run one at a time;
+    /// a Model may be shared between threads and they take turns here.
+    scratch: Mutex<Option<Scratch>>,
+    pub id: u64,
+    pub last_stats: Mutex<CallStats>,
+}
+
+/// Per-layer state as host arrays, f32: att_shift [L, C], wkv [L, H, N, N], ffn_shift [L, C].
+pub struct HostState {
+    pub att_shift: Vec<f32>,
+    pub wkv: Vec<f32>,
+    pub ffn_shift: Vec<f32>,
+}
+
+impl Model {
+    pub fn open(path: &Path, options: &DeviceOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+        let ck = loader::open(path)?;
+        Self::from_checkpoint(ck.as_ref(), options, progress)
+    }
+
+    pub fn random(config: Config, seed: u64, options: &DeviceOptions) -> Result<Model> {
+        let ck = random::RandomCheckpoint::new(config, seed);
+        Self::from_checkpoint(&ck, options, &mut |_, _| {})
+    }
+
+    pub fn from_checkpoint(ck: &dyn Checkpoint, options: &DeviceOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+        let config = Config::from_checkpoint(ck)?;
+        let ctx = GpuContext::new(options)?;
+        let total = ck.names().len();
+        let weights = Loader { ctx: &ctx, ck, config: &config, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, progress, done: 0, total }.load()?;
+        let pool = StatePool::new(ctx.clone(), &config)?;
+        Ok(Model {
+            pipelines: Pipelines::new(ctx.clone()),
+            ctx,
+            config,
+            weights,
+            pool,
+            scratch: Mutex::new(None),
+            id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+            last_stats: Mutex::new(CallStats::default()),
+        })
+    }
+
+    pub fn new_state(&self) -> Result<State> {
+        self.pool.allocate(self.id)
+    }
+
+    fn check_state(&self, state: &State) -> Result<()> {
+        if state.0.model_id != self.id {
+            return Err(Error::State("this State belongs to another model".into()));
+        }
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::Shape("tokens is empty: give at least one token id".into()));
+        }
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
+            return Err(Error::Shape(format!("token id {t} at position {i} is out of range: the vocabulary has {} tokens", self.config.vocab_size)));
+        }
+        Ok(())
+    }
+
+    /// Feeds `tokens` through the model, advancing `state`; returns the logits asked for
+    /// (`Want::Last`: [V], `Want::All`: [T, V], `Want::None`: empty).
+    pub fn forward(&self, state: &State, tokens: &[u32], want: Want) -> Result<Vec<f32>> {
+        self.check_state(state)?;
+        self.check_tokens(tokens)?;
+        let _lease = state.lease()?;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let (logits, stats) = forward::run(self, &mut scratch, state, tokens, want)?;
+        *self.last_stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        Ok(logits)
+    }
+
+    fn slot_bytes(&self) -> u64 {
+        (self.pool.slot_stride * 4) as u64
+    }
+
+    /// Copies the state to the host.
+    pub fn state_to_host(&self, state: &State) -> Result<HostState> {
+        self.check_state(state)?;
+        let _lease = state.lease()?;
+        let page = self.pool.page(state.0.page);
+        let bytes = self.slot_bytes();
+        let staging = self.staging(bytes * self.config.n_layer as u64)?;
+        let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
+        for (l, buffer) in page.layers.iter().enumerate() {
+            encoder.copy_buffer_to_buffer(buffer, state.byte_offset(&self.pool), &staging, l as u64 * bytes, bytes);
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        let raw = crate::gpu::recorder::read_buffer(&self.ctx, &staging, bytes * self.config.n_layer as u64)?;
+        let all: &[f32] = bytemuck::cast_slice(&raw);
+        let c = self.config.n_embd;
+        let mut host = HostState { att_shift: Vec::new(), wkv: Vec::new(), ffn_shift: Vec::new() };
+        for slot in all.chunks_exact(self.pool.slot_stride) {
+            host.att_shift.extend_from_slice(&slot[..c]);
+            host.ffn_shift.extend_from_slice(&slot[c..2 * c]);
+            host.wkv.extend_from_slice(&slot[2 * c..]);
+        }
+        Ok(host)
+    }
+
+    /// A new state holding `host`, checked against this model's dimensions.
+    pub fn state_from_host(&self, host: &HostState) -> Result<State> {
+        let cfg = &self.config;
+        let (l, c) = (cfg.n_layer, cfg.n_embd);
+        let wkv_len = l * c * cfg.head_size;
+        for (name, got, want) in [("att_shift", host.att_shift.len(), l * c), ("ffn_shift", host.ffn_shift.len(), l * c), ("wkv", host.wkv.len(), wkv_len)] {
+            if got != want {
+                return Err(Error::Shape(format!("state {name} has {got} values; this model needs {want}")));
+            }
+        }
+        if [&host.att_shift, &host.ffn_shift, &host.wkv].iter().any(|v| v.iter().any(|x| !x.is_finite())) {
+            return Err(Error::Shape("state holds NaN or infinite values".into()));
+        }
+        let state = self.new_state()?;
+        let page = self.pool.page(state.0.page);
+        let per = c * cfg.head_size;
+        for layer in 0..l {
+            let mut slot = Vec::with_capacity(self.pool.slot_stride);
+            slot.extend_from_slice(&host.att_shift[layer * c..(layer + 1) * c]);
+            slot.extend_from_slice(&host.ffn_shift[layer * c..(layer + 1) * c]);
+            slot.extend_from_slice(&host.wkv[layer * per..(layer + 1) * per]);
+            self.ctx.queue.write_buffer(&page.layers[layer], state.byte_offset(&self.pool), bytemuck::cast_slice(&slot));
+        }
+        Ok(state)
+    }
+
+    /// A new state with a copy of `state`'s contents, copied on the device.
+    pub fn clone_state(&self, state: &State) -> Result<State> {
+        self.check_state(state)?;
+        let _lease = state.lease()?;
+        let copy = self.new_state()?;
+        let (src, dst) = (self.pool.page(state.0.page), self.pool.page(copy.0.page));
+        let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
+        for l in 0..self.config.n_layer {
+            encoder.copy_buffer_to_buffer(&src.layers[l], state.byte_offset(&self.pool), &dst.layers[l], copy.byte_offset(&self.pool), self.slot_bytes());
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        Ok(copy)
+    }
+
+    fn staging(&self, size: u64) -> Result<wgpu::Buffer> {
+        let device = &self.ctx.device;
+        self.ctx.scoped("allocating a read-back buffer", || {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("staging"),
+                size: size.max(4),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// Device bytes by category: weights, states, scratch.
+    pub fn memory(&self) -> Vec<(&'static str, u64)> {
+        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.device_bytes()).unwrap_or(0);
+        let head: u64 = self.weights.head.chunks.iter().map(|(b, _, _)| b.size()).sum();
+        vec![
+            ("weights", self.weights.device_bytes - head),
+            ("head", head),
+            ("states", self.pool.device_bytes()),
+            ("scratch", scratch),
+        ]
+    }
+}

@@ -1,0 +1,255 @@
+//! The Python binding layer: the only code that knows about Python. It converts
+//! arguments, releases the GIL around GPU work and maps `Error` to the exception
+//! hierarchy rooted at `RwkvError`. The typed public API lives in python/rwkv_gpu.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::error::Error;
+use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
+use crate::model::{Config, HostState, Model, State, Want};
+
+pyo3::create_exception!(rwkv_gpu._core, RwkvError, PyException, "Base class of every rwkv-gpu error.");
+pyo3::create_exception!(rwkv_gpu._core, ModelLoadError, RwkvError, "A checkpoint or state file is missing, malformed or foreign.");
+pyo3::create_exception!(rwkv_gpu._core, DeviceError, RwkvError, "No usable GPU adapter, or the device failed.");
+pyo3::create_exception!(rwkv_gpu._core, OutOfMemoryError, DeviceError, "The device ran out of memory.");
+pyo3::create_exception!(rwkv_gpu._core, ShaderError, DeviceError, "A kernel failed to compile on this device.");
+pyo3::create_exception!(rwkv_gpu._core, ShapeError, RwkvError, "Tokens, tensors or states of the wrong shape or range.");
+pyo3::create_exception!(rwkv_gpu._core, StateError, RwkvError, "A state used by two threads at once or with another model.");
+
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::Device(_) => DeviceError::new_err(msg),
+        Error::OutOfMemory(_) => OutOfMemoryError::new_err(msg),
+        Error::Shader { .. } => ShaderError::new_err(msg),
+        Error::Io { .. } | Error::Load { .. } => ModelLoadError::new_err(msg),
+        Error::Shape(_) => ShapeError::new_err(msg),
+        Error::State(_) => StateError::new_err(msg),
+        Error::Invalid(_) => RwkvError::new_err(msg),
+    }
+}
+
+fn options(adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>) -> PyResult<DeviceOptions> {
+    DeviceOptions { adapter: adapter.map(|a| AdapterChoice::parse(&a)), no_f16, no_subgroups, max_binding }
+        .with_env()
+        .map_err(to_py)
+}
+
+#[pyfunction]
+fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
+    let list = py.detach(context::list_adapters);
+    list.into_iter()
+        .map(|a| {
+            let d = PyDict::new(py);
+            d.set_item("index", a.index)?;
+            d.set_item("name", a.name)?;
+            d.set_item("backend", a.backend)?;
+            d.set_item("device_type", a.device_type)?;
+            d.set_item("driver", a.driver)?;
+            d.set_item("driver_info", a.driver_info)?;
+            d.set_item("shader_f16", a.shader_f16)?;
+            d.set_item("subgroups", a.subgroups)?;
+            d.set_item("max_storage_binding", a.max_storage_binding)?;
+            d.set_item("max_buffer_size", a.max_buffer_size)?;
+            d.set_item("max_workgroups_per_dimension", a.max_workgroups_per_dimension)?;
+            d.set_item("max_workgroup_invocations", a.max_workgroup_invocations)?;
+            Ok(d.unbind())
+        })
+        .collect()
+}
+
+/// The preprocessed WGSL of one kernel variant (for testing kernels with other compilers).
+#[pyfunction]
+#[pyo3(signature = (name, defines=Vec::new()))]
+fn kernel_source(name: &str, defines: Vec<String>) -> PyResult<String> {
+    let kernel = Kernel::from_name(name).ok_or_else(|| {
+        RwkvError::new_err(format!("unknown kernel {name:?}; kernels: {:?}", Kernel::ALL.map(|k| k.name())))
+    })?;
+    let defs: Vec<(String, String)> = defines
+        .iter()
+        .map(|d| match d.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (d.clone(), String::new()),
+        })
+        .collect();
+    crate::gpu::shaders::preprocess(name, kernel.source(), &defs).map_err(to_py)
+}
+
+#[pyclass(name = "State", module = "rwkv_gpu._core", frozen)]
+struct PyState {
+    inner: State,
+}
+
+#[pyclass(name = "Model", module = "rwkv_gpu._core", frozen)]
+struct PyModel {
+    inner: Arc<Model>,
+}
+
+fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            if t < 0 || t as u64 >= vocab as u64 {
+                Err(ShapeError::new_err(format!("token id {t} at position {i} is out of range: the vocabulary has {vocab} tokens")))
+            } else {
+                Ok(t as u32)
+            }
+        })
+        .collect()
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    #[pyo3(signature = (path, adapter=None, no_f16=false, no_subgroups=false, max_binding=None, progress=None))]
+    fn new(py: Python<'_>, path: PathBuf, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>, progress: Option<Py<PyAny>>) -> PyResult<Self> {
+        let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
+        let model = py.detach(|| {
+            let mut report = |done: usize, total: usize| {
+                if let Some(cb) = &progress {
+                    Python::attach(|py| {
+                        let _ = cb.call1(py, (done, total));
+                    });
+                }
+            };
+            Model::open(&path, &opts, &mut report)
+        });
+        Ok(PyModel { inner: Arc::new(model.map_err(to_py)?) })
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (n_layer, n_embd, vocab_size=65536, seed=0, adapter=None, no_f16=false, no_subgroups=false, max_binding=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn random(py: Python<'_>, n_layer: usize, n_embd: usize, vocab_size: usize, seed: u64, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>) -> PyResult<Self> {
+        if n_layer == 0 || n_embd == 0 || n_embd % 64 != 0 || vocab_size == 0 {
+            return Err(ShapeError::new_err(format!(
+                "Model.random needs n_layer >= 1, n_embd a positive multiple of 64 and vocab_size >= 1 (got {n_layer}, {n_embd}, {vocab_size})"
+            )));
+        }
+        let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
+        let model = py.detach(|| Model::random(Config::official(n_layer, n_embd, vocab_size), seed, &opts)).map_err(to_py)?;
+        Ok(PyModel { inner: Arc::new(model) })
+    }
+
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.inner.config;
+        let a = &self.inner.ctx.adapter;
+        let d = PyDict::new(py);
+        d.set_item("n_layer", c.n_layer)?;
+        d.set_item("n_embd", c.n_embd)?;
+        d.set_item("n_head", c.n_head)?;
+        d.set_item("head_size", c.head_size)?;
+        d.set_item("vocab_size", c.vocab_size)?;
+        d.set_item("ffn_size", c.ffn_size)?;
+        d.set_item("lora_widths", (c.lora_w, c.lora_a, c.lora_v, c.lora_g))?;
+        d.set_item("adapter", a.name.clone())?;
+        d.set_item("backend", a.backend.clone())?;
+        d.set_item("device_type", a.device_type.clone())?;
+        d.set_item("driver", a.driver.clone())?;
+        d.set_item("shader_f16", self.inner.ctx.shader_f16)?;
+        d.set_item("subgroups", self.inner.ctx.subgroups)?;
+        d.set_item("max_binding", self.inner.ctx.max_binding)?;
+        Ok(d)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.inner.ctx.warnings.clone()
+    }
+
+    fn new_state(&self, py: Python<'_>) -> PyResult<PyState> {
+        let m = self.inner.clone();
+        Ok(PyState { inner: py.detach(move || m.new_state()).map_err(to_py)? })
+    }
+
+    /// Returns the logits as little-endian f32 bytes ([V] or [T, V]; empty for "none").
+    fn forward<'py>(&self, py: Python<'py>, tokens: Vec<i64>, state: &PyState, want: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let want = match want {
+            "last" => Want::Last,
+            "all" => Want::All,
+            "none" => Want::None,
+            other => return Err(RwkvError::new_err(format!("want must be 'last', 'all' or 'none', got {other:?}"))),
+        };
+        let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
+        let m = self.inner.clone();
+        let s = state.inner.clone();
+        let logits = py.detach(move || m.forward(&s, &tokens, want)).map_err(to_py)?;
+        Ok(PyBytes::new(py, bytemuck::cast_slice(&logits)))
+    }
+
+    /// (att_shift, wkv, ffn_shift) as f32 bytes.
+    fn state_to_host<'py>(&self, py: Python<'py>, state: &PyState) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let m = self.inner.clone();
+        let s = state.inner.clone();
+        let h = py.detach(move || m.state_to_host(&s)).map_err(to_py)?;
+        Ok((
+            PyBytes::new(py, bytemuck::cast_slice(&h.att_shift)),
+            PyBytes::new(py, bytemuck::cast_slice(&h.wkv)),
+            PyBytes::new(py, bytemuck::cast_slice(&h.ffn_shift)),
+        ))
+    }
+
+    fn state_from_host(&self, py: Python<'_>, att_shift: &[u8], wkv: &[u8], ffn_shift: &[u8]) -> PyResult<PyState> {
+        let host = HostState {
+            att_shift: bytemuck::pod_collect_to_vec(att_shift),
+            wkv: bytemuck::pod_collect_to_vec(wkv),
+            ffn_shift: bytemuck::pod_collect_to_vec(ffn_shift),
+        };
+        let m = self.inner.clone();
+        Ok(PyState { inner: py.detach(move || m.state_from_host(&host)).map_err(to_py)? })
+    }
+
+    fn clone_state(&self, py: Python<'_>, state: &PyState) -> PyResult<PyState> {
+        let m = self.inner.clone();
+        let s = state.inner.clone();
+        Ok(PyState { inner: py.detach(move || m.clone_state(&s)).map_err(to_py)? })
+    }
+
+    fn save_state(&self, py: Python<'_>, state: &PyState, path: PathBuf) -> PyResult<()> {
+        let m = self.inner.clone();
+        let s = state.inner.clone();
+        py.detach(move || crate::model::state_file::save(&m, &s, &path)).map_err(to_py)
+    }
+
+    fn load_state(&self, py: Python<'_>, path: PathBuf) -> PyResult<PyState> {
+        let m = self.inner.clone();
+        Ok(PyState { inner: py.detach(move || crate::model::state_file::load(&m, &path)).map_err(to_py)? })
+    }
+
+    fn memory(&self) -> Vec<(&'static str, u64)> {
+        self.inner.memory()
+    }
+
+    /// Counts from the last forward call: submissions, dispatches, read-backs.
+    fn last_stats(&self) -> (usize, usize, usize) {
+        let s = *self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner());
+        (s.submissions, s.dispatches, s.readbacks)
+    }
+
+    fn fingerprint(&self) -> String {
+        format!("{:016x}", self.inner.weights.fingerprint)
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_function(wrap_pyfunction!(adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
+    m.add_class::<PyModel>()?;
+    m.add_class::<PyState>()?;
+    m.add("RwkvError", py.get_type::<RwkvError>())?;
+    m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
+    m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
+    m.add("ShaderError", py.get_type::<ShaderError>())?;
+    m.add("ShapeError", py.get_type::<ShapeError>())?;
+    m.add("StateError", py.get_type::<StateError>())?;
+    m.add("kernels", PyList::new(py, Kernel::ALL.map(|k| k.name()))?)?;
+    Ok(())
+}
