@@ -174,9 +174,24 @@ impl Model {
         let _lease = state.lease()?;
         let copy = self.new_state()?;
         let (src, dst) = (self.pool.page(state.0.page), self.pool.page(copy.0.page));
+        // wgpu forbids copying within one buffer, and both slots may share a page: go
+        // through a temporary buffer holding every layer's slot.
+        let bytes = self.slot_bytes();
+        let device = &self.ctx.device;
+        let temp = self.ctx.scoped("allocating a state copy", || {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("state copy"),
+                size: bytes * self.config.n_layer as u64,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         for l in 0..self.config.n_layer {
-            encoder.copy_buffer_to_buffer(&src.layers[l], state.byte_offset(&self.pool), &dst.layers[l], copy.byte_offset(&self.pool), self.slot_bytes());
+            encoder.copy_buffer_to_buffer(&src.layers[l], state.byte_offset(&self.pool), &temp, l as u64 * bytes, bytes);
+        }
+        for l in 0..self.config.n_layer {
+            encoder.copy_buffer_to_buffer(&temp, l as u64 * bytes, &dst.layers[l], copy.byte_offset(&self.pool), bytes);
         }
         self.ctx.queue.submit([encoder.finish()]);
         Ok(copy)

@@ -1,0 +1,122 @@
+"""Prefill and generation speed: `python -m rwkv_gpu.bench`.
+
+pp<N>: prefill of N random tokens from a fresh state, logits for the last token only.
+tg<N>: N single-token steps, each reading the full f32 logits back and taking the next
+token from them (argmax), as published tables do. One warm-up run (shader compilation
+excluded), then --repetitions runs; tokens/s = tokens / wall time, mean ± std.
+Progress goes to stderr; the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from . import Model
+
+SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
+# On a software adapter (lavapipe) everything runs on the CPU: shrink so a run takes
+# about a minute and say so.
+SOFTWARE_SHAPE = (2, 256)
+SOFTWARE_LENGTHS = (64, 8)
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def time_runs(fn, repetitions: int) -> list[float]:
+    fn()  # warm-up: compiles the shaders, allocates scratch
+    times = []
+    for i in range(repetitions):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        log(f"  run {i + 1}/{repetitions}: {times[-1]:.3f} s")
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint to load (.pth or .safetensors); default: random weights")
+    ap.add_argument("--shape", choices=SHAPES, default="0.1b", help="shape of the random model (default 0.1b)")
+    ap.add_argument("-p", "--prefill-length", type=int, default=512)
+    ap.add_argument("-n", "--generation-length", type=int, default=128)
+    ap.add_argument("-r", "--repetitions", type=int, default=5)
+    ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
+    ap.add_argument("--full", action="store_true", help="on a software adapter, keep the requested shape and lengths")
+    args = ap.parse_args(argv)
+    if args.prefill_length < 1 or args.generation_length < 1 or args.repetitions < 1:
+        ap.error("lengths and repetitions must be at least 1")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.model:
+            model = Model(args.model, adapter=args.adapter)
+            name = args.model
+        else:
+            n_layer, n_embd = SHAPES[args.shape]
+            probe = Model.random(1, 64, vocab_size=64, adapter=args.adapter)
+            software = probe.config["device_type"] == "cpu"
+            probe.close()
+            pp, tg = args.prefill_length, args.generation_length
+            name = f"random {args.shape} ({n_layer} layers, {n_embd} wide)"
+            if software and not args.full:
+                n_layer, n_embd = SOFTWARE_SHAPE
+                pp, tg = min(pp, SOFTWARE_LENGTHS[0]), min(tg, SOFTWARE_LENGTHS[1])
+                name = f"random {n_layer} layers x {n_embd} (shrunk for a software adapter)"
+                log(f"software adapter: shrinking to {n_layer} layers x {n_embd} wide, pp{pp}, tg{tg} (--full to keep the requested size)")
+                args.prefill_length, args.generation_length = pp, tg
+            log(f"building {name} ...")
+            model = Model.random(n_layer, n_embd, vocab_size=65536, adapter=args.adapter)
+    for w in caught:
+        log(f"warning: {w.message}")
+
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    vocab = cfg["vocab_size"]
+    prompt = rng.integers(0, vocab, args.prefill_length)
+
+    def prefill() -> None:
+        model.forward(prompt, model.new_state())
+
+    state_holder: dict[str, object] = {}
+
+    def generate() -> None:
+        state = model.new_state()
+        token = int(prompt[0])
+        for _ in range(args.generation_length):
+            logits = model.forward([token], state)
+            token = int(np.argmax(logits))
+        state_holder["state"] = state
+
+    rows = []
+    for test, fn, tokens in (
+        (f"pp{args.prefill_length}", prefill, args.prefill_length),
+        (f"tg{args.generation_length}", generate, args.generation_length),
+    ):
+        log(f"{test}:")
+        times = time_runs(fn, args.repetitions)
+        rates = [tokens / t for t in times]
+        std = statistics.stdev(rates) if len(rates) > 1 else 0.0
+        rows.append((test, statistics.mean(rates), std))
+
+    mem = model.memory()
+    total_gb = sum(mem.values()) / 1e9
+    print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
+    print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {vocab} | dtype {cfg['dtype']}")
+    print()
+    print("| model | dtype | test | t/s | memory |")
+    print("| --- | --- | --- | ---: | ---: |")
+    for test, mean, std in rows:
+        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {cfg['dtype']} | {test} | {mean:.2f} ± {std:.2f} | {total_gb:.3f} GB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

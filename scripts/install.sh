@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what rwkv-gpu needs on a Debian/Ubuntu machine, builds the extension and
+# installs it into .venv. Usage: bash scripts/install.sh [test]
+#   - a Vulkan driver when the machine has none (Mesa's, which includes lavapipe)
+#   - the Python dependencies (plus the test ones with `test`)
+#   - the Rust extension, built once into target/ (shared with `cargo test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || ! ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1; then
+    echo "== installing a Vulkan loader and Mesa's drivers" >&2
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo (Rust 1.87 or newer) is needed to build rwkv-gpu; install it with rustup" >&2
+    exit 1
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    if ! "$PY" -m venv .venv; then
+        as_root apt-get install -y -qq python3-venv >/dev/null
+        "$PY" -m venv .venv
+    fi
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24"
+if [ "${1:-}" = test ]; then
+    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20"
+fi
+
+echo "== building the extension (release)" >&2
+rm -rf target/wheels
+.venv/bin/maturin build --release -o target/wheels >&2
+.venv/bin/python -m pip install -q --force-reinstall --no-deps target/wheels/rwkv_gpu-*.whl

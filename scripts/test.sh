@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the test needs and runs every test: Rust unit tests (kernel sources checked
+# by naga, no GPU needed) and pytest on whatever Vulkan adapter is present (lavapipe in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+
+echo "== cargo test" >&2
+cargo test --release
+
+echo "== pytest" >&2
+set +e
+.venv/bin/python -m pytest tests -q -p no:cacheprovider
+code=$?
+set -e
+if [ "$code" = 5 ]; then
+    echo "error: pytest collected no tests" >&2
+fi
+exit "$code"

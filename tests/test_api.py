@@ -1,0 +1,194 @@
+"""The Python API: states, errors that leave everything as it was, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import rwkv_gpu
+from conftest import DATA, open_model
+
+
+def test_config_and_repr(tiny_model):
+    c = tiny_model.config
+    assert (c["n_layer"], c["n_embd"], c["n_head"], c["head_size"], c["vocab_size"]) == (2, 128, 2, 64, 512)
+    assert c["dtype"] == "fp16" and c["backend"] in ("vulkan", "metal", "dx12", "gl")
+    assert "L2 C128 V512" in repr(tiny_model)
+
+
+def test_adapters_lists_dicts():
+    adapters = rwkv_gpu.adapters()
+    assert adapters and {"name", "backend", "device_type", "max_storage_binding"} <= set(adapters[0])
+
+
+def test_unknown_adapter_is_a_clear_error():
+    with pytest.raises(rwkv_gpu.DeviceError, match='no adapter matches "no-such-gpu"; available adapters'):
+        open_model(DATA / "tiny-rwkv7" / "model.safetensors", adapter="no-such-gpu")
+
+
+def test_state_numpy_round_trip_and_continue(tiny_model, tiny_cases):
+    prompt = tiny_cases["prompt"]
+    a = tiny_model.new_state()
+    tiny_model.prefill(prompt, a)
+    b = tiny_model.state_from_numpy(a.to_numpy())
+    np.testing.assert_array_equal(tiny_model.forward([5], a), tiny_model.forward([5], b))
+
+
+def test_save_load_continue_equals_never_saving(tiny_model, tiny_cases, tmp_path):
+    prompt = tiny_cases["prompt"]
+    a = tiny_model.new_state()
+    tiny_model.prefill(prompt, a)
+    a.save(tmp_path / "s.safetensors")
+    b = tiny_model.load_state(tmp_path / "s.safetensors")
+    np.testing.assert_array_equal(tiny_model.forward([7, 8], a), tiny_model.forward([7, 8], b))
+
+
+def test_state_from_another_model_is_refused(tiny_model, tmp_path):
+    other = open_model(DATA / "trained-bytes" / "model.safetensors")
+    s = other.new_state()
+    s.save(tmp_path / "other.safetensors")
+    with pytest.raises(rwkv_gpu.StateError, match="another model"):
+        tiny_model.load_state(tmp_path / "other.safetensors")
+    with pytest.raises(rwkv_gpu.StateError, match="another model"):
+        tiny_model.forward([1], s)
+
+
+def test_clone_is_independent(tiny_model):
+    a = tiny_model.new_state()
+    tiny_model.forward([1, 2, 3], a)
+    b = a.clone()
+    snapshot = b.to_numpy()
+    from_a = tiny_model.forward([4], a)
+    for k, v in b.to_numpy().items():
+        np.testing.assert_array_equal(v, snapshot[k])  # advancing a left b alone
+    np.testing.assert_array_equal(tiny_model.forward([4], b), from_a)
+
+
+@pytest.mark.parametrize(
+    "tokens, error, match",
+    [
+        ([], rwkv_gpu.ShapeError, "empty"),
+        ([1, 512], rwkv_gpu.ShapeError, "token id 512 at position 1 is out of range"),
+        ([-1], rwkv_gpu.ShapeError, "token id -1"),
+        ("hello", rwkv_gpu.ShapeError, "not text"),
+        (np.zeros((2, 2), dtype=np.int64), rwkv_gpu.ShapeError, "1-D"),
+        (np.zeros(3, dtype=np.float32), rwkv_gpu.ShapeError, "integer"),
+    ],
+)
+def test_bad_tokens_leave_state_unchanged(tiny_model, tokens, error, match):
+    s = tiny_model.new_state()
+    tiny_model.forward([3, 4], s)
+    before = s.to_numpy()
+    with pytest.raises(error, match=match):
+        tiny_model.forward(tokens, s)
+    after = s.to_numpy()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_bad_state_arrays(tiny_model):
+    good = tiny_model.new_state().to_numpy()
+    with pytest.raises(rwkv_gpu.ShapeError, match="wkv has shape"):
+        tiny_model.state_from_numpy({**good, "wkv": good["wkv"][:1]})
+    with pytest.raises(rwkv_gpu.ShapeError, match="missing 'ffn_shift'"):
+        tiny_model.state_from_numpy({"att_shift": good["att_shift"], "wkv": good["wkv"]})
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "too short"),
+        (b"PK\x03\x04" + b"\0" * 40, "zip|central directory|truncated"),
+        (b"\xff" * 64, "not a checkpoint"),
+    ],
+)
+def test_bad_files(tmp_path, content, match):
+    p = tmp_path / "bad.pth"
+    p.write_bytes(content)
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=match):
+        open_model(p)
+
+
+def test_missing_file():
+    with pytest.raises(rwkv_gpu.ModelLoadError, match="no such file"):
+        open_model(DATA / "nope.pth")
+
+
+def test_truncated_safetensors(tmp_path):
+    data = (DATA / "tiny-rwkv7" / "model.safetensors").read_bytes()
+    p = tmp_path / "cut.safetensors"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(rwkv_gpu.ModelLoadError):
+        open_model(p)
+
+
+def test_foreign_and_incomplete_checkpoints(tmp_path):
+    from pth_writer import write_pth
+
+    v6 = {"emb.weight": np.zeros((8, 64), np.float16), "blocks.0.att.time_maa_x": np.zeros((1, 1, 64), np.float16)}
+    write_pth(tmp_path / "v6.pth", v6)
+    with pytest.raises(rwkv_gpu.ModelLoadError, match="RWKV-6"):
+        open_model(tmp_path / "v6.pth")
+    partial = {"emb.weight": np.zeros((8, 64), np.float16), "blocks.0.att.r_k": np.zeros((1, 64), np.float16)}
+    write_pth(tmp_path / "partial.pth", partial)
+    with pytest.raises(rwkv_gpu.ModelLoadError, match="missing tensor"):
+        open_model(tmp_path / "partial.pth")
+
+
+def test_closed_model_raises(tmp_path):
+    m = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
+    with m:
+        pass
+    with pytest.raises(rwkv_gpu.RwkvError, match="closed"):
+        m.new_state()
+
+
+def test_random_model_runs():
+    m = rwkv_gpu.Model.random(2, 128, vocab_size=1000, seed=3)
+    assert m.config["lora_widths"] == (32, 32, 32, 32)
+    out = m.forward([1, 999], m.new_state())
+    assert out.shape == (1000,) and np.isfinite(out).all()
+    with pytest.raises(rwkv_gpu.ShapeError, match="multiple of 64"):
+        rwkv_gpu.Model.random(2, 100)
+
+
+def test_threads_share_a_model_but_not_a_state(tiny_model, tiny_cases):
+    """Threads with their own states get the same answer as running alone; a state used
+    by two threads at once raises StateError (or runs, if the threads never overlap)."""
+    prompt = tiny_cases["prompt"]
+    expected = tiny_model.forward(prompt, tiny_model.new_state())
+    results, errors = [], []
+
+    def work():
+        try:
+            results.append(tiny_model.forward(prompt, tiny_model.new_state()))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    for r in results:
+        np.testing.assert_array_equal(r, expected)
+
+    shared = tiny_model.new_state()
+    outcomes = []
+
+    def use_shared():
+        try:
+            tiny_model.forward(prompt, shared)
+            outcomes.append("ran")
+        except rwkv_gpu.StateError as e:
+            outcomes.append(str(e))
+
+    threads = [threading.Thread(target=use_shared) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 4 and all(o == "ran" or "another thread" in o for o in outcomes)

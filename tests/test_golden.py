@@ -1,0 +1,116 @@
+"""The whole model against the official package's outputs (tests/data/tiny-rwkv7).
+
+Tolerance 1e-3 absolute: bf16 -> fp16 is exact for these weights and all activations
+and the state are f32, so a correct runtime lands near 1e-5 (we measure ~5e-6); a wrong
+GroupNorm epsilon moves logits by ~1e-2 and a wrong recurrence order by >0.1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import DATA, FALLBACKS, open_model
+
+TOL = 1e-3
+
+
+# Every fallback on the safetensors file; the .pth file once.
+CASES = [("safetensors", f) for f in FALLBACKS] + [("pth", "default")]
+
+
+@pytest.mark.parametrize("fmt,fallback", CASES)
+def test_prompt_and_steps_match_official(fmt, fallback, tiny_cases):
+    c = tiny_cases
+    model = open_model(DATA / "tiny-rwkv7" / f"model.{fmt}", **FALLBACKS[fallback])
+    state = model.new_state()
+    logits = model.forward(c["prompt"], state, all_logits=True)
+    assert logits.shape == c["prompt_logits"].shape and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, c["prompt_logits"], atol=TOL, rtol=0)
+    s = state.to_numpy()
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        np.testing.assert_allclose(s[name], c[f"prefill_{name}"], atol=TOL, rtol=0, err_msg=name)
+    for i, token in enumerate(c["step_tokens"]):
+        step = model.forward([int(token)], state)
+        np.testing.assert_allclose(step, c["step_logits"][i], atol=TOL, rtol=0, err_msg=f"step {i}")
+    s = state.to_numpy()
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        np.testing.assert_allclose(s[name], c[f"final_{name}"], atol=TOL, rtol=0, err_msg=name)
+    model.close()
+
+
+def test_trained_model_logits(tmp_path):
+    """A second checkpoint with other widths (4 layers, 256 wide, vocab 256)."""
+    cases = np.load(DATA / "trained-bytes" / "cases.npz")
+    model = open_model(DATA / "trained-bytes" / "model.safetensors")
+    assert model.config["n_layer"] == 4 and model.config["vocab_size"] == 256
+    logits = model.forward(cases["tokens"], model.new_state(), all_logits=True)
+    np.testing.assert_allclose(logits, cases["logits"], atol=TOL, rtol=0)
+
+
+def test_prefill_equals_single_steps(tiny_model, tiny_cases):
+    """Chunked matrix-matrix prefill and one-token decode give the same state and logits
+    (different summation orders: within 1e-4)."""
+    prompt = tiny_cases["prompt"]
+    a, b = tiny_model.new_state(), tiny_model.new_state()
+    tiny_model.prefill(prompt[:-1], a)
+    last_a = tiny_model.forward(prompt[-1:], a)
+    for t in prompt[:-1]:
+        tiny_model.forward([int(t)], b)
+    last_b = tiny_model.forward(prompt[-1:], b)
+    np.testing.assert_allclose(last_a, last_b, atol=1e-4, rtol=0)
+    sa, sb = a.to_numpy(), b.to_numpy()
+    for name in sa:
+        np.testing.assert_allclose(sa[name], sb[name], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_same_input_gives_bit_identical_output(tiny_model, tiny_cases):
+    outs = [tiny_model.forward(tiny_cases["prompt"], tiny_model.new_state(), all_logits=True) for _ in range(2)]
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_against_numpy_reference_on_other_shape():
+    """Shapes are read, not assumed: a random model with 3 layers, 192 wide (3 heads) and
+    an odd vocabulary, written as .pth by our torch-free writer, against the float64
+    NumPy reference. Tolerance 1e-3 as above; fp16-representable weights on both sides."""
+    import reference
+    from pth_writer import write_pth
+    import tempfile, os
+
+    rng = np.random.default_rng(7)
+    L, C, V = 3, 192, 301
+    widths = {"w": 32, "a": 32, "v": 16, "g": 64}
+    t: dict[str, np.ndarray] = {"emb.weight": rng.uniform(-1, 1, (V, C)), "head.weight": rng.uniform(-0.1, 0.1, (V, C))}
+    t["blocks.0.ln0.weight"] = rng.uniform(0.8, 1.2, C); t["blocks.0.ln0.bias"] = rng.uniform(-0.1, 0.1, C)
+    t["ln_out.weight"] = rng.uniform(0.8, 1.2, C); t["ln_out.bias"] = rng.uniform(-0.1, 0.1, C)
+    for i in range(L):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2", "att.ln_x"):
+            t[b + ln + ".weight"] = rng.uniform(0.8, 1.2, C); t[b + ln + ".bias"] = rng.uniform(-0.1, 0.1, C)
+        for v in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
+            t[b + "att." + v] = rng.uniform(0, 1, (1, 1, C))
+        t[b + "att.w0"] = rng.uniform(-4, 0, (1, 1, C))
+        for v in ("a0", "v0"):
+            t[b + "att." + v] = rng.uniform(-1, 1, (1, 1, C))
+        t[b + "att.k_k"] = rng.uniform(0.5, 1, (1, 1, C)); t[b + "att.k_a"] = rng.uniform(0.8, 1.2, (1, 1, C))
+        t[b + "att.r_k"] = rng.uniform(-0.5, 0.5, (C // 64, 64))
+        for p, d in widths.items():
+            t[b + f"att.{p}1"] = rng.uniform(-0.1, 0.1, (C, d)); t[b + f"att.{p}2"] = rng.uniform(-0.1, 0.1, (d, C))
+        for m in ("receptance", "key", "value", "output"):
+            t[b + f"att.{m}.weight"] = rng.uniform(-0.07, 0.07, (C, C))
+        t[b + "ffn.x_k"] = rng.uniform(0, 1, (1, 1, C))
+        t[b + "ffn.key.weight"] = rng.uniform(-0.07, 0.07, (4 * C, C))
+        t[b + "ffn.value.weight"] = rng.uniform(-0.035, 0.035, (C, 4 * C))
+    t = {k: v.astype(np.float16) for k, v in t.items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "other.pth")
+        write_pth(path, t, prefix="other_model", share_storage=True)
+        model = open_model(path)
+        cfg = model.config
+        assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab_size"]) == (L, C, 3, V)
+        tokens = rng.integers(0, V, 20)
+        got = model.forward(tokens, model.new_state(), all_logits=True)
+    weights = {k: v.astype(np.float64) for k, v in t.items()}
+    state = reference.new_state(weights)
+    want = reference.forward(weights, tokens, state)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
