@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.prefill_length, args.generation_length = pp, tg
             log(f"building {name} ...")
             model = Model.random(n_layer, n_embd, vocab_size=65536, adapter=args.adapter)
-    for w in caught:
-        log(f"warning: {w.message}")
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log(f"warning: {message}")
 
     cfg = model.config
     rng = np.random.default_rng(0)

@@ -1,0 +1,246 @@
+"""Each WGSL kernel variant, compiled and run through wgpu-py (a second WebGPU stack:
+wgpu-native with its own WGSL front end version, driven from Python with host code
+written from the shader headers, not from src/), against NumPy references in float64.
+
+Kernel sources come preprocessed from rwkv_gpu.kernel_source(name, defines), so the
+variants tested are exactly the text the Rust side compiles. Sizes are small and odd
+(C = 200, M = 37, K = 34, ...) to reach the edge paths of every loop; inputs are
+seeded. Dispatch geometry follows src/model/forward.rs.
+
+Tolerances: kernels compute in f32; 16-bit weights are exactly representable in both
+f32 and float64, so the only differences are f32 rounding (summation order differs
+from NumPy's) and the GPU's exp/tanh/inverseSqrt, a few ULP each: ~1e-6 relative.
+Each test states its bound, with ~10x headroom over what it measures on lavapipe.
+"""
+import functools
+import struct
+
+import numpy as np
+import pytest
+
+wgpu = pytest.importorskip("wgpu")
+rwkv_gpu = pytest.importorskip("rwkv_gpu")
+
+from reference import group_norm, l2_normalize, layer_norm, sigmoid, wkv7_step  # noqa: E402
+
+f64 = np.float64
+
+
+# ---- running a kernel ----
+
+@functools.lru_cache(maxsize=None)
+def device():
+    adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+    if adapter is None:
+        pytest.skip("no WebGPU adapter for wgpu-py")
+    return adapter.request_device_sync()
+
+
+@functools.lru_cache(maxsize=None)
+def pipeline(name, defines, entry):
+    dev = device()
+    module = dev.create_shader_module(code=rwkv_gpu.kernel_source(name, list(defines)))
+    return dev.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": entry})
+
+
+def run_kernel(name, defines, entry, params, arrays, grid):
+    """Binds a Params uniform (ints -> u32, floats -> f32, zero-padded to 32 or 64 bytes)
+    at binding 0 and `arrays` as storage buffers at 1, 2, ...; dispatches `grid`
+    workgroups and returns every storage buffer read back, in the input's dtype/shape."""
+    dev = device()
+    pipe = pipeline(name, tuple(defines), entry)
+    words = [struct.pack("<f" if isinstance(v, float) else "<I", v) for v in params]
+    words += [b"\0\0\0\0"] * ((8 if len(words) <= 8 else 16) - len(words))
+    ubuf = dev.create_buffer_with_data(data=b"".join(words), usage=wgpu.BufferUsage.UNIFORM)
+    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+    bufs = [dev.create_buffer_with_data(data=np.ascontiguousarray(a).tobytes(), usage=usage) for a in arrays]
+    entries = [{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
+               for i, b in enumerate([ubuf] + bufs)]
+    group = dev.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=entries)
+    enc = dev.create_command_encoder()
+    cpass = enc.begin_compute_pass()
+    cpass.set_pipeline(pipe)
+    cpass.set_bind_group(0, group)
+    cpass.dispatch_workgroups(*grid)
+    cpass.end()
+    dev.queue.submit([enc.finish()])
+    return [np.frombuffer(dev.queue.read_buffer(b), a.dtype).reshape(a.shape) for a, b in zip(arrays, bufs)]
+
+
+def rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ---- layer_norm: grid (rows, 1, 1), one workgroup of 256 per row ----
+
+@pytest.mark.parametrize("c", [200, 600])  # fewer channels than threads; several per thread
+def test_layer_norm(c):
+    rng = np.random.default_rng(1)
+    in_rows, rows, row0, w_off, b_off = 7, 3, 2, 5, 5 + c + 3
+    x = rand(rng, in_rows, c, scale=2.0) + 3.0  # nonzero mean: the two-pass path matters
+    consts = rand(rng, b_off + c + 4)
+    y = np.full((rows + 1, c), -7.0, np.float32)  # one spare row: must stay untouched
+    _, _, got = run_kernel("layer_norm", [], "layer_norm", [c, rows, row0, w_off, b_off, 1e-5],
+                           [x, consts, y], (rows, 1, 1))
+    want = layer_norm(x[row0:row0 + rows].astype(f64), consts[w_off:w_off + c], consts[b_off:b_off + c])
+    # Outputs are O(1); f32 mean/variance over <= 600 terms: ~1e-6 error.
+    np.testing.assert_allclose(got[:rows], want, rtol=1e-5, atol=1e-5)
+    assert np.all(got[rows] == -7.0)
+
+
+# ---- token_shift: grid (ceil(C/64), n_seq, 1), one thread per channel and sequence ----
+
+@pytest.mark.parametrize("n_mix", [6, 1])
+def test_token_shift(n_mix):
+    rng = np.random.default_rng(2)
+    c, t_total, slots, stride, state_off, mix_off = 100, 7, 3, 2 * 100 + 8, 100, 9
+    # (first token, tokens, slot, -): listed out of token order, slots not in order either.
+    seqs = np.array([[3, 4, 0, 0], [0, 3, 2, 0]], np.uint32)
+    x = rand(rng, t_total, c)
+    consts = rand(rng, mix_off + n_mix * c + 5)
+    state = rand(rng, slots, stride)
+    out = np.full((n_mix, t_total, c), np.nan, np.float32)
+    _, _, _, got_state, got = run_kernel(
+        "token_shift", [f"N_MIX={n_mix}u"], "token_shift",
+        [c, t_total, len(seqs), mix_off, state_off, stride], [x, consts, seqs, state, out],
+        (-(-c // 64), len(seqs), 1))
+
+    mix = consts[mix_off:mix_off + n_mix * c].reshape(n_mix, c).astype(f64)
+    want, want_state = np.zeros(out.shape), state.copy()
+    for first, count, slot, _ in seqs:
+        prev = np.concatenate([state[slot, None, state_off:state_off + c], x[first:first + count - 1]])
+        cur = x[first:first + count]
+        want[:, first:first + count] = cur + (prev - cur) * mix[:, None, :]
+        want_state[slot, state_off:state_off + c] = x[first + count - 1]
+    # One f32 multiply-add per element (possibly fused): ~1 ULP.
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_state, want_state)  # a copy of the last input: exact
+
+
+# ---- matmul: matvec grid ceil(M/4); matmul_tiled grid ceil(M/64) * ceil(T/64) ----
+
+ACTS = {
+    None: lambda v: v,
+    "ACT_TANH": np.tanh,
+    "ACT_SIGMOID": sigmoid,
+    "ACT_RELU_SQ": lambda v: np.maximum(v, 0.0) ** 2,
+}
+
+
+def pack_weights(rng, m, k, bf16):
+    """(packed u32 (M, K/2), exact f64 values (M, K)): 16-bit floats, element 2i low."""
+    w = rand(rng, m, k, scale=k ** -0.5)
+    w[:4] *= 20.0  # some large outputs: tanh/sigmoid saturation, relu^2 growth
+    if bf16:
+        halves = (w.view(np.uint32) >> 16).astype(np.uint16)
+        exact = (halves.astype(np.uint32) << 16).view(np.float32)
+    else:
+        halves = w.astype(np.float16).view(np.uint16)
+        exact = halves.view(np.float16).astype(np.float32)
+    pairs = halves[:, 0::2].astype(np.uint32) | (halves[:, 1::2].astype(np.uint32) << 16)
+    return pairs, exact.astype(f64)
+
+
+def check_matmul(entry, defines, m, k, t, seed):
+    rng = np.random.default_rng(seed)
+    bf16, add = "WEIGHT_BF16" in defines, "ADD" in defines
+    act = ACTS[next((d for d in defines if d.startswith("ACT_")), None)]
+    x_off, y_off, col0 = 5, 3, 2
+    y_stride = col0 + m + 4
+    w, w_exact = pack_weights(rng, m, k, bf16)
+    x = rand(rng, x_off + t * k + 3)
+    y = rand(rng, y_off + t * y_stride + 2)  # ADD accumulates into it; others overwrite
+    groups = -(-m // 4) if entry == "matvec" else -(-m // 64) * -(-t // 64)
+    _, _, got = run_kernel("matmul", defines, entry, [m, k, t, x_off, y_off, y_stride, col0],
+                              [w, x, y], (groups, 1, 1))
+
+    want = y.astype(f64)
+    view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, col0:col0 + m]  # a view
+    v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
+    view[...] = (view if add else 0.0) + act(v)
+    # Dot products of K f32 terms of size ~1 (rows 0-3: ~20), summed in another order:
+    # ~1e-6 relative; relu^2 doubles it. Everything outside the target block: exact.
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} {defines} m={m} k={k} t={t}")
+
+
+@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
+@pytest.mark.parametrize("t", [1, 3, 5, 70])
+@pytest.mark.parametrize("k", [2, 34, 96, 258])  # 258: K/2 > 2 * 64 lanes; 34: partial K step
+def test_matmul_shapes(entry, t, k):
+    check_matmul(entry, [], 37, k, t, seed=t * 1000 + k)
+
+
+@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("add", [False, True])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_matmul_variants(entry, bf16, add, act):
+    defines = [d for d, on in ((act, act), ("ADD", add), ("WEIGHT_BF16", bf16)) if on]
+    check_matmul(entry, defines, 37, 34, 5, seed=7)
+
+
+@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
+def test_matmul_several_tiles(entry):
+    check_matmul(entry, ["ADD"], 130, 48, 70, seed=8)  # 3 x 2 tiles of 64x64
+
+
+# ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----
+
+def wkv7_reference(n, h, rkv, lora, consts, off, seqs, v_first, state, stride, wkv_off, first_layer, eps):
+    """The per-token math of the shaders/wkv7.wgsl header, in float64."""
+    c = n * h
+    vec = {name: consts[o:o + c].astype(f64) for name, o in off.items()}
+    r_all, k_all, v_all = rkv.astype(f64)
+    lw, la, lv, lg = lora.astype(f64)
+    out, vf, st = np.zeros((rkv.shape[1], c)), v_first.astype(f64), state.astype(f64)
+    heads = lambda a: a.reshape(h, n)
+    for first, count, slot, _ in seqs:
+        at = slice(slot * stride + wkv_off, slot * stride + wkv_off + h * n * n)
+        S = st[at].reshape(h, n, n)  # (head, value i, key j)
+        for t in range(first, first + count):
+            r, k, v = r_all[t], k_all[t], v_all[t]
+            w = np.exp(-np.exp(-0.5) * sigmoid(vec["w0"] + lw[t]))
+            a = sigmoid(vec["a0"] + la[t])
+            kk = l2_normalize(heads(k * vec["k_k"])).reshape(-1)
+            k = k * (1 + (a - 1) * vec["k_a"])
+            if first_layer:
+                vf[t] = v
+            else:
+                v = v + (vf[t] - v) * sigmoid(vec["v0"] + lv[t])
+            S, y = wkv7_step(S, heads(r), heads(w), heads(k), heads(v), heads(kk), heads(a))
+            bonus = (heads(r) * heads(k) * heads(vec["r_k"])).sum(-1, keepdims=True)
+            yn = group_norm(y.reshape(-1), vec["lnx_w"], vec["lnx_b"], h, eps)
+            out[t] = (yn + (bonus * heads(v)).reshape(-1)) * lg[t]
+        st[at] = S.reshape(-1)
+    return out, vf, st
+
+
+@pytest.mark.parametrize("n", [64, 32])
+@pytest.mark.parametrize("first_layer", [0, 1])
+def test_wkv7(n, first_layer):
+    rng = np.random.default_rng(10 + n + first_layer)
+    h, t_total, slots, eps = 2, 5, 3, 64e-5
+    c = h * n
+    wkv_off = 2 * c
+    stride = wkv_off + h * n * n + 4
+    names = ["w0", "a0", "v0", "k_k", "k_a", "r_k", "lnx_w", "lnx_b"]
+    order = rng.permutation(len(names))  # vectors at shuffled, padded offsets
+    off = {name: 3 + int(order[i]) * (c + 1) for i, name in enumerate(names)}
+    consts = rand(rng, 3 + len(names) * (c + 1))
+    seqs = np.array([[2, 3, 2, 0], [0, 2, 0, 0]], np.uint32)  # slot 1 is unused
+    rkv, lora = rand(rng, 3, t_total, c), rand(rng, 4, t_total, c)
+    v_first, state = rand(rng, t_total, c), rand(rng, slots * stride, scale=0.3)  # flat
+    out = np.full((t_total, c), np.nan, np.float32)
+    offs = [off[name] for name in names]
+    _, _, _, _, got_vf, got_state, got = run_kernel(
+        "wkv7", [f"HEAD_SIZE={n}u"], "wkv7",
+        [c, t_total, len(seqs), first_layer, stride, wkv_off, *offs, eps],
+        [rkv, lora, consts, seqs, v_first, state, out], (h, len(seqs), 1))
+
+    want, want_vf, want_state = wkv7_reference(n, h, rkv, lora, consts, off, seqs, v_first, state,
+                                               stride, wkv_off, first_layer, eps)
+    # A few tokens of f32 state updates (N-term dots) and GPU exp/inverseSqrt: ~1e-6
+    # relative; GroupNorm divides by each head's std of y (O(1) here).
+    np.testing.assert_allclose(got_state, want_state, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(got_vf, want_vf.astype(np.float32))  # copied or untouched: exact
