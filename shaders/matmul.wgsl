@@ -34,16 +34,21 @@ fn unpack_pair(v: u32) -> vec2<f32> {
 
 fn activate(v: f32) -> f32 {
 #ifdef ACT_TANH
-    return tanh(v);
-#endif
+    // Clamped: some drivers compute tanh through exp and overflow to NaN for large |v|;
+    // tanh(15) is 1 in f32 already.
+    return tanh(clamp(v, -15.0, 15.0));
+#else
 #ifdef ACT_SIGMOID
     return 1.0 / (1.0 + exp(-v));
-#endif
+#else
 #ifdef ACT_RELU_SQ
     let r = max(v, 0.0);
     return r * r;
-#endif
+#else
     return v;
+#endif
+#endif
+#endif
 }
 
 fn store(t: u32, m: u32, v: f32) {

@@ -73,15 +73,17 @@ def rand(rng, *shape, scale=1.0):
 
 # ---- layer_norm: grid (rows, 1, 1), one workgroup of 256 per row ----
 
-@pytest.mark.parametrize("c", [200, 600])  # fewer channels than threads; several per thread
-def test_layer_norm(c):
+# C = 200: fewer channels than threads; 600: several per thread. Grid (2, 2): the host's
+# 2-D fold for more than 65535 rows, here with one surplus workgroup that must do nothing.
+@pytest.mark.parametrize("c, grid", [(200, (3, 1, 1)), (600, (2, 2, 1))])
+def test_layer_norm(c, grid):
     rng = np.random.default_rng(1)
     in_rows, rows, row0, w_off, b_off = 7, 3, 2, 5, 5 + c + 3
     x = rand(rng, in_rows, c, scale=2.0) + 3.0  # nonzero mean: the two-pass path matters
     consts = rand(rng, b_off + c + 4)
     y = np.full((rows + 1, c), -7.0, np.float32)  # one spare row: must stay untouched
     _, _, got = run_kernel("layer_norm", [], "layer_norm", [c, rows, row0, w_off, b_off, 1e-5],
-                           [x, consts, y], (rows, 1, 1))
+                           [x, consts, y], grid)
     want = layer_norm(x[row0:row0 + rows].astype(f64), consts[w_off:w_off + c], consts[b_off:b_off + c])
     # Outputs are O(1); f32 mean/variance over <= 600 terms: ~1e-6 error.
     np.testing.assert_allclose(got[:rows], want, rtol=1e-5, atol=1e-5)
@@ -141,7 +143,7 @@ def pack_weights(rng, m, k, bf16):
     return pairs, exact.astype(f64)
 
 
-def check_matmul(entry, defines, m, k, t, seed):
+def check_matmul(entry, defines, m, k, t, seed, fold=False):
     rng = np.random.default_rng(seed)
     bf16, add = "WEIGHT_BF16" in defines, "ADD" in defines
     act = ACTS[next((d for d in defines if d.startswith("ACT_")), None)]
@@ -151,8 +153,9 @@ def check_matmul(entry, defines, m, k, t, seed):
     x = rand(rng, x_off + t * k + 3)
     y = rand(rng, y_off + t * y_stride + 2)  # ADD accumulates into it; others overwrite
     groups = -(-m // 4) if entry == "matvec" else -(-m // 64) * -(-t // 64)
+    grid = (3, -(-groups // 3), 1) if fold else (groups, 1, 1)  # the host's 2-D fold, surplus groups
     _, _, got = run_kernel("matmul", defines, entry, [m, k, t, x_off, y_off, y_stride, col0],
-                              [w, x, y], (groups, 1, 1))
+                           [w, x, y], grid)
 
     want = y.astype(f64)
     view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, col0:col0 + m]  # a view
@@ -180,8 +183,9 @@ def test_matmul_variants(entry, bf16, add, act):
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
-def test_matmul_several_tiles(entry):
-    check_matmul(entry, ["ADD"], 130, 48, 70, seed=8)  # 3 x 2 tiles of 64x64
+@pytest.mark.parametrize("m, fold", [(128, False), (130, True)])  # 2 or 3 x 2 tiles of 64x64
+def test_matmul_several_tiles(entry, m, fold):
+    check_matmul(entry, ["ADD"], m, 48, 70, seed=8, fold=fold)
 
 
 # ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----
