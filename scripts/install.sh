@@ -31,6 +31,9 @@ fi
 .venv/bin/python -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24"
 if [ "${1:-}" = test ]; then
     .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20"
+    # The official tokenizer, as the oracle of the tokenizer property test; it is pure
+    # Python and its rwkv_tokenizer module imports nothing else.
+    .venv/bin/python -m pip install -q --no-deps "rwkv==0.8.32"
 fi
 
 echo "== building the extension (release)" >&2

@@ -18,10 +18,13 @@ from ._core import (
     kernel_source,
 )
 from .model import Model, State
+from .tokenizer import StreamDecoder, Tokenizer
 
 __all__ = [
     "Model",
     "State",
+    "Tokenizer",
+    "StreamDecoder",
     "adapters",
     "kernel_source",
     "RwkvError",

@@ -9,6 +9,8 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod tokenizer;
+
 use crate::error::Error;
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
 use crate::model::{Config, HostState, Model, State, Want};
@@ -21,7 +23,7 @@ pyo3::create_exception!(rwkv_gpu._core, ShaderError, DeviceError, "A kernel fail
 pyo3::create_exception!(rwkv_gpu._core, ShapeError, RwkvError, "Tokens, tensors or states of the wrong shape or range.");
 pyo3::create_exception!(rwkv_gpu._core, StateError, RwkvError, "A state used by two threads at once or with another model.");
 
-fn to_py(e: Error) -> PyErr {
+pub(crate) fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     match e {
         Error::Device(_) => DeviceError::new_err(msg),
@@ -243,6 +245,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyState>()?;
+    m.add_class::<tokenizer::PyWorldTokenizer>()?;
+    m.add_class::<tokenizer::PyStreamDecoder>()?;
     m.add("RwkvError", py.get_type::<RwkvError>())?;
     m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
     m.add("DeviceError", py.get_type::<DeviceError>())?;

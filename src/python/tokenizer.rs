@@ -1,0 +1,93 @@
+//! Python bindings of the World tokenizer (src/tokenizer.rs).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::{to_py, ShapeError};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+#[pyclass(name = "WorldTokenizer", module = "rwkv_gpu._core", frozen)]
+pub struct PyWorldTokenizer {
+    inner: Arc<Tokenizer>,
+}
+
+fn ids_from(ids: Vec<i64>) -> PyResult<Vec<u32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, &t)| u32::try_from(t).map_err(|_| ShapeError::new_err(format!("token id {t} at position {i} is not a valid id"))))
+        .collect()
+}
+
+#[pymethods]
+impl PyWorldTokenizer {
+    #[new]
+    fn new(py: Python<'_>, vocab_path: PathBuf) -> PyResult<Self> {
+        let t = py.detach(|| Tokenizer::from_vocab_file(&vocab_path)).map_err(to_py)?;
+        Ok(PyWorldTokenizer { inner: Arc::new(t) })
+    }
+
+    fn encode(&self, py: Python<'_>, text: &[u8]) -> Vec<u32> {
+        let t = self.inner.clone();
+        let text = text.to_vec();
+        py.detach(move || t.encode(&text))
+    }
+
+    /// Encodes several texts on all cores, with the GIL released.
+    fn encode_batch(&self, py: Python<'_>, texts: Vec<Vec<u8>>) -> Vec<Vec<u32>> {
+        let t = self.inner.clone();
+        py.detach(move || {
+            let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(texts.len().max(1));
+            let per = texts.len().div_ceil(workers.max(1)).max(1);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = texts
+                    .chunks(per)
+                    .map(|part| {
+                        let t = &t;
+                        scope.spawn(move || part.iter().map(|x| t.encode(x)).collect::<Vec<_>>())
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+            })
+        })
+    }
+
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self.inner.decode_bytes(&ids_from(ids)?).map_err(to_py)?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    fn token_bytes<'py>(&self, py: Python<'py>, id: u32) -> Option<Bound<'py, PyBytes>> {
+        self.inner.token_bytes(id).map(|b| PyBytes::new(py, b))
+    }
+
+    fn stream_decoder(&self) -> PyStreamDecoder {
+        PyStreamDecoder { tokenizer: self.inner.clone(), inner: std::sync::Mutex::new(StreamDecoder::new()) }
+    }
+}
+
+/// Turns token ids into text as they arrive, never emitting half a UTF-8 character.
+#[pyclass(name = "StreamDecoder", module = "rwkv_gpu._core", frozen)]
+pub struct PyStreamDecoder {
+    tokenizer: Arc<Tokenizer>,
+    inner: std::sync::Mutex<StreamDecoder>,
+}
+
+#[pymethods]
+impl PyStreamDecoder {
+    fn push(&self, id: i64) -> PyResult<String> {
+        let id = u32::try_from(id).map_err(|_| ShapeError::new_err(format!("token id {id} is not a valid id")))?;
+        let mut d = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        d.push(&self.tokenizer, id).map_err(to_py)
+    }
+
+    fn finish(&self) -> String {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).finish()
+    }
+}

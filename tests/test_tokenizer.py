@@ -1,0 +1,90 @@
+"""The World tokenizer: the official ids on the golden cases and, as a property test,
+on random and adversarial texts against the official pure-Python TRIE_TOKENIZER
+(`pip install rwkv --no-deps`; it imports nothing else)."""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+
+import pytest
+
+import rwkv_gpu
+from conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def world():
+    return rwkv_gpu.Tokenizer.world()
+
+
+@pytest.fixture(scope="module")
+def official():
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+    with resources.as_file(resources.files("rwkv_gpu") / "rwkv_vocab_v20230424.txt") as p:
+        return TRIE_TOKENIZER(str(p))
+
+
+def test_golden_cases(world):
+    cases = json.loads((DATA / "tokenizer_cases.json").read_text(encoding="utf-8"))
+    assert cases
+    for case in cases:
+        assert world.encode(case["text"]) == case["ids"], case["text"]
+        assert world.decode(case["ids"]) == case["text"]
+
+
+def random_text(rng: random.Random) -> str:
+    pools = [
+        "abcdefghijklmnopqrstuvwxyz ABCXYZ0123456789",
+        " \t\n\r\x00\x01\x1b\x7f\x85\xa0",
+        "的一是不了人我在有他这为之大来以个中上们",
+        "こんにちはカタカナ한국어Ελληνικάкириллица",
+        "😀👍🏽👨‍👩‍👧🇫🇷🧑🏿‍🚀\ufe0f\u200d",
+        "éèêëàâäôöûüçñ\u0301\u0308",
+        "\U0001d54f\U00010348\uffff\ue000\ufeff",
+        "def f(x):\n    return x ** 2  # comment\n",
+    ]
+    parts = []
+    for _ in range(rng.randint(1, 12)):
+        pool = rng.choice(pools)
+        if rng.random() < 0.1:
+            parts.append(rng.choice(pool) * rng.randint(50, 300))  # long runs
+        else:
+            parts.append("".join(rng.choice(pool) for _ in range(rng.randint(1, 30))))
+    return "".join(parts)
+
+
+def test_matches_official_on_random_texts(world, official):
+    rng = random.Random(1234)
+    texts = [random_text(rng) for _ in range(1500)]
+    for text in texts:
+        assert world.encode(text) == official.encode(text), repr(text)
+    assert world.encode_batch(texts) == [official.encode(t) for t in texts]
+
+
+def test_round_trip_and_invalid_surrogates(world):
+    text = "mixed 文字 and emoji 😀\n"
+    assert world.decode(world.encode(text)) == text
+    # A lone surrogate cannot be UTF-8 encoded: Python's own rule applies.
+    with pytest.raises(UnicodeEncodeError):
+        world.encode("a\ud800b")
+
+
+def test_stream_decoder_never_yields_half_a_character(world):
+    emoji = "👍🏽"
+    byte_ids = [tid for tid in range(1, 257) if world.token_bytes(tid) is not None and len(world.token_bytes(tid)) == 1]
+    by_byte = {world.token_bytes(t)[0]: t for t in byte_ids}
+    stream = world.stream_decoder()
+    pieces = [stream.push(by_byte[b]) for b in emoji.encode("utf-8")]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == emoji
+    assert all(p in ("", "👍", "🏽", emoji) for p in pieces), pieces
+
+
+def test_bad_ids(world):
+    with pytest.raises(rwkv_gpu.ShapeError, match="70000"):
+        world.decode([70000])
+    with pytest.raises(rwkv_gpu.ShapeError):
+        world.decode([-1])
