@@ -222,3 +222,15 @@ def test_gil_is_released_during_gpu_work(tiny_model, tiny_cases):
     t.join()
     assert span["forward"] > 0.05, "forward too short to tell"
     assert longest < span["forward"] / 2, (longest, span["forward"])
+
+
+def test_memory_report_counts_one_state_exactly():
+    """A model with one live state holds exactly that state's bytes: L x (2C + C*64) f32."""
+    m = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
+    s = m.new_state()
+    m.forward([1, 2], s)
+    mem = m.memory()
+    assert mem["states"] == 2 * (2 * 128 + 128 * 64) * 4
+    # Weights: every matrix as fp16 plus f32 vectors; the head is 512 x 128 fp16.
+    assert mem["head"] == 512 * 128 * 2
+    assert set(mem) == {"weights", "head", "states", "scratch"} and mem["scratch"] > 0

@@ -13,6 +13,7 @@ use crate::gpu::GpuContext;
 pub struct Page {
     /// One buffer per layer: (slots, slot_stride) f32.
     pub layers: Vec<wgpu::Buffer>,
+    pub slots: usize,
 }
 
 struct PoolInner {
@@ -23,7 +24,8 @@ struct PoolInner {
 pub struct StatePool {
     ctx: Arc<GpuContext>,
     pub slot_stride: usize,
-    pub slots_per_page: usize,
+    /// The most slots one page may hold (bounded by the largest storage binding).
+    pub max_page_slots: usize,
     n_layer: usize,
     inner: Mutex<PoolInner>,
 }
@@ -39,11 +41,11 @@ impl StatePool {
                 ctx.max_binding
             )));
         }
-        let slots_per_page = ((ctx.max_binding / slot_bytes) as usize).clamp(1, 8);
+        let max_page_slots = ((ctx.max_binding / slot_bytes) as usize).clamp(1, 64);
         Ok(Arc::new(StatePool {
             ctx,
             slot_stride,
-            slots_per_page,
+            max_page_slots,
             n_layer: config.n_layer,
             inner: Mutex::new(PoolInner { pages: Vec::new(), free: Vec::new() }),
         }))
@@ -54,15 +56,18 @@ impl StatePool {
     }
 
     pub fn device_bytes(&self) -> u64 {
-        let pages = self.inner.lock().unwrap_or_else(|p| p.into_inner()).pages.len();
-        (pages * self.n_layer * self.slots_per_page * self.slot_stride * 4) as u64
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.pages.iter().map(|p| (p.slots * self.n_layer * self.slot_stride * 4) as u64).sum()
     }
 
     /// A fresh, zeroed slot.
     pub fn allocate(self: &Arc<Self>, model_id: u64) -> Result<State> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner.free.is_empty() {
-            let size = (self.slots_per_page * self.slot_stride * 4) as u64;
+            // Pages double in size (1, 2, 4, ... slots) so that a single-sequence user
+            // holds exactly one state while batches still get few, large pages.
+            let slots = (1usize << inner.pages.len().min(16)).min(self.max_page_slots);
+            let size = (slots * self.slot_stride * 4) as u64;
             let device = &self.ctx.device;
             let layers = self.ctx.scoped("allocating a state page", || {
                 (0..self.n_layer)
@@ -77,8 +82,8 @@ impl StatePool {
                     .collect::<Vec<_>>()
             })?;
             let page = inner.pages.len();
-            inner.pages.push(Arc::new(Page { layers }));
-            inner.free.extend((0..self.slots_per_page).rev().map(|s| (page, s)));
+            inner.pages.push(Arc::new(Page { layers, slots }));
+            inner.free.extend((0..slots).rev().map(|s| (page, s)));
         }
         let (page, slot) = inner.free.pop().expect("a free slot was just made");
         drop(inner);
