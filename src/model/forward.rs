@@ -131,24 +131,43 @@ fn allocate(model: &Model) -> Result<Scratch> {
     })
 }
 
-/// Records one matrix product y = act(W x) (or y += ...) over `t` tokens.
+/// Where a matrix product reads its input and writes its output.
+struct MatIo<'a> {
+    x: &'a wgpu::Buffer,
+    x_off: usize,
+    y: &'a wgpu::Buffer,
+    y_off: usize,
+    y_stride: usize,
+    t: usize,
+}
+
+/// Records one row chunk of y = act(W x) (or y += ...): `rows` rows of a [.., k] matrix,
+/// landing in columns col0.. of y.
+fn matmul_chunk(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, rows: usize, k: usize, bf16: bool, col0: usize,
+                flags: &[&str], io: &MatIo) -> Result<()> {
+    let mut defines: Vec<&str> = flags.to_vec();
+    if bf16 {
+        defines.push("WEIGHT_BF16");
+    }
+    let t = io.t;
+    let (entry, groups) = if t <= MATVEC_TOKENS { ("matvec", rows.div_ceil(4)) } else { ("matmul_tiled", rows.div_ceil(64) * t.div_ceil(64)) };
+    let pipeline = model.pipelines.get(Kernel::Matmul, entry, &defines)?;
+    let params = MatParams {
+        m: rows as u32, k: k as u32, t: t as u32, x_off: io.x_off as u32, y_off: io.y_off as u32,
+        y_stride: io.y_stride as u32, col0: col0 as u32, _pad: 0,
+    };
+    let (gx, gy) = model.ctx.grid(groups as u32);
+    rec.dispatch(&pipeline, &params, vec![Binding::whole(weights), Binding::whole(io.x), Binding::whole(io.y)], (gx, gy, 1));
+    Ok(())
+}
+
+/// Records y = act(W x) (or y += ...) over `t` tokens, one dispatch per row chunk of W.
 #[allow(clippy::too_many_arguments)]
 fn matmul(model: &Model, rec: &mut Recorder, w: &Matrix, flags: &[&str], x: &wgpu::Buffer, x_off: usize,
           y: &wgpu::Buffer, y_off: usize, y_stride: usize, t: usize) -> Result<()> {
-    let mut defines: Vec<&str> = flags.to_vec();
-    if w.bf16 {
-        defines.push("WEIGHT_BF16");
-    }
-    let (entry, per_group) = if t <= MATVEC_TOKENS { ("matvec", 4) } else { ("matmul_tiled", 0) };
-    let pipeline = model.pipelines.get(Kernel::Matmul, entry, &defines)?;
+    let io = MatIo { x, x_off, y, y_off, y_stride, t };
     for (buffer, row0, rows) in &w.chunks {
-        let params = MatParams {
-            m: *rows as u32, k: w.k as u32, t: t as u32, x_off: x_off as u32, y_off: y_off as u32,
-            y_stride: y_stride as u32, col0: *row0 as u32, _pad: 0,
-        };
-        let groups = if per_group > 0 { rows.div_ceil(per_group) } else { rows.div_ceil(64) * t.div_ceil(64) };
-        let (gx, gy) = model.ctx.grid(groups as u32);
-        rec.dispatch(&pipeline, &params, vec![Binding::whole(buffer), Binding::whole(x), Binding::whole(y)], (gx, gy, 1));
+        matmul_chunk(model, rec, buffer, *rows, w.k, w.bf16, *row0, flags, &io)?;
     }
     Ok(())
 }
@@ -216,12 +235,11 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
                 // Consecutive rows: one layer-norm dispatch for the whole group.
                 layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, n, head_rows[done])?;
                 let mut col_off = 0u64;
-                for (i, (_, _, chunk_rows)) in model.weights.head.chunks.iter().enumerate() {
-                    let single = Matrix { m: model.weights.head.m, k: c, bf16: model.weights.head.bf16, chunks: vec![model.weights.head.chunks[i].clone()] };
-                    // Each chunk writes (n, rows) from column 0 of its own buffer.
-                    let mut local = single;
-                    local.chunks[0].1 = 0;
-                    matmul(model, &mut rec, &local, &[], &s.xn, 0, &s.logits[i], 0, *chunk_rows, n)?;
+                let head = &model.weights.head;
+                for (i, (weights, _, chunk_rows)) in head.chunks.iter().enumerate() {
+                    // Each row chunk writes (n, rows) into its own logits buffer.
+                    let io = MatIo { x: &s.xn, x_off: 0, y: &s.logits[i], y_off: 0, y_stride: *chunk_rows, t: n };
+                    matmul_chunk(model, &mut rec, weights, *chunk_rows, head.k, head.bf16, 0, &[], &io)?;
                     let bytes = (n * chunk_rows * 4) as u64;
                     rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: staging.clone(), dst_offset: (done * v * 4) as u64 + col_off * n as u64, size: bytes });
                     col_off += (*chunk_rows * 4) as u64;
