@@ -97,7 +97,6 @@ pub fn preprocess(kernel: &str, source: &str, defines: &[(String, String)]) -> R
             out.push_str(&substitute(line, defines));
             out.push('\n');
         }
-        let _ = active;
     }
     if !stack.is_empty() {
         return Err(err(source.lines().count(), "missing #endif"));

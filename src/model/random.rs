@@ -10,7 +10,6 @@ use crate::error::{Error, Result};
 use crate::loader::{Checkpoint, DType, TensorInfo};
 
 pub struct RandomCheckpoint {
-    config: Config,
     seed: u64,
     names: Vec<(String, Vec<usize>)>,
     path: PathBuf,
@@ -46,7 +45,7 @@ impl RandomCheckpoint {
         names.push(("ln_out.weight".into(), vec![c]));
         names.push(("ln_out.bias".into(), vec![c]));
         names.push(("head.weight".into(), vec![v, c]));
-        RandomCheckpoint { config, seed, names, path: PathBuf::from("<random>") }
+        RandomCheckpoint { seed, names, path: PathBuf::from("<random>") }
     }
 
     /// (centre, half-width) of the uniform distribution for a tensor.
@@ -101,7 +100,6 @@ impl Checkpoint for RandomCheckpoint {
             let v = centre + half * (2.0 * u - 1.0);
             out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
         }
-        let _ = &self.config;
         Ok(Cow::Owned(out))
     }
     fn path(&self) -> &Path {
