@@ -2,9 +2,11 @@
 //!
 //! The core (this crate without the `python` feature) knows nothing of Python:
 //! `gpu` opens the device and runs kernels, `loader` reads checkpoints, `model` holds
-//! weights and states and plans the forward pass. `python` is the binding layer.
+//! weights and states and plans the forward pass; `tokenizer`, `sampler` and
+//! `generation` turn it into text. `python` is the binding layer.
 
 pub mod error;
+pub mod generation;
 pub mod gpu;
 pub mod loader;
 pub mod model;

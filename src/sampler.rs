@@ -115,6 +115,7 @@ impl SamplingOptions {
 
 /// One generation's sampler: options, penalty counts (generated tokens only) and RNG.
 /// Make a new one (or `reset`) per generate call, as the official starts its counts empty.
+#[derive(Clone)]
 pub struct Sampler {
     options: SamplingOptions,
     vocab: usize,
@@ -323,6 +324,7 @@ fn mass<T: Copy>(xs: &[T], f: impl Fn(T) -> f32) -> f64 {
 }
 
 /// xoshiro256** (Blackman & Vigna), seeded through splitmix64 as its authors advise.
+#[derive(Clone)]
 struct Rng([u64; 4]);
 
 impl Rng {

@@ -125,13 +125,14 @@ def channel_mix(p, i, x, state):
     return p["value.weight"] @ kf
 
 
-def forward(weights, tokens, state):
-    """Feed tokens one at a time from `state` (advanced in place). Returns logits [T,V] float64."""
+def forward(weights, tokens, state, hidden=False):
+    """Feed tokens one at a time from `state` (advanced in place). Returns logits [T,V]
+    float64, or with hidden=True the head's input (ln_out output) [T,C]."""
     L, C, H, N, V = dims(weights)
     W = {k: v.astype(np.float64) for k, v in weights.items()}
     blk = [{k[len(f"blocks.{i}."):]: v for k, v in W.items() if k.startswith(f"blocks.{i}.")}
            for i in range(L)]
-    out = np.zeros((len(tokens), V))
+    out = np.zeros((len(tokens), C if hidden else V))
     for t, tok in enumerate(tokens):
         x = layer_norm(W["emb.weight"][int(tok)], W["blocks.0.ln0.weight"], W["blocks.0.ln0.bias"])
         v_first = None
@@ -142,7 +143,8 @@ def forward(weights, tokens, state):
                                    state, v_first, H, N)
             x = x + dx
             x = x + channel_mix(ffn, i, layer_norm(x, b["ln2.weight"], b["ln2.bias"]), state)
-        out[t] = W["head.weight"] @ layer_norm(x, W["ln_out.weight"], W["ln_out.bias"])
+        h = layer_norm(x, W["ln_out.weight"], W["ln_out.bias"])
+        out[t] = h if hidden else W["head.weight"] @ h
     return out
 
 

@@ -4,6 +4,8 @@
     model = rwkv_gpu.Model("rwkv7-g1-2.9b.pth")
     state = model.new_state()
     logits = model.forward([510, 2302, 33], state)   # np.float32 [vocab]
+    for piece in model.generate("The capital of France is", max_tokens=32):
+        print(piece, end="", flush=True)
 """
 
 from ._core import (
@@ -17,12 +19,21 @@ from ._core import (
     adapters,
     kernel_source,
 )
+from .conversation import Chat
+from .generation import Completion
 from .model import Model, State
+from .sampling import Sampler, Sampling
+from .state_cache import StateCache
 from .tokenizer import StreamDecoder, Tokenizer
 
 __all__ = [
     "Model",
     "State",
+    "Chat",
+    "Completion",
+    "Sampling",
+    "Sampler",
+    "StateCache",
     "Tokenizer",
     "StreamDecoder",
     "adapters",

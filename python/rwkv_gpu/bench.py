@@ -2,8 +2,11 @@
 
 pp<N>: prefill of N random tokens from a fresh state, logits for the last token only.
 tg<N>: N single-token steps, each reading the full f32 logits back and taking the next
-token from them (argmax), as published tables do. One warm-up run (shader compilation
-excluded), then --repetitions runs; tokens/s = tokens / wall time, mean ± std.
+token from them (argmax), as published tables do. ttft<N>: time to the first token of a
+generation (prompt of N tokens fed, logits read, token drawn), from a fresh state and
+with a StateCache that holds all but the last 16 prompt tokens (shown in seconds).
+One warm-up run (shader compilation excluded), then --repetitions runs; tokens/s =
+tokens / wall time, mean ± std.
 Progress goes to stderr; the table to stdout.
 """
 
@@ -17,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from . import Model
+from . import Model, Sampling, StateCache
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
 # On a software adapter (lavapipe) everything runs on the CPU: shrink so a run takes
@@ -95,17 +98,43 @@ def main(argv: list[str] | None = None) -> int:
             token = int(np.argmax(logits))
         state_holder["state"] = state
 
+    greedy = Sampling(temperature=0.0, banned_tokens=())
+    suffix_length = min(16, args.prefill_length - 1)
+    prefix = [int(t) for t in prompt[: args.prefill_length - suffix_length]]
+    cache = StateCache(max_entries=4)
+
+    def first_token(cache: StateCache | None, ids: list[int]) -> None:
+        # One generation step: feed the prompt (or what the cache lacks), read, draw.
+        model._run(ids, None, 1, greedy, (), (), cache)._core.step()
+
+    def ttft_fresh() -> None:
+        first_token(None, [int(t) for t in prompt])
+
+    def ttft_cached() -> None:
+        suffix = [int(t) for t in rng.integers(0, vocab, suffix_length)]
+        first_token(cache, prefix + suffix)
+
+    if suffix_length > 0:
+        cache.prefill(model, prefix)
+
     rows = []
-    for test, fn, tokens in (
+    tests = [
         (f"pp{args.prefill_length}", prefill, args.prefill_length),
         (f"tg{args.generation_length}", generate, args.generation_length),
-    ):
+        (f"ttft{args.prefill_length}", ttft_fresh, 1),
+    ]
+    if suffix_length > 0:
+        tests.append((f"ttft{args.prefill_length} cached {len(prefix)}", ttft_cached, 1))
+    for test, fn, tokens in tests:
         log(f"{test}:")
         times = time_runs(fn, args.repetitions)
-        rates = [tokens / t for t in times]
-        std = statistics.stdev(rates) if len(rates) > 1 else 0.0
-        rows.append((test, statistics.mean(rates), std))
+        # Rates for throughput tests, seconds for latency (ttft) tests.
+        values = times if test.startswith("ttft") else [tokens / t for t in times]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append((test, statistics.mean(values), std))
 
+    if suffix_length > 0:
+        log(f"StateCache: {cache.hits} hits, {cache.tokens_saved} prompt tokens not fed again")
     mem = model.memory()
     total_gb = sum(mem.values()) / 1e9
     print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
@@ -114,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| model | dtype | test | t/s | memory |")
     print("| --- | --- | --- | ---: | ---: |")
     for test, mean, std in rows:
-        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {cfg['dtype']} | {test} | {mean:.2f} ± {std:.2f} | {total_gb:.3f} GB |")
+        unit = " s" if test.startswith("ttft") else ""
+        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {cfg['dtype']} | {test} | {mean:.2f} ± {std:.2f}{unit} | {total_gb:.3f} GB |")
     return 0
 
 

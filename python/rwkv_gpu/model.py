@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
 from . import _core
 from ._core import RwkvError, ShapeError
+from .generation import Completion, Run
+from .sampling import Sampling
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .state_cache import StateCache
 
 Tokens = Union[Sequence[int], np.ndarray]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -51,6 +57,23 @@ def _terminal_progress(label: str) -> Callable[[int, int], None] | None:
     return show
 
 
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
+                    "penalty_decay", "banned_tokens", "logit_bias", "seed")
+
+
+def _sampling_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Takes the sampling keywords out of `options`; anything unknown is an error."""
+    out = {k: options.pop(k) for k in _SAMPLING_FIELDS if k in options}
+    unknown = set(options) - {"stop", "stop_tokens", "cache"}
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    if "banned_tokens" in out:
+        out["banned_tokens"] = tuple(out["banned_tokens"])
+    if out.get("logit_bias") is None:
+        out.pop("logit_bias", None)
+    return out
+
+
 class State:
     """A recurrent state: a handle to a slot of device memory. `forward` advances it in
     place. One State must not be used by two threads at once (that raises StateError);
@@ -88,6 +111,11 @@ class Model:
         dtype: weight format on the device; "fp16" for now.
         adapter: index or name substring from `rwkv_gpu.adapters()`; default: env
             RWKV_GPU_ADAPTER, else the best hardware adapter.
+        tokenizer: "world", "bytes", a `Tokenizer`, or a tokenizer.json path; default: a
+            tokenizer.json beside the checkpoint, else World for a 65536-token vocabulary
+            and bytes for a 256-token one.
+        initial_state: a State or a state file (ours or a state-tuning .pth) that
+            `new_state()`, `generate` and `Chat` start from.
         no_f16, no_subgroups, max_binding: force the portable fallbacks (also env
             RWKV_GPU_NO_F16, RWKV_GPU_NO_SUBGROUPS, RWKV_GPU_MAX_BINDING=bytes).
         progress: called as progress(done, total) while loading; a bar on a terminal.
@@ -105,6 +133,8 @@ class Model:
         no_subgroups: bool = False,
         max_binding: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        tokenizer: "str | Tokenizer | os.PathLike[str] | None" = None,
+        initial_state: "State | PathLike | None" = None,
         _core_model: Any = None,
     ) -> None:
         if dtype != "fp16":
@@ -124,8 +154,15 @@ class Model:
                 progress=progress or _terminal_progress("loading"),
             )
         self.dtype = dtype
+        self._path = None if _core_model is not None else os.fspath(path)
+        self._tokenizer_choice = tokenizer
+        self._tokenizer: Tokenizer | None = None
+        self._initial: State | None = None
+        self._initial_version = 0
         for message in self._m.warnings():
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+        if initial_state is not None:
+            self.initial_state = initial_state
 
     @classmethod
     def random(
@@ -140,6 +177,7 @@ class Model:
         no_f16: bool = False,
         no_subgroups: bool = False,
         max_binding: int | None = None,
+        tokenizer: "str | Tokenizer | os.PathLike[str] | None" = None,
     ) -> "Model":
         """A model with random weights at the official low-rank widths for `n_embd`,
         for benchmarks and tests."""
@@ -148,7 +186,7 @@ class Model:
             adapter=None if adapter is None else str(adapter),
             no_f16=no_f16, no_subgroups=no_subgroups, max_binding=max_binding,
         )
-        return cls("<random>", dtype=dtype, _core_model=core)
+        return cls("<random>", dtype=dtype, tokenizer=tokenizer, _core_model=core)
 
     @property
     def _m(self) -> Any:
@@ -167,12 +205,41 @@ class Model:
         cfg["dtype"] = self.dtype
         return cfg
 
+    # ---- states ----
+
     def new_state(self) -> State:
+        """A state to start from: a copy of `initial_state` if one is set, else zeros."""
+        if self._initial is not None:
+            return self._initial.clone()
         return State(self, self._m.new_state())
+
+    @property
+    def initial_state(self) -> State | None:
+        return self._initial
+
+    @initial_state.setter
+    def initial_state(self, value: "State | PathLike | None") -> None:
+        if value is None:
+            initial = None
+        elif isinstance(value, State):
+            self._check_state(value)
+            initial = value.clone()  # a copy: later forwards on `value` must not move it
+        else:
+            initial = self.load_state(value)
+        self._initial = initial
+        self._initial_version += 1
 
     def _check_state(self, state: State) -> None:
         if not isinstance(state, State):
             raise RwkvError(f"state must be a rwkv_gpu.State, got {type(state).__name__}")
+        if state._model is not self:
+            raise _core.StateError("this State belongs to another model")
+
+    def _start_state(self, state: State | None) -> State:
+        if state is None:
+            return self.new_state()
+        self._check_state(state)
+        return state
 
     def forward(self, tokens: Tokens, state: State, all_logits: bool = False) -> np.ndarray:
         """Feeds `tokens` and advances `state` in place. Returns the last token's logits
@@ -204,8 +271,118 @@ class Model:
             parts.append(np.ascontiguousarray(a, dtype=np.float32).tobytes())
         return State(self, self._m.state_from_host(*parts))
 
-    def load_state(self, path: PathLike) -> State:
-        return State(self, self._m.load_state(os.fspath(path)))
+    def load_state(self, path: PathLike, transpose: bool = False) -> State:
+        """A state saved by `State.save`, or a state-tuning file (`.pth`/`.safetensors`
+        with one `blocks.{i}.att.time_state` [heads, 64, 64] per layer; shift states
+        zero). Such tensors are copied as-is into the WKV state, laid out [head, value,
+        key] as the official tools do; `transpose=True` for files saved [head, key, value]."""
+        return State(self, self._m.load_state(os.fspath(path), transpose=transpose))
+
+    # ---- text ----
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = self._pick_tokenizer()
+        return self._tokenizer
+
+    def _pick_tokenizer(self) -> Tokenizer:
+        choice = self._tokenizer_choice
+        vocab = self.config["vocab_size"]
+        if isinstance(choice, Tokenizer):
+            return choice
+        if choice == "world":
+            return Tokenizer.world()
+        if choice == "bytes":
+            return Tokenizer.byte_level()
+        if choice is not None:
+            return Tokenizer.from_file(choice)
+        if self._path is not None:
+            beside = os.path.join(os.path.dirname(os.path.abspath(self._path)), "tokenizer.json")
+            if os.path.exists(beside):
+                return Tokenizer.from_file(beside)
+        if vocab == 256:
+            return Tokenizer.byte_level()
+        if vocab >= 65530:
+            return Tokenizer.world()
+        raise RwkvError(f"no tokenizer known for a vocabulary of {vocab}: pass tokenizer= (a Tokenizer or a tokenizer.json path)")
+
+    def _prompt_ids(self, prompt: "str | Tokens") -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise ShapeError("the prompt is empty")
+            return ids
+        return _token_list(prompt)
+
+    def generate(
+        self,
+        prompt: "str | Tokens",
+        state: State | None = None,
+        max_tokens: int = 256,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 0.3,
+        top_k: int = 0,
+        presence_penalty: float = 0.5,
+        frequency_penalty: float = 0.5,
+        penalty_decay: float = 0.996,
+        banned_tokens: Sequence[int] = (0,),
+        logit_bias: Mapping[int, float] | None = None,
+        stop: Sequence[str] | str = (),
+        stop_tokens: Sequence[int] = (0,),
+        seed: int | None = None,
+        cache: "StateCache | None" = None,
+    ) -> Iterator[str]:
+        """Streams generated text, piece by piece, each piece complete UTF-8.
+
+        `prompt` is text or token ids; `state=None` starts from `new_state()` (the initial
+        state if set), otherwise `state` is advanced in place. Sampling follows the
+        official RWKV package (see `Sampling`); the defaults are the RWKV-7 chat demo's.
+        Generation ends after `max_tokens` tokens, at a token in `stop_tokens` (not
+        emitted, not fed) or at a stop string, found even when it spans tokens; the text
+        ends before it.
+
+        The state keeps every token that was fed: the prompt and each drawn token, the
+        stop string's included (as the official chat does), so a conversation goes on
+        from it without re-reading its history. Leaving the loop early (break, Ctrl-C)
+        is clean: the state then holds the prompt and the tokens drawn so far.
+        `cache`: a StateCache that skips the part of the prompt it has seen (state=None only).
+        """
+        return iter(self._run(prompt, state, max_tokens, Sampling(
+            temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay,
+            tuple(banned_tokens), dict(logit_bias or {}), seed), stop, stop_tokens, cache))
+
+    def complete(self, prompt: "str | Tokens", state: State | None = None, max_tokens: int = 256, **options: Any) -> Completion:
+        """`generate`, collected: text, finish_reason ("stop" | "length"), token counts."""
+        run = self._run(prompt, state, max_tokens, Sampling(**_sampling_options(options)),
+                        options.pop("stop", ()), options.pop("stop_tokens", (0,)), options.pop("cache", None))
+        text = "".join(run)
+        return Completion(text, run.finish_reason or "length", run.prompt_tokens, len(run.tokens), list(run.tokens))
+
+    def _run(self, prompt: "str | Tokens", state: State | None, max_tokens: int, sampling: Sampling,
+             stop: Sequence[str] | str, stop_tokens: Sequence[int], cache: "StateCache | None") -> Run:
+        return Run(self, prompt, state, max_tokens, sampling, stop, stop_tokens, cache)
+
+    def embed(self, text_or_tokens: "str | Tokens | Sequence[str | Tokens]", pooling: str = "last") -> np.ndarray:
+        """The final layer's normalised hidden state (the head's input) after the text,
+        fed from a zero state: the last token's (`pooling="last"`) or the mean over all
+        tokens ("mean"). A text or token list gives a float32 vector [n_embd]; a list of
+        them gives a matrix [n, n_embd], in one call. Deterministic.
+
+        This is a representation of the text as the language model sees it, not a
+        trained sentence-embedding model: compare such vectors with care."""
+        single = isinstance(text_or_tokens, str) or (
+            isinstance(text_or_tokens, np.ndarray) and text_or_tokens.ndim == 1
+        ) or (isinstance(text_or_tokens, Sequence) and len(text_or_tokens) > 0
+              and all(isinstance(t, (int, np.integer)) for t in text_or_tokens))
+        items = [text_or_tokens] if single else list(text_or_tokens)  # type: ignore[arg-type]
+        if not items:
+            raise ShapeError("embed needs at least one text")
+        batch = [self._prompt_ids(x) for x in items]
+        raw = self._m.embed(batch, pooling)
+        rows = np.frombuffer(raw, dtype=np.float32).reshape(len(batch), -1).copy()
+        return rows[0] if single else rows
 
     def memory(self) -> dict[str, int]:
         """Device bytes held by this model, by category."""

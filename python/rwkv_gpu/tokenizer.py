@@ -1,12 +1,14 @@
-"""Tokenizers: the RWKV World tokenizer (Rust, shipped with its vocabulary) and, for
-models that bring a tokenizer.json, a wrapper of the `tokenizers` package behind the
-same interface."""
+"""Tokenizers: the RWKV World tokenizer (Rust, shipped with its vocabulary), a byte-level
+one (token id = byte value, for byte models such as tests/data/trained-bytes) and, for
+models that bring a tokenizer.json, a wrapper of the `tokenizers` package, all behind
+the same interface."""
 
 from __future__ import annotations
 
+import codecs
 import os
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import _core
 
@@ -18,7 +20,7 @@ class StreamDecoder:
     can never become valid come out as U+FFFD, as with errors="replace")."""
 
     def __init__(self, core: Any) -> None:
-        self._core = core
+        self._core = core  # anything with push(int) -> str and finish() -> str
 
     def push(self, token: int) -> str:
         return self._core.push(int(token))
@@ -28,13 +30,64 @@ class StreamDecoder:
         return self._core.finish()
 
 
-class Tokenizer:
-    """`Tokenizer.world()` for RWKV World models; `Tokenizer.from_file(path)` for a
-    Hugging Face tokenizer.json."""
+class _ByteStream:
+    """Stream decoding for byte tokens: an incremental UTF-8 decoder."""
 
-    def __init__(self, core: Any, hf: Any = None) -> None:
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        if not 0 <= token < 256:
+            raise _core.ShapeError(f"token id {token} is not a byte (0..255)")
+        return self._utf8.decode(bytes([token]))
+
+    def finish(self) -> str:
+        out = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return out
+
+
+class _PrefixStream:
+    """Stream decoding for tokenizers whose pieces are not raw bytes (tokenizer.json):
+    decode a short window that starts one emitted piece back, so that merges and leading
+    spaces come out as in a full decode, and emit only text that does not end in a
+    replacement character (an incomplete character)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already emitted
+
+    def push(self, token: int) -> str:
+        self._ids.append(int(token))
+        before = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(before) :]
+
+    def finish(self) -> str:
+        before = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._ids, self._prefix, self._read = [], 0, 0
+        return text[len(before) :]
+
+
+class Tokenizer:
+    """`Tokenizer.world()` for RWKV World models, `Tokenizer.byte_level()` for byte-level
+    models, `Tokenizer.from_file(path)` for a Hugging Face tokenizer.json."""
+
+    def __init__(self, core: Any, hf: Any = None, *, byte_level: bool = False) -> None:
         self._core = core
         self._hf = hf
+        self._bytes = byte_level
+
+    @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """Token id = byte value (vocabulary 256)."""
+        return cls(None, byte_level=True)
 
     @classmethod
     def world(cls) -> "Tokenizer":
@@ -56,17 +109,26 @@ class Tokenizer:
         Lone surrogates raise UnicodeEncodeError, as str.encode does."""
         if self._hf is not None:
             return list(self._hf.encode(text, add_special_tokens=False).ids)
-        return self._core.encode(text.encode("utf-8"))
+        if self._bytes:
+            return list(text.encode("utf-8"))
+        return self._core.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Several texts at once, in parallel with the GIL released."""
         if self._hf is not None:
             return [list(e.ids) for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
-        return self._core.encode_batch([t.encode("utf-8") for t in texts])
+        if self._bytes:
+            return [list(t.encode("utf-8")) for t in texts]
+        return self._core.encode_batch(list(texts))
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         if self._hf is not None:
             return self._hf.decode(list(ids), skip_special_tokens=False).encode("utf-8")
+        if self._bytes:
+            try:
+                return bytes(int(i) for i in ids)
+            except ValueError:
+                raise _core.ShapeError("byte tokens must be in 0..255") from None
         return self._core.decode_bytes([int(i) for i in ids])
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -79,15 +141,22 @@ class Tokenizer:
         if self._hf is not None:
             piece = self._hf.id_to_token(int(token))
             return None if piece is None else piece.encode("utf-8")
+        if self._bytes:
+            return bytes([token]) if 0 <= token < 256 else None
         return self._core.token_bytes(int(token))
 
     def stream_decoder(self) -> StreamDecoder:
         if self._hf is not None:
-            raise _core.RwkvError("streaming decode is available for the World tokenizer only")
+            hf = self._hf
+            return StreamDecoder(_PrefixStream(lambda ids: hf.decode(ids, skip_special_tokens=False)))
+        if self._bytes:
+            return StreamDecoder(_ByteStream())
         return StreamDecoder(self._core.stream_decoder())
 
     @property
     def vocab_size(self) -> int:
         if self._hf is not None:
             return int(self._hf.get_vocab_size())
+        if self._bytes:
+            return 256
         return int(self._core.vocab_size())

@@ -17,8 +17,20 @@ use crate::gpu::{GpuContext, Kernel};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
     None,
+    /// The last token's logits.
     Last,
+    /// Every token's logits.
     All,
+    /// The last token's final normalised hidden state (ln_out output), [C].
+    HiddenLast,
+    /// Every token's final normalised hidden state, [T, C].
+    HiddenAll,
+}
+
+impl Want {
+    fn hidden(self) -> bool {
+        matches!(self, Want::HiddenLast | Want::HiddenAll)
+    }
 }
 
 /// Tokens per chunk at most: enough for matrix-matrix kernels to pay off, small enough
@@ -215,20 +227,28 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
         let mut rec = Recorder::new(ctx);
         record_layers(model, &mut rec, s, &page.layers, t)?;
 
-        // Head: only the rows whose logits are wanted.
+        // Head (or final norm): only the rows that are wanted.
         let head_rows: Vec<usize> = match want {
             Want::None => vec![],
-            Want::Last if last_chunk => vec![t - 1],
-            Want::Last => vec![],
-            Want::All => (0..t).collect(),
+            Want::Last | Want::HiddenLast if last_chunk => vec![t - 1],
+            Want::Last | Want::HiddenLast => vec![],
+            Want::All | Want::HiddenAll => (0..t).collect(),
         };
         let out_tokens = head_rows.len();
-        if out_tokens > 0 {
+        if out_tokens > 0 && want.hidden() {
+            let bytes = (out_tokens * c * 4) as u64;
+            let staging = ensure_staging(model, s, bytes)?;
+            layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, out_tokens, head_rows[0])?;
+            rec.copy(Copy { src: s.xn.clone(), src_offset: 0, dst: staging.clone(), dst_offset: 0, size: bytes });
+            let counts = rec.submit(ctx, &mut s.uniform)?;
+            stats.submissions += 1;
+            stats.dispatches += counts.dispatches;
+            let raw = read_buffer(ctx, &staging, bytes)?;
+            stats.readbacks += 1;
+            logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&raw));
+        } else if out_tokens > 0 {
             let staging_size = (out_tokens * v * 4) as u64;
-            if s.staging.as_ref().map(|b| b.size() < staging_size).unwrap_or(true) {
-                s.staging = Some(model.staging(staging_size)?);
-            }
-            let staging = s.staging.clone().expect("just ensured");
+            let staging = ensure_staging(model, s, staging_size)?;
             let mut done = 0;
             while done < out_tokens {
                 let n = (out_tokens - done).min(s.head_tokens);
@@ -278,6 +298,14 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
         ctx.wait()?;
     }
     Ok((logits, stats))
+}
+
+/// The read-back buffer, grown to at least `size` bytes.
+fn ensure_staging(model: &Model, s: &mut Scratch, size: u64) -> Result<wgpu::Buffer> {
+    if s.staging.as_ref().map(|b| b.size() < size).unwrap_or(true) {
+        s.staging = Some(model.staging(size)?);
+    }
+    Ok(s.staging.clone().expect("just ensured"))
 }
 
 fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &[wgpu::Buffer], t: usize) -> Result<()> {

@@ -46,6 +46,12 @@ pub struct Model {
 }
 
 /// Per-layer state as host arrays, f32: att_shift [L, C], wkv [L, H, N, N], ffn_shift [L, C].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Last,
+    Mean,
+}
+
 pub struct HostState {
     pub att_shift: Vec<f32>,
     pub wkv: Vec<f32>,
@@ -112,6 +118,32 @@ impl Model {
         let (logits, stats) = forward::run(self, &mut scratch, state, tokens, want)?;
         *self.last_stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
         Ok(logits)
+    }
+
+    /// The final normalised hidden state (the head's input) of each token list, each fed
+    /// from a fresh state: the last token's, or the mean over all tokens (averaged here on
+    /// the host, in f64, as rows are read back). Returns [len(batch), C].
+    pub fn embed(&self, batch: &[Vec<u32>], pooling: Pooling) -> Result<Vec<f32>> {
+        for tokens in batch {
+            self.check_tokens(tokens)?;
+        }
+        let c = self.config.n_embd;
+        let mut out = Vec::with_capacity(batch.len() * c);
+        for tokens in batch {
+            let state = self.new_state()?;
+            match pooling {
+                Pooling::Last => out.extend(self.forward(&state, tokens, Want::HiddenLast)?),
+                Pooling::Mean => {
+                    let rows = self.forward(&state, tokens, Want::HiddenAll)?;
+                    let mut sum = vec![0f64; c];
+                    for row in rows.chunks_exact(c) {
+                        sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+                    }
+                    out.extend(sum.iter().map(|s| (s / tokens.len() as f64) as f32));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn slot_bytes(&self) -> u64 {

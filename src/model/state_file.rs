@@ -1,6 +1,11 @@
 //! Saved states: safetensors holding att_shift [L, C], wkv [L, H, N, N] and ffn_shift
 //! [L, C] in f32, with the model's dimensions and weight fingerprint in the metadata so
 //! that a state is never loaded into a model it does not belong to.
+//!
+//! Also read: state-tuning files (`.pth` or `.safetensors` with one
+//! `blocks.{i}.att.time_state` [H, N, N] per layer, shift states zero). The tools that
+//! use them (the official package, web-rwkv) copy the tensor as-is into the WKV state,
+//! whose layout is [head, value, key]; `transpose` is for files saved [head, key, value].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,6 +16,7 @@ use super::{HostState, Model, State};
 use crate::error::{Error, Result};
 use crate::loader::safetensors_file::SafetensorsFile;
 use crate::loader::{Checkpoint, DType};
+use super::weights::to_f32;
 
 fn metadata(model: &Model) -> HashMap<String, String> {
     let c = &model.config;
@@ -40,7 +46,18 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         .map_err(|e| Error::load(path, format!("could not write the state: {e}")))
 }
 
-pub fn load(model: &Model, path: &Path) -> Result<State> {
+pub fn load(model: &Model, path: &Path, transpose: bool) -> Result<State> {
+    let ck = crate::loader::open(path)?;
+    if ck.info("blocks.0.att.time_state").is_some() {
+        return load_state_tuning(model, ck.as_ref(), transpose);
+    }
+    if transpose {
+        return Err(Error::Invalid(format!(
+            "{}: transpose applies to state-tuning files (blocks.N.att.time_state); this is not one",
+            path.display()
+        )));
+    }
+    drop(ck);
     let file = SafetensorsFile::open(path)?;
     let want = metadata(model);
     if file.metadata.get("format") != want.get("format") {
@@ -64,4 +81,39 @@ pub fn load(model: &Model, path: &Path) -> Result<State> {
         Ok(bytemuck::pod_collect_to_vec(&file.read(name)?))
     };
     model.state_from_host(&HostState { att_shift: read("att_shift")?, wkv: read("wkv")?, ffn_shift: read("ffn_shift")? })
+}
+
+fn load_state_tuning(model: &Model, ck: &dyn Checkpoint, transpose: bool) -> Result<State> {
+    let c = &model.config;
+    let (h, n) = (c.n_head, c.head_size);
+    let path = ck.path();
+    let mut wkv = Vec::with_capacity(c.n_layer * h * n * n);
+    for layer in 0..c.n_layer {
+        let name = format!("blocks.{layer}.att.time_state");
+        let info = ck.info(&name).ok_or_else(|| {
+            Error::State(format!("{}: state-tuning file has no {name}; this model has {} layers", path.display(), c.n_layer))
+        })?;
+        // Some tools keep a leading batch dimension of 1.
+        let dims: Vec<usize> = info.shape.iter().copied().skip_while(|&d| d == 1).collect();
+        if dims != [h, n, n] {
+            return Err(Error::State(format!(
+                "{}: {name} has shape {:?}; this model needs [{h}, {n}, {n}] (heads, head size, head size)",
+                path.display(),
+                info.shape
+            )));
+        }
+        let values = to_f32(&ck.read(&name)?, info.dtype);
+        if transpose {
+            for head in values.chunks_exact(n * n) {
+                wkv.extend((0..n * n).map(|i| head[(i % n) * n + i / n]));
+            }
+        } else {
+            wkv.extend(values);
+        }
+    }
+    if ck.info(&format!("blocks.{}.att.time_state", c.n_layer)).is_some() {
+        return Err(Error::State(format!("{}: state-tuning file has more layers than this model's {}", path.display(), c.n_layer)));
+    }
+    let zeros = vec![0.0; c.n_layer * c.n_embd];
+    model.state_from_host(&HostState { att_shift: zeros.clone(), wkv, ffn_shift: zeros })
 }

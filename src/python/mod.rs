@@ -3,17 +3,19 @@
 //! hierarchy rooted at `RwkvError`. The typed public API lives in python/rwkv_gpu.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod sampler;
 mod tokenizer;
 
 use crate::error::Error;
+use crate::generation::Generation;
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
-use crate::model::{Config, HostState, Model, State, Want};
+use crate::model::{Config, HostState, Model, Pooling, State, Want};
 
 pyo3::create_exception!(rwkv_gpu._core, RwkvError, PyException, "Base class of every rwkv-gpu error.");
 pyo3::create_exception!(rwkv_gpu._core, ModelLoadError, RwkvError, "A checkpoint or state file is missing, malformed or foreign.");
@@ -175,7 +177,9 @@ impl PyModel {
             "last" => Want::Last,
             "all" => Want::All,
             "none" => Want::None,
-            other => return Err(RwkvError::new_err(format!("want must be 'last', 'all' or 'none', got {other:?}"))),
+            "hidden_last" => Want::HiddenLast,
+            "hidden_all" => Want::HiddenAll,
+            other => return Err(RwkvError::new_err(format!("want must be 'last', 'all', 'none', 'hidden_last' or 'hidden_all', got {other:?}"))),
         };
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
@@ -218,9 +222,41 @@ impl PyModel {
         py.detach(move || crate::model::state_file::save(&m, &s, &path)).map_err(to_py)
     }
 
-    fn load_state(&self, py: Python<'_>, path: PathBuf) -> PyResult<PyState> {
+    #[pyo3(signature = (path, transpose=false))]
+    fn load_state(&self, py: Python<'_>, path: PathBuf, transpose: bool) -> PyResult<PyState> {
         let m = self.inner.clone();
-        Ok(PyState { inner: py.detach(move || crate::model::state_file::load(&m, &path)).map_err(to_py)? })
+        Ok(PyState { inner: py.detach(move || crate::model::state_file::load(&m, &path, transpose)).map_err(to_py)? })
+    }
+
+    /// A generation run over `state`, starting by feeding `prompt` (the sampler is
+    /// reset: counts start empty for each run, as the official's do).
+    fn generation(&self, prompt: Vec<i64>, state: &PyState, sampler: &sampler::PySampler) -> PyResult<PyGeneration> {
+        let v = self.inner.config.vocab_size;
+        if sampler.vocab != v {
+            return Err(ShapeError::new_err(format!("the sampler is for a vocabulary of {}; this model has {v}", sampler.vocab)));
+        }
+        let prompt = tokens_from(prompt, v)?;
+        if prompt.is_empty() {
+            return Err(ShapeError::new_err("the prompt is empty: give at least one token"));
+        }
+        let mut smp = sampler.lock().clone();
+        smp.reset();
+        let run = Generation::new(self.inner.clone(), state.inner.clone(), smp, prompt);
+        Ok(PyGeneration { inner: Arc::new(Mutex::new(run)) })
+    }
+
+    /// Final normalised hidden states, one row per token list ([B, C] f32 bytes).
+    fn embed<'py>(&self, py: Python<'py>, batch: Vec<Vec<i64>>, pooling: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let pooling = match pooling {
+            "last" => Pooling::Last,
+            "mean" => Pooling::Mean,
+            other => return Err(RwkvError::new_err(format!("pooling must be 'last' or 'mean', got {other:?}"))),
+        };
+        let v = self.inner.config.vocab_size;
+        let batch = batch.into_iter().map(|t| tokens_from(t, v)).collect::<PyResult<Vec<_>>>()?;
+        let m = self.inner.clone();
+        let rows = py.detach(move || m.embed(&batch, pooling)).map_err(to_py)?;
+        Ok(PyBytes::new(py, bytemuck::cast_slice(&rows)))
     }
 
     fn memory(&self) -> Vec<(&'static str, u64)> {
@@ -238,6 +274,49 @@ impl PyModel {
     }
 }
 
+#[pyclass(name = "Generation", module = "rwkv_gpu._core", frozen)]
+struct PyGeneration {
+    inner: Arc<Mutex<Generation>>,
+}
+
+impl PyGeneration {
+    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Generation) -> crate::Result<T> + Send) -> PyResult<T> {
+        let inner = self.inner.clone();
+        py.detach(move || f(&mut inner.lock().unwrap_or_else(|p| p.into_inner()))).map_err(to_py)
+    }
+}
+
+#[pymethods]
+impl PyGeneration {
+    /// Feeds what is pending and draws the next token (GIL released).
+    fn step(&self, py: Python<'_>) -> PyResult<u32> {
+        self.with(py, |g| g.step())
+    }
+
+    fn record(&self, py: Python<'_>, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
+        self.with(py, move |g| {
+            g.record(token, &token_bytes);
+            Ok(())
+        })
+    }
+
+    fn discard_pending(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |g| {
+            g.discard_pending();
+            Ok(())
+        })
+    }
+
+    fn finish(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |g| g.finish())
+    }
+
+    /// The tokens fed into the state so far, the prompt's included.
+    fn fed(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.with(py, |g| Ok(g.fed().to_vec()))
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -245,6 +324,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyState>()?;
+    m.add_class::<sampler::PySampler>()?;
+    m.add_class::<PyGeneration>()?;
     m.add_class::<tokenizer::PyWorldTokenizer>()?;
     m.add_class::<tokenizer::PyStreamDecoder>()?;
     m.add("RwkvError", py.get_type::<RwkvError>())?;

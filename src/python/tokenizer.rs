@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList};
 
 use super::{to_py, ShapeError};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -12,6 +12,20 @@ use crate::tokenizer::{StreamDecoder, Tokenizer};
 #[pyclass(name = "WorldTokenizer", module = "rwkv_gpu._core", frozen)]
 pub struct PyWorldTokenizer {
     inner: Arc<Tokenizer>,
+    /// One Python int per id, made once: a list of shared ints is built several times
+    /// faster than one of fresh ints (CPython caches only -5..=256), and on long texts
+    /// that conversion costs as much as the encoding itself.
+    ints: std::sync::OnceLock<Vec<Py<PyAny>>>,
+}
+
+impl PyWorldTokenizer {
+    fn id_list<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
+        let ints = self.ints.get_or_init(|| {
+            (0..self.inner.vocab_size() as u32).map(|i| i.into_pyobject(py).expect("int conversion").into_any().unbind()).collect()
+        });
+        // Every id came from the trie, so it is below vocab_size.
+        PyList::new(py, ids.iter().map(|&i| ints[i as usize].bind(py)))
+    }
 }
 
 fn ids_from(ids: Vec<i64>) -> PyResult<Vec<u32>> {
@@ -26,19 +40,20 @@ impl PyWorldTokenizer {
     #[new]
     fn new(py: Python<'_>, vocab_path: PathBuf) -> PyResult<Self> {
         let t = py.detach(|| Tokenizer::from_vocab_file(&vocab_path)).map_err(to_py)?;
-        Ok(PyWorldTokenizer { inner: Arc::new(t) })
+        Ok(PyWorldTokenizer { inner: Arc::new(t), ints: std::sync::OnceLock::new() })
     }
 
-    fn encode(&self, py: Python<'_>, text: &[u8]) -> Vec<u32> {
-        let t = self.inner.clone();
-        let text = text.to_vec();
-        py.detach(move || t.encode(&text))
+    /// Token ids of a str (its UTF-8, borrowed from the str object, not copied).
+    fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyList>> {
+        let t = &self.inner;
+        let ids = py.detach(|| t.encode(text.as_bytes()));
+        self.id_list(py, &ids)
     }
 
     /// Encodes several texts on all cores, with the GIL released.
-    fn encode_batch(&self, py: Python<'_>, texts: Vec<Vec<u8>>) -> Vec<Vec<u32>> {
+    fn encode_batch<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Vec<Bound<'py, PyList>>> {
         let t = self.inner.clone();
-        py.detach(move || {
+        let all: Vec<Vec<u32>> = py.detach(move || {
             let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(texts.len().max(1));
             let per = texts.len().div_ceil(workers.max(1)).max(1);
             std::thread::scope(|scope| {
@@ -46,12 +61,13 @@ impl PyWorldTokenizer {
                     .chunks(per)
                     .map(|part| {
                         let t = &t;
-                        scope.spawn(move || part.iter().map(|x| t.encode(x)).collect::<Vec<_>>())
+                        scope.spawn(move || part.iter().map(|x| t.encode(x.as_bytes())).collect::<Vec<_>>())
                     })
                     .collect();
                 handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
             })
-        })
+        });
+        all.iter().map(|ids| self.id_list(py, ids)).collect()
     }
 
     fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {

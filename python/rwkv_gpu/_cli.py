@@ -1,0 +1,50 @@
+"""Command-line pieces shared by `python -m rwkv_gpu.generate` and `python -m rwkv_gpu.chat`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .model import Model
+from .sampling import Sampling
+
+_DEFAULTS = Sampling()
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, help="checkpoint (.pth or .safetensors)")
+    ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
+    ap.add_argument("--tokenizer", help="'world', 'bytes' or a tokenizer.json (default: chosen from the model)")
+    ap.add_argument("--state", help="initial state: a saved state or a state-tuning file")
+    ap.add_argument("--transpose-state", action="store_true", help="the state-tuning file is [head, key, value]")
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = ap.add_argument_group("sampling (defaults: the official RWKV-7 chat demo's)")
+    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=_DEFAULTS.temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+    g.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, help="0 = off")
+    g.add_argument("--presence-penalty", type=float, default=_DEFAULTS.presence_penalty)
+    g.add_argument("--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty)
+    g.add_argument("--penalty-decay", type=float, default=_DEFAULTS.penalty_decay)
+    g.add_argument("--seed", type=int, help="same seed, same text (on the same device and build)")
+
+
+def load_model(args: argparse.Namespace) -> Model:
+    model = Model(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
+    if args.state:
+        model.initial_state = model.load_state(args.state, transpose=args.transpose_state)
+    return model
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "penalty_decay": args.penalty_decay,
+        "seed": args.seed,
+    }

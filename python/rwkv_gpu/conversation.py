@@ -1,0 +1,74 @@
+"""Chat: a conversation in the RWKV-7 chat format, with its state kept across turns."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from .model import Model, State
+
+# Turns end with a blank line, so a message must not contain one (the official chat demo
+# collapses runs of newlines in what the user types, for the same reason).
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+def clean_message(text: str) -> str:
+    return _BLANK_LINES.sub("\n", text.strip().replace("\r\n", "\n"))
+
+
+class Chat:
+    """A conversation:
+
+        chat = rwkv_gpu.Chat(model, system="You are a helpful assistant.")
+        for piece in chat.send("Hello!"):
+            print(piece, end="", flush=True)
+
+    Each turn feeds `User: {message}\\n\\nAssistant:` and streams the reply until a blank
+    line, which (with the whole reply) stays in the state, so the next turn feeds only
+    its own message. `system` is fed once as `System: {system}\\n\\n`. `state` (default:
+    the model's initial state) is where the conversation starts; `chat.state` is where it
+    is. Sampling keywords (temperature, top_p, ..., seed) apply to every reply.
+    """
+
+    def __init__(self, model: "Model", system: str | None = None, state: "State | None" = None,
+                 max_tokens: int = 1024, **sampling: Any) -> None:
+        self.model = model
+        self.state = model.new_state() if state is None else state.clone()
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.history: list[tuple[str, str]] = []  # (user message, reply) per finished turn
+        self.tokens: list[int] = []  # every token fed into `state` by this chat, in order
+        self._pending = f"System: {clean_message(system)}\n\n" if system else ""
+
+    def send(self, message: str) -> Iterator[str]:
+        """Streams the reply to `message` (leading and trailing whitespace removed)."""
+        text = self._pending + f"User: {clean_message(message)}\n\nAssistant:"
+        self._pending = ""
+        prompt = self.model.tokenizer.encode(text)
+        run = self.model._run(prompt, self.state, self.max_tokens, _sampling(self.sampling), ["\n\n"], (0,), None)
+        pieces: list[str] = []
+        stream = iter(run)
+        try:
+            first = True
+            for piece in stream:
+                if first:
+                    piece, first = piece.lstrip(" "), not piece.strip(" ")
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+        finally:
+            stream.close()  # feeds the token still pending, even after a break or Ctrl-C
+            self.tokens += run.fed_tokens()
+            self.history.append((message, "".join(pieces)))
+
+    def ask(self, message: str) -> str:
+        """The whole reply to `message`."""
+        return "".join(self.send(message))
+
+
+def _sampling(options: dict[str, Any]) -> Any:
+    from .model import _sampling_options
+    from .sampling import Sampling
+
+    return Sampling(**_sampling_options(dict(options)))

@@ -1,0 +1,134 @@
+"""The generation loop behind `Model.generate` and `Model.complete`.
+
+Each step is one call into Rust (`_core.Generation.step`): feed the pending tokens, read
+the last logits, penalise and draw, with the GIL released. Python decodes the token,
+looks for stop strings and yields text. The loop can be left at any point (Ctrl-C, a
+`break`): `finish` then feeds the one drawn token still pending, so the state always
+holds exactly the prompt and the tokens drawn (stop tokens excepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from . import _core
+from .sampling import Sampler, Sampling
+
+if TYPE_CHECKING:
+    from .model import Model, State
+    from .state_cache import StateCache
+
+
+@dataclass
+class Completion:
+    """What `Model.complete` returns."""
+
+    text: str
+    finish_reason: str  # "stop" (a stop string or stop token) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: list[int] = field(default_factory=list)  # the tokens drawn (a stop token excluded)
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string, so that a stop string
+    is found even when it spans several tokens and never reaches the caller."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Returns (text that is safe to emit, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            # The longest tail of pending that is a proper prefix of this stop string.
+            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = n
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Run:
+    """One generation; iterate it for text pieces. Afterwards `finish_reason`,
+    `tokens` (drawn) and `prompt_tokens` describe what happened."""
+
+    def __init__(
+        self,
+        model: "Model",
+        prompt: str | Sequence[int],
+        state: "State | None",
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str],
+        stop_tokens: Sequence[int],
+        cache: "StateCache | None",
+    ) -> None:
+        if max_tokens < 1:
+            raise _core.RwkvError(f"max_tokens must be at least 1, got {max_tokens}")
+        if isinstance(stop, str):
+            stop = [stop]
+        self.model = model
+        self.tokenizer = model.tokenizer
+        ids = model._prompt_ids(prompt)
+        vocab = model.config["vocab_size"]
+        # Ids past the tokenizer's vocabulary (World: 65530..65535) have no text.
+        sampling = sampling.with_bans(range(self.tokenizer.vocab_size, vocab))
+        self.sampler = Sampler(vocab, sampling)
+        self.prompt_tokens = len(ids)
+        self.max_tokens = max_tokens
+        self.stop = StopMatcher(stop)
+        self.stop_tokens = {int(t) for t in stop_tokens}
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        if cache is not None and state is None:
+            self.state, ids = cache.resume(model, ids)
+        else:
+            self.state = model._start_state(state)
+        self._core = model._m.generation(ids, self.state._core, self.sampler._core)
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = self.tokenizer.stream_decoder()
+        try:
+            for _ in range(self.max_tokens):
+                token = self._core.step()
+                if token in self.stop_tokens:
+                    self._core.discard_pending()
+                    self.finish_reason = "stop"
+                    break
+                self.tokens.append(token)
+                self._core.record(token, self.tokenizer.token_bytes(token) or b"")
+                text, stopped = self.stop.push(decoder.push(token))
+                if text:
+                    yield text
+                if stopped:
+                    self.finish_reason = "stop"
+                    break
+            else:
+                self.finish_reason = "length"
+                tail, stopped = self.stop.push(decoder.finish())
+                if stopped:
+                    self.finish_reason = "stop"
+                tail += self.stop.flush()
+                if tail:
+                    yield tail
+        finally:
+            self._core.finish()
+
+    def fed_tokens(self) -> list[int]:
+        """The tokens fed into the state by this run (after the prompt part a StateCache
+        supplied), in order."""
+        return list(self._core.fed())

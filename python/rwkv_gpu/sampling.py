@@ -1,0 +1,92 @@
+"""Sampling options with the official RWKV semantics (docs: README "Sampling").
+
+The draw itself runs in Rust (src/sampler.rs): top-p decided at temperature 1, then
+top-k, then temperature; presence/frequency penalties over generated tokens only, decayed
+before each increment; tokens whose text is whitespace or digits count 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from . import _core
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Defaults are the official RWKV-7 chat demo's. temperature 0 = greedy; top_p 1 and
+    top_k 0 = off. `banned_tokens` get -inf; `logit_bias` maps token -> added logit
+    (-inf bans); same `seed`, inputs, device and build give the same tokens."""
+
+    temperature: float = 1.0
+    top_p: float = 0.3
+    top_k: int = 0
+    presence_penalty: float = 0.5
+    frequency_penalty: float = 0.5
+    penalty_decay: float = 0.996
+    banned_tokens: tuple[int, ...] = (0,)
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    def with_bans(self, extra: Iterable[int]) -> "Sampling":
+        return replace(self, banned_tokens=tuple(dict.fromkeys([*self.banned_tokens, *extra])))
+
+    def sampler(self, vocab_size: int) -> "Sampler":
+        return Sampler(vocab_size, self)
+
+
+def _f32_bytes(logits: np.ndarray, vocab: int) -> bytes:
+    a = np.ascontiguousarray(logits, dtype=np.float32)
+    if a.shape != (vocab,):
+        raise _core.ShapeError(f"logits have shape {a.shape}; this sampler needs ({vocab},)")
+    return a.tobytes()
+
+
+class Sampler:
+    """The sampler of one generation: options, penalty counts and random stream. Mostly
+    for inspection and tests; `Model.generate` makes its own."""
+
+    def __init__(self, vocab_size: int, options: Sampling | None = None) -> None:
+        o = options or Sampling()
+        if o.seed is not None and not 0 <= int(o.seed) < 2**64:
+            raise _core.RwkvError(f"seed {o.seed} must be in [0, 2**64)")
+        self.vocab_size = int(vocab_size)
+        self.options = o
+        self._core = _core.Sampler(
+            self.vocab_size,
+            temperature=float(o.temperature),
+            top_p=float(o.top_p),
+            top_k=int(o.top_k),
+            presence_penalty=float(o.presence_penalty),
+            frequency_penalty=float(o.frequency_penalty),
+            penalty_decay=float(o.penalty_decay),
+            banned=[int(t) for t in o.banned_tokens],
+            logit_bias=[(int(t), float(b)) for t, b in o.logit_bias.items()],
+            seed=None if o.seed is None else int(o.seed),
+        )
+
+    def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
+        """Logits after logit bias, bans and the presence/frequency penalties."""
+        raw = self._core.apply_penalties(_f32_bytes(logits, self.vocab_size))
+        return np.frombuffer(raw, dtype=np.float32).copy()
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution a draw from these (already penalised) logits follows."""
+        raw = self._core.probabilities(_f32_bytes(logits, self.vocab_size))
+        return np.frombuffer(raw, dtype=np.float32).copy()
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Penalises the logits and draws a token (call `record` with it afterwards)."""
+        return int(self._core.sample(_f32_bytes(logits, self.vocab_size)))
+
+    def record(self, token: int, token_bytes: bytes) -> None:
+        self._core.record(int(token), bytes(token_bytes))
+
+    def counts(self) -> dict[int, float]:
+        return dict(self._core.counts())
+
+    def reset(self) -> None:
+        self._core.reset()

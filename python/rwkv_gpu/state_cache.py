@@ -1,0 +1,91 @@
+"""StateCache: remembers the state after a prompt prefix (a system prompt, a long
+document, a conversation so far) so that a later prompt starting with it feeds only the
+rest."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Sequence
+
+from . import _core
+
+if TYPE_CHECKING:
+    from .model import Model, State
+
+
+class StateCache:
+    """Least-recently-used cache of states keyed by the tokens that produced them.
+
+        cache = rwkv_gpu.StateCache(max_entries=8)
+        model.complete(system + question1, cache=cache)   # feeds everything
+        model.complete(system + question2, cache=cache)   # feeds only question2
+
+    Each entry holds one state on the device (`model.memory()["states"]` grows by one
+    slot per entry). Entries are only used for generations that start from the model's
+    initial state (`state=None`), and a cache may serve several models.
+    """
+
+    def __init__(self, max_entries: int = 8) -> None:
+        if max_entries < 1:
+            raise _core.RwkvError(f"max_entries must be at least 1, got {max_entries}")
+        self.max_entries = int(max_entries)
+        self._entries: OrderedDict[tuple, "State"] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.tokens_saved = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @staticmethod
+    def _key(model: "Model", tokens: Sequence[int]) -> tuple:
+        # The initial state's version: states built on another start are not reused.
+        return (id(model), model._initial_version, tuple(tokens))
+
+    def lookup(self, model: "Model", tokens: Sequence[int]) -> tuple["State", int]:
+        """(a copy of the state after the longest cached prefix of `tokens`, its length);
+        a fresh start state and 0 when nothing matches."""
+        tokens = list(tokens)
+        best: tuple | None = None
+        for key in self._entries:
+            n = len(key[2])
+            if key[:2] == self._key(model, ())[:2] and n <= len(tokens) and (best is None or n > len(best[2])):
+                if list(key[2]) == tokens[:n]:
+                    best = key
+        if best is None:
+            self.misses += 1
+            return model.new_state(), 0
+        self._entries.move_to_end(best)
+        self.hits += 1
+        self.tokens_saved += len(best[2])
+        return self._entries[best].clone(), len(best[2])
+
+    def store(self, model: "Model", tokens: Sequence[int], state: "State") -> None:
+        """Remembers a copy of `state`, which must be the state after `tokens`."""
+        key = self._key(model, tokens)
+        self._entries[key] = state.clone()
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def prefill(self, model: "Model", tokens: Sequence[int]) -> None:
+        """Feeds `tokens` (from the longest cached prefix on) and remembers the result."""
+        tokens = model._prompt_ids(tokens)
+        state, n = self.lookup(model, tokens)
+        if n < len(tokens):
+            model.prefill(tokens[n:], state)
+            self.store(model, tokens, state)
+
+    def resume(self, model: "Model", tokens: list[int]) -> tuple["State", list[int]]:
+        """For a generation: the state after all of `tokens` but the last, fed from the
+        longest cached prefix and remembered, and what is left to feed (the last token,
+        whose logits the first draw needs)."""
+        head = tokens[:-1]
+        state, n = self.lookup(model, head)
+        if n < len(head):
+            model.prefill(head[n:], state)
+            self.store(model, head, state)
+        return state, tokens[-1:]

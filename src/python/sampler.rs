@@ -1,0 +1,87 @@
+//! Python bindings of the sampler (src/sampler.rs). Logits cross as little-endian f32
+//! bytes (`np.ndarray.tobytes()`), so no array library is needed on this side.
+
+use std::sync::{Arc, Mutex};
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::{to_py, ShapeError};
+use crate::sampler::{Sampler, SamplingOptions};
+
+#[pyclass(name = "Sampler", module = "rwkv_gpu._core", frozen)]
+pub struct PySampler {
+    pub(crate) inner: Arc<Mutex<Sampler>>,
+    pub(crate) vocab: usize,
+}
+
+impl PySampler {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Sampler> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn logits(&self, raw: &[u8]) -> PyResult<Vec<f32>> {
+        if raw.len() != self.vocab * 4 {
+            return Err(ShapeError::new_err(format!(
+                "logits hold {} bytes; this sampler needs {} float32 values ({} bytes)",
+                raw.len(),
+                self.vocab,
+                self.vocab * 4
+            )));
+        }
+        Ok(bytemuck::pod_collect_to_vec(raw))
+    }
+}
+
+#[pymethods]
+impl PySampler {
+    #[new]
+    #[pyo3(signature = (vocab_size, temperature=1.0, top_p=0.3, top_k=0, presence_penalty=0.5, frequency_penalty=0.5,
+                        penalty_decay=0.996, banned=vec![0], logit_bias=Vec::new(), seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(vocab_size: usize, temperature: f32, top_p: f32, top_k: usize, presence_penalty: f32, frequency_penalty: f32,
+           penalty_decay: f32, banned: Vec<u32>, logit_bias: Vec<(u32, f32)>, seed: Option<u64>) -> PyResult<Self> {
+        let options = SamplingOptions { temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, banned, logit_bias, seed };
+        let sampler = Sampler::new(options, vocab_size).map_err(to_py)?;
+        Ok(PySampler { inner: Arc::new(Mutex::new(sampler)), vocab: vocab_size })
+    }
+
+    /// Logits after logit bias, bans and penalties (f32 bytes).
+    fn apply_penalties<'py>(&self, py: Python<'py>, logits: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let mut l = self.logits(logits)?;
+        self.lock().apply_penalties(&mut l);
+        Ok(PyBytes::new(py, bytemuck::cast_slice(&l)))
+    }
+
+    /// The distribution a draw from these (already penalised) logits follows (f32 bytes).
+    fn probabilities<'py>(&self, py: Python<'py>, logits: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let l = self.logits(logits)?;
+        let p = self.lock().probabilities(&l);
+        Ok(PyBytes::new(py, bytemuck::cast_slice(&p)))
+    }
+
+    /// Penalises `logits` and draws a token (does not record it).
+    fn sample(&self, logits: &[u8]) -> PyResult<u32> {
+        let mut l = self.logits(logits)?;
+        let mut s = self.lock();
+        s.apply_penalties(&mut l);
+        Ok(s.sample(&l))
+    }
+
+    /// Counts a generated token (decay first); `token_bytes` decides the whitespace/digit rule.
+    fn record(&self, token: u32, token_bytes: &[u8]) -> PyResult<()> {
+        if token as usize >= self.vocab {
+            return Err(ShapeError::new_err(format!("token {token} is outside the vocabulary of {}", self.vocab)));
+        }
+        self.lock().record(token, token_bytes);
+        Ok(())
+    }
+
+    fn counts(&self) -> Vec<(u32, f64)> {
+        self.lock().counts()
+    }
+
+    fn reset(&self) {
+        self.lock().reset()
+    }
+}

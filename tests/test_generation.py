@@ -1,0 +1,294 @@
+"""Text generation: the sampler against its NumPy transcription, seeded reproducibility,
+stop strings across tokens, streaming, Chat, StateCache, Ctrl-C, and the CLIs.
+
+Text tests use tests/data/trained-bytes (a trained byte-level model: one token per byte,
+so every multi-character string spans several tokens)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import rwkv_gpu
+import sampling_reference as ref
+from conftest import DATA, open_model
+from rwkv_gpu.generation import StopMatcher
+
+BYTES_MODEL = DATA / "trained-bytes" / "model.safetensors"
+PROMPT = "import numpy as np\n\ndef "
+# States that went through the same tokens along different call sequences (prefill
+# chunks vs single steps) differ only by f32 rounding: measured up to ~2e-6 here.
+STATE_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return open_model(BYTES_MODEL)
+
+
+def state_after(model, tokens):
+    s = model.new_state()
+    model.prefill(tokens, s)
+    return s.to_numpy()
+
+
+def assert_states_close(a, b, tol=STATE_TOL):
+    for name in ("att_shift", "wkv", "ffn_shift"):
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=tol, err_msg=name)
+
+
+# ---- the sampler against sampling_reference (like_rust: the documented choices) ----
+
+@pytest.mark.parametrize("vocab", [1000, 65536])
+def test_sampler_distribution_matches_reference(vocab):
+    rng = np.random.default_rng(vocab)
+    for scale in (0.5, 3.0, 10.0):
+        logits = (rng.standard_normal(vocab) * scale).astype(np.float32)
+        for temperature, top_p, top_k in [(1.0, 0.3, 0), (0.7, 0.85, 0), (1.3, 1.0, 40), (1.0, 0.95, 5), (0.0, 0.3, 0)]:
+            opts = rwkv_gpu.Sampling(temperature=temperature, top_p=top_p, top_k=top_k, banned_tokens=(), seed=1)
+            got = rwkv_gpu.Sampler(vocab, opts).probabilities(logits).astype(np.float64)
+            want = ref.official_probs(logits, temperature, top_p, top_k, like_rust=True)
+            case = (scale, temperature, top_p, top_k)
+            assert np.array_equal(got > 0, want > 0), case
+            # f32 probabilities against the f64 reference: 1e-6 of the largest.
+            assert np.max(np.abs(got - want)) <= 1e-6 * want.max(), case
+
+
+def test_sampler_penalties_match_reference_over_a_sequence():
+    """The same draws recorded by both: identical penalised logits after every step."""
+    vocab = 300
+    presence, frequency, decay = (float(np.float32(x)) for x in (0.4, 0.3, 0.9))
+    opts = rwkv_gpu.Sampling(presence_penalty=presence, frequency_penalty=frequency, penalty_decay=decay,
+                             banned_tokens=(0, 7), logit_bias={5: -2.5, 9: 1.25}, seed=3)
+    sampler = rwkv_gpu.Sampler(vocab, opts)
+    oracle = ref.Penalties(presence, frequency, decay, banned=(0, 7), bias=[(5, -2.5), (9, 1.25)])
+    rng = np.random.default_rng(0)
+    texts = {t: (b" " if t % 5 == 0 else b"7" if t % 7 == 0 else bytes([65 + t % 26]) * (1 + t % 3)) for t in range(vocab)}
+    for _ in range(60):
+        logits = rng.standard_normal(vocab).astype(np.float32)
+        got = sampler.apply_penalties(logits)
+        want = oracle.apply(logits)
+        assert np.array_equal(got, want)
+        token = int(rng.integers(1, 40))  # a small range, so tokens repeat
+        sampler.record(token, texts[token])
+        oracle.record(token, texts[token])
+    got_counts = sampler.counts()
+    assert set(got_counts) == set(oracle.counts)
+    for t, c in oracle.counts.items():
+        assert got_counts[t] == pytest.approx(c, rel=1e-12), t
+
+
+def test_sampler_draws_are_seeded():
+    logits = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+
+    def draws(seed):
+        sampler = rwkv_gpu.Sampler(5000, rwkv_gpu.Sampling(top_p=0.9, seed=seed))
+        return [sampler.sample(logits) for _ in range(50)]
+
+    assert draws(11) == draws(11)
+    assert draws(11) != draws(12)
+
+
+def test_bad_sampling_options_raise_before_anything_runs(model):
+    state = model.new_state()
+    before = state.to_numpy()
+    for bad in ({"top_p": 1.5}, {"temperature": -1.0}, {"penalty_decay": 2.0}, {"banned_tokens": [300]}):
+        with pytest.raises(rwkv_gpu.RwkvError, match=next(iter(bad)).split("_tokens")[0]):
+            model.generate(PROMPT, state=state, **bad)
+    with pytest.raises(TypeError, match="tempreature"):
+        model.complete(PROMPT, state=state, tempreature=0.5)
+    with pytest.raises(rwkv_gpu.ShapeError):
+        model.generate("", state=state)
+    with pytest.raises(rwkv_gpu.RwkvError, match="max_tokens"):
+        model.generate(PROMPT, state=state, max_tokens=0)
+    assert_states_close(state.to_numpy(), before, tol=0)
+
+
+# ---- generation ----
+
+def test_seeded_generation_repeats(model):
+    opts = dict(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    a = model.complete(PROMPT, **opts)
+    b = model.complete(PROMPT, **opts)
+    assert a.tokens == b.tokens and a.text == b.text
+    c = model.complete(PROMPT, **{**opts, "seed": 99})
+    assert c.tokens != a.tokens
+    assert a.prompt_tokens == len(PROMPT.encode()) and a.completion_tokens == 12 and a.finish_reason == "length"
+
+
+def test_state_holds_prompt_and_every_drawn_token(model):
+    state = model.new_state()
+    result = model.complete(PROMPT, state=state, max_tokens=6, temperature=0.0)
+    assert result.finish_reason == "length" and len(result.tokens) == 6
+    assert_states_close(state.to_numpy(), state_after(model, list(PROMPT.encode()) + result.tokens))
+
+
+def test_stop_string_across_tokens_ends_text_and_stays_in_state(model):
+    free = model.complete(PROMPT, max_tokens=24, temperature=0.0)
+    text = free.text
+    # A 3-character stop string starting a few characters in: it spans three byte tokens.
+    start = next(i for i in range(3, len(text) - 3) if text.find(text[i:i + 3]) == i)
+    stop = text[start:start + 3]
+    state = model.new_state()
+    pieces = list(model.generate(PROMPT, state=state, max_tokens=24, temperature=0.0, stop=["zzzz", stop]))
+    assert "".join(pieces) == text[:start]
+    assert all(stop not in p for p in pieces)
+    # The state went through the stop string's last token, not one token more.
+    fed = list(PROMPT.encode()) + free.tokens[:start + 3]
+    assert_states_close(state.to_numpy(), state_after(model, fed))
+    result = model.complete(PROMPT, max_tokens=24, temperature=0.0, stop=stop)
+    assert result.finish_reason == "stop" and result.text == text[:start] and result.completion_tokens == start + 3
+
+
+def test_stop_token_is_neither_emitted_nor_fed(model):
+    free = model.complete(PROMPT, max_tokens=8, temperature=0.0)
+    stop_token = free.tokens[3]
+    first = free.tokens.index(stop_token)
+    state = model.new_state()
+    result = model.complete(PROMPT, state=state, max_tokens=8, temperature=0.0, stop_tokens=[stop_token])
+    assert result.finish_reason == "stop" and result.tokens == free.tokens[:first]
+    assert_states_close(state.to_numpy(), state_after(model, list(PROMPT.encode()) + free.tokens[:first]))
+
+
+def test_stop_matcher_holds_back_only_possible_starts():
+    m = StopMatcher(["\n\n", "abc"])
+    assert m.push("Hel") == ("Hel", False)
+    assert m.push("lo\n") == ("lo", False)  # "\n" may start "\n\n"
+    assert m.push("x") == ("\nx", False)
+    assert m.push("ab") == ("", False)
+    assert m.push("d") == ("abd", False)
+    assert m.push("a") == ("", False)
+    assert m.push("bc tail") == ("", True)
+    m = StopMatcher(["END"])
+    assert m.push("the E") == ("the ", False)
+    assert m.flush() == "E"
+
+
+def test_streamed_pieces_are_the_decoded_text(model):
+    """Hot sampling on a byte model draws invalid UTF-8 too: the pieces are still the
+    errors='replace' decoding of the tokens, never half a character."""
+    run_opts = dict(max_tokens=24, temperature=3.0, top_p=1.0, banned_tokens=(), seed=5)
+    pieces = list(model.generate(PROMPT, **run_opts))
+    result = model.complete(PROMPT, **run_opts)
+    assert "".join(pieces) == bytes(result.tokens).decode("utf-8", errors="replace")
+    assert any(t >= 0x80 for t in result.tokens), "the draw should include non-ASCII bytes"
+
+
+def test_emoji_bytes_stream_as_one_character():
+    world = rwkv_gpu.Tokenizer.world()
+    world_byte_ids = {world.token_bytes(i): i for i in range(1, 257)}
+    emoji = "😀".encode()
+    for tok, ids in ((rwkv_gpu.Tokenizer.byte_level(), list(emoji)), (world, [world_byte_ids[bytes([b])] for b in emoji])):
+        d = tok.stream_decoder()
+        assert [d.push(i) for i in ids] == ["", "", "", "😀"]
+        assert d.finish() == ""
+
+
+def test_breaking_out_keeps_the_state_consistent(model):
+    state = model.new_state()
+    stream = model.generate(PROMPT, state=state, max_tokens=50, temperature=0.0)
+    got = [next(stream) for _ in range(3)]
+    stream.close()
+    # Suspended at the third piece's yield: the prompt and three tokens were drawn (the
+    # third still pending); closing feeds it.
+    full = model.complete(PROMPT, max_tokens=3, temperature=0.0)
+    assert "".join(got) == full.text[:3]
+    assert_states_close(state.to_numpy(), state_after(model, list(PROMPT.encode()) + full.tokens))
+
+
+def test_ctrl_c_stops_between_tokens(model):
+    """KeyboardInterrupt from another thread (as Ctrl-C would) ends the loop; the state
+    then holds exactly the tokens the run reports as fed."""
+    import _thread
+
+    state = model.new_state()
+    run = model._run(PROMPT, state, 10_000, rwkv_gpu.Sampling(temperature=0.0), (), (0,), None)
+    pieces = []
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for piece in run:
+                pieces.append(piece)
+    finally:
+        timer.cancel()
+    fed = run.fed_tokens()
+    assert len(PROMPT.encode()) < len(fed) < len(PROMPT.encode()) + 10_000
+    assert fed[:len(PROMPT.encode())] == list(PROMPT.encode())
+    assert_states_close(state.to_numpy(), state_after(model, fed))
+    model.complete("x", state=state, max_tokens=1)  # still usable
+
+
+# ---- Chat and StateCache ----
+
+def test_chat_turns_equal_one_forward_over_the_transcript(model):
+    chat = rwkv_gpu.Chat(model, system="Answer in Python.", max_tokens=10, temperature=0.0)
+    replies = [chat.ask(q) for q in ("print a list", "  now\n\n\nsort it  ", "thanks")]
+    transcript = bytes(chat.tokens).decode("utf-8", errors="replace")
+    assert transcript.startswith("System: Answer in Python.\n\nUser: print a list\n\nAssistant:")
+    assert "User: now\nsort it\n\nAssistant:" in transcript  # blank lines collapsed
+    assert [h[1] for h in chat.history] == replies
+    probe = [ord("\n")]
+    got = model.forward(probe, chat.state.clone())
+    whole = model.new_state()
+    model.prefill(chat.tokens, whole)
+    want = model.forward(probe, whole)
+    assert np.max(np.abs(got - want)) < 1e-3
+
+
+def test_state_cache_feeds_only_the_new_part(model):
+    document = "import os\nimport sys\n\nclass Config:\n    "
+    cache = rwkv_gpu.StateCache(max_entries=2)
+    opts = dict(max_tokens=5, temperature=0.0)
+    # Each generation remembers the state after all of its prompt but the last token.
+    first = model.complete(document + "def a", cache=cache, **opts)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 1, 1)
+    cache.prefill(model, document)  # nothing cached is a prefix of it: fed and stored
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 2)
+    second = model.complete(document + "def b", cache=cache, **opts)
+    assert cache.hits == 1 and cache.tokens_saved == len(document) + 4  # all of "...def "
+    third = model.complete(document + "x = 1", cache=cache, **opts)
+    assert cache.hits == 2 and cache.tokens_saved == 2 * len(document) + 4
+    assert len(cache) == 2  # max_entries: the least recently used entry went
+    for prompt, got in ((document + "def a", first), (document + "def b", second), (document + "x = 1", third)):
+        assert got.tokens == model.complete(prompt, **opts).tokens
+
+
+def test_initial_state_is_where_generation_starts(tmp_path):
+    m = open_model(BYTES_MODEL)
+    s = m.new_state()
+    m.prefill(list(b"# a comment about lists\n"), s)
+    s.save(tmp_path / "start.st")
+    with_initial = open_model(BYTES_MODEL, initial_state=tmp_path / "start.st")
+    assert_states_close(with_initial.new_state().to_numpy(), s.to_numpy(), tol=0)
+    a = with_initial.complete(PROMPT, max_tokens=6, temperature=0.0)
+    b = m.complete(PROMPT, state=s.clone(), max_tokens=6, temperature=0.0)
+    assert a.tokens == b.tokens
+    with_initial.initial_state = None
+    assert not with_initial.new_state().to_numpy()["wkv"].any()
+
+
+# ---- command line ----
+
+def run_cli(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def test_generate_cli_streams_a_seeded_continuation():
+    out = run_cli("rwkv_gpu.generate", "--model", str(BYTES_MODEL), "-n", "6", "--seed", "3", "--top-p", "0.9", PROMPT)
+    assert out.returncode == 0, out.stderr
+    m = open_model(BYTES_MODEL)
+    want = m.complete(PROMPT, max_tokens=6, seed=3, top_p=0.9).text
+    assert out.stdout == PROMPT + want + "\n"
+
+
+def test_chat_cli_answers_and_quits():
+    out = run_cli("rwkv_gpu.chat", "--model", str(BYTES_MODEL), "-n", "4", "--temperature", "0", stdin="hello\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    m = open_model(BYTES_MODEL)
+    reply = rwkv_gpu.Chat(m, max_tokens=4, temperature=0.0).ask("hello")
+    assert f"Assistant: {reply}\n" in out.stdout

@@ -1,0 +1,144 @@
+"""State-tuning files (blocks.{i}.att.time_state) and embeddings, against the float64
+NumPy reference on the tiny golden model (2 layers, 128 wide, 2 heads of 64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference
+import rwkv_gpu
+from conftest import DATA
+from pth_writer import write_pth
+
+TINY = DATA / "tiny-rwkv7"
+L, C, H, N = 2, 128, 2, 64
+# GPU (fp16 weights, f32 math) against the float64 reference on bf16-exact weights: the
+# golden tests measure ~5e-6 on logits; 1e-3 is the project-wide bound for whole forwards.
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return reference.load_safetensors(TINY / "model.safetensors")
+
+
+def rank_one_states(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer and head, S = v k^T; returns (S [L,H,N,N], v [L,H,N], k [L,H,N])."""
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((L, H, N)).astype(np.float32)
+    k = rng.standard_normal((L, H, N)).astype(np.float32) / 8
+    return np.einsum("lhi,lhj->lhij", v, k), v, k
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits, rounded to nearest even (as torch's .bfloat16())."""
+    u = x.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_state_tuning(path, states, dtype="f32", leading_one=False):
+    tensors = {}
+    for i in range(L):
+        s = states[i][None] if leading_one else states[i]
+        tensors[f"blocks.{i}.att.time_state"] = (bf16_bits(s) if dtype == "bf16" else s, dtype)
+    write_pth(path, tensors)
+
+
+def test_reference_reads_a_rank_one_state_as_v_times_k_dot_r():
+    """The convention the GPU is checked against: the state is [value, key] and the
+    output is S r, so S = v k^T gives v (k . r). (No decay, no new token: w=1, k=v=0.)"""
+    _, v, k = rank_one_states(1)
+    v, k = v[0, 0].astype(np.float64), k[0, 0].astype(np.float64)
+    S = np.outer(v, k)
+    r = np.random.default_rng(2).standard_normal(N)
+    zero = np.zeros(N)
+    S_new, y = reference.wkv7_step(S, r, np.ones(N), zero, zero, zero, zero)
+    np.testing.assert_allclose(S_new, S)
+    np.testing.assert_allclose(y, v * (k @ r), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_state_tuning_file_loads_as_is_or_transposed(tmp_path, tiny_model, weights, transpose):
+    states, _, _ = rank_one_states(3)
+    stored = np.swapaxes(states, -1, -2) if transpose else states  # a [head, key, value] file
+    path = tmp_path / "tuned.pth"
+    write_state_tuning(path, stored)
+    state = tiny_model.load_state(path, transpose=transpose)
+    host = state.to_numpy()
+    np.testing.assert_array_equal(host["wkv"], states)
+    assert not host["att_shift"].any() and not host["ffn_shift"].any()
+    # Going on from it: the same logits as the reference from the hand-built state.
+    tokens = [5, 77, 300]
+    got = tiny_model.forward(tokens, state, all_logits=True)
+    ref_state = {"att_shift": np.zeros((L, C)), "wkv": states.astype(np.float64), "ffn_shift": np.zeros((L, C))}
+    want = reference.forward(weights, tokens, ref_state)
+    assert reference.maxdev(got, want) < TOL
+
+
+def test_state_tuning_file_variants_and_errors(tmp_path, tiny_model):
+    states, _, _ = rank_one_states(4)
+    # bf16 storage and a leading batch dimension of 1 both load.
+    path = tmp_path / "bf16.pth"
+    write_state_tuning(path, states, dtype="bf16", leading_one=True)
+    got = tiny_model.load_state(path).to_numpy()["wkv"]
+    np.testing.assert_array_equal(got, (bf16_bits(states).astype(np.uint32) << 16).view(np.float32))
+    # Wrong head size, missing layer, extra layer.
+    bad = tmp_path / "bad.pth"
+    write_pth(bad, {f"blocks.{i}.att.time_state": np.zeros((H, 32, 32), np.float32) for i in range(L)})
+    with pytest.raises(rwkv_gpu.StateError, match=r"shape \[2, 32, 32\]"):
+        tiny_model.load_state(bad)
+    write_pth(bad, {"blocks.0.att.time_state": states[0]})
+    with pytest.raises(rwkv_gpu.StateError, match="no blocks.1.att.time_state"):
+        tiny_model.load_state(bad)
+    write_pth(bad, {f"blocks.{i}.att.time_state": states[0] for i in range(3)})
+    with pytest.raises(rwkv_gpu.StateError, match="more layers"):
+        tiny_model.load_state(bad)
+    own = tmp_path / "own.st"
+    tiny_model.new_state().save(own)
+    with pytest.raises(rwkv_gpu.RwkvError, match="transpose applies to state-tuning files"):
+        tiny_model.load_state(own, transpose=True)
+
+
+def test_initial_state_from_a_state_tuning_file(tmp_path):
+    from conftest import open_model
+
+    states, _, _ = rank_one_states(5)
+    path = tmp_path / "tuned.pth"
+    write_state_tuning(path, states)
+    m = open_model(TINY / "model.safetensors", initial_state=path)
+    np.testing.assert_array_equal(m.new_state().to_numpy()["wkv"], states)
+    a = m.forward([1, 2, 3], m.new_state())
+    b = m.forward([1, 2, 3], m.load_state(path))
+    np.testing.assert_array_equal(a, b)
+
+
+# ---- embeddings ----
+
+def test_embed_is_the_reference_hidden_state(tiny_model, weights, tiny_cases):
+    prompt = [int(t) for t in tiny_cases["prompt"]]
+    hidden = reference.forward(weights, prompt, reference.new_state(weights), hidden=True)
+    last = tiny_model.embed(prompt)
+    assert last.dtype == np.float32 and last.shape == (C,)
+    assert reference.maxdev(last, hidden[-1]) < TOL
+    mean = tiny_model.embed(prompt, pooling="mean")
+    assert reference.maxdev(mean, hidden.mean(0)) < TOL
+
+
+def test_embed_batches_and_repeats(tiny_model):
+    seqs = [[1, 2, 3], [400, 5], list(range(10, 60))]
+    batch = tiny_model.embed(seqs, pooling="mean")
+    assert batch.shape == (3, C)
+    for row, seq in zip(batch, seqs):
+        np.testing.assert_array_equal(row, tiny_model.embed(seq, pooling="mean"))
+    np.testing.assert_array_equal(batch, tiny_model.embed(seqs, pooling="mean"))
+    np.testing.assert_array_equal(tiny_model.embed(np.array([1, 2, 3])), tiny_model.embed([1, 2, 3]))
+
+
+def test_embed_rejects_bad_input(tiny_model):
+    with pytest.raises(rwkv_gpu.RwkvError, match="pooling"):
+        tiny_model.embed([1, 2], pooling="max")
+    with pytest.raises(rwkv_gpu.ShapeError):
+        tiny_model.embed([])
+    with pytest.raises(rwkv_gpu.ShapeError, match="out of range"):
+        tiny_model.embed([[1, 2], [9999]])
