@@ -30,7 +30,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24"
 if [ "${1:-}" = test ]; then
-    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20"
+    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20" "tokenizers>=0.15"
     # The official tokenizer, as the oracle of the tokenizer property test; it is pure
     # Python and its rwkv_tokenizer module imports nothing else.
     .venv/bin/python -m pip install -q --no-deps "rwkv==0.8.32"

@@ -88,3 +88,47 @@ def test_bad_ids(world):
         world.decode([70000])
     with pytest.raises(rwkv_gpu.ShapeError):
         world.decode([-1])
+
+
+# ---- tokenizer.json models, through the `tokenizers` package ----
+
+@pytest.fixture(scope="module")
+def bpe_json(tmp_path_factory):
+    """A small byte-level BPE tokenizer.json trained here (no file to ship)."""
+    from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HfTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["def main():\n    return 0\n", "import numpy as np\n", "héllo wörld 😀 " * 3] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_tokenizer_json_round_trips_and_streams(bpe_json):
+    tok = rwkv_gpu.Tokenizer.from_file(bpe_json)
+    text = "def main():\n    print('héllo 😀 wörld')\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "np"]) == [ids, tok.encode("np")]
+    d = tok.stream_decoder()
+    pieces = [d.push(i) for i in ids]
+    assert "".join(pieces) + d.finish() == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_model_picks_the_tokenizer_json_beside_it(bpe_json, tmp_path):
+    import shutil
+
+    from conftest import open_model
+
+    shutil.copy(DATA / "tiny-rwkv7" / "model.safetensors", tmp_path / "model.safetensors")  # vocab 512
+    shutil.copy(bpe_json, tmp_path / "tokenizer.json")
+    m = open_model(tmp_path / "model.safetensors")
+    assert m.tokenizer.vocab_size == rwkv_gpu.Tokenizer.from_file(bpe_json).vocab_size
+    r = m.complete("def ", max_tokens=3, temperature=0.0)
+    # The model's ids past the tokenizer's 300 have no text: generation bans them.
+    assert r.completion_tokens == 3 and all(t < m.tokenizer.vocab_size for t in r.tokens)
+    assert r.text == m.tokenizer.decode(r.tokens)
