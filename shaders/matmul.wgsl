@@ -1,9 +1,15 @@
 // y[t, col0 + m] (+)= act(sum_k W[m, k] * x[x_off + t * K + k]) for a weight matrix in
 // nn.Linear layout [M, K], stored as 16-bit floats packed two per u32 along K, so that
-// devices without shader-f16 run it. All arithmetic is f32.
+// devices without shader-f16 run it, or quantized in blocks of 64 along K and
+// dequantized here (never materialised). All arithmetic is f32.
 //
-// Variants (preprocessor): WEIGHT_BF16 (bf16 pairs instead of f16), ACT_TANH,
-// ACT_SIGMOID, ACT_RELU_SQ (relu(v)^2), ADD (accumulate into y: the residual stream).
+// Weight formats: f16 pairs (default), WEIGHT_BF16 (bf16 pairs), and with WEIGHT_QUANT
+// either WEIGHT_INT8 (codes -127..127, 4 per u32, one f16 scale per block: w = q * s)
+// or WEIGHT_NF4 (QLoRA NormalFloat codes, 8 per u32 low nibble first, one f16 absmax
+// per block: w = NF4[q] * s). Quantized buffers hold the codes [M, K / per-word] and
+// then, from word p.s_off, the scales: ceil(K / 128) u32 per row, two f16 each.
+// Activations: ACT_TANH, ACT_SIGMOID, ACT_RELU_SQ (relu(v)^2); ADD accumulates into y
+// (the residual stream).
 // Two entry points: `matvec` for a few tokens (weights streamed once per group of 4
 // tokens, reduction over K in workgroup memory) and `matmul_tiled` for prefill chunks
 // (64x64 output tiles, 16-deep K steps staged in workgroup memory).
@@ -16,7 +22,7 @@ struct Params {
     y_off: u32,    // first element of y
     y_stride: u32, // elements between tokens in y
     col0: u32,     // column of y that output row 0 lands in
-    _pad: u32,
+    s_off: u32,    // quantized formats: first word of the block scales
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -31,6 +37,37 @@ fn unpack_pair(v: u32) -> vec2<f32> {
     return unpack2x16float(v);
 #endif
 }
+
+#ifdef WEIGHT_QUANT
+#ifdef WEIGHT_NF4
+var<private> NF4: array<f32, 16> = array<f32, 16>(
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176514, 0.7229568362236328, 1.0);
+#endif
+
+// The scale of the 64-wide block holding column 4q of `row`.
+fn block_scale(row: u32, q: u32) -> f32 {
+    let block = q / 16u;
+    let pair = unpack2x16float(w[p.s_off + row * ((p.k + 127u) / 128u) + block / 2u]);
+    return select(pair.x, pair.y, (block & 1u) == 1u);
+}
+
+// Weights W[row, 4q .. 4q + 3], dequantized.
+fn weight_quad(row: u32, q: u32) -> vec4<f32> {
+#ifdef WEIGHT_INT8
+    let word = w[row * (p.k / 4u) + q];
+    // Sign-extend each byte: move it to the top, then shift back arithmetically.
+    let bytes = vec4<i32>(bitcast<i32>(word << 24u), bitcast<i32>(word << 16u), bitcast<i32>(word << 8u), bitcast<i32>(word)) >> vec4<u32>(24u);
+    return vec4<f32>(bytes) * block_scale(row, q);
+#else
+    let word = w[row * (p.k / 8u) + q / 2u] >> (16u * (q & 1u));
+    let codes = vec4<f32>(NF4[word & 15u], NF4[(word >> 4u) & 15u], NF4[(word >> 8u) & 15u], NF4[(word >> 12u) & 15u]);
+    return codes * block_scale(row, q);
+#endif
+}
+#endif
 
 fn activate(v: f32) -> f32 {
 #ifdef ACT_TANH
@@ -81,6 +118,20 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
 
     for (var t0 = 0u; t0 < p.t; t0 += 4u) {
         var acc = vec4<f32>(0.0);
+#ifdef WEIGHT_QUANT
+        if (live) {
+            for (var q = lid.x; q < p.k / 4u; q += LANES) {
+                let wv = weight_quad(row, q);
+                for (var j = 0u; j < 4u; j++) {
+                    let t = t0 + j;
+                    if (t < p.t) {
+                        let xi = p.x_off + t * p.k + 4u * q;
+                        acc[j] += dot(wv, vec4<f32>(x[xi], x[xi + 1u], x[xi + 2u], x[xi + 3u]));
+                    }
+                }
+            }
+        }
+#else
         if (live) {
             for (var i = lid.x; i < half_k; i += LANES) {
                 let wv = unpack_pair(w[row * half_k + i]);
@@ -93,6 +144,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
                 }
             }
         }
+#endif
         lane_sums[slot] = acc;
         workgroupBarrier();
         for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
@@ -137,6 +189,20 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
 
     var acc: array<vec4<f32>, 4>;  // acc[token][row]
     for (var k0 = 0u; k0 < p.k; k0 += KSTEP) {
+#ifdef WEIGHT_QUANT
+        // Weights: 64 rows x 4 quads, one per thread (K is a multiple of 64).
+        {
+            let r = li / 4u;
+            let quad = li % 4u;
+            var v = vec4<f32>(0.0);
+            if (m0 + r < p.m) {
+                v = weight_quad(m0 + r, (k0 + 4u * quad) / 4u);
+            }
+            for (var e = 0u; e < 4u; e++) {
+                w_tile[(4u * quad + e) * TILE + r] = v[e];
+            }
+        }
+#else
         // Weights: 64 rows x 8 pairs = 512 u32, two per thread.
         for (var q = li; q < 512u; q += 256u) {
             let r = q / 8u;
@@ -149,6 +215,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             w_tile[(2u * pair) * TILE + r] = v.x;
             w_tile[(2u * pair + 1u) * TILE + r] = v.y;
         }
+#endif
         // Inputs: 64 tokens x 16 k, four per thread.
         for (var q = li; q < 1024u; q += 256u) {
             let tt = q / KSTEP;

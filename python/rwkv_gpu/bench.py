@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from . import Model, Sampling, StateCache
+from . import Model, Sampling, StateCache, _core
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
 # On a software adapter (lavapipe) everything runs on the CPU: shrink so a run takes
@@ -44,6 +44,13 @@ def time_runs(fn, repetitions: int) -> list[float]:
     return times
 
 
+def weight_bytes_per_token(model: Model) -> int:
+    """Device bytes of every weight a decode step reads: all matrices (codes and scales),
+    the layer vectors and the head. Exact: each is read once per step."""
+    mem = model.memory()
+    return sum(mem[k] for k in ("weights_fp16", "weights_int8", "weights_nf4", "weights_f32", "head"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint to load (.pth or .safetensors); default: random weights")
@@ -51,16 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--prefill-length", type=int, default=512)
     ap.add_argument("-n", "--generation-length", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
+    ap.add_argument("--dtype", choices=("fp16", "int8", "nf4"), default="fp16", help="weight format of every layer")
+    ap.add_argument("--quant", type=int, default=0, metavar="N", help="the first N layers int8 (as other RWKV benches)")
+    ap.add_argument("--quant-nf4", type=int, default=0, metavar="M", help="the first M layers nf4 (wins over --quant)")
+    ap.add_argument("--quant-head", action="store_true", help="the head int8 too")
     ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
     ap.add_argument("--full", action="store_true", help="on a software adapter, keep the requested shape and lengths")
     args = ap.parse_args(argv)
     if args.prefill_length < 1 or args.generation_length < 1 or args.repetitions < 1:
         ap.error("lengths and repetitions must be at least 1")
 
+    def layer_dtypes(n_layer: int) -> list[str]:
+        return [
+            "nf4" if i < args.quant_nf4 else "int8" if i < args.quant else args.dtype
+            for i in range(n_layer)
+        ]
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.model:
-            model = Model(args.model, adapter=args.adapter)
+            n_layer = _core.checkpoint_config(args.model)["n_layer"]
+            model = Model(args.model, adapter=args.adapter, layer_dtypes=layer_dtypes(n_layer), quant_head=args.quant_head)
             name = args.model
         else:
             n_layer, n_embd = SHAPES[args.shape]
@@ -76,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"software adapter: shrinking to {n_layer} layers x {n_embd} wide, pp{pp}, tg{tg} (--full to keep the requested size)")
                 args.prefill_length, args.generation_length = pp, tg
             log(f"building {name} ...")
-            model = Model.random(n_layer, n_embd, vocab_size=65536, adapter=args.adapter)
+            model = Model.random(n_layer, n_embd, vocab_size=65536, adapter=args.adapter,
+                                 layer_dtypes=layer_dtypes(n_layer), quant_head=args.quant_head)
     for message in dict.fromkeys(str(w.message) for w in caught):
         log(f"warning: {message}")
 
@@ -140,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
     print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {vocab} | dtype {cfg['dtype']}")
     print()
-    print("| model | dtype | test | t/s | memory |")
-    print("| --- | --- | --- | ---: | ---: |")
+    formats = model.weight_formats()
+    n_int8 = sum(formats.get(f"blocks.{i}.att.key") == "int8" for i in range(cfg["n_layer"]))
+    n_nf4 = sum(formats.get(f"blocks.{i}.att.key") == "nf4" for i in range(cfg["n_layer"]))
+    print(f"weight bytes read per token: {weight_bytes_per_token(model) / 1e6:.1f} MB (every matrix once; "
+          f"embedding row from the host)")
+    print()
+    print("| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
     for test, mean, std in rows:
         unit = " s" if test.startswith("ttft") else ""
-        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {cfg['dtype']} | {test} | {mean:.2f} ± {std:.2f}{unit} | {total_gb:.3f} GB |")
+        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {args.dtype} | {n_int8} | {n_nf4} | {test} | {mean:.2f} ± {std:.2f}{unit} | {total_gb:.3f} GB |")
     return 0
 
 

@@ -57,6 +57,19 @@ def _terminal_progress(label: str) -> Callable[[int, int], None] | None:
     return show
 
 
+DTYPES = ("fp16", "int8", "nf4")
+
+
+def _layer_dtypes(dtype: str, layer_dtypes: Sequence[str] | None) -> list[str]:
+    chosen = [dtype] if layer_dtypes is None else [str(d) for d in layer_dtypes]
+    bad = [d for d in chosen if d not in DTYPES]
+    if bad:
+        raise RwkvError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+    if not chosen:
+        raise RwkvError("layer_dtypes is empty: give one dtype per layer")
+    return chosen
+
+
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
                     "penalty_decay", "banned_tokens", "logit_bias", "seed")
 
@@ -108,7 +121,13 @@ class Model:
 
     Args:
         path: an official `.pth` or a `.safetensors` checkpoint (bf16, fp16 or fp32).
-        dtype: weight format on the device; "fp16" for now.
+        dtype: weight format of the big projections (attention receptance/key/value/
+            output, ffn key/value) on the device: "fp16", "int8" (blocks of 64 with an
+            fp16 scale) or "nf4" (QLoRA NormalFloat, blocks of 64 with an fp16 absmax).
+            Quantized on the device at load, one tensor at a time. Low-rank matrices and
+            vectors stay fp16/f32.
+        layer_dtypes: one dtype per layer, for mixes (overrides `dtype`).
+        quant_head: hold the head as int8 too (default fp16).
         adapter: index or name substring from `rwkv_gpu.adapters()`; default: env
             RWKV_GPU_ADAPTER, else the best hardware adapter.
         tokenizer: "world", "bytes", a `Tokenizer`, or a tokenizer.json path; default: a
@@ -129,6 +148,8 @@ class Model:
         dtype: str = "fp16",
         adapter: int | str | None = None,
         *,
+        layer_dtypes: Sequence[str] | None = None,
+        quant_head: bool = False,
         no_f16: bool = False,
         no_subgroups: bool = False,
         max_binding: int | None = None,
@@ -137,8 +158,7 @@ class Model:
         initial_state: "State | PathLike | None" = None,
         _core_model: Any = None,
     ) -> None:
-        if dtype != "fp16":
-            raise RwkvError(f"dtype {dtype!r} is not supported yet; use 'fp16'")
+        dtypes = _layer_dtypes(dtype, layer_dtypes)
         if _core_model is not None:
             self._m = _core_model
         else:
@@ -152,8 +172,10 @@ class Model:
                 no_subgroups=no_subgroups,
                 max_binding=max_binding,
                 progress=progress or _terminal_progress("loading"),
+                layer_dtypes=dtypes,
+                head_dtype="int8" if quant_head else "fp16",
             )
-        self.dtype = dtype
+        self.dtype = dtype if layer_dtypes is None else "mixed"
         self._path = None if _core_model is not None else os.fspath(path)
         self._tokenizer_choice = tokenizer
         self._tokenizer: Tokenizer | None = None
@@ -174,6 +196,8 @@ class Model:
         seed: int = 0,
         adapter: int | str | None = None,
         *,
+        layer_dtypes: Sequence[str] | None = None,
+        quant_head: bool = False,
         no_f16: bool = False,
         no_subgroups: bool = False,
         max_binding: int | None = None,
@@ -185,8 +209,9 @@ class Model:
             n_layer, n_embd, vocab_size=vocab_size, seed=seed,
             adapter=None if adapter is None else str(adapter),
             no_f16=no_f16, no_subgroups=no_subgroups, max_binding=max_binding,
+            layer_dtypes=_layer_dtypes(dtype, layer_dtypes), head_dtype="int8" if quant_head else "fp16",
         )
-        return cls("<random>", dtype=dtype, tokenizer=tokenizer, _core_model=core)
+        return cls("<random>", dtype=dtype, layer_dtypes=layer_dtypes, tokenizer=tokenizer, _core_model=core)
 
     @property
     def _m(self) -> Any:
@@ -385,8 +410,15 @@ class Model:
         return rows[0] if single else rows
 
     def memory(self) -> dict[str, int]:
-        """Device bytes held by this model, by category."""
+        """Device bytes held by this model, by category: weights_fp16 / weights_int8 /
+        weights_nf4 (layer matrices by format), weights_f32 (vectors), head, embeddings
+        (0: the table stays in host memory, each call uploads its tokens' rows), states
+        (every allocated slot) and scratch (activations, sized for one prefill chunk)."""
         return dict(self._m.memory())
+
+    def weight_formats(self) -> dict[str, str]:
+        """The format each matrix is held in ("fp16", "bf16", "int8", "nf4")."""
+        return dict(self._m.weight_formats())
 
     def close(self) -> None:
         """Releases the device memory; the Model cannot be used afterwards."""

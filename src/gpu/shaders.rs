@@ -14,10 +14,11 @@ pub enum Kernel {
     TokenShift,
     Matmul,
     Wkv7,
+    Quantize,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 4] = [Kernel::LayerNorm, Kernel::TokenShift, Kernel::Matmul, Kernel::Wkv7];
+    pub const ALL: [Kernel; 5] = [Kernel::LayerNorm, Kernel::TokenShift, Kernel::Matmul, Kernel::Wkv7, Kernel::Quantize];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -25,6 +26,7 @@ impl Kernel {
             Kernel::TokenShift => "token_shift",
             Kernel::Matmul => "matmul",
             Kernel::Wkv7 => "wkv7",
+            Kernel::Quantize => "quantize",
         }
     }
 
@@ -38,6 +40,7 @@ impl Kernel {
             Kernel::TokenShift => include_str!("../../shaders/token_shift.wgsl"),
             Kernel::Matmul => include_str!("../../shaders/matmul.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
+            Kernel::Quantize => include_str!("../../shaders/quantize.wgsl"),
         }
     }
 
@@ -49,22 +52,18 @@ impl Kernel {
             Kernel::TokenShift => vec![d(&[("N_MIX", "1u")]), d(&[("N_MIX", "6u")])],
             Kernel::Matmul => {
                 let mut out = Vec::new();
-                for weight in ["", "WEIGHT_BF16"] {
+                for weight in [&[][..], &["WEIGHT_BF16"], &["WEIGHT_QUANT", "WEIGHT_INT8"], &["WEIGHT_QUANT", "WEIGHT_NF4"]] {
                     for act in ["", "ACT_TANH", "ACT_SIGMOID", "ACT_RELU_SQ"] {
                         for add in ["", "ADD"] {
-                            let mut v = Vec::new();
-                            for flag in [weight, act, add] {
-                                if !flag.is_empty() {
-                                    v.push((flag.to_string(), String::new()));
-                                }
-                            }
-                            out.push(v);
+                            let flags = weight.iter().copied().chain([act, add]).filter(|f| !f.is_empty());
+                            out.push(flags.map(|f| (f.to_string(), String::new())).collect());
                         }
                     }
                 }
                 out
             }
             Kernel::Wkv7 => vec![d(&[("HEAD_SIZE", "64u")]), d(&[("HEAD_SIZE", "32u")])],
+            Kernel::Quantize => vec![d(&[("INT8", "")]), d(&[("NF4", "")])],
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::weights::{consts, Matrix};
+use super::weights::{consts, Matrix, WeightFormat};
 use super::{CallStats, Model, State};
 use crate::error::Result;
 use crate::gpu::recorder::{read_buffer, Binding, Copy, Recorder};
@@ -50,7 +50,7 @@ struct ShiftParams { c: u32, t_total: u32, n_seq: u32, mix_off: u32, state_off: 
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatParams { m: u32, k: u32, t: u32, x_off: u32, y_off: u32, y_stride: u32, col0: u32, _pad: u32 }
+struct MatParams { m: u32, k: u32, t: u32, x_off: u32, y_off: u32, y_stride: u32, col0: u32, s_off: u32 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -73,8 +73,10 @@ pub struct Scratch {
     v_first: wgpu::Buffer, // (T, C)
     ffn: wgpu::Buffer,     // (T, F)
     seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32
-    /// One logits buffer per head row chunk: (head_tokens, rows).
+    /// One logits buffer per head row chunk: (logits_tokens, rows), grown on demand up to
+    /// head_tokens, so that calls wanting one token's logits never hold a chunk's worth.
     logits: Vec<wgpu::Buffer>,
+    logits_tokens: usize,
     head_tokens: usize,
     staging: Option<wgpu::Buffer>,
     uniform: Option<wgpu::Buffer>,
@@ -114,7 +116,7 @@ fn allocate(model: &Model) -> Result<Scratch> {
     let widest_chunk = model.weights.head.chunks.iter().map(|(_, _, r)| *r).max().unwrap_or(1);
     let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
     ctx.scoped("allocating scratch activations", || {
-        let logits: Vec<wgpu::Buffer> = model.weights.head.chunks.iter().map(|(_, _, rows)| make("logits", head_tokens * rows)).collect();
+        let logits: Vec<wgpu::Buffer> = model.weights.head.chunks.iter().map(|(_, _, rows)| make("logits", *rows)).collect();
         let mut s = Scratch {
             tokens: t,
             emb: make("emb rows", t * c),
@@ -129,18 +131,48 @@ fn allocate(model: &Model) -> Result<Scratch> {
             ffn: make("ffn", t * cfg.ffn_size),
             seqs: make("seqs", MAX_SEQS * 4),
             logits,
+            logits_tokens: 1,
             head_tokens,
             staging: None,
             uniform: None,
             bytes: 0,
         };
-        s.bytes = [&s.emb, &s.x, &s.xn, &s.mix, &s.rkv, &s.mid, &s.lora, &s.att, &s.v_first, &s.ffn, &s.seqs]
+        s.bytes = s.activation_bytes();
+        s
+    })
+}
+
+impl Scratch {
+    fn activation_bytes(&self) -> u64 {
+        [&self.emb, &self.x, &self.xn, &self.mix, &self.rkv, &self.mid, &self.lora, &self.att, &self.v_first, &self.ffn, &self.seqs]
             .iter()
             .map(|b| b.size())
             .sum::<u64>()
-            + s.logits.iter().map(|b| b.size()).sum::<u64>();
-        s
-    })
+            + self.logits.iter().map(|b| b.size()).sum::<u64>()
+    }
+
+    /// Makes the logits buffers hold `tokens` tokens (at most head_tokens).
+    fn ensure_logits(&mut self, model: &Model, tokens: usize) -> Result<()> {
+        let tokens = tokens.min(self.head_tokens);
+        if tokens <= self.logits_tokens {
+            return Ok(());
+        }
+        let device = &model.ctx.device;
+        let logits = model.ctx.scoped("allocating logits", || {
+            model.weights.head.chunks.iter().map(|(_, _, rows)| {
+                device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("logits"),
+                    size: (tokens * rows * 4) as u64,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                })
+            }).collect::<Vec<_>>()
+        })?;
+        self.logits = logits;
+        self.logits_tokens = tokens;
+        self.bytes = self.activation_bytes();
+        Ok(())
+    }
 }
 
 /// Where a matrix product reads its input and writes its output.
@@ -155,18 +187,16 @@ struct MatIo<'a> {
 
 /// Records one row chunk of y = act(W x) (or y += ...): `rows` rows of a [.., k] matrix,
 /// landing in columns col0.. of y.
-fn matmul_chunk(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, rows: usize, k: usize, bf16: bool, col0: usize,
+fn matmul_chunk(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, rows: usize, k: usize, format: WeightFormat, col0: usize,
                 flags: &[&str], io: &MatIo) -> Result<()> {
     let mut defines: Vec<&str> = flags.to_vec();
-    if bf16 {
-        defines.push("WEIGHT_BF16");
-    }
+    defines.extend_from_slice(format.defines());
     let t = io.t;
     let (entry, groups) = if t <= MATVEC_TOKENS { ("matvec", rows.div_ceil(4)) } else { ("matmul_tiled", rows.div_ceil(64) * t.div_ceil(64)) };
     let pipeline = model.pipelines.get(Kernel::Matmul, entry, &defines)?;
     let params = MatParams {
         m: rows as u32, k: k as u32, t: t as u32, x_off: io.x_off as u32, y_off: io.y_off as u32,
-        y_stride: io.y_stride as u32, col0: col0 as u32, _pad: 0,
+        y_stride: io.y_stride as u32, col0: col0 as u32, s_off: format.scales_offset(rows, k) as u32,
     };
     let (gx, gy) = model.ctx.grid(groups as u32);
     rec.dispatch(&pipeline, &params, vec![Binding::whole(weights), Binding::whole(io.x), Binding::whole(io.y)], (gx, gy, 1));
@@ -179,7 +209,7 @@ fn matmul(model: &Model, rec: &mut Recorder, w: &Matrix, flags: &[&str], x: &wgp
           y: &wgpu::Buffer, y_off: usize, y_stride: usize, t: usize) -> Result<()> {
     let io = MatIo { x, x_off, y, y_off, y_stride, t };
     for (buffer, row0, rows) in &w.chunks {
-        matmul_chunk(model, rec, buffer, *rows, w.k, w.bf16, *row0, flags, &io)?;
+        matmul_chunk(model, rec, buffer, *rows, w.k, w.format, *row0, flags, &io)?;
     }
     Ok(())
 }
@@ -249,9 +279,10 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
         } else if out_tokens > 0 {
             let staging_size = (out_tokens * v * 4) as u64;
             let staging = ensure_staging(model, s, staging_size)?;
+            s.ensure_logits(model, out_tokens)?;
             let mut done = 0;
             while done < out_tokens {
-                let n = (out_tokens - done).min(s.head_tokens);
+                let n = (out_tokens - done).min(s.logits_tokens);
                 // Consecutive rows: one layer-norm dispatch for the whole group.
                 layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, n, head_rows[done])?;
                 let mut col_off = 0u64;
@@ -259,7 +290,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
                 for (i, (weights, _, chunk_rows)) in head.chunks.iter().enumerate() {
                     // Each row chunk writes (n, rows) into its own logits buffer.
                     let io = MatIo { x: &s.xn, x_off: 0, y: &s.logits[i], y_off: 0, y_stride: *chunk_rows, t: n };
-                    matmul_chunk(model, &mut rec, weights, *chunk_rows, head.k, head.bf16, 0, &[], &io)?;
+                    matmul_chunk(model, &mut rec, weights, *chunk_rows, head.k, head.format, 0, &[], &io)?;
                     let bytes = (n * chunk_rows * 4) as u64;
                     rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: staging.clone(), dst_offset: (done * v * 4) as u64 + col_off * n as u64, size: bytes });
                     col_off += (*chunk_rows * 4) as u64;
@@ -276,7 +307,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
             let mut out = vec![0f32; out_tokens * v];
             let mut group_start = 0;
             while group_start < out_tokens {
-                let n = (out_tokens - group_start).min(s.head_tokens);
+                let n = (out_tokens - group_start).min(s.logits_tokens);
                 let mut at = group_start * v;
                 for (_, row0, rows) in &model.weights.head.chunks {
                     for j in 0..n {

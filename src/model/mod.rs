@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 pub use config::Config;
 pub use forward::Want;
 pub use state::State;
+pub use weights::{Quantization, WeightFormat};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
@@ -45,6 +46,34 @@ pub struct Model {
     pub last_stats: Mutex<CallStats>,
 }
 
+/// What the caller asks for: one format for every layer or one per layer, and the head's.
+#[derive(Debug, Clone)]
+pub struct QuantSpec {
+    pub layers: Vec<WeightFormat>,
+    pub head: WeightFormat,
+}
+
+impl Default for QuantSpec {
+    fn default() -> Self {
+        QuantSpec { layers: vec![WeightFormat::F16], head: WeightFormat::F16 }
+    }
+}
+
+impl QuantSpec {
+    /// One format for all layers (a list of one), or exactly one per layer.
+    fn resolve(&self, n_layer: usize) -> Result<Quantization> {
+        let layers = match self.layers.len() {
+            1 => vec![self.layers[0]; n_layer],
+            n if n == n_layer => self.layers.clone(),
+            n => return Err(Error::Invalid(format!("layer_dtypes has {n} entries; this model has {n_layer} layers"))),
+        };
+        if self.head == WeightFormat::Nf4 {
+            return Err(Error::Invalid("the head can be fp16 or int8, not nf4".into()));
+        }
+        Ok(Quantization { layers, head: self.head })
+    }
+}
+
 /// Per-layer state as host arrays, f32: att_shift [L, C], wkv [L, H, N, N], ffn_shift [L, C].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
@@ -59,24 +88,30 @@ pub struct HostState {
 }
 
 impl Model {
-    pub fn open(path: &Path, options: &DeviceOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    pub fn open(path: &Path, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let ck = loader::open(path)?;
-        Self::from_checkpoint(ck.as_ref(), options, progress)
+        Self::from_checkpoint(ck.as_ref(), options, quant, progress)
     }
 
-    pub fn random(config: Config, seed: u64, options: &DeviceOptions) -> Result<Model> {
+    pub fn random(config: Config, seed: u64, options: &DeviceOptions, quant: &QuantSpec) -> Result<Model> {
         let ck = random::RandomCheckpoint::new(config, seed);
-        Self::from_checkpoint(&ck, options, &mut |_, _| {})
+        Self::from_checkpoint(&ck, options, quant, &mut |_, _| {})
     }
 
-    pub fn from_checkpoint(ck: &dyn Checkpoint, options: &DeviceOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    pub fn from_checkpoint(ck: &dyn Checkpoint, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
         let config = Config::from_checkpoint(ck)?;
+        let quant = quant.resolve(config.n_layer)?;
         let ctx = GpuContext::new(options)?;
+        let pipelines = Pipelines::new(ctx.clone());
         let total = ck.names().len();
-        let weights = Loader { ctx: &ctx, ck, config: &config, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, progress, done: 0, total }.load()?;
+        let weights = Loader {
+            ctx: &ctx, pipelines: &pipelines, quant: &quant, ck, config: &config, device_bytes: 0,
+            fingerprint: 0xcbf2_9ce4_8422_2325, progress, done: 0, total,
+        }
+        .load()?;
         let pool = StatePool::new(ctx.clone(), &config)?;
         Ok(Model {
-            pipelines: Pipelines::new(ctx.clone()),
+            pipelines,
             ctx,
             config,
             weights,
@@ -241,13 +276,30 @@ impl Model {
         })
     }
 
-    /// Device bytes by category: weights, states, scratch.
+    /// Device bytes by category: layer matrices by format ("weights_fp16" counts bf16
+    /// too), the other layer and model vectors ("weights_f32"), the head, the embeddings
+    /// (0: they stay in host memory), states and scratch.
     pub fn memory(&self) -> Vec<(&'static str, u64)> {
         let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.device_bytes()).unwrap_or(0);
-        let head: u64 = self.weights.head.chunks.iter().map(|(b, _, _)| b.size()).sum();
+        let mut by_format = [0u64; 3];
+        let mut vectors = self.weights.consts.size();
+        for layer in &self.weights.layers {
+            vectors += layer.consts.size();
+            for m in layer.matrices() {
+                by_format[match m.format {
+                    WeightFormat::F16 | WeightFormat::Bf16 => 0,
+                    WeightFormat::Int8 => 1,
+                    WeightFormat::Nf4 => 2,
+                }] += m.device_bytes();
+            }
+        }
         vec![
-            ("weights", self.weights.device_bytes - head),
-            ("head", head),
+            ("weights_fp16", by_format[0]),
+            ("weights_int8", by_format[1]),
+            ("weights_nf4", by_format[2]),
+            ("weights_f32", vectors),
+            ("head", self.weights.head.device_bytes()),
+            ("embeddings", 0),
             ("states", self.pool.device_bytes()),
             ("scratch", scratch),
         ]

@@ -1,24 +1,107 @@
 //! Device-resident weights. Matrices are stored in nn.Linear layout [out, in] as 16-bit
-//! floats packed two per u32 (fp16, or bf16 where a value is beyond the fp16 range),
-//! split by rows into buffers no larger than the largest storage binding. Small vectors
-//! are f32, packed per layer into one `consts` buffer at fixed offsets. The embedding
-//! table stays in host memory: each call needs only its tokens' rows.
+//! floats packed two per u32 (fp16, or bf16 where a value is beyond the fp16 range) or,
+//! for the big projections of layers asked to be quantized, as int8 or nf4 blocks made on
+//! the device from the fp16 upload (shaders/quantize.wgsl), one row chunk at a time.
+//! Matrices are split by rows into buffers no larger than the largest storage binding.
+//! Small vectors are f32, packed per layer into one `consts` buffer at fixed offsets.
+//! The embedding table stays in host memory: each call needs only its tokens' rows.
 
 use half::{bf16, f16};
 
 use super::config::Config;
 use crate::error::{Error, Result};
-use crate::gpu::GpuContext;
+use crate::gpu::recorder::{Binding, Recorder};
+use crate::gpu::{GpuContext, Kernel, Pipelines};
 use crate::loader::{Checkpoint, DType};
+
+/// How a matrix is held on the device (see shaders/matmul.wgsl for the layouts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F16,
+    Bf16,
+    /// Blocks of 64 along K: codes -127..127 and one f16 scale per block.
+    Int8,
+    /// Blocks of 64 along K: NormalFloat-4 codes and one f16 absmax per block.
+    Nf4,
+}
+
+/// Quantized formats: blocks of this many columns share a scale.
+pub const QUANT_BLOCK: usize = 64;
+
+impl WeightFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::F16 => "fp16",
+            WeightFormat::Bf16 => "bf16",
+            WeightFormat::Int8 => "int8",
+            WeightFormat::Nf4 => "nf4",
+        }
+    }
+
+    /// "fp16", "int8" or "nf4": the formats a caller may ask for.
+    pub fn parse(name: &str) -> Result<WeightFormat> {
+        match name {
+            "fp16" => Ok(WeightFormat::F16),
+            "int8" => Ok(WeightFormat::Int8),
+            "nf4" => Ok(WeightFormat::Nf4),
+            other => Err(Error::Invalid(format!("weight dtype {other:?} is not one of 'fp16', 'int8', 'nf4'"))),
+        }
+    }
+
+    /// The matmul kernel's defines for this format.
+    pub fn defines(self) -> &'static [&'static str] {
+        match self {
+            WeightFormat::F16 => &[],
+            WeightFormat::Bf16 => &["WEIGHT_BF16"],
+            WeightFormat::Int8 => &["WEIGHT_QUANT", "WEIGHT_INT8"],
+            WeightFormat::Nf4 => &["WEIGHT_QUANT", "WEIGHT_NF4"],
+        }
+    }
+
+    fn quantized(self) -> bool {
+        matches!(self, WeightFormat::Int8 | WeightFormat::Nf4)
+    }
+
+    /// u32 words of codes per row of width k (16-bit formats: k / 2 pairs).
+    fn code_words(self, k: usize) -> usize {
+        match self {
+            WeightFormat::F16 | WeightFormat::Bf16 => k / 2,
+            WeightFormat::Int8 => k / 4,
+            WeightFormat::Nf4 => k / 8,
+        }
+    }
+
+    /// Device bytes of one row: codes, then (quantized) one u32 of two f16 scales per
+    /// two blocks.
+    pub fn row_bytes(self, k: usize) -> usize {
+        let scales = if self.quantized() { k.div_ceil(2 * QUANT_BLOCK) } else { 0 };
+        4 * (self.code_words(k) + scales)
+    }
+
+    /// Word offset of the scales in a chunk of `rows` rows (0 for 16-bit formats).
+    pub fn scales_offset(self, rows: usize, k: usize) -> usize {
+        if self.quantized() { rows * self.code_words(k) } else { 0 }
+    }
+}
 
 /// A weight matrix [m, k] on the device.
 pub struct Matrix {
     pub m: usize,
     pub k: usize,
-    pub bf16: bool,
+    pub format: WeightFormat,
     /// (buffer, first row, rows) for each row chunk.
     pub chunks: Vec<(wgpu::Buffer, usize, usize)>,
 }
+
+impl Matrix {
+    pub fn device_bytes(&self) -> u64 {
+        self.chunks.iter().map(|(b, _, _)| b.size()).sum()
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct QuantizeParams { m: u32, k: u32, s_off: u32, _pad: u32 }
 
 /// Offsets (in f32 elements, multiples of C) of the vectors in a layer's `consts`.
 pub mod consts {
@@ -64,6 +147,15 @@ pub struct Layer {
     pub ffn_value: Matrix,
 }
 
+impl Layer {
+    pub fn matrices(&self) -> [&Matrix; 14] {
+        [
+            &self.receptance, &self.key, &self.value, &self.output, &self.w1, &self.w2, &self.a1, &self.a2,
+            &self.v1, &self.v2, &self.g1, &self.g2, &self.ffn_key, &self.ffn_value,
+        ]
+    }
+}
+
 pub struct Weights {
     pub consts: wgpu::Buffer,
     pub layers: Vec<Layer>,
@@ -92,8 +184,24 @@ fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
+/// What to quantize: a format per layer for its big projections (receptance, key,
+/// value, output, ffn key and value) and one for the head. Everything else stays 16-bit.
+#[derive(Debug, Clone)]
+pub struct Quantization {
+    pub layers: Vec<WeightFormat>,
+    pub head: WeightFormat,
+}
+
+impl Quantization {
+    pub fn none(n_layer: usize) -> Quantization {
+        Quantization { layers: vec![WeightFormat::F16; n_layer], head: WeightFormat::F16 }
+    }
+}
+
 pub struct Loader<'a> {
     pub ctx: &'a GpuContext,
+    pub pipelines: &'a Pipelines,
+    pub quant: &'a Quantization,
     pub ck: &'a dyn Checkpoint,
     pub config: &'a Config,
     pub device_bytes: u64,
@@ -146,12 +254,19 @@ impl Loader<'_> {
 
     /// Uploads `name` as a matrix [m, k]; `transpose` reads it as stored [k, m].
     fn matrix(&mut self, name: &str, m: usize, k: usize, transpose: bool) -> Result<Matrix> {
+        self.matrix_as(name, m, k, transpose, WeightFormat::F16)
+    }
+
+    /// As `matrix`, held in `format`. A matrix with values beyond the fp16 range, or whose
+    /// width is not a multiple of the quantization block, stays 16-bit.
+    fn matrix_as(&mut self, name: &str, m: usize, k: usize, transpose: bool, format: WeightFormat) -> Result<Matrix> {
         let stored = self.ck.info(name).map(|i| i.shape).unwrap_or_default();
         let values = self.tensor(name, &[m, k])?;
         // A low-rank matrix converted for web-rwkv is already [out, in].
         let transpose = transpose && stored.first() != Some(&m);
         let at = |r: usize, c: usize| if transpose { values[c * m + r] } else { values[r * k + c] };
         let bf16_needed = values.iter().any(|v| v.abs() > 65504.0);
+        let quantize = format != WeightFormat::F16 && !bf16_needed && k % QUANT_BLOCK == 0;
         let max_rows = ((self.ctx.max_binding as usize) / (2 * k)).max(1);
         let rows_per_chunk = if max_rows >= m { m } else { (max_rows / 4 * 4).max(1) };
         let mut chunks = Vec::new();
@@ -165,10 +280,43 @@ impl Loader<'_> {
                     bytes.extend_from_slice(&bits.to_le_bytes());
                 }
             }
-            chunks.push((self.upload(name, &bytes)?, r0, rows));
+            let upload = self.upload(name, &bytes)?;
+            let buffer = if quantize { self.quantize(name, &upload, rows, k, format)? } else { upload };
+            chunks.push((buffer, r0, rows));
             r0 += rows;
         }
-        Ok(Matrix { m, k, bf16: bf16_needed, chunks })
+        if quantize {
+            // Let the fp16 uploads go before the next tensor: peak memory stays one tensor
+            // above the quantized model.
+            self.ctx.wait()?;
+        }
+        let format = if quantize { format } else if bf16_needed { WeightFormat::Bf16 } else { WeightFormat::F16 };
+        Ok(Matrix { m, k, format, chunks })
+    }
+
+    /// Quantizes `rows` rows of fp16 pairs into a new buffer of `format`, on the device.
+    fn quantize(&mut self, name: &str, fp16: &wgpu::Buffer, rows: usize, k: usize, format: WeightFormat) -> Result<wgpu::Buffer> {
+        let size = (rows * format.row_bytes(k)) as u64;
+        let device = &self.ctx.device;
+        let buffer = self.ctx.scoped(&format!("allocating {name} as {} ({size} bytes)", format.name()), || {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(name),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        let variant = if format == WeightFormat::Int8 { "INT8" } else { "NF4" };
+        let pipeline = self.pipelines.get(Kernel::Quantize, "quantize", &[variant])?;
+        let params = QuantizeParams { m: rows as u32, k: k as u32, s_off: format.scales_offset(rows, k) as u32, _pad: 0 };
+        let invocations = rows * k.div_ceil(2 * QUANT_BLOCK);
+        let mut rec = Recorder::new(self.ctx);
+        rec.dispatch(&pipeline, &params, vec![Binding::whole(fp16), Binding::whole(&buffer)], (invocations.div_ceil(64) as u32, 1, 1));
+        let mut uniform = None;
+        rec.submit(self.ctx, &mut uniform)?;
+        self.device_bytes += size;
+        self.device_bytes -= fp16.size();
+        Ok(buffer)
     }
 
     fn consts(&mut self, label: &str, parts: &[(&str, usize)], count: usize) -> Result<wgpu::Buffer> {
@@ -203,12 +351,13 @@ impl Loader<'_> {
             ];
             let refs: Vec<(&str, usize)> = names.iter().map(|(s, o)| (s.as_str(), *o)).collect();
             let consts = self.consts(&n("consts"), &refs, COUNT)?;
+            let q = self.quant.layers.get(i).copied().unwrap_or(WeightFormat::F16);
             layers.push(Layer {
                 consts,
-                receptance: self.matrix(&n("att.receptance.weight"), c, c, false)?,
-                key: self.matrix(&n("att.key.weight"), c, c, false)?,
-                value: self.matrix(&n("att.value.weight"), c, c, false)?,
-                output: self.matrix(&n("att.output.weight"), c, c, false)?,
+                receptance: self.matrix_as(&n("att.receptance.weight"), c, c, false, q)?,
+                key: self.matrix_as(&n("att.key.weight"), c, c, false, q)?,
+                value: self.matrix_as(&n("att.value.weight"), c, c, false, q)?,
+                output: self.matrix_as(&n("att.output.weight"), c, c, false, q)?,
                 w1: self.matrix(&n("att.w1"), cfg.lora_w, c, true)?,
                 w2: self.matrix(&n("att.w2"), c, cfg.lora_w, true)?,
                 a1: self.matrix(&n("att.a1"), cfg.lora_a, c, true)?,
@@ -217,11 +366,11 @@ impl Loader<'_> {
                 v2: self.matrix(&n("att.v2"), c, cfg.lora_v, true)?,
                 g1: self.matrix(&n("att.g1"), cfg.lora_g, c, true)?,
                 g2: self.matrix(&n("att.g2"), c, cfg.lora_g, true)?,
-                ffn_key: self.matrix(&n("ffn.key.weight"), f, c, false)?,
-                ffn_value: self.matrix(&n("ffn.value.weight"), c, f, false)?,
+                ffn_key: self.matrix_as(&n("ffn.key.weight"), f, c, false, q)?,
+                ffn_value: self.matrix_as(&n("ffn.value.weight"), c, f, false, q)?,
             });
         }
-        let head = self.matrix("head.weight", v, c, false)?;
+        let head = self.matrix_as("head.weight", v, c, false, self.quant.head)?;
         let emb_info = self.ck.info("emb.weight").ok_or_else(|| Error::load(self.ck.path(), "missing tensor \"emb.weight\""))?;
         let emb = self.ck.read("emb.weight")?.into_owned();
         if emb.len() != v * c * emb_info.dtype.size() {

@@ -15,7 +15,7 @@ mod tokenizer;
 use crate::error::Error;
 use crate::generation::Generation;
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
-use crate::model::{Config, HostState, Model, Pooling, State, Want};
+use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFormat, Want};
 
 pyo3::create_exception!(rwkv_gpu._core, RwkvError, PyException, "Base class of every rwkv-gpu error.");
 pyo3::create_exception!(rwkv_gpu._core, ModelLoadError, RwkvError, "A checkpoint or state file is missing, malformed or foreign.");
@@ -67,6 +67,20 @@ fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
         .collect()
 }
 
+/// A checkpoint's dimensions, read from its tensor shapes without loading it.
+#[pyfunction]
+fn checkpoint_config<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let c = py.detach(|| crate::loader::open(&path).and_then(|ck| Config::from_checkpoint(ck.as_ref()))).map_err(to_py)?;
+    let d = PyDict::new(py);
+    d.set_item("n_layer", c.n_layer)?;
+    d.set_item("n_embd", c.n_embd)?;
+    d.set_item("n_head", c.n_head)?;
+    d.set_item("head_size", c.head_size)?;
+    d.set_item("vocab_size", c.vocab_size)?;
+    d.set_item("ffn_size", c.ffn_size)?;
+    Ok(d)
+}
+
 /// The preprocessed WGSL of one kernel variant (for testing kernels with other compilers).
 #[pyfunction]
 #[pyo3(signature = (name, defines=Vec::new()))]
@@ -94,6 +108,15 @@ struct PyModel {
     inner: Arc<Model>,
 }
 
+/// `layer_dtypes`: one dtype for every layer or one per layer; `head_dtype`: fp16 or int8.
+fn quant_spec(layer_dtypes: Vec<String>, head_dtype: &str) -> PyResult<QuantSpec> {
+    if layer_dtypes.is_empty() {
+        return Err(RwkvError::new_err("layer_dtypes is empty: give one dtype, or one per layer"));
+    }
+    let layers = layer_dtypes.iter().map(|d| WeightFormat::parse(d)).collect::<crate::Result<Vec<_>>>().map_err(to_py)?;
+    Ok(QuantSpec { layers, head: WeightFormat::parse(head_dtype).map_err(to_py)? })
+}
+
 fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
     tokens
         .iter()
@@ -111,9 +134,13 @@ fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
 #[pymethods]
 impl PyModel {
     #[new]
-    #[pyo3(signature = (path, adapter=None, no_f16=false, no_subgroups=false, max_binding=None, progress=None))]
-    fn new(py: Python<'_>, path: PathBuf, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>, progress: Option<Py<PyAny>>) -> PyResult<Self> {
+    #[pyo3(signature = (path, adapter=None, no_f16=false, no_subgroups=false, max_binding=None, progress=None,
+                        layer_dtypes=vec!["fp16".to_string()], head_dtype="fp16"))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(py: Python<'_>, path: PathBuf, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>,
+           progress: Option<Py<PyAny>>, layer_dtypes: Vec<String>, head_dtype: &str) -> PyResult<Self> {
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
+        let quant = quant_spec(layer_dtypes, head_dtype)?;
         let model = py.detach(|| {
             let mut report = |done: usize, total: usize| {
                 if let Some(cb) = &progress {
@@ -122,22 +149,25 @@ impl PyModel {
                     });
                 }
             };
-            Model::open(&path, &opts, &mut report)
+            Model::open(&path, &opts, &quant, &mut report)
         });
         Ok(PyModel { inner: Arc::new(model.map_err(to_py)?) })
     }
 
     #[staticmethod]
-    #[pyo3(signature = (n_layer, n_embd, vocab_size=65536, seed=0, adapter=None, no_f16=false, no_subgroups=false, max_binding=None))]
+    #[pyo3(signature = (n_layer, n_embd, vocab_size=65536, seed=0, adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
+                        layer_dtypes=vec!["fp16".to_string()], head_dtype="fp16"))]
     #[allow(clippy::too_many_arguments)]
-    fn random(py: Python<'_>, n_layer: usize, n_embd: usize, vocab_size: usize, seed: u64, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>) -> PyResult<Self> {
+    fn random(py: Python<'_>, n_layer: usize, n_embd: usize, vocab_size: usize, seed: u64, adapter: Option<String>, no_f16: bool,
+              no_subgroups: bool, max_binding: Option<u64>, layer_dtypes: Vec<String>, head_dtype: &str) -> PyResult<Self> {
         if n_layer == 0 || n_embd == 0 || n_embd % 64 != 0 || vocab_size == 0 {
             return Err(ShapeError::new_err(format!(
                 "Model.random needs n_layer >= 1, n_embd a positive multiple of 64 and vocab_size >= 1 (got {n_layer}, {n_embd}, {vocab_size})"
             )));
         }
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
-        let model = py.detach(|| Model::random(Config::official(n_layer, n_embd, vocab_size), seed, &opts)).map_err(to_py)?;
+        let quant = quant_spec(layer_dtypes, head_dtype)?;
+        let model = py.detach(|| Model::random(Config::official(n_layer, n_embd, vocab_size), seed, &opts, &quant)).map_err(to_py)?;
         Ok(PyModel { inner: Arc::new(model) })
     }
 
@@ -269,6 +299,18 @@ impl PyModel {
         (s.submissions, s.dispatches, s.readbacks)
     }
 
+    /// The formats the matrices ended up in: [(name, format)] for each layer matrix and the head.
+    fn weight_formats(&self) -> Vec<(String, &'static str)> {
+        let w = &self.inner.weights;
+        let names = ["att.receptance", "att.key", "att.value", "att.output", "att.w1", "att.w2", "att.a1", "att.a2",
+                     "att.v1", "att.v2", "att.g1", "att.g2", "ffn.key", "ffn.value"];
+        let mut out: Vec<(String, &'static str)> = w.layers.iter().enumerate()
+            .flat_map(|(i, l)| names.iter().zip(l.matrices()).map(move |(n, m)| (format!("blocks.{i}.{n}"), m.format.name())))
+            .collect();
+        out.push(("head".to_string(), w.head.format.name()));
+        out
+    }
+
     fn fingerprint(&self) -> String {
         format!("{:016x}", self.inner.weights.fingerprint)
     }
@@ -322,6 +364,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(adapters, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint_config, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyState>()?;
     m.add_class::<sampler::PySampler>()?;
