@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .sampling import Sampling, sampling_options
+
 if TYPE_CHECKING:
     from .model import Model, State
 
@@ -46,7 +48,7 @@ class Chat:
         text = self._pending + f"User: {clean_message(message)}\n\nAssistant:"
         self._pending = ""
         prompt = self.model.tokenizer.encode(text)
-        run = self.model._run(prompt, self.state, self.max_tokens, _sampling(self.sampling), ["\n\n"], (0,), None)
+        run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), ["\n\n"], (0,), None)
         pieces: list[str] = []
         stream = iter(run)
         try:
@@ -66,9 +68,3 @@ class Chat:
         """The whole reply to `message`."""
         return "".join(self.send(message))
 
-
-def _sampling(options: dict[str, Any]) -> Any:
-    from .model import _sampling_options
-    from .sampling import Sampling
-
-    return Sampling(**_sampling_options(dict(options)))

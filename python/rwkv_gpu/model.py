@@ -12,7 +12,7 @@ import numpy as np
 from . import _core
 from ._core import RwkvError, ShapeError
 from .generation import Completion, Run
-from .sampling import Sampling
+from .sampling import Sampling, sampling_options
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -68,23 +68,6 @@ def _layer_dtypes(dtype: str, layer_dtypes: Sequence[str] | None) -> list[str]:
     if not chosen:
         raise RwkvError("layer_dtypes is empty: give one dtype per layer")
     return chosen
-
-
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
-                    "penalty_decay", "banned_tokens", "logit_bias", "seed")
-
-
-def _sampling_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Takes the sampling keywords out of `options`; anything unknown is an error."""
-    out = {k: options.pop(k) for k in _SAMPLING_FIELDS if k in options}
-    unknown = set(options) - {"stop", "stop_tokens", "cache"}
-    if unknown:
-        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    if "banned_tokens" in out:
-        out["banned_tokens"] = tuple(out["banned_tokens"])
-    if out.get("logit_bias") is None:
-        out.pop("logit_bias", None)
-    return out
 
 
 class State:
@@ -380,7 +363,7 @@ class Model:
 
     def complete(self, prompt: "str | Tokens", state: State | None = None, max_tokens: int = 256, **options: Any) -> Completion:
         """`generate`, collected: text, finish_reason ("stop" | "length"), token counts."""
-        run = self._run(prompt, state, max_tokens, Sampling(**_sampling_options(options)),
+        run = self._run(prompt, state, max_tokens, Sampling(**sampling_options(options)),
                         options.pop("stop", ()), options.pop("stop_tokens", (0,)), options.pop("cache", None))
         text = "".join(run)
         return Completion(text, run.finish_reason or "length", run.prompt_tokens, len(run.tokens), list(run.tokens))

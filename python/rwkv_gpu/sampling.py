@@ -8,7 +8,7 @@ before each increment; tokens whose text is whitespace or digits count 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -36,6 +36,23 @@ class Sampling:
 
     def sampler(self, vocab_size: int) -> "Sampler":
         return Sampler(vocab_size, self)
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
+                    "penalty_decay", "banned_tokens", "logit_bias", "seed")
+
+
+def sampling_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Takes the sampling keywords out of `options`; anything unknown is an error."""
+    out = {k: options.pop(k) for k in _SAMPLING_FIELDS if k in options}
+    unknown = set(options) - {"stop", "stop_tokens", "cache"}
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+    if "banned_tokens" in out:
+        out["banned_tokens"] = tuple(out["banned_tokens"])
+    if out.get("logit_bias") is None:
+        out.pop("logit_bias", None)
+    return out
 
 
 def _f32_bytes(logits: np.ndarray, vocab: int) -> bytes:

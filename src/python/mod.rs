@@ -71,6 +71,11 @@ fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
 #[pyfunction]
 fn checkpoint_config<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let c = py.detach(|| crate::loader::open(&path).and_then(|ck| Config::from_checkpoint(ck.as_ref()))).map_err(to_py)?;
+    dims_dict(py, &c)
+}
+
+/// A model's dimensions as a dict (shared by checkpoint_config and Model.config).
+fn dims_dict<'py>(py: Python<'py>, c: &Config) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("n_layer", c.n_layer)?;
     d.set_item("n_embd", c.n_embd)?;
@@ -78,6 +83,7 @@ fn checkpoint_config<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py,
     d.set_item("head_size", c.head_size)?;
     d.set_item("vocab_size", c.vocab_size)?;
     d.set_item("ffn_size", c.ffn_size)?;
+    d.set_item("lora_widths", (c.lora_w, c.lora_a, c.lora_v, c.lora_g))?;
     Ok(d)
 }
 
@@ -174,14 +180,7 @@ impl PyModel {
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = &self.inner.config;
         let a = &self.inner.ctx.adapter;
-        let d = PyDict::new(py);
-        d.set_item("n_layer", c.n_layer)?;
-        d.set_item("n_embd", c.n_embd)?;
-        d.set_item("n_head", c.n_head)?;
-        d.set_item("head_size", c.head_size)?;
-        d.set_item("vocab_size", c.vocab_size)?;
-        d.set_item("ffn_size", c.ffn_size)?;
-        d.set_item("lora_widths", (c.lora_w, c.lora_a, c.lora_v, c.lora_g))?;
+        let d = dims_dict(py, c)?;
         d.set_item("adapter", a.name.clone())?;
         d.set_item("backend", a.backend.clone())?;
         d.set_item("device_type", a.device_type.clone())?;
