@@ -14,8 +14,16 @@ import numpy as np
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
+def safetensors_metadata(path):
+    """The `__metadata__` dict of a .safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
 def load_safetensors(path):
-    """Read a .safetensors file into {name: float32 ndarray}. Supports BF16, F16, F32."""
+    """Read a .safetensors file into {name: ndarray}: float32 for BF16, F16, F32; int8 /
+    uint8 as stored for I8 / U8 (quantized codes in saved models)."""
     with open(path, "rb") as f:
         buf = f.read()
     (n,) = struct.unpack("<Q", buf[:8])
@@ -34,6 +42,8 @@ def load_safetensors(path):
             a = np.frombuffer(raw, "<f2").astype(np.float32)
         elif dt == "F32":
             a = np.frombuffer(raw, "<f4").copy()
+        elif dt in ("I8", "U8"):
+            a = np.frombuffer(raw, np.int8 if dt == "I8" else np.uint8).copy()
         else:
             raise ValueError(f"{name}: unsupported dtype {dt}")
         out[name] = a.reshape(info["shape"])

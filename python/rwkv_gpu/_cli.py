@@ -1,4 +1,5 @@
-"""Command-line pieces shared by `python -m rwkv_gpu.generate` and `python -m rwkv_gpu.chat`."""
+"""Command-line pieces shared by the `python -m rwkv_gpu.*` commands (generate, chat,
+bench, quantize)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,20 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "penalty_decay": args.penalty_decay,
         "seed": args.seed,
     }
+
+
+def add_quant_args(ap: argparse.ArgumentParser) -> None:
+    """The weight-format flags other RWKV benches use."""
+    g = ap.add_argument_group("weight formats (default: as the file holds them; fp16 for a checkpoint)")
+    g.add_argument("--dtype", choices=("fp16", "int8", "nf4"), help="format of every layer's projections")
+    g.add_argument("--quant", type=int, default=0, metavar="N", help="the first N layers int8")
+    g.add_argument("--quant-nf4", type=int, default=0, metavar="M", help="the first M layers nf4 (wins over --quant)")
+    g.add_argument("--quant-head", action="store_true", default=None, help="the head int8 too")
+
+
+def quant_layer_dtypes(args: argparse.Namespace, n_layer: int) -> list[str] | None:
+    """One dtype per layer from the flags, or None when none was given."""
+    if args.dtype is None and not args.quant and not args.quant_nf4:
+        return None
+    rest = args.dtype or "fp16"
+    return ["nf4" if i < args.quant_nf4 else "int8" if i < args.quant else rest for i in range(n_layer)]

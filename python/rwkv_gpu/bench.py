@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 
 from . import Model, Sampling, StateCache, _core
+from ._cli import add_quant_args, quant_layer_dtypes
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
 # On a software adapter (lavapipe) everything runs on the CPU: shrink so a run takes
@@ -58,21 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--prefill-length", type=int, default=512)
     ap.add_argument("-n", "--generation-length", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
-    ap.add_argument("--dtype", choices=("fp16", "int8", "nf4"), default="fp16", help="weight format of every layer")
-    ap.add_argument("--quant", type=int, default=0, metavar="N", help="the first N layers int8 (as other RWKV benches)")
-    ap.add_argument("--quant-nf4", type=int, default=0, metavar="M", help="the first M layers nf4 (wins over --quant)")
-    ap.add_argument("--quant-head", action="store_true", help="the head int8 too")
+    add_quant_args(ap)
     ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
     ap.add_argument("--full", action="store_true", help="on a software adapter, keep the requested shape and lengths")
     args = ap.parse_args(argv)
     if args.prefill_length < 1 or args.generation_length < 1 or args.repetitions < 1:
         ap.error("lengths and repetitions must be at least 1")
 
-    def layer_dtypes(n_layer: int) -> list[str]:
-        return [
-            "nf4" if i < args.quant_nf4 else "int8" if i < args.quant else args.dtype
-            for i in range(n_layer)
-        ]
+    def layer_dtypes(n_layer: int) -> list[str] | None:
+        return quant_layer_dtypes(args, n_layer)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
     for test, mean, std in rows:
         unit = " s" if test.startswith("ttft") else ""
-        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {args.dtype} | {n_int8} | {n_nf4} | {test} | {mean:.2f} ± {std:.2f}{unit} | {total_gb:.3f} GB |")
+        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {cfg['dtype']} | {n_int8} | {n_nf4} | {test} | {mean:.2f} ± {std:.2f}{unit} | {total_gb:.3f} GB |")
     return 0
 
 

@@ -58,16 +58,25 @@ def _terminal_progress(label: str) -> Callable[[int, int], None] | None:
 
 
 DTYPES = ("fp16", "int8", "nf4")
+# The matrices `dtype` applies to (weight_formats names, without "blocks.N.").
+_PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 
 
-def _layer_dtypes(dtype: str, layer_dtypes: Sequence[str] | None) -> list[str]:
-    chosen = [dtype] if layer_dtypes is None else [str(d) for d in layer_dtypes]
+def _layer_dtypes(dtype: str | None, layer_dtypes: Sequence[str] | None) -> list[str] | None:
+    """None: as the file holds them (fp16 unless it is a model saved quantized)."""
+    if dtype is None and layer_dtypes is None:
+        return None
+    chosen = [str(dtype)] if layer_dtypes is None else [str(d) for d in layer_dtypes]
     bad = [d for d in chosen if d not in DTYPES]
     if bad:
         raise RwkvError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
     if not chosen:
         raise RwkvError("layer_dtypes is empty: give one dtype per layer")
     return chosen
+
+
+def _head_dtype(quant_head: bool | None) -> str | None:
+    return None if quant_head is None else "int8" if quant_head else "fp16"
 
 
 class State:
@@ -108,9 +117,11 @@ class Model:
             output, ffn key/value) on the device: "fp16", "int8" (blocks of 64 with an
             fp16 scale) or "nf4" (QLoRA NormalFloat, blocks of 64 with an fp16 absmax).
             Quantized on the device at load, one tensor at a time. Low-rank matrices and
-            vectors stay fp16/f32.
+            vectors stay fp16/f32. Default: as the file holds them, which is fp16 unless
+            the file is a model saved quantized (`Model.save`).
         layer_dtypes: one dtype per layer, for mixes (overrides `dtype`).
-        quant_head: hold the head as int8 too (default fp16).
+        quant_head: hold the head as int8 (True) or fp16 (False); default: as the file
+            holds it (fp16 unless saved quantized).
         adapter: index or name substring from `rwkv_gpu.adapters()`; default: env
             RWKV_GPU_ADAPTER, else the best hardware adapter.
         tokenizer: "world", "bytes", a `Tokenizer`, or a tokenizer.json path; default: a
@@ -128,11 +139,11 @@ class Model:
     def __init__(
         self,
         path: PathLike,
-        dtype: str = "fp16",
+        dtype: str | None = None,
         adapter: int | str | None = None,
         *,
         layer_dtypes: Sequence[str] | None = None,
-        quant_head: bool = False,
+        quant_head: bool | None = None,
         no_f16: bool = False,
         no_subgroups: bool = False,
         max_binding: int | None = None,
@@ -156,9 +167,9 @@ class Model:
                 max_binding=max_binding,
                 progress=progress or _terminal_progress("loading"),
                 layer_dtypes=dtypes,
-                head_dtype="int8" if quant_head else "fp16",
+                head_dtype=_head_dtype(quant_head),
             )
-        self.dtype = dtype if layer_dtypes is None else "mixed"
+        self.dtype = self._layer_format()
         self._path = None if _core_model is not None else os.fspath(path)
         self._tokenizer_choice = tokenizer
         self._tokenizer: Tokenizer | None = None
@@ -192,9 +203,17 @@ class Model:
             n_layer, n_embd, vocab_size=vocab_size, seed=seed,
             adapter=None if adapter is None else str(adapter),
             no_f16=no_f16, no_subgroups=no_subgroups, max_binding=max_binding,
-            layer_dtypes=_layer_dtypes(dtype, layer_dtypes), head_dtype="int8" if quant_head else "fp16",
+            layer_dtypes=_layer_dtypes(dtype, layer_dtypes), head_dtype=_head_dtype(quant_head),
         )
-        return cls("<random>", dtype=dtype, layer_dtypes=layer_dtypes, tokenizer=tokenizer, _core_model=core)
+        return cls("<random>", tokenizer=tokenizer, _core_model=core)
+
+    def _layer_format(self) -> str:
+        """"fp16", "int8" or "nf4" when every layer's projections share one, else "mixed"
+        (bf16 matrices, kept where values exceed the fp16 range, count as fp16)."""
+        formats = {f for name, f in self._m.weight_formats()
+                   if name.startswith("blocks.") and name.split(".", 2)[2] in _PROJECTIONS}
+        formats = {"fp16" if f == "bf16" else f for f in formats}
+        return formats.pop() if len(formats) == 1 else "mixed"
 
     @property
     def _m(self) -> Any:
@@ -398,6 +417,13 @@ class Model:
         (0: the table stays in host memory, each call uploads its tokens' rows), states
         (every allocated slot) and scratch (activations, sized for one prefill chunk)."""
         return dict(self._m.memory())
+
+    def save(self, path: PathLike) -> None:
+        """Writes the model as it is held on the device to a `.safetensors` file:
+        official tensor names, quantized matrices as `NAME.codes` + `NAME.scales` with
+        their format in the metadata. `Model(path)` loads it without quantizing again,
+        in the saved formats. Written to a temporary file, then renamed."""
+        self._m.save(os.fspath(path))
 
     def weight_formats(self) -> dict[str, str]:
         """The format each matrix is held in ("fp16", "bf16", "int8", "nf4")."""

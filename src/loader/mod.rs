@@ -16,11 +16,15 @@ pub enum DType {
     F16,
     BF16,
     F32,
+    /// Quantized codes in files this library saved (int8 codes; nf4 codes two per byte).
+    I8,
+    U8,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
+            DType::I8 | DType::U8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 => 4,
         }
@@ -48,6 +52,10 @@ pub trait Checkpoint: Send + Sync {
     /// mapped file where the layout allows, copied otherwise.
     fn read(&self, name: &str) -> Result<Cow<'_, [u8]>>;
     fn path(&self) -> &Path;
+    /// A value of the file's metadata (safetensors `__metadata__`), if it has one.
+    fn metadata(&self, _key: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Opens `.pth` (PyTorch zip) or `.safetensors`/`.st` by content, not by extension.

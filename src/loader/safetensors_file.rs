@@ -35,8 +35,10 @@ impl SafetensorsFile {
                 safetensors::Dtype::F16 => DType::F16,
                 safetensors::Dtype::BF16 => DType::BF16,
                 safetensors::Dtype::F32 => DType::F32,
+                safetensors::Dtype::I8 => DType::I8,
+                safetensors::Dtype::U8 => DType::U8,
                 other => {
-                    return Err(Error::load(path, format!("tensor {name:?} has dtype {other:?}; only F16, BF16 and F32 are read")))
+                    return Err(Error::load(path, format!("tensor {name:?} has dtype {other:?}; only F16, BF16, F32 (and I8/U8 codes) are read")))
                 }
             };
             let range = data_start + info.data_offsets.0..data_start + info.data_offsets.1;
@@ -61,5 +63,8 @@ impl Checkpoint for SafetensorsFile {
     }
     fn path(&self) -> &Path {
         &self.path
+    }
+    fn metadata(&self, key: &str) -> Option<String> {
+        self.metadata.get(key).cloned()
     }
 }

@@ -82,7 +82,9 @@ impl Config {
             .max()
             .map(|m| m + 1)
             .unwrap_or(0);
-        let ffn = shape(ck, "blocks.0.ffn.key.weight")?;
+        // A saved quantized model holds it as codes and scales.
+        let ffn = super::saved::matrix_shape(ck, "blocks.0.ffn.key.weight")?
+            .ok_or_else(|| Error::load(ck.path(), "missing tensor \"blocks.0.ffn.key.weight\""))?;
         let ffn_size = match ffn.as_slice() {
             [f, c] if *c == n_embd => *f,
             _ => return Err(Error::load(ck.path(), format!("blocks.0.ffn.key.weight has shape {ffn:?}; expected [F, {n_embd}]"))),

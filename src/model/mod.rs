@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod random;
+pub mod saved;
 pub mod state;
 pub mod state_file;
 pub mod weights;
@@ -47,27 +48,24 @@ pub struct Model {
 }
 
 /// What the caller asks for: one format for every layer or one per layer, and the head's.
-#[derive(Debug, Clone)]
+/// `None` (the default): as the file holds them, which is fp16 unless it is a saved
+/// quantized model.
+#[derive(Debug, Clone, Default)]
 pub struct QuantSpec {
-    pub layers: Vec<WeightFormat>,
-    pub head: WeightFormat,
-}
-
-impl Default for QuantSpec {
-    fn default() -> Self {
-        QuantSpec { layers: vec![WeightFormat::F16], head: WeightFormat::F16 }
-    }
+    pub layers: Option<Vec<WeightFormat>>,
+    pub head: Option<WeightFormat>,
 }
 
 impl QuantSpec {
     /// One format for all layers (a list of one), or exactly one per layer.
     fn resolve(&self, n_layer: usize) -> Result<Quantization> {
-        let layers = match self.layers.len() {
-            1 => vec![self.layers[0]; n_layer],
-            n if n == n_layer => self.layers.clone(),
-            n => return Err(Error::Invalid(format!("layer_dtypes has {n} entries; this model has {n_layer} layers"))),
+        let layers = match self.layers.as_deref() {
+            None => vec![None; n_layer],
+            Some([one]) => vec![Some(*one); n_layer],
+            Some(list) if list.len() == n_layer => list.iter().copied().map(Some).collect(),
+            Some(list) => return Err(Error::Invalid(format!("layer_dtypes has {} entries; this model has {n_layer} layers", list.len()))),
         };
-        if self.head == WeightFormat::Nf4 {
+        if self.head == Some(WeightFormat::Nf4) {
             return Err(Error::Invalid("the head can be fp16 or int8, not nf4".into()));
         }
         Ok(Quantization { layers, head: self.head })
@@ -262,6 +260,21 @@ impl Model {
         }
         self.ctx.queue.submit([encoder.finish()]);
         Ok(copy)
+    }
+
+    /// Writes the model as it is held on the device (quantized matrices as codes and
+    /// scales) to a safetensors file that `open` loads without quantizing again.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        saved::save(self, path)
+    }
+
+    /// A copy of a whole device buffer in host memory.
+    pub(crate) fn download(&self, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
+        let staging = self.staging(buffer.size())?;
+        let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+        self.ctx.queue.submit([encoder.finish()]);
+        crate::gpu::recorder::read_buffer(&self.ctx, &staging, buffer.size())
     }
 
     fn staging(&self, size: u64) -> Result<wgpu::Buffer> {

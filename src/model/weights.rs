@@ -9,6 +9,7 @@
 use half::{bf16, f16};
 
 use super::config::Config;
+use super::saved;
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
 use crate::gpu::{GpuContext, Kernel, Pipelines};
@@ -58,12 +59,12 @@ impl WeightFormat {
         }
     }
 
-    fn quantized(self) -> bool {
+    pub fn quantized(self) -> bool {
         matches!(self, WeightFormat::Int8 | WeightFormat::Nf4)
     }
 
     /// u32 words of codes per row of width k (16-bit formats: k / 2 pairs).
-    fn code_words(self, k: usize) -> usize {
+    pub fn code_words(self, k: usize) -> usize {
         match self {
             WeightFormat::F16 | WeightFormat::Bf16 => k / 2,
             WeightFormat::Int8 => k / 4,
@@ -148,6 +149,7 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// In the order of LAYER_MATRICES.
     pub fn matrices(&self) -> [&Matrix; 14] {
         [
             &self.receptance, &self.key, &self.value, &self.output, &self.w1, &self.w2, &self.a1, &self.a2,
@@ -174,6 +176,8 @@ pub fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
         DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
         DType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
+        DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
+        DType::U8 => bytes.iter().map(|&b| b as f32).collect(),
     }
 }
 
@@ -186,17 +190,44 @@ fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
 
 /// What to quantize: a format per layer for its big projections (receptance, key,
 /// value, output, ffn key and value) and one for the head. Everything else stays 16-bit.
+/// `None`: as the file holds it (fp16 unless the file was saved quantized).
 #[derive(Debug, Clone)]
 pub struct Quantization {
-    pub layers: Vec<WeightFormat>,
-    pub head: WeightFormat,
+    pub layers: Vec<Option<WeightFormat>>,
+    pub head: Option<WeightFormat>,
 }
 
-impl Quantization {
-    pub fn none(n_layer: usize) -> Quantization {
-        Quantization { layers: vec![WeightFormat::F16; n_layer], head: WeightFormat::F16 }
-    }
+/// The big projections of a layer: (official name, quantizable).
+pub const LAYER_MATRICES: [(&str, bool); 14] = [
+    ("att.receptance.weight", true), ("att.key.weight", true), ("att.value.weight", true), ("att.output.weight", true),
+    ("att.w1", false), ("att.w2", false), ("att.a1", false), ("att.a2", false),
+    ("att.v1", false), ("att.v2", false), ("att.g1", false), ("att.g2", false),
+    ("ffn.key.weight", true), ("ffn.value.weight", true),
+];
+
+/// The vectors packed into layer `i`'s `consts`: (official name, slot, official shape).
+pub fn layer_vectors(i: usize, c: usize, n_head: usize) -> Vec<(String, usize, Vec<usize>)> {
+    use consts::*;
+    let n = |s: &str| format!("blocks.{i}.{s}");
+    let row = vec![c];
+    let mix = vec![1, 1, c];
+    vec![
+        (n("ln1.weight"), LN1_W, row.clone()), (n("ln1.bias"), LN1_B, row.clone()),
+        (n("ln2.weight"), LN2_W, row.clone()), (n("ln2.bias"), LN2_B, row.clone()),
+        (n("att.x_r"), ATT_MIX, mix.clone()), (n("att.x_w"), ATT_MIX + 1, mix.clone()), (n("att.x_k"), ATT_MIX + 2, mix.clone()),
+        (n("att.x_v"), ATT_MIX + 3, mix.clone()), (n("att.x_a"), ATT_MIX + 4, mix.clone()), (n("att.x_g"), ATT_MIX + 5, mix.clone()),
+        (n("ffn.x_k"), FFN_MIX, mix.clone()), (n("att.w0"), W0, mix.clone()), (n("att.a0"), A0, mix.clone()),
+        (n("att.v0"), V0, mix.clone()), (n("att.k_k"), K_K, mix.clone()), (n("att.k_a"), K_A, mix),
+        (n("att.r_k"), R_K, vec![n_head, c / n_head]),
+        (n("att.ln_x.weight"), LNX_W, row.clone()), (n("att.ln_x.bias"), LNX_B, row),
+    ]
 }
+
+/// The model-level vectors in the model `consts`: (official name, slot).
+pub const MODEL_VECTORS: [(&str, usize); 4] = [
+    ("blocks.0.ln0.weight", consts::LN0_W), ("blocks.0.ln0.bias", consts::LN0_B),
+    ("ln_out.weight", consts::LNOUT_W), ("ln_out.bias", consts::LNOUT_B),
+];
 
 pub struct Loader<'a> {
     pub ctx: &'a GpuContext,
@@ -236,7 +267,8 @@ impl Loader<'_> {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                // COPY_SRC: `Model::save` reads weights back.
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
                 mapped_at_creation: true,
             })
         })?;
@@ -254,12 +286,31 @@ impl Loader<'_> {
 
     /// Uploads `name` as a matrix [m, k]; `transpose` reads it as stored [k, m].
     fn matrix(&mut self, name: &str, m: usize, k: usize, transpose: bool) -> Result<Matrix> {
-        self.matrix_as(name, m, k, transpose, WeightFormat::F16)
+        if let Some(stored) = saved::stored_format(self.ck, name)? {
+            return Err(Error::load(self.ck.path(), format!("{name} is saved as {}, but only the big projections and the head are ever quantized", stored.name())));
+        }
+        self.matrix_as(name, m, k, transpose, Some(WeightFormat::F16))
     }
 
-    /// As `matrix`, held in `format`. A matrix with values beyond the fp16 range, or whose
-    /// width is not a multiple of the quantization block, stays 16-bit.
-    fn matrix_as(&mut self, name: &str, m: usize, k: usize, transpose: bool, format: WeightFormat) -> Result<Matrix> {
+    /// Rows per device buffer for a matrix k wide: the fp16 form fits one storage binding.
+    fn rows_per_chunk(&self, m: usize, k: usize) -> usize {
+        let max_rows = ((self.ctx.max_binding as usize) / (2 * k)).max(1);
+        if max_rows >= m { m } else { (max_rows / 4 * 4).max(1) }
+    }
+
+    /// As `matrix`, held in `want` (None: as the file holds it). A matrix with values
+    /// beyond the fp16 range, or whose width is not a multiple of the quantization
+    /// block, stays 16-bit. A matrix the file holds quantized is uploaded as it is.
+    fn matrix_as(&mut self, name: &str, m: usize, k: usize, transpose: bool, want: Option<WeightFormat>) -> Result<Matrix> {
+        if let Some(stored) = saved::stored_format(self.ck, name)? {
+            if want.is_some_and(|w| w != stored) {
+                return Err(Error::load(self.ck.path(), format!(
+                    "{name} is saved as {}; it cannot be loaded as {} (quantizing quantized weights again compounds the error): load it without a dtype, or load the original checkpoint",
+                    stored.name(), want.map(|w| w.name()).unwrap_or("?"))));
+            }
+            return self.saved_matrix(name, m, k, stored);
+        }
+        let format = want.unwrap_or(WeightFormat::F16);
         let stored = self.ck.info(name).map(|i| i.shape).unwrap_or_default();
         let values = self.tensor(name, &[m, k])?;
         // A low-rank matrix converted for web-rwkv is already [out, in].
@@ -267,8 +318,7 @@ impl Loader<'_> {
         let at = |r: usize, c: usize| if transpose { values[c * m + r] } else { values[r * k + c] };
         let bf16_needed = values.iter().any(|v| v.abs() > 65504.0);
         let quantize = format != WeightFormat::F16 && !bf16_needed && k % QUANT_BLOCK == 0;
-        let max_rows = ((self.ctx.max_binding as usize) / (2 * k)).max(1);
-        let rows_per_chunk = if max_rows >= m { m } else { (max_rows / 4 * 4).max(1) };
+        let rows_per_chunk = self.rows_per_chunk(m, k);
         let mut chunks = Vec::new();
         let mut r0 = 0;
         while r0 < m {
@@ -291,6 +341,34 @@ impl Loader<'_> {
             self.ctx.wait()?;
         }
         let format = if quantize { format } else if bf16_needed { WeightFormat::Bf16 } else { WeightFormat::F16 };
+        Ok(Matrix { m, k, format, chunks })
+    }
+
+    /// Uploads a matrix that a saved model holds as codes and scales, in the device
+    /// layout of `format` (codes, then the scales as f16 pairs), one row chunk at a time.
+    fn saved_matrix(&mut self, name: &str, m: usize, k: usize, format: WeightFormat) -> Result<Matrix> {
+        let (codes, scales) = saved::read_quantized(self.ck, name, format, m, k)?;
+        self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &codes[..codes.len().min(256)]);
+        self.done += 2;
+        (self.progress)(self.done, self.total);
+        let code_bytes = format.code_words(k) * 4;
+        let blocks = k / QUANT_BLOCK;
+        let scale_words = blocks.div_ceil(2);
+        let rows_per_chunk = self.rows_per_chunk(m, k);
+        let mut chunks = Vec::new();
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = rows_per_chunk.min(m - r0);
+            let mut bytes = Vec::with_capacity(rows * format.row_bytes(k));
+            bytes.extend_from_slice(&codes[r0 * code_bytes..(r0 + rows) * code_bytes]);
+            for r in r0..r0 + rows {
+                let row = &scales[r * blocks * 2..(r + 1) * blocks * 2];
+                bytes.extend_from_slice(row);
+                bytes.resize(bytes.len() + (scale_words * 4 - row.len()), 0); // an odd block count leaves a half word
+            }
+            chunks.push((self.upload(name, &bytes)?, r0, rows));
+            r0 += rows;
+        }
         Ok(Matrix { m, k, format, chunks })
     }
 
@@ -333,25 +411,14 @@ impl Loader<'_> {
         let cfg = self.config.clone();
         let (c, f, v) = (cfg.n_embd, cfg.ffn_size, cfg.vocab_size);
         use consts::*;
-        let model_consts = self.consts(
-            "model consts",
-            &[("blocks.0.ln0.weight", LN0_W), ("blocks.0.ln0.bias", LN0_B), ("ln_out.weight", LNOUT_W), ("ln_out.bias", LNOUT_B)],
-            MODEL_COUNT,
-        )?;
+        let model_consts = self.consts("model consts", &MODEL_VECTORS, MODEL_COUNT)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blocks.{i}.{s}");
-            let names: Vec<(String, usize)> = vec![
-                (n("ln1.weight"), LN1_W), (n("ln1.bias"), LN1_B), (n("ln2.weight"), LN2_W), (n("ln2.bias"), LN2_B),
-                (n("att.x_r"), ATT_MIX), (n("att.x_w"), ATT_MIX + 1), (n("att.x_k"), ATT_MIX + 2),
-                (n("att.x_v"), ATT_MIX + 3), (n("att.x_a"), ATT_MIX + 4), (n("att.x_g"), ATT_MIX + 5),
-                (n("ffn.x_k"), FFN_MIX), (n("att.w0"), W0), (n("att.a0"), A0), (n("att.v0"), V0),
-                (n("att.k_k"), K_K), (n("att.k_a"), K_A), (n("att.r_k"), R_K),
-                (n("att.ln_x.weight"), LNX_W), (n("att.ln_x.bias"), LNX_B),
-            ];
-            let refs: Vec<(&str, usize)> = names.iter().map(|(s, o)| (s.as_str(), *o)).collect();
+            let names = layer_vectors(i, c, cfg.n_head);
+            let refs: Vec<(&str, usize)> = names.iter().map(|(s, o, _)| (s.as_str(), *o)).collect();
             let consts = self.consts(&n("consts"), &refs, COUNT)?;
-            let q = self.quant.layers.get(i).copied().unwrap_or(WeightFormat::F16);
+            let q = self.quant.layers.get(i).copied().flatten();
             layers.push(Layer {
                 consts,
                 receptance: self.matrix_as(&n("att.receptance.weight"), c, c, false, q)?,
@@ -371,6 +438,9 @@ impl Loader<'_> {
             });
         }
         let head = self.matrix_as("head.weight", v, c, false, self.quant.head)?;
+        // A saved model keeps the fingerprint of the checkpoint it was made from, so states
+        // saved with either load into both.
+        let fingerprint = saved::original_fingerprint(self.ck).unwrap_or(self.fingerprint);
         let emb_info = self.ck.info("emb.weight").ok_or_else(|| Error::load(self.ck.path(), "missing tensor \"emb.weight\""))?;
         let emb = self.ck.read("emb.weight")?.into_owned();
         if emb.len() != v * c * emb_info.dtype.size() {
@@ -385,7 +455,7 @@ impl Loader<'_> {
             emb,
             emb_dtype: emb_info.dtype,
             device_bytes: self.device_bytes,
-            fingerprint: self.fingerprint,
+            fingerprint,
         })
     }
 }

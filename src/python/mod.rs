@@ -115,12 +115,17 @@ struct PyModel {
 }
 
 /// `layer_dtypes`: one dtype for every layer or one per layer; `head_dtype`: fp16 or int8.
-fn quant_spec(layer_dtypes: Vec<String>, head_dtype: &str) -> PyResult<QuantSpec> {
-    if layer_dtypes.is_empty() {
+/// None: as the file holds them (fp16 unless it is a saved quantized model).
+fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<QuantSpec> {
+    if layer_dtypes.as_ref().is_some_and(|l| l.is_empty()) {
         return Err(RwkvError::new_err("layer_dtypes is empty: give one dtype, or one per layer"));
     }
-    let layers = layer_dtypes.iter().map(|d| WeightFormat::parse(d)).collect::<crate::Result<Vec<_>>>().map_err(to_py)?;
-    Ok(QuantSpec { layers, head: WeightFormat::parse(head_dtype).map_err(to_py)? })
+    let layers = layer_dtypes
+        .map(|l| l.iter().map(|d| WeightFormat::parse(d)).collect::<crate::Result<Vec<_>>>())
+        .transpose()
+        .map_err(to_py)?;
+    let head = head_dtype.map(|h| WeightFormat::parse(&h)).transpose().map_err(to_py)?;
+    Ok(QuantSpec { layers, head })
 }
 
 fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
@@ -141,10 +146,10 @@ fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
 impl PyModel {
     #[new]
     #[pyo3(signature = (path, adapter=None, no_f16=false, no_subgroups=false, max_binding=None, progress=None,
-                        layer_dtypes=vec!["fp16".to_string()], head_dtype="fp16"))]
+                        layer_dtypes=None, head_dtype=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(py: Python<'_>, path: PathBuf, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>,
-           progress: Option<Py<PyAny>>, layer_dtypes: Vec<String>, head_dtype: &str) -> PyResult<Self> {
+           progress: Option<Py<PyAny>>, layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<Self> {
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
         let quant = quant_spec(layer_dtypes, head_dtype)?;
         let model = py.detach(|| {
@@ -162,10 +167,10 @@ impl PyModel {
 
     #[staticmethod]
     #[pyo3(signature = (n_layer, n_embd, vocab_size=65536, seed=0, adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
-                        layer_dtypes=vec!["fp16".to_string()], head_dtype="fp16"))]
+                        layer_dtypes=None, head_dtype=None))]
     #[allow(clippy::too_many_arguments)]
     fn random(py: Python<'_>, n_layer: usize, n_embd: usize, vocab_size: usize, seed: u64, adapter: Option<String>, no_f16: bool,
-              no_subgroups: bool, max_binding: Option<u64>, layer_dtypes: Vec<String>, head_dtype: &str) -> PyResult<Self> {
+              no_subgroups: bool, max_binding: Option<u64>, layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<Self> {
         if n_layer == 0 || n_embd == 0 || n_embd % 64 != 0 || vocab_size == 0 {
             return Err(ShapeError::new_err(format!(
                 "Model.random needs n_layer >= 1, n_embd a positive multiple of 64 and vocab_size >= 1 (got {n_layer}, {n_embd}, {vocab_size})"
@@ -288,6 +293,12 @@ impl PyModel {
         Ok(PyBytes::new(py, bytemuck::cast_slice(&rows)))
     }
 
+    /// Writes the model as held on the device (quantized matrices as codes + scales).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let m = self.inner.clone();
+        py.detach(move || m.save(&path)).map_err(to_py)
+    }
+
     fn memory(&self) -> Vec<(&'static str, u64)> {
         self.inner.memory()
     }
@@ -301,8 +312,7 @@ impl PyModel {
     /// The formats the matrices ended up in: [(name, format)] for each layer matrix and the head.
     fn weight_formats(&self) -> Vec<(String, &'static str)> {
         let w = &self.inner.weights;
-        let names = ["att.receptance", "att.key", "att.value", "att.output", "att.w1", "att.w2", "att.a1", "att.a2",
-                     "att.v1", "att.v2", "att.g1", "att.g2", "ffn.key", "ffn.value"];
+        let names = crate::model::weights::LAYER_MATRICES.map(|(n, _)| n.strip_suffix(".weight").unwrap_or(n));
         let mut out: Vec<(String, &'static str)> = w.layers.iter().enumerate()
             .flat_map(|(i, l)| names.iter().zip(l.matrices()).map(move |(n, m)| (format!("blocks.{i}.{n}"), m.format.name())))
             .collect();

@@ -1,0 +1,293 @@
+//! Saved models: a loaded model written back as it sits on the device, so that
+//! quantization is done once. One `.safetensors` file with the official tensor names and
+//! layouts, which `Model::open` reads like any checkpoint:
+//!
+//! - 16-bit matrices as F16/BF16, vectors as F32 (their device form), the embedding
+//!   table in the dtype it was loaded from;
+//! - a quantized matrix `NAME` as `NAME.codes` and `NAME.scales`, with metadata
+//!   `quant.NAME` = "int8" or "nf4":
+//!   - int8: codes I8 [M, K] (-127..127), scales F16 [M, K/64]; w = code * scale;
+//!   - nf4: codes U8 [M, K/2], column 2j in the low nibble of byte j and 2j+1 in the
+//!     high one, scales F16 [M, K/64] (block absmax); w = NF4[code] * scale;
+//! - metadata `format` = "rwkv-gpu model v1" and `fingerprint`, the weights fingerprint
+//!   of the checkpoint it came from (states saved with either model load into both).
+//!
+//! The file is written tensor by tensor (host memory stays one matrix) to a temporary
+//! name beside the target, then renamed: a failed save leaves no partial file.
+
+use std::borrow::Cow;
+use std::io::Write;
+use std::path::Path;
+
+use super::weights::{layer_vectors, Matrix, WeightFormat, LAYER_MATRICES, MODEL_VECTORS, QUANT_BLOCK};
+use super::Model;
+use crate::error::{Error, Result};
+use crate::loader::{Checkpoint, DType};
+
+pub const FORMAT: &str = "rwkv-gpu model v1";
+
+fn quant_key(name: &str) -> String {
+    format!("quant.{name}")
+}
+
+/// The format a saved model holds `name` in, if it holds it quantized.
+pub fn stored_format(ck: &dyn Checkpoint, name: &str) -> Result<Option<WeightFormat>> {
+    match ck.metadata(&quant_key(name)).as_deref() {
+        None => Ok(None),
+        Some("int8") => Ok(Some(WeightFormat::Int8)),
+        Some("nf4") => Ok(Some(WeightFormat::Nf4)),
+        Some(other) => Err(Error::load(ck.path(), format!("{name} is saved in format {other:?}, which this version does not read (int8, nf4)"))),
+    }
+}
+
+/// The shape of matrix `name` [M, K] whether it is stored plainly or quantized.
+pub fn matrix_shape(ck: &dyn Checkpoint, name: &str) -> Result<Option<Vec<usize>>> {
+    if let Some(info) = ck.info(name) {
+        return Ok(Some(info.shape));
+    }
+    let Some(format) = stored_format(ck, name)? else { return Ok(None) };
+    let codes = ck.info(&format!("{name}.codes")).map(|i| i.shape);
+    Ok(match (format, codes.as_deref()) {
+        (WeightFormat::Nf4, Some([m, half])) => Some(vec![*m, 2 * half]),
+        (_, Some([m, k])) => Some(vec![*m, *k]),
+        _ => None,
+    })
+}
+
+pub fn original_fingerprint(ck: &dyn Checkpoint) -> Option<u64> {
+    if ck.metadata("format").as_deref() != Some(FORMAT) {
+        return None;
+    }
+    u64::from_str_radix(&ck.metadata("fingerprint")?, 16).ok()
+}
+
+/// (codes, scales) of a quantized matrix [m, k], checked against the format's shapes.
+pub fn read_quantized<'a>(ck: &'a dyn Checkpoint, name: &str, format: WeightFormat, m: usize, k: usize) -> Result<(Cow<'a, [u8]>, Cow<'a, [u8]>)> {
+    if k % QUANT_BLOCK != 0 {
+        return Err(Error::load(ck.path(), format!("{name}: width {k} is not a multiple of the {QUANT_BLOCK}-wide quantization block")));
+    }
+    let (code_dtype, code_shape) = match format {
+        WeightFormat::Int8 => (DType::I8, vec![m, k]),
+        _ => (DType::U8, vec![m, k / 2]),
+    };
+    let expect = [
+        (format!("{name}.codes"), code_dtype, code_shape),
+        (format!("{name}.scales"), DType::F16, vec![m, k / QUANT_BLOCK]),
+    ];
+    for (tensor, dtype, shape) in &expect {
+        let info = ck.info(tensor).ok_or_else(|| Error::load(ck.path(), format!("missing tensor {tensor:?} of the {} matrix {name}", format.name())))?;
+        if info.dtype != *dtype || info.shape != *shape {
+            return Err(Error::load(ck.path(), format!("tensor {tensor:?} is {:?} {:?}; expected {dtype:?} {shape:?}", info.dtype, info.shape)));
+        }
+    }
+    Ok((ck.read(&expect[0].0)?, ck.read(&expect[1].0)?))
+}
+
+/// A tensor header in the file: name, safetensors dtype, shape.
+struct Header {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+}
+
+impl Header {
+    fn bytes(&self) -> usize {
+        let size = match self.dtype {
+            "I8" | "U8" => 1,
+            "F16" | "BF16" => 2,
+            _ => 4,
+        };
+        size * self.shape.iter().product::<usize>()
+    }
+}
+
+/// What goes into the file, in order: tensors whose bytes one read-back produces.
+enum Item<'a> {
+    /// A 16-bit matrix; `transposed`: the official layout is [K, M] (low-rank matrices).
+    Matrix16 { name: String, matrix: &'a Matrix, transposed: bool },
+    /// A quantized matrix: its codes, then its scales.
+    Quantized { name: String, matrix: &'a Matrix },
+    /// Vectors of one `consts` buffer: (name, slot, shape).
+    Vectors { buffer: &'a wgpu::Buffer, vectors: Vec<(String, usize, Vec<usize>)> },
+    Embeddings,
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F32 => "F32",
+        DType::I8 => "I8",
+        DType::U8 => "U8",
+    }
+}
+
+impl Item<'_> {
+    fn headers(&self, model: &Model) -> Vec<Header> {
+        let h = |name: &str, dtype: &'static str, shape: Vec<usize>| Header { name: name.to_string(), dtype, shape };
+        match self {
+            Item::Matrix16 { name, matrix, transposed } => {
+                let dtype = if matrix.format == WeightFormat::Bf16 { "BF16" } else { "F16" };
+                let shape = if *transposed { vec![matrix.k, matrix.m] } else { vec![matrix.m, matrix.k] };
+                vec![h(name, dtype, shape)]
+            }
+            Item::Quantized { name, matrix } => {
+                let (m, k) = (matrix.m, matrix.k);
+                let codes = if matrix.format == WeightFormat::Int8 { h(&format!("{name}.codes"), "I8", vec![m, k]) } else { h(&format!("{name}.codes"), "U8", vec![m, k / 2]) };
+                vec![codes, h(&format!("{name}.scales"), "F16", vec![m, k / QUANT_BLOCK])]
+            }
+            Item::Vectors { vectors, .. } => vectors.iter().map(|(n, _, shape)| h(n, "F32", shape.clone())).collect(),
+            Item::Embeddings => {
+                let c = &model.config;
+                vec![h("emb.weight", dtype_name(model.weights.emb_dtype), vec![c.vocab_size, c.n_embd])]
+            }
+        }
+    }
+
+    /// The bytes of this item's tensors, back to back, read from the device.
+    fn bytes(&self, model: &Model) -> Result<Vec<u8>> {
+        match self {
+            Item::Matrix16 { matrix, transposed, .. } => {
+                let mut out = Vec::with_capacity(matrix.m * matrix.k * 2);
+                for (buffer, _, rows) in &matrix.chunks {
+                    out.extend_from_slice(&model.download(buffer)?[..rows * matrix.k * 2]);
+                }
+                if !*transposed {
+                    return Ok(out);
+                }
+                let (m, k) = (matrix.m, matrix.k);
+                let mut t = vec![0u8; out.len()];
+                for r in 0..m {
+                    for c in 0..k {
+                        let (src, dst) = (2 * (r * k + c), 2 * (c * m + r));
+                        t[dst..dst + 2].copy_from_slice(&out[src..src + 2]);
+                    }
+                }
+                Ok(t)
+            }
+            Item::Quantized { matrix, .. } => {
+                let (k, format) = (matrix.k, matrix.format);
+                let code_bytes = format.code_words(k) * 4;
+                let blocks = k / QUANT_BLOCK;
+                let scale_row = blocks.div_ceil(2) * 4;
+                let mut codes = Vec::with_capacity(matrix.m * code_bytes);
+                let mut scales = Vec::with_capacity(matrix.m * blocks * 2);
+                for (buffer, _, rows) in &matrix.chunks {
+                    let raw = model.download(buffer)?;
+                    let (c, s) = raw.split_at(rows * code_bytes);
+                    codes.extend_from_slice(c);
+                    for r in 0..*rows {
+                        scales.extend_from_slice(&s[r * scale_row..r * scale_row + blocks * 2]);
+                    }
+                }
+                codes.extend(scales);
+                Ok(codes)
+            }
+            Item::Vectors { buffer, vectors } => {
+                let raw = model.download(buffer)?;
+                let c = model.config.n_embd;
+                let mut out = Vec::with_capacity(vectors.len() * c * 4);
+                for (_, slot, _) in vectors {
+                    out.extend_from_slice(&raw[slot * c * 4..(slot + 1) * c * 4]);
+                }
+                Ok(out)
+            }
+            Item::Embeddings => Ok(model.weights.emb.clone()),
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn matrix_item(name: String, matrix: &Matrix, quantizable: bool) -> Item<'_> {
+    if matrix.format.quantized() {
+        Item::Quantized { name, matrix }
+    } else {
+        Item::Matrix16 { name, matrix, transposed: !quantizable }
+    }
+}
+
+fn items(model: &Model) -> Vec<Item<'_>> {
+    let w = &model.weights;
+    let cfg = &model.config;
+    let mut items = vec![Item::Embeddings];
+    let model_vectors = MODEL_VECTORS.iter().map(|&(n, slot)| (n.to_string(), slot, vec![cfg.n_embd])).collect();
+    items.push(Item::Vectors { buffer: &w.consts, vectors: model_vectors });
+    for (i, layer) in w.layers.iter().enumerate() {
+        items.push(Item::Vectors { buffer: &layer.consts, vectors: layer_vectors(i, cfg.n_embd, cfg.n_head) });
+        for ((name, quantizable), matrix) in LAYER_MATRICES.iter().zip(layer.matrices()) {
+            items.push(matrix_item(format!("blocks.{i}.{name}"), matrix, *quantizable));
+        }
+    }
+    items.push(matrix_item("head.weight".to_string(), &w.head, true));
+    items
+}
+
+/// Writes `model` to `path` (see the module comment for the layout).
+pub fn save(model: &Model, path: &Path) -> Result<()> {
+    let items = items(model);
+    let headers: Vec<Vec<Header>> = items.iter().map(|i| i.headers(model)).collect();
+    let mut metadata = vec![
+        ("format".to_string(), FORMAT.to_string()),
+        ("fingerprint".to_string(), format!("{:016x}", model.weights.fingerprint)),
+    ];
+    for item in &items {
+        if let Item::Quantized { name, matrix } = item {
+            metadata.push((quant_key(name), matrix.format.name().to_string()));
+        }
+    }
+    let mut json = String::from("{\"__metadata__\":{");
+    json.push_str(&metadata.iter().map(|(k, v)| format!("{}:{}", json_string(k), json_string(v))).collect::<Vec<_>>().join(","));
+    json.push('}');
+    let mut offset = 0usize;
+    for h in headers.iter().flatten() {
+        let shape = h.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        json.push_str(&format!(",{}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{}]}}", json_string(&h.name), h.dtype, offset + h.bytes()));
+        offset += h.bytes();
+    }
+    json.push('}');
+    // The data starts 8-byte aligned, as the safetensors writers do (spaces pad the JSON).
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+
+    let tmp = path.with_file_name(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
+    let write = || -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
+        let io = |e| Error::io(&tmp, e);
+        out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(json.as_bytes()).map_err(io)?;
+        for (item, hs) in items.iter().zip(&headers) {
+            let bytes = item.bytes(model)?;
+            let expected: usize = hs.iter().map(Header::bytes).sum();
+            if bytes.len() != expected {
+                return Err(Error::Device(format!("saving {}: read {} bytes back, expected {expected}", hs[0].name, bytes.len())));
+            }
+            out.write_all(&bytes).map_err(io)?;
+        }
+        out.flush().map_err(io)?;
+        out.get_ref().sync_all().map_err(io)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
