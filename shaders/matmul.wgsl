@@ -1,34 +1,50 @@
-// y[t, col0 + m] (+)= act(sum_k W[m, k] * x[x_off + t * K + k]) for a weight matrix in
-// nn.Linear layout [M, K], stored as 16-bit floats packed two per u32 along K, so that
-// devices without shader-f16 run it, or quantized in blocks of 64 along K and
-// dequantized here (never materialised). All arithmetic is f32.
+// y[t, m] (+)= act(sum_k W[m, k] * x[x_off + t * K + k]) for up to four weight matrices
+// ("groups") of one weight buffer in one dispatch: workgroup_id.z picks the group, each
+// with its own shape, offsets, activation and accumulate flag. Matrices are in nn.Linear
+// layout [M, K], stored as 16-bit floats packed two per u32 along K, so that devices
+// without shader-f16 run it, or quantized in blocks of 64 along K and dequantized here
+// (never materialised). All arithmetic is f32.
 //
-// Weight formats: f16 pairs (default), WEIGHT_BF16 (bf16 pairs), and with WEIGHT_QUANT
-// either WEIGHT_INT8 (codes -127..127, 4 per u32, one f16 scale per block: w = q * s)
-// or WEIGHT_NF4 (QLoRA NormalFloat codes, 8 per u32 low nibble first, one f16 absmax
-// per block: w = NF4[q] * s). Quantized buffers hold the codes [M, K / per-word] and
-// then, from word p.s_off, the scales: ceil(K / 128) u32 per row, two f16 each.
-// Activations: ACT_TANH, ACT_SIGMOID, ACT_RELU_SQ (relu(v)^2); ADD accumulates into y
-// (the residual stream).
+// Weight formats (one per dispatch): f16 pairs (default), WEIGHT_BF16 (bf16 pairs), and
+// with WEIGHT_QUANT either WEIGHT_INT8 (codes -127..127, 4 per u32, one f16 scale per
+// block: w = q * s) or WEIGHT_NF4 (QLoRA NormalFloat codes, 8 per u32 low nibble first,
+// one f16 absmax per block: w = NF4[q] * s). A quantized matrix holds its codes [M, K /
+// per-word] from word w_off and its scales from word s_off: ceil(K / 128) u32 per row,
+// two f16 each.
+// Activations (flags bits 0-3): 0 none, 1 tanh, 2 sigmoid, 3 relu(v)^2; flags bit 4:
+// accumulate into y (the residual stream).
 // Two entry points: `matvec` for a few tokens (weights streamed once per group of 4
 // tokens, reduction over K in workgroup memory) and `matmul_tiled` for prefill chunks
 // (64x64 output tiles, 16-deep K steps staged in workgroup memory).
 
-struct Params {
-    m: u32,        // output rows of this weight (chunk)
-    k: u32,        // input width, even
-    t: u32,        // tokens
-    x_off: u32,    // first element of x
-    y_off: u32,    // first element of y
-    y_stride: u32, // elements between tokens in y
-    col0: u32,     // column of y that output row 0 lands in
+struct Group {
+    m: u32,        // output rows
+    k: u32,        // input width, even (a multiple of 64 when quantized)
+    w_off: u32,    // first word of the weights (codes) in `w`
     s_off: u32,    // quantized formats: first word of the block scales
+    x_off: u32,    // first element of this group's input in x
+    y_off: u32,    // element of y that (token 0, row 0) lands in
+    y_stride: u32, // elements between tokens in y
+    flags: u32,    // activation | ADD << 4
 }
 
+struct Params {
+    t: u32,        // tokens
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    groups: array<Group, 4>,
+}
+
+const ACT_TANH: u32 = 1u;
+const ACT_SIGMOID: u32 = 2u;
+const ACT_RELU_SQ: u32 = 3u;
+const ADD: u32 = 16u;
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> w: array<u32>;        // (M, K/2) packed pairs
-@group(0) @binding(2) var<storage, read> x: array<f32>;        // (T, K) at x_off
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // (T, y_stride) at y_off
+@group(0) @binding(1) var<storage, read> w: array<u32>;        // the groups' weights, packed
+@group(0) @binding(2) var<storage, read> x: array<f32>;        // (T, K) at each group's x_off
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // (T, y_stride) at each group's y_off
 
 fn unpack_pair(v: u32) -> vec2<f32> {
 #ifdef WEIGHT_BF16
@@ -48,53 +64,48 @@ var<private> NF4: array<f32, 16> = array<f32, 16>(
 #endif
 
 // The scale of the 64-wide block holding column 4q of `row`.
-fn block_scale(row: u32, q: u32) -> f32 {
+fn block_scale(g: Group, row: u32, q: u32) -> f32 {
     let block = q / 16u;
-    let pair = unpack2x16float(w[p.s_off + row * ((p.k + 127u) / 128u) + block / 2u]);
+    let pair = unpack2x16float(w[g.s_off + row * ((g.k + 127u) / 128u) + block / 2u]);
     return select(pair.x, pair.y, (block & 1u) == 1u);
 }
 
 // Weights W[row, 4q .. 4q + 3], dequantized.
-fn weight_quad(row: u32, q: u32) -> vec4<f32> {
+fn weight_quad(g: Group, row: u32, q: u32) -> vec4<f32> {
 #ifdef WEIGHT_INT8
-    let word = w[row * (p.k / 4u) + q];
+    let word = w[g.w_off + row * (g.k / 4u) + q];
     // Sign-extend each byte: move it to the top, then shift back arithmetically.
     let bytes = vec4<i32>(bitcast<i32>(word << 24u), bitcast<i32>(word << 16u), bitcast<i32>(word << 8u), bitcast<i32>(word)) >> vec4<u32>(24u);
-    return vec4<f32>(bytes) * block_scale(row, q);
+    return vec4<f32>(bytes) * block_scale(g, row, q);
 #else
-    let word = w[row * (p.k / 8u) + q / 2u] >> (16u * (q & 1u));
+    let word = w[g.w_off + row * (g.k / 8u) + q / 2u] >> (16u * (q & 1u));
     let codes = vec4<f32>(NF4[word & 15u], NF4[(word >> 4u) & 15u], NF4[(word >> 8u) & 15u], NF4[(word >> 12u) & 15u]);
-    return codes * block_scale(row, q);
+    return codes * block_scale(g, row, q);
 #endif
 }
 #endif
 
-fn activate(v: f32) -> f32 {
-#ifdef ACT_TANH
-    // Clamped: some drivers compute tanh through exp and overflow to NaN for large |v|;
-    // tanh(15) is 1 in f32 already.
-    return tanh(clamp(v, -15.0, 15.0));
-#else
-#ifdef ACT_SIGMOID
-    return 1.0 / (1.0 + exp(-v));
-#else
-#ifdef ACT_RELU_SQ
-    let r = max(v, 0.0);
-    return r * r;
-#else
-    return v;
-#endif
-#endif
-#endif
+fn activate(flags: u32, v: f32) -> f32 {
+    switch (flags & 15u) {
+        // Clamped: some drivers compute tanh through exp and overflow to NaN for large
+        // |v|; tanh(15) is 1 in f32 already.
+        case ACT_TANH: { return tanh(clamp(v, -15.0, 15.0)); }
+        case ACT_SIGMOID: { return 1.0 / (1.0 + exp(-v)); }
+        case ACT_RELU_SQ: {
+            let r = max(v, 0.0);
+            return r * r;
+        }
+        default: { return v; }
+    }
 }
 
-fn store(t: u32, m: u32, v: f32) {
-    let at = p.y_off + t * p.y_stride + p.col0 + m;
-#ifdef ADD
-    y[at] = y[at] + activate(v);
-#else
-    y[at] = activate(v);
-#endif
+fn store(g: Group, t: u32, m: u32, v: f32) {
+    let at = g.y_off + t * g.y_stride + m;
+    if ((g.flags & ADD) != 0u) {
+        y[at] = y[at] + activate(g.flags, v);
+    } else {
+        y[at] = activate(g.flags, v);
+    }
 }
 
 // ---- matvec: workgroup = 4 rows x 64 lanes; each lane strides over K ----
@@ -107,25 +118,26 @@ var<workgroup> lane_sums: array<vec4<f32>, 256>;
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_id) lid: vec3<u32>) {
+    let g = p.groups[wid.z];
     let group = wid.y * nwg.x + wid.x;
-    if (group * ROWS >= p.m) {
+    if (group * ROWS >= g.m) {
         return;
     }
     let row = group * ROWS + lid.y;
-    let live = row < p.m;
-    let half_k = p.k / 2u;
+    let live = row < g.m;
+    let half_k = g.k / 2u;
     let slot = lid.y * LANES + lid.x;
 
     for (var t0 = 0u; t0 < p.t; t0 += 4u) {
         var acc = vec4<f32>(0.0);
 #ifdef WEIGHT_QUANT
         if (live) {
-            for (var q = lid.x; q < p.k / 4u; q += LANES) {
-                let wv = weight_quad(row, q);
+            for (var q = lid.x; q < g.k / 4u; q += LANES) {
+                let wv = weight_quad(g, row, q);
                 for (var j = 0u; j < 4u; j++) {
                     let t = t0 + j;
                     if (t < p.t) {
-                        let xi = p.x_off + t * p.k + 4u * q;
+                        let xi = g.x_off + t * g.k + 4u * q;
                         acc[j] += dot(wv, vec4<f32>(x[xi], x[xi + 1u], x[xi + 2u], x[xi + 3u]));
                     }
                 }
@@ -134,11 +146,11 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
 #else
         if (live) {
             for (var i = lid.x; i < half_k; i += LANES) {
-                let wv = unpack_pair(w[row * half_k + i]);
+                let wv = unpack_pair(w[g.w_off + row * half_k + i]);
                 for (var j = 0u; j < 4u; j++) {
                     let t = t0 + j;
                     if (t < p.t) {
-                        let xi = p.x_off + t * p.k + 2u * i;
+                        let xi = g.x_off + t * g.k + 2u * i;
                         acc[j] += wv.x * x[xi] + wv.y * x[xi + 1u];
                     }
                 }
@@ -157,7 +169,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
             let total = lane_sums[slot];
             for (var j = 0u; j < 4u; j++) {
                 if (t0 + j < p.t) {
-                    store(t0 + j, row, total[j]);
+                    store(g, t0 + j, row, total[j]);
                 }
             }
         }
@@ -177,7 +189,8 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_id) lid: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
-    let tiles_m = (p.m + TILE - 1u) / TILE;
+    let g = p.groups[wid.z];
+    let tiles_m = (g.m + TILE - 1u) / TILE;
     let tiles_t = (p.t + TILE - 1u) / TILE;
     let tile = wid.y * nwg.x + wid.x;
     if (tile >= tiles_m * tiles_t) {
@@ -185,18 +198,18 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let m0 = (tile % tiles_m) * TILE;
     let t0 = (tile / tiles_m) * TILE;
-    let half_k = p.k / 2u;
+    let half_k = g.k / 2u;
 
     var acc: array<vec4<f32>, 4>;  // acc[token][row]
-    for (var k0 = 0u; k0 < p.k; k0 += KSTEP) {
+    for (var k0 = 0u; k0 < g.k; k0 += KSTEP) {
 #ifdef WEIGHT_QUANT
         // Weights: 64 rows x 4 quads, one per thread (K is a multiple of 64).
         {
             let r = li / 4u;
             let quad = li % 4u;
             var v = vec4<f32>(0.0);
-            if (m0 + r < p.m) {
-                v = weight_quad(m0 + r, (k0 + 4u * quad) / 4u);
+            if (m0 + r < g.m) {
+                v = weight_quad(g, m0 + r, (k0 + 4u * quad) / 4u);
             }
             for (var e = 0u; e < 4u; e++) {
                 w_tile[(4u * quad + e) * TILE + r] = v[e];
@@ -209,8 +222,8 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             let pair = q % 8u;
             let kk = k0 + 2u * pair;
             var v = vec2<f32>(0.0);
-            if (m0 + r < p.m && kk < p.k) {
-                v = unpack_pair(w[(m0 + r) * half_k + kk / 2u]);
+            if (m0 + r < g.m && kk < g.k) {
+                v = unpack_pair(w[g.w_off + (m0 + r) * half_k + kk / 2u]);
             }
             w_tile[(2u * pair) * TILE + r] = v.x;
             w_tile[(2u * pair + 1u) * TILE + r] = v.y;
@@ -221,8 +234,8 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             let tt = q / KSTEP;
             let kk = q % KSTEP;
             var v = 0.0;
-            if (t0 + tt < p.t && k0 + kk < p.k) {
-                v = x[p.x_off + (t0 + tt) * p.k + k0 + kk];
+            if (t0 + tt < p.t && k0 + kk < g.k) {
+                v = x[g.x_off + (t0 + tt) * g.k + k0 + kk];
             }
             x_tile[kk * TILE + tt] = v;
         }
@@ -240,8 +253,8 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
         let t = t0 + lid.x * 4u + j;
         for (var i = 0u; i < 4u; i++) {
             let m = m0 + lid.y * 4u + i;
-            if (t < p.t && m < p.m) {
-                store(t, m, acc[j][i]);
+            if (t < p.t && m < g.m) {
+                store(g, t, m, acc[j][i]);
             }
         }
     }

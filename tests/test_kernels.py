@@ -44,13 +44,14 @@ def pipeline(name, defines, entry):
 
 
 def run_kernel(name, defines, entry, params, arrays, grid):
-    """Binds a Params uniform (ints -> u32, floats -> f32, zero-padded to 32 or 64 bytes)
+    """Binds a Params uniform (ints -> u32, floats -> f32, zero-padded to at least 32 bytes
+    and a multiple of 16)
     at binding 0 and `arrays` as storage buffers at 1, 2, ...; dispatches `grid`
     workgroups and returns every storage buffer read back, in the input's dtype/shape."""
     dev = device()
     pipe = pipeline(name, tuple(defines), entry)
     words = [struct.pack("<f" if isinstance(v, float) else "<I", v) for v in params]
-    words += [b"\0\0\0\0"] * ((8 if len(words) <= 8 else 16) - len(words))
+    words += [b"\0\0\0\0"] * (max(8, -(-len(words) // 4) * 4) - len(words))
     ubuf = dev.create_buffer_with_data(data=b"".join(words), usage=wgpu.BufferUsage.UNIFORM)
     usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
     bufs = [dev.create_buffer_with_data(data=np.ascontiguousarray(a).tobytes(), usage=usage) for a in arrays]
@@ -119,14 +120,30 @@ def test_token_shift(n_mix):
     np.testing.assert_array_equal(got_state, want_state)  # a copy of the last input: exact
 
 
-# ---- matmul: matvec grid ceil(M/4); matmul_tiled grid ceil(M/64) * ceil(T/64) ----
+# ---- matmul: matvec grid ceil(M/4); matmul_tiled grid ceil(M/64) * ceil(T/64); z = group ----
 
+# MatGroup flags: activation id (bits 0-3) and ADD (bit 4), as shaders/matmul.wgsl.
 ACTS = {
-    None: lambda v: v,
-    "ACT_TANH": np.tanh,
-    "ACT_SIGMOID": sigmoid,
-    "ACT_RELU_SQ": lambda v: np.maximum(v, 0.0) ** 2,
+    None: (0, lambda v: v),
+    "tanh": (1, np.tanh),
+    "sigmoid": (2, sigmoid),
+    "relu_sq": (3, lambda v: np.maximum(v, 0.0) ** 2),
 }
+ADD = 16
+
+
+def matmul_params(t, groups):
+    """The Params words: t, padding, then four groups of (m, k, w_off, s_off, x_off,
+    y_off, y_stride, flags), unused ones zero."""
+    words = [t, 0, 0, 0]
+    for g in groups:
+        words += [int(v) for v in g]
+    return words + [0] * (8 * (4 - len(groups)))
+
+
+def matmul_grid(entry, rows, t, n_groups, fold=False):
+    groups = -(-rows // 4) if entry == "matvec" else -(-rows // 64) * -(-t // 64)
+    return (3, -(-groups // 3), n_groups) if fold else (groups, 1, n_groups)  # the host's 2-D fold
 
 
 def pack_weights(rng, m, k, bf16):
@@ -143,34 +160,53 @@ def pack_weights(rng, m, k, bf16):
     return pairs, exact.astype(f64)
 
 
-def check_matmul(entry, defines, m, k, t, seed, fold=False):
+def check_matmul_groups(entry, specs, t, seed, weight=pack_weights, variant=(), fold=False):
+    """Runs one dispatch over len(specs) matrices (m, k, act, add) held back to back in
+    one weight buffer (after 3 unused words), each reading its own window of x and
+    writing its own window of y, and compares with NumPy. `weight(rng, m, k)` gives
+    (u32 words, s_off within them or None, exact f64 values)."""
     rng = np.random.default_rng(seed)
-    bf16, add = "WEIGHT_BF16" in defines, "ADD" in defines
-    act = ACTS[next((d for d in defines if d.startswith("ACT_")), None)]
-    x_off, y_off, col0 = 5, 3, 2
-    y_stride = col0 + m + 4
-    w, w_exact = pack_weights(rng, m, k, bf16)
-    x = rand(rng, x_off + t * k + 3)
-    y = rand(rng, y_off + t * y_stride + 2)  # ADD accumulates into it; others overwrite
-    groups = -(-m // 4) if entry == "matvec" else -(-m // 64) * -(-t // 64)
-    grid = (3, -(-groups // 3), 1) if fold else (groups, 1, 1)  # the host's 2-D fold, surplus groups
-    _, _, got = run_kernel("matmul", defines, entry, [m, k, t, x_off, y_off, y_stride, col0],
-                           [w, x, y], grid)
+    words, groups, exact = [np.full(3, 0xDEADBEEF, np.uint32)], [], []
+    w_at, x_at, y_at = 3, 5, 3
+    for m, k, act, add in specs:
+        packed, s_off, w_exact = weight(rng, m, k)
+        y_stride = m + 6
+        groups.append((m, k, w_at, w_at + (s_off or 0), x_at, y_at + 2, y_stride, ACTS[act][0] | (ADD if add else 0)))
+        words.append(packed.ravel())
+        exact.append(w_exact)
+        w_at += packed.size
+        x_at += t * k + 7
+        y_at += t * y_stride + 5
+    x = rand(rng, x_at + 3)
+    y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
+    rows = max(m for m, *_ in specs)
+    _, _, got = run_kernel("matmul", list(variant), entry, matmul_params(t, groups),
+                           [np.concatenate(words), x, y], matmul_grid(entry, rows, t, len(specs), fold))
 
     want = y.astype(f64)
-    view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, col0:col0 + m]  # a view
-    v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
-    view[...] = (view if add else 0.0) + act(v)
+    for (m, k, w_off, s_off, x_off, y_off, y_stride, flags), (_, _, act, add), w_exact in zip(groups, specs, exact):
+        view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]  # a view
+        v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
+        view[...] = (view if add else 0.0) + ACTS[act][1](v)
+    return got, want
+
+
+def check_matmul(entry, m, k, t, seed, act=None, add=False, bf16=False, fold=False):
+    def weight(rng, m, k):
+        packed, w_exact = pack_weights(rng, m, k, bf16)
+        return packed, None, w_exact
+
+    got, want = check_matmul_groups(entry, [(m, k, act, add)], t, seed, weight, ["WEIGHT_BF16"] if bf16 else [], fold)
     # Dot products of K f32 terms of size ~1 (rows 0-3: ~20), summed in another order:
     # ~1e-6 relative; relu^2 doubles it. Everything outside the target block: exact.
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} {defines} m={m} k={k} t={t}")
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} m={m} k={k} t={t} {act} add={add} bf16={bf16}")
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
 @pytest.mark.parametrize("t", [1, 3, 5, 70])
 @pytest.mark.parametrize("k", [2, 34, 96, 258])  # 258: K/2 > 2 * 64 lanes; 34: partial K step
 def test_matmul_shapes(entry, t, k):
-    check_matmul(entry, [], 37, k, t, seed=t * 1000 + k)
+    check_matmul(entry, 37, k, t, seed=t * 1000 + k)
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
@@ -178,14 +214,28 @@ def test_matmul_shapes(entry, t, k):
 @pytest.mark.parametrize("add", [False, True])
 @pytest.mark.parametrize("act", list(ACTS))
 def test_matmul_variants(entry, bf16, add, act):
-    defines = [d for d, on in ((act, act), ("ADD", add), ("WEIGHT_BF16", bf16)) if on]
-    check_matmul(entry, defines, 37, 34, 5, seed=7)
+    check_matmul(entry, 37, 34, 5, seed=7, act=act, add=add, bf16=bf16)
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
 @pytest.mark.parametrize("m, fold", [(128, False), (130, True)])  # 2 or 3 x 2 tiles of 64x64
 def test_matmul_several_tiles(entry, m, fold):
-    check_matmul(entry, ["ADD"], m, 48, 70, seed=8, fold=fold)
+    check_matmul(entry, m, 48, 70, seed=8, add=True, fold=fold)
+
+
+@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
+@pytest.mark.parametrize("t", [1, 70])
+def test_matmul_groups_in_one_dispatch(entry, t):
+    """Four matrices of different shapes, activations and ADD flags in one dispatch, as
+    the low-rank paths run: the smaller groups' surplus workgroups must do nothing."""
+    specs = [(130, 34, "tanh", False), (37, 96, None, True), (64, 2, "sigmoid", False), (5, 258, "relu_sq", True)]
+
+    def weight(rng, m, k):
+        packed, w_exact = pack_weights(rng, m, k, False)
+        return packed, None, w_exact
+
+    got, want = check_matmul_groups(entry, specs, t, seed=11, weight=weight, fold=True)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 # ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----

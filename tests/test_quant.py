@@ -12,7 +12,7 @@ import quant_reference as qr
 import reference
 import rwkv_gpu
 from conftest import DATA, open_model
-from test_kernels import rand, run_kernel
+from test_kernels import check_matmul_groups, rand, run_kernel
 
 f64 = np.float64
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -62,39 +62,41 @@ def test_quantize_kernel_matches_reference(fmt, k):
 
 # ---- dequantizing matmul: same geometry as the 16-bit kernels ----
 
-def check_quant_matmul(entry, fmt, m, k, t, defines=(), seed=0):
-    rng = np.random.default_rng(seed)
-    codes, scales, deq = quantize(fmt, fp16_matrix(rng, m, k).astype(np.float32))
-    s_off = codes.size
-    weights = np.concatenate([codes.ravel(), scale_words(scales).ravel()])
-    x_off, y_off, col0 = 5, 3, 2
-    y_stride = col0 + m + 4
-    x = rand(rng, x_off + t * k + 3)
-    y = rand(rng, y_off + t * y_stride + 2)
-    groups = -(-m // 4) if entry == "matvec" else -(-m // 64) * -(-t // 64)
-    variant = ["WEIGHT_QUANT", "WEIGHT_INT8" if fmt == "int8" else "WEIGHT_NF4", *defines]
-    _, _, got = run_kernel("matmul", variant, entry, [m, k, t, x_off, y_off, y_stride, col0, s_off],
-                           [weights, x, y], (groups, 1, 1))
-    want = y.astype(f64)
-    view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, col0:col0 + m]
-    v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ deq.astype(f64).T
-    view[...] = (view if "ADD" in defines else 0.0) + v
+def quant_weight(fmt):
+    """A `weight` maker for check_matmul_groups: codes then scales, as the device holds them."""
+    def weight(rng, m, k):
+        codes, scales, deq = quantize(fmt, fp16_matrix(rng, m, k).astype(np.float32))
+        return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
+    return weight
+
+
+def check_quant_matmul(entry, fmt, specs, t, seed=0):
+    variant = ["WEIGHT_QUANT", "WEIGHT_INT8" if fmt == "int8" else "WEIGHT_NF4"]
+    got, want = check_matmul_groups(entry, specs, t, seed, quant_weight(fmt), variant)
     # Dequantized weights are exact in f32 (int8: a 7-bit code times an f16; nf4: one f32
     # product, ~6e-8 relative); the rest is f32 summation order, as for 16-bit weights.
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} {fmt} m={m} k={k} t={t}")
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} {fmt} {specs} t={t}")
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 @pytest.mark.parametrize("k, t", [(64, 1), (192, 3), (320, 70)])
 def test_quant_matmul(entry, fmt, k, t):
-    check_quant_matmul(entry, fmt, 37, k, t, seed=k + t)
+    check_quant_matmul(entry, fmt, [(37, k, None, False)], t, seed=k + t)
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
 def test_quant_matmul_accumulates_over_tiles(entry, fmt):
-    check_quant_matmul(entry, fmt, 130, 128, 70, defines=("ADD",), seed=9)
+    check_quant_matmul(entry, fmt, [(130, 128, None, True)], 70, seed=9)
+
+
+@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
+@pytest.mark.parametrize("fmt", ["int8", "nf4"])
+def test_quant_matmul_groups_share_a_buffer(entry, fmt):
+    """r, k and v of a layer in one buffer and one dispatch: each group's codes and
+    scales found from its own offsets (an odd block count in between)."""
+    check_quant_matmul(entry, fmt, [(40, 192, None, False), (37, 128, "relu_sq", False), (66, 64, None, True)], 5, seed=12)
 
 
 # ---- whole forwards ----

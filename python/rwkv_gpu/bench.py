@@ -34,6 +34,21 @@ def log(*parts: object) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def process_memory() -> dict[str, int]:
+    """This process's resident set now and at its peak, in bytes (Linux /proc; elsewhere
+    the peak from getrusage for both)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "peak_rss": int(fields["VmHWM"].split()[0]) * 1024}
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024
+        return {"rss": peak, "peak_rss": peak}
+
+
 def time_runs(fn, repetitions: int) -> list[float]:
     fn()  # warm-up: compiles the shaders, allocates scratch
     times = []

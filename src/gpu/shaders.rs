@@ -50,18 +50,11 @@ impl Kernel {
         match self {
             Kernel::LayerNorm => vec![vec![]],
             Kernel::TokenShift => vec![d(&[("N_MIX", "1u")]), d(&[("N_MIX", "6u")])],
-            Kernel::Matmul => {
-                let mut out = Vec::new();
-                for weight in [&[][..], &["WEIGHT_BF16"], &["WEIGHT_QUANT", "WEIGHT_INT8"], &["WEIGHT_QUANT", "WEIGHT_NF4"]] {
-                    for act in ["", "ACT_TANH", "ACT_SIGMOID", "ACT_RELU_SQ"] {
-                        for add in ["", "ADD"] {
-                            let flags = weight.iter().copied().chain([act, add]).filter(|f| !f.is_empty());
-                            out.push(flags.map(|f| (f.to_string(), String::new())).collect());
-                        }
-                    }
-                }
-                out
-            }
+            // Activations and accumulation are per-matrix uniforms, not variants.
+            Kernel::Matmul => [&[][..], &["WEIGHT_BF16"], &["WEIGHT_QUANT", "WEIGHT_INT8"], &["WEIGHT_QUANT", "WEIGHT_NF4"]]
+                .iter()
+                .map(|flags| flags.iter().map(|f| (f.to_string(), String::new())).collect())
+                .collect(),
             Kernel::Wkv7 => vec![d(&[("HEAD_SIZE", "64u")]), d(&[("HEAD_SIZE", "32u")])],
             Kernel::Quantize => vec![d(&[("INT8", "")]), d(&[("NF4", "")])],
         }

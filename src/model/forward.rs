@@ -8,7 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::weights::{consts, Matrix, WeightFormat};
+use super::weights::{consts, Chunk, Matrix, WeightFormat};
 use super::{CallStats, Model, State};
 use crate::error::Result;
 use crate::gpu::recorder::{read_buffer, Binding, Copy, Recorder};
@@ -48,9 +48,23 @@ struct LnParams { c: u32, rows: u32, in_row0: u32, w_off: u32, b_off: u32, eps: 
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct ShiftParams { c: u32, t_total: u32, n_seq: u32, mix_off: u32, state_off: u32, slot_stride: u32, _pad: [u32; 2] }
 
+/// One matrix of a matmul dispatch (shaders/matmul.wgsl `Group`).
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatParams { m: u32, k: u32, t: u32, x_off: u32, y_off: u32, y_stride: u32, col0: u32, s_off: u32 }
+struct MatGroup { m: u32, k: u32, w_off: u32, s_off: u32, x_off: u32, y_off: u32, y_stride: u32, flags: u32 }
+
+/// Matrices one matmul dispatch computes at most.
+const MAX_GROUPS: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatParams { t: u32, _pad: [u32; 3], groups: [MatGroup; MAX_GROUPS] }
+
+// MatGroup flags: the activation, and whether to accumulate into y.
+const ACT_TANH: u32 = 1;
+const ACT_SIGMOID: u32 = 2;
+const ACT_RELU_SQ: u32 = 3;
+const ADD: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -113,10 +127,10 @@ fn allocate(model: &Model) -> Result<Scratch> {
         })
     };
     // Logits: as many tokens at once as the largest head chunk allows in one binding.
-    let widest_chunk = model.weights.head.chunks.iter().map(|(_, _, r)| *r).max().unwrap_or(1);
+    let widest_chunk = model.weights.head.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
     let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
     ctx.scoped("allocating scratch activations", || {
-        let logits: Vec<wgpu::Buffer> = model.weights.head.chunks.iter().map(|(_, _, rows)| make("logits", *rows)).collect();
+        let logits: Vec<wgpu::Buffer> = model.weights.head.chunks.iter().map(|c| make("logits", c.rows)).collect();
         let mut s = Scratch {
             tokens: t,
             emb: make("emb rows", t * c),
@@ -159,10 +173,10 @@ impl Scratch {
         }
         let device = &model.ctx.device;
         let logits = model.ctx.scoped("allocating logits", || {
-            model.weights.head.chunks.iter().map(|(_, _, rows)| {
+            model.weights.head.chunks.iter().map(|c| {
                 device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("logits"),
-                    size: (tokens * rows * 4) as u64,
+                    size: (tokens * c.rows * 4) as u64,
                     usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
                     mapped_at_creation: false,
                 })
@@ -175,43 +189,73 @@ impl Scratch {
     }
 }
 
-/// Where a matrix product reads its input and writes its output.
-struct MatIo<'a> {
-    x: &'a wgpu::Buffer,
+/// One matrix product y (+)= act(W x) of a dispatch: where it reads x and writes y
+/// (offsets in elements of the dispatch's x and y buffers), and its MatGroup flags.
+struct Product<'a> {
+    w: &'a Matrix,
     x_off: usize,
-    y: &'a wgpu::Buffer,
     y_off: usize,
     y_stride: usize,
-    t: usize,
+    flags: u32,
 }
 
-/// Records one row chunk of y = act(W x) (or y += ...): `rows` rows of a [.., k] matrix,
-/// landing in columns col0.. of y.
-fn matmul_chunk(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, rows: usize, k: usize, format: WeightFormat, col0: usize,
-                flags: &[&str], io: &MatIo) -> Result<()> {
-    let mut defines: Vec<&str> = flags.to_vec();
-    defines.extend_from_slice(format.defines());
-    let t = io.t;
-    let (entry, groups) = if t <= MATVEC_TOKENS { ("matvec", rows.div_ceil(4)) } else { ("matmul_tiled", rows.div_ceil(64) * t.div_ceil(64)) };
-    let pipeline = model.pipelines.get(Kernel::Matmul, entry, &defines)?;
-    let params = MatParams {
-        m: rows as u32, k: k as u32, t: t as u32, x_off: io.x_off as u32, y_off: io.y_off as u32,
-        y_stride: io.y_stride as u32, col0: col0 as u32, s_off: format.scales_offset(rows, k) as u32,
-    };
-    let (gx, gy) = model.ctx.grid(groups as u32);
-    rec.dispatch(&pipeline, &params, vec![Binding::whole(weights), Binding::whole(io.x), Binding::whole(io.y)], (gx, gy, 1));
+impl Product<'_> {
+    /// The kernel's view of one row chunk of this product.
+    fn group(&self, chunk: &Chunk) -> MatGroup {
+        let (w, rows) = (self.w, chunk.rows);
+        MatGroup {
+            m: rows as u32,
+            k: w.k as u32,
+            w_off: chunk.word_off as u32,
+            s_off: (chunk.word_off + w.format.scales_offset(rows, w.k)) as u32,
+            x_off: self.x_off as u32,
+            y_off: (self.y_off + chunk.row0) as u32,
+            y_stride: self.y_stride as u32,
+            flags: self.flags,
+        }
+    }
+}
+
+/// Records one matmul dispatch over `t` tokens: up to MAX_GROUPS matrices of one weight
+/// buffer and format, all reading `x` and writing `y`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_dispatch(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, format: WeightFormat, groups: &[MatGroup],
+                   x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
+    let rows = groups.iter().map(|g| g.m as usize).max().unwrap_or(0);
+    let (entry, workgroups) = if t <= MATVEC_TOKENS { ("matvec", rows.div_ceil(4)) } else { ("matmul_tiled", rows.div_ceil(64) * t.div_ceil(64)) };
+    let pipeline = model.pipelines.get(Kernel::Matmul, entry, format.defines())?;
+    let mut params = MatParams { t: t as u32, _pad: [0; 3], groups: [MatGroup::zeroed(); MAX_GROUPS] };
+    params.groups[..groups.len()].copy_from_slice(groups);
+    let (gx, gy) = model.ctx.grid(workgroups as u32);
+    rec.dispatch(&pipeline, &params, vec![Binding::whole(weights), Binding::whole(x), Binding::whole(y)], (gx, gy, groups.len() as u32));
     Ok(())
 }
 
-/// Records y = act(W x) (or y += ...) over `t` tokens, one dispatch per row chunk of W.
-#[allow(clippy::too_many_arguments)]
-fn matmul(model: &Model, rec: &mut Recorder, w: &Matrix, flags: &[&str], x: &wgpu::Buffer, x_off: usize,
-          y: &wgpu::Buffer, y_off: usize, y_stride: usize, t: usize) -> Result<()> {
-    let io = MatIo { x, x_off, y, y_off, y_stride, t };
-    for (buffer, row0, rows) in &w.chunks {
-        matmul_chunk(model, rec, buffer, *rows, w.k, w.format, *row0, flags, &io)?;
+/// Records `products` (all reading `x` and writing `y`): one dispatch when their
+/// matrices share a buffer and format (see `Loader::share_buffer`), else one per row chunk.
+fn matmuls(model: &Model, rec: &mut Recorder, products: &[Product], x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
+    let first = products[0].w;
+    let shared = first.single().filter(|c0| {
+        products.len() <= MAX_GROUPS
+            && products.iter().all(|p| p.w.format == first.format && p.w.single().is_some_and(|c| c.buffer == c0.buffer))
+    });
+    if let Some(c0) = shared {
+        let groups: Vec<MatGroup> = products.iter().map(|p| p.group(&p.w.chunks[0])).collect();
+        return matmul_dispatch(model, rec, &c0.buffer, first.format, &groups, x, y, t);
+    }
+    for p in products {
+        for chunk in &p.w.chunks {
+            matmul_dispatch(model, rec, &chunk.buffer, p.w.format, &[p.group(chunk)], x, y, t)?;
+        }
     }
     Ok(())
+}
+
+/// Records y (+)= act(W x) for one matrix.
+#[allow(clippy::too_many_arguments)]
+fn matmul(model: &Model, rec: &mut Recorder, w: &Matrix, flags: u32, x: &wgpu::Buffer, x_off: usize,
+          y: &wgpu::Buffer, y_off: usize, y_stride: usize, t: usize) -> Result<()> {
+    matmuls(model, rec, &[Product { w, x_off, y_off, y_stride, flags }], x, y, t)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -287,13 +331,14 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
                 layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, n, head_rows[done])?;
                 let mut col_off = 0u64;
                 let head = &model.weights.head;
-                for (i, (weights, _, chunk_rows)) in head.chunks.iter().enumerate() {
+                for (i, chunk) in head.chunks.iter().enumerate() {
                     // Each row chunk writes (n, rows) into its own logits buffer.
-                    let io = MatIo { x: &s.xn, x_off: 0, y: &s.logits[i], y_off: 0, y_stride: *chunk_rows, t: n };
-                    matmul_chunk(model, &mut rec, weights, *chunk_rows, head.k, head.format, 0, &[], &io)?;
-                    let bytes = (n * chunk_rows * 4) as u64;
+                    let product = Product { w: head, x_off: 0, y_off: 0, y_stride: chunk.rows, flags: 0 };
+                    let group = MatGroup { y_off: 0, ..product.group(chunk) };
+                    matmul_dispatch(model, &mut rec, &chunk.buffer, head.format, &[group], &s.xn, &s.logits[i], n)?;
+                    let bytes = (n * chunk.rows * 4) as u64;
                     rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: staging.clone(), dst_offset: (done * v * 4) as u64 + col_off * n as u64, size: bytes });
-                    col_off += (*chunk_rows * 4) as u64;
+                    col_off += (chunk.rows * 4) as u64;
                 }
                 done += n;
             }
@@ -309,7 +354,8 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
             while group_start < out_tokens {
                 let n = (out_tokens - group_start).min(s.logits_tokens);
                 let mut at = group_start * v;
-                for (_, row0, rows) in &model.weights.head.chunks {
+                for chunk in &model.weights.head.chunks {
+                    let (row0, rows) = (chunk.row0, chunk.rows);
                     for j in 0..n {
                         let dst = (group_start + j) * v + row0;
                         out[dst..dst + rows].copy_from_slice(&values[at + j * rows..at + (j + 1) * rows]);
@@ -359,22 +405,29 @@ fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &
         let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: 1, mix_off: (consts::ATT_MIX * c) as u32, state_off: 0, slot_stride: stride as u32, _pad: [0; 2] };
         rec.dispatch(&shift6, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, 1, 1));
         // mix rows: 0 r, 1 w, 2 k, 3 v, 4 a, 5 g
-        matmul(model, rec, &layer.receptance, &[], &s.mix, 0, &s.rkv, 0, c, t)?;
-        matmul(model, rec, &layer.key, &[], &s.mix, 2 * tc, &s.rkv, tc, c, t)?;
-        matmul(model, rec, &layer.value, &[], &s.mix, 3 * tc, &s.rkv, 2 * tc, c, t)?;
+        let product = |w, x_row: usize, y_off: usize, y_stride: usize, flags: u32| Product { w, x_off: x_row * tc, y_off, y_stride, flags };
+        matmuls(model, rec, &[
+            product(&layer.receptance, 0, 0, c, 0),
+            product(&layer.key, 2, tc, c, 0),
+            product(&layer.value, 3, 2 * tc, c, 0),
+        ], &s.mix, &s.rkv, t)?;
+        // The low-rank paths: first stages into `mid`, second stages into `lora` rows
+        // w, a, v, g. The value-residual path is unused in block 0.
         let (dw, da, dv, dg) = (cfg.lora_w, cfg.lora_a, cfg.lora_v, cfg.lora_g);
         let (mw, ma, mv, mg) = (0, t * dw, t * (dw + da), t * (dw + da + dv));
-        matmul(model, rec, &layer.w1, &["ACT_TANH"], &s.mix, tc, &s.mid, mw, dw, t)?;
-        matmul(model, rec, &layer.w2, &[], &s.mid, mw, &s.lora, 0, c, t)?;
-        matmul(model, rec, &layer.a1, &[], &s.mix, 4 * tc, &s.mid, ma, da, t)?;
-        matmul(model, rec, &layer.a2, &[], &s.mid, ma, &s.lora, tc, c, t)?;
+        let mut first = vec![product(&layer.w1, 1, mw, dw, ACT_TANH), product(&layer.a1, 4, ma, da, 0)];
+        let mut second = vec![
+            Product { w: &layer.w2, x_off: mw, y_off: 0, y_stride: c, flags: 0 },
+            Product { w: &layer.a2, x_off: ma, y_off: tc, y_stride: c, flags: 0 },
+        ];
         if l > 0 {
-            // The value-residual path is unused in block 0.
-            matmul(model, rec, &layer.v1, &[], &s.mix, 3 * tc, &s.mid, mv, dv, t)?;
-            matmul(model, rec, &layer.v2, &[], &s.mid, mv, &s.lora, 2 * tc, c, t)?;
+            first.push(product(&layer.v1, 3, mv, dv, 0));
+            second.push(Product { w: &layer.v2, x_off: mv, y_off: 2 * tc, y_stride: c, flags: 0 });
         }
-        matmul(model, rec, &layer.g1, &["ACT_SIGMOID"], &s.mix, 5 * tc, &s.mid, mg, dg, t)?;
-        matmul(model, rec, &layer.g2, &[], &s.mid, mg, &s.lora, 3 * tc, c, t)?;
+        first.push(product(&layer.g1, 5, mg, dg, ACT_SIGMOID));
+        second.push(Product { w: &layer.g2, x_off: mg, y_off: 3 * tc, y_stride: c, flags: 0 });
+        matmuls(model, rec, &first, &s.mix, &s.mid, t)?;
+        matmuls(model, rec, &second, &s.mid, &s.lora, t)?;
         let k = |slot: usize| (slot * c) as u32;
         let p = WkvParams {
             c: c as u32, t_total: t as u32, n_seq: 1, first_layer: u32::from(l == 0), slot_stride: stride as u32,
@@ -385,13 +438,13 @@ fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &
             Binding::whole(&s.rkv), Binding::whole(&s.lora), Binding::whole(&layer.consts), Binding::whole(&s.seqs),
             Binding::whole(&s.v_first), Binding::whole(state), Binding::whole(&s.att),
         ], (cfg.n_head as u32, 1, 1));
-        matmul(model, rec, &layer.output, &["ADD"], &s.att, 0, &s.x, 0, c, t)?;
+        matmul(model, rec, &layer.output, ADD, &s.att, 0, &s.x, 0, c, t)?;
         // Channel mix.
         layer_norm(model, rec, &s.x, &layer.consts, consts::LN2_W, consts::LN2_B, &s.xn, t, 0)?;
         let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: 1, mix_off: (consts::FFN_MIX * c) as u32, state_off: c as u32, slot_stride: stride as u32, _pad: [0; 2] };
         rec.dispatch(&shift1, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, 1, 1));
-        matmul(model, rec, &layer.ffn_key, &["ACT_RELU_SQ"], &s.mix, 0, &s.ffn, 0, cfg.ffn_size, t)?;
-        matmul(model, rec, &layer.ffn_value, &["ADD"], &s.ffn, 0, &s.x, 0, c, t)?;
+        matmul(model, rec, &layer.ffn_key, ACT_RELU_SQ, &s.mix, 0, &s.ffn, 0, cfg.ffn_size, t)?;
+        matmul(model, rec, &layer.ffn_value, ADD, &s.ffn, 0, &s.x, 0, c, t)?;
     }
     Ok(())
 }

@@ -268,13 +268,13 @@ impl Model {
         saved::save(self, path)
     }
 
-    /// A copy of a whole device buffer in host memory.
-    pub(crate) fn download(&self, buffer: &wgpu::Buffer) -> Result<Vec<u8>> {
-        let staging = self.staging(buffer.size())?;
+    /// A copy of `size` bytes of a device buffer from `offset`, in host memory.
+    pub(crate) fn download(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
+        let staging = self.staging(size)?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
         self.ctx.queue.submit([encoder.finish()]);
-        crate::gpu::recorder::read_buffer(&self.ctx, &staging, buffer.size())
+        crate::gpu::recorder::read_buffer(&self.ctx, &staging, size)
     }
 
     fn staging(&self, size: u64) -> Result<wgpu::Buffer> {

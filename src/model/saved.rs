@@ -149,8 +149,8 @@ impl Item<'_> {
         match self {
             Item::Matrix16 { matrix, transposed, .. } => {
                 let mut out = Vec::with_capacity(matrix.m * matrix.k * 2);
-                for (buffer, _, rows) in &matrix.chunks {
-                    out.extend_from_slice(&model.download(buffer)?[..rows * matrix.k * 2]);
+                for chunk in &matrix.chunks {
+                    out.extend(model.download(&chunk.buffer, (chunk.word_off * 4) as u64, matrix.chunk_bytes(chunk))?);
                 }
                 if !*transposed {
                     return Ok(out);
@@ -172,11 +172,11 @@ impl Item<'_> {
                 let scale_row = blocks.div_ceil(2) * 4;
                 let mut codes = Vec::with_capacity(matrix.m * code_bytes);
                 let mut scales = Vec::with_capacity(matrix.m * blocks * 2);
-                for (buffer, _, rows) in &matrix.chunks {
-                    let raw = model.download(buffer)?;
-                    let (c, s) = raw.split_at(rows * code_bytes);
+                for chunk in &matrix.chunks {
+                    let raw = model.download(&chunk.buffer, (chunk.word_off * 4) as u64, matrix.chunk_bytes(chunk))?;
+                    let (c, s) = raw.split_at(chunk.rows * code_bytes);
                     codes.extend_from_slice(c);
-                    for r in 0..*rows {
+                    for r in 0..chunk.rows {
                         scales.extend_from_slice(&s[r * scale_row..r * scale_row + blocks * 2]);
                     }
                 }
@@ -184,7 +184,7 @@ impl Item<'_> {
                 Ok(codes)
             }
             Item::Vectors { buffer, vectors } => {
-                let raw = model.download(buffer)?;
+                let raw = model.download(buffer, 0, buffer.size())?;
                 let c = model.config.n_embd;
                 let mut out = Vec::with_capacity(vectors.len() * c * 4);
                 for (_, slot, _) in vectors {

@@ -85,18 +85,38 @@ impl WeightFormat {
     }
 }
 
+/// Rows `row0..row0 + rows` of a matrix, from word `word_off` of `buffer` (several
+/// matrices may share one buffer, so that one dispatch serves them all).
+pub struct Chunk {
+    pub buffer: wgpu::Buffer,
+    pub word_off: usize,
+    pub row0: usize,
+    pub rows: usize,
+}
+
 /// A weight matrix [m, k] on the device.
 pub struct Matrix {
     pub m: usize,
     pub k: usize,
     pub format: WeightFormat,
-    /// (buffer, first row, rows) for each row chunk.
-    pub chunks: Vec<(wgpu::Buffer, usize, usize)>,
+    pub chunks: Vec<Chunk>,
 }
 
 impl Matrix {
+    pub fn chunk_bytes(&self, chunk: &Chunk) -> u64 {
+        (chunk.rows * self.format.row_bytes(self.k)) as u64
+    }
+
     pub fn device_bytes(&self) -> u64 {
-        self.chunks.iter().map(|(b, _, _)| b.size()).sum()
+        self.chunks.iter().map(|c| self.chunk_bytes(c)).sum()
+    }
+
+    /// The buffer holding the whole matrix, if it is one chunk.
+    pub fn single(&self) -> Option<&Chunk> {
+        match self.chunks.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
     }
 }
 
@@ -332,7 +352,7 @@ impl Loader<'_> {
             }
             let upload = self.upload(name, &bytes)?;
             let buffer = if quantize { self.quantize(name, &upload, rows, k, format)? } else { upload };
-            chunks.push((buffer, r0, rows));
+            chunks.push(Chunk { buffer, word_off: 0, row0: r0, rows });
             r0 += rows;
         }
         if quantize {
@@ -366,10 +386,47 @@ impl Loader<'_> {
                 bytes.extend_from_slice(row);
                 bytes.resize(bytes.len() + (scale_words * 4 - row.len()), 0); // an odd block count leaves a half word
             }
-            chunks.push((self.upload(name, &bytes)?, r0, rows));
+            chunks.push(Chunk { buffer: self.upload(name, &bytes)?, word_off: 0, row0: r0, rows });
             r0 += rows;
         }
         Ok(Matrix { m, k, format, chunks })
+    }
+
+    /// Moves matrices that are each one chunk of the same format into one buffer, one
+    /// after another, so that a single dispatch computes them all (shaders/matmul.wgsl
+    /// groups). Left as they are when any is split or the whole would not fit a binding.
+    fn share_buffer(&mut self, label: &str, matrices: &mut [&mut Matrix]) -> Result<()> {
+        let format = matrices[0].format;
+        if matrices.iter().any(|m| m.single().is_none() || m.format != format) {
+            return Ok(());
+        }
+        let total: u64 = matrices.iter().map(|m| m.device_bytes()).sum();
+        if total > self.ctx.max_binding {
+            return Ok(());
+        }
+        let device = &self.ctx.device;
+        let shared = self.ctx.scoped(&format!("allocating {label} ({total} bytes)"), || {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: total,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        let mut at = 0u64;
+        for m in matrices.iter_mut() {
+            let bytes = m.device_bytes();
+            let chunk = &mut m.chunks[0];
+            encoder.copy_buffer_to_buffer(&chunk.buffer, (chunk.word_off * 4) as u64, &shared, at, bytes);
+            self.device_bytes -= chunk.buffer.size();
+            chunk.buffer = shared.clone();
+            chunk.word_off = (at / 4) as usize;
+            at += bytes;
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        self.device_bytes += total;
+        Ok(())
     }
 
     /// Quantizes `rows` rows of fp16 pairs into a new buffer of `format`, on the device.
@@ -419,7 +476,7 @@ impl Loader<'_> {
             let refs: Vec<(&str, usize)> = names.iter().map(|(s, o, _)| (s.as_str(), *o)).collect();
             let consts = self.consts(&n("consts"), &refs, COUNT)?;
             let q = self.quant.layers.get(i).copied().flatten();
-            layers.push(Layer {
+            let mut layer = Layer {
                 consts,
                 receptance: self.matrix_as(&n("att.receptance.weight"), c, c, false, q)?,
                 key: self.matrix_as(&n("att.key.weight"), c, c, false, q)?,
@@ -435,7 +492,13 @@ impl Loader<'_> {
                 g2: self.matrix(&n("att.g2"), c, cfg.lora_g, true)?,
                 ffn_key: self.matrix_as(&n("ffn.key.weight"), f, c, false, q)?,
                 ffn_value: self.matrix_as(&n("ffn.value.weight"), c, f, false, q)?,
-            });
+            };
+            // Matrices the forward pass runs together share a buffer (one dispatch each).
+            let l = &mut layer;
+            self.share_buffer(&n("att.rkv"), &mut [&mut l.receptance, &mut l.key, &mut l.value])?;
+            self.share_buffer(&n("att.lora1"), &mut [&mut l.w1, &mut l.a1, &mut l.v1, &mut l.g1])?;
+            self.share_buffer(&n("att.lora2"), &mut [&mut l.w2, &mut l.a2, &mut l.v2, &mut l.g2])?;
+            layers.push(layer);
         }
         let head = self.matrix_as("head.weight", v, c, false, self.quant.head)?;
         // A saved model keeps the fingerprint of the checkpoint it was made from, so states

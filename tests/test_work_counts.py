@@ -1,0 +1,76 @@
+"""The work a forward pass records, counted by the runtime itself (`_m.last_stats()`:
+queue submissions, compute dispatches, read-backs), so that fusions cannot silently
+regress. Per layer, decode and each prefill chunk record 11 dispatches:
+
+    ln1, token shift (6 mixes), r/k/v (one grouped matmul), the four low-rank first
+    stages (one), their second stages (one), wkv7, output (+ residual), ln2, token shift
+    (ffn), ffn key (relu^2), ffn value (+ residual)
+
+plus ln0 once per chunk and ln_out + one head matmul per head row chunk for the tokens
+whose logits are read. Target (issue 6): at most 16 per layer for decode, one
+submission and one read-back per generated token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import DATA, open_model
+
+PER_LAYER = 11
+TINY = DATA / "tiny-rwkv7" / "model.safetensors"
+
+
+@pytest.fixture(scope="module", params=["fp16", "int8", "nf4"])
+def model(request):
+    return open_model(TINY, dtype=request.param)
+
+
+def stats(model):
+    submissions, dispatches, readbacks = model._m.last_stats()
+    return submissions, dispatches, readbacks
+
+
+def test_decode_step_counts(model):
+    layers = model.config["n_layer"]
+    state = model.new_state()
+    model.forward([5], state)
+    submissions, dispatches, readbacks = stats(model)
+    assert (submissions, readbacks) == (1, 1)
+    assert dispatches == PER_LAYER * layers + 3  # + ln0, ln_out, head
+    assert (dispatches - 3) / layers <= 16
+
+
+def test_prefill_counts_per_chunk(model):
+    layers = model.config["n_layer"]
+    state = model.new_state()
+    model.forward(list(range(300)), state)  # chunks of 256 + 44 tokens
+    submissions, dispatches, readbacks = stats(model)
+    assert (submissions, readbacks) == (2, 1)
+    assert dispatches == 2 * (PER_LAYER * layers + 1) + 2
+    model.prefill(list(range(10)), state)
+    assert stats(model) == (1, PER_LAYER * layers + 1, 0)
+
+
+def test_split_matrices_fall_back_to_one_dispatch_per_chunk():
+    """With a 64 KiB binding limit the tiny model's r/k/v (3 x 32 KiB) no longer share a
+    buffer and its ffn matrices and head ([512, 128] fp16 = 128 KiB) are split: more
+    dispatches, one submission, the same logits."""
+    small = open_model(TINY, max_binding=65536)
+    whole = open_model(TINY)
+    a, b = small.new_state(), whole.new_state()
+    np.testing.assert_array_equal(small.forward([1, 2, 3], a), whole.forward([1, 2, 3], b))
+    layers = small.config["n_layer"]
+    # Per layer: r, k, v apart (+2), ffn key and value in two chunks each (+2); head +1.
+    assert stats(small) == (1, stats(whole)[1] + 4 * layers + 1, 1)
+
+
+def test_scratch_does_not_grow_with_the_prompt():
+    """A prefill of 512 tokens that wants the last logits holds the same scratch as a
+    one-token call (benches/memory.py relies on this)."""
+    m = open_model(TINY)
+    m.forward([1], m.new_state())
+    one = m.memory()["scratch"]
+    m.forward(list(range(512)), m.new_state())
+    assert m.memory()["scratch"] == one
