@@ -84,6 +84,9 @@ def main() -> int:
     for key, value in mem.items():
         print(f"  {key:13s} {value / 1e9:8.4f} GB")
     print(f"  {'total':13s} {sum(mem.values()) / 1e9:8.4f} GB  (model.memory())")
+    report = model._m.allocator_report()
+    if report:
+        print(f"  device allocator: {report[0] / 1e9:.4f} GB in live allocations, {report[1] / 1e9:.4f} GB of memory blocks held")
     nvml = nvml_process_bytes()
     if nvml:
         print(f"  NVML process memory {nvml / 1e9:.4f} GB")

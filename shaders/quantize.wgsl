@@ -11,8 +11,8 @@
 struct Params {
     m: u32,
     k: u32,
-    s_off: u32, // first word of the scales in dst
-    _pad: u32,
+    s_off: u32,   // first word of the scales in dst
+    dst_off: u32, // first word of the codes in dst (matrices may share a buffer)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -77,7 +77,7 @@ fn quantize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
                 }
                 word |= (bitcast<u32>(q) & 0xffu) << (8u * e);
             }
-            dst[row * (p.k / 4u) + block * 16u + g] = word;
+            dst[p.dst_off + row * (p.k / 4u) + block * 16u + g] = word;
         }
 #else
         let scale = to_f16(absmax);
@@ -90,7 +90,7 @@ fn quantize(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
                 }
                 word |= code << (4u * e);
             }
-            dst[row * (p.k / 8u) + block * 8u + g] = word;
+            dst[p.dst_off + row * (p.k / 8u) + block * 8u + g] = word;
         }
 #endif
         scales[half] = scale;

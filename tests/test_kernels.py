@@ -298,3 +298,22 @@ def test_wkv7(n, first_layer):
     np.testing.assert_allclose(got_state, want_state, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(got_vf, want_vf.astype(np.float32))  # copied or untouched: exact
+
+
+# ---- argmax: one workgroup per head row chunk, folded into a running best ----
+
+def test_argmax_over_chunks_takes_the_first_of_equal_maxima():
+    rng = np.random.default_rng(13)
+    logits = rand(rng, 1000)
+    logits[[5, 400, 777]] = 9.0  # ties across chunks: the lowest index wins
+    logits[900] = -np.inf
+    chunks = [(0, 300), (300, 301), (601, 399)]  # chunk boundaries off any power of two
+    best = np.array([0xDEADBEEF, 0], np.uint32)  # the first chunk must overwrite it
+    for i, (row0, rows) in enumerate(chunks):
+        _, best = run_kernel("argmax", [], "argmax", [rows, row0, int(i == 0)], [logits[row0:row0 + rows], best], (1, 1, 1))
+    assert best[0] == 5 and best[1:].view(np.float32)[0] == 9.0
+    # Only -inf and one finite value: the finite one.
+    only = np.full(600, -np.inf, np.float32)
+    only[599] = -1e30
+    _, got = run_kernel("argmax", [], "argmax", [600, 0, 1], [only, np.zeros(2, np.uint32)], (1, 1, 1))
+    assert got[0] == 599

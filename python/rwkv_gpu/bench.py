@@ -1,26 +1,34 @@
 """Prefill and generation speed: `python -m rwkv_gpu.bench`.
 
-pp<N>: prefill of N random tokens from a fresh state, logits for the last token only.
-tg<N>: N single-token steps, each reading the full f32 logits back and taking the next
-token from them (argmax), as published tables do. ttft<N>: time to the first token of a
-generation (prompt of N tokens fed, logits read, token drawn), from a fresh state and
-with a StateCache that holds all but the last 16 prompt tokens (shown in seconds).
+pp<P>: prefill of P random tokens from a fresh state, logits for the last token only.
+tg<N>: N single-token steps, each reading the full f32 logits back to the host and
+taking the next token from them (argmax), as published tables do.
+tg<N>-argmax: the same with the next token chosen on the device (8 bytes read back).
+tg<N> @ d<D> (--depth): tg<N> after a prompt of D tokens, to show that time per token
+does not grow with the context.
+ttft<L>: time to the first token of a generation: an L-token prompt (128, or P if
+smaller) fed from a fresh state, logits read, token drawn; "cached" has a StateCache
+holding all but its last 16 tokens (shown in seconds).
 One warm-up run (shader compilation excluded), then --repetitions runs; tokens/s =
-tokens / wall time, mean ± std.
-Progress goes to stderr; the table to stdout.
+tokens / wall time, mean ± std. memory: device bytes the model holds (model.memory()).
+Progress goes to stderr; the table (or --json / --csv) to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import statistics
 import sys
 import time
 import warnings
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
-from . import Model, Sampling, StateCache, _core
+from . import Model, Sampler, Sampling, StateCache, _core
 from ._cli import add_quant_args, quant_layer_dtypes
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
@@ -28,6 +36,8 @@ SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32
 # about a minute and say so.
 SOFTWARE_SHAPE = (2, 256)
 SOFTWARE_LENGTHS = (64, 8)
+TTFT_PROMPT = 128
+CACHED_SUFFIX = 16
 
 
 def log(*parts: object) -> None:
@@ -49,7 +59,7 @@ def process_memory() -> dict[str, int]:
         return {"rss": peak, "peak_rss": peak}
 
 
-def time_runs(fn, repetitions: int) -> list[float]:
+def time_runs(fn: Callable[[], None], repetitions: int) -> list[float]:
     fn()  # warm-up: compiles the shaders, allocates scratch
     times = []
     for i in range(repetitions):
@@ -67,6 +77,110 @@ def weight_bytes_per_token(model: Model) -> int:
     return sum(mem[k] for k in ("weights_fp16", "weights_int8", "weights_nf4", "weights_f32", "head"))
 
 
+@dataclass
+class Row:
+    model: str
+    dtype: str
+    quant_int8: int
+    quant_nf4: int
+    test: str
+    mean: float
+    std: float
+    unit: str  # "t/s" or "s"
+    memory_bytes: int
+    # --profile: what one call of this test records (see tests/test_work_counts.py).
+    dispatches_per_layer: float | None = None
+    submissions_per_token: float | None = None
+    readbacks_per_token: float | None = None
+
+
+class Bench:
+    """The tests, over one model; each returns (tokens, function to time)."""
+
+    def __init__(self, model: Model, prefill: int, generate: int) -> None:
+        self.model = model
+        self.prefill = prefill
+        self.generate = generate
+        rng = np.random.default_rng(0)
+        self.vocab = model.config["vocab_size"]
+        self.prompt = [int(t) for t in rng.integers(0, self.vocab, max(prefill, TTFT_PROMPT))]
+        self.rng = rng
+
+    def pp(self) -> None:
+        self.model.forward(self.prompt[: self.prefill], self.model.new_state())
+
+    def tg(self, start: "Callable[[], object]", on_device: bool) -> Callable[[], None]:
+        model = self.model
+
+        def run() -> None:
+            state = start()
+            token = self.prompt[0]
+            for _ in range(self.generate):
+                if on_device:
+                    token = model.forward_argmax([token], state)
+                else:
+                    token = int(np.argmax(model.forward([token], state)))
+
+        return run
+
+    def ttft(self, cache: StateCache | None) -> Callable[[], None]:
+        sampler = Sampler(self.vocab, Sampling(temperature=0.0, banned_tokens=()))
+        length = min(TTFT_PROMPT, self.prefill)
+        prefix = self.prompt[: max(length - CACHED_SUFFIX, 0)]
+        if cache is not None and prefix:
+            cache.prefill(self.model, prefix)
+
+        def run() -> None:
+            if cache is None:
+                ids = self.prompt[:length]
+            else:  # a new ending each time, as a chat's next question
+                ids = prefix + [int(t) for t in self.rng.integers(0, self.vocab, length - len(prefix))]
+            # The first step of a generation (as Model.generate, without text decoding):
+            # feed the prompt (or what the cache lacks), read the logits, draw.
+            state, rest = cache.resume(self.model, ids) if cache is not None else (self.model.new_state(), ids)
+            self.model._m.generation(rest, state._core, sampler._core).step()
+
+        return run
+
+
+def counts(model: Model, fn: Callable[[], None], tokens: int, calls: int) -> tuple[float, float, float]:
+    """(dispatches per layer and chunk, submissions and read-backs per token) of `fn`'s
+    last forward call, from the runtime's own counters after running it once more: for
+    tg that is one decode step; for pp, the whole prompt in chunks (one submission each)."""
+    fn()
+    submissions, _, readbacks, layer_dispatches = model._m.last_stats()
+    per_call = tokens / calls
+    return layer_dispatches / (submissions * model.config["n_layer"]), submissions / per_call, readbacks / per_call
+
+
+def load(args: argparse.Namespace) -> tuple[Model, str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if args.model:
+            n_layer = _core.checkpoint_config(args.model)["n_layer"]
+            model = Model(args.model, adapter=args.adapter, layer_dtypes=quant_layer_dtypes(args, n_layer), quant_head=args.quant_head)
+            name = args.model
+        else:
+            n_layer, n_embd = SHAPES[args.shape]
+            probe = Model.random(1, 64, vocab_size=64, adapter=args.adapter)
+            software = probe.config["device_type"] == "cpu"
+            probe.close()
+            name = f"random {args.shape}"
+            if software and not args.full:
+                n_layer, n_embd = SOFTWARE_SHAPE
+                args.prefill_length = min(args.prefill_length, SOFTWARE_LENGTHS[0])
+                args.generation_length = min(args.generation_length, SOFTWARE_LENGTHS[1])
+                name = f"random {n_layer}x{n_embd} (shrunk)"
+                log(f"software adapter: shrinking to {n_layer} layers x {n_embd} wide, pp{args.prefill_length}, "
+                    f"tg{args.generation_length} (--full to keep the requested size)")
+            log(f"building {name} ({n_layer} layers, {n_embd} wide) ...")
+            model = Model.random(n_layer, n_embd, vocab_size=65536, adapter=args.adapter,
+                                 layer_dtypes=quant_layer_dtypes(args, n_layer), quant_head=bool(args.quant_head))
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        log(f"warning: {message}")
+    return model, name
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint to load (.pth or .safetensors); default: random weights")
@@ -74,112 +188,95 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--prefill-length", type=int, default=512)
     ap.add_argument("-n", "--generation-length", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
+    ap.add_argument("--depth", default="0", help="comma-separated prompt lengths to measure tg after (e.g. 0,4096,16384)")
     add_quant_args(ap)
     ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
     ap.add_argument("--full", action="store_true", help="on a software adapter, keep the requested shape and lengths")
+    ap.add_argument("--profile", action="store_true", help="also count dispatches, submissions and read-backs per test")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    out.add_argument("--csv", action="store_true", help="print CSV instead of a markdown table")
     args = ap.parse_args(argv)
-    if args.prefill_length < 1 or args.generation_length < 1 or args.repetitions < 1:
-        ap.error("lengths and repetitions must be at least 1")
+    try:
+        depths = sorted({int(d) for d in args.depth.split(",") if d.strip()})
+    except ValueError:
+        ap.error(f"--depth takes comma-separated integers, got {args.depth!r}")
+    if args.prefill_length < 1 or args.generation_length < 1 or args.repetitions < 1 or any(d < 0 for d in depths):
+        ap.error("lengths and repetitions must be at least 1, depths at least 0")
 
-    def layer_dtypes(n_layer: int) -> list[str] | None:
-        return quant_layer_dtypes(args, n_layer)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if args.model:
-            n_layer = _core.checkpoint_config(args.model)["n_layer"]
-            model = Model(args.model, adapter=args.adapter, layer_dtypes=layer_dtypes(n_layer), quant_head=args.quant_head)
-            name = args.model
-        else:
-            n_layer, n_embd = SHAPES[args.shape]
-            probe = Model.random(1, 64, vocab_size=64, adapter=args.adapter)
-            software = probe.config["device_type"] == "cpu"
-            probe.close()
-            pp, tg = args.prefill_length, args.generation_length
-            name = f"random {args.shape} ({n_layer} layers, {n_embd} wide)"
-            if software and not args.full:
-                n_layer, n_embd = SOFTWARE_SHAPE
-                pp, tg = min(pp, SOFTWARE_LENGTHS[0]), min(tg, SOFTWARE_LENGTHS[1])
-                name = f"random {n_layer} layers x {n_embd} (shrunk for a software adapter)"
-                log(f"software adapter: shrinking to {n_layer} layers x {n_embd} wide, pp{pp}, tg{tg} (--full to keep the requested size)")
-                args.prefill_length, args.generation_length = pp, tg
-            log(f"building {name} ...")
-            model = Model.random(n_layer, n_embd, vocab_size=65536, adapter=args.adapter,
-                                 layer_dtypes=layer_dtypes(n_layer), quant_head=args.quant_head)
-    for message in dict.fromkeys(str(w.message) for w in caught):
-        log(f"warning: {message}")
-
+    model, name = load(args)
+    bench = Bench(model, args.prefill_length, args.generation_length)
     cfg = model.config
-    rng = np.random.default_rng(0)
-    vocab = cfg["vocab_size"]
-    prompt = rng.integers(0, vocab, args.prefill_length)
-
-    def prefill() -> None:
-        model.forward(prompt, model.new_state())
-
-    state_holder: dict[str, object] = {}
-
-    def generate() -> None:
-        state = model.new_state()
-        token = int(prompt[0])
-        for _ in range(args.generation_length):
-            logits = model.forward([token], state)
-            token = int(np.argmax(logits))
-        state_holder["state"] = state
-
-    greedy = Sampling(temperature=0.0, banned_tokens=())
-    suffix_length = min(16, args.prefill_length - 1)
-    prefix = [int(t) for t in prompt[: args.prefill_length - suffix_length]]
-    cache = StateCache(max_entries=4)
-
-    def first_token(cache: StateCache | None, ids: list[int]) -> None:
-        # One generation step: feed the prompt (or what the cache lacks), read, draw.
-        model._run(ids, None, 1, greedy, (), (), cache)._core.step()
-
-    def ttft_fresh() -> None:
-        first_token(None, [int(t) for t in prompt])
-
-    def ttft_cached() -> None:
-        suffix = [int(t) for t in rng.integers(0, vocab, suffix_length)]
-        first_token(cache, prefix + suffix)
-
-    if suffix_length > 0:
-        cache.prefill(model, prefix)
-
-    rows = []
-    tests = [
-        (f"pp{args.prefill_length}", prefill, args.prefill_length),
-        (f"tg{args.generation_length}", generate, args.generation_length),
-        (f"ttft{args.prefill_length}", ttft_fresh, 1),
-    ]
-    if suffix_length > 0:
-        tests.append((f"ttft{args.prefill_length} cached {len(prefix)}", ttft_cached, 1))
-    for test, fn, tokens in tests:
-        log(f"{test}:")
-        times = time_runs(fn, args.repetitions)
-        # Rates for throughput tests, seconds for latency (ttft) tests.
-        values = times if test.startswith("ttft") else [tokens / t for t in times]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        rows.append((test, statistics.mean(values), std))
-
-    if suffix_length > 0:
-        log(f"StateCache: {cache.hits} hits, {cache.tokens_saved} prompt tokens not fed again")
-    mem = model.memory()
-    total_gb = sum(mem.values()) / 1e9
-    print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
-    print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {vocab} | dtype {cfg['dtype']}")
-    print()
     formats = model.weight_formats()
     n_int8 = sum(formats.get(f"blocks.{i}.att.key") == "int8" for i in range(cfg["n_layer"]))
     n_nf4 = sum(formats.get(f"blocks.{i}.att.key") == "nf4" for i in range(cfg["n_layer"]))
-    print(f"weight bytes read per token: {weight_bytes_per_token(model) / 1e6:.1f} MB (every matrix once; "
-          f"embedding row from the host)")
+    label = f"L{cfg['n_layer']} C{cfg['n_embd']}"
+    p, n = args.prefill_length, args.generation_length
+
+    tests: list[tuple[str, Callable[[], None], int, int, str]] = [  # name, fn, tokens, forward calls, unit
+        (f"pp{p}", bench.pp, p, 1, "t/s"),
+    ]
+    for depth in depths:
+        if depth == 0:
+            start = model.new_state
+            suffix = ""
+        else:
+            log(f"feeding a {depth}-token context for tg @ d{depth} ...")
+            context = model.new_state()
+            ids = np.random.default_rng(depth).integers(0, bench.vocab, depth)
+            model.prefill(ids, context)
+            start = context.clone
+            suffix = f" @ d{depth}"
+        tests.append((f"tg{n}{suffix}", bench.tg(start, on_device=False), n, n, "t/s"))
+        tests.append((f"tg{n}-argmax{suffix}", bench.tg(start, on_device=True), n, n, "t/s"))
+    ttft_len = min(TTFT_PROMPT, p)
+    tests.append((f"ttft{ttft_len}", bench.ttft(None), 1, 1, "s"))
+    if ttft_len > CACHED_SUFFIX:
+        tests.append((f"ttft{ttft_len} cached {ttft_len - CACHED_SUFFIX}", bench.ttft(StateCache(max_entries=4)), 1, 1, "s"))
+
+    rows = []
+    for test, fn, tokens, calls, unit in tests:
+        log(f"{test}:")
+        times = time_runs(fn, args.repetitions)
+        values = times if unit == "s" else [tokens / t for t in times]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        row = Row(label, cfg["dtype"], n_int8, n_nf4, test, statistics.mean(values), std, unit, sum(model.memory().values()))
+        if args.profile and unit == "t/s":
+            row.dispatches_per_layer, row.submissions_per_token, row.readbacks_per_token = counts(model, fn, tokens, calls)
+        rows.append(row)
+
+    host = process_memory()
+    info = {
+        "adapter": cfg["adapter"], "backend": cfg["backend"], "device_type": cfg["device_type"], "driver": cfg["driver"],
+        "model": name, "n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "vocab_size": cfg["vocab_size"],
+        "weight_bytes_per_token": weight_bytes_per_token(model), "memory": model.memory(), "peak_host_rss": host["peak_rss"],
+    }
+    if args.json:
+        print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
+        return 0
+    if args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+        return 0
+    print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
+    print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']}")
+    print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
+          f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")
     print()
-    print("| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |")
-    print("| --- | --- | ---: | ---: | --- | ---: | ---: |")
-    for test, mean, std in rows:
-        unit = " s" if test.startswith("ttft") else ""
-        print(f"| L{cfg['n_layer']} C{cfg['n_embd']} | {cfg['dtype']} | {n_int8} | {n_nf4} | {test} | {mean:.2f} ± {std:.2f}{unit} | {total_gb:.3f} GB |")
+    profile = " dispatches/layer | submissions/token | read-backs/token |" if args.profile else ""
+    print(f"| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |{profile}")
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: |" + (" ---: | ---: | ---: |" if args.profile else ""))
+    for r in rows:
+        unit = " s" if r.unit == "s" else ""
+        line = f"| {r.model} | {r.dtype} | {r.quant_int8} | {r.quant_nf4} | {r.test} | {r.mean:.2f} ± {r.std:.2f}{unit} | {r.memory_bytes / 1e9:.3f} GB |"
+        if args.profile:
+            cells = [r.dispatches_per_layer, r.submissions_per_token, r.readbacks_per_token]
+            line += "".join(" - |" if v is None else f" {v:.2f} |" for v in cells)
+        print(line)
+    if args.profile:
+        print()
+        print("Per-kernel GPU time (timestamp queries) is not measured yet.")
     return 0
 
 

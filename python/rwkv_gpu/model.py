@@ -279,6 +279,13 @@ class Model:
             return logits.reshape(len(ids), -1).copy()
         return logits.copy()
 
+    def forward_argmax(self, tokens: Tokens, state: State) -> int:
+        """Feeds `tokens` like `forward` and returns the id of the last token's largest
+        logit, chosen on the device (greedy decoding; 8 bytes read back instead of the
+        whole vocabulary). Ties go to the lowest id, as numpy.argmax."""
+        self._check_state(state)
+        return int(self._m.forward_argmax(_token_list(tokens), state._core))
+
     def prefill(self, tokens: Tokens, state: State) -> None:
         """Advances `state` through `tokens` without computing any logits."""
         self._check_state(state)

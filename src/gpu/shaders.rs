@@ -15,10 +15,11 @@ pub enum Kernel {
     Matmul,
     Wkv7,
     Quantize,
+    Argmax,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 5] = [Kernel::LayerNorm, Kernel::TokenShift, Kernel::Matmul, Kernel::Wkv7, Kernel::Quantize];
+    pub const ALL: [Kernel; 6] = [Kernel::LayerNorm, Kernel::TokenShift, Kernel::Matmul, Kernel::Wkv7, Kernel::Quantize, Kernel::Argmax];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -27,6 +28,7 @@ impl Kernel {
             Kernel::Matmul => "matmul",
             Kernel::Wkv7 => "wkv7",
             Kernel::Quantize => "quantize",
+            Kernel::Argmax => "argmax",
         }
     }
 
@@ -41,6 +43,7 @@ impl Kernel {
             Kernel::Matmul => include_str!("../../shaders/matmul.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Quantize => include_str!("../../shaders/quantize.wgsl"),
+            Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),
         }
     }
 
@@ -57,6 +60,7 @@ impl Kernel {
                 .collect(),
             Kernel::Wkv7 => vec![d(&[("HEAD_SIZE", "64u")]), d(&[("HEAD_SIZE", "32u")])],
             Kernel::Quantize => vec![d(&[("INT8", "")]), d(&[("NF4", "")])],
+            Kernel::Argmax => vec![vec![]],
         }
     }
 }

@@ -25,6 +25,9 @@ pub enum Want {
     HiddenLast,
     /// Every token's final normalised hidden state, [T, C].
     HiddenAll,
+    /// The index of the last token's largest logit, chosen on the device (one value,
+    /// the u32 index in f32 bits; see `Model::forward_argmax`).
+    Argmax,
 }
 
 impl Want {
@@ -68,6 +71,10 @@ const ADD: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
+struct ArgmaxParams { rows: u32, row0: u32, first: u32, _pad: u32 }
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
 struct WkvParams {
     c: u32, t_total: u32, n_seq: u32, first_layer: u32, slot_stride: u32, wkv_off: u32,
     w0: u32, a0: u32, v0: u32, k_k: u32, k_a: u32, r_k: u32, lnx_w: u32, lnx_b: u32, eps: f32, _pad: u32,
@@ -87,6 +94,7 @@ pub struct Scratch {
     v_first: wgpu::Buffer, // (T, C)
     ffn: wgpu::Buffer,     // (T, F)
     seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32
+    best: wgpu::Buffer,    // (2) u32: argmax index and value bits
     /// One logits buffer per head row chunk: (logits_tokens, rows), grown on demand up to
     /// head_tokens, so that calls wanting one token's logits never hold a chunk's worth.
     logits: Vec<wgpu::Buffer>,
@@ -144,6 +152,7 @@ fn allocate(model: &Model) -> Result<Scratch> {
             v_first: make("v_first", t * c),
             ffn: make("ffn", t * cfg.ffn_size),
             seqs: make("seqs", MAX_SEQS * 4),
+            best: make("argmax", 2),
             logits,
             logits_tokens: 1,
             head_tokens,
@@ -158,7 +167,7 @@ fn allocate(model: &Model) -> Result<Scratch> {
 
 impl Scratch {
     fn activation_bytes(&self) -> u64 {
-        [&self.emb, &self.x, &self.xn, &self.mix, &self.rkv, &self.mid, &self.lora, &self.att, &self.v_first, &self.ffn, &self.seqs]
+        [&self.emb, &self.x, &self.xn, &self.mix, &self.rkv, &self.mid, &self.lora, &self.att, &self.v_first, &self.ffn, &self.seqs, &self.best]
             .iter()
             .map(|b| b.size())
             .sum::<u64>()
@@ -300,12 +309,13 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
 
         let mut rec = Recorder::new(ctx);
         record_layers(model, &mut rec, s, &page.layers, t)?;
+        stats.layer_dispatches += rec.counts.dispatches - 1; // all but ln0
 
         // Head (or final norm): only the rows that are wanted.
         let head_rows: Vec<usize> = match want {
             Want::None => vec![],
-            Want::Last | Want::HiddenLast if last_chunk => vec![t - 1],
-            Want::Last | Want::HiddenLast => vec![],
+            Want::Last | Want::HiddenLast | Want::Argmax if last_chunk => vec![t - 1],
+            Want::Last | Want::HiddenLast | Want::Argmax => vec![],
             Want::All | Want::HiddenAll => (0..t).collect(),
         };
         let out_tokens = head_rows.len();
@@ -320,6 +330,25 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
             let raw = read_buffer(ctx, &staging, bytes)?;
             stats.readbacks += 1;
             logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&raw));
+        } else if out_tokens > 0 && want == Want::Argmax {
+            let staging = ensure_staging(model, s, 8)?;
+            layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, 1, head_rows[0])?;
+            let head = &model.weights.head;
+            let argmax = model.pipelines.get(Kernel::Argmax, "argmax", &[])?;
+            for (i, chunk) in head.chunks.iter().enumerate() {
+                let product = Product { w: head, x_off: 0, y_off: 0, y_stride: chunk.rows, flags: 0 };
+                let group = MatGroup { y_off: 0, ..product.group(chunk) };
+                matmul_dispatch(model, &mut rec, &chunk.buffer, head.format, &[group], &s.xn, &s.logits[i], 1)?;
+                let params = ArgmaxParams { rows: chunk.rows as u32, row0: chunk.row0 as u32, first: u32::from(i == 0), _pad: 0 };
+                rec.dispatch(&argmax, &params, vec![Binding::whole(&s.logits[i]), Binding::whole(&s.best)], (1, 1, 1));
+            }
+            rec.copy(Copy { src: s.best.clone(), src_offset: 0, dst: staging.clone(), dst_offset: 0, size: 8 });
+            let counts = rec.submit(ctx, &mut s.uniform)?;
+            stats.submissions += 1;
+            stats.dispatches += counts.dispatches;
+            let raw = read_buffer(ctx, &staging, 8)?;
+            stats.readbacks += 1;
+            logits.push(f32::from_bits(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])));
         } else if out_tokens > 0 {
             let staging_size = (out_tokens * v * 4) as u64;
             let staging = ensure_staging(model, s, staging_size)?;

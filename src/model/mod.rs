@@ -1,6 +1,7 @@
 //! The RWKV-7 model on the device: weights, state pool, and the forward pass plan.
 
 pub mod config;
+mod load;
 pub mod random;
 pub mod saved;
 pub mod state;
@@ -22,7 +23,8 @@ use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
 use crate::loader::{self, Checkpoint};
 use forward::Scratch;
 use state::StatePool;
-use weights::{Loader, Weights};
+use load::Loader;
+use weights::Weights;
 
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -32,6 +34,8 @@ pub struct CallStats {
     pub submissions: usize,
     pub dispatches: usize,
     pub readbacks: usize,
+    /// Dispatches recorded for the layers (ln0 and the head excluded), all chunks.
+    pub layer_dispatches: usize,
 }
 
 pub struct Model {
@@ -101,12 +105,7 @@ impl Model {
         let quant = quant.resolve(config.n_layer)?;
         let ctx = GpuContext::new(options)?;
         let pipelines = Pipelines::new(ctx.clone());
-        let total = ck.names().len();
-        let weights = Loader {
-            ctx: &ctx, pipelines: &pipelines, quant: &quant, ck, config: &config, device_bytes: 0,
-            fingerprint: 0xcbf2_9ce4_8422_2325, progress, done: 0, total,
-        }
-        .load()?;
+        let weights = Loader::new(&ctx, &pipelines, &quant, ck, &config, progress).load()?;
         let pool = StatePool::new(ctx.clone(), &config)?;
         Ok(Model {
             pipelines,
@@ -151,6 +150,14 @@ impl Model {
         let (logits, stats) = forward::run(self, &mut scratch, state, tokens, want)?;
         *self.last_stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
         Ok(logits)
+    }
+
+    /// Feeds `tokens` and returns the index of the last token's largest logit, found on
+    /// the device (lowest index among ties, as numpy.argmax): greedy decoding without
+    /// reading the logits back.
+    pub fn forward_argmax(&self, state: &State, tokens: &[u32]) -> Result<u32> {
+        let out = self.forward(state, tokens, Want::Argmax)?;
+        Ok(out[0].to_bits())
     }
 
     /// The final normalised hidden state (the head's input) of each token list, each fed

@@ -222,6 +222,14 @@ impl PyModel {
         Ok(PyBytes::new(py, bytemuck::cast_slice(&logits)))
     }
 
+    /// Feeds `tokens`; the last token's argmax, chosen on the device.
+    fn forward_argmax(&self, py: Python<'_>, tokens: Vec<i64>, state: &PyState) -> PyResult<u32> {
+        let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
+        let m = self.inner.clone();
+        let s = state.inner.clone();
+        py.detach(move || m.forward_argmax(&s, &tokens)).map_err(to_py)
+    }
+
     /// (att_shift, wkv, ffn_shift) as f32 bytes.
     fn state_to_host<'py>(&self, py: Python<'py>, state: &PyState) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let m = self.inner.clone();
@@ -303,10 +311,17 @@ impl PyModel {
         self.inner.memory()
     }
 
-    /// Counts from the last forward call: submissions, dispatches, read-backs.
-    fn last_stats(&self) -> (usize, usize, usize) {
+    /// The device memory allocator's view (Vulkan/DX12): (bytes in live allocations,
+    /// bytes of the memory blocks it holds, holes included); None where not reported.
+    fn allocator_report(&self) -> Option<(u64, u64)> {
+        self.inner.ctx.device.generate_allocator_report().map(|r| (r.total_allocated_bytes, r.total_reserved_bytes))
+    }
+
+    /// Counts from the last forward call: submissions (one per chunk), dispatches,
+    /// read-backs, and the dispatches of the layers alone (ln0 and the head excluded).
+    fn last_stats(&self) -> (usize, usize, usize, usize) {
         let s = *self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner());
-        (s.submissions, s.dispatches, s.readbacks)
+        (s.submissions, s.dispatches, s.readbacks, s.layer_dispatches)
     }
 
     /// The formats the matrices ended up in: [(name, format)] for each layer matrix and the head.

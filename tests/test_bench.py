@@ -1,0 +1,63 @@
+"""`python -m rwkv_gpu.bench` on the tiny model: the rows, the output formats and the
+--profile counts (not its timings, which say nothing on a software adapter)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA
+
+TINY = str(DATA / "tiny-rwkv7" / "model.safetensors")
+ARGS = ["--model", TINY, "-p", "20", "-n", "3", "-r", "2", "--depth", "0,16"]
+
+
+def bench(*extra):
+    done = subprocess.run([sys.executable, "-m", "rwkv_gpu.bench", *ARGS, *extra], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def table():
+    return bench("--profile")
+
+
+def test_table_rows_and_profile_counts(table):
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("adapter: ") and "backend: " in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    assert lines[header].split("|")[1:8] == [" model ", " dtype ", " quant_int8 ", " quant_nf4 ", " test ", " t/s ", " memory "]
+    rows = {cells[5].strip(): cells for cells in (line.split("|") for line in lines[header + 2:] if line.startswith("|"))}
+    assert list(rows) == ["pp20", "tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16", "ttft20", "ttft20 cached 4"]
+    for test, cells in rows.items():
+        mean, _, std = cells[6].split()[:3]
+        assert float(mean) > 0 and float(std) >= 0
+        assert cells[2].strip() == "fp16" and cells[7].strip().endswith("GB")
+    # Decode: 11 dispatches per layer, one submission and one read-back per token.
+    for test in ("tg3", "tg3-argmax", "tg3 @ d16"):
+        assert [float(c) for c in rows[test][8:11]] == [11.0, 1.0, 1.0], test
+    # Prefill of 20 tokens: one chunk, one read-back of the last logits.
+    assert [float(c) for c in rows["pp20"][8:11]] == [11.0, 1 / 20, 1 / 20]
+    # Progress and warnings go to stderr, never into the table.
+    assert "run 1/2" in table.stderr and "run 1/2" not in table.stdout
+
+
+def test_json_and_csv_carry_the_same_rows():
+    data = json.loads(bench("--json").stdout)
+    assert data["info"]["n_layer"] == 2 and data["info"]["memory"]["head"] > 0
+    assert data["info"]["weight_bytes_per_token"] > data["info"]["memory"]["head"]
+    assert [r["test"] for r in data["rows"]][:3] == ["pp20", "tg3", "tg3-argmax"]
+    rows = list(csv.DictReader(io.StringIO(bench("--csv").stdout)))
+    assert [r["test"] for r in rows] == [r["test"] for r in data["rows"]]
+    assert all(float(r["mean"]) > 0 for r in rows)
+
+
+def test_bad_arguments_are_refused():
+    done = subprocess.run([sys.executable, "-m", "rwkv_gpu.bench", *ARGS[:2], "--depth", "x"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--depth takes comma-separated integers" in done.stderr
