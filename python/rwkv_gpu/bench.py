@@ -153,6 +153,25 @@ def counts(model: Model, fn: Callable[[], None], tokens: int, calls: int) -> tup
     return layer_dispatches / (submissions * model.config["n_layer"]), submissions / per_call, readbacks / per_call
 
 
+def kernel_profile(model: Model, fn: Callable[[], None]) -> dict[str, dict[str, float]] | None:
+    """GPU time per kernel variant of `fn`'s last forward call (one decode step for tg,
+    the whole prompt for pp), from timestamp queries around each dispatch (each in its
+    own compute pass while profiling); None where the device has no timestamp queries."""
+    if not model._m.set_profiling(True):
+        model._m.set_profiling(False)
+        return None
+    try:
+        fn()
+    finally:
+        model._m.set_profiling(False)
+    out: dict[str, dict[str, float]] = {}
+    for name, ns in model._m.last_profile():
+        entry = out.setdefault(name, {"calls": 0, "us": 0.0})
+        entry["calls"] += 1
+        entry["us"] += ns / 1e3
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["us"]))
+
+
 def load(args: argparse.Namespace) -> tuple[Model, str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -235,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         tests.append((f"ttft{ttft_len} cached {ttft_len - CACHED_SUFFIX}", bench.ttft(StateCache(max_entries=4)), 1, 1, "s"))
 
     rows = []
+    profiles: dict[str, dict[str, dict[str, float]] | None] = {}
     for test, fn, tokens, calls, unit in tests:
         log(f"{test}:")
         times = time_runs(fn, args.repetitions)
@@ -243,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         row = Row(label, cfg["dtype"], n_int8, n_nf4, test, statistics.mean(values), std, unit, sum(model.memory().values()))
         if args.profile and unit == "t/s":
             row.dispatches_per_layer, row.submissions_per_token, row.readbacks_per_token = counts(model, fn, tokens, calls)
+            if test in (f"pp{p}", f"tg{n}"):
+                profiles[test] = kernel_profile(model, fn)
         rows.append(row)
 
     host = process_memory()
@@ -251,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": name, "n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "vocab_size": cfg["vocab_size"],
         "weight_bytes_per_token": weight_bytes_per_token(model), "memory": model.memory(), "peak_host_rss": host["peak_rss"],
     }
+    if args.profile:
+        info["kernel_profile"] = profiles
     if args.json:
         print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
         return 0
@@ -274,9 +298,19 @@ def main(argv: list[str] | None = None) -> int:
             cells = [r.dispatches_per_layer, r.submissions_per_token, r.readbacks_per_token]
             line += "".join(" - |" if v is None else f" {v:.2f} |" for v in cells)
         print(line)
-    if args.profile:
+    for test, profile in profiles.items():
         print()
-        print("Per-kernel GPU time (timestamp queries) is not measured yet.")
+        if profile is None:
+            print(f"{test}: no per-kernel GPU times (the adapter has no timestamp queries)")
+            continue
+        total = sum(e["us"] for e in profile.values())
+        what = "one decode step" if test.startswith("tg") else "one call"
+        print(f"GPU time per kernel, {test} ({what}; each dispatch timed alone): {total:.1f} µs")
+        print()
+        print("| kernel | dispatches | µs | share |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, e in profile.items():
+            print(f"| {name} | {e['calls']:.0f} | {e['us']:.1f} | {100 * e['us'] / total:.1f}% |")
     return 0
 
 

@@ -225,6 +225,8 @@ pub struct GpuContext {
     pub uniform_offset_alignment: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
+    /// Timestamp queries are available: profiles report GPU time per dispatch.
+    pub timestamps: bool,
     pub warnings: Vec<String>,
     uncaptured: Arc<Mutex<Option<String>>>,
     lost: Arc<Mutex<Option<String>>>,
@@ -249,12 +251,20 @@ impl GpuContext {
         if subgroups {
             features |= wgpu::Features::SUBGROUP;
         }
+        // Only for profiling (`Recorder::profile`); nothing else depends on it.
+        let timestamps = available.contains(wgpu::Features::TIMESTAMP_QUERY);
+        if timestamps {
+            features |= wgpu::Features::TIMESTAMP_QUERY;
+        }
         // The real limits, not the WebGPU defaults: big models need big bindings.
         let limits = adapter.limits();
         let desc = wgpu::DeviceDescriptor {
             label: Some("rwkv-gpu"),
             required_features: features,
             required_limits: limits.clone(),
+            // Weights are allocated once, at load: small allocator blocks waste less
+            // memory in the last, partly filled one than the default 128-256 MiB blocks.
+            memory_hints: wgpu::MemoryHints::MemoryUsage,
             ..Default::default()
         };
         let (device, queue) = block_on(adapter.request_device(&desc)).map_err(|e| {
@@ -292,6 +302,7 @@ impl GpuContext {
             uniform_offset_alignment: limits.min_uniform_buffer_offset_alignment,
             shader_f16,
             subgroups,
+            timestamps,
             warnings,
             uncaptured,
             lost,

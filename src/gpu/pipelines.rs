@@ -10,9 +10,17 @@ use crate::error::{Error, Result};
 
 type Key = (Kernel, &'static str, Vec<(String, String)>);
 
+/// A compiled kernel variant and its name ("matmul:matvec WEIGHT_INT8 WEIGHT_QUANT"),
+/// which profiles report GPU time under.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub raw: wgpu::ComputePipeline,
+    pub name: Arc<str>,
+}
+
 pub struct Pipelines {
     ctx: Arc<GpuContext>,
-    cache: Mutex<HashMap<Key, wgpu::ComputePipeline>>,
+    cache: Mutex<HashMap<Key, Pipeline>>,
 }
 
 impl Pipelines {
@@ -21,7 +29,7 @@ impl Pipelines {
     }
 
     /// Flags (`"ADD"`) and valued defines (`"N_MIX=6u"`) in one list.
-    pub fn get(&self, kernel: Kernel, entry: &'static str, defines: &[&str]) -> Result<wgpu::ComputePipeline> {
+    pub fn get(&self, kernel: Kernel, entry: &'static str, defines: &[&str]) -> Result<Pipeline> {
         let mut defs: Vec<(String, String)> = defines
             .iter()
             .map(|d| match d.split_once('=') {
@@ -55,6 +63,16 @@ impl Pipelines {
                 })
             })
             .map_err(|e| Error::Shader { kernel: label.clone(), message: e.to_string() })?;
+        let mut name = format!("{}:{}", kernel.name(), entry);
+        for (k, v) in &key.2 {
+            name.push(' ');
+            name.push_str(k);
+            if !v.is_empty() {
+                name.push('=');
+                name.push_str(v.trim_end_matches('u'));
+            }
+        }
+        let pipeline = Pipeline { raw: pipeline, name: name.into() };
         cache.insert(key, pipeline.clone());
         Ok(pipeline)
     }

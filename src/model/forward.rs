@@ -308,6 +308,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
         ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&seq_table));
 
         let mut rec = Recorder::new(ctx);
+        rec.profile = model.profiling.load(std::sync::atomic::Ordering::Relaxed);
         record_layers(model, &mut rec, s, &page.layers, t)?;
         stats.layer_dispatches += rec.counts.dispatches - 1; // all but ln0
 
@@ -324,9 +325,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
             let staging = ensure_staging(model, s, bytes)?;
             layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, out_tokens, head_rows[0])?;
             rec.copy(Copy { src: s.xn.clone(), src_offset: 0, dst: staging.clone(), dst_offset: 0, size: bytes });
-            let counts = rec.submit(ctx, &mut s.uniform)?;
-            stats.submissions += 1;
-            stats.dispatches += counts.dispatches;
+            stats.add(rec.submit(ctx, &mut s.uniform)?);
             let raw = read_buffer(ctx, &staging, bytes)?;
             stats.readbacks += 1;
             logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&raw));
@@ -343,9 +342,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
                 rec.dispatch(&argmax, &params, vec![Binding::whole(&s.logits[i]), Binding::whole(&s.best)], (1, 1, 1));
             }
             rec.copy(Copy { src: s.best.clone(), src_offset: 0, dst: staging.clone(), dst_offset: 0, size: 8 });
-            let counts = rec.submit(ctx, &mut s.uniform)?;
-            stats.submissions += 1;
-            stats.dispatches += counts.dispatches;
+            stats.add(rec.submit(ctx, &mut s.uniform)?);
             let raw = read_buffer(ctx, &staging, 8)?;
             stats.readbacks += 1;
             logits.push(f32::from_bits(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])));
@@ -371,9 +368,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
                 }
                 done += n;
             }
-            let counts = rec.submit(ctx, &mut s.uniform)?;
-            stats.submissions += 1;
-            stats.dispatches += counts.dispatches;
+            stats.add(rec.submit(ctx, &mut s.uniform)?);
             let raw = read_buffer(ctx, &staging, staging_size)?;
             stats.readbacks += 1;
             let values: &[f32] = bytemuck::cast_slice(&raw);
@@ -395,9 +390,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: 
             }
             logits.extend(out);
         } else {
-            let counts = rec.submit(ctx, &mut s.uniform)?;
-            stats.submissions += 1;
-            stats.dispatches += counts.dispatches;
+            stats.add(rec.submit(ctx, &mut s.uniform)?);
         }
     }
     if want == Want::None {

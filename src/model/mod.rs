@@ -29,13 +29,25 @@ use weights::Weights;
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Counts from the last forward call, for profiling and for tests that guard them.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct CallStats {
     pub submissions: usize,
     pub dispatches: usize,
     pub readbacks: usize,
     /// Dispatches recorded for the layers (ln0 and the head excluded), all chunks.
     pub layer_dispatches: usize,
+    /// With profiling on and timestamp queries available: GPU nanoseconds per dispatch,
+    /// under the kernel variant's name, in order.
+    pub timings: Vec<(std::sync::Arc<str>, f64)>,
+}
+
+impl CallStats {
+    /// Counts one submission.
+    fn add(&mut self, counts: crate::gpu::recorder::Counts) {
+        self.submissions += 1;
+        self.dispatches += counts.dispatches;
+        self.timings.extend(counts.timings);
+    }
 }
 
 pub struct Model {
@@ -49,6 +61,8 @@ pub struct Model {
     scratch: Mutex<Option<Scratch>>,
     pub id: u64,
     pub last_stats: Mutex<CallStats>,
+    /// Time every dispatch on the GPU (see `Recorder::profile`); off by default.
+    pub profiling: std::sync::atomic::AtomicBool,
 }
 
 /// What the caller asks for: one format for every layer or one per layer, and the head's.
@@ -116,6 +130,7 @@ impl Model {
             scratch: Mutex::new(None),
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             last_stats: Mutex::new(CallStats::default()),
+            profiling: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

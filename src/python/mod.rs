@@ -320,8 +320,22 @@ impl PyModel {
     /// Counts from the last forward call: submissions (one per chunk), dispatches,
     /// read-backs, and the dispatches of the layers alone (ln0 and the head excluded).
     fn last_stats(&self) -> (usize, usize, usize, usize) {
-        let s = *self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner());
         (s.submissions, s.dispatches, s.readbacks, s.layer_dispatches)
+    }
+
+    /// Turns per-dispatch GPU timing on or off; returns whether the device can time
+    /// (timestamp queries).
+    fn set_profiling(&self, on: bool) -> bool {
+        self.inner.profiling.store(on, std::sync::atomic::Ordering::Relaxed);
+        self.inner.ctx.timestamps
+    }
+
+    /// [(kernel variant, GPU nanoseconds)] for each dispatch of the last forward call
+    /// made with profiling on (empty without timestamp queries).
+    fn last_profile(&self) -> Vec<(String, f64)> {
+        let s = self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.timings.iter().map(|(name, ns)| (name.to_string(), *ns)).collect()
     }
 
     /// The formats the matrices ended up in: [(name, format)] for each layer matrix and the head.
