@@ -114,3 +114,19 @@ def test_profiling_times_every_dispatch():
     assert kernels == {"layer_norm", "token_shift", "matmul", "wkv7"}
     assert any("WEIGHT_NF4" in name for name, _ in profile)
     assert all(ns >= 0 for _, ns in profile) and sum(ns for _, ns in profile) > 0
+
+
+def test_scratch_bytes_follow_the_plan():
+    """Scratch for one chunk of T tokens, exactly: the residual, the mixes, r/k/v, the
+    low-rank hidden and v_first; one buffer for emb/xn/att and one for lora/ffn (never
+    alive at the same time); the sequence table and argmax result; one token's logits
+    and its read-back buffer."""
+    m = open_model(TINY)
+    m.forward([1], m.new_state())
+    cfg = m.config
+    c, f, v = cfg["n_embd"], cfg["ffn_size"], cfg["vocab_size"]
+    dsum = sum(cfg["lora_widths"])
+    widest = max(6 * c, f, dsum)
+    t = min(256, cfg["max_binding"] // (4 * widest))
+    floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f)
+    assert m.memory()["scratch"] == 4 * floats + 64 * 16 + 16 + 2 * 4 * v

@@ -262,9 +262,11 @@ impl GpuContext {
             label: Some("rwkv-gpu"),
             required_features: features,
             required_limits: limits.clone(),
-            // Weights are allocated once, at load: small allocator blocks waste less
-            // memory in the last, partly filled one than the default 128-256 MiB blocks.
-            memory_hints: wgpu::MemoryHints::MemoryUsage,
+            // Weights are allocated once, at load. With small allocator blocks, every
+            // buffer above 4 MiB (all big matrices) gets memory of exactly its size,
+            // instead of leaving the tail of a shared 128-256 MiB block unused; the
+            // small ones share 4 MiB blocks.
+            memory_hints: wgpu::MemoryHints::Manual { suballocated_device_memory_block_size: (4 << 20)..(4 << 20) },
             ..Default::default()
         };
         let (device, queue) = block_on(adapter.request_device(&desc)).map_err(|e| {

@@ -81,18 +81,26 @@ struct WkvParams {
 }
 
 /// Activations for up to `tokens` tokens, allocated once and reused.
+///
+/// Buffers whose contents are never alive at the same time share memory (each is read
+/// only by dispatches recorded before the next write of the other):
+/// - `emb`, `xn` and `att`: emb is consumed by ln0 before ln1 first writes xn; xn lives
+///   from ln1 (ln2) to the token shift after it, att from wkv7 to the output projection,
+///   which fall between them.
+/// - `lora` and `ffn`: lora lives from the low-rank second stages to wkv7, ffn from
+///   ffn key to ffn value; the next layer's low-rank stages come after.
 pub struct Scratch {
     pub tokens: usize,
-    emb: wgpu::Buffer,     // (T, C) embedding rows from the host
+    emb: wgpu::Buffer,     // (T, C) embedding rows from the host (shares xn's memory)
     x: wgpu::Buffer,       // (T, C) residual stream
     xn: wgpu::Buffer,      // (T, C) normalised
     mix: wgpu::Buffer,     // (6, T, C) token-shifted mixes
     rkv: wgpu::Buffer,     // (3, T, C)
     mid: wgpu::Buffer,     // (T, Dw + Da + Dv + Dg) low-rank hidden
     lora: wgpu::Buffer,    // (4, T, C) low-rank outputs w, a, v, g
-    att: wgpu::Buffer,     // (T, C) time-mix output
+    att: wgpu::Buffer,     // (T, C) time-mix output (shares xn's memory)
     v_first: wgpu::Buffer, // (T, C)
-    ffn: wgpu::Buffer,     // (T, F)
+    ffn: wgpu::Buffer,     // (T, F) (shares lora's memory)
     seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32
     best: wgpu::Buffer,    // (2) u32: argmax index and value bits
     /// One logits buffer per head row chunk: (logits_tokens, rows), grown on demand up to
@@ -139,18 +147,20 @@ fn allocate(model: &Model) -> Result<Scratch> {
     let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
     ctx.scoped("allocating scratch activations", || {
         let logits: Vec<wgpu::Buffer> = model.weights.head.chunks.iter().map(|c| make("logits", c.rows)).collect();
+        let xn = make("emb rows / xn / att", t * c);
+        let lora = make("lora / ffn", t * (4 * c).max(cfg.ffn_size));
         let mut s = Scratch {
             tokens: t,
-            emb: make("emb rows", t * c),
+            emb: xn.clone(),
             x: make("x", t * c),
-            xn: make("xn", t * c),
+            xn: xn.clone(),
             mix: make("mix", 6 * t * c),
             rkv: make("rkv", 3 * t * c),
             mid: make("lora hidden", t * dsum),
-            lora: make("lora", 4 * t * c),
-            att: make("att", t * c),
+            lora: lora.clone(),
+            att: xn,
             v_first: make("v_first", t * c),
-            ffn: make("ffn", t * cfg.ffn_size),
+            ffn: lora,
             seqs: make("seqs", MAX_SEQS * 4),
             best: make("argmax", 2),
             logits,
@@ -166,12 +176,15 @@ fn allocate(model: &Model) -> Result<Scratch> {
 }
 
 impl Scratch {
+    /// Bytes of the distinct buffers (shared ones counted once).
     fn activation_bytes(&self) -> u64 {
-        [&self.emb, &self.x, &self.xn, &self.mix, &self.rkv, &self.mid, &self.lora, &self.att, &self.v_first, &self.ffn, &self.seqs, &self.best]
-            .iter()
-            .map(|b| b.size())
-            .sum::<u64>()
-            + self.logits.iter().map(|b| b.size()).sum::<u64>()
+        let mut distinct: Vec<&wgpu::Buffer> = Vec::new();
+        for b in [&self.emb, &self.x, &self.xn, &self.mix, &self.rkv, &self.mid, &self.lora, &self.att, &self.v_first, &self.ffn, &self.seqs, &self.best] {
+            if !distinct.contains(&b) {
+                distinct.push(b);
+            }
+        }
+        distinct.iter().map(|b| b.size()).sum::<u64>() + self.logits.iter().map(|b| b.size()).sum::<u64>()
     }
 
     /// Makes the logits buffers hold `tokens` tokens (at most head_tokens).

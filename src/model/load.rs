@@ -104,13 +104,18 @@ impl<'a> Loader<'a> {
         Ok(Plan { name, m, k, format })
     }
 
-    /// Allocates the matrices of `plans`: in one buffer, one after another, when each is
-    /// one chunk of the same format and the whole fits a binding (one matmul dispatch then
-    /// computes them all), else a buffer per row chunk.
-    fn allocate(&mut self, label: &str, plans: &[Plan]) -> Result<Vec<Matrix>> {
-        let single = plans.iter().all(|p| self.rows_per_chunk(p.m, p.k) >= p.m && p.format == plans[0].format);
+    /// Whether `plans` fit one buffer: each is one chunk and the whole fits a binding.
+    fn fit_one_buffer(&self, plans: &[Plan]) -> bool {
         let total: usize = plans.iter().map(|p| p.m * p.format.row_bytes(p.k)).sum();
-        if plans.len() > 1 && single && total as u64 <= self.ctx.max_binding {
+        plans.iter().all(|p| self.rows_per_chunk(p.m, p.k) >= p.m) && total as u64 <= self.ctx.max_binding
+    }
+
+    /// Allocates the matrices of `plans`: in one buffer, one after another, when they fit
+    /// one (a matmul dispatch then computes those of one format together), else a buffer
+    /// per row chunk.
+    fn allocate(&mut self, label: &str, plans: &[Plan]) -> Result<Vec<Matrix>> {
+        if plans.len() > 1 && self.fit_one_buffer(plans) {
+            let total: usize = plans.iter().map(|p| p.m * p.format.row_bytes(p.k)).sum();
             let buffer = self.buffer(label, total as u64)?;
             let mut word = 0;
             return Ok(plans
@@ -283,33 +288,38 @@ impl<'a> Loader<'a> {
             let q = self.quant.layers.get(i).copied().flatten();
             let fp16 = Some(WeightFormat::F16);
             let layer_consts = self.buffer(&n("consts"), (consts::COUNT * c * 4) as u64)?;
-            // Matrices the forward pass runs together share a buffer (one dispatch each).
-            let rkv = [
+            // In the order the forward pass reads them. Matrices it runs together (r/k/v;
+            // the low-rank first stages; the second stages) must share a buffer to run as
+            // one dispatch: best, the whole layer is one buffer (an allocation of exactly
+            // its size, no allocator block shared with anything else).
+            let plans = [
                 self.plan(n("att.receptance.weight"), c, c, q, true)?,
                 self.plan(n("att.key.weight"), c, c, q, true)?,
                 self.plan(n("att.value.weight"), c, c, q, true)?,
-            ];
-            let first = [
                 self.plan(n("att.w1"), dw, c, fp16, false)?,
                 self.plan(n("att.a1"), da, c, fp16, false)?,
                 self.plan(n("att.v1"), dv, c, fp16, false)?,
                 self.plan(n("att.g1"), dg, c, fp16, false)?,
-            ];
-            let second = [
                 self.plan(n("att.w2"), c, dw, fp16, false)?,
                 self.plan(n("att.a2"), c, da, fp16, false)?,
                 self.plan(n("att.v2"), c, dv, fp16, false)?,
                 self.plan(n("att.g2"), c, dg, fp16, false)?,
-            ];
-            let alone = [
                 self.plan(n("att.output.weight"), c, c, q, true)?,
                 self.plan(n("ffn.key.weight"), f, c, q, true)?,
                 self.plan(n("ffn.value.weight"), c, f, q, true)?,
             ];
-            let [receptance, key, value] = take(self.allocate(&n("att.rkv"), &rkv)?);
-            let [w1, a1, v1, g1] = take(self.allocate(&n("att.lora1"), &first)?);
-            let [w2, a2, v2, g2] = take(self.allocate(&n("att.lora2"), &second)?);
-            let [output, ffn_key, ffn_value] = take(self.allocate(&n("att/ffn"), &alone)?);
+            let matrices = if self.fit_one_buffer(&plans) {
+                self.allocate(&n("weights"), &plans)?
+            } else {
+                let mut parts = self.allocate(&n("att.rkv"), &plans[..3])?;
+                parts.extend(self.allocate(&n("att.lora1"), &plans[3..7])?);
+                parts.extend(self.allocate(&n("att.lora2"), &plans[7..11])?);
+                for p in &plans[11..] {
+                    parts.push(self.allocate_one(p.m, p.k, p.format, &p.name)?);
+                }
+                parts
+            };
+            let [receptance, key, value, w1, a1, v1, g1, w2, a2, v2, g2, output, ffn_key, ffn_value] = take(matrices);
             layers.push(Layer {
                 consts: layer_consts, receptance, key, value, output, w1, w2, a1, a2, v1, v2, g1, g2, ffn_key, ffn_value,
             });
