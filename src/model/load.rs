@@ -312,8 +312,12 @@ impl<'a> Loader<'a> {
                 self.allocate(&n("weights"), &plans)?
             } else {
                 let mut parts = self.allocate(&n("att.rkv"), &plans[..3])?;
-                parts.extend(self.allocate(&n("att.lora1"), &plans[3..7])?);
-                parts.extend(self.allocate(&n("att.lora2"), &plans[7..11])?);
+                if self.fit_one_buffer(&plans[3..11]) {
+                    parts.extend(self.allocate(&n("att.lora"), &plans[3..11])?);
+                } else {
+                    parts.extend(self.allocate(&n("att.lora1"), &plans[3..7])?);
+                    parts.extend(self.allocate(&n("att.lora2"), &plans[7..11])?);
+                }
                 for p in &plans[11..] {
                     parts.push(self.allocate_one(p.m, p.k, p.format, &p.name)?);
                 }
