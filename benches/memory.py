@@ -10,7 +10,7 @@ the embedding table (it is host memory on every device). GB = 1e9 bytes.
 
 Scratch is sized by the prefill chunk (at most 256 tokens), not by the prompt, and a
 prefill that wants the last token's logits grows the logits buffer to one token only:
-`--prefill 1` allocates the same as 512 (tests/test_api.py checks this), which matters
+`--prefill 1` allocates the same as 512 (tests/test_work_counts.py checks this), which matters
 on lavapipe, where a 512-token prefill of a 2.9B model takes many minutes.
 """
 

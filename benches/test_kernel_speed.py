@@ -96,7 +96,7 @@ def matmul_kernel(device, entry, fmt, m, k, t):
     y = np.zeros(t * m, np.float32)
     defines = {"fp16": [], "int8": ["WEIGHT_QUANT", "WEIGHT_INT8"], "nf4": ["WEIGHT_QUANT", "WEIGHT_NF4"]}[fmt]
     params = [t, 0, 0, 0, m, k, 0, s_off, 0, 0, m, 0] + [0] * 24  # one group, no activation
-    groups = -(-m // 4) if entry == "matvec" else -(-m // 64) * -(-t // 64)
+    groups = -(-m // 16) if entry == "matvec" else -(-m // 64) * -(-t // 64)
     kernel = Kernel(device, "matmul", defines, entry, params, [w, x, y], (groups, 1, 1))
     return kernel, w_bytes + x.nbytes + y.nbytes, 2.0 * m * k * t
 

@@ -120,7 +120,7 @@ def test_token_shift(n_mix):
     np.testing.assert_array_equal(got_state, want_state)  # a copy of the last input: exact
 
 
-# ---- matmul: matvec grid ceil(M/4); matmul_tiled grid ceil(M/64) * ceil(T/64); z = group ----
+# ---- matmul: matvec grid ceil(M/16); matmul_tiled grid ceil(M/64) * ceil(T/64); z = group ----
 
 # MatGroup flags: activation id (bits 0-3) and ADD (bit 4), as shaders/matmul.wgsl.
 ACTS = {
@@ -142,7 +142,7 @@ def matmul_params(t, groups):
 
 
 def matmul_grid(entry, rows, t, n_groups, fold=False):
-    groups = -(-rows // 4) if entry == "matvec" else -(-rows // 64) * -(-t // 64)
+    groups = -(-rows // 16) if entry == "matvec" else -(-rows // 64) * -(-t // 64)
     return (3, -(-groups // 3), n_groups) if fold else (groups, 1, n_groups)  # the host's 2-D fold
 
 

@@ -41,6 +41,8 @@ impl Want {
 const MAX_CHUNK: usize = 256;
 /// Up to this many tokens, matrices use the matrix-vector kernel.
 const MATVEC_TOKENS: usize = 4;
+/// Rows of one matvec workgroup (`ROWS` in shaders/matmul.wgsl).
+const MATVEC_ROWS: usize = 16;
 const MAX_SEQS: usize = 64;
 
 #[repr(C)]
@@ -244,7 +246,7 @@ impl Product<'_> {
 fn matmul_dispatch(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, format: WeightFormat, groups: &[MatGroup],
                    x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
     let rows = groups.iter().map(|g| g.m as usize).max().unwrap_or(0);
-    let (entry, workgroups) = if t <= MATVEC_TOKENS { ("matvec", rows.div_ceil(4)) } else { ("matmul_tiled", rows.div_ceil(64) * t.div_ceil(64)) };
+    let (entry, workgroups) = if t <= MATVEC_TOKENS { ("matvec", rows.div_ceil(MATVEC_ROWS)) } else { ("matmul_tiled", rows.div_ceil(64) * t.div_ceil(64)) };
     let pipeline = model.pipelines.get(Kernel::Matmul, entry, format.defines())?;
     let mut params = MatParams { t: t as u32, _pad: [0; 3], groups: [MatGroup::zeroed(); MAX_GROUPS] };
     params.groups[..groups.len()].copy_from_slice(groups);
