@@ -16,7 +16,7 @@ use half::{bf16, f16};
 
 use super::config::Config;
 use super::saved;
-use super::weights::{consts, fnv, layer_vectors, to_f32, Chunk, Layer, Matrix, Weights, WeightFormat, MODEL_VECTORS, QUANT_BLOCK};
+use super::weights::{consts, fnv, layer_vectors, to_f32_into, Chunk, Layer, Matrix, Weights, WeightFormat, MODEL_VECTORS, QUANT_BLOCK};
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
 use crate::gpu::{GpuContext, Kernel, Pipelines};
@@ -48,13 +48,17 @@ pub struct Loader<'a> {
     total: usize,
     /// fp16 input of the quantize kernel, reused by every quantized row chunk.
     quant_input: Option<wgpu::Buffer>,
+    /// Host buffers reused for every tensor (its values as f32; a row chunk's 16-bit
+    /// form), so that loading does not leave a trail of freed allocations in the heap.
+    values: Vec<f32>,
+    upload: Vec<u8>,
 }
 
 impl<'a> Loader<'a> {
     pub fn new(ctx: &'a GpuContext, pipelines: &'a Pipelines, quant: &'a Quantization, ck: &'a dyn Checkpoint, config: &'a Config,
                progress: &'a mut dyn FnMut(usize, usize)) -> Self {
         let total = ck.names().len();
-        Loader { ctx, pipelines, quant, ck, config, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None }
+        Loader { ctx, pipelines, quant, ck, config, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None, values: Vec::new(), upload: Vec::new() }
     }
 
     // ---- phase 1: plan and allocate ----
@@ -142,6 +146,7 @@ impl<'a> Loader<'a> {
 
     // ---- phase 2: fill ----
 
+    /// The tensor's values as f32, in the reused `values` buffer (give it back after use).
     fn tensor(&mut self, name: &str, expect: &[usize]) -> Result<Vec<f32>> {
         let info = self.ck.info(name).ok_or_else(|| Error::load(self.ck.path(), format!("missing tensor {name:?}")))?;
         let numel: usize = expect.iter().product();
@@ -156,7 +161,10 @@ impl<'a> Loader<'a> {
         self.fingerprint = fnv(self.fingerprint, &bytes[bytes.len().saturating_sub(256)..]);
         self.done += 1;
         (self.progress)(self.done, self.total);
-        Ok(to_f32(&bytes, info.dtype))
+        let mut values = std::mem::take(&mut self.values);
+        values.clear();
+        to_f32_into(&bytes, info.dtype, &mut values);
+        Ok(values)
     }
 
     /// Sends the writes queued so far and waits for them, so that their staging memory
@@ -172,6 +180,7 @@ impl<'a> Loader<'a> {
         for &(name, slot) in parts {
             let v = self.tensor(name, &[c])?;
             all[slot * c..(slot + 1) * c].copy_from_slice(&v);
+            self.values = v;
         }
         self.ctx.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&all));
         Ok(())
@@ -196,8 +205,9 @@ impl<'a> Loader<'a> {
         } else if bf16_needed {
             matrix.format = WeightFormat::Bf16;
         }
+        let mut bytes = std::mem::take(&mut self.upload);
         for chunk in &matrix.chunks {
-            let mut bytes = Vec::with_capacity(chunk.rows * k * 2);
+            bytes.clear();
             for r in chunk.row0..chunk.row0 + chunk.rows {
                 for c in 0..k {
                     let bits = if bf16_needed { bf16::from_f32(at(r, c)).to_bits() } else { f16::from_f32(at(r, c)).to_bits() };
@@ -210,6 +220,8 @@ impl<'a> Loader<'a> {
                 self.ctx.queue.write_buffer(&chunk.buffer, (chunk.word_off * 4) as u64, &bytes);
             }
         }
+        self.upload = bytes;
+        self.values = values;
         self.flush()
     }
 
@@ -351,6 +363,8 @@ impl<'a> Loader<'a> {
         }
         self.fill("head.weight", &mut head, false)?;
         self.quant_input = None;
+        self.values = Vec::new();
+        self.upload = Vec::new();
 
         let emb_info = self.ck.info("emb.weight").ok_or_else(|| Error::load(self.ck.path(), "missing tensor \"emb.weight\""))?;
         let emb = self.ck.read("emb.weight")?.into_owned();

@@ -186,12 +186,20 @@ pub struct Weights {
 
 /// Converts raw tensor bytes to f32 values; exact for every source dtype.
 pub fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    let mut out = Vec::new();
+    to_f32_into(bytes, dtype, &mut out);
+    out
+}
+
+/// As `to_f32`, appending to `out` (which a caller may reuse across tensors).
+pub fn to_f32_into(bytes: &[u8], dtype: DType, out: &mut Vec<f32>) {
+    out.reserve(bytes.len() / dtype.size());
     match dtype {
-        DType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        DType::F16 => bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
-        DType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect(),
-        DType::I8 => bytes.iter().map(|&b| b as i8 as f32).collect(),
-        DType::U8 => bytes.iter().map(|&b| b as f32).collect(),
+        DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        DType::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+        DType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+        DType::I8 => out.extend(bytes.iter().map(|&b| b as i8 as f32)),
+        DType::U8 => out.extend(bytes.iter().map(|&b| b as f32)),
     }
 }
 
