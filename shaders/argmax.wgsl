@@ -3,19 +3,20 @@
 // in row chunks, one buffer each: one dispatch per chunk folds that chunk's best into
 // the running result in `best` (the first chunk starts it). Among equal values the lowest
 // index wins, as numpy.argmax; -inf is never chosen over a finite value.
-// One workgroup of 256 threads: each scans a strided share of the rows, then a tree
-// reduction in workgroup memory.
+// One workgroup of 256 threads per token (workgroup_id.y: tokens of several sequences
+// at once): each thread scans a strided share of the rows, then a tree reduction in
+// workgroup memory.
 
 struct Params {
     rows: u32,    // logits in this chunk
     row0: u32,    // vocabulary index of its first row
     first: u32,   // 1 for the first chunk: ignore what `best` held
-    _pad: u32,
+    out0: u32,    // `best` row of this dispatch's first token
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;      // (rows)
-@group(0) @binding(2) var<storage, read_write> best: array<u32>;  // [index, value bits]
+@group(0) @binding(1) var<storage, read> logits: array<f32>;      // (tokens, rows)
+@group(0) @binding(2) var<storage, read_write> best: array<u32>;  // (out0 + tokens, 2): index, value bits
 
 const WG: u32 = 256u;
 const NONE: u32 = 0xffffffffu;
@@ -28,11 +29,13 @@ fn better(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 }
 
 @compute @workgroup_size(256)
-fn argmax(@builtin(local_invocation_index) lid: u32) {
+fn argmax(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let base = wid.y * p.rows;
+    let out = 2u * (p.out0 + wid.y);
     var bv = 0.0;
     var bi = NONE;
     for (var r = lid; r < p.rows; r += WG) {
-        let v = logits[r];
+        let v = logits[base + r];
         if (better(v, p.row0 + r, bv, bi)) {
             bv = v;
             bi = p.row0 + r;
@@ -51,11 +54,11 @@ fn argmax(@builtin(local_invocation_index) lid: u32) {
     if (lid == 0u) {
         var v = values[0];
         var i = indices[0];
-        if (p.first == 0u && better(bitcast<f32>(best[1]), best[0], v, i)) {
-            i = best[0];
-            v = bitcast<f32>(best[1]);
+        if (p.first == 0u && better(bitcast<f32>(best[out + 1u]), best[out], v, i)) {
+            i = best[out];
+            v = bitcast<f32>(best[out + 1u]);
         }
-        best[0] = i;
-        best[1] = bitcast<u32>(v);
+        best[out] = i;
+        best[out + 1u] = bitcast<u32>(v);
     }
 }

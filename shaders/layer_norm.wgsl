@@ -1,4 +1,4 @@
-// LayerNorm over channels: y[r] = (x[row0 + r] - mean) / sqrt(var + eps) * weight + bias.
+// LayerNorm over channels: y[out_row0 + r] = (x[in_row0 + r] - mean) / sqrt(var + eps) * weight + bias.
 // One workgroup per row; two passes (mean, then centred variance) for accuracy, reduced
 // as a fixed tree in workgroup memory so results are bit-identical run to run.
 
@@ -9,14 +9,14 @@ struct Params {
     w_off: u32,    // offset of the weight vector in `consts` (bias follows at b_off)
     b_off: u32,
     eps: f32,
-    _pad0: u32,
-    _pad1: u32,
+    out_row0: u32, // first output row (lets the head gather rows of several sequences)
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // (in_rows, C)
 @group(0) @binding(2) var<storage, read> consts: array<f32>;   // packed f32 vectors
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // (rows, C)
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;  // (out_row0 + rows, C)
 
 const WG: u32 = 256u;
 var<workgroup> partial: array<f32, WG>;
@@ -44,7 +44,7 @@ fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let src = (p.in_row0 + row) * p.c;
-    let dst = row * p.c;
+    let dst = (p.out_row0 + row) * p.c;
     let inv_c = 1.0 / f32(p.c);
 
     var s = 0.0;

@@ -25,7 +25,7 @@ def bench(*extra):
 
 @pytest.fixture(scope="module")
 def table():
-    return bench("--profile")
+    return bench("--profile", "--batch", "3")
 
 
 def test_table_rows_and_profile_counts(table):
@@ -36,7 +36,7 @@ def test_table_rows_and_profile_counts(table):
     body = lines[header + 2:]
     body = body[:body.index("")] if "" in body else body  # the per-kernel tables follow a blank line
     rows = {cells[5].strip(): cells for cells in (line.split("|") for line in body)}
-    assert list(rows) == ["pp20", "tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16", "ttft20", "ttft20 cached 4"]
+    assert list(rows) == ["pp20", "tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16", "tg3 x3", "ttft20", "ttft20 cached 4"]
     for test, cells in rows.items():
         mean, _, std = cells[6].split()[:3]
         assert float(mean) > 0 and float(std) >= 0
@@ -44,8 +44,15 @@ def test_table_rows_and_profile_counts(table):
     # Decode: 11 dispatches per layer, one submission and one read-back per token.
     for test in ("tg3", "tg3-argmax", "tg3 @ d16"):
         assert [float(c) for c in rows[test][8:11]] == [11.0, 1.0, 1.0], test
+    # Three sequences: each step is one pass over the weights for all three tokens.
+    assert [float(c) for c in rows["tg3 x3"][8:11]] == [11.0, round(1 / 3, 2), round(1 / 3, 2)]
     # Prefill of 20 tokens: one chunk, one read-back of the last logits.
     assert [float(c) for c in rows["pp20"][8:11]] == [11.0, 1 / 20, 1 / 20]
+    # The bandwidth bound, and each single-sequence tg row's share of it.
+    bandwidth = next(line for line in lines if line.startswith("copy bandwidth: "))
+    assert float(bandwidth.split()[2]) > 0 and "decode bound" in bandwidth
+    shares = [line.split(":")[0] for line in lines if line.endswith("% of the bandwidth bound")]
+    assert shares == ["tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16"]
     # Per-kernel GPU times for pp and tg (lavapipe has timestamp queries).
     assert "GPU time per kernel, tg3 (one decode step" in table.stdout or "no per-kernel GPU times" in table.stdout
     # Progress and warnings go to stderr, never into the table.
@@ -56,6 +63,11 @@ def test_json_and_csv_carry_the_same_rows():
     data = json.loads(bench("--json").stdout)
     assert data["info"]["n_layer"] == 2 and data["info"]["memory"]["head"] > 0
     assert data["info"]["weight_bytes_per_token"] > data["info"]["memory"]["head"]
+    info = data["info"]
+    assert info["copy_bandwidth"] > 0
+    assert info["tg_bound"] == pytest.approx(info["copy_bandwidth"] / info["weight_bytes_per_token"])
+    tg = next(r for r in data["rows"] if r["test"] == "tg3")
+    assert tg["fraction_of_bound"] == pytest.approx(tg["mean"] / info["tg_bound"])
     assert [r["test"] for r in data["rows"]][:3] == ["pp20", "tg3", "tg3-argmax"]
     rows = list(csv.DictReader(io.StringIO(bench("--csv").stdout)))
     assert [r["test"] for r in rows] == [r["test"] for r in data["rows"]]
@@ -65,3 +77,5 @@ def test_json_and_csv_carry_the_same_rows():
 def test_bad_arguments_are_refused():
     done = subprocess.run([sys.executable, "-m", "rwkv_gpu.bench", *ARGS[:2], "--depth", "x"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--depth takes comma-separated integers" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "rwkv_gpu.bench", *ARGS[:2], "--batch", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "batch sizes must be at least 1" in done.stderr

@@ -91,6 +91,21 @@ def test_layer_norm(c, grid):
     assert np.all(got[rows] == -7.0)
 
 
+def test_layer_norm_gathers_rows_to_an_output_offset():
+    """out_row0: the head gathers the last rows of several sequences into consecutive
+    rows; rows before out_row0 and after the written ones stay untouched."""
+    rng = np.random.default_rng(21)
+    c, in_rows, rows, row0, out_row0 = 256, 9, 2, 6, 3
+    x = rand(rng, in_rows, c) + 1.0
+    consts = rand(rng, 2 * c)
+    y = np.full((out_row0 + rows + 1, c), -7.0, np.float32)
+    _, _, got = run_kernel("layer_norm", [], "layer_norm", [c, rows, row0, 0, c, 1e-5, out_row0],
+                           [x, consts, y], (rows, 1, 1))
+    want = layer_norm(x[row0:row0 + rows].astype(f64), consts[:c], consts[c:])
+    np.testing.assert_allclose(got[out_row0:out_row0 + rows], want, rtol=1e-5, atol=1e-5)  # as above
+    assert np.all(got[:out_row0] == -7.0) and np.all(got[out_row0 + rows] == -7.0)
+
+
 # ---- token_shift: grid (ceil(C/64), n_seq, 1), one thread per channel and sequence ----
 
 @pytest.mark.parametrize("n_mix", [6, 1])
@@ -317,3 +332,32 @@ def test_argmax_over_chunks_takes_the_first_of_equal_maxima():
     only[599] = -1e30
     _, got = run_kernel("argmax", [], "argmax", [600, 0, 1], [only, np.zeros(2, np.uint32)], (1, 1, 1))
     assert got[0] == 599
+
+
+def test_argmax_of_several_tokens_into_their_own_rows():
+    """workgroup_id.y = token: each token's logits row folds into best row out0 + token,
+    over two head chunks, as a batch of sequences uses it."""
+    rng = np.random.default_rng(14)
+    tokens, vocab, out0 = 3, 700, 2
+    logits = rand(rng, tokens, vocab)
+    logits[1, [10, 650]] = 50.0  # a tie across the two chunks: 10 wins
+    chunks = [(0, 333), (333, 367)]
+    best = np.full((out0 + tokens + 1, 2), 0xDEADBEEF, np.uint32)
+    for i, (row0, rows) in enumerate(chunks):
+        part = np.ascontiguousarray(logits[:, row0:row0 + rows])
+        _, best = run_kernel("argmax", [], "argmax", [rows, row0, int(i == 0), out0], [part, best], (1, tokens, 1))
+    assert best[out0:out0 + tokens, 0].tolist() == np.argmax(logits, axis=1).tolist()
+    np.testing.assert_array_equal(best[out0:out0 + tokens, 1].view(np.float32), logits.max(axis=1))
+    assert np.all(best[:out0] == 0xDEADBEEF) and np.all(best[out0 + tokens] == 0xDEADBEEF)
+
+
+# ---- copy: the bandwidth probe, one 16-byte word per thread over a 2-D grid ----
+
+def test_copy_moves_exactly_n_words():
+    rng = np.random.default_rng(15)
+    n = 1000  # 3.9 workgroups of 256: the last partly idle
+    src = rng.integers(0, 2**32, size=(n + 24, 4), dtype=np.uint32)
+    dst = np.zeros_like(src)
+    _, got = run_kernel("copy", [], "copy", [n], [src, dst], (2, 2, 1))
+    np.testing.assert_array_equal(got[:n], src[:n])
+    assert not got[n:].any()  # words past n untouched

@@ -129,9 +129,11 @@ def test_embed_batches_and_repeats(tiny_model):
     seqs = [[1, 2, 3], [400, 5], list(range(10, 60))]
     batch = tiny_model.embed(seqs, pooling="mean")
     assert batch.shape == (3, C)
+    # The texts share passes over the weights, where a short one may go through the tiled
+    # matmul instead of matvec: float rounding apart (~1e-7 on O(1) values), not bits.
     for row, seq in zip(batch, seqs):
-        np.testing.assert_array_equal(row, tiny_model.embed(seq, pooling="mean"))
-    np.testing.assert_array_equal(batch, tiny_model.embed(seqs, pooling="mean"))
+        np.testing.assert_allclose(row, tiny_model.embed(seq, pooling="mean"), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(batch, tiny_model.embed(seqs, pooling="mean"))  # the same call: the same bits
     np.testing.assert_array_equal(tiny_model.embed(np.array([1, 2, 3])), tiny_model.embed([1, 2, 3]))
 
 

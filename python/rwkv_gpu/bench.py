@@ -6,11 +6,16 @@ taking the next token from them (argmax), as published tables do.
 tg<N>-argmax: the same with the next token chosen on the device (8 bytes read back).
 tg<N> @ d<D> (--depth): tg<N> after a prompt of D tokens, to show that time per token
 does not grow with the context.
+tg<N> x<B> (--batch): B sequences generating N tokens each, one forward_batch call per
+step (each step reads the weights once for all B); t/s counts all B*N tokens.
 ttft<L>: time to the first token of a generation: an L-token prompt (128, or P if
 smaller) fed from a fresh state, logits read, token drawn; "cached" has a StateCache
 holding all but its last 16 tokens (shown in seconds).
 One warm-up run (shader compilation excluded), then --repetitions runs; tokens/s =
 tokens / wall time, mean ± std. memory: device bytes the model holds (model.memory()).
+Bandwidth bound: a copy kernel in the same run measures the bytes the device moves per
+second (read + written); weights read per token / that = the fastest a decode step can
+be, which each single-sequence tg row is given as a share of.
 Progress goes to stderr; the table (or --json / --csv) to stdout.
 """
 
@@ -38,6 +43,10 @@ SOFTWARE_SHAPE = (2, 256)
 SOFTWARE_LENGTHS = (64, 8)
 TTFT_PROMPT = 128
 CACHED_SUFFIX = 16
+# The bandwidth probe: a buffer well past any cache, copied a few times (smaller on a
+# software adapter, where a copy runs at well under 1 GB/s).
+COPY_BYTES, COPY_REPETITIONS = 256 << 20, 10
+SOFTWARE_COPY_BYTES, SOFTWARE_COPY_REPETITIONS = 16 << 20, 3
 
 
 def log(*parts: object) -> None:
@@ -92,6 +101,8 @@ class Row:
     dispatches_per_layer: float | None = None
     submissions_per_token: float | None = None
     readbacks_per_token: float | None = None
+    # Single-sequence tg rows: t/s over the bandwidth bound.
+    fraction_of_bound: float | None = None
 
 
 class Bench:
@@ -120,6 +131,19 @@ class Bench:
                     token = model.forward_argmax([token], state)
                 else:
                     token = int(np.argmax(model.forward([token], state)))
+
+        return run
+
+    def tg_batch(self, batch: int) -> Callable[[], None]:
+        """`batch` sequences, each step's logits [B, V] read back and argmaxed on the host."""
+        model = self.model
+
+        def run() -> None:
+            states = model.new_states(batch)
+            tokens = [[t] for t in self.prompt[:batch]] if batch <= len(self.prompt) else [[self.prompt[0]]] * batch
+            for _ in range(self.generate):
+                logits = model.forward_batch(tokens, states)
+                tokens = [[int(t)] for t in np.argmax(logits, axis=1)]
 
         return run
 
@@ -208,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--generation-length", type=int, default=128)
     ap.add_argument("-r", "--repetitions", type=int, default=5)
     ap.add_argument("--depth", default="0", help="comma-separated prompt lengths to measure tg after (e.g. 0,4096,16384)")
+    ap.add_argument("--batch", default="", help="comma-separated batch sizes for tg rows of several sequences (e.g. 4,16)")
     add_quant_args(ap)
     ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
     ap.add_argument("--full", action="store_true", help="on a software adapter, keep the requested shape and lengths")
@@ -220,8 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         depths = sorted({int(d) for d in args.depth.split(",") if d.strip()})
     except ValueError:
         ap.error(f"--depth takes comma-separated integers, got {args.depth!r}")
+    try:
+        batches = sorted({int(b) for b in args.batch.split(",") if b.strip()})
+    except ValueError:
+        ap.error(f"--batch takes comma-separated integers, got {args.batch!r}")
     if args.prefill_length < 1 or args.generation_length < 1 or args.repetitions < 1 or any(d < 0 for d in depths):
         ap.error("lengths and repetitions must be at least 1, depths at least 0")
+    if any(b < 1 for b in batches):
+        ap.error("batch sizes must be at least 1")
 
     model, name = load(args)
     bench = Bench(model, args.prefill_length, args.generation_length)
@@ -248,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             suffix = f" @ d{depth}"
         tests.append((f"tg{n}{suffix}", bench.tg(start, on_device=False), n, n, "t/s"))
         tests.append((f"tg{n}-argmax{suffix}", bench.tg(start, on_device=True), n, n, "t/s"))
+    for batch in batches:
+        tests.append((f"tg{n} x{batch}", bench.tg_batch(batch), batch * n, n, "t/s"))
     ttft_len = min(TTFT_PROMPT, p)
     tests.append((f"ttft{ttft_len}", bench.ttft(None), 1, 1, "s"))
     if ttft_len > CACHED_SUFFIX:
@@ -267,11 +300,21 @@ def main(argv: list[str] | None = None) -> int:
                 profiles[test] = kernel_profile(model, fn)
         rows.append(row)
 
+    software = cfg["device_type"] == "cpu"
+    copy_bytes = SOFTWARE_COPY_BYTES if software else COPY_BYTES
+    log(f"bandwidth: copying {copy_bytes >> 20} MiB ...")
+    bandwidth = model._m.copy_bandwidth(copy_bytes, SOFTWARE_COPY_REPETITIONS if software else COPY_REPETITIONS)
+    bound = bandwidth / weight_bytes_per_token(model)
+    for row in rows:
+        if row.test.startswith("tg") and " x" not in row.test:
+            row.fraction_of_bound = row.mean / bound
+
     host = process_memory()
     info = {
         "adapter": cfg["adapter"], "backend": cfg["backend"], "device_type": cfg["device_type"], "driver": cfg["driver"],
         "model": name, "n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "vocab_size": cfg["vocab_size"],
         "weight_bytes_per_token": weight_bytes_per_token(model), "memory": model.memory(), "peak_host_rss": host["peak_rss"],
+        "copy_bandwidth": bandwidth, "copy_bytes": min(copy_bytes, cfg["max_binding"]), "tg_bound": bound,
     }
     if args.profile:
         info["kernel_profile"] = profiles
@@ -287,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']}")
     print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
           f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")
+    print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + written, {info['copy_bytes'] >> 20} MiB buffer) | "
+          f"decode bound (weights per token / bandwidth): {bound:.2f} t/s")
     print()
     profile = " dispatches/layer | submissions/token | read-backs/token |" if args.profile else ""
     print(f"| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |{profile}")
@@ -298,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             cells = [r.dispatches_per_layer, r.submissions_per_token, r.readbacks_per_token]
             line += "".join(" - |" if v is None else f" {v:.2f} |" for v in cells)
         print(line)
+    print()
+    for r in rows:
+        if r.fraction_of_bound is not None:
+            print(f"{r.test}: {100 * r.fraction_of_bound:.1f}% of the bandwidth bound")
     for test, profile in profiles.items():
         print()
         if profile is None:

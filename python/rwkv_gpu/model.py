@@ -240,6 +240,18 @@ class Model:
             return self._initial.clone()
         return State(self, self._m.new_state())
 
+    def new_states(self, n: int) -> list[State]:
+        """`n` states for `forward_batch`, each as `new_state()` would give it. They share
+        one block of device memory, which lets a batch of them read the weights once per
+        step; states from separate `new_state()` calls may take one pass per block."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ShapeError(f"n must be a positive int, got {n!r}")
+        states = [State(self, core) for core in self._m.new_states(n)]
+        if self._initial is not None:
+            for state in states:
+                self._m.copy_state(self._initial._core, state._core)
+        return states
+
     @property
     def initial_state(self) -> State | None:
         return self._initial
@@ -278,6 +290,46 @@ class Model:
         if all_logits:
             return logits.reshape(len(ids), -1).copy()
         return logits.copy()
+
+    def forward_batch(self, tokens: Sequence[Tokens], states: Sequence[State], all_logits: bool = False) -> "np.ndarray | list[np.ndarray]":
+        """Feeds several sequences at once, `tokens[i]` into `states[i]`, advancing each in
+        place; the token lists may differ in length. Every step reads the weights once for
+        the whole batch (when the states come from one `new_states` call), so B sequences
+        cost little more than one on a GPU. Returns each sequence's last logits
+        (np.float32 [B, V]) or, with all_logits, a list of [T_i, V] arrays. Nothing runs
+        if any input is bad."""
+        ids, cores = self._batch(tokens, states)
+        raw = self._m.forward_batch(ids, cores, "all" if all_logits else "last")
+        logits = np.frombuffer(raw, dtype=np.float32).reshape(-1, self.config["vocab_size"])
+        if not all_logits:
+            return logits.copy()
+        ends = np.cumsum([len(t) for t in ids])[:-1]
+        return [part.copy() for part in np.split(logits, ends)]
+
+    def forward_argmax_batch(self, tokens: Sequence[Tokens], states: Sequence[State]) -> list[int]:
+        """`forward_batch` for greedy decoding: each sequence's largest-logit id, chosen
+        on the device (ties to the lowest id)."""
+        ids, cores = self._batch(tokens, states)
+        raw = self._m.forward_batch(ids, cores, "argmax")
+        return np.frombuffer(raw, dtype=np.uint32).astype(int).tolist()
+
+    def _batch(self, tokens: Sequence[Tokens], states: Sequence[State]) -> tuple[list[list[int]], list[Any]]:
+        flat = isinstance(tokens, (str, bytes)) or (isinstance(tokens, np.ndarray) and tokens.ndim != 2)
+        if flat:
+            raise ShapeError("tokens must be a list of token lists, one per sequence")
+        tokens, states = list(tokens), list(states)
+        if len(tokens) != len(states):
+            raise ShapeError(f"{len(tokens)} token lists but {len(states)} states: give one state per sequence")
+        if not tokens:
+            raise ShapeError("the batch is empty: give at least one sequence")
+        ids = []
+        for i, (t, state) in enumerate(zip(tokens, states)):
+            self._check_state(state)
+            try:
+                ids.append(_token_list(t))
+            except ShapeError as e:
+                raise ShapeError(f"sequence {i}: {e}") from None
+        return ids, [s._core for s in states]
 
     def forward_argmax(self, tokens: Tokens, state: State) -> int:
         """Feeds `tokens` like `forward` and returns the id of the last token's largest
@@ -402,7 +454,9 @@ class Model:
         """The final layer's normalised hidden state (the head's input) after the text,
         fed from a zero state: the last token's (`pooling="last"`) or the mean over all
         tokens ("mean"). A text or token list gives a float32 vector [n_embd]; a list of
-        them gives a matrix [n, n_embd], in one call. Deterministic.
+        them gives a matrix [n, n_embd], in one call; up to 16 texts share each pass over
+        the weights. Deterministic: the same call gives the same bits (a text embedded
+        alone or beside others agrees to float rounding, ~1e-7).
 
         This is a representation of the text as the language model sees it, not a
         trained sentence-embedding model: compare such vectors with care."""

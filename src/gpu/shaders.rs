@@ -16,10 +16,11 @@ pub enum Kernel {
     Wkv7,
     Quantize,
     Argmax,
+    Copy,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 6] = [Kernel::LayerNorm, Kernel::TokenShift, Kernel::Matmul, Kernel::Wkv7, Kernel::Quantize, Kernel::Argmax];
+    pub const ALL: [Kernel; 7] = [Kernel::LayerNorm, Kernel::TokenShift, Kernel::Matmul, Kernel::Wkv7, Kernel::Quantize, Kernel::Argmax, Kernel::Copy];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -29,6 +30,7 @@ impl Kernel {
             Kernel::Wkv7 => "wkv7",
             Kernel::Quantize => "quantize",
             Kernel::Argmax => "argmax",
+            Kernel::Copy => "copy",
         }
     }
 
@@ -44,6 +46,7 @@ impl Kernel {
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Quantize => include_str!("../../shaders/quantize.wgsl"),
             Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),
+            Kernel::Copy => include_str!("../../shaders/copy.wgsl"),
         }
     }
 
@@ -60,7 +63,7 @@ impl Kernel {
                 .collect(),
             Kernel::Wkv7 => vec![d(&[("HEAD_SIZE", "64u")]), d(&[("HEAD_SIZE", "32u")])],
             Kernel::Quantize => vec![d(&[("INT8", "")]), d(&[("NF4", "")])],
-            Kernel::Argmax => vec![vec![]],
+            Kernel::Argmax | Kernel::Copy => vec![vec![]],
         }
     }
 }

@@ -9,7 +9,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::weights::{consts, Chunk, Matrix, WeightFormat};
-use super::{CallStats, Model, State};
+use super::state::Page;
+use super::{CallStats, Model};
 use crate::error::Result;
 use crate::gpu::recorder::{read_buffer, Binding, Copy, Recorder};
 use crate::gpu::{GpuContext, Kernel};
@@ -31,8 +32,19 @@ pub enum Want {
 }
 
 impl Want {
-    fn hidden(self) -> bool {
-        matches!(self, Want::HiddenLast | Want::HiddenAll)
+    /// One output row per token (else one per sequence, or none).
+    pub(crate) fn per_token(self) -> bool {
+        matches!(self, Want::All | Want::HiddenAll)
+    }
+
+    /// Values in one output row.
+    pub(crate) fn width(self, cfg: &super::Config) -> usize {
+        match self {
+            Want::None => 0,
+            Want::Argmax => 1,
+            Want::HiddenLast | Want::HiddenAll => cfg.n_embd,
+            Want::Last | Want::All => cfg.vocab_size,
+        }
     }
 }
 
@@ -47,7 +59,7 @@ const MAX_SEQS: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct LnParams { c: u32, rows: u32, in_row0: u32, w_off: u32, b_off: u32, eps: f32, _pad: [u32; 2] }
+struct LnParams { c: u32, rows: u32, in_row0: u32, w_off: u32, b_off: u32, eps: f32, out_row0: u32, _pad: u32 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -73,7 +85,7 @@ const ADD: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct ArgmaxParams { rows: u32, row0: u32, first: u32, _pad: u32 }
+struct ArgmaxParams { rows: u32, row0: u32, first: u32, out0: u32 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -164,7 +176,7 @@ fn allocate(model: &Model) -> Result<Scratch> {
             v_first: make("v_first", t * c),
             ffn: lora,
             seqs: make("seqs", MAX_SEQS * 4),
-            best: make("argmax", 2),
+            best: make("argmax", 2 * MAX_SEQS),
             logits,
             logits_tokens: 1,
             head_tokens,
@@ -284,134 +296,225 @@ fn matmul(model: &Model, rec: &mut Recorder, w: &Matrix, flags: u32, x: &wgpu::B
 
 #[allow(clippy::too_many_arguments)]
 fn layer_norm(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, consts_buf: &wgpu::Buffer, w_slot: usize, b_slot: usize,
-              y: &wgpu::Buffer, rows: usize, in_row0: usize) -> Result<()> {
+              y: &wgpu::Buffer, rows: usize, in_row0: usize, out_row0: usize) -> Result<()> {
     let c = model.config.n_embd;
     let pipeline = model.pipelines.get(Kernel::LayerNorm, "layer_norm", &[])?;
-    let params = LnParams { c: c as u32, rows: rows as u32, in_row0: in_row0 as u32, w_off: (w_slot * c) as u32, b_off: (b_slot * c) as u32, eps: 1e-5, _pad: [0; 2] };
+    let params = LnParams { c: c as u32, rows: rows as u32, in_row0: in_row0 as u32, w_off: (w_slot * c) as u32, b_off: (b_slot * c) as u32, eps: 1e-5, out_row0: out_row0 as u32, _pad: 0 };
     let (gx, gy) = model.ctx.grid(rows as u32);
     rec.dispatch(&pipeline, &params, vec![Binding::whole(x), Binding::whole(consts_buf), Binding::whole(y)], (gx, gy, 1));
     Ok(())
 }
 
-/// Runs `tokens` for one sequence; the plan takes a table of sequences so that batches
-/// of several need no new kernels.
-pub fn run(model: &Model, scratch: &mut Option<Scratch>, state: &State, tokens: &[u32], want: Want) -> Result<(Vec<f32>, CallStats)> {
+/// One sequence of a call: its state slot (all sequences of a call share one state
+/// page) and the tokens to feed it.
+pub struct SeqInput<'a> {
+    pub slot: u32,
+    pub tokens: &'a [u32],
+}
+
+/// One row of a chunk's sequence table: `count` tokens of sequence `seq` at chunk rows
+/// `first..first + count`, the sequence's tokens `pos..pos + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SeqRow {
+    first: usize,
+    count: usize,
+    seq: usize,
+    pos: usize,
+}
+
+/// Packs sequences of `lens` tokens into chunks of at most `cap` tokens and `max_rows`
+/// sequences, in order: a sequence longer than the room left continues in the next
+/// chunk, so every chunk but the last is full and each sequence's tokens stay in order.
+fn plan_chunks(lens: &[usize], cap: usize, max_rows: usize) -> Vec<Vec<SeqRow>> {
+    let mut chunks = Vec::new();
+    let mut rows = Vec::new();
+    let mut used = 0;
+    for (seq, &len) in lens.iter().enumerate() {
+        let mut pos = 0;
+        while pos < len {
+            if used == cap || rows.len() == max_rows {
+                chunks.push(std::mem::take(&mut rows));
+                used = 0;
+            }
+            let count = (len - pos).min(cap - used);
+            rows.push(SeqRow { first: used, count, seq, pos });
+            used += count;
+            pos += count;
+        }
+    }
+    if !rows.is_empty() {
+        chunks.push(rows);
+    }
+    chunks
+}
+
+/// Feeds each sequence its tokens, all in the same passes over the weights: a chunk
+/// holds the tokens of every sequence that fits, back to back. Returns what `want` asks
+/// for, sequence by sequence: Last/HiddenLast/Argmax one row each, All/HiddenAll one row
+/// per token (sequence 0's tokens first).
+pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[SeqInput], want: Want) -> Result<(Vec<f32>, CallStats)> {
     if scratch.is_none() {
         *scratch = Some(allocate(model)?);
     }
     let s = scratch.as_mut().expect("allocated above");
     let cfg = &model.config;
-    let (c, v) = (cfg.n_embd, cfg.vocab_size);
+    let c = cfg.n_embd;
     let ctx: &GpuContext = &model.ctx;
     let mut stats = CallStats::default();
-    let mut logits = Vec::new();
-    let page = model.pool.page(state.0.page);
-    let slot = state.0.slot as u32;
 
-    for (chunk_index, chunk) in tokens.chunks(s.tokens).enumerate() {
-        let t = chunk.len();
-        let last_chunk = (chunk_index + 1) * s.tokens >= tokens.len();
+    let lens: Vec<usize> = seqs.iter().map(|q| q.tokens.len()).collect();
+    // Where each sequence's output rows start.
+    let per_token = want.per_token();
+    let mut out_start = Vec::with_capacity(seqs.len());
+    let mut out_rows = 0;
+    for &len in &lens {
+        out_start.push(out_rows);
+        out_rows += if per_token { len } else { 1 };
+    }
+    let mut out = vec![0f32; out_rows * want.width(cfg)];
+
+    for rows in plan_chunks(&lens, s.tokens, MAX_SEQS) {
+        let t: usize = rows.iter().map(|r| r.count).sum();
         // Upload: embedding rows (exactly converted to f32) and the sequence table.
-        let mut rows = Vec::with_capacity(t * c);
+        let mut emb = Vec::with_capacity(t * c);
         let esize = model.weights.emb_dtype.size();
-        for &tok in chunk {
-            let at = tok as usize * c * esize;
-            rows.extend(super::weights::to_f32(&model.weights.emb[at..at + c * esize], model.weights.emb_dtype));
+        for r in &rows {
+            for &tok in &seqs[r.seq].tokens[r.pos..r.pos + r.count] {
+                let at = tok as usize * c * esize;
+                emb.extend(super::weights::to_f32(&model.weights.emb[at..at + c * esize], model.weights.emb_dtype));
+            }
         }
-        ctx.queue.write_buffer(&s.emb, 0, bytemuck::cast_slice(&rows));
-        let seq_table = [0u32, t as u32, slot, 0];
-        ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&seq_table));
+        ctx.queue.write_buffer(&s.emb, 0, bytemuck::cast_slice(&emb));
+        let table: Vec<u32> = rows.iter().flat_map(|r| [r.first as u32, r.count as u32, seqs[r.seq].slot, 0]).collect();
+        ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&table));
 
         let mut rec = Recorder::new(ctx);
         rec.profile = model.profiling.load(std::sync::atomic::Ordering::Relaxed);
-        record_layers(model, &mut rec, s, &page.layers, t)?;
+        record_layers(model, &mut rec, s, &page.layers, t, rows.len())?;
         stats.layer_dispatches += rec.counts.dispatches - 1; // all but ln0
 
-        // Head (or final norm): only the rows that are wanted.
-        let head_rows: Vec<usize> = match want {
-            Want::None => vec![],
-            Want::Last | Want::HiddenLast | Want::Argmax if last_chunk => vec![t - 1],
-            Want::Last | Want::HiddenLast | Want::Argmax => vec![],
-            Want::All | Want::HiddenAll => (0..t).collect(),
+        // The chunk rows whose outputs are wanted, and where each goes in `out`.
+        let mut wanted: Vec<(usize, usize)> = Vec::new();
+        for r in &rows {
+            if per_token {
+                wanted.extend((0..r.count).map(|j| (r.first + j, out_start[r.seq] + r.pos + j)));
+            } else if want != Want::None && r.pos + r.count == lens[r.seq] {
+                wanted.push((r.first + r.count - 1, out_start[r.seq]));
+            }
+        }
+        if wanted.is_empty() {
+            stats.add(rec.submit(ctx, &mut s.uniform)?);
+            continue;
+        }
+        let values = match want {
+            Want::HiddenLast | Want::HiddenAll => record_hidden(model, &mut rec, s, &wanted)?,
+            Want::Argmax => record_argmax(model, &mut rec, s, &wanted)?,
+            _ => record_logits(model, &mut rec, s, &wanted)?,
         };
-        let out_tokens = head_rows.len();
-        if out_tokens > 0 && want.hidden() {
-            let bytes = (out_tokens * c * 4) as u64;
-            let staging = ensure_staging(model, s, bytes)?;
-            layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, out_tokens, head_rows[0])?;
-            rec.copy(Copy { src: s.xn.clone(), src_offset: 0, dst: staging.clone(), dst_offset: 0, size: bytes });
-            stats.add(rec.submit(ctx, &mut s.uniform)?);
-            let raw = read_buffer(ctx, &staging, bytes)?;
-            stats.readbacks += 1;
-            logits.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&raw));
-        } else if out_tokens > 0 && want == Want::Argmax {
-            let staging = ensure_staging(model, s, 8)?;
-            layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, 1, head_rows[0])?;
-            let head = &model.weights.head;
-            let argmax = model.pipelines.get(Kernel::Argmax, "argmax", &[])?;
-            for (i, chunk) in head.chunks.iter().enumerate() {
-                let product = Product { w: head, x_off: 0, y_off: 0, y_stride: chunk.rows, flags: 0 };
-                let group = MatGroup { y_off: 0, ..product.group(chunk) };
-                matmul_dispatch(model, &mut rec, &chunk.buffer, head.format, &[group], &s.xn, &s.logits[i], 1)?;
-                let params = ArgmaxParams { rows: chunk.rows as u32, row0: chunk.row0 as u32, first: u32::from(i == 0), _pad: 0 };
-                rec.dispatch(&argmax, &params, vec![Binding::whole(&s.logits[i]), Binding::whole(&s.best)], (1, 1, 1));
-            }
-            rec.copy(Copy { src: s.best.clone(), src_offset: 0, dst: staging.clone(), dst_offset: 0, size: 8 });
-            stats.add(rec.submit(ctx, &mut s.uniform)?);
-            let raw = read_buffer(ctx, &staging, 8)?;
-            stats.readbacks += 1;
-            logits.push(f32::from_bits(u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])));
-        } else if out_tokens > 0 {
-            let staging_size = (out_tokens * v * 4) as u64;
-            let staging = ensure_staging(model, s, staging_size)?;
-            s.ensure_logits(model, out_tokens)?;
-            let mut done = 0;
-            while done < out_tokens {
-                let n = (out_tokens - done).min(s.logits_tokens);
-                // Consecutive rows: one layer-norm dispatch for the whole group.
-                layer_norm(model, &mut rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, n, head_rows[done])?;
-                let mut col_off = 0u64;
-                let head = &model.weights.head;
-                for (i, chunk) in head.chunks.iter().enumerate() {
-                    // Each row chunk writes (n, rows) into its own logits buffer.
-                    let product = Product { w: head, x_off: 0, y_off: 0, y_stride: chunk.rows, flags: 0 };
-                    let group = MatGroup { y_off: 0, ..product.group(chunk) };
-                    matmul_dispatch(model, &mut rec, &chunk.buffer, head.format, &[group], &s.xn, &s.logits[i], n)?;
-                    let bytes = (n * chunk.rows * 4) as u64;
-                    rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: staging.clone(), dst_offset: (done * v * 4) as u64 + col_off * n as u64, size: bytes });
-                    col_off += (chunk.rows * 4) as u64;
-                }
-                done += n;
-            }
-            stats.add(rec.submit(ctx, &mut s.uniform)?);
-            let raw = read_buffer(ctx, &staging, staging_size)?;
-            stats.readbacks += 1;
-            let values: &[f32] = bytemuck::cast_slice(&raw);
-            // Staging holds, per token group, each head chunk's (n, rows) block in turn.
-            let mut out = vec![0f32; out_tokens * v];
-            let mut group_start = 0;
-            while group_start < out_tokens {
-                let n = (out_tokens - group_start).min(s.logits_tokens);
-                let mut at = group_start * v;
-                for chunk in &model.weights.head.chunks {
-                    let (row0, rows) = (chunk.row0, chunk.rows);
-                    for j in 0..n {
-                        let dst = (group_start + j) * v + row0;
-                        out[dst..dst + rows].copy_from_slice(&values[at + j * rows..at + (j + 1) * rows]);
-                    }
-                    at += n * rows;
-                }
-                group_start += n;
-            }
-            logits.extend(out);
-        } else {
-            stats.add(rec.submit(ctx, &mut s.uniform)?);
+        stats.add(rec.submit(ctx, &mut s.uniform)?);
+        let staging = s.staging.clone().expect("the head recording made it");
+        let floats = values.iter().map(|p| p.src + p.len).max().unwrap_or(0);
+        let raw = read_buffer(ctx, &staging, (floats * 4) as u64)?;
+        stats.readbacks += 1;
+        let got: &[f32] = bytemuck::cast_slice(&raw);
+        for p in values {
+            out[p.dst..p.dst + p.len].copy_from_slice(&got[p.src..p.src + p.len]);
         }
     }
     if want == Want::None {
         ctx.wait()?;
     }
-    Ok((logits, stats))
+    Ok((out, stats))
+}
+
+/// `len` values read back from `src` (f32 index in the staging buffer) go to `dst` in
+/// the call's output.
+struct Placement {
+    src: usize,
+    dst: usize,
+    len: usize,
+}
+
+/// Records the final layer norm of the `wanted` chunk rows into consecutive rows of
+/// `xn`, starting at `xn` row `out_row0`: one dispatch per run of consecutive rows.
+fn final_norm(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[(usize, usize)], out_row0: usize) -> Result<()> {
+    let mut i = 0;
+    while i < wanted.len() {
+        let mut n = 1;
+        while i + n < wanted.len() && wanted[i + n].0 == wanted[i].0 + n {
+            n += 1;
+        }
+        layer_norm(model, rec, &s.x, &model.weights.consts, consts::LNOUT_W, consts::LNOUT_B, &s.xn, n, wanted[i].0, out_row0 + i)?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// The head's final hidden states: the wanted rows' ln_out outputs, read back as they
+/// are.
+fn record_hidden(model: &Model, rec: &mut Recorder, s: &mut Scratch, wanted: &[(usize, usize)]) -> Result<Vec<Placement>> {
+    let c = model.config.n_embd;
+    let bytes = (wanted.len() * c * 4) as u64;
+    let staging = ensure_staging(model, s, bytes)?;
+    final_norm(model, rec, s, wanted, 0)?;
+    rec.copy(Copy { src: s.xn.clone(), src_offset: 0, dst: staging, dst_offset: 0, size: bytes });
+    Ok(wanted.iter().enumerate().map(|(i, &(_, dst))| Placement { src: i * c, dst: dst * c, len: c }).collect())
+}
+
+/// Each wanted row's largest logit, found on the device: the head in groups of rows that
+/// fit the logits buffers, each head row chunk folded into a running best per row.
+fn record_argmax(model: &Model, rec: &mut Recorder, s: &mut Scratch, wanted: &[(usize, usize)]) -> Result<Vec<Placement>> {
+    let bytes = (wanted.len() * 8) as u64;
+    let staging = ensure_staging(model, s, bytes)?;
+    s.ensure_logits(model, wanted.len())?;
+    let head = &model.weights.head;
+    let argmax = model.pipelines.get(Kernel::Argmax, "argmax", &[])?;
+    final_norm(model, rec, s, wanted, 0)?;
+    let mut done = 0;
+    while done < wanted.len() {
+        let n = (wanted.len() - done).min(s.logits_tokens);
+        for (i, chunk) in head.chunks.iter().enumerate() {
+            let product = Product { w: head, x_off: done * model.config.n_embd, y_off: 0, y_stride: chunk.rows, flags: 0 };
+            let group = MatGroup { y_off: 0, ..product.group(chunk) };
+            matmul_dispatch(model, rec, &chunk.buffer, head.format, &[group], &s.xn, &s.logits[i], n)?;
+            let params = ArgmaxParams { rows: chunk.rows as u32, row0: chunk.row0 as u32, first: u32::from(i == 0), out0: done as u32 };
+            rec.dispatch(&argmax, &params, vec![Binding::whole(&s.logits[i]), Binding::whole(&s.best)], (1, n as u32, 1));
+        }
+        done += n;
+    }
+    // `best` holds (index, value bits) per row; the output keeps the index, as f32 bits.
+    rec.copy(Copy { src: s.best.clone(), src_offset: 0, dst: staging, dst_offset: 0, size: bytes });
+    Ok(wanted.iter().enumerate().map(|(j, &(_, dst))| Placement { src: 2 * j, dst, len: 1 }).collect())
+}
+
+/// The wanted rows' logits, in groups of rows that fit the logits buffers; each head row
+/// chunk writes its own (n, rows) block, copied to the staging buffer in turn.
+fn record_logits(model: &Model, rec: &mut Recorder, s: &mut Scratch, wanted: &[(usize, usize)]) -> Result<Vec<Placement>> {
+    let v = model.config.vocab_size;
+    let staging = ensure_staging(model, s, (wanted.len() * v * 4) as u64)?;
+    s.ensure_logits(model, wanted.len())?;
+    let head = &model.weights.head;
+    let mut places = Vec::new();
+    let mut at = 0;
+    let mut done = 0;
+    while done < wanted.len() {
+        let n = (wanted.len() - done).min(s.logits_tokens);
+        let group_rows = &wanted[done..done + n];
+        final_norm(model, rec, s, group_rows, 0)?;
+        for (i, chunk) in head.chunks.iter().enumerate() {
+            let product = Product { w: head, x_off: 0, y_off: 0, y_stride: chunk.rows, flags: 0 };
+            let group = MatGroup { y_off: 0, ..product.group(chunk) };
+            matmul_dispatch(model, rec, &chunk.buffer, head.format, &[group], &s.xn, &s.logits[i], n)?;
+            let bytes = (n * chunk.rows * 4) as u64;
+            rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: staging.clone(), dst_offset: (at * 4) as u64, size: bytes });
+            for &(_, dst) in group_rows {
+                places.push(Placement { src: at, dst: dst * v + chunk.row0, len: chunk.rows });
+                at += chunk.rows;
+            }
+        }
+        done += n;
+    }
+    Ok(places)
 }
 
 /// The read-back buffer, grown to at least `size` bytes.
@@ -422,7 +525,7 @@ fn ensure_staging(model: &Model, s: &mut Scratch, size: u64) -> Result<wgpu::Buf
     Ok(s.staging.clone().expect("just ensured"))
 }
 
-fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &[wgpu::Buffer], t: usize) -> Result<()> {
+fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &[wgpu::Buffer], t: usize, n_seq: usize) -> Result<()> {
     let cfg = &model.config;
     let c = cfg.n_embd;
     let tc = t * c;
@@ -434,13 +537,13 @@ fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &
     let wkv = model.pipelines.get(Kernel::Wkv7, "wkv7", &[head_size.as_str()])?;
     let shift_groups = c.div_ceil(64) as u32;
 
-    layer_norm(model, rec, &s.emb, &w.consts, consts::LN0_W, consts::LN0_B, &s.x, t, 0)?;
+    layer_norm(model, rec, &s.emb, &w.consts, consts::LN0_W, consts::LN0_B, &s.x, t, 0, 0)?;
     for (l, layer) in w.layers.iter().enumerate() {
         let state = &state_layers[l];
         // Time mix.
-        layer_norm(model, rec, &s.x, &layer.consts, consts::LN1_W, consts::LN1_B, &s.xn, t, 0)?;
-        let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: 1, mix_off: (consts::ATT_MIX * c) as u32, state_off: 0, slot_stride: stride as u32, _pad: [0; 2] };
-        rec.dispatch(&shift6, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, 1, 1));
+        layer_norm(model, rec, &s.x, &layer.consts, consts::LN1_W, consts::LN1_B, &s.xn, t, 0, 0)?;
+        let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: n_seq as u32, mix_off: (consts::ATT_MIX * c) as u32, state_off: 0, slot_stride: stride as u32, _pad: [0; 2] };
+        rec.dispatch(&shift6, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, n_seq as u32, 1));
         // mix rows: 0 r, 1 w, 2 k, 3 v, 4 a, 5 g
         let product = |w, x_row: usize, y_off: usize, y_stride: usize, flags: u32| Product { w, x_off: x_row * tc, y_off, y_stride, flags };
         matmuls(model, rec, &[
@@ -467,21 +570,53 @@ fn record_layers(model: &Model, rec: &mut Recorder, s: &Scratch, state_layers: &
         matmuls(model, rec, &second, &s.mid, &s.lora, t)?;
         let k = |slot: usize| (slot * c) as u32;
         let p = WkvParams {
-            c: c as u32, t_total: t as u32, n_seq: 1, first_layer: u32::from(l == 0), slot_stride: stride as u32,
+            c: c as u32, t_total: t as u32, n_seq: n_seq as u32, first_layer: u32::from(l == 0), slot_stride: stride as u32,
             wkv_off: (2 * c) as u32, w0: k(consts::W0), a0: k(consts::A0), v0: k(consts::V0), k_k: k(consts::K_K),
             k_a: k(consts::K_A), r_k: k(consts::R_K), lnx_w: k(consts::LNX_W), lnx_b: k(consts::LNX_B), eps: 64e-5, _pad: 0,
         };
         rec.dispatch(&wkv, &p, vec![
             Binding::whole(&s.rkv), Binding::whole(&s.lora), Binding::whole(&layer.consts), Binding::whole(&s.seqs),
             Binding::whole(&s.v_first), Binding::whole(state), Binding::whole(&s.att),
-        ], (cfg.n_head as u32, 1, 1));
+        ], (cfg.n_head as u32, n_seq as u32, 1));
         matmul(model, rec, &layer.output, ADD, &s.att, 0, &s.x, 0, c, t)?;
         // Channel mix.
-        layer_norm(model, rec, &s.x, &layer.consts, consts::LN2_W, consts::LN2_B, &s.xn, t, 0)?;
-        let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: 1, mix_off: (consts::FFN_MIX * c) as u32, state_off: c as u32, slot_stride: stride as u32, _pad: [0; 2] };
-        rec.dispatch(&shift1, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, 1, 1));
+        layer_norm(model, rec, &s.x, &layer.consts, consts::LN2_W, consts::LN2_B, &s.xn, t, 0, 0)?;
+        let p = ShiftParams { c: c as u32, t_total: t as u32, n_seq: n_seq as u32, mix_off: (consts::FFN_MIX * c) as u32, state_off: c as u32, slot_stride: stride as u32, _pad: [0; 2] };
+        rec.dispatch(&shift1, &p, vec![Binding::whole(&s.xn), Binding::whole(&layer.consts), Binding::whole(&s.seqs), Binding::whole(state), Binding::whole(&s.mix)], (shift_groups, n_seq as u32, 1));
         matmul(model, rec, &layer.ffn_key, ACT_RELU_SQ, &s.mix, 0, &s.ffn, 0, cfg.ffn_size, t)?;
         matmul(model, rec, &layer.ffn_value, ADD, &s.ffn, 0, &s.x, 0, c, t)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{plan_chunks, SeqRow};
+
+    #[test]
+    fn chunks_are_full_and_sequences_stay_in_order() {
+        let lens = [5, 1, 9, 3];
+        let chunks = plan_chunks(&lens, 4, 64);
+        // 18 tokens in chunks of 4: 4 + 4 + 4 + 4 + 2.
+        assert_eq!(chunks.iter().map(|c| c.iter().map(|r| r.count).sum::<usize>()).collect::<Vec<_>>(), [4, 4, 4, 4, 2]);
+        assert_eq!(chunks[1], [SeqRow { first: 0, count: 1, seq: 0, pos: 4 }, SeqRow { first: 1, count: 1, seq: 1, pos: 0 }, SeqRow { first: 2, count: 2, seq: 2, pos: 0 }]);
+        // Every sequence's tokens appear once, in order, and rows of a chunk tile it.
+        let mut next = vec![0; lens.len()];
+        for chunk in &chunks {
+            let mut at = 0;
+            for r in chunk {
+                assert_eq!((r.first, r.pos), (at, next[r.seq]));
+                at += r.count;
+                next[r.seq] += r.count;
+            }
+        }
+        assert_eq!(next, lens);
+    }
+
+    #[test]
+    fn a_chunk_holds_at_most_max_rows_sequences() {
+        let chunks = plan_chunks(&[1; 10], 256, 4);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        assert!(plan_chunks(&[], 256, 4).is_empty());
+    }
 }

@@ -8,6 +8,7 @@ pub mod state;
 pub mod state_file;
 pub mod weights;
 mod forward;
+mod bandwidth;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,10 @@ use weights::Weights;
 
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Texts `embed` feeds in one batch at most: enough to share the weight reads, few enough
+/// that their states (21.6 MB each at 2560 wide) stay small next to the weights.
+const EMBED_BATCH: usize = 16;
+
 /// Counts from the last forward call, for profiling and for tests that guard them.
 #[derive(Debug, Default, Clone)]
 pub struct CallStats {
@@ -42,6 +47,14 @@ pub struct CallStats {
 }
 
 impl CallStats {
+    fn merge(&mut self, other: CallStats) {
+        self.submissions += other.submissions;
+        self.dispatches += other.dispatches;
+        self.readbacks += other.readbacks;
+        self.layer_dispatches += other.layer_dispatches;
+        self.timings.extend(other.timings);
+    }
+
     /// Counts one submission.
     fn add(&mut self, counts: crate::gpu::recorder::Counts) {
         self.submissions += 1;
@@ -158,13 +171,72 @@ impl Model {
     /// Feeds `tokens` through the model, advancing `state`; returns the logits asked for
     /// (`Want::Last`: [V], `Want::All`: [T, V], `Want::None`: empty).
     pub fn forward(&self, state: &State, tokens: &[u32], want: Want) -> Result<Vec<f32>> {
-        self.check_state(state)?;
-        self.check_tokens(tokens)?;
-        let _lease = state.lease()?;
+        self.forward_batch(&[(state, tokens)], want)
+    }
+
+    /// `n` fresh states on one state page (as few as fit), for `forward_batch`.
+    pub fn new_states(&self, n: usize) -> Result<Vec<State>> {
+        self.pool.allocate_many(self.id, n)
+    }
+
+    /// Feeds each state its tokens, advancing them all; sequences whose states share a
+    /// page (see `new_states`) run in the same passes over the weights. Returns, in
+    /// order, one row per sequence (Last, HiddenLast, Argmax) or one per token (All,
+    /// HiddenAll). Everything is checked before anything runs.
+    pub fn forward_batch(&self, batch: &[(&State, &[u32])], want: Want) -> Result<Vec<f32>> {
+        if batch.is_empty() {
+            return Err(Error::Shape("the batch is empty: give at least one (tokens, state) pair".into()));
+        }
+        for (i, (state, tokens)) in batch.iter().enumerate() {
+            self.check_state(state)?;
+            self.check_tokens(tokens).map_err(|e| match e {
+                Error::Shape(m) if batch.len() > 1 => Error::Shape(format!("sequence {i}: {m}")),
+                e => e,
+            })?;
+            if let Some(j) = batch[..i].iter().position(|(other, _)| other.0.page == state.0.page && other.0.slot == state.0.slot) {
+                return Err(Error::State(format!("sequences {j} and {i} use the same State; give each sequence its own")));
+            }
+        }
+        let _leases = batch.iter().map(|(state, _)| state.lease()).collect::<Result<Vec<_>>>()?;
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        let (logits, stats) = forward::run(self, &mut scratch, state, tokens, want)?;
+        // Sequences by state page, in order of first appearance.
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, (state, _)) in batch.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == state.0.page) {
+                Some(g) => g.1.push(i),
+                None => groups.push((state.0.page, vec![i])),
+            }
+        }
+        let width = want.width(&self.config);
+        let per_token = want.per_token();
+        let rows_of = |i: usize| if per_token { batch[i].1.len() } else { 1 };
+        let mut out_start = vec![0usize; batch.len()];
+        let mut total_rows = 0;
+        for (i, start) in out_start.iter_mut().enumerate() {
+            *start = total_rows;
+            total_rows += rows_of(i);
+        }
+        let mut out = if groups.len() == 1 { Vec::new() } else { vec![0f32; total_rows * width] };
+        let mut stats = CallStats::default();
+        for (page, members) in &groups {
+            let page = self.pool.page(*page);
+            let seqs: Vec<forward::SeqInput> = members.iter().map(|&i| forward::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 }).collect();
+            let (values, group_stats) = forward::run(self, &mut scratch, &page, &seqs, want)?;
+            stats.merge(group_stats);
+            if groups.len() == 1 {
+                out = values;
+            } else {
+                // Scatter this page's sequences' rows into their places.
+                let mut at = 0;
+                for &i in members {
+                    let len = rows_of(i) * width;
+                    out[out_start[i] * width..][..len].copy_from_slice(&values[at..at + len]);
+                    at += len;
+                }
+            }
+        }
         *self.last_stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
-        Ok(logits)
+        Ok(out)
     }
 
     /// Feeds `tokens` and returns the index of the last token's largest logit, found on
@@ -177,24 +249,33 @@ impl Model {
 
     /// The final normalised hidden state (the head's input) of each token list, each fed
     /// from a fresh state: the last token's, or the mean over all tokens (averaged here on
-    /// the host, in f64, as rows are read back). Returns [len(batch), C].
+    /// the host, in f64, as rows are read back). Returns [len(batch), C]. Up to
+    /// EMBED_BATCH texts share each pass over the weights.
     pub fn embed(&self, batch: &[Vec<u32>], pooling: Pooling) -> Result<Vec<f32>> {
-        for tokens in batch {
-            self.check_tokens(tokens)?;
+        for (i, tokens) in batch.iter().enumerate() {
+            self.check_tokens(tokens).map_err(|e| match e {
+                Error::Shape(m) => Error::Shape(format!("text {i}: {m}")),
+                e => e,
+            })?;
         }
         let c = self.config.n_embd;
         let mut out = Vec::with_capacity(batch.len() * c);
-        for tokens in batch {
-            let state = self.new_state()?;
+        for group in batch.chunks(EMBED_BATCH) {
+            let states = self.new_states(group.len())?;
+            let items: Vec<(&State, &[u32])> = states.iter().zip(group).map(|(s, t)| (s, t.as_slice())).collect();
             match pooling {
-                Pooling::Last => out.extend(self.forward(&state, tokens, Want::HiddenLast)?),
+                Pooling::Last => out.extend(self.forward_batch(&items, Want::HiddenLast)?),
                 Pooling::Mean => {
-                    let rows = self.forward(&state, tokens, Want::HiddenAll)?;
-                    let mut sum = vec![0f64; c];
-                    for row in rows.chunks_exact(c) {
-                        sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+                    let rows = self.forward_batch(&items, Want::HiddenAll)?;
+                    let mut at = 0;
+                    for tokens in group {
+                        let mut sum = vec![0f64; c];
+                        for row in rows[at * c..(at + tokens.len()) * c].chunks_exact(c) {
+                            sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+                        }
+                        out.extend(sum.iter().map(|s| (s / tokens.len() as f64) as f32));
+                        at += tokens.len();
                     }
-                    out.extend(sum.iter().map(|s| (s / tokens.len() as f64) as f32));
                 }
             }
         }
@@ -258,9 +339,20 @@ impl Model {
     /// A new state with a copy of `state`'s contents, copied on the device.
     pub fn clone_state(&self, state: &State) -> Result<State> {
         self.check_state(state)?;
-        let _lease = state.lease()?;
         let copy = self.new_state()?;
-        let (src, dst) = (self.pool.page(state.0.page), self.pool.page(copy.0.page));
+        self.copy_state(state, &copy)?;
+        Ok(copy)
+    }
+
+    /// Overwrites `dst` with `src`'s contents, on the device.
+    pub fn copy_state(&self, src: &State, dst: &State) -> Result<()> {
+        self.check_state(src)?;
+        self.check_state(dst)?;
+        if Arc::ptr_eq(&src.0, &dst.0) {
+            return Ok(());
+        }
+        let _leases = (src.lease()?, dst.lease()?);
+        let (from, to) = (self.pool.page(src.0.page), self.pool.page(dst.0.page));
         // wgpu forbids copying within one buffer, and both slots may share a page: go
         // through a temporary buffer holding every layer's slot.
         let bytes = self.slot_bytes();
@@ -275,13 +367,13 @@ impl Model {
         })?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         for l in 0..self.config.n_layer {
-            encoder.copy_buffer_to_buffer(&src.layers[l], state.byte_offset(&self.pool), &temp, l as u64 * bytes, bytes);
+            encoder.copy_buffer_to_buffer(&from.layers[l], src.byte_offset(&self.pool), &temp, l as u64 * bytes, bytes);
         }
         for l in 0..self.config.n_layer {
-            encoder.copy_buffer_to_buffer(&temp, l as u64 * bytes, &dst.layers[l], copy.byte_offset(&self.pool), bytes);
+            encoder.copy_buffer_to_buffer(&temp, l as u64 * bytes, &to.layers[l], dst.byte_offset(&self.pool), bytes);
         }
         self.ctx.queue.submit([encoder.finish()]);
-        Ok(copy)
+        Ok(())
     }
 
     /// Writes the model as it is held on the device (quantized matrices as codes and

@@ -17,7 +17,8 @@ pub struct Page {
 }
 
 struct PoolInner {
-    pages: Vec<Arc<Page>>,
+    /// None where a page was given back (its index may be reused).
+    pages: Vec<Option<Arc<Page>>>,
     free: Vec<(usize, usize)>,
 }
 
@@ -52,54 +53,98 @@ impl StatePool {
     }
 
     pub fn page(&self, index: usize) -> Arc<Page> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).pages[index].clone()
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.pages[index].clone().expect("a live State keeps its page")
     }
 
     pub fn device_bytes(&self) -> u64 {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.pages.iter().map(|p| (p.slots * self.n_layer * self.slot_stride * 4) as u64).sum()
+        inner.pages.iter().flatten().map(|p| (p.slots * self.n_layer * self.slot_stride * 4) as u64).sum()
     }
 
     /// A fresh, zeroed slot.
     pub fn allocate(self: &Arc<Self>, model_id: u64) -> Result<State> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.free.is_empty() {
-            // Pages double in size (1, 2, 4, ... slots) so that a single-sequence user
-            // holds exactly one state while batches still get few, large pages.
-            let slots = (1usize << inner.pages.len().min(16)).min(self.max_page_slots);
-            let size = (slots * self.slot_stride * 4) as u64;
-            let device = &self.ctx.device;
-            let layers = self.ctx.scoped("allocating a state page", || {
-                (0..self.n_layer)
-                    .map(|l| {
-                        device.create_buffer(&wgpu::BufferDescriptor {
-                            label: Some(&format!("state layer {l}")),
-                            size,
-                            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-                            mapped_at_creation: false,
-                        })
-                    })
-                    .collect::<Vec<_>>()
-            })?;
-            let page = inner.pages.len();
-            inner.pages.push(Arc::new(Page { layers, slots }));
-            inner.free.extend((0..slots).rev().map(|s| (page, s)));
-        }
-        let (page, slot) = inner.free.pop().expect("a free slot was just made");
-        drop(inner);
-        let state = State(Arc::new(SlotHandle {
-            pool: Arc::downgrade(self),
-            page,
-            slot,
-            model_id,
-            busy: AtomicBool::new(false),
-        }));
-        state.zero(&self.ctx, self)?;
-        Ok(state)
+        Ok(self.allocate_many(model_id, 1)?.pop().expect("one state was asked for"))
     }
 
+    /// `n` fresh, zeroed slots, on as few pages as possible (one when n fits a page), so
+    /// that a call feeding them all reads the weights once per step.
+    pub fn allocate_many(self: &Arc<Self>, model_id: u64, n: usize) -> Result<Vec<State>> {
+        let mut states = Vec::with_capacity(n);
+        while states.len() < n {
+            let want = (n - states.len()).min(self.max_page_slots);
+            let taken = self.take_slots(want)?;
+            for (page, slot) in taken {
+                let state = State(Arc::new(SlotHandle { pool: Arc::downgrade(self), page, slot, model_id, busy: AtomicBool::new(false) }));
+                state.zero(&self.ctx, self)?;
+                states.push(state);
+            }
+        }
+        Ok(states)
+    }
+
+    /// `n` (at most max_page_slots) free slots of one page: from the fullest page that has
+    /// room, else from a new page.
+    fn take_slots(&self, n: usize) -> Result<Vec<(usize, usize)>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut free_per_page = vec![0usize; inner.pages.len()];
+        for &(page, _) in &inner.free {
+            free_per_page[page] += 1;
+        }
+        let page = match (0..inner.pages.len()).filter(|&p| free_per_page[p] >= n).min_by_key(|&p| free_per_page[p]) {
+            Some(page) => page,
+            None => {
+                // Pages double in size (1, 2, 4, ... slots) so that a single-sequence user
+                // holds exactly one state while batches still get few, large pages.
+                let live = inner.pages.iter().flatten().count();
+                let slots = (1usize << live.min(16)).max(n).min(self.max_page_slots);
+                let size = (slots * self.slot_stride * 4) as u64;
+                let device = &self.ctx.device;
+                let layers = self.ctx.scoped("allocating a state page", || {
+                    (0..self.n_layer)
+                        .map(|l| {
+                            device.create_buffer(&wgpu::BufferDescriptor {
+                                label: Some(&format!("state layer {l}")),
+                                size,
+                                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+                                mapped_at_creation: false,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })?;
+                let page = Arc::new(Page { layers, slots });
+                let page = match inner.pages.iter().position(Option::is_none) {
+                    Some(i) => {
+                        inner.pages[i] = Some(page);
+                        i
+                    }
+                    None => {
+                        inner.pages.push(Some(page));
+                        inner.pages.len() - 1
+                    }
+                };
+                inner.free.extend((0..slots).rev().map(|s| (page, s)));
+                page
+            }
+        };
+        // The page's lowest free slots, in order.
+        let mut mine: Vec<usize> = inner.free.iter().filter(|f| f.0 == page).map(|f| f.1).collect();
+        mine.sort_unstable();
+        mine.truncate(n);
+        inner.free.retain(|f| !(f.0 == page && mine.contains(&f.1)));
+        Ok(mine.into_iter().map(|slot| (page, slot)).collect())
+    }
+
+    /// Frees a slot. A page of several slots whose every slot is free goes back to the
+    /// device: a batch's states do not stay allocated after the batch is done.
     fn release(&self, page: usize, slot: usize) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).free.push((page, slot));
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.free.push((page, slot));
+        let slots = inner.pages[page].as_ref().map_or(0, |p| p.slots);
+        if slots > 1 && inner.free.iter().filter(|f| f.0 == page).count() == slots {
+            inner.free.retain(|f| f.0 != page);
+            inner.pages[page] = None;
+        }
     }
 }
 

@@ -128,6 +128,18 @@ fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> 
     Ok(QuantSpec { layers, head })
 }
 
+fn parse_want(want: &str) -> PyResult<Want> {
+    Ok(match want {
+        "last" => Want::Last,
+        "all" => Want::All,
+        "none" => Want::None,
+        "hidden_last" => Want::HiddenLast,
+        "hidden_all" => Want::HiddenAll,
+        "argmax" => Want::Argmax,
+        other => return Err(RwkvError::new_err(format!("want must be 'last', 'all', 'none', 'hidden_last', 'hidden_all' or 'argmax', got {other:?}"))),
+    })
+}
+
 fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
     tokens
         .iter()
@@ -207,19 +219,57 @@ impl PyModel {
 
     /// Returns the logits as little-endian f32 bytes ([V] or [T, V]; empty for "none").
     fn forward<'py>(&self, py: Python<'py>, tokens: Vec<i64>, state: &PyState, want: &str) -> PyResult<Bound<'py, PyBytes>> {
-        let want = match want {
-            "last" => Want::Last,
-            "all" => Want::All,
-            "none" => Want::None,
-            "hidden_last" => Want::HiddenLast,
-            "hidden_all" => Want::HiddenAll,
-            other => return Err(RwkvError::new_err(format!("want must be 'last', 'all', 'none', 'hidden_last' or 'hidden_all', got {other:?}"))),
-        };
+        let want = parse_want(want)?;
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
         let logits = py.detach(move || m.forward(&s, &tokens, want)).map_err(to_py)?;
         Ok(PyBytes::new(py, bytemuck::cast_slice(&logits)))
+    }
+
+    /// Bytes per second moved (read + written) by a copy kernel over `bytes` bytes.
+    #[pyo3(signature = (bytes, repetitions=10))]
+    fn copy_bandwidth(&self, py: Python<'_>, bytes: u64, repetitions: usize) -> PyResult<f64> {
+        let m = self.inner.clone();
+        py.detach(move || m.copy_bandwidth(bytes, repetitions)).map_err(to_py)
+    }
+
+    /// Overwrites `dst` with `src`'s contents, on the device.
+    fn copy_state(&self, py: Python<'_>, src: &PyState, dst: &PyState) -> PyResult<()> {
+        let m = self.inner.clone();
+        let (a, b) = (src.inner.clone(), dst.inner.clone());
+        py.detach(move || m.copy_state(&a, &b)).map_err(to_py)
+    }
+
+    /// `n` fresh states on one state page, so that `forward_batch` reads the weights
+    /// once per step for all of them.
+    fn new_states(&self, py: Python<'_>, n: usize) -> PyResult<Vec<PyState>> {
+        let m = self.inner.clone();
+        let states = py.detach(move || m.new_states(n)).map_err(to_py)?;
+        Ok(states.into_iter().map(|inner| PyState { inner }).collect())
+    }
+
+    /// Feeds each state its token list. Returns little-endian f32 bytes: one row per
+    /// sequence ("last", "hidden_last"; "argmax": u32 ids) or per token ("all",
+    /// "hidden_all"), sequence after sequence; empty for "none".
+    fn forward_batch<'py>(&self, py: Python<'py>, batch: Vec<Vec<i64>>, states: Vec<PyRef<'py, PyState>>, want: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let want = parse_want(want)?;
+        if batch.len() != states.len() {
+            return Err(ShapeError::new_err(format!("{} token lists but {} states: give one state per sequence", batch.len(), states.len())));
+        }
+        let v = self.inner.config.vocab_size;
+        let batch = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| tokens_from(t, v).map_err(|e| ShapeError::new_err(format!("sequence {i}: {}", e.value(py)))))
+            .collect::<PyResult<Vec<_>>>()?;
+        let states: Vec<State> = states.iter().map(|s| s.inner.clone()).collect();
+        let m = self.inner.clone();
+        let out = py.detach(move || {
+            let items: Vec<(&State, &[u32])> = states.iter().zip(&batch).map(|(s, t)| (s, t.as_slice())).collect();
+            m.forward_batch(&items, want)
+        });
+        Ok(PyBytes::new(py, bytemuck::cast_slice(&out.map_err(to_py)?)))
     }
 
     /// Feeds `tokens`; the last token's argmax, chosen on the device.

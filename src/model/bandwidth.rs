@@ -1,0 +1,53 @@
+//! The device's memory bandwidth, measured by a copy kernel: what a decode step (which
+//! streams every weight once) is bounded by.
+
+use std::time::Instant;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::Model;
+use crate::error::{Error, Result};
+use crate::gpu::{Binding, Kernel, Recorder};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct CopyParams { n: u32, _pad: [u32; 3] }
+
+impl Model {
+    /// Bytes moved per second (read plus written) by copying a `bytes`-byte buffer
+    /// `repetitions` times in one submission, after one warm-up copy; wall time from
+    /// submission to completion. `bytes` is capped at the largest storage binding.
+    pub fn copy_bandwidth(&self, bytes: u64, repetitions: usize) -> Result<f64> {
+        let bytes = bytes.min(self.ctx.max_binding) / 16 * 16;
+        if bytes == 0 || repetitions == 0 {
+            return Err(Error::Invalid("copy_bandwidth needs at least 16 bytes and one repetition".into()));
+        }
+        let device = &self.ctx.device;
+        let make = |label: &str| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let (src, dst) = self.ctx.scoped("allocating the bandwidth probe", || (make("copy source"), make("copy destination")))?;
+        let pipeline = self.pipelines.get(Kernel::Copy, "copy", &[])?;
+        let words = (bytes / 16) as u32;
+        let (gx, gy) = self.ctx.grid(words.div_ceil(256));
+        let mut uniform = None;
+        let mut run = |times: usize| -> Result<f64> {
+            let mut rec = Recorder::new(&self.ctx);
+            for _ in 0..times {
+                rec.dispatch(&pipeline, &CopyParams { n: words, _pad: [0; 3] }, vec![Binding::whole(&src), Binding::whole(&dst)], (gx, gy, 1));
+            }
+            let start = Instant::now();
+            rec.submit(&self.ctx, &mut uniform)?;
+            self.ctx.wait()?;
+            Ok(start.elapsed().as_secs_f64())
+        };
+        run(1)?;
+        let seconds = run(repetitions)?;
+        Ok((2 * bytes * repetitions as u64) as f64 / seconds)
+    }
+}
