@@ -1,4 +1,5 @@
-//! One generation run: the state, the sampler and the tokens drawn but not yet fed.
+//! Generation runs: the state, the sampler and the tokens drawn but not yet fed, for one
+//! sequence (`Generation`) or several stepped together (`BatchGeneration`).
 //!
 //! Each step feeds what is pending, draws the next token from the last logits and makes
 //! it the pending one, all before returning, so whatever interrupts the caller between
@@ -58,5 +59,101 @@ impl Generation {
     /// Tokens fed into the state so far (the prompt's included).
     pub fn fed(&self) -> &[u32] {
         &self.fed
+    }
+}
+
+/// One sequence of a `BatchGeneration`.
+struct Member {
+    state: State,
+    sampler: Sampler,
+    pending: Vec<u32>,
+    fed: Vec<u32>,
+    /// Takes no more steps (stopped or given up by the caller); its pending token, if
+    /// any, is still fed by `finish`.
+    done: bool,
+}
+
+/// Several generation runs stepped together: each step feeds every live sequence's
+/// pending tokens in one `forward_batch` call (the weights read once for all of them),
+/// then draws each one's next token with its own sampler. The same consistency rule as
+/// `Generation`: after `finish`, each state holds exactly its `fed` tokens.
+pub struct BatchGeneration {
+    model: Arc<Model>,
+    members: Vec<Member>,
+}
+
+impl BatchGeneration {
+    /// One (state, sampler, non-empty prompt) per sequence.
+    pub fn new(model: Arc<Model>, runs: Vec<(State, Sampler, Vec<u32>)>) -> BatchGeneration {
+        let members = runs
+            .into_iter()
+            .map(|(state, sampler, prompt)| Member { state, sampler, pending: prompt, fed: Vec::new(), done: false })
+            .collect();
+        BatchGeneration { model, members }
+    }
+
+    /// Feeds the pending tokens of every live sequence and draws each one's next token;
+    /// None for sequences that are done. On error nothing changes.
+    pub fn step(&mut self) -> Result<Vec<Option<u32>>> {
+        let live: Vec<usize> = (0..self.members.len()).filter(|&i| !self.members[i].done).collect();
+        let mut drawn = vec![None; self.members.len()];
+        if live.is_empty() {
+            return Ok(drawn);
+        }
+        let batch: Vec<(&State, &[u32])> = live.iter().map(|&i| (&self.members[i].state, self.members[i].pending.as_slice())).collect();
+        let logits = self.model.forward_batch(&batch, Want::Last)?;
+        let v = self.model.config.vocab_size;
+        for (row, &i) in logits.chunks_exact(v).zip(&live) {
+            let m = &mut self.members[i];
+            let mut row = row.to_vec();
+            m.sampler.apply_penalties(&mut row);
+            let token = m.sampler.sample(&row);
+            m.fed.append(&mut m.pending);
+            m.pending.push(token);
+            drawn[i] = Some(token);
+        }
+        Ok(drawn)
+    }
+
+    /// Counts sequence `i`'s drawn `token` for its penalties.
+    pub fn record(&mut self, i: usize, token: u32, token_bytes: &[u8]) {
+        self.members[i].sampler.record(token, token_bytes);
+    }
+
+    /// Sequence `i` takes no more steps; `feed_pending` false drops its drawn token unfed
+    /// (a stop token), true leaves it for `finish` to feed.
+    pub fn stop(&mut self, i: usize, feed_pending: bool) {
+        let m = &mut self.members[i];
+        m.done = true;
+        if !feed_pending {
+            m.pending.clear();
+        }
+    }
+
+    /// Feeds every sequence's pending tokens, in one call, no logits. Safe to repeat.
+    pub fn finish(&mut self) -> Result<()> {
+        let batch: Vec<(&State, &[u32])> = self.members.iter().filter(|m| !m.pending.is_empty()).map(|m| (&m.state, m.pending.as_slice())).collect();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.model.forward_batch(&batch, Want::None)?;
+        for m in &mut self.members {
+            m.fed.append(&mut m.pending);
+            m.done = true;
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Tokens fed into sequence `i`'s state so far.
+    pub fn fed(&self, i: usize) -> &[u32] {
+        &self.members[i].fed
     }
 }

@@ -292,3 +292,61 @@ def test_chat_cli_answers_and_quits():
     m = open_model(BYTES_MODEL)
     reply = rwkv_gpu.Chat(m, max_tokens=4, temperature=0.0).ask("hello")
     assert f"Assistant: {reply}\n" in out.stdout
+
+
+# ---- complete_batch: several generations stepped together ----
+
+PROMPTS = [PROMPT, "class Model:\n    def ", "x = [i for"]
+
+
+def test_batch_completions_equal_one_at_a_time(model):
+    """Greedy and seeded draws give each prompt the completion it gets alone (sequence i
+    drawing with seed + i); each state holds its prompt and drawn tokens."""
+    states = model.new_states(3)
+    greedy = model.complete_batch(PROMPTS, states=states, max_tokens=10, temperature=0.0)
+    for prompt, got, state in zip(PROMPTS, greedy, states):
+        alone = model.complete(prompt, max_tokens=10, temperature=0.0)
+        assert (got.text, got.tokens, got.finish_reason) == (alone.text, alone.tokens, "length")
+        assert got.prompt_tokens == len(prompt.encode())
+        assert_states_close(state.to_numpy(), state_after(model, list(prompt.encode()) + got.tokens))
+    seeded = model.complete_batch([PROMPT, PROMPT], max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    assert seeded[0].tokens == model.complete(PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=1234).tokens
+    assert seeded[1].tokens == model.complete(PROMPT, max_tokens=12, temperature=1.0, top_p=0.9, seed=1235).tokens
+    assert seeded[0].tokens != seeded[1].tokens
+
+
+def test_batch_stops_each_sequence_on_its_own(model):
+    """A stop token ends the sequence that draws it (not emitted, not fed) while the
+    others go on to max_tokens; a stop string ends its sequence with the string fed."""
+    free = [model.complete(p, max_tokens=8, temperature=0.0) for p in PROMPTS]
+    # A token the first completion draws after a few others and the third never does.
+    stop_token = next(t for t in free[0].tokens[2:] if t not in free[2].tokens)
+    states = model.new_states(3)
+    got = model.complete_batch(PROMPTS, states=states, max_tokens=8, temperature=0.0, stop_tokens=[stop_token])
+    first = free[0].tokens.index(stop_token)
+    assert got[0].finish_reason == "stop" and got[0].tokens == free[0].tokens[:first]
+    assert got[2].finish_reason == "length" and got[2].tokens == free[2].tokens
+    for i in (0, 2):
+        assert_states_close(states[i].to_numpy(), state_after(model, list(PROMPTS[i].encode()) + got[i].tokens))
+    stop = free[1].text[2:4]
+    states = model.new_states(3)
+    got = model.complete_batch(PROMPTS, states=states, max_tokens=8, temperature=0.0, stop=stop)
+    start = free[1].text.find(stop)
+    assert got[1].finish_reason == "stop" and got[1].text == free[1].text[:start]
+    fed = list(PROMPTS[1].encode()) + free[1].tokens[:start + 2]
+    assert_states_close(states[1].to_numpy(), state_after(model, fed))
+
+
+def test_bad_batch_generation_calls_raise(model):
+    with pytest.raises(rwkv_gpu.ShapeError, match="one state per prompt"):
+        model.complete_batch(PROMPTS, states=model.new_states(2))
+    with pytest.raises(rwkv_gpu.ShapeError, match="at least one prompt"):
+        model.complete_batch([])
+    with pytest.raises(rwkv_gpu.ShapeError, match="list of prompts"):
+        model.complete_batch(PROMPT)
+    with pytest.raises(rwkv_gpu.RwkvError, match="max_tokens"):
+        model.complete_batch(PROMPTS, max_tokens=0)
+    with pytest.raises(TypeError, match="cache"):
+        model.complete_batch(PROMPTS, cache=rwkv_gpu.StateCache())
+    with pytest.raises(TypeError, match="unknown generation option"):
+        model.complete_batch(PROMPTS, tempreature=0.5)

@@ -9,7 +9,7 @@ holds exactly the prompt and the tokens drawn (stop tokens excepted).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from . import _core
@@ -132,3 +132,87 @@ class Run:
         """The tokens fed into the state by this run (after the prompt part a StateCache
         supplied), in order."""
         return list(self._core.fed())
+
+
+class BatchRun:
+    """Several generations stepped together (`Model.complete_batch`): each step feeds
+    every live sequence in one forward call, then each draws with its own sampler.
+    Sequence i samples with seed + i when a seed is given, so that copies of one prompt
+    draw differently yet reproducibly."""
+
+    def __init__(
+        self,
+        model: "Model",
+        prompts: "Sequence[str | Sequence[int]]",
+        states: "Sequence[State] | None",
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str] | str,
+        stop_tokens: Sequence[int],
+    ) -> None:
+        if max_tokens < 1:
+            raise _core.RwkvError(f"max_tokens must be at least 1, got {max_tokens}")
+        if isinstance(prompts, str):
+            raise _core.ShapeError("prompts must be a list of prompts (texts or token lists)")
+        self.tokenizer = model.tokenizer
+        self.ids = [model._prompt_ids(p) for p in prompts]
+        if not self.ids:
+            raise _core.ShapeError("prompts is empty: give at least one prompt")
+        if states is None:
+            self.states = model.new_states(len(self.ids))
+        else:
+            self.states = list(states)
+            if len(self.states) != len(self.ids):
+                raise _core.ShapeError(f"{len(self.ids)} prompts but {len(self.states)} states: give one state per prompt")
+            for state in self.states:
+                model._check_state(state)
+        vocab = model.config["vocab_size"]
+        sampling = sampling.with_bans(range(self.tokenizer.vocab_size, vocab))
+        seeds = [None if sampling.seed is None else (int(sampling.seed) + i) % 2**64 for i in range(len(self.ids))]
+        samplers = [Sampler(vocab, replace(sampling, seed=seed)) for seed in seeds]
+        self.max_tokens = max_tokens
+        self.stops = [stop] if isinstance(stop, str) else list(stop)
+        self.stop_tokens = {int(t) for t in stop_tokens}
+        self._core = model._m.batch_generation(self.ids, [s._core for s in self.states], [s._core for s in samplers])
+
+    def run(self) -> list[Completion]:
+        n = len(self.ids)
+        decoders = [self.tokenizer.stream_decoder() for _ in range(n)]
+        matchers = [StopMatcher(self.stops) for _ in range(n)]
+        texts: list[list[str]] = [[] for _ in range(n)]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        try:
+            for _ in range(self.max_tokens):
+                drawn = self._core.step()
+                if all(t is None for t in drawn):
+                    break
+                for i, token in enumerate(drawn):
+                    if token is None:
+                        continue
+                    if token in self.stop_tokens:
+                        self._core.stop(i, False)
+                        reasons[i] = "stop"
+                        continue
+                    tokens[i].append(token)
+                    self._core.record(i, token, self.tokenizer.token_bytes(token) or b"")
+                    text, stopped = matchers[i].push(decoders[i].push(token))
+                    texts[i].append(text)
+                    if stopped:
+                        self._core.stop(i, True)
+                        reasons[i] = "stop"
+            for i in range(n):
+                if reasons[i] is None:
+                    reasons[i] = "length"
+                    tail, stopped = matchers[i].push(decoders[i].finish())
+                    if stopped:
+                        reasons[i] = "stop"
+                    texts[i].append(tail + matchers[i].flush())
+        finally:
+            self._core.finish()
+        return [Completion("".join(texts[i]), reasons[i] or "length", len(self.ids[i]), len(tokens[i]), tokens[i])
+                for i in range(n)]
+
+    def fed_tokens(self, i: int) -> list[int]:
+        """The tokens fed into sequence i's state by this run, in order."""
+        return list(self._core.fed(i))

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _core
 from ._core import RwkvError, ShapeError
-from .generation import Completion, Run
+from .generation import BatchRun, Completion, Run
 from .sampling import Sampling, sampling_options
 from .tokenizer import Tokenizer
 
@@ -445,6 +445,21 @@ class Model:
                         options.pop("stop", ()), options.pop("stop_tokens", (0,)), options.pop("cache", None))
         text = "".join(run)
         return Completion(text, run.finish_reason or "length", run.prompt_tokens, len(run.tokens), list(run.tokens))
+
+    def complete_batch(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None = None,
+                       max_tokens: int = 256, **options: Any) -> list[Completion]:
+        """`complete` for several prompts at once, stepped together: every step feeds all
+        sequences still going in one forward call, reading the weights once for the
+        batch. Takes the same options as `complete` (stop strings and tokens apply to
+        each sequence alone; with a `seed`, sequence i draws with seed + i). `states`:
+        one per prompt, advanced in place as `complete` does; default fresh ones from
+        `new_states`. Returns one Completion per prompt, in order."""
+        if "cache" in options:
+            raise TypeError("complete_batch takes no cache: give states (e.g. from StateCache.resume) instead")
+        sampling = Sampling(**sampling_options(options))
+        run = BatchRun(self, prompts, states, max_tokens, sampling,
+                       options.pop("stop", ()), options.pop("stop_tokens", (0,)))
+        return run.run()
 
     def _run(self, prompt: "str | Tokens", state: State | None, max_tokens: int, sampling: Sampling,
              stop: Sequence[str] | str, stop_tokens: Sequence[int], cache: "StateCache | None") -> Run:

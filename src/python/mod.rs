@@ -13,7 +13,7 @@ mod sampler;
 mod tokenizer;
 
 use crate::error::Error;
-use crate::generation::Generation;
+use crate::generation::{BatchGeneration, Generation};
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
 use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFormat, Want};
 
@@ -320,6 +320,32 @@ impl PyModel {
         Ok(PyState { inner: py.detach(move || crate::model::state_file::load(&m, &path, transpose)).map_err(to_py)? })
     }
 
+    /// Generation runs stepped together, one per (prompt, state, sampler); each sampler
+    /// is copied and reset as in `generation`.
+    fn batch_generation(&self, prompts: Vec<Vec<i64>>, states: Vec<PyRef<'_, PyState>>, samplers: Vec<PyRef<'_, sampler::PySampler>>) -> PyResult<PyBatchGeneration> {
+        let v = self.inner.config.vocab_size;
+        if prompts.len() != states.len() || prompts.len() != samplers.len() {
+            return Err(ShapeError::new_err(format!("{} prompts, {} states and {} samplers: give one of each per sequence", prompts.len(), states.len(), samplers.len())));
+        }
+        if prompts.is_empty() {
+            return Err(ShapeError::new_err("the batch is empty: give at least one prompt"));
+        }
+        let mut runs = Vec::with_capacity(prompts.len());
+        for (i, ((prompt, state), sampler)) in prompts.into_iter().zip(&states).zip(&samplers).enumerate() {
+            if sampler.vocab != v {
+                return Err(ShapeError::new_err(format!("sampler {i} is for a vocabulary of {}; this model has {v}", sampler.vocab)));
+            }
+            let prompt = tokens_from(prompt, v).map_err(|e| Python::attach(|py| ShapeError::new_err(format!("prompt {i}: {}", e.value(py)))))?;
+            if prompt.is_empty() {
+                return Err(ShapeError::new_err(format!("prompt {i} is empty: give at least one token")));
+            }
+            let mut smp = sampler.lock().clone();
+            smp.reset();
+            runs.push((state.inner.clone(), smp, prompt));
+        }
+        Ok(PyBatchGeneration { inner: Arc::new(Mutex::new(BatchGeneration::new(self.inner.clone(), runs))) })
+    }
+
     /// A generation run over `state`, starting by feeding `prompt` (the sampler is
     /// reset: counts start empty for each run, as the official's do).
     fn generation(&self, prompt: Vec<i64>, state: &PyState, sampler: &sampler::PySampler) -> PyResult<PyGeneration> {
@@ -404,6 +430,63 @@ impl PyModel {
     }
 }
 
+#[pyclass(name = "BatchGeneration", module = "rwkv_gpu._core", frozen)]
+struct PyBatchGeneration {
+    inner: Arc<Mutex<BatchGeneration>>,
+}
+
+/// Runs `f` on a generation run, locked, with the GIL released.
+fn detached<G: Send, T: Send>(py: Python<'_>, run: &Arc<Mutex<G>>, f: impl FnOnce(&mut G) -> crate::Result<T> + Send) -> PyResult<T> {
+    let run = run.clone();
+    py.detach(move || f(&mut run.lock().unwrap_or_else(|p| p.into_inner()))).map_err(to_py)
+}
+
+impl PyBatchGeneration {
+    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut BatchGeneration) -> crate::Result<T> + Send) -> PyResult<T> {
+        detached(py, &self.inner, f)
+    }
+
+    fn check(&self, i: usize) -> PyResult<()> {
+        let n = self.inner.lock().unwrap_or_else(|p| p.into_inner()).len();
+        if i >= n {
+            return Err(ShapeError::new_err(format!("sequence {i} is out of range: the batch has {n}")));
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PyBatchGeneration {
+    /// Feeds every live sequence's pending tokens in one call and draws each one's next
+    /// token (None for sequences that are done). GIL released.
+    fn step(&self, py: Python<'_>) -> PyResult<Vec<Option<u32>>> {
+        self.with(py, |g| g.step())
+    }
+
+    fn record(&self, i: usize, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
+        self.check(i)?;
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).record(i, token, &token_bytes);
+        Ok(())
+    }
+
+    /// Sequence `i` takes no more steps; its drawn token is fed by `finish` only when
+    /// `feed_pending` (a stop string's token is, a stop token is not).
+    fn stop(&self, i: usize, feed_pending: bool) -> PyResult<()> {
+        self.check(i)?;
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).stop(i, feed_pending);
+        Ok(())
+    }
+
+    fn finish(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |g| g.finish())
+    }
+
+    fn fed(&self, i: usize) -> PyResult<Vec<u32>> {
+        self.check(i)?;
+        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).fed(i).to_vec())
+    }
+}
+
 #[pyclass(name = "Generation", module = "rwkv_gpu._core", frozen)]
 struct PyGeneration {
     inner: Arc<Mutex<Generation>>,
@@ -411,8 +494,7 @@ struct PyGeneration {
 
 impl PyGeneration {
     fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Generation) -> crate::Result<T> + Send) -> PyResult<T> {
-        let inner = self.inner.clone();
-        py.detach(move || f(&mut inner.lock().unwrap_or_else(|p| p.into_inner()))).map_err(to_py)
+        detached(py, &self.inner, f)
     }
 }
 
@@ -457,6 +539,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyState>()?;
     m.add_class::<sampler::PySampler>()?;
     m.add_class::<PyGeneration>()?;
+    m.add_class::<PyBatchGeneration>()?;
     m.add_class::<tokenizer::PyWorldTokenizer>()?;
     m.add_class::<tokenizer::PyStreamDecoder>()?;
     m.add("RwkvError", py.get_type::<RwkvError>())?;
