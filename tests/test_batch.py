@@ -4,8 +4,8 @@ go through the same passes over the weights, with its own state.
 Tolerances: the official outputs are matched at 1e-3 absolute as in test_golden.py (a
 correct runtime lands near 1e-5). Batch against one-at-a-time runs of the same model:
 1e-4 absolute, as test_golden's prefill-versus-steps check, because a batch may take the
-other matmul kernel for a sequence (a 1-token sequence in a 15-token chunk goes through
-the tiled kernel), which sums in another order (we see ~5e-7).
+other matmul kernel for a sequence (a 1-token sequence in a chunk of more than 16 tokens
+goes through the tiled kernel), which sums in another order (we see ~5e-7).
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def test_batch_matches_official_beside_other_sequences(fallback, tiny_cases):
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])
 def test_batch_equals_one_at_a_time(dtype):
-    """Ragged prompts (1 to 300 tokens: one of them spans two 256-token chunks), then
-    decode steps of 5 sequences (the tiled kernel) and of 3 (matvec), against the same
-    calls one sequence at a time."""
+    """Ragged prompts (1 to 300 tokens: one of them spans two 256-token chunks; the tiled
+    kernel), then decode steps of 5 sequences and of 3 (matvec), against the same calls
+    one sequence at a time."""
     model = open_model(TINY, dtype=dtype)
     prompts = others(5, lambda i: [1, 300, 9, 40, 2][i], seed=5)
     singles = [model.new_state() for _ in prompts]
