@@ -108,6 +108,14 @@ def test_matvec(benchmark, device, fmt):
     measure(benchmark, kernel, moved, flops)
 
 
+@pytest.mark.parametrize("tokens", [4, 16])
+def test_matvec_batch(benchmark, device, tokens):
+    """A batch of decode steps: several tokens through [4C, C] fp16 (one weight pass per
+    four tokens)."""
+    kernel, moved, flops = matmul_kernel(device, "matvec", "fp16", 4 * C, C, tokens)
+    measure(benchmark, kernel, moved, flops)
+
+
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "nf4"])
 def test_matmul_tiled(benchmark, device, fmt):
     """Prefill: a chunk of TOKENS tokens through [C, C]."""

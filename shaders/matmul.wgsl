@@ -13,7 +13,7 @@
 // two f16 each.
 // Activations (flags bits 0-3): 0 none, 1 tanh, 2 sigmoid, 3 relu(v)^2; flags bit 4:
 // accumulate into y (the residual stream).
-// Two entry points: `matvec` for a few tokens (weights streamed once per group of 8
+// Two entry points: `matvec` for a few tokens (weights streamed once per group of 4
 // tokens, reduction over K in workgroup memory) and `matmul_tiled` for prefill chunks
 // (64x64 output tiles, 16-deep K steps staged in workgroup memory).
 
@@ -111,12 +111,15 @@ fn store(g: Group, t: u32, m: u32, v: f32) {
 // ---- matvec: workgroup = 16 rows x 16 lanes; each lane strides over K ----
 // Each lane reads four weights per step (16 lanes: 128 contiguous bytes of a 16-bit row)
 // and applies them to up to TOKENS tokens, so a batch of that many decode steps reads
-// the weights once. (16 lanes x 16 rows: 64 lanes x 4 rows ran 1.5x slower on lavapipe.)
+// the weights once. The loop runs to the live token count and indexes one vec4 of
+// sums: on lavapipe, 1.4-2x faster than four guarded tokens per step, while eight
+// tokens per pass (an array of two vec4) ran slower at 4 tokens than two passes of four.
+// (16 lanes x 16 rows: 64 lanes x 4 rows ran 1.5x slower on lavapipe.)
 
 const LANES: u32 = 16u;
 const ROWS: u32 = 16u;
-const TOKENS: u32 = 8u;
-var<workgroup> lane_sums: array<vec4<f32>, 512>;  // (ROWS * LANES, TOKENS / 4)
+const TOKENS: u32 = 4u;
+var<workgroup> lane_sums: array<vec4<f32>, 256>;  // (ROWS * LANES): one sum per token
 
 // Weights W[row, 4q .. 4q + 3] as f32.
 fn quad(g: Group, row: u32, q: u32) -> vec4<f32> {
@@ -139,18 +142,18 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
     }
     let row = group * ROWS + lid.y;
     let live = row < g.m;
-    let slot = 2u * (lid.y * LANES + lid.x);
+    let slot = lid.y * LANES + lid.x;
 
     for (var t0 = 0u; t0 < p.t; t0 += TOKENS) {
         let n = min(TOKENS, p.t - t0);
         // Initialised explicitly: naga declares function variables once, at the top.
-        var acc = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+        var acc = vec4<f32>(0.0);
         if (live) {
             for (var q = lid.x; q < g.k / 4u; q += LANES) {
                 let wv = quad(g, row, q);
                 for (var j = 0u; j < n; j++) {
                     let xi = g.x_off + (t0 + j) * g.k + 4u * q;
-                    acc[j / 4u][j % 4u] += dot(wv, vec4<f32>(x[xi], x[xi + 1u], x[xi + 2u], x[xi + 3u]));
+                    acc[j] += dot(wv, vec4<f32>(x[xi], x[xi + 1u], x[xi + 2u], x[xi + 3u]));
                 }
             }
 #ifndef WEIGHT_QUANT
@@ -159,24 +162,22 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
                 let wv = unpack_pair(w[g.w_off + row * (g.k / 2u) + g.k / 2u - 1u]);
                 for (var j = 0u; j < n; j++) {
                     let xi = g.x_off + (t0 + j) * g.k + g.k - 2u;
-                    acc[j / 4u][j % 4u] += wv.x * x[xi] + wv.y * x[xi + 1u];
+                    acc[j] += wv.x * x[xi] + wv.y * x[xi + 1u];
                 }
             }
 #endif
         }
-        lane_sums[slot] = acc[0];
-        lane_sums[slot + 1u] = acc[1];
+        lane_sums[slot] = acc;
         workgroupBarrier();
         for (var s = LANES / 2u; s > 0u; s = s >> 1u) {
             if (lid.x < s) {
-                lane_sums[slot] += lane_sums[slot + 2u * s];
-                lane_sums[slot + 1u] += lane_sums[slot + 2u * s + 1u];
+                lane_sums[slot] += lane_sums[slot + s];
             }
             workgroupBarrier();
         }
         if (live && lid.x == 0u) {
             for (var j = 0u; j < n; j++) {
-                store(g, t0 + j, row, lane_sums[slot + j / 4u][j % 4u]);
+                store(g, t0 + j, row, lane_sums[slot][j]);
             }
         }
         workgroupBarrier();

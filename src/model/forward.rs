@@ -52,8 +52,8 @@ impl Want {
 /// that prefill scratch stays a small fraction of the weights.
 const MAX_CHUNK: usize = 256;
 /// Up to this many tokens, matrices use the matrix-vector kernel, which reads the
-/// weights once per 8 tokens: at most two passes, against a 64x64-token tile that would
-/// be mostly padding (a batch of decode steps, the tail of a cached prompt).
+/// weights once per 4 tokens: at most four passes, against a 64x64-token tile that
+/// would be mostly padding (a batch of decode steps, the tail of a cached prompt).
 const MATVEC_TOKENS: usize = 16;
 /// Rows of one matvec workgroup (`ROWS` in shaders/matmul.wgsl).
 const MATVEC_ROWS: usize = 16;
