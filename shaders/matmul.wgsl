@@ -186,10 +186,13 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
 
 // ---- matmul_tiled: 16x16 threads, each computing 4 rows x 4 tokens of a 64x64 tile ----
 
+// The tiles hold quads (four rows, four tokens) so that the inner loop reads one vec4
+// of each per step: two loads for 16 multiply-adds.
 const TILE: u32 = 64u;
+const QUADS: u32 = 16u;  // TILE / 4
 const KSTEP: u32 = 16u;
-var<workgroup> w_tile: array<f32, 1024>;  // [KSTEP][TILE rows]
-var<workgroup> x_tile: array<f32, 1024>;  // [KSTEP][TILE tokens]
+var<workgroup> w_tile: array<vec4<f32>, 256>;  // [KSTEP][TILE / 4 row quads]
+var<workgroup> x_tile: array<vec4<f32>, 256>;  // [KSTEP][TILE / 4 token quads]
 
 @compute @workgroup_size(16, 16)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
@@ -219,7 +222,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                 v = weight_quad(g, m0 + r, (k0 + 4u * quad) / 4u);
             }
             for (var e = 0u; e < 4u; e++) {
-                w_tile[(4u * quad + e) * TILE + r] = v[e];
+                w_tile[(4u * quad + e) * QUADS + r / 4u][r % 4u] = v[e];
             }
         }
 #else
@@ -232,8 +235,8 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             if (m0 + r < g.m && kk < g.k) {
                 v = unpack_pair(w[g.w_off + (m0 + r) * half_k + kk / 2u]);
             }
-            w_tile[(2u * pair) * TILE + r] = v.x;
-            w_tile[(2u * pair + 1u) * TILE + r] = v.y;
+            w_tile[(2u * pair) * QUADS + r / 4u][r % 4u] = v.x;
+            w_tile[(2u * pair + 1u) * QUADS + r / 4u][r % 4u] = v.y;
         }
 #endif
         // Inputs: 64 tokens x 16 k, four per thread.
@@ -244,15 +247,16 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             if (t0 + tt < p.t && k0 + kk < g.k) {
                 v = x[g.x_off + (t0 + tt) * g.k + k0 + kk];
             }
-            x_tile[kk * TILE + tt] = v;
+            x_tile[kk * QUADS + tt / 4u][tt % 4u] = v;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < KSTEP; kk++) {
-            let wr = vec4<f32>(w_tile[kk * TILE + lid.y * 4u], w_tile[kk * TILE + lid.y * 4u + 1u],
-                               w_tile[kk * TILE + lid.y * 4u + 2u], w_tile[kk * TILE + lid.y * 4u + 3u]);
-            for (var j = 0u; j < 4u; j++) {
-                acc[j] += wr * x_tile[kk * TILE + lid.x * 4u + j];
-            }
+            let wr = w_tile[kk * QUADS + lid.y];
+            let xv = x_tile[kk * QUADS + lid.x];
+            acc[0] += wr * xv.x;
+            acc[1] += wr * xv.y;
+            acc[2] += wr * xv.z;
+            acc[3] += wr * xv.w;
         }
         workgroupBarrier();
     }
