@@ -348,5 +348,23 @@ def test_bad_batch_generation_calls_raise(model):
         model.complete_batch(PROMPTS, max_tokens=0)
     with pytest.raises(TypeError, match="cache"):
         model.complete_batch(PROMPTS, cache=rwkv_gpu.StateCache())
+    with pytest.raises(TypeError, match="cache"):
+        model.generate_batch(PROMPTS, cache=rwkv_gpu.StateCache())
     with pytest.raises(TypeError, match="unknown generation option"):
         model.complete_batch(PROMPTS, tempreature=0.5)
+
+
+def test_generate_batch_streams_each_sequence_and_stops_cleanly(model):
+    """Pieces tagged with their prompt's index join to complete_batch's texts and arrive
+    interleaved, step by step; leaving after the first piece feeds each sequence's one
+    drawn token (as generate does) and nothing more."""
+    want = model.complete_batch(PROMPTS, max_tokens=6, temperature=0.0)
+    pieces = list(model.generate_batch(PROMPTS, max_tokens=6, temperature=0.0))
+    assert ["".join(p for i, p in pieces if i == k) for k in range(3)] == [c.text for c in want]
+    assert [i for i, _ in pieces[:3]] == [0, 1, 2]  # one piece of each per step (bytes model)
+    states = model.new_states(3)
+    stream = model.generate_batch(PROMPTS, states=states, max_tokens=6, temperature=0.0)
+    assert next(stream) == pieces[0]
+    stream.close()
+    for prompt, state, c in zip(PROMPTS, states, want):
+        assert_states_close(state.to_numpy(), state_after(model, list(prompt.encode()) + c.tokens[:1]))

@@ -173,15 +173,17 @@ class BatchRun:
         self.max_tokens = max_tokens
         self.stops = [stop] if isinstance(stop, str) else list(stop)
         self.stop_tokens = {int(t) for t in stop_tokens}
+        self.tokens: list[list[int]] = [[] for _ in self.ids]
+        self.finish_reasons: list[str | None] = [None] * len(self.ids)
         self._core = model._m.batch_generation(self.ids, [s._core for s in self.states], [s._core for s in samplers])
 
-    def run(self) -> list[Completion]:
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        """(sequence index, text piece) as each sequence produces text; afterwards
+        `tokens[i]` and `finish_reasons[i]` describe each sequence. Leaving the loop early
+        is clean: every state then holds its prompt and the tokens drawn so far."""
         n = len(self.ids)
         decoders = [self.tokenizer.stream_decoder() for _ in range(n)]
         matchers = [StopMatcher(self.stops) for _ in range(n)]
-        texts: list[list[str]] = [[] for _ in range(n)]
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        reasons: list[str | None] = [None] * n
         try:
             for _ in range(self.max_tokens):
                 drawn = self._core.step()
@@ -192,26 +194,35 @@ class BatchRun:
                         continue
                     if token in self.stop_tokens:
                         self._core.stop(i, False)
-                        reasons[i] = "stop"
+                        self.finish_reasons[i] = "stop"
                         continue
-                    tokens[i].append(token)
+                    self.tokens[i].append(token)
                     self._core.record(i, token, self.tokenizer.token_bytes(token) or b"")
                     text, stopped = matchers[i].push(decoders[i].push(token))
-                    texts[i].append(text)
+                    if text:
+                        yield i, text
                     if stopped:
                         self._core.stop(i, True)
-                        reasons[i] = "stop"
+                        self.finish_reasons[i] = "stop"
             for i in range(n):
-                if reasons[i] is None:
-                    reasons[i] = "length"
+                if self.finish_reasons[i] is None:
+                    self.finish_reasons[i] = "length"
                     tail, stopped = matchers[i].push(decoders[i].finish())
                     if stopped:
-                        reasons[i] = "stop"
-                    texts[i].append(tail + matchers[i].flush())
+                        self.finish_reasons[i] = "stop"
+                    tail += matchers[i].flush()
+                    if tail:
+                        yield i, tail
         finally:
             self._core.finish()
-        return [Completion("".join(texts[i]), reasons[i] or "length", len(self.ids[i]), len(tokens[i]), tokens[i])
-                for i in range(n)]
+
+    def run(self) -> list[Completion]:
+        """Runs to the end and collects each sequence's Completion, in order."""
+        texts: list[list[str]] = [[] for _ in self.ids]
+        for i, piece in self:
+            texts[i].append(piece)
+        return [Completion("".join(texts[i]), self.finish_reasons[i] or "length", len(self.ids[i]), len(self.tokens[i]),
+                           list(self.tokens[i])) for i in range(len(self.ids))]
 
     def fed_tokens(self, i: int) -> list[int]:
         """The tokens fed into sequence i's state by this run, in order."""

@@ -446,6 +446,20 @@ class Model:
         text = "".join(run)
         return Completion(text, run.finish_reason or "length", run.prompt_tokens, len(run.tokens), list(run.tokens))
 
+    def generate_batch(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None = None,
+                       max_tokens: int = 256, **options: Any) -> Iterator[tuple[int, str]]:
+        """`complete_batch`, streamed: yields (prompt index, text piece) as each sequence
+        produces complete UTF-8 text; pieces of different sequences interleave step by
+        step. Same options as `complete_batch`."""
+        return iter(self._batch_run(prompts, states, max_tokens, options))
+
+    def _batch_run(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None, max_tokens: int,
+                   options: dict[str, Any]) -> BatchRun:
+        if "cache" in options:
+            raise TypeError("batched generation takes no cache: give states (e.g. from StateCache.resume) instead")
+        sampling = Sampling(**sampling_options(options))
+        return BatchRun(self, prompts, states, max_tokens, sampling, options.pop("stop", ()), options.pop("stop_tokens", (0,)))
+
     def complete_batch(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None = None,
                        max_tokens: int = 256, **options: Any) -> list[Completion]:
         """`complete` for several prompts at once, stepped together: every step feeds all
@@ -454,12 +468,7 @@ class Model:
         each sequence alone; with a `seed`, sequence i draws with seed + i). `states`:
         one per prompt, advanced in place as `complete` does; default fresh ones from
         `new_states`. Returns one Completion per prompt, in order."""
-        if "cache" in options:
-            raise TypeError("complete_batch takes no cache: give states (e.g. from StateCache.resume) instead")
-        sampling = Sampling(**sampling_options(options))
-        run = BatchRun(self, prompts, states, max_tokens, sampling,
-                       options.pop("stop", ()), options.pop("stop_tokens", (0,)))
-        return run.run()
+        return self._batch_run(prompts, states, max_tokens, options).run()
 
     def _run(self, prompt: "str | Tokens", state: State | None, max_tokens: int, sampling: Sampling,
              stop: Sequence[str] | str, stop_tokens: Sequence[int], cache: "StateCache | None") -> Run:
