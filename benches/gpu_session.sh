@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 6 as one prepared script, for a session that is lent a device
+# machine (an NVIDIA H100/H200 with no internet, a plain python3 with numpy, pytest and
+# tokenizers; see /work/.library/device/README.md). Device time is short (15 minutes for
+# everything), so everything is built here first and each call does one thing.
+#
+# Here, once:     bash benches/gpu_session.sh prepare
+#     (the Vulkan loader .debs into .gl/, the wheel into target/wheels/, the web-rwkv
+#     runner in benches/peers/target/release/)
+# There, via the device tool's `run`, carry [".gl", "target/wheels",
+# "benches/peers/target/release/rwkv-gpu-peers"]:
+#     bash benches/gpu_session.sh tests    # the test suite on the GPU (driver shader bugs), ~2 min
+#     bash benches/gpu_session.sh bench    # pp512/tg128 (+ argmax, x4, x16, profile, bound) at 2.9B, fp16/int8/nf4
+#     bash benches/gpu_session.sh peers    # compare.py at 2.9B against web-rwkv 0.10.20
+# Each writes its logs and tables under $OUT (or out/ when OUT is unset).
+# SHAPE=0.1b (etc.) overrides the 2.9B shape.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+shape=${SHAPE:-2.9b}
+out=${OUT:-out}
+mkdir -p "$out"
+
+setup_device() {
+    # The machine has the NVIDIA driver but no Vulkan loader: unpack the carried one.
+    if [ -d .gl ] && ! ldconfig -p | grep -q libvulkan; then
+        for f in .gl/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+    fi
+    if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
+        export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+    fi
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site target/wheels/rwkv_gpu-*.whl
+    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+    python3 -c "import rwkv_gpu, json; print(json.dumps(rwkv_gpu.adapters(), indent=1))" | tee "$out/adapters.json"
+    nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.max.memory --format=csv > "$out/nvidia-smi.csv" 2>&1 || true
+}
+
+case "$mode" in
+prepare)
+    grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >> .git/info/exclude
+    mkdir -p .gl /tmp/amd64/partial
+    o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+    # shellcheck disable=SC2086
+    apt-get $o update -qq
+    # shellcheck disable=SC2086
+    (cd .gl && apt-get $o download libvulkan1)
+    [ -x .venv/bin/maturin ] || bash scripts/install.sh test
+    rm -rf target/wheels
+    .venv/bin/maturin build --release -o target/wheels
+    (cd benches/peers && cargo update -p serde --precise 1.0.228 && cargo build --release)
+    ls -la .gl target/wheels benches/peers/target/release/rwkv-gpu-peers
+    ;;
+tests)
+    setup_device
+    # Kernel tests need wgpu-py, which the machine lacks: they skip; everything else runs
+    # the real shaders on the GPU.
+    # test_tokenizer compares with the official package, which is not there either.
+    python3 -m pytest tests -q -p no:cacheprovider -x --ignore tests/test_tokenizer.py 2>&1 | tee "$out/tests.log"
+    ;;
+bench)
+    setup_device
+    for dtype in fp16 int8 nf4; do
+        python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -r 3 --profile --batch 4,16 --json \
+            > "$out/bench-$dtype.json" 2> "$out/bench-$dtype.err" || { tail -20 "$out/bench-$dtype.err"; exit 1; }
+        python3 - "$out/bench-$dtype.json" <<'EOF'
+import json, sys
+data = json.load(open(sys.argv[1]))
+info = data["info"]
+print(f"{info['adapter']} | {info['model']} | copy {info['copy_bandwidth'] / 1e9:.0f} GB/s | bound {info['tg_bound']:.1f} t/s")
+for r in data["rows"]:
+    share = "" if r["fraction_of_bound"] is None else f" ({100 * r['fraction_of_bound']:.0f}% of bound)"
+    print(f"  {r['dtype']} {r['test']}: {r['mean']:.2f} ± {r['std']:.2f} {r['unit']}{share}")
+EOF
+    done
+    ;;
+peers)
+    setup_device
+    python3 benches/peers/compare.py --shape "$shape" -p 512 -n 128 -r 3 --dtypes fp16,int8,nf4 --chunks 128,256 \
+        2> "$out/peers.err" | tee "$out/peers.md"
+    ;;
+*)
+    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers" >&2
+    exit 2
+    ;;
+esac
