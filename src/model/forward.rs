@@ -326,7 +326,8 @@ struct SeqRow {
 
 /// Packs sequences of `lens` tokens into chunks of at most `cap` tokens and `max_rows`
 /// sequences, in order: a sequence longer than the room left continues in the next
-/// chunk, so every chunk but the last is full and each sequence's tokens stay in order.
+/// chunk, so every chunk but the last is full (of tokens or of sequences), a sequence
+/// appears at most once per chunk and its tokens stay in order.
 fn plan_chunks(lens: &[usize], cap: usize, max_rows: usize) -> Vec<Vec<SeqRow>> {
     let mut chunks = Vec::new();
     let mut rows = Vec::new();
