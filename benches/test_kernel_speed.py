@@ -35,7 +35,7 @@ def device():
     adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     if adapter is None:
         pytest.skip("no WebGPU adapter for wgpu-py")
-    return adapter.request_device_sync()
+    return adapter.request_device_sync(required_features=[f for f in ["subgroup"] if f in adapter.features])
 
 
 class Kernel:
@@ -90,14 +90,23 @@ def weights(fmt, m, k, rng):
 
 
 def matmul_kernel(device, entry, fmt, m, k, t):
+    """One group [m, k] of `fmt` over t tokens, with the variant the runtime picks
+    (src/model/ops.rs): matvec with the smallest token block that holds t (8 beyond)
+    and subgroup reductions where the device has them."""
     rng = np.random.default_rng(0)
     w, s_off, w_bytes = weights(fmt, m, k, rng)
     x = rng.standard_normal(t * k).astype(np.float32)
     y = np.zeros(t * m, np.float32)
-    defines = {"fp16": [], "int8": ["WEIGHT_QUANT", "WEIGHT_INT8"], "nf4": ["WEIGHT_QUANT", "WEIGHT_NF4"]}[fmt]
-    params = [t, 0, 0, 0, m, k, 0, s_off, 0, 0, m, 0] + [0] * 24  # one group, no activation
-    groups = -(-m // 16) if entry == "matvec" else -(-m // 64) * -(-t // 64)
-    kernel = Kernel(device, "matmul", defines, entry, params, [w, x, y], (groups, 1, 1))
+    code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
+    defines = {"fp16": [], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt]
+    if entry == "matvec":
+        defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u"]
+        if "subgroup" in device.features:
+            defines.append("SUBGROUPS")
+    params = [t, 0, 0, 0, m, k, 0, s_off, 0, 0, m, code << 8] + [0] * 56  # one group, no activation
+    groups = -(-m // 8) if entry == "matvec" else -(-m // 64) * -(-t // 64)
+    name = "matmul_vec" if entry == "matvec" else "matmul_mat"
+    kernel = Kernel(device, name, defines, entry, params, [w, w, x, y], (groups, 1, 1))
     return kernel, w_bytes + x.nbytes + y.nbytes, 2.0 * m * k * t
 
 
@@ -128,7 +137,7 @@ def test_wkv7(benchmark, device, tokens):
     """The recurrence for every head of one sequence: the state is read and written once
     per call; per token each head does ~6 N^2 flops."""
     n, h = 64, C // 64
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(1)  # the prefill path: second stages precomputed in `lora`
     rkv = rng.standard_normal((3, tokens, C)).astype(np.float32) * 0.1
     lora = rng.standard_normal((4, tokens, C)).astype(np.float32) * 0.1
     consts = rng.standard_normal(19 * C).astype(np.float32) * 0.1
@@ -138,7 +147,7 @@ def test_wkv7(benchmark, device, tokens):
     state = np.zeros(stride, np.float32)
     out = np.zeros((tokens, C), np.float32)
     offs = [c * C for c in (11, 12, 13, 14, 15, 16, 17, 18)]
-    params = [C, tokens, 1, 0, stride, 2 * C, *offs, 64e-5, 0]
+    params = [C, tokens, 1, 0, stride, 2 * C, *offs, 64e-5] + [0] * 17
     kernel = Kernel(device, "wkv7", ["HEAD_SIZE=64u"], "wkv7", params,
                     [rkv, lora, consts, seqs, v_first, state, out], (h, 1, 1))
     moved = 2 * h * n * n * 4 + (rkv.nbytes + lora.nbytes + out.nbytes)
@@ -153,6 +162,20 @@ def test_layer_norm(benchmark, device):
     y = np.zeros((rows, C), np.float32)
     kernel = Kernel(device, "layer_norm", [], "layer_norm", [C, rows, 0, 0, C, 1e-5], [x, consts, y], (rows, 1, 1))
     measure(benchmark, kernel, x.nbytes + y.nbytes, 8.0 * rows * C)
+
+
+def test_ln_shift(benchmark, device):
+    """LayerNorm and the time mix's token shift (six mixes) for one chunk of one sequence."""
+    rows = TOKENS
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, C)).astype(np.float32)
+    consts = rng.standard_normal(8 * C).astype(np.float32)
+    seqs = np.array([[0, rows, 0, 0]], np.uint32)
+    state = np.zeros(2 * C, np.float32)
+    out = np.zeros((6, rows, C), np.float32)
+    kernel = Kernel(device, "ln_shift", ["N_MIX=6u"], "ln_shift", [C, rows, 1, 0, C, 2 * C, 0, 2 * C, 1e-5],
+                    [x, consts, seqs, state, out], (rows, 1, 1))
+    measure(benchmark, kernel, x.nbytes + out.nbytes, 20.0 * rows * C)
 
 
 @pytest.fixture(scope="module")

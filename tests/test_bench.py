@@ -41,13 +41,16 @@ def test_table_rows_and_profile_counts(table):
         mean, _, std = cells[6].split()[:3]
         assert float(mean) > 0 and float(std) >= 0
         assert cells[2].strip() == "fp16" and cells[7].strip().endswith("GB")
-    # Decode: 11 dispatches per layer, one submission and one read-back per token.
+    # Decode: 7 dispatches per layer, one submission and one read-back per token.
     for test in ("tg3", "tg3-argmax", "tg3 @ d16"):
-        assert [float(c) for c in rows[test][8:11]] == [11.0, 1.0, 1.0], test
+        assert [float(c) for c in rows[test][8:11]] == [7.0, 1.0, 1.0], test
     # Three sequences: each step is one pass over the weights for all three tokens.
-    assert [float(c) for c in rows["tg3 x3"][8:11]] == [11.0, round(1 / 3, 2), round(1 / 3, 2)]
-    # Prefill of 20 tokens: one chunk, one read-back of the last logits.
-    assert [float(c) for c in rows["pp20"][8:11]] == [11.0, 1 / 20, 1 / 20]
+    assert [float(c) for c in rows["tg3 x3"][8:11]] == [7.0, round(1 / 3, 2), round(1 / 3, 2)]
+    # Prefill of 20 tokens: one chunk (the low-rank second stages as their own matmul),
+    # one read-back of the last logits.
+    assert [float(c) for c in rows["pp20"][8:11]] == [8.0, 1 / 20, 1 / 20]
+    # Host time per submission is measured (its size is the bench's business, not a test's).
+    assert all(float(cells[11]) > 0 for cells in rows.values() if cells[11].strip() != "-")
     # The bandwidth bound, and each single-sequence tg row's share of it.
     bandwidth = next(line for line in lines if line.startswith("copy bandwidth: "))
     assert float(bandwidth.split()[2]) > 0 and "decode bound" in bandwidth

@@ -4,8 +4,8 @@ written from the shader headers, not from src/), against NumPy references in flo
 
 Kernel sources come preprocessed from rwkv_gpu.kernel_source(name, defines), so the
 variants tested are exactly the text the Rust side compiles. Sizes are small and odd
-(C = 200, M = 37, K = 34, ...) to reach the edge paths of every loop; inputs are
-seeded. Dispatch geometry follows src/model/forward.rs.
+(C = 200, M = 37, K = 40, ...) to reach the edge paths of every loop; inputs are
+seeded. Dispatch geometry follows src/model/ops.rs.
 
 Tolerances: kernels compute in f32; 16-bit weights are exactly representable in both
 f32 and float64, so the only differences are f32 rounding (summation order differs
@@ -33,7 +33,8 @@ def device():
     adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     if adapter is None:
         pytest.skip("no WebGPU adapter for wgpu-py")
-    return adapter.request_device_sync()
+    # Subgroups where the adapter has them, so that the SUBGROUPS variants run too.
+    return adapter.request_device_sync(required_features=[f for f in ["subgroup"] if f in adapter.features])
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,38 +107,49 @@ def test_layer_norm_gathers_rows_to_an_output_offset():
     assert np.all(got[:out_row0] == -7.0) and np.all(got[out_row0 + rows] == -7.0)
 
 
-# ---- token_shift: grid (ceil(C/64), n_seq, 1), one thread per channel and sequence ----
+# ---- ln_shift: grid (T, 1, 1), one workgroup of 256 per token ----
 
 @pytest.mark.parametrize("n_mix", [6, 1])
-def test_token_shift(n_mix):
-    rng = np.random.default_rng(2)
-    c, t_total, slots, stride, state_off, mix_off = 100, 7, 3, 2 * 100 + 8, 100, 9
-    # (first token, tokens, slot, -): listed out of token order, slots not in order either.
-    seqs = np.array([[3, 4, 0, 0], [0, 3, 2, 0]], np.uint32)
-    x = rand(rng, t_total, c)
+@pytest.mark.parametrize("c", [100, 600])  # fewer channels than threads; several per thread
+def test_ln_shift(n_mix, c):
+    """LayerNorm then token shift for two sequences listed out of token order (slots out
+    of order too) and a one-token sequence: each sequence's first token takes its slot's
+    state as the previous row, its last normalised row becomes the new state."""
+    rng = np.random.default_rng(2 + c)
+    t_total, slots, state_off, ln_w, ln_b, mix_off = 8, 4, c, 3, 3 + c + 1, 3 + 2 * c + 5
+    stride = 2 * c + 8
+    seqs = np.array([[3, 4, 0, 0], [0, 3, 2, 0], [7, 1, 3, 0]], np.uint32)
+    x = rand(rng, t_total, c, scale=2.0) + 3.0  # nonzero mean: the two-pass path matters
     consts = rand(rng, mix_off + n_mix * c + 5)
     state = rand(rng, slots, stride)
     out = np.full((n_mix, t_total, c), np.nan, np.float32)
     _, _, _, got_state, got = run_kernel(
-        "token_shift", [f"N_MIX={n_mix}u"], "token_shift",
-        [c, t_total, len(seqs), mix_off, state_off, stride], [x, consts, seqs, state, out],
-        (-(-c // 64), len(seqs), 1))
+        "ln_shift", [f"N_MIX={n_mix}u"], "ln_shift",
+        [c, t_total, len(seqs), ln_w, ln_b, mix_off, state_off, stride, 1e-5], [x, consts, seqs, state, out],
+        (t_total, 1, 1))
 
+    norm = layer_norm(x.astype(f64), consts[ln_w:ln_w + c], consts[ln_b:ln_b + c])
     mix = consts[mix_off:mix_off + n_mix * c].reshape(n_mix, c).astype(f64)
-    want, want_state = np.zeros(out.shape), state.copy()
+    want, want_state = np.zeros(out.shape), state.astype(f64)
     for first, count, slot, _ in seqs:
-        prev = np.concatenate([state[slot, None, state_off:state_off + c], x[first:first + count - 1]])
-        cur = x[first:first + count]
+        prev = np.concatenate([state[slot, None, state_off:state_off + c], norm[first:first + count - 1]])
+        cur = norm[first:first + count]
         want[:, first:first + count] = cur + (prev - cur) * mix[:, None, :]
-        want_state[slot, state_off:state_off + c] = x[first + count - 1]
-    # One f32 multiply-add per element (possibly fused): ~1 ULP.
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(got_state, want_state)  # a copy of the last input: exact
+        want_state[slot, state_off:state_off + c] = norm[first + count - 1]
+    # f32 mean/variance over <= 600 terms (~1e-6) and one multiply-add: outputs O(1).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_state, want_state, rtol=1e-5, atol=1e-5)
+    untouched = np.ones(stride, bool)
+    untouched[state_off:state_off + c] = False
+    assert np.array_equal(got_state[:, untouched], state[:, untouched]) and np.array_equal(got_state[1], state[1])
 
 
-# ---- matmul: matvec grid ceil(M/16); matmul_tiled grid ceil(M/64) * ceil(T/64); z = group ----
+# ---- matmul_vec / matmul_mat: matvec grid ceil(M/8); matmul_tiled grid ceil(M/64) *
+# ceil(T/64); z = group. Each group's format is in its flags; a variant compiles the
+# formats it names (HAS_BF16, HAS_INT8, HAS_NF4). ----
 
-# MatGroup flags: activation id (bits 0-3) and ADD (bit 4), as shaders/matmul.wgsl.
+# Group flags: activation id (bits 0-3), ADD (bit 4), format (bits 8-9), as
+# shaders/matmul_common.wgsl.
 ACTS = {
     None: (0, lambda v: v),
     "tanh": (1, np.tanh),
@@ -145,26 +157,39 @@ ACTS = {
     "relu_sq": (3, lambda v: np.maximum(v, 0.0) ** 2),
 }
 ADD = 16
+FORMATS = {"f16": 0, "bf16": 1, "int8": 2, "nf4": 3}
+TOKEN_BLOCKS = (1, 2, 4, 8)
+
+
+def token_block(t):
+    """The matvec variant the host picks for t tokens (src/model/ops.rs token_block)."""
+    return next((b for b in TOKEN_BLOCKS if b >= t), 8)
 
 
 def matmul_params(t, groups):
-    """The Params words: t, padding, then four groups of (m, k, w_off, s_off, x_off,
+    """The Params words: t, padding, then eight groups of (m, k, w_off, s_off, x_off,
     y_off, y_stride, flags), unused ones zero."""
     words = [t, 0, 0, 0]
     for g in groups:
         words += [int(v) for v in g]
-    return words + [0] * (8 * (4 - len(groups)))
+    return words + [0] * (8 * (8 - len(groups)))
 
 
 def matmul_grid(entry, rows, t, n_groups, fold=False):
-    groups = -(-rows // 16) if entry == "matvec" else -(-rows // 64) * -(-t // 64)
+    groups = -(-rows // 8) if entry == "matvec" else -(-rows // 64) * -(-t // 64)
     return (3, -(-groups // 3), n_groups) if fold else (groups, 1, n_groups)  # the host's 2-D fold
 
 
-def pack_weights(rng, m, k, bf16):
-    """(packed u32 (M, K/2), exact f64 values (M, K)): 16-bit floats, element 2i low."""
+def sample_matrix(rng, m, k):
     w = rand(rng, m, k, scale=k ** -0.5)
     w[:4] *= 20.0  # some large outputs: tanh/sigmoid saturation, relu^2 growth
+    if k >= 64 and m > 5:
+        w[5, :64] = 0.0  # an all-zero block: scale 0, codes that decode to 0
+    return w
+
+
+def pack_16bit(w, bf16):
+    """(packed u32 (M, K/2), exact f64 values (M, K)): 16-bit floats, element 2i low."""
     if bf16:
         halves = (w.view(np.uint32) >> 16).astype(np.uint16)
         exact = (halves.astype(np.uint32) << 16).view(np.float32)
@@ -175,82 +200,131 @@ def pack_weights(rng, m, k, bf16):
     return pairs, exact.astype(f64)
 
 
-def check_matmul_groups(entry, specs, t, seed, weight=pack_weights, variant=(), fold=False):
-    """Runs one dispatch over len(specs) matrices (m, k, act, add) held back to back in
-    one weight buffer (after 3 unused words), each reading its own window of x and
-    writing its own window of y, and compares with NumPy. `weight(rng, m, k)` gives
-    (u32 words, s_off within them or None, exact f64 values)."""
+def scale_words(scales):
+    """f16 [M, blocks] -> u32 [M, ceil(blocks / 2)], even block in the low half."""
+    padded = np.pad(scales, ((0, 0), (0, scales.shape[1] % 2)))
+    return np.ascontiguousarray(padded).view(np.uint32)
+
+
+def pack_weights(fmt, rng, m, k):
+    """(u32 words as the device holds the matrix, word offset of its scales or None,
+    exact f64 values of what the kernel must multiply by)."""
+    w = sample_matrix(rng, m, k)
+    if fmt in ("f16", "bf16"):
+        packed, exact = pack_16bit(w, fmt == "bf16")
+        return packed.ravel(), None, exact
+    import quant_reference as qr
+    w16 = w.astype(np.float16).astype(np.float32)
+    if fmt == "int8":
+        codes, scales, _ = qr.quantize_int8(w16, block=64)
+        deq = qr.dequantize_int8(codes, scales)
+    else:
+        codes, scales = qr.quantize_nf4(w16)
+        deq = qr.dequantize_nf4(codes, scales)
+    return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
+
+
+def matmul_defines(entry, formats, t, tokens=None, subgroups=False):
+    defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"]
+    if entry == "matvec":
+        defines.append(f"TOKEN_BLOCK={tokens or token_block(t)}u")
+        if subgroups:
+            defines.append("SUBGROUPS")
+    return defines
+
+
+def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False):
+    """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
+    back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
+    reading its own window of x and writing its own window of y; returns (got, want)."""
     rng = np.random.default_rng(seed)
-    words, groups, exact = [np.full(3, 0xDEADBEEF, np.uint32)], [], []
-    w_at, x_at, y_at = 3, 5, 3
-    for m, k, act, add in specs:
-        packed, s_off, w_exact = weight(rng, m, k)
+    words, groups, exact = [np.full(4, 0xDEADBEEF, np.uint32)], [], []
+    w_at, x_at, y_at = 4, 8, 3
+    for m, k, act, add, fmt in specs:
+        packed, s_off, w_exact = pack_weights(fmt, rng, m, k)
+        packed = np.concatenate([packed, np.full(-len(packed) % 4, 0xDEADBEEF, np.uint32)])
         y_stride = m + 6
-        groups.append((m, k, w_at, w_at + (s_off or 0), x_at, y_at + 2, y_stride, ACTS[act][0] | (ADD if add else 0)))
-        words.append(packed.ravel())
+        flags = ACTS[act][0] | (ADD if add else 0) | FORMATS[fmt] << 8
+        groups.append((m, k, w_at, w_at + (s_off or 0), x_at, y_at + 2, y_stride, flags))
+        words.append(packed)
         exact.append(w_exact)
         w_at += packed.size
-        x_at += t * k + 7
+        x_at += t * k + 8
         y_at += t * y_stride + 5
-    x = rand(rng, x_at + 3)
+    x = rand(rng, x_at + 4)
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
-    rows = max(m for m, *_ in specs)
-    _, _, got = run_kernel("matmul", list(variant), entry, matmul_params(t, groups),
-                           [np.concatenate(words), x, y], matmul_grid(entry, rows, t, len(specs), fold))
+    w = np.concatenate(words)
+    rows = max(spec[0] for spec in specs)
+    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups)
+    name = "matmul_vec" if entry == "matvec" else "matmul_mat"
+    _, _, _, got = run_kernel(name, defines, entry, matmul_params(t, groups),
+                              [w, w, x, y], matmul_grid(entry, rows, t, len(specs), fold))
 
     want = y.astype(f64)
-    for (m, k, w_off, s_off, x_off, y_off, y_stride, flags), (_, _, act, add), w_exact in zip(groups, specs, exact):
+    for (m, k, w_off, s_off, x_off, y_off, y_stride, flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
         view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]  # a view
         v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
         view[...] = (view if add else 0.0) + ACTS[act][1](v)
     return got, want
 
 
-def check_matmul(entry, m, k, t, seed, act=None, add=False, bf16=False, fold=False):
-    def weight(rng, m, k):
-        packed, w_exact = pack_weights(rng, m, k, bf16)
-        return packed, None, w_exact
-
-    got, want = check_matmul_groups(entry, [(m, k, act, add)], t, seed, weight, ["WEIGHT_BF16"] if bf16 else [], fold)
-    # Dot products of K f32 terms of size ~1 (rows 0-3: ~20), summed in another order:
-    # ~1e-6 relative; relu^2 doubles it. Everything outside the target block: exact.
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} m={m} k={k} t={t} {act} add={add} bf16={bf16}")
+# Dot products of K f32 terms of size ~1 (rows 0-3: ~20), summed in another order: ~1e-6
+# relative; relu^2 doubles it. Dequantized weights are exact in f32 (int8: a 7-bit code
+# times an f16; nf4: one f32 product, ~6e-8 relative). Everything outside the groups'
+# output blocks: exact (a stray write would show).
+MATMUL_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
-@pytest.mark.parametrize("t", [1, 3, 5, 70])
-@pytest.mark.parametrize("k", [2, 34, 96, 258])  # 258: K/2 > 2 * 64 lanes; 34: partial K step
+def check_matmul(entry, m, k, t, seed, act=None, add=False, fmt="f16", fold=False, **kw):
+    got, want = check_matmul_groups(entry, [(m, k, act, add, fmt)], t, seed, fold=fold, **kw)
+    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} m={m} k={k} t={t} {act} add={add} {fmt} {kw}")
+
+
+ENTRIES = ["matvec", "matmul_tiled"]
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("t", [1, 3, 5, 9, 70])  # 9: two passes of 8 tokens in matvec
+@pytest.mark.parametrize("k", [8, 40, 96, 520])  # 520: more vec4s per row than lanes; 40: partial K step
 def test_matmul_shapes(entry, t, k):
     check_matmul(entry, 37, k, t, seed=t * 1000 + k)
 
 
-@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
-@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("fmt", ["f16", "bf16"])
 @pytest.mark.parametrize("add", [False, True])
 @pytest.mark.parametrize("act", list(ACTS))
-def test_matmul_variants(entry, bf16, add, act):
-    check_matmul(entry, 37, 34, 5, seed=7, act=act, add=add, bf16=bf16)
+def test_matmul_variants(entry, fmt, add, act):
+    check_matmul(entry, 37, 40, 5, seed=7, act=act, add=add, fmt=fmt)
 
 
-@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
+@pytest.mark.parametrize("tokens", TOKEN_BLOCKS)
+@pytest.mark.parametrize("t", [1, 3, 9])  # fewer tokens than the block (clamped), more (passes)
+@pytest.mark.parametrize("subgroups", [False, True])
+def test_matvec_token_blocks_and_reductions(tokens, t, subgroups):
+    if subgroups and "subgroup" not in device().features:
+        pytest.skip("the adapter has no subgroup operations")
+    check_matmul("matvec", 21, 136, t, seed=tokens * 10 + t, tokens=tokens, subgroups=subgroups, add=True)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("m, fold", [(128, False), (130, True)])  # 2 or 3 x 2 tiles of 64x64
 def test_matmul_several_tiles(entry, m, fold):
     check_matmul(entry, m, 48, 70, seed=8, add=True, fold=fold)
 
 
-@pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
-@pytest.mark.parametrize("t", [1, 70])
-def test_matmul_groups_in_one_dispatch(entry, t):
-    """Four matrices of different shapes, activations and ADD flags in one dispatch, as
-    the low-rank paths run: the smaller groups' surplus workgroups must do nothing."""
-    specs = [(130, 34, "tanh", False), (37, 96, None, True), (64, 2, "sigmoid", False), (5, 258, "relu_sq", True)]
-
-    def weight(rng, m, k):
-        packed, w_exact = pack_weights(rng, m, k, False)
-        return packed, None, w_exact
-
-    got, want = check_matmul_groups(entry, specs, t, seed=11, weight=weight, fold=True)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("t", [1, 5, 70])
+def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
+    """r, k, v (quantized) beside the low-rank first stages (f16, tanh / sigmoid) in one
+    dispatch, as the time mix runs them: every group finds its codes, scales and format;
+    the smaller groups' surplus workgroups do nothing."""
+    specs = [(130, 64, None, False, "int8"), (37, 128, None, True, "nf4"), (64, 192, "relu_sq", False, "int8"),
+             (5, 8, "tanh", False, "f16"), (40, 40, None, True, "bf16"), (9, 64, "sigmoid", False, "nf4"),
+             (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
+    for subgroups in ([False, True] if entry == "matvec" and "subgroup" in device().features else [False]):
+        got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True)
+        np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups}")
 
 
 # ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----
@@ -286,8 +360,12 @@ def wkv7_reference(n, h, rkv, lora, consts, off, seqs, v_first, state, stride, w
 
 @pytest.mark.parametrize("n", [64, 32])
 @pytest.mark.parametrize("first_layer", [0, 1])
-def test_wkv7(n, first_layer):
-    rng = np.random.default_rng(10 + n + first_layer)
+@pytest.mark.parametrize("fused", [False, True])
+def test_wkv7(n, first_layer, fused):
+    """Two sequences (slots out of order, one slot unused). `fused`: the low-rank second
+    stages computed in the kernel from the hidden values in proj and f16 matrices in a
+    weights buffer (v's width 0 in block 0), against the same products in float64."""
+    rng = np.random.default_rng(10 + n + first_layer + 2 * fused)
     h, t_total, slots, eps = 2, 5, 3, 64e-5
     c = h * n
     wkv_off = 2 * c
@@ -297,19 +375,42 @@ def test_wkv7(n, first_layer):
     off = {name: 3 + int(order[i]) * (c + 1) for i, name in enumerate(names)}
     consts = rand(rng, 3 + len(names) * (c + 1))
     seqs = np.array([[2, 3, 2, 0], [0, 2, 0, 0]], np.uint32)  # slot 1 is unused
-    rkv, lora = rand(rng, 3, t_total, c), rand(rng, 4, t_total, c)
+    rkv = rand(rng, 3, t_total, c)
     v_first, state = rand(rng, t_total, c), rand(rng, slots * stride, scale=0.3)  # flat
     out = np.full((t_total, c), np.nan, np.float32)
     offs = [off[name] for name in names]
+    lora_k, lora_mid, lora_w = [0] * 4, [0] * 4, [0] * 4
+    if fused:
+        widths = [16, 8, 0 if first_layer else 24, 40]
+        mid_off = 3 * t_total * c + 4
+        blocks, words, lora = [], [np.zeros(4, np.uint32)], np.zeros((4, t_total, c), np.float32)
+        at_mid, at_word = 0, 4
+        for i, d in enumerate(widths):
+            hidden = rand(rng, t_total, d)
+            packed, exact = pack_16bit(rand(rng, c, d, scale=0.3), False)
+            lora[i] = hidden.astype(f64) @ exact.T
+            lora_k[i], lora_mid[i], lora_w[i] = d, at_mid, at_word
+            blocks.append(hidden.ravel())
+            words.append(packed.ravel())
+            at_mid += hidden.size + 4
+            at_word += packed.size
+            blocks.append(np.zeros(4, np.float32))
+        proj = np.concatenate([rkv.ravel(), np.zeros(4, np.float32), *blocks])
+        second = np.concatenate(words)
+        variant = [f"HEAD_SIZE={n}u", "FUSED_LORA"]
+    else:
+        mid_off = 0
+        proj, lora = rkv.ravel(), rand(rng, 4, t_total, c)
+        second, variant = lora, [f"HEAD_SIZE={n}u"]
+    params = [c, t_total, len(seqs), first_layer, stride, wkv_off, *offs, eps, mid_off, 0, 0, 0, 0, *lora_k, *lora_mid, *lora_w]
     _, _, _, _, got_vf, got_state, got = run_kernel(
-        "wkv7", [f"HEAD_SIZE={n}u"], "wkv7",
-        [c, t_total, len(seqs), first_layer, stride, wkv_off, *offs, eps],
-        [rkv, lora, consts, seqs, v_first, state, out], (h, len(seqs), 1))
+        "wkv7", variant, "wkv7", params, [proj, second, consts, seqs, v_first, state, out], (h, len(seqs), 1))
 
     want, want_vf, want_state = wkv7_reference(n, h, rkv, lora, consts, off, seqs, v_first, state,
                                                stride, wkv_off, first_layer, eps)
     # A few tokens of f32 state updates (N-term dots) and GPU exp/inverseSqrt: ~1e-6
-    # relative; GroupNorm divides by each head's std of y (O(1) here).
+    # relative; GroupNorm divides by each head's std of y (O(1) here). Fused: dots of
+    # <= 40 f32 terms more.
     np.testing.assert_allclose(got_state, want_state, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(got_vf, want_vf.astype(np.float32))  # copied or untouched: exact

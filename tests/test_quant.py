@@ -12,7 +12,7 @@ import quant_reference as qr
 import reference
 import rwkv_gpu
 from conftest import DATA, open_model
-from test_kernels import check_matmul_groups, rand, run_kernel
+from test_kernels import MATMUL_TOL, check_matmul_groups, rand, run_kernel, scale_words
 
 f64 = np.float64
 PROJECTIONS = ("att.receptance.weight", "att.key.weight", "att.value.weight", "att.output.weight",
@@ -26,12 +26,6 @@ def quantize(fmt, w):
         return codes, scales, qr.dequantize_int8(codes, scales)
     codes, scales = qr.quantize_nf4(w)
     return codes, scales, qr.dequantize_nf4(codes, scales)
-
-
-def scale_words(scales):
-    """f16 [M, blocks] -> u32 [M, ceil(blocks / 2)], even block in the low half."""
-    padded = np.pad(scales, ((0, 0), (0, scales.shape[1] % 2)))
-    return np.ascontiguousarray(padded).view(np.uint32)
 
 
 def fp16_matrix(rng, m, k):
@@ -62,25 +56,15 @@ def test_quantize_kernel_matches_reference(fmt, k):
 
 # ---- dequantizing matmul: same geometry as the 16-bit kernels ----
 
-def quant_weight(fmt):
-    """A `weight` maker for check_matmul_groups: codes then scales, as the device holds them."""
-    def weight(rng, m, k):
-        codes, scales, deq = quantize(fmt, fp16_matrix(rng, m, k).astype(np.float32))
-        return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
-    return weight
-
-
 def check_quant_matmul(entry, fmt, specs, t, seed=0):
-    variant = ["WEIGHT_QUANT", "WEIGHT_INT8" if fmt == "int8" else "WEIGHT_NF4"]
-    got, want = check_matmul_groups(entry, specs, t, seed, quant_weight(fmt), variant)
-    # Dequantized weights are exact in f32 (int8: a 7-bit code times an f16; nf4: one f32
-    # product, ~6e-8 relative); the rest is f32 summation order, as for 16-bit weights.
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{entry} {fmt} {specs} t={t}")
+    got, want = check_matmul_groups(entry, [(m, k, act, add, fmt) for m, k, act, add in specs], t, seed)
+    # As for 16-bit weights (test_kernels.MATMUL_TOL): dequantized weights are exact in f32.
+    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} {fmt} {specs} t={t}")
 
 
 @pytest.mark.parametrize("entry", ["matvec", "matmul_tiled"])
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])
-@pytest.mark.parametrize("k, t", [(64, 1), (192, 3), (320, 70)])
+@pytest.mark.parametrize("k, t", [(64, 1), (192, 3), (320, 70), (2112, 2)])  # 2112: more vec4s per row than lanes
 def test_quant_matmul(entry, fmt, k, t):
     check_quant_matmul(entry, fmt, [(37, k, None, False)], t, seed=k + t)
 

@@ -1,14 +1,17 @@
 """The work a forward pass records, counted by the runtime itself (`_m.last_stats()`:
-queue submissions, compute dispatches, read-backs), so that fusions cannot silently
-regress. Per layer, decode and each prefill chunk record 11 dispatches:
+queue submissions, compute dispatches, read-backs; `_m.created()`: device objects), so
+that fusions and the program cache cannot silently regress. Per layer, a decode step
+(up to FUSED_LORA_TOKENS = 4 tokens in the chunk) records 7 dispatches:
 
-    ln1, token shift (6 mixes), r/k/v (one grouped matmul), the four low-rank first
-    stages (one), their second stages (one), wkv7, output (+ residual), ln2, token shift
-    (ffn), ffn key (relu^2), ffn value (+ residual)
+    ln1 + token shift (6 mixes), r/k/v with the four low-rank first stages (one grouped
+    matmul), wkv7 with the low-rank second stages, output (+ residual), ln2 + token
+    shift (ffn), ffn key (relu^2), ffn value (+ residual)
 
-plus ln0 once per chunk and ln_out + one head matmul per head row chunk for the tokens
-whose logits are read. Target (issue 6): at most 16 per layer for decode, one
-submission and one read-back per generated token.
+and bigger chunks 8 (the second stages as their own matmul, which reads each weight
+once for all tokens); plus ln0 once per chunk and ln_out + one head matmul per head row
+chunk for the tokens whose logits are read. Targets (issue 12): at most 7 per layer for
+decode, one submission and one read-back per generated token, and no buffer, bind group
+or pipeline created per step once a chunk shape has run.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import pytest
 
 from conftest import DATA, open_model
 
-PER_LAYER = 11
+DECODE_PER_LAYER = 7
+CHUNK_PER_LAYER = 8
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 
 
@@ -38,8 +42,8 @@ def test_decode_step_counts(model):
     model.forward([5], state)
     submissions, dispatches, readbacks = stats(model)
     assert (submissions, readbacks) == (1, 1)
-    assert dispatches == PER_LAYER * layers + 3  # + ln0, ln_out, head
-    assert model._m.last_stats()[3] == PER_LAYER * layers <= 16 * layers
+    assert dispatches == DECODE_PER_LAYER * layers + 3  # + ln0, ln_out, head
+    assert model._m.last_stats()[3] == DECODE_PER_LAYER * layers
 
 
 def test_prefill_counts_per_chunk(model):
@@ -48,10 +52,55 @@ def test_prefill_counts_per_chunk(model):
     model.forward(list(range(300)), state)  # chunks of 256 + 44 tokens
     submissions, dispatches, readbacks = stats(model)
     assert (submissions, readbacks) == (2, 1)
-    assert dispatches == 2 * (PER_LAYER * layers + 1) + 2
-    assert model._m.last_stats()[3] == 2 * PER_LAYER * layers
+    assert dispatches == 2 * (CHUNK_PER_LAYER * layers + 1) + 2
+    assert model._m.last_stats()[3] == 2 * CHUNK_PER_LAYER * layers
     model.prefill(list(range(10)), state)
-    assert stats(model) == (1, PER_LAYER * layers + 1, 0)
+    assert stats(model) == (1, CHUNK_PER_LAYER * layers + 1, 0)
+    model.prefill(list(range(4)), state)  # a chunk small enough for the fused second stages
+    assert stats(model) == (1, DECODE_PER_LAYER * layers + 1, 0)
+
+
+def test_a_steady_decode_step_creates_nothing(model):
+    """After the first step of a shape, decode steps (logits, argmax, prefill) reuse the
+    recorded program: no buffer, bind group or pipeline is created, and the results are
+    those of a fresh model."""
+    state = model.new_state()
+    for want in ("logits", "argmax", "none"):
+        model.forward([1], state) if want == "logits" else model.forward_argmax([1], state) if want == "argmax" else model.prefill([1], state)
+    before = model._m.created()
+    token, chosen = 2, []
+    for _ in range(5):
+        model.forward([token], state)
+        token = model.forward_argmax([token], state)
+        model.prefill([token], state)
+        chosen.append(token)
+    assert model._m.created() == before
+    fresh = open_model(TINY, dtype=model.weight_formats()["blocks.0.att.key"])
+    again, token, expected = fresh.new_state(), 2, []
+    for want in ("logits", "argmax", "none"):
+        fresh.forward([1], again) if want == "logits" else fresh.forward_argmax([1], again) if want == "argmax" else fresh.prefill([1], again)
+    for _ in range(5):
+        fresh.forward([token], again)
+        token = fresh.forward_argmax([token], again)
+        fresh.prefill([token], again)
+        expected.append(token)
+    assert chosen == expected
+    np.testing.assert_array_equal(state.to_numpy()["wkv"], again.to_numpy()["wkv"])
+
+
+def test_programs_go_with_their_state_page(model):
+    """The recorded programs live on the state page they bind: a page of states that
+    are all dropped is freed with its programs (the memory report shows it)."""
+    model.forward_batch([[1], [2], [3]], model.new_states(3))  # scratch and pipelines made
+    base, live = model.memory()["states"], model._m.allocator_report()
+    states = model.new_states(3)
+    model.forward_batch([[1], [2], [3]], states)
+    page = model.memory()["states"] - base
+    assert page > 0
+    del states
+    assert model.memory()["states"] == base
+    if live is not None:  # the device allocator's own count: the page's buffers are gone
+        assert model._m.allocator_report()[0] <= live[0]
 
 
 def test_split_matrices_fall_back_to_one_dispatch_per_chunk():
@@ -63,8 +112,10 @@ def test_split_matrices_fall_back_to_one_dispatch_per_chunk():
     a, b = small.new_state(), whole.new_state()
     np.testing.assert_array_equal(small.forward([1, 2, 3], a), whole.forward([1, 2, 3], b))
     layers = small.config["n_layer"]
-    # Per layer: r, k, v apart (+2), ffn key and value in two chunks each (+2); head +1.
-    assert stats(small) == (1, stats(whole)[1] + 4 * layers + 1, 1)
+    # Per layer: r, k and v (3 x 32 KiB) in buffers of their own, apart from each other
+    # and from the low-rank first stages (+3); ffn key and value in two chunks each
+    # (+2). The second stages (36 KiB) still share one buffer: wkv7 computes them. Head +1.
+    assert stats(small) == (1, stats(whole)[1] + 5 * layers + 1, 1)
 
 
 def test_scratch_does_not_grow_with_the_prompt():
@@ -110,23 +161,23 @@ def test_profiling_times_every_dispatch():
         assert profile == []
         return
     assert len(profile) == stats(m)[1]
-    kernels = {name.split(":")[0] for name, _ in profile}
-    assert kernels == {"layer_norm", "token_shift", "matmul", "wkv7"}
-    assert any("WEIGHT_NF4" in name for name, _ in profile)
+    kernels = {name.split(" ")[0] for name, _ in profile}
+    assert kernels == {"layer_norm", "ln_shift", "matvec", "wkv7"}
+    assert any(name.startswith("matvec t2 f16+nf4") for name, _ in profile)
     assert all(ns >= 0 for _, ns in profile) and sum(ns for _, ns in profile) > 0
 
 
 def test_scratch_bytes_follow_the_plan():
-    """Scratch for one chunk of T tokens, exactly: the residual, the mixes, r/k/v, the
-    low-rank hidden and v_first; one buffer for emb/xn/att and one for lora/ffn (never
-    alive at the same time); the sequence table and argmax results; one token's logits
-    and its read-back buffer."""
+    """Scratch for one chunk of T tokens, exactly: the residual, the mixes, r/k/v with the
+    low-rank hidden values, and v_first; one buffer for emb/att/norm and one for lora/ffn
+    (never alive at the same time); the sequence table and argmax results; one token's
+    logits and its read-back buffer."""
     m = open_model(TINY)
     m.forward([1], m.new_state())
     cfg = m.config
     c, f, v = cfg["n_embd"], cfg["ffn_size"], cfg["vocab_size"]
     dsum = sum(cfg["lora_widths"])
-    widest = max(6 * c, f, dsum)
+    widest = max(6 * c, f, 3 * c + dsum)
     t = min(256, cfg["max_binding"] // (4 * widest))
     floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f)
     # The sequence table and argmax results: 64 sequences of 16 and 8 bytes.

@@ -101,6 +101,9 @@ class Row:
     dispatches_per_layer: float | None = None
     submissions_per_token: float | None = None
     readbacks_per_token: float | None = None
+    # --profile: host time of one submission of the last call (recording the first time a
+    # chunk shape runs, then uploads and encoding; GPU waits excluded), microseconds.
+    host_us_per_submission: float | None = None
     # Single-sequence tg rows: t/s over the bandwidth bound.
     fraction_of_bound: float | None = None
 
@@ -167,14 +170,16 @@ class Bench:
         return run
 
 
-def counts(model: Model, fn: Callable[[], None], tokens: int, calls: int) -> tuple[float, float, float]:
-    """(dispatches per layer and chunk, submissions and read-backs per token) of `fn`'s
-    last forward call, from the runtime's own counters after running it once more: for
-    tg that is one decode step; for pp, the whole prompt in chunks (one submission each)."""
+def counts(model: Model, fn: Callable[[], None], tokens: int, calls: int) -> tuple[float, float, float, float]:
+    """(dispatches per layer and chunk, submissions and read-backs per token, host µs per
+    submission) of `fn`'s last forward call, from the runtime's own counters after
+    running it once more: for tg that is one decode step; for pp, the whole prompt in
+    chunks (one submission each)."""
     fn()
     submissions, _, readbacks, layer_dispatches = model._m.last_stats()
     per_call = tokens / calls
-    return layer_dispatches / (submissions * model.config["n_layer"]), submissions / per_call, readbacks / per_call
+    host_us = model._m.last_host_ns() / 1e3 / submissions
+    return layer_dispatches / (submissions * model.config["n_layer"]), submissions / per_call, readbacks / per_call, host_us
 
 
 def kernel_profile(model: Model, fn: Callable[[], None]) -> dict[str, dict[str, float]] | None:
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         row = Row(label, cfg["dtype"], n_int8, n_nf4, test, statistics.mean(values), std, unit, sum(model.memory().values()))
         if args.profile and unit == "t/s":
-            row.dispatches_per_layer, row.submissions_per_token, row.readbacks_per_token = counts(model, fn, tokens, calls)
+            (row.dispatches_per_layer, row.submissions_per_token, row.readbacks_per_token,
+             row.host_us_per_submission) = counts(model, fn, tokens, calls)
             if test in (f"pp{p}", f"tg{n}"):
                 profiles[test] = kernel_profile(model, fn)
         rows.append(row)
@@ -333,14 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + written, {info['copy_bytes'] >> 20} MiB buffer) | "
           f"decode bound (weights per token / bandwidth): {bound:.2f} t/s")
     print()
-    profile = " dispatches/layer | submissions/token | read-backs/token |" if args.profile else ""
+    profile = " dispatches/layer | submissions/token | read-backs/token | host µs/submission |" if args.profile else ""
     print(f"| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |{profile}")
-    print("| --- | --- | ---: | ---: | --- | ---: | ---: |" + (" ---: | ---: | ---: |" if args.profile else ""))
+    print("| --- | --- | ---: | ---: | --- | ---: | ---: |" + (" ---: | ---: | ---: | ---: |" if args.profile else ""))
     for r in rows:
         unit = " s" if r.unit == "s" else ""
         line = f"| {r.model} | {r.dtype} | {r.quant_int8} | {r.quant_nf4} | {r.test} | {r.mean:.2f} ± {r.std:.2f}{unit} | {r.memory_bytes / 1e9:.3f} GB |"
         if args.profile:
-            cells = [r.dispatches_per_layer, r.submissions_per_token, r.readbacks_per_token]
+            cells = [r.dispatches_per_layer, r.submissions_per_token, r.readbacks_per_token, r.host_us_per_submission]
             line += "".join(" - |" if v is None else f" {v:.2f} |" for v in cells)
         print(line)
     print()

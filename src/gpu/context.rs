@@ -2,6 +2,7 @@
 //! and the error plumbing that turns wgpu's panicking defaults into `Error`s.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
@@ -212,6 +213,13 @@ pub fn select(summaries: &[AdapterSummary], choice: Option<&AdapterChoice>) -> R
     Ok((chosen, warnings))
 }
 
+/// Device objects created so far.
+#[derive(Debug, Default)]
+pub struct Created {
+    pub buffers: AtomicUsize,
+    pub bind_groups: AtomicUsize,
+}
+
 /// The opened device and the facts about it that planning needs.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -228,6 +236,9 @@ pub struct GpuContext {
     /// Timestamp queries are available: profiles report GPU time per dispatch.
     pub timestamps: bool,
     pub warnings: Vec<String>,
+    /// Buffers and bind groups created through this context so far (tests check that a
+    /// steady decode step creates none).
+    pub created: Created,
     uncaptured: Arc<Mutex<Option<String>>>,
     lost: Arc<Mutex<Option<String>>>,
 }
@@ -306,6 +317,7 @@ impl GpuContext {
             subgroups,
             timestamps,
             warnings,
+            created: Created::default(),
             uncaptured,
             lost,
         }))
@@ -327,6 +339,21 @@ impl GpuContext {
             return Err(Error::Device(format!("{what}: {e}")));
         }
         Ok(value)
+    }
+
+    /// A buffer of `size` bytes (at least 4, a multiple of 4), created inside error
+    /// scopes so that running out of memory is an `Error::OutOfMemory` naming `label`.
+    pub fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        let size = size.max(4).next_multiple_of(4);
+        let buffer = self.scoped(&format!("allocating {label} ({size} bytes)"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+        })?;
+        self.created.buffers.fetch_add(1, Ordering::Relaxed);
+        Ok(buffer)
+    }
+
+    pub(crate) fn count_bind_group(&self) {
+        self.created.bind_groups.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Fails once the device is lost or an error escaped every scope.

@@ -1,11 +1,14 @@
-//! Everything that talks to wgpu: the device, kernel sources, pipelines, recording.
+//! Everything that talks to wgpu: the device, kernel sources and variants, pipelines,
+//! recording.
 
 pub mod context;
 pub mod pipelines;
 pub mod recorder;
 pub mod shaders;
+pub mod variants;
 
 pub use context::{AdapterChoice, AdapterSummary, DeviceOptions, GpuContext};
 pub use pipelines::Pipelines;
 pub use recorder::{Binding, Recorder};
 pub use shaders::Kernel;
+pub use variants::{Codes, Formats, Variant};

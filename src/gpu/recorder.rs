@@ -1,6 +1,8 @@
-//! Records a forward pass as a list of dispatches, then encodes them into one compute
-//! pass and one queue submission. Each dispatch's parameters go into one shared uniform
-//! buffer (at the device's uniform offset alignment), uploaded once per submission.
+//! Records a list of dispatches and copies, then turns it into a `Program`: the bind
+//! groups made and every dispatch's parameters uploaded into one uniform buffer (at the
+//! device's uniform offset alignment), once. A program is encoded into one compute pass
+//! and submitted as often as needed, so a decode step that repeats the last one's
+//! shapes creates nothing on the device and uploads no parameters.
 
 use std::sync::Arc;
 
@@ -33,6 +35,7 @@ struct Dispatch {
     grid: (u32, u32, u32),
 }
 
+#[derive(Clone)]
 pub struct Copy {
     pub src: wgpu::Buffer,
     pub src_offset: u64,
@@ -51,8 +54,8 @@ enum Step {
 pub struct Counts {
     pub dispatches: usize,
     pub copies: usize,
-    /// With `Recorder::profile` on a device with timestamp queries: each dispatch's GPU
-    /// time in nanoseconds, under its kernel's name, in order.
+    /// With profiling on a device with timestamp queries: each dispatch's GPU time in
+    /// nanoseconds, under its kernel variant's label, in order.
     pub timings: Vec<(Arc<str>, f64)>,
 }
 
@@ -61,30 +64,15 @@ pub struct Recorder {
     params: Vec<u8>,
     align: usize,
     pub counts: Counts,
-    /// Time each dispatch on the GPU (one compute pass each, so that the timestamps
-    /// bracket it alone). Slower: for profiling only.
-    pub profile: bool,
 }
 
 impl Recorder {
     pub fn new(ctx: &GpuContext) -> Recorder {
-        Recorder {
-            steps: Vec::new(),
-            params: Vec::new(),
-            align: ctx.uniform_offset_alignment.max(16) as usize,
-            counts: Counts::default(),
-            profile: false,
-        }
+        Recorder { steps: Vec::new(), params: Vec::new(), align: ctx.uniform_offset_alignment.max(16) as usize, counts: Counts::default() }
     }
 
     /// Binding 0 is the uniform `params`; `bindings` are bindings 1.. in order.
-    pub fn dispatch<P: bytemuck::Pod>(
-        &mut self,
-        pipeline: &Pipeline,
-        params: &P,
-        bindings: Vec<Binding>,
-        grid: (u32, u32, u32),
-    ) {
+    pub fn dispatch<P: bytemuck::Pod>(&mut self, pipeline: &Pipeline, params: &P, bindings: Vec<Binding>, grid: (u32, u32, u32)) {
         let at = self.params.len().next_multiple_of(self.align);
         self.params.resize(at, 0);
         self.params.extend_from_slice(bytemuck::bytes_of(params));
@@ -103,35 +91,22 @@ impl Recorder {
         self.steps.push(Step::Copy(copy));
     }
 
-    /// Creates the bind groups, encodes every step in order and submits once.
-    pub fn submit(self, ctx: &GpuContext, uniform: &mut Option<wgpu::Buffer>) -> Result<Counts> {
-        let mut counts = self.counts.clone();
-        let needed = (self.params.len().max(16) as u64).next_multiple_of(256);
+    /// Makes the uniform buffer and the bind groups.
+    pub fn finish(self, ctx: &GpuContext) -> Result<Program> {
         let device = &ctx.device;
-        let timed = if self.profile && ctx.timestamps { counts.dispatches.min(MAX_TIMED) } else { 0 };
-        let timer = (timed > 0).then(|| Timer::new(ctx, timed));
-        let mut names = Vec::with_capacity(timed);
-        ctx.scoped("recording a forward pass", || {
-            if uniform.as_ref().map(|b| b.size() < needed).unwrap_or(true) {
-                *uniform = Some(device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("dispatch params"),
-                    size: needed.next_power_of_two(),
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                }));
-            }
-            let params_buffer = uniform.as_ref().expect("just created");
-            ctx.queue.write_buffer(params_buffer, 0, &self.params);
-
-            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
-            let mut pass: Option<wgpu::ComputePass<'static>> = None;
-            for step in &self.steps {
-                match step {
+        let size = (self.params.len().max(16) as u64).next_multiple_of(256);
+        let uniform = ctx.create_buffer("dispatch params", size, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+        let steps = ctx.scoped("recording a forward pass", || {
+            ctx.queue.write_buffer(&uniform, 0, &self.params);
+            self.steps
+                .into_iter()
+                .map(|step| match step {
+                    Step::Copy(c) => Encoded::Copy(c),
                     Step::Dispatch(d) => {
                         let mut entries = vec![wgpu::BindGroupEntry {
                             binding: 0,
                             resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: params_buffer,
+                                buffer: &uniform,
                                 offset: d.params_at,
                                 size: wgpu::BufferSize::new(d.params_len),
                             }),
@@ -151,6 +126,49 @@ impl Recorder {
                             layout: &d.pipeline.raw.get_bind_group_layout(0),
                             entries: &entries,
                         });
+                        ctx.count_bind_group();
+                        Encoded::Dispatch { pipeline: d.pipeline, group, grid: d.grid }
+                    }
+                })
+                .collect::<Vec<_>>()
+        })?;
+        Ok(Program { steps, counts: self.counts, _uniform: uniform })
+    }
+
+    /// Finishes and submits once (for work that does not repeat).
+    pub fn submit(self, ctx: &GpuContext) -> Result<Counts> {
+        self.finish(ctx)?.submit(ctx, false)
+    }
+}
+
+enum Encoded {
+    Dispatch { pipeline: Pipeline, group: wgpu::BindGroup, grid: (u32, u32, u32) },
+    Copy(Copy),
+}
+
+/// A recording ready to submit: pipelines, bind groups and uploaded parameters.
+pub struct Program {
+    steps: Vec<Encoded>,
+    pub counts: Counts,
+    /// Held by the bind groups too; kept here to say that the program owns it.
+    _uniform: wgpu::Buffer,
+}
+
+impl Program {
+    /// Encodes every step in order into one command buffer and submits it. `profile`:
+    /// time each dispatch on the GPU (one compute pass each, so that the timestamps
+    /// bracket it alone; slower, for profiling only).
+    pub fn submit(&self, ctx: &GpuContext, profile: bool) -> Result<Counts> {
+        let mut counts = self.counts.clone();
+        let timed = if profile && ctx.timestamps { counts.dispatches.min(MAX_TIMED) } else { 0 };
+        let timer = if timed > 0 { Some(Timer::new(ctx, timed)?) } else { None };
+        let mut names = Vec::with_capacity(timed);
+        ctx.scoped("submitting a forward pass", || {
+            let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+            let mut pass: Option<wgpu::ComputePass<'static>> = None;
+            for step in &self.steps {
+                match step {
+                    Encoded::Dispatch { pipeline, group, grid } => {
                         let timing = timer.as_ref().filter(|_| names.len() < timed);
                         if timing.is_some() {
                             drop(pass.take());
@@ -165,15 +183,15 @@ impl Recorder {
                                 .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes })
                                 .forget_lifetime()
                         });
-                        p.set_pipeline(&d.pipeline.raw);
-                        p.set_bind_group(0, &group, &[]);
-                        p.dispatch_workgroups(d.grid.0, d.grid.1, d.grid.2);
+                        p.set_pipeline(&pipeline.raw);
+                        p.set_bind_group(0, group, &[]);
+                        p.dispatch_workgroups(grid.0, grid.1, grid.2);
                         if timing.is_some() {
                             drop(pass.take());
-                            names.push(d.pipeline.name.clone());
+                            names.push(pipeline.name.clone());
                         }
                     }
-                    Step::Copy(c) => {
+                    Encoded::Copy(c) => {
                         drop(pass.take());
                         encoder.copy_buffer_to_buffer(&c.src, c.src_offset, &c.dst, c.dst_offset, c.size);
                     }
@@ -201,18 +219,17 @@ struct Timer {
 }
 
 impl Timer {
-    fn new(ctx: &GpuContext, dispatches: usize) -> Timer {
+    fn new(ctx: &GpuContext, dispatches: usize) -> Result<Timer> {
         let bytes = (16 * dispatches) as u64;
-        let buffer = |usage| ctx.device.create_buffer(&wgpu::BufferDescriptor { label: Some("timestamps"), size: bytes, usage, mapped_at_creation: false });
-        Timer {
+        Ok(Timer {
             queries: ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("dispatch timestamps"),
                 ty: wgpu::QueryType::Timestamp,
                 count: 2 * dispatches as u32,
             }),
-            resolved: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
-            staging: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
-        }
+            resolved: ctx.create_buffer("timestamps", bytes, wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC)?,
+            staging: ctx.create_buffer("timestamps", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+        })
     }
 
     fn resolve(&self, encoder: &mut wgpu::CommandEncoder, dispatches: usize) {

@@ -7,7 +7,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::Model;
 use crate::error::{Error, Result};
-use crate::gpu::{Binding, Kernel, Recorder};
+use crate::gpu::{Binding, Recorder, Variant};
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -22,27 +22,19 @@ impl Model {
         if bytes == 0 || repetitions == 0 {
             return Err(Error::Invalid("copy_bandwidth needs at least 16 bytes and one repetition".into()));
         }
-        let device = &self.ctx.device;
-        let make = |label: &str| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        let (src, dst) = self.ctx.scoped("allocating the bandwidth probe", || (make("copy source"), make("copy destination")))?;
-        let pipeline = self.pipelines.get(Kernel::Copy, "copy", &[])?;
+        let src = self.ctx.create_buffer("copy source", bytes, wgpu::BufferUsages::STORAGE)?;
+        let dst = self.ctx.create_buffer("copy destination", bytes, wgpu::BufferUsages::STORAGE)?;
+        let pipeline = self.pipelines.get(Variant::Copy)?;
         let words = (bytes / 16) as u32;
         let (gx, gy) = self.ctx.grid(words.div_ceil(256));
-        let mut uniform = None;
-        let mut run = |times: usize| -> Result<f64> {
+        let run = |times: usize| -> Result<f64> {
             let mut rec = Recorder::new(&self.ctx);
             for _ in 0..times {
                 rec.dispatch(&pipeline, &CopyParams { n: words, _pad: [0; 3] }, vec![Binding::whole(&src), Binding::whole(&dst)], (gx, gy, 1));
             }
+            let program = rec.finish(&self.ctx)?;
             let start = Instant::now();
-            rec.submit(&self.ctx, &mut uniform)?;
+            program.submit(&self.ctx, false)?;
             self.ctx.wait()?;
             Ok(start.elapsed().as_secs_f64())
         };

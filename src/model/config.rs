@@ -104,11 +104,16 @@ impl Config {
             lora_g: lora_width(ck, "blocks.0.att.g1", n_embd)?,
         };
         for (what, d) in [("n_embd", n_embd), ("ffn", ffn_size), ("w1", config.lora_w), ("a1", config.lora_a), ("v1", config.lora_v), ("g1", config.lora_g)] {
-            if d % 2 != 0 {
-                return Err(Error::load(ck.path(), format!("{what} width {d} is odd; matrices are stored as 16-bit pairs")));
+            if d % 8 != 0 {
+                return Err(Error::load(ck.path(), format!("{what} width {d} is not a multiple of 8; the kernels read matrix rows 8 values at a time (every published RWKV-7 model qualifies)")));
             }
         }
         Ok(config)
+    }
+
+    /// The low-rank hidden values of one token: w, a, v and g widths together.
+    pub fn lora_sum(&self) -> usize {
+        self.lora_w + self.lora_a + self.lora_v + self.lora_g
     }
 
     /// The official low-rank widths for a model `n_embd` wide (RWKV-LM's RWKV-7 training

@@ -19,7 +19,7 @@ use super::saved;
 use super::weights::{consts, fnv, layer_vectors, to_f32_into, Chunk, Layer, Matrix, Weights, WeightFormat, MODEL_VECTORS, QUANT_BLOCK};
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
-use crate::gpu::{GpuContext, Kernel, Pipelines};
+use crate::gpu::{Codes, GpuContext, Pipelines, Variant};
 use crate::loader::Checkpoint;
 use crate::model::weights::Quantization;
 
@@ -33,6 +33,14 @@ struct Plan {
     m: usize,
     k: usize,
     format: WeightFormat,
+}
+
+impl Plan {
+    /// Its bytes, rounded up so that the next matrix in a shared buffer starts on a
+    /// 16-byte boundary (the matmul kernels read rows as vec4s).
+    fn padded_bytes(&self) -> usize {
+        (self.m * self.format.row_bytes(self.k)).next_multiple_of(16)
+    }
 }
 
 pub struct Loader<'a> {
@@ -65,16 +73,9 @@ impl<'a> Loader<'a> {
 
     fn buffer(&mut self, label: &str, size: u64) -> Result<wgpu::Buffer> {
         let size = size.next_multiple_of(4).max(4);
-        let device = &self.ctx.device;
-        let buffer = self.ctx.scoped(&format!("allocating {label} ({size} bytes)"), || {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size,
-                // COPY_SRC: `Model::save` reads weights back.
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            })
-        })?;
+        // COPY_SRC: `Model::save` reads weights back.
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let buffer = self.ctx.create_buffer(label, size, usage)?;
         self.device_bytes += size;
         Ok(buffer)
     }
@@ -110,7 +111,7 @@ impl<'a> Loader<'a> {
 
     /// Whether `plans` fit one buffer: each is one chunk and the whole fits a binding.
     fn fit_one_buffer(&self, plans: &[Plan]) -> bool {
-        let total: usize = plans.iter().map(|p| p.m * p.format.row_bytes(p.k)).sum();
+        let total: usize = plans.iter().map(Plan::padded_bytes).sum();
         plans.iter().all(|p| self.rows_per_chunk(p.m, p.k) >= p.m) && total as u64 <= self.ctx.max_binding
     }
 
@@ -119,14 +120,14 @@ impl<'a> Loader<'a> {
     /// per row chunk.
     fn allocate(&mut self, label: &str, plans: &[Plan]) -> Result<Vec<Matrix>> {
         if plans.len() > 1 && self.fit_one_buffer(plans) {
-            let total: usize = plans.iter().map(|p| p.m * p.format.row_bytes(p.k)).sum();
+            let total: usize = plans.iter().map(Plan::padded_bytes).sum();
             let buffer = self.buffer(label, total as u64)?;
             let mut word = 0;
             return Ok(plans
                 .iter()
                 .map(|p| {
                     let chunk = Chunk { buffer: buffer.clone(), word_off: word, row0: 0, rows: p.m };
-                    word += p.m * p.format.row_bytes(p.k) / 4;
+                    word += p.padded_bytes() / 4;
                     Matrix { m: p.m, k: p.k, format: p.format, chunks: vec![chunk] }
                 })
                 .collect());
@@ -228,21 +229,13 @@ impl<'a> Loader<'a> {
     /// Quantizes one row chunk of fp16 pairs into `chunk`, on the device.
     fn quantize(&mut self, name: &str, fp16: &[u8], chunk: &Chunk, k: usize, format: WeightFormat) -> Result<()> {
         if self.quant_input.as_ref().is_none_or(|b| b.size() < fp16.len() as u64) {
-            let size = (fp16.len() as u64).next_multiple_of(4);
-            let device = &self.ctx.device;
-            self.quant_input = Some(self.ctx.scoped(&format!("allocating the quantization input ({size} bytes)"), || {
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("quantization input"),
-                    size,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            })?);
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+            self.quant_input = Some(self.ctx.create_buffer("quantization input", fp16.len() as u64, usage)?);
         }
         let input = self.quant_input.clone().expect("just ensured");
         self.ctx.queue.write_buffer(&input, 0, fp16);
-        let variant = if format == WeightFormat::Int8 { "INT8" } else { "NF4" };
-        let pipeline = self.pipelines.get(Kernel::Quantize, "quantize", &[variant])?;
+        let codes = if format == WeightFormat::Int8 { Codes::Int8 } else { Codes::Nf4 };
+        let pipeline = self.pipelines.get(Variant::Quantize { codes })?;
         let rows = chunk.rows;
         let params = QuantizeParams {
             m: rows as u32,
@@ -254,8 +247,7 @@ impl<'a> Loader<'a> {
         let mut rec = Recorder::new(self.ctx);
         let (gx, gy) = self.ctx.grid(invocations.div_ceil(64) as u32);
         rec.dispatch(&pipeline, &params, vec![Binding::whole(&input), Binding::whole(&chunk.buffer)], (gx, gy, 1));
-        let mut uniform = None;
-        rec.submit(self.ctx, &mut uniform).map_err(|e| match e {
+        rec.submit(self.ctx).map_err(|e| match e {
             Error::Device(msg) => Error::Device(format!("quantizing {name}: {msg}")),
             other => other,
         })?;

@@ -7,8 +7,12 @@ pub mod saved;
 pub mod state;
 pub mod state_file;
 pub mod weights;
-mod forward;
 mod bandwidth;
+mod chunks;
+mod forward;
+mod head;
+mod ops;
+mod scratch;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +26,7 @@ pub use weights::{Quantization, WeightFormat};
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
 use crate::loader::{self, Checkpoint};
-use forward::Scratch;
+use scratch::Scratch;
 use state::StatePool;
 use load::Loader;
 use weights::Weights;
@@ -44,6 +48,9 @@ pub struct CallStats {
     /// With profiling on and timestamp queries available: GPU nanoseconds per dispatch,
     /// under the kernel variant's name, in order.
     pub timings: Vec<(std::sync::Arc<str>, f64)>,
+    /// Host time spent preparing and submitting the chunks (recording on a chunk shape's
+    /// first call, uploads, encoding), waits for the GPU excluded.
+    pub host_ns: u64,
 }
 
 impl CallStats {
@@ -53,6 +60,7 @@ impl CallStats {
         self.readbacks += other.readbacks;
         self.layer_dispatches += other.layer_dispatches;
         self.timings.extend(other.timings);
+        self.host_ns += other.host_ns;
     }
 
     /// Counts one submission.
@@ -147,6 +155,11 @@ impl Model {
         })
     }
 
+    /// Kernel variants compiled so far.
+    pub fn pipelines_compiled(&self) -> usize {
+        self.pipelines.compiled.load(Ordering::Relaxed)
+    }
+
     pub fn new_state(&self) -> Result<State> {
         self.pool.allocate(self.id)
     }
@@ -220,7 +233,7 @@ impl Model {
         let mut stats = CallStats::default();
         for (page, members) in &groups {
             let page = self.pool.page(*page);
-            let seqs: Vec<forward::SeqInput> = members.iter().map(|&i| forward::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 }).collect();
+            let seqs: Vec<chunks::SeqInput> = members.iter().map(|&i| chunks::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 }).collect();
             let (values, group_stats) = forward::run(self, &mut scratch, &page, &seqs, want)?;
             stats.merge(group_stats);
             if groups.len() == 1 {
@@ -356,15 +369,7 @@ impl Model {
         // wgpu forbids copying within one buffer, and both slots may share a page: go
         // through a temporary buffer holding every layer's slot.
         let bytes = self.slot_bytes();
-        let device = &self.ctx.device;
-        let temp = self.ctx.scoped("allocating a state copy", || {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("state copy"),
-                size: bytes * self.config.n_layer as u64,
-                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })?;
+        let temp = self.ctx.create_buffer("state copy", bytes * self.config.n_layer as u64, wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST)?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         for l in 0..self.config.n_layer {
             encoder.copy_buffer_to_buffer(&from.layers[l], src.byte_offset(&self.pool), &temp, l as u64 * bytes, bytes);
@@ -392,15 +397,7 @@ impl Model {
     }
 
     fn staging(&self, size: u64) -> Result<wgpu::Buffer> {
-        let device = &self.ctx.device;
-        self.ctx.scoped("allocating a read-back buffer", || {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("staging"),
-                size: size.max(4),
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })
+        self.ctx.create_buffer("staging", size, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)
     }
 
     /// Device bytes by category: layer matrices by format ("weights_fp16" counts bf16

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use super::config::Config;
+use super::forward::Plans;
 use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 
@@ -14,6 +15,9 @@ pub struct Page {
     /// One buffer per layer: (slots, slot_stride) f32.
     pub layers: Vec<wgpu::Buffer>,
     pub slots: usize,
+    /// The forward programs recorded for this page (they bind its buffers, so they go
+    /// when it goes).
+    pub plans: Mutex<Plans>,
 }
 
 struct PoolInner {
@@ -99,20 +103,9 @@ impl StatePool {
                 let live = inner.pages.iter().flatten().count();
                 let slots = (1usize << live.min(16)).max(n).min(self.max_page_slots);
                 let size = (slots * self.slot_stride * 4) as u64;
-                let device = &self.ctx.device;
-                let layers = self.ctx.scoped("allocating a state page", || {
-                    (0..self.n_layer)
-                        .map(|l| {
-                            device.create_buffer(&wgpu::BufferDescriptor {
-                                label: Some(&format!("state layer {l}")),
-                                size,
-                                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-                                mapped_at_creation: false,
-                            })
-                        })
-                        .collect::<Vec<_>>()
-                })?;
-                let page = Arc::new(Page { layers, slots });
+                let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+                let layers = (0..self.n_layer).map(|l| self.ctx.create_buffer(&format!("state layer {l}"), size, usage)).collect::<Result<Vec<_>>>()?;
+                let page = Arc::new(Page { layers, slots, plans: Mutex::new(Plans::default()) });
                 let page = match inner.pages.iter().position(Option::is_none) {
                     Some(i) => {
                         inner.pages[i] = Some(page);

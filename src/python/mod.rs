@@ -400,6 +400,19 @@ impl PyModel {
         (s.submissions, s.dispatches, s.readbacks, s.layer_dispatches)
     }
 
+    /// Host nanoseconds the last forward call spent recording, uploading and submitting
+    /// (GPU waits excluded).
+    fn last_host_ns(&self) -> u64 {
+        self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner()).host_ns
+    }
+
+    /// Device objects created by this model so far: (buffers, bind groups, pipelines).
+    fn created(&self) -> (usize, usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.inner.ctx.created;
+        (c.buffers.load(Relaxed), c.bind_groups.load(Relaxed), self.inner.pipelines_compiled())
+    }
+
     /// Turns per-dispatch GPU timing on or off; returns whether the device can time
     /// (timestamp queries).
     fn set_profiling(&self, on: bool) -> bool {

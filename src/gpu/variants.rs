@@ -1,0 +1,189 @@
+//! Kernel variants as typed keys: each names its kernel file, entry point and the
+//! preprocessor defines it compiles with. The pipeline cache is keyed by them, and the
+//! naga test below compiles every one, so a variant the runtime can ask for is one that
+//! validates.
+
+/// The weight formats a matrix-product variant compiles code for, besides f16 (always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Formats {
+    pub bf16: bool,
+    pub int8: bool,
+    pub nf4: bool,
+}
+
+impl Formats {
+    pub const F16: Formats = Formats { bf16: false, int8: false, nf4: false };
+
+    pub fn union(self, other: Formats) -> Formats {
+        Formats { bf16: self.bf16 | other.bf16, int8: self.int8 | other.int8, nf4: self.nf4 | other.nf4 }
+    }
+
+    fn defines(self, out: &mut Vec<(String, String)>) {
+        for (on, name) in [(self.bf16, "HAS_BF16"), (self.int8, "HAS_INT8"), (self.nf4, "HAS_NF4")] {
+            if on {
+                out.push((name.to_string(), String::new()));
+            }
+        }
+    }
+
+    fn label(self) -> String {
+        let mut parts = vec!["f16"];
+        for (on, name) in [(self.bf16, "bf16"), (self.int8, "int8"), (self.nf4, "nf4")] {
+            if on {
+                parts.push(name);
+            }
+        }
+        parts.join("+")
+    }
+
+    /// Every combination, for the validation test.
+    fn all() -> Vec<Formats> {
+        (0..8u8).map(|b| Formats { bf16: b & 1 != 0, int8: b & 2 != 0, nf4: b & 4 != 0 }).collect()
+    }
+}
+
+/// Codes the quantize kernel writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codes {
+    Int8,
+    Nf4,
+}
+
+/// Tokens one matvec pass over the weights serves (a compile-time loop bound).
+pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Variant {
+    LayerNorm,
+    /// LayerNorm and the token shift after it; `mixes`: 6 (time mix) or 1 (channel mix).
+    LnShift { mixes: u32 },
+    /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `subgroups`: reduce with subgroupAdd.
+    MatVec { tokens: u32, formats: Formats, subgroups: bool },
+    MatMul { formats: Formats },
+    /// `fused_lora`: the low-rank second stages computed in the kernel (decode).
+    Wkv7 { head_size: u32, fused_lora: bool },
+    Quantize { codes: Codes },
+    Argmax,
+    Copy,
+}
+
+use super::shaders::Kernel;
+
+impl Variant {
+    pub fn kernel(self) -> Kernel {
+        match self {
+            Variant::LayerNorm => Kernel::LayerNorm,
+            Variant::LnShift { .. } => Kernel::LnShift,
+            Variant::MatVec { .. } => Kernel::MatmulVec,
+            Variant::MatMul { .. } => Kernel::MatmulMat,
+            Variant::Wkv7 { .. } => Kernel::Wkv7,
+            Variant::Quantize { .. } => Kernel::Quantize,
+            Variant::Argmax => Kernel::Argmax,
+            Variant::Copy => Kernel::Copy,
+        }
+    }
+
+    pub fn entry(self) -> &'static str {
+        match self {
+            Variant::LayerNorm => "layer_norm",
+            Variant::LnShift { .. } => "ln_shift",
+            Variant::MatVec { .. } => "matvec",
+            Variant::MatMul { .. } => "matmul_tiled",
+            Variant::Wkv7 { .. } => "wkv7",
+            Variant::Quantize { .. } => "quantize",
+            Variant::Argmax => "argmax",
+            Variant::Copy => "copy",
+        }
+    }
+
+    /// The preprocessor defines: flags have an empty value.
+    pub fn defines(self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut valued = |name: &str, v: u32| out.push((name.to_string(), format!("{v}u")));
+        match self {
+            Variant::LnShift { mixes } => valued("N_MIX", mixes),
+            Variant::MatVec { tokens, formats, subgroups } => {
+                valued("TOKEN_BLOCK", tokens);
+                formats.defines(&mut out);
+                if subgroups {
+                    out.push(("SUBGROUPS".into(), String::new()));
+                }
+            }
+            Variant::MatMul { formats } => formats.defines(&mut out),
+            Variant::Wkv7 { head_size, fused_lora } => {
+                valued("HEAD_SIZE", head_size);
+                if fused_lora {
+                    out.push(("FUSED_LORA".into(), String::new()));
+                }
+            }
+            Variant::Quantize { codes } => out.push((if codes == Codes::Int8 { "INT8" } else { "NF4" }.into(), String::new())),
+            Variant::LayerNorm | Variant::Argmax | Variant::Copy => {}
+        }
+        out
+    }
+
+    /// What profiles report GPU time under: "matvec t4 f16+int8 sg".
+    pub fn label(self) -> String {
+        match self {
+            Variant::LnShift { mixes } => format!("ln_shift x{mixes}"),
+            Variant::MatVec { tokens, formats, subgroups } => {
+                format!("matvec t{tokens} {}{}", formats.label(), if subgroups { " sg" } else { "" })
+            }
+            Variant::MatMul { formats } => format!("matmul_tiled {}", formats.label()),
+            Variant::Wkv7 { head_size, fused_lora } => format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" }),
+            Variant::Quantize { codes } => format!("quantize {codes:?}").to_lowercase(),
+            other => other.entry().to_string(),
+        }
+    }
+
+    /// Whether the device must have subgroup operations enabled.
+    pub fn needs_subgroups(self) -> bool {
+        matches!(self, Variant::MatVec { subgroups: true, .. })
+    }
+
+    /// Every variant the runtime can ask for.
+    pub fn all() -> Vec<Variant> {
+        let mut all = vec![Variant::LayerNorm, Variant::Argmax, Variant::Copy];
+        all.extend([1, 6].map(|mixes| Variant::LnShift { mixes }));
+        for formats in Formats::all() {
+            all.push(Variant::MatMul { formats });
+            for tokens in MATVEC_TOKEN_BLOCKS {
+                for subgroups in [false, true] {
+                    all.push(Variant::MatVec { tokens, formats, subgroups });
+                }
+            }
+        }
+        for head_size in [32, 64] {
+            all.extend([false, true].map(|fused_lora| Variant::Wkv7 { head_size, fused_lora }));
+        }
+        all.extend([Codes::Int8, Codes::Nf4].map(|codes| Variant::Quantize { codes }));
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::shaders::preprocess;
+
+    /// Every variant of every kernel parses and validates with naga, no GPU needed.
+    #[test]
+    fn every_variant_validates_with_naga() {
+        for variant in Variant::all() {
+            let kernel = variant.kernel();
+            let code = preprocess(kernel.name(), kernel.source(), &variant.defines()).unwrap();
+            let module = naga::front::wgsl::parse_str(&code)
+                .unwrap_or_else(|e| panic!("{variant:?}: {}", e.emit_to_string(&code)));
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{variant:?}: {e:?}"));
+        }
+    }
+
+    #[test]
+    fn every_kernel_has_a_variant() {
+        for kernel in Kernel::ALL {
+            assert!(Variant::all().iter().any(|v| v.kernel() == kernel), "{kernel:?}");
+        }
+    }
+}

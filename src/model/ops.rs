@@ -1,0 +1,397 @@
+//! One function per kernel: it checks what the kernel assumes, picks the variant, lays
+//! out the kernel's `Params` (each `#[repr(C)]` struct mirrors the WGSL struct of the
+//! same kernel; `tests::params_match_the_wgsl_structs` checks them by naga reflection)
+//! and records the dispatch. Buffers are passed by role, offsets in f32 elements.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::weights::{Chunk, Matrix, WeightFormat};
+use super::Model;
+use crate::error::{Error, Result};
+use crate::gpu::variants::MATVEC_TOKEN_BLOCKS;
+use crate::gpu::{Binding, Formats, Recorder, Variant};
+
+/// Up to this many tokens, matrices use the matrix-vector kernel, which reads the
+/// weights once per 8 tokens: at most two passes, against a 64x64-token tile that would
+/// be mostly padding (a batch of decode steps, the tail of a cached prompt).
+pub const MATVEC_TOKENS: usize = 16;
+/// Rows of one matvec workgroup (`ROWS` in shaders/matmul_vec.wgsl).
+const MATVEC_ROWS: usize = 8;
+/// Output tile of matmul_tiled (rows and tokens).
+const TILE: usize = 64;
+/// Matrices one matmul dispatch computes at most (`groups` in matmul_common.wgsl).
+pub const MAX_GROUPS: usize = 8;
+/// The WKV kernel computes the low-rank second stages itself for chunks of up to this
+/// many tokens: one dispatch fewer per layer, while each head's workgroup reads its rows
+/// of those matrices once per token (a GEMM reads them once for all tokens).
+pub const FUSED_LORA_TOKENS: usize = 4;
+/// Low-rank hidden values the fused WKV kernel stages at most (`sh_mid` in wkv7.wgsl).
+const FUSED_LORA_WIDTH: usize = 2048;
+
+// ---- layer_norm.wgsl ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct LayerNormParams { c: u32, rows: u32, in_row0: u32, w_off: u32, b_off: u32, eps: f32, out_row0: u32, _pad: u32 }
+
+/// `rows` rows of x from `in_row0`, normalised with the vectors at slots `weight` and
+/// `bias` of `consts`, into y from `out_row0`.
+pub struct LayerNorm<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub in_row0: usize,
+    pub rows: usize,
+    pub consts: &'a wgpu::Buffer,
+    pub weight: usize,
+    pub bias: usize,
+    pub y: &'a wgpu::Buffer,
+    pub out_row0: usize,
+}
+
+pub fn layer_norm(model: &Model, rec: &mut Recorder, a: LayerNorm) -> Result<()> {
+    let c = model.config.n_embd;
+    let pipeline = model.pipelines.get(Variant::LayerNorm)?;
+    let params = LayerNormParams {
+        c: c as u32, rows: a.rows as u32, in_row0: a.in_row0 as u32, w_off: (a.weight * c) as u32, b_off: (a.bias * c) as u32,
+        eps: 1e-5, out_row0: a.out_row0 as u32, _pad: 0,
+    };
+    let (gx, gy) = model.ctx.grid(a.rows as u32);
+    rec.dispatch(&pipeline, &params, vec![Binding::whole(a.x), Binding::whole(a.consts), Binding::whole(a.y)], (gx, gy, 1));
+    Ok(())
+}
+
+// ---- ln_shift.wgsl ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct LnShiftParams {
+    c: u32, t_total: u32, n_seq: u32, ln_w: u32, ln_b: u32, mix_off: u32, state_off: u32, slot_stride: u32,
+    eps: f32, _pad: [u32; 3],
+}
+
+/// LayerNorm of every token of the chunk, then the token shift with `mixes` mix vectors
+/// (from slot `first_mix` of `consts`) into `out` (mixes, T, C); the shift state is at
+/// `state_off` in each sequence's slot of `state`.
+pub struct LnShift<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub consts: &'a wgpu::Buffer,
+    pub weight: usize,
+    pub bias: usize,
+    pub first_mix: usize,
+    pub mixes: usize,
+    pub state: &'a wgpu::Buffer,
+    pub state_off: usize,
+    pub seqs: &'a wgpu::Buffer,
+    pub out: &'a wgpu::Buffer,
+    pub tokens: usize,
+    pub n_seq: usize,
+}
+
+pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
+    let c = model.config.n_embd;
+    let pipeline = model.pipelines.get(Variant::LnShift { mixes: a.mixes as u32 })?;
+    let params = LnShiftParams {
+        c: c as u32, t_total: a.tokens as u32, n_seq: a.n_seq as u32, ln_w: (a.weight * c) as u32, ln_b: (a.bias * c) as u32,
+        mix_off: (a.first_mix * c) as u32, state_off: a.state_off as u32, slot_stride: model.pool.slot_stride as u32,
+        eps: 1e-5, _pad: [0; 3],
+    };
+    let (gx, gy) = model.ctx.grid(a.tokens as u32);
+    let bindings = vec![Binding::whole(a.x), Binding::whole(a.consts), Binding::whole(a.seqs), Binding::whole(a.state), Binding::whole(a.out)];
+    rec.dispatch(&pipeline, &params, bindings, (gx, gy, 1));
+    Ok(())
+}
+
+// ---- matmul_vec.wgsl / matmul_mat.wgsl ----
+
+/// One matrix of a matmul dispatch (matmul_common.wgsl `Group`).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatGroup { m: u32, k: u32, w_off: u32, s_off: u32, x_off: u32, y_off: u32, y_stride: u32, flags: u32 }
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatParams { t: u32, _pad: [u32; 3], groups: [MatGroup; MAX_GROUPS] }
+
+/// The activation applied to a product's outputs (matmul_common.wgsl flags bits 0-3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    None = 0,
+    Tanh = 1,
+    Sigmoid = 2,
+    ReluSquared = 3,
+}
+
+/// One matrix product y (+)= act(W x) of a dispatch: where it reads x and writes y
+/// (offsets in elements of the dispatch's x and y buffers; `y_stride` elements between
+/// tokens), and whether it adds to y (the residual stream).
+pub struct Product<'a> {
+    pub w: &'a Matrix,
+    pub x_off: usize,
+    pub y_off: usize,
+    pub y_stride: usize,
+    pub act: Act,
+    pub add: bool,
+}
+
+fn format_bits(format: WeightFormat) -> u32 {
+    match format {
+        WeightFormat::F16 => 0,
+        WeightFormat::Bf16 => 1,
+        WeightFormat::Int8 => 2,
+        WeightFormat::Nf4 => 3,
+    }
+}
+
+fn formats_of(format: WeightFormat) -> Formats {
+    Formats { bf16: format == WeightFormat::Bf16, int8: format == WeightFormat::Int8, nf4: format == WeightFormat::Nf4 }
+}
+
+impl Product<'_> {
+    /// The kernel's view of one row chunk of this product.
+    fn group(&self, chunk: &Chunk) -> Result<MatGroup> {
+        let (w, rows) = (self.w, chunk.rows);
+        let flags = self.act as u32 | if self.add { 16 } else { 0 } | format_bits(w.format) << 8;
+        let g = MatGroup {
+            m: rows as u32,
+            k: w.k as u32,
+            w_off: chunk.word_off as u32,
+            s_off: (chunk.word_off + w.format.scales_offset(rows, w.k)) as u32,
+            x_off: self.x_off as u32,
+            y_off: (self.y_off + chunk.row0) as u32,
+            y_stride: self.y_stride as u32,
+            flags,
+        };
+        // The kernels read rows and inputs as vec4s.
+        if !g.k.is_multiple_of(8) || !g.w_off.is_multiple_of(4) || !g.x_off.is_multiple_of(4) {
+            return Err(Error::Invalid(format!("matrix product with K = {}, weight word {} and input offset {}: all must be aligned to 8 / 4 / 4", g.k, g.w_off, g.x_off)));
+        }
+        Ok(g)
+    }
+}
+
+/// The matvec variant's tokens per pass for `t` tokens: the smallest block that holds
+/// them, else the largest (several passes).
+fn token_block(t: usize) -> u32 {
+    MATVEC_TOKEN_BLOCKS.into_iter().find(|&b| b as usize >= t).unwrap_or(8)
+}
+
+/// Records one dispatch over `t` tokens computing up to MAX_GROUPS matrices of one
+/// weight buffer, all reading `x` and writing `y`.
+#[allow(clippy::too_many_arguments)]
+fn matmul_dispatch(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, formats: Formats, groups: &[MatGroup],
+                   x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
+    let rows = groups.iter().map(|g| g.m as usize).max().unwrap_or(0);
+    let (variant, workgroups) = if t <= MATVEC_TOKENS {
+        (Variant::MatVec { tokens: token_block(t), formats, subgroups: model.ctx.subgroups }, rows.div_ceil(MATVEC_ROWS))
+    } else {
+        (Variant::MatMul { formats }, rows.div_ceil(TILE) * t.div_ceil(TILE))
+    };
+    let pipeline = model.pipelines.get(variant)?;
+    let mut params = MatParams { t: t as u32, _pad: [0; 3], groups: [MatGroup::zeroed(); MAX_GROUPS] };
+    params.groups[..groups.len()].copy_from_slice(groups);
+    let (gx, gy) = model.ctx.grid(workgroups as u32);
+    // The weights twice: as vec4 rows of codes and as words of scales.
+    let bindings = vec![Binding::whole(weights), Binding::whole(weights), Binding::whole(x), Binding::whole(y)];
+    rec.dispatch(&pipeline, &params, bindings, (gx, gy, groups.len() as u32));
+    Ok(())
+}
+
+/// Records `products` over `t` tokens, all reading `x` and writing `y`: one dispatch for
+/// each run of up to MAX_GROUPS single-chunk matrices that share a buffer (the loader
+/// puts those a layer computes together in one), one per row chunk for the others.
+pub fn products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize, products: &[Product]) -> Result<()> {
+    let mut i = 0;
+    while i < products.len() {
+        let Some(c0) = products[i].w.single() else {
+            let p = &products[i];
+            for chunk in &p.w.chunks {
+                matmul_dispatch(model, rec, &chunk.buffer, formats_of(p.w.format), &[p.group(chunk)?], x, y, t)?;
+            }
+            i += 1;
+            continue;
+        };
+        let mut n = 1;
+        while i + n < products.len() && n < MAX_GROUPS && products[i + n].w.single().is_some_and(|c| c.buffer == c0.buffer) {
+            n += 1;
+        }
+        let run = &products[i..i + n];
+        let groups = run.iter().map(|p| p.group(&p.w.chunks[0])).collect::<Result<Vec<_>>>()?;
+        let formats = run.iter().fold(Formats::F16, |f, p| f.union(formats_of(p.w.format)));
+        matmul_dispatch(model, rec, &c0.buffer, formats, &groups, x, y, t)?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// Records row chunk `i` of `p.w` alone, its rows landing from `p.y_off` of y rather
+/// than at the chunk's place in the matrix: the head writes each chunk into a logits
+/// buffer of its own.
+pub fn chunk_product(model: &Model, rec: &mut Recorder, p: &Product, i: usize, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
+    let chunk = &p.w.chunks[i];
+    let group = MatGroup { y_off: p.y_off as u32, ..p.group(chunk)? };
+    matmul_dispatch(model, rec, &chunk.buffer, formats_of(p.w.format), &[group], x, y, t)
+}
+
+// ---- wkv7.wgsl ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct WkvParams {
+    c: u32, t_total: u32, n_seq: u32, first_layer: u32, slot_stride: u32, wkv_off: u32,
+    w0: u32, a0: u32, v0: u32, k_k: u32, k_a: u32, r_k: u32, lnx_w: u32, lnx_b: u32, eps: f32,
+    mid_off: u32, _pad: [u32; 4],
+    lora_k: [u32; 4],
+    lora_mid: [u32; 4],
+    lora_w: [u32; 4],
+}
+
+/// Where the WKV kernel gets the low-rank second stages from.
+pub enum LoraInput<'a> {
+    /// Computed before, into `lora` (4, T, C): w, a, v, g.
+    Computed(&'a wgpu::Buffer),
+    /// Computed by the kernel from the hidden values in `proj` (from `mid_off`; the four
+    /// blocks at `mid` relative to it, (T, width) each) and the four matrices (w2, a2,
+    /// v2, g2; `None` for v2 in block 0), which share `buffer`.
+    Fused { buffer: &'a wgpu::Buffer, mid_off: usize, mid: [usize; 4], matrices: [Option<&'a Matrix>; 4] },
+}
+
+/// The time-mix core of one layer (see wkv7.wgsl): reads r, k, v from `proj` (3, T, C),
+/// the layer's vectors from its `consts`, updates the WKV state at
+/// `wkv_off` of each sequence's slot and writes the gated output into `out`.
+pub struct Wkv<'a> {
+    pub proj: &'a wgpu::Buffer,
+    pub lora: LoraInput<'a>,
+    pub consts: &'a wgpu::Buffer,
+    pub seqs: &'a wgpu::Buffer,
+    pub v_first: &'a wgpu::Buffer,
+    pub first_layer: bool,
+    pub state: &'a wgpu::Buffer,
+    pub wkv_off: usize,
+    pub out: &'a wgpu::Buffer,
+    pub tokens: usize,
+    pub n_seq: usize,
+}
+
+/// Whether the WKV kernel can compute these second-stage matrices itself for a chunk of
+/// `tokens` tokens: few tokens, f16 matrices in one buffer, hidden values that fit.
+pub fn can_fuse_lora(tokens: usize, matrices: &[&Matrix], width: usize) -> bool {
+    let buffer = matrices[0].single().map(|c| &c.buffer);
+    tokens <= FUSED_LORA_TOKENS
+        && width <= FUSED_LORA_WIDTH
+        && matrices.iter().all(|m| m.format == WeightFormat::F16 && m.single().map(|c| &c.buffer) == buffer && buffer.is_some())
+}
+
+pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
+    let cfg = &model.config;
+    let c = cfg.n_embd;
+    let k = |slot: usize| (slot * c) as u32;
+    use super::weights::consts as s;
+    let mut params = WkvParams {
+        c: c as u32, t_total: a.tokens as u32, n_seq: a.n_seq as u32, first_layer: u32::from(a.first_layer),
+        slot_stride: model.pool.slot_stride as u32, wkv_off: a.wkv_off as u32,
+        w0: k(s::W0), a0: k(s::A0), v0: k(s::V0), k_k: k(s::K_K), k_a: k(s::K_A), r_k: k(s::R_K), lnx_w: k(s::LNX_W), lnx_b: k(s::LNX_B),
+        eps: 64e-5, mid_off: 0, _pad: [0; 4], lora_k: [0; 4], lora_mid: [0; 4], lora_w: [0; 4],
+    };
+    let (fused, second) = match a.lora {
+        LoraInput::Computed(lora) => (false, lora),
+        LoraInput::Fused { buffer, mid_off, mid, matrices } => {
+            params.mid_off = mid_off as u32;
+            for (i, m) in matrices.iter().enumerate() {
+                params.lora_mid[i] = mid[i] as u32;
+                if let Some(m) = m {
+                    let chunk = &m.chunks[0];
+                    if !m.k.is_multiple_of(8) || !chunk.word_off.is_multiple_of(4) {
+                        return Err(Error::Invalid(format!("a fused low-rank matrix of width {} at word {} is not vec4-aligned", m.k, chunk.word_off)));
+                    }
+                    params.lora_k[i] = m.k as u32;
+                    params.lora_w[i] = chunk.word_off as u32;
+                }
+            }
+            (true, buffer)
+        }
+    };
+    let pipeline = model.pipelines.get(Variant::Wkv7 { head_size: cfg.head_size as u32, fused_lora: fused })?;
+    let bindings = vec![
+        Binding::whole(a.proj), Binding::whole(second), Binding::whole(a.consts), Binding::whole(a.seqs),
+        Binding::whole(a.v_first), Binding::whole(a.state), Binding::whole(a.out),
+    ];
+    rec.dispatch(&pipeline, &params, bindings, (cfg.n_head as u32, a.n_seq as u32, 1));
+    Ok(())
+}
+
+// ---- argmax.wgsl ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct ArgmaxParams { rows: u32, row0: u32, first: u32, out0: u32 }
+
+/// Folds `tokens` rows of `logits` (one head row chunk: `rows` logits from vocabulary
+/// index `row0`) into `best` rows `out0..`; the first chunk (`first`) starts them.
+pub struct Argmax<'a> {
+    pub logits: &'a wgpu::Buffer,
+    pub rows: usize,
+    pub row0: usize,
+    pub first: bool,
+    pub best: &'a wgpu::Buffer,
+    pub out0: usize,
+    pub tokens: usize,
+}
+
+pub fn argmax(model: &Model, rec: &mut Recorder, a: Argmax) -> Result<()> {
+    let pipeline = model.pipelines.get(Variant::Argmax)?;
+    let params = ArgmaxParams { rows: a.rows as u32, row0: a.row0 as u32, first: u32::from(a.first), out0: a.out0 as u32 };
+    rec.dispatch(&pipeline, &params, vec![Binding::whole(a.logits), Binding::whole(a.best)], (1, a.tokens as u32, 1));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::shaders::preprocess;
+
+    /// Byte size and the byte offset of each member of the WGSL struct `Params` of the
+    /// variant's kernel.
+    fn wgsl_params(variant: Variant) -> (u32, Vec<(String, u32)>) {
+        let kernel = variant.kernel();
+        let code = preprocess(kernel.name(), kernel.source(), &variant.defines()).unwrap();
+        let module = naga::front::wgsl::parse_str(&code).unwrap();
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).unwrap();
+        let (handle, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("a Params struct");
+        match &ty.inner {
+            naga::TypeInner::Struct { members, span } => {
+                let _ = handle;
+                (*span, members.iter().map(|m| (m.name.clone().unwrap_or_default(), m.offset)).collect())
+            }
+            _ => panic!("Params is not a struct"),
+        }
+    }
+
+    fn check<P>(variant: Variant, offsets: &[(&str, usize)]) {
+        let (size, members) = wgsl_params(variant);
+        assert_eq!(size as usize, std::mem::size_of::<P>(), "{variant:?}: size of Params");
+        for (name, offset) in offsets {
+            let found = members.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{variant:?}: no member {name}"));
+            assert_eq!(found.1 as usize, *offset, "{variant:?}: offset of {name}");
+        }
+    }
+
+    #[test]
+    fn params_match_the_wgsl_structs() {
+        use std::mem::offset_of;
+        check::<LayerNormParams>(Variant::LayerNorm, &[("eps", offset_of!(LayerNormParams, eps)), ("out_row0", offset_of!(LayerNormParams, out_row0))]);
+        check::<LnShiftParams>(Variant::LnShift { mixes: 6 }, &[("eps", offset_of!(LnShiftParams, eps)), ("slot_stride", offset_of!(LnShiftParams, slot_stride))]);
+        let mv = Variant::MatVec { tokens: 1, formats: Formats::F16, subgroups: false };
+        check::<MatParams>(mv, &[("t", 0), ("groups", offset_of!(MatParams, groups))]);
+        check::<MatParams>(Variant::MatMul { formats: Formats::F16 }, &[("groups", offset_of!(MatParams, groups))]);
+        check::<WkvParams>(Variant::Wkv7 { head_size: 64, fused_lora: true }, &[
+            ("eps", offset_of!(WkvParams, eps)), ("mid_off", offset_of!(WkvParams, mid_off)),
+            ("lora_k", offset_of!(WkvParams, lora_k)), ("lora_mid", offset_of!(WkvParams, lora_mid)), ("lora_w", offset_of!(WkvParams, lora_w)),
+        ]);
+        check::<ArgmaxParams>(Variant::Argmax, &[("out0", offset_of!(ArgmaxParams, out0))]);
+    }
+
+    #[test]
+    fn matvec_token_blocks_cover_every_count() {
+        assert_eq!((1..=10).map(token_block).collect::<Vec<_>>(), [1, 2, 4, 4, 8, 8, 8, 8, 8, 8]);
+    }
+}

@@ -1,0 +1,125 @@
+//! Activations for one chunk of up to `tokens` tokens, allocated once per model and
+//! reused by every call.
+
+use super::Model;
+use crate::error::Result;
+
+/// Tokens per chunk at most: enough for matrix-matrix kernels to pay off, small enough
+/// that prefill scratch stays a small fraction of the weights.
+const MAX_CHUNK: usize = 256;
+/// Sequences per chunk at most (rows of the sequence table).
+pub const MAX_SEQS: usize = 64;
+
+/// Buffers whose contents are never alive at the same time share memory (each is read
+/// only by dispatches recorded before the next write of the other):
+/// - `emb`, `att` and `norm`: the embedding rows are consumed by ln0 before the first
+///   layer; the time-mix output lives from wkv7 to the output projection; the head's
+///   normalised rows come after the last layer.
+/// - `lora` and `ffn`: lora lives from the low-rank second stages to wkv7, ffn from ffn
+///   key to ffn value; the next layer's low-rank stages come after.
+pub struct Scratch {
+    pub tokens: usize,
+    pub emb: wgpu::Buffer,     // (T, C) embedding rows from the host
+    pub x: wgpu::Buffer,       // (T, C) residual stream
+    pub mix: wgpu::Buffer,     // (6, T, C) token-shifted mixes r, w, k, v, a, g (channel mix: row 0)
+    pub proj: wgpu::Buffer,    // (3, T, C) r, k, v, then (T, Dw), (T, Da), (T, Dv), (T, Dg) low-rank hidden
+    pub lora: wgpu::Buffer,    // (4, T, C) low-rank outputs w, a, v, g
+    pub att: wgpu::Buffer,     // (T, C) time-mix output
+    pub v_first: wgpu::Buffer, // (T, C)
+    pub ffn: wgpu::Buffer,     // (T, F)
+    pub norm: wgpu::Buffer,    // (T, C) the head's normalised rows
+    pub seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32: first token, tokens, slot, -
+    pub best: wgpu::Buffer,    // (MAX_SEQS, 2) u32: argmax index and value bits
+    /// One logits buffer per head row chunk: (logits_tokens, rows), grown on demand up to
+    /// head_tokens, so that calls wanting one token's logits never hold a chunk's worth.
+    pub logits: Vec<wgpu::Buffer>,
+    pub logits_tokens: usize,
+    pub head_tokens: usize,
+    pub staging: Option<wgpu::Buffer>,
+    /// Bumped whenever a buffer above is replaced: recorded programs that bind the old
+    /// one are stale.
+    pub generation: u64,
+}
+
+/// The largest number of tokens a chunk may hold on this device.
+fn chunk_tokens(model: &Model) -> usize {
+    let cfg = &model.config;
+    let c = cfg.n_embd;
+    let widest = (6 * c).max(cfg.ffn_size).max(3 * c + cfg.lora_sum());
+    ((model.ctx.max_binding as usize) / (4 * widest)).clamp(1, MAX_CHUNK)
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
+
+impl Scratch {
+    pub fn new(model: &Model) -> Result<Scratch> {
+        let ctx = &model.ctx;
+        let cfg = &model.config;
+        let t = chunk_tokens(model);
+        let c = cfg.n_embd;
+        let make = |label: &str, floats: usize| ctx.create_buffer(label, (floats * 4).max(16) as u64, USAGE);
+        // Logits: as many tokens at once as the largest head chunk allows in one binding.
+        let widest_chunk = model.weights.head.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
+        let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
+        let logits = model.weights.head.chunks.iter().map(|c| make("logits", c.rows)).collect::<Result<Vec<_>>>()?;
+        let rows = make("emb rows / att / norm", t * c)?;
+        let lora = make("lora / ffn", t * (4 * c).max(cfg.ffn_size))?;
+        Ok(Scratch {
+            tokens: t,
+            emb: rows.clone(),
+            x: make("x", t * c)?,
+            mix: make("mix", 6 * t * c)?,
+            proj: make("r, k, v, lora hidden", t * (3 * c + cfg.lora_sum()))?,
+            lora: lora.clone(),
+            att: rows.clone(),
+            v_first: make("v_first", t * c)?,
+            ffn: lora,
+            norm: rows,
+            seqs: make("seqs", MAX_SEQS * 4)?,
+            best: make("argmax", 2 * MAX_SEQS)?,
+            logits,
+            logits_tokens: 1,
+            head_tokens,
+            staging: None,
+            generation: 0,
+        })
+    }
+
+    /// Bytes of the distinct buffers (shared ones counted once).
+    pub fn device_bytes(&self) -> u64 {
+        let mut distinct: Vec<&wgpu::Buffer> = Vec::new();
+        let all = [&self.emb, &self.x, &self.mix, &self.proj, &self.lora, &self.att, &self.v_first, &self.ffn, &self.norm, &self.seqs, &self.best];
+        for b in all.into_iter().chain(&self.logits).chain(&self.staging) {
+            if !distinct.contains(&b) {
+                distinct.push(b);
+            }
+        }
+        distinct.iter().map(|b| b.size()).sum()
+    }
+
+    /// Makes the logits buffers hold `tokens` tokens (at most head_tokens).
+    pub fn ensure_logits(&mut self, model: &Model, tokens: usize) -> Result<()> {
+        let tokens = tokens.min(self.head_tokens);
+        if tokens <= self.logits_tokens {
+            return Ok(());
+        }
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+        self.logits = model.weights.head.chunks.iter().map(|c| model.ctx.create_buffer("logits", (tokens * c.rows * 4) as u64, usage)).collect::<Result<_>>()?;
+        self.logits_tokens = tokens;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Makes the read-back buffer hold at least `size` bytes.
+    pub fn ensure_staging(&mut self, model: &Model, size: u64) -> Result<()> {
+        if self.staging.as_ref().is_none_or(|b| b.size() < size) {
+            self.staging = Some(model.ctx.create_buffer("staging", size, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?);
+            self.generation += 1;
+        }
+        Ok(())
+    }
+
+    pub fn staging(&self) -> &wgpu::Buffer {
+        self.staging.as_ref().expect("ensure_staging comes first")
+    }
+}
