@@ -100,7 +100,8 @@ def matmul_kernel(device, entry, fmt, m, k, t):
     code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
     defines = {"fp16": [], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt]
     if entry == "matvec":
-        defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u"]
+        words = k // {"fp16": 8, "int8": 16, "nf4": 32}[fmt]
+        defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u", f"LANES={64 if words % 64 == 0 else 32}u"]
         if "subgroup" in device.features:
             defines.append("SUBGROUPS")
     params = [t, 0, 0, 0, m, k, 0, s_off, 0, 0, m, code << 8] + [0] * 56  # one group, no activation

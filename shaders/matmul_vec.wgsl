@@ -4,7 +4,8 @@
 
 // ---- matvec: ROWS rows per workgroup, every thread striding along K ----
 //
-// Each thread reads one vec4<u32> of each of its workgroup's ROWS rows per step (16
+// LANES threads (32 or 64: the host picks the count that divides a row's vec4s most
+// evenly) each read one vec4<u32> of each of the workgroup's ROWS rows per step (16
 // bytes: 8 fp16, 16 int8 or 32 nf4 weights) and applies the weights of four rows at a
 // time to each input vec4 it loads, for TOKENS tokens: per step ROWS x 16 = 128 bytes
 // of weights in flight per thread in every format, each input load feeding 16
@@ -12,35 +13,83 @@
 // reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in workgroup
 // memory. Rows past M and tokens past T are read clamped and not stored.
 
-const WG: u32 = 64u;
+const WG: u32 = LANES;              // threads per workgroup (variant: 32 or 64)
 const ROWS: u32 = 8u;
-const QUADS: u32 = 2u;             // ROWS / 4: vec4 sums per token
-const TOKENS: u32 = TOKEN_BLOCK;   // tokens per pass over the weights (variant)
-const SUMS: u32 = QUADS * TOKENS;  // per-thread sums
+const QUADS: u32 = 2u;              // ROWS / 4: vec4 sums per token
+const TOKENS: u32 = TOKEN_BLOCK;    // tokens per pass over the weights (variant)
+const SUMS: u32 = QUADS * TOKENS;   // per-thread sums
 
-alias Sums = array<vec4<f32>, SUMS>;  // [token][row quad]: rows 4r .. 4r + 3
+alias Sums = array<vec4<f32>, SUMS>;     // [token][row quad]: rows 4r .. 4r + 3
+alias Part = array<vec4<f32>, TOKENS>;   // one row quad's sums over one vec4<u32> step
+alias Words = array<vec4<u32>, 4>;       // one vec4<u32> of each of four rows
+alias Inputs = array<u32, TOKENS>;       // each token's first x vec4
 
-// The 4 x 4 block of weights (4 rows, 4 columns) that sub-step j of a vec4<u32> holds,
-// transposed so that block * x sums over the columns: column c of the result is row c.
-fn block16(g: Group, r0: vec4<u32>, r1: vec4<u32>, r2: vec4<u32>, r3: vec4<u32>, j: u32) -> mat4x4<f32> {
-    let f = format_of(g);
-#ifdef HAS_INT8
-    if (f == FMT_INT8) {
-        return transpose(mat4x4<f32>(unpack_int8(r0[j]), unpack_int8(r1[j]), unpack_int8(r2[j]), unpack_int8(r3[j])));
-    }
-#endif
-#ifdef HAS_NF4
-    if (f == FMT_NF4) {
-        return transpose(mat4x4<f32>(unpack_nf4(r0, j), unpack_nf4(r1, j), unpack_nf4(r2, j), unpack_nf4(r3, j)));
-    }
-#endif
-    let a = 2u * j;
-    return transpose(mat4x4<f32>(
-        vec4<f32>(unpack_pair(g, r0[a]), unpack_pair(g, r0[a + 1u])),
-        vec4<f32>(unpack_pair(g, r1[a]), unpack_pair(g, r1[a + 1u])),
-        vec4<f32>(unpack_pair(g, r2[a]), unpack_pair(g, r2[a + 1u])),
-        vec4<f32>(unpack_pair(g, r3[a]), unpack_pair(g, r3[a + 1u]))));
+// Four rows' vec4<u32> number q (rows clamped to the matrix).
+fn load_rows(g: Group, row: u32, q: u32, words: u32) -> Words {
+    let rows = min(vec4<u32>(row) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(g.m - 1u));
+    let base = g.w_off / 4u + q;
+    return Words(w[base + rows.x * words], w[base + rows.y * words], w[base + rows.z * words], w[base + rows.w * words]);
 }
+
+// The block scales of four rows at block `b` (quantized formats).
+fn row_scales(g: Group, row: u32, b: u32) -> vec4<f32> {
+    let rows = min(vec4<u32>(row) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(g.m - 1u));
+    return vec4<f32>(block_scale(g, rows.x, b), block_scale(g, rows.y, b), block_scale(g, rows.z, b), block_scale(g, rows.w, b));
+}
+
+// Per format, one step: the 4 x 4 blocks of a vec4<u32> of four rows (transposed, so
+// that block * x sums over the columns: component c is row c) times each token's
+// inputs. The sub-step loops have constant bounds, so that they unroll.
+fn step_16bit(g: Group, r: Words, xrow: Inputs, q: u32) -> Part {
+    var part: Part;
+    for (var t = 0u; t < TOKENS; t++) {
+        part[t] = vec4<f32>(0.0);
+    }
+    for (var j = 0u; j < 2u; j++) {
+        let a = 2u * j;
+        let block = transpose(mat4x4<f32>(
+            vec4<f32>(unpack_pair(g, r[0][a]), unpack_pair(g, r[0][a + 1u])),
+            vec4<f32>(unpack_pair(g, r[1][a]), unpack_pair(g, r[1][a + 1u])),
+            vec4<f32>(unpack_pair(g, r[2][a]), unpack_pair(g, r[2][a + 1u])),
+            vec4<f32>(unpack_pair(g, r[3][a]), unpack_pair(g, r[3][a + 1u]))));
+        for (var t = 0u; t < TOKENS; t++) {
+            part[t] += block * x[xrow[t] + 2u * q + j];
+        }
+    }
+    return part;
+}
+
+#ifdef HAS_INT8
+fn step_int8(r: Words, xrow: Inputs, q: u32) -> Part {
+    var part: Part;
+    for (var t = 0u; t < TOKENS; t++) {
+        part[t] = vec4<f32>(0.0);
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let block = transpose(mat4x4<f32>(unpack_int8(r[0][j]), unpack_int8(r[1][j]), unpack_int8(r[2][j]), unpack_int8(r[3][j])));
+        for (var t = 0u; t < TOKENS; t++) {
+            part[t] += block * x[xrow[t] + 4u * q + j];
+        }
+    }
+    return part;
+}
+#endif
+
+#ifdef HAS_NF4
+fn step_nf4(r: Words, xrow: Inputs, q: u32) -> Part {
+    var part: Part;
+    for (var t = 0u; t < TOKENS; t++) {
+        part[t] = vec4<f32>(0.0);
+    }
+    for (var j = 0u; j < 8u; j++) {
+        let block = transpose(mat4x4<f32>(unpack_nf4(r[0], j), unpack_nf4(r[1], j), unpack_nf4(r[2], j), unpack_nf4(r[3], j)));
+        for (var t = 0u; t < TOKENS; t++) {
+            part[t] += block * x[xrow[t] + 8u * q + j];
+        }
+    }
+    return part;
+}
+#endif
 
 // This thread's partial sums for tokens t0 .. t0 + TOKENS - 1 of rows row0 .. row0 + ROWS - 1.
 fn matvec_sums(g: Group, row0: u32, t0: u32, lane: u32) -> Sums {
@@ -48,37 +97,36 @@ fn matvec_sums(g: Group, row0: u32, t0: u32, lane: u32) -> Sums {
     for (var i = 0u; i < SUMS; i++) {
         sums[i] = vec4<f32>(0.0);
     }
+    let f = format_of(g);
     let per = per_word4(g);
-    let subs = per / 4u;               // 4-column blocks per vec4<u32>
-    let words = g.k / per;             // vec4<u32> per row
-    let quantized = format_of(g) >= FMT_INT8;
-    var xrow: array<u32, TOKENS>;      // first x vec4 of each token
+    let words = g.k / per;              // vec4<u32> per row
+    var xrow: Inputs;
     for (var t = 0u; t < TOKENS; t++) {
         xrow[t] = (g.x_off + min(t0 + t, p.t - 1u) * g.k) / 4u;
     }
     for (var q = lane; q < words; q += WG) {
         for (var rq = 0u; rq < QUADS; rq++) {
-            var rows = vec4<u32>(row0 + 4u * rq) + vec4<u32>(0u, 1u, 2u, 3u);
-            rows = min(rows, vec4<u32>(g.m - 1u));
-            let base = g.w_off / 4u + q;
-            let w0 = w[base + rows.x * words];
-            let w1 = w[base + rows.y * words];
-            let w2 = w[base + rows.z * words];
-            let w3 = w[base + rows.w * words];
-            var part: array<vec4<f32>, TOKENS>;
-            for (var t = 0u; t < TOKENS; t++) {
-                part[t] = vec4<f32>(0.0);
-            }
-            for (var j = 0u; j < subs; j++) {
-                let block = block16(g, w0, w1, w2, w3, j);
-                for (var t = 0u; t < TOKENS; t++) {
-                    part[t] += block * x[xrow[t] + q * subs + j];
+            let row = row0 + 4u * rq;
+            let r = load_rows(g, row, q, words);
+            var part: Part;
+            switch (f) {
+#ifdef HAS_INT8
+                case FMT_INT8: {
+                    part = step_int8(r, xrow, q);
+                }
+#endif
+#ifdef HAS_NF4
+                case FMT_NF4: {
+                    part = step_nf4(r, xrow, q);
+                }
+#endif
+                default: {
+                    part = step_16bit(g, r, xrow, q);
                 }
             }
             var scale = vec4<f32>(1.0);
-            if (quantized) {
-                let b = q * per / 64u;
-                scale = vec4<f32>(block_scale(g, rows.x, b), block_scale(g, rows.y, b), block_scale(g, rows.z, b), block_scale(g, rows.w, b));
+            if (f >= FMT_INT8) {
+                scale = row_scales(g, row, q * per / 64u);
             }
             for (var t = 0u; t < TOKENS; t++) {
                 sums[t * QUADS + rq] += part[t] * scale;
@@ -105,7 +153,7 @@ var<workgroup> sg_sums: array<array<vec4<f32>, SUMS>, 16>;
 var<workgroup> tree: array<array<vec4<f32>, 4>, WG>;
 #endif
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(LANES)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lane: u32,

@@ -224,16 +224,17 @@ def pack_weights(fmt, rng, m, k):
     return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
 
 
-def matmul_defines(entry, formats, t, tokens=None, subgroups=False):
+def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64):
     defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"]
     if entry == "matvec":
         defines.append(f"TOKEN_BLOCK={tokens or token_block(t)}u")
+        defines.append(f"LANES={lanes}u")
         if subgroups:
             defines.append("SUBGROUPS")
     return defines
 
 
-def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False):
+def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64):
     """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
     back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
     reading its own window of x and writing its own window of y; returns (got, want)."""
@@ -255,7 +256,7 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
     rows = max(spec[0] for spec in specs)
-    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups)
+    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes)
     name = "matmul_vec" if entry == "matvec" else "matmul_mat"
     _, _, _, got = run_kernel(name, defines, entry, matmul_params(t, groups),
                               [w, w, x, y], matmul_grid(entry, rows, t, len(specs), fold))
@@ -301,10 +302,12 @@ def test_matmul_variants(entry, fmt, add, act):
 @pytest.mark.parametrize("tokens", TOKEN_BLOCKS)
 @pytest.mark.parametrize("t", [1, 3, 9])  # fewer tokens than the block (clamped), more (passes)
 @pytest.mark.parametrize("subgroups", [False, True])
-def test_matvec_token_blocks_and_reductions(tokens, t, subgroups):
+@pytest.mark.parametrize("lanes", [32, 64])
+def test_matvec_token_blocks_lanes_and_reductions(tokens, t, subgroups, lanes):
     if subgroups and "subgroup" not in device().features:
         pytest.skip("the adapter has no subgroup operations")
-    check_matmul("matvec", 21, 136, t, seed=tokens * 10 + t, tokens=tokens, subgroups=subgroups, add=True)
+    # K = 776: 97 vec4s per row, more than either lane count and a multiple of neither.
+    check_matmul("matvec", 21, 776, t, seed=tokens * 10 + t, tokens=tokens, subgroups=subgroups, add=True, lanes=lanes)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -323,8 +326,9 @@ def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
              (5, 8, "tanh", False, "f16"), (40, 40, None, True, "bf16"), (9, 64, "sigmoid", False, "nf4"),
              (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
     for subgroups in ([False, True] if entry == "matvec" and "subgroup" in device().features else [False]):
-        got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True)
-        np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups}")
+        for lanes in ([32, 64] if entry == "matvec" else [64]):
+            got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True, lanes=lanes)
+            np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes}")
 
 
 # ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----

@@ -51,14 +51,17 @@ pub enum Codes {
 
 /// Tokens one matvec pass over the weights serves (a compile-time loop bound).
 pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
+/// Threads of a matvec workgroup, all striding along K.
+pub const MATVEC_LANES: [u32; 2] = [32, 64];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
     LayerNorm,
     /// LayerNorm and the token shift after it; `mixes`: 6 (time mix) or 1 (channel mix).
     LnShift { mixes: u32 },
-    /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `subgroups`: reduce with subgroupAdd.
-    MatVec { tokens: u32, formats: Formats, subgroups: bool },
+    /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup, one of
+    /// MATVEC_LANES; `subgroups`: reduce with subgroupAdd.
+    MatVec { tokens: u32, lanes: u32, formats: Formats, subgroups: bool },
     MatMul { formats: Formats },
     /// `fused_lora`: the low-rank second stages computed in the kernel (decode).
     Wkv7 { head_size: u32, fused_lora: bool },
@@ -102,8 +105,9 @@ impl Variant {
         let mut valued = |name: &str, v: u32| out.push((name.to_string(), format!("{v}u")));
         match self {
             Variant::LnShift { mixes } => valued("N_MIX", mixes),
-            Variant::MatVec { tokens, formats, subgroups } => {
+            Variant::MatVec { tokens, lanes, formats, subgroups } => {
                 valued("TOKEN_BLOCK", tokens);
+                valued("LANES", lanes);
                 formats.defines(&mut out);
                 if subgroups {
                     out.push(("SUBGROUPS".into(), String::new()));
@@ -122,12 +126,12 @@ impl Variant {
         out
     }
 
-    /// What profiles report GPU time under: "matvec t4 f16+int8 sg".
+    /// What profiles report GPU time under: "matvec t4 l64 f16+int8 sg".
     pub fn label(self) -> String {
         match self {
             Variant::LnShift { mixes } => format!("ln_shift x{mixes}"),
-            Variant::MatVec { tokens, formats, subgroups } => {
-                format!("matvec t{tokens} {}{}", formats.label(), if subgroups { " sg" } else { "" })
+            Variant::MatVec { tokens, lanes, formats, subgroups } => {
+                format!("matvec t{tokens} l{lanes} {}{}", formats.label(), if subgroups { " sg" } else { "" })
             }
             Variant::MatMul { formats } => format!("matmul_tiled {}", formats.label()),
             Variant::Wkv7 { head_size, fused_lora } => format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" }),
@@ -148,8 +152,10 @@ impl Variant {
         for formats in Formats::all() {
             all.push(Variant::MatMul { formats });
             for tokens in MATVEC_TOKEN_BLOCKS {
-                for subgroups in [false, true] {
-                    all.push(Variant::MatVec { tokens, formats, subgroups });
+                for lanes in MATVEC_LANES {
+                    for subgroups in [false, true] {
+                        all.push(Variant::MatVec { tokens, lanes, formats, subgroups });
+                    }
                 }
             }
         }

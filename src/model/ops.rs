@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use super::weights::{Chunk, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
-use crate::gpu::variants::MATVEC_TOKEN_BLOCKS;
+use crate::gpu::variants::{MATVEC_LANES, MATVEC_TOKEN_BLOCKS};
 use crate::gpu::{Binding, Formats, Recorder, Variant};
 
 /// Up to this many tokens, matrices use the matrix-vector kernel, which reads the
@@ -174,6 +174,15 @@ fn token_block(t: usize) -> u32 {
     MATVEC_TOKEN_BLOCKS.into_iter().find(|&b| b as usize >= t).unwrap_or(8)
 }
 
+/// The matvec variant's threads per workgroup: the most whose stride divides every
+/// group's row of vec4s (fp16: K / 8, int8: K / 16, nf4: K / 32) evenly, else the
+/// fewest, so that no thread idles through a step its neighbours work.
+fn matvec_lanes(groups: &[MatGroup]) -> u32 {
+    let per = |g: &MatGroup| match g.flags >> 8 & 3 { 2 => 16, 3 => 32, _ => 8 };
+    let even = |lanes: u32| groups.iter().all(|g| (g.k / per(g)).is_multiple_of(lanes));
+    MATVEC_LANES.into_iter().rev().find(|&l| even(l)).unwrap_or(MATVEC_LANES[0])
+}
+
 /// Records one dispatch over `t` tokens computing up to MAX_GROUPS matrices of one
 /// weight buffer, all reading `x` and writing `y`.
 #[allow(clippy::too_many_arguments)]
@@ -181,7 +190,8 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, fo
                    x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
     let rows = groups.iter().map(|g| g.m as usize).max().unwrap_or(0);
     let (variant, workgroups) = if t <= MATVEC_TOKENS {
-        (Variant::MatVec { tokens: token_block(t), formats, subgroups: model.ctx.subgroups }, rows.div_ceil(MATVEC_ROWS))
+        let lanes = matvec_lanes(groups);
+        (Variant::MatVec { tokens: token_block(t), lanes, formats, subgroups: model.ctx.subgroups }, rows.div_ceil(MATVEC_ROWS))
     } else {
         (Variant::MatMul { formats }, rows.div_ceil(TILE) * t.div_ceil(TILE))
     };
@@ -380,7 +390,7 @@ mod tests {
         use std::mem::offset_of;
         check::<LayerNormParams>(Variant::LayerNorm, &[("eps", offset_of!(LayerNormParams, eps)), ("out_row0", offset_of!(LayerNormParams, out_row0))]);
         check::<LnShiftParams>(Variant::LnShift { mixes: 6 }, &[("eps", offset_of!(LnShiftParams, eps)), ("slot_stride", offset_of!(LnShiftParams, slot_stride))]);
-        let mv = Variant::MatVec { tokens: 1, formats: Formats::F16, subgroups: false };
+        let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };
         check::<MatParams>(mv, &[("t", 0), ("groups", offset_of!(MatParams, groups))]);
         check::<MatParams>(Variant::MatMul { formats: Formats::F16 }, &[("groups", offset_of!(MatParams, groups))]);
         check::<WkvParams>(Variant::Wkv7 { head_size: 64, fused_lora: true }, &[
@@ -388,6 +398,16 @@ mod tests {
             ("lora_k", offset_of!(WkvParams, lora_k)), ("lora_mid", offset_of!(WkvParams, lora_mid)), ("lora_w", offset_of!(WkvParams, lora_w)),
         ]);
         check::<ArgmaxParams>(Variant::Argmax, &[("out0", offset_of!(ArgmaxParams, out0))]);
+    }
+
+    #[test]
+    fn matvec_lanes_divide_rows_evenly() {
+        let group = |k: u32, format: u32| MatGroup { m: 8, k, w_off: 0, s_off: 0, x_off: 0, y_off: 0, y_stride: 8, flags: format << 8 };
+        assert_eq!(matvec_lanes(&[group(2560, 0)]), 64); // 320 vec4s
+        assert_eq!(matvec_lanes(&[group(768, 0)]), 32); // 96
+        assert_eq!(matvec_lanes(&[group(2560, 2)]), 32); // int8: 160
+        assert_eq!(matvec_lanes(&[group(4096, 3), group(4096, 0)]), 64); // nf4 128, fp16 512
+        assert_eq!(matvec_lanes(&[group(2560, 3)]), 32); // nf4: 80, neither divides
     }
 
     #[test]
