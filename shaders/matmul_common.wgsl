@@ -118,6 +118,14 @@ const NF4_CODES = array<f32, 16>(
 // off-chip local memory on NVIDIA and AMD. Filled by the first 16 threads.
 var<workgroup> nf4: array<f32, 16>;
 
+// Fills `nf4`; every thread of the workgroup calls it (it holds a barrier).
+fn load_nf4_table(thread: u32) {
+    if (thread < 16u) {
+        nf4[thread] = NF4_CODES[thread];
+    }
+    workgroupBarrier();
+}
+
 // Four NF4 weights: nibbles 4j .. 4j + 3 of a vec4<u32> (j in 0..8).
 fn unpack_nf4(v: vec4<u32>, j: u32) -> vec4<f32> {
     let h = v[j / 2u] >> (16u * (j & 1u));

@@ -42,10 +42,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
     let g = p.groups[wid.z];
 #ifdef HAS_NF4
-    if (li < 16u) {
-        nf4[li] = NF4_CODES[li];
-    }
-    workgroupBarrier();
+    load_nf4_table(li);
 #endif
     let tiles_m = (g.m + TILE - 1u) / TILE;
     let tiles_t = (p.t + TILE - 1u) / TILE;

@@ -165,10 +165,7 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
           ) {
     let g = p.groups[wid.z];
 #ifdef HAS_NF4
-    if (lane < 16u) {
-        nf4[lane] = NF4_CODES[lane];
-    }
-    workgroupBarrier();
+    load_nf4_table(lane);
 #endif
     // Uniform per workgroup: every thread returns or none does.
     let row0 = (wid.y * nwg.x + wid.x) * ROWS;
