@@ -1,6 +1,6 @@
 //! The forward pass: for each chunk of tokens, one program of dispatches (recorded once
 //! per chunk shape and kept with the state page it runs on) and one queue submission.
-//! The layer functions below follow ../shared/docs/rwkv7.md step by step.
+//! The layer functions below follow the RWKV-7 math (the project notes, rwkv7.md) step by step.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
