@@ -1,5 +1,5 @@
 //! The one error type of the core. The Python layer maps each variant to an
-//! exception class (see `python/errors.rs`); messages carry the values that were wrong.
+//! exception class (see `src/python/errors.rs`); messages carry the values that were wrong.
 
 use std::path::PathBuf;
 
@@ -9,7 +9,11 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
-    /// The device ran out of memory while allocating a buffer.
+    /// The device was lost (driver reset, removal, hang); the model must be opened again.
+    #[error("{0}")]
+    DeviceLost(String),
+
+    /// The device (or, while loading, the host) ran out of memory for an allocation.
     #[error("out of device memory: {0}")]
     OutOfMemory(String),
 
@@ -20,6 +24,10 @@ pub enum Error {
     /// A file could not be opened or read.
     #[error("{path}: {source}")]
     Io { path: PathBuf, #[source] source: std::io::Error },
+
+    /// A model or state file could not be written (the target is left as it was).
+    #[error("{path}: could not write the {what}: {source}")]
+    Write { path: PathBuf, what: Saving, #[source] source: std::io::Error },
 
     /// A checkpoint or state file is malformed, truncated, foreign or unsupported.
     #[error("{path}: {message}")]
@@ -36,6 +44,22 @@ pub enum Error {
     /// Anything else that is the caller's fault (bad option value and the like).
     #[error("{0}")]
     Invalid(String),
+}
+
+/// What a failed write was saving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saving {
+    Model,
+    State,
+}
+
+impl std::fmt::Display for Saving {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Saving::Model => "model",
+            Saving::State => "state",
+        })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,12 +5,14 @@
 //! weights and states and plans the forward pass; `tokenizer`, `sampler` and
 //! `generation` turn it into text. `python` is the binding layer.
 
+pub mod atomic_file;
 pub mod error;
 pub mod generation;
 pub mod gpu;
 pub mod loader;
 pub mod model;
 pub mod sampler;
+pub mod schema;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -16,7 +16,7 @@ STORAGE = {"f16": "HalfStorage", "bf16": "BFloat16Storage", "f32": "FloatStorage
 NUMPY = {"f16": "<f2", "bf16": "<u2", "f32": "<f4"}
 
 
-def write_pth(path, tensors, *, prefix="archive", zip64=False, share_storage=False, transpose=()):
+def write_pth(path, tensors, *, prefix="archive", zip64=False, share_storage=False, transpose=(), expand=None):
     """Write `tensors` (name -> float16/float32 array, or (array, "f16" | "bf16" | "f32"))
     as a state dict.
 
@@ -24,11 +24,19 @@ def write_pth(path, tensors, *, prefix="archive", zip64=False, share_storage=Fal
     transpose: names of 2-D tensors to store column-major, i.e. as a non-contiguous view
         with strides (1, rows); the tensor read back is still the array given.
     zip64: write zip64 records (as torch always does) even for small files.
+    expand: name -> rows: store the 1-D array given once and record a [rows, n] view with
+        stride 0 along the rows (as `tensor.expand` makes), claiming far more than is stored.
     """
     keys, storages, views = {}, {}, []
     for name, value in tensors.items():
         arr, dtype = value if isinstance(value, tuple) else (value, _dtype_of(value))
         arr = np.asarray(arr).astype(NUMPY[dtype])
+        if expand and name in expand:
+            assert arr.ndim == 1, f"{name}: give the one row that the expanded view repeats"
+            key = keys.setdefault(name, str(len(keys)))
+            storages.setdefault(key, []).append(arr.tobytes())
+            views.append((name, dtype, key, 0, (expand[name], arr.shape[0]), (0, 1)))
+            continue
         if name in transpose:
             assert arr.ndim == 2, f"{name}: only 2-D tensors can be stored transposed"
             data, stride = arr.T, (1, arr.shape[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 
 import numpy as np
@@ -112,8 +113,10 @@ def test_bad_files(tmp_path, content, match):
 
 
 def test_missing_file():
-    with pytest.raises(rwkv_gpu.ModelLoadError, match="no such file"):
+    with pytest.raises(rwkv_gpu.ModelLoadError) as info:
         open_model(DATA / "nope.pth")
+    assert isinstance(info.value, FileNotFoundError) and info.value.errno == errno.ENOENT
+    assert info.value.filename == str(DATA / "nope.pth")
 
 
 def test_truncated_safetensors(tmp_path):

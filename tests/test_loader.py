@@ -5,31 +5,15 @@ in Rust (src/loader/pth.rs)."""
 
 from __future__ import annotations
 
-import json
-import struct
-
 import numpy as np
 import pytest
 
 import reference
 from conftest import DATA, open_model
 from pth_writer import write_pth
+from safetensors_writer import write_safetensors
 
 LOW_RANK = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
-
-
-def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
-    header, blobs, offset = {}, [], 0
-    for name, a in tensors.items():
-        dtype = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.uint16): "BF16"}[a.dtype]
-        raw = np.ascontiguousarray(a).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
 @pytest.fixture(scope="module")

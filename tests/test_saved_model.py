@@ -6,6 +6,7 @@ model it was saved from computed."""
 from __future__ import annotations
 
 import json
+import errno
 import os
 import struct
 import subprocess
@@ -114,7 +115,7 @@ def rewrite_metadata(src, dst, change):
 
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update({"quant.blocks.0.att.key.weight": "int3"}), r"saved in format \"int3\""),
-    (lambda m: m.update({"quant.blocks.0.att.key.weight": "nf4"}), r"blocks\.0\.att\.key\.weight\.codes\" is I8 \[128, 128\]; expected U8 \[128, 64\]"),
+    (lambda m: m.update({"quant.blocks.0.att.key.weight": "nf4"}), r"blocks\.0\.att\.key\.weight\.codes is I8 \[128, 128\]; expected U8 \[128, 64\]"),
     (lambda m: m.update({"quant.blocks.1.att.w1": "int8"}), r"blocks\.1\.att\.w1 is saved as int8, but only the big projections and the head are ever quantized"),
 ])
 def test_damaged_saved_model_is_a_clear_load_error(tmp_path, change, message):
@@ -141,8 +142,9 @@ def test_states_move_between_the_original_and_the_saved_model(tmp_path):
 def test_failed_save_leaves_no_file(tmp_path):
     model = open_model(TINY, dtype="int8")
     target = tmp_path / "missing-dir" / "m.safetensors"
-    with pytest.raises(rwkv_gpu.ModelLoadError, match="missing-dir"):
+    with pytest.raises(rwkv_gpu.ModelSaveError, match="missing-dir") as info:
         model.save(target)
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOENT
     assert not target.parent.exists()
     # A successful save leaves only the file (the temporary is renamed).
     model.save(tmp_path / "m.safetensors")

@@ -8,17 +8,9 @@
         print(piece, end="", flush=True)
 """
 
-from ._core import (
-    DeviceError,
-    ModelLoadError,
-    OutOfMemoryError,
-    RwkvError,
-    ShaderError,
-    ShapeError,
-    StateError,
-    adapters,
-    kernel_source,
-)
+from ._core import adapters, kernel_source
+from . import errors as _errors
+from .errors import *  # noqa: F403 (the exception classes, listed in errors.__all__)
 from .conversation import Chat
 from .generation import Completion
 from .model import Model, State
@@ -38,12 +30,6 @@ __all__ = [
     "StreamDecoder",
     "adapters",
     "kernel_source",
-    "RwkvError",
-    "ModelLoadError",
-    "DeviceError",
-    "OutOfMemoryError",
-    "ShaderError",
-    "ShapeError",
-    "StateError",
 ]
+__all__ += _errors.__all__
 __version__ = "0.1.0"

@@ -4,12 +4,33 @@ bench, quantize)."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import functools
+import sys
+from typing import Any, Callable
 
+from .errors import RwkvError
 from .model import Model
 from .sampling import Sampling
 
 _DEFAULTS = Sampling()
+
+
+def reports_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main` that prints one `error: ...` line and returns 1 for an rwkv-gpu
+    or OS error (a missing file, a bad option), and 130 on Ctrl-C, never a traceback."""
+
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except (RwkvError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:

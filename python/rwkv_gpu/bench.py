@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from . import Model, Sampler, Sampling, StateCache, _core
-from ._cli import add_quant_args, quant_layer_dtypes
+from ._cli import add_quant_args, quant_layer_dtypes, reports_errors
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
 # On a software adapter (lavapipe) everything runs on the CPU: shrink so a run takes
@@ -229,6 +229,7 @@ def load(args: argparse.Namespace) -> tuple[Model, str]:
     return model, name
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint to load (.pth or .safetensors); default: random weights")

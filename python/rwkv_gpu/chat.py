@@ -10,10 +10,11 @@ import argparse
 import sys
 
 from . import RwkvError
-from ._cli import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from ._cli import add_model_args, add_sampling_args, load_model, sampling_kwargs, reports_errors
 from .conversation import Chat
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.chat", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             chat = new_chat()
             continue
         if command.startswith("/save "):
-            chat.state.save(command[6:].strip())
+            try:
+                chat.state.save(command[6:].strip())
+            except RwkvError as e:  # a bad path ends nothing: say so and go on
+                print(f"error: {e}", file=sys.stderr)
             continue
         if not command:
             continue

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from . import RwkvError
-from ._cli import add_model_args, add_sampling_args, load_model, sampling_kwargs
+from ._cli import add_model_args, add_sampling_args, load_model, sampling_kwargs, reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.generate", description=__doc__)
     ap.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")

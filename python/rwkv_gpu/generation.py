@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from . import _core
+from . import _core, errors
 from .sampling import Sampler, Sampling
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class Run:
         cache: "StateCache | None",
     ) -> None:
         if max_tokens < 1:
-            raise _core.RwkvError(f"max_tokens must be at least 1, got {max_tokens}")
+            raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
         if isinstance(stop, str):
             stop = [stop]
         self.model = model
@@ -151,19 +151,19 @@ class BatchRun:
         stop_tokens: Sequence[int],
     ) -> None:
         if max_tokens < 1:
-            raise _core.RwkvError(f"max_tokens must be at least 1, got {max_tokens}")
+            raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
         if isinstance(prompts, str):
-            raise _core.ShapeError("prompts must be a list of prompts (texts or token lists)")
+            raise errors.ShapeError("prompts must be a list of prompts (texts or token lists)")
         self.tokenizer = model.tokenizer
         self.ids = [model._prompt_ids(p) for p in prompts]
         if not self.ids:
-            raise _core.ShapeError("prompts is empty: give at least one prompt")
+            raise errors.ShapeError("prompts is empty: give at least one prompt")
         if states is None:
             self.states = model.new_states(len(self.ids))
         else:
             self.states = list(states)
             if len(self.states) != len(self.ids):
-                raise _core.ShapeError(f"{len(self.ids)} prompts but {len(self.states)} states: give one state per prompt")
+                raise errors.ShapeError(f"{len(self.ids)} prompts but {len(self.states)} states: give one state per prompt")
             for state in self.states:
                 model._check_state(state)
         vocab = model.config["vocab_size"]

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Un
 
 import numpy as np
 
-from . import _core
-from ._core import RwkvError, ShapeError
+from . import _core, errors
+from .errors import RwkvError, ShapeError
 from .generation import BatchRun, Completion, Run
 from .sampling import Sampling, sampling_options
 from .tokenizer import Tokenizer
@@ -27,7 +27,7 @@ def _token_list(tokens: Tokens) -> list[int]:
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ShapeError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
-        out = tokens.astype(np.int64).tolist()
+        out = tokens.tolist()  # exact Python ints: a uint64 id past 2**63 stays itself
     elif isinstance(tokens, (str, bytes)):
         raise ShapeError("tokens must be token ids, not text (encode it with a tokenizer first)")
     else:
@@ -69,9 +69,9 @@ def _layer_dtypes(dtype: str | None, layer_dtypes: Sequence[str] | None) -> list
     chosen = [str(dtype)] if layer_dtypes is None else [str(d) for d in layer_dtypes]
     bad = [d for d in chosen if d not in DTYPES]
     if bad:
-        raise RwkvError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+        raise errors.InvalidOptionError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
     if not chosen:
-        raise RwkvError("layer_dtypes is empty: give one dtype per layer")
+        raise errors.InvalidOptionError("layer_dtypes is empty: give one dtype per layer")
     return chosen
 
 
@@ -157,8 +157,6 @@ class Model:
             self._m = _core_model
         else:
             fspath = os.fspath(path)
-            if not os.path.exists(fspath):
-                raise _core.ModelLoadError(f"{fspath}: no such file")
             self._m = _core.Model(
                 fspath,
                 adapter=None if adapter is None else str(adapter),
@@ -272,7 +270,7 @@ class Model:
         if not isinstance(state, State):
             raise RwkvError(f"state must be a rwkv_gpu.State, got {type(state).__name__}")
         if state._model is not self:
-            raise _core.StateError("this State belongs to another model")
+            raise errors.StateError("this State belongs to another model")
 
     def _start_state(self, state: State | None) -> State:
         if state is None:
@@ -384,7 +382,9 @@ class Model:
         if choice is not None:
             return Tokenizer.from_file(choice)
         if self._path is not None:
-            beside = os.path.join(os.path.dirname(os.path.abspath(self._path)), "tokenizer.json")
+            path = os.path.abspath(self._path)
+            folder = path if os.path.isdir(path) else os.path.dirname(path)  # a Hugging Face folder holds it
+            beside = os.path.join(folder, "tokenizer.json")
             if os.path.exists(beside):
                 return Tokenizer.from_file(beside)
         if vocab == 256:

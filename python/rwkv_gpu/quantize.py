@@ -9,10 +9,11 @@ import sys
 import time
 
 from . import RwkvError, _core
-from ._cli import add_quant_args, quant_layer_dtypes
+from ._cli import add_quant_args, quant_layer_dtypes, reports_errors
 from .model import Model
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.quantize", description=__doc__)
     ap.add_argument("input", help="checkpoint (.pth or .safetensors)")

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from . import _core
+from . import _core, errors
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def sampling_options(options: dict[str, Any]) -> dict[str, Any]:
 def _f32_bytes(logits: np.ndarray, vocab: int) -> bytes:
     a = np.ascontiguousarray(logits, dtype=np.float32)
     if a.shape != (vocab,):
-        raise _core.ShapeError(f"logits have shape {a.shape}; this sampler needs ({vocab},)")
+        raise errors.ShapeError(f"logits have shape {a.shape}; this sampler needs ({vocab},)")
     return a.tobytes()
 
 
@@ -69,7 +69,7 @@ class Sampler:
     def __init__(self, vocab_size: int, options: Sampling | None = None) -> None:
         o = options or Sampling()
         if o.seed is not None and not 0 <= int(o.seed) < 2**64:
-            raise _core.RwkvError(f"seed {o.seed} must be in [0, 2**64)")
+            raise errors.InvalidOptionError(f"seed {o.seed} must be in [0, 2**64)")
         self.vocab_size = int(vocab_size)
         self.options = o
         self._core = _core.Sampler(

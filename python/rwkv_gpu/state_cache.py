@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Sequence
 
-from . import _core
+from . import _core, errors
 
 if TYPE_CHECKING:
     from .model import Model, State
@@ -27,7 +27,7 @@ class StateCache:
 
     def __init__(self, max_entries: int = 8) -> None:
         if max_entries < 1:
-            raise _core.RwkvError(f"max_entries must be at least 1, got {max_entries}")
+            raise errors.InvalidOptionError(f"max_entries must be at least 1, got {max_entries}")
         self.max_entries = int(max_entries)
         self._entries: OrderedDict[tuple, "State"] = OrderedDict()
         self.hits = 0

@@ -10,7 +10,7 @@ import os
 from importlib import resources
 from typing import Any, Callable, Sequence
 
-from . import _core
+from . import _core, errors
 
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 
@@ -38,7 +38,7 @@ class _ByteStream:
 
     def push(self, token: int) -> str:
         if not 0 <= token < 256:
-            raise _core.ShapeError(f"token id {token} is not a byte (0..255)")
+            raise errors.ShapeError(f"token id {token} is not a byte (0..255)")
         return self._utf8.decode(bytes([token]))
 
     def finish(self) -> str:
@@ -101,7 +101,7 @@ class Tokenizer:
         try:
             from tokenizers import Tokenizer as HfTokenizer
         except ImportError as e:
-            raise _core.RwkvError("Tokenizer.from_file needs the 'tokenizers' package: pip install tokenizers") from e
+            raise errors.RwkvError("Tokenizer.from_file needs the 'tokenizers' package: pip install tokenizers") from e
         return cls(None, HfTokenizer.from_file(os.fspath(path)))
 
     def encode(self, text: str) -> list[int]:
@@ -128,7 +128,7 @@ class Tokenizer:
             try:
                 return bytes(int(i) for i in ids)
             except ValueError:
-                raise _core.ShapeError("byte tokens must be in 0..255") from None
+                raise errors.ShapeError("byte tokens must be in 0..255") from None
         return self._core.decode_bytes([int(i) for i in ids])
 
     def decode(self, ids: Sequence[int]) -> str:

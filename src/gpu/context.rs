@@ -83,7 +83,23 @@ pub struct AdapterSummary {
     pub max_workgroup_invocations: u32,
 }
 
+/// Mesa's device-select Vulkan layer (installed with Mesa's drivers, loaded into every
+/// Vulkan instance) asks Wayland for the session's display and, with no desktop session
+/// (no XDG_RUNTIME_DIR: a server, a container, CI), prints an error line twice per
+/// instance. It only reorders devices for the display; we choose the adapter ourselves,
+/// so it is turned off there with its documented switch, once, before the first instance.
+fn quiet_device_select() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let headless = std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none();
+        if cfg!(target_os = "linux") && headless && std::env::var_os("NODEVICE_SELECT").is_none() {
+            std::env::set_var("NODEVICE_SELECT", "1");
+        }
+    });
+}
+
 fn instance() -> wgpu::Instance {
+    quiet_device_select();
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     // GL is listed so that users can ask for it, never chosen by default.
     desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL;
@@ -359,7 +375,7 @@ impl GpuContext {
     /// Fails once the device is lost or an error escaped every scope.
     pub fn check_alive(&self) -> Result<()> {
         if let Some(m) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Err(Error::Device(format!("the GPU device was lost ({m}); open the model again")));
+            return Err(Error::DeviceLost(format!("the GPU device was lost ({m}); open the model again")));
         }
         if let Some(m) = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(Error::Device(format!("GPU error: {m}")));

@@ -2,6 +2,8 @@
 //! dtype and shape, read one at a time as contiguous little-endian row-major bytes,
 //! so that host memory stays bounded by the largest tensor.
 
+pub mod fla;
+pub mod folder;
 pub mod pth;
 pub mod safetensors_file;
 
@@ -56,10 +58,33 @@ pub trait Checkpoint: Send + Sync {
     fn metadata(&self, _key: &str) -> Option<String> {
         None
     }
+    /// Dimensions the file states apart from its tensors (a Hugging Face config.json),
+    /// which the schema cross-checks.
+    fn declared(&self) -> Vec<crate::schema::Declared> {
+        Vec::new()
+    }
+    /// Whether the layout fixes the orientation of the low-rank matrices (`Some(true)`:
+    /// [out, in]); `None`: told from their shapes.
+    fn low_rank_out_in(&self) -> Option<bool> {
+        None
+    }
 }
 
-/// Opens `.pth` (PyTorch zip) or `.safetensors`/`.st` by content, not by extension.
+/// Opens a checkpoint under the official tensor names: a `.pth` (PyTorch zip) or
+/// `.safetensors`/`.st` file told by content, not by extension, or a Hugging Face folder
+/// (`config.json` with `model.safetensors` or sharded files and their index). Files in
+/// fla's layout are renamed (`fla::FlaView`).
 pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
+    let ck = if path.is_dir() { folder::open(path)? } else { open_file(path)? };
+    if fla::is_fla(&ck.names()) {
+        let config = folder::config_json_for(path)?;
+        return Ok(Box::new(fla::FlaView::new(ck, config)?));
+    }
+    Ok(ck)
+}
+
+/// One checkpoint file, by content.
+pub fn open_file(path: &Path) -> Result<Box<dyn Checkpoint>> {
     let mut magic = [0u8; 8];
     {
         use std::io::Read;
@@ -68,6 +93,9 @@ pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
         if n < 8 {
             return Err(Error::load(path, format!("file is {n} bytes long: too short to be a checkpoint")));
         }
+    }
+    if &magic[..4] == b"GGUF" {
+        return Err(Error::load(path, "a GGUF file (llama.cpp's format), which this version does not read: load the model's .pth or .safetensors release"));
     }
     if &magic[..4] == b"PK\x03\x04" {
         Ok(Box::new(pth::PthFile::open(path)?))

@@ -180,6 +180,14 @@ fn check_view(t: &TensorRef, storage_numel: usize) -> Msg<()> {
     if numel == 0 {
         return Ok(());
     }
+    // A view with more elements than its storage repeats elements (a stride of 0, an
+    // expand): never a weight, and a way for a small file to claim terabytes.
+    if numel > storage_numel {
+        return Err(format!(
+            "view of shape {:?} (stride {:?}) has {numel} elements but its storage only {storage_numel}: overlapping views are not weights",
+            t.shape, t.stride
+        ));
+    }
     let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |a, (&d, &s)| a.checked_add((d - 1).checked_mul(s)?));
     match last {
         Some(last) if last < storage_numel => Ok(()),

@@ -16,12 +16,13 @@ use half::{bf16, f16};
 
 use super::config::Config;
 use super::saved;
-use super::weights::{consts, fnv, layer_vectors, to_f32_into, Chunk, Layer, Matrix, Weights, WeightFormat, MODEL_VECTORS, QUANT_BLOCK};
+use super::weights::{consts, fnv, to_f32_into, Chunk, Layer, Matrix, Weights, WeightFormat, QUANT_BLOCK};
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
 use crate::gpu::{Codes, GpuContext, Pipelines, Variant};
 use crate::loader::Checkpoint;
 use crate::model::weights::Quantization;
+use crate::schema::{self, Checked, Entry, LayerMatrix, Role, Scope};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -49,6 +50,7 @@ pub struct Loader<'a> {
     pub quant: &'a Quantization,
     pub ck: &'a dyn Checkpoint,
     pub config: &'a Config,
+    pub checked: &'a Checked,
     pub progress: &'a mut dyn FnMut(usize, usize),
     device_bytes: u64,
     fingerprint: u64,
@@ -63,10 +65,10 @@ pub struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(ctx: &'a GpuContext, pipelines: &'a Pipelines, quant: &'a Quantization, ck: &'a dyn Checkpoint, config: &'a Config,
+    pub fn new(ctx: &'a GpuContext, pipelines: &'a Pipelines, quant: &'a Quantization, ck: &'a dyn Checkpoint, checked: &'a Checked,
                progress: &'a mut dyn FnMut(usize, usize)) -> Self {
         let total = ck.names().len();
-        Loader { ctx, pipelines, quant, ck, config, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None, values: Vec::new(), upload: Vec::new() }
+        Loader { ctx, pipelines, quant, ck, config: &checked.config, checked, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None, values: Vec::new(), upload: Vec::new() }
     }
 
     // ---- phase 1: plan and allocate ----
@@ -148,9 +150,18 @@ impl<'a> Loader<'a> {
     // ---- phase 2: fill ----
 
     /// The tensor's values as f32, in the reused `values` buffer (give it back after use).
+    /// A layer-0 tensor the file leaves out (`Checked::absent`) reads as zeros. Fails on a
+    /// NaN or infinite value, naming the first.
     fn tensor(&mut self, name: &str, expect: &[usize]) -> Result<Vec<f32>> {
-        let info = self.ck.info(name).ok_or_else(|| Error::load(self.ck.path(), format!("missing tensor {name:?}")))?;
         let numel: usize = expect.iter().product();
+        let mut values = std::mem::take(&mut self.values);
+        values.clear();
+        host_reserve(&mut values, numel, name)?;
+        if self.checked.absent.contains(name) {
+            values.resize(numel, 0.0);
+            return Ok(values);
+        }
+        let info = self.ck.info(name).ok_or_else(|| Error::load(self.ck.path(), format!("missing tensor {name:?}")))?;
         if info.numel() != numel {
             return Err(Error::load(self.ck.path(), format!("tensor {name:?} has shape {:?}; expected {expect:?}", info.shape)));
         }
@@ -162,9 +173,10 @@ impl<'a> Loader<'a> {
         self.fingerprint = fnv(self.fingerprint, &bytes[bytes.len().saturating_sub(256)..]);
         self.done += 1;
         (self.progress)(self.done, self.total);
-        let mut values = std::mem::take(&mut self.values);
-        values.clear();
         to_f32_into(&bytes, info.dtype, &mut values);
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(non_finite(self.ck, name, &info.shape, at, values[at]));
+        }
         Ok(values)
     }
 
@@ -175,10 +187,11 @@ impl<'a> Loader<'a> {
         self.ctx.wait()
     }
 
-    fn fill_consts(&mut self, buffer: &wgpu::Buffer, parts: &[(&str, usize)]) -> Result<()> {
+    fn fill_consts(&mut self, buffer: &wgpu::Buffer, parts: &[(String, usize)]) -> Result<()> {
         let c = self.config.n_embd;
         let mut all = vec![0f32; (buffer.size() as usize) / 4];
-        for &(name, slot) in parts {
+        for (name, slot) in parts {
+            let slot = *slot;
             let v = self.tensor(name, &[c])?;
             all[slot * c..(slot + 1) * c].copy_from_slice(&v);
             self.values = v;
@@ -188,7 +201,7 @@ impl<'a> Loader<'a> {
     }
 
     /// Fills `matrix` from the checkpoint tensor `name` ([m, k], or [k, m] when
-    /// `transpose`). A matrix with values beyond the fp16 range is kept as bf16: when
+    /// `transpose`: an official low-rank matrix). A matrix with values beyond the fp16 range is kept as bf16: when
     /// it was planned quantized, it moves to buffers of its own.
     fn fill(&mut self, name: &str, matrix: &mut Matrix, transpose: bool) -> Result<()> {
         let (m, k) = (matrix.m, matrix.k);
@@ -196,9 +209,6 @@ impl<'a> Loader<'a> {
             return self.fill_saved(name, matrix);
         }
         let values = self.tensor(name, &[m, k])?;
-        // A low-rank matrix converted for web-rwkv is already [out, in].
-        let stored = self.ck.info(name).map(|i| i.shape).unwrap_or_default();
-        let transpose = transpose && stored.first() != Some(&m);
         let at = |r: usize, c: usize| if transpose { values[c * m + r] } else { values[r * k + c] };
         let bf16_needed = values.iter().any(|v| v.abs() > 65504.0);
         if bf16_needed && matrix.format.quantized() {
@@ -259,6 +269,10 @@ impl<'a> Loader<'a> {
     fn fill_saved(&mut self, name: &str, matrix: &Matrix) -> Result<()> {
         let (m, k, format) = (matrix.m, matrix.k, matrix.format);
         let (codes, scales) = saved::read_quantized(self.ck, name, format, m, k)?;
+        let scale_values = super::weights::to_f32(&scales, crate::loader::DType::F16);
+        if let Some(at) = scale_values.iter().position(|v| !v.is_finite()) {
+            return Err(non_finite(self.ck, &format!("{name}.scales"), &[m, k / QUANT_BLOCK], at, scale_values[at]));
+        }
         self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &codes[..codes.len().min(256)]);
         self.done += 2;
         (self.progress)(self.done, self.total);
@@ -279,48 +293,44 @@ impl<'a> Loader<'a> {
         self.flush()
     }
 
+    /// The device shape [m, k] = [out, in] of a layer matrix.
+    fn device_shape(&self, entry: &Entry, which: LayerMatrix) -> (usize, usize) {
+        let s = entry.shape_for(self.config);
+        if which.low_rank() { (s[1], s[0]) } else { (s[0], s[1]) }
+    }
+
     pub fn load(mut self) -> Result<Weights> {
         let cfg = self.config.clone();
-        let (c, f, v) = (cfg.n_embd, cfg.ffn_size, cfg.vocab_size);
-        let (dw, da, dv, dg) = (cfg.lora_w, cfg.lora_a, cfg.lora_v, cfg.lora_g);
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
 
         // Phase 1: every buffer, before any data.
         let model_consts = self.buffer("model consts", (consts::MODEL_COUNT * c * 4) as u64)?;
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let n = |s: &str| format!("blocks.{i}.{s}");
             let q = self.quant.layers.get(i).copied().flatten();
-            let fp16 = Some(WeightFormat::F16);
-            let layer_consts = self.buffer(&n("consts"), (consts::COUNT * c * 4) as u64)?;
-            // In the order the forward pass reads them. Matrices it runs together (r/k/v;
-            // the low-rank first stages; the second stages) must share a buffer to run as
-            // one dispatch: best, the whole layer is one buffer (an allocation of exactly
-            // its size, no allocator block shared with anything else).
-            let plans = [
-                self.plan(n("att.receptance.weight"), c, c, q, true)?,
-                self.plan(n("att.key.weight"), c, c, q, true)?,
-                self.plan(n("att.value.weight"), c, c, q, true)?,
-                self.plan(n("att.w1"), dw, c, fp16, false)?,
-                self.plan(n("att.a1"), da, c, fp16, false)?,
-                self.plan(n("att.v1"), dv, c, fp16, false)?,
-                self.plan(n("att.g1"), dg, c, fp16, false)?,
-                self.plan(n("att.w2"), c, dw, fp16, false)?,
-                self.plan(n("att.a2"), c, da, fp16, false)?,
-                self.plan(n("att.v2"), c, dv, fp16, false)?,
-                self.plan(n("att.g2"), c, dg, fp16, false)?,
-                self.plan(n("att.output.weight"), c, c, q, true)?,
-                self.plan(n("ffn.key.weight"), f, c, q, true)?,
-                self.plan(n("ffn.value.weight"), c, f, q, true)?,
-            ];
+            let layer_consts = self.buffer(&format!("blocks.{i}.consts"), (consts::COUNT * c * 4) as u64)?;
+            let plans = ALLOCATION_ORDER
+                .iter()
+                .map(|&which| {
+                    let (entry, _) = schema::layer_matrices().find(|(_, m)| *m == which).expect("every matrix is in the schema");
+                    let (m, k) = self.device_shape(entry, which);
+                    let want = if which.quantizable() { q } else { Some(WeightFormat::F16) };
+                    self.plan(entry.name_in(i), m, k, want, which.quantizable())
+                })
+                .collect::<Result<Vec<Plan>>>()?;
+            // Matrices the forward pass runs together (r/k/v; the low-rank first stages;
+            // the second stages) must share a buffer to run as one dispatch: best, the
+            // whole layer is one buffer (an allocation of exactly its size, no allocator
+            // block shared with anything else).
             let matrices = if self.fit_one_buffer(&plans) {
-                self.allocate(&n("weights"), &plans)?
+                self.allocate(&format!("blocks.{i}.weights"), &plans)?
             } else {
-                let mut parts = self.allocate(&n("att.rkv"), &plans[..3])?;
+                let mut parts = self.allocate(&format!("blocks.{i}.att.rkv"), &plans[..3])?;
                 if self.fit_one_buffer(&plans[3..11]) {
-                    parts.extend(self.allocate(&n("att.lora"), &plans[3..11])?);
+                    parts.extend(self.allocate(&format!("blocks.{i}.att.lora"), &plans[3..11])?);
                 } else {
-                    parts.extend(self.allocate(&n("att.lora1"), &plans[3..7])?);
-                    parts.extend(self.allocate(&n("att.lora2"), &plans[7..11])?);
+                    parts.extend(self.allocate(&format!("blocks.{i}.att.lora1"), &plans[3..7])?);
+                    parts.extend(self.allocate(&format!("blocks.{i}.att.lora2"), &plans[7..11])?);
                 }
                 for p in &plans[11..] {
                     parts.push(self.allocate_one(p.m, p.k, p.format, &p.name)?);
@@ -335,22 +345,23 @@ impl<'a> Loader<'a> {
         let head_plan = self.plan("head.weight".into(), v, c, self.quant.head, true)?;
         let mut head = self.allocate_one(v, c, head_plan.format, "head.weight")?;
 
-        // Phase 2: fill, tensor by tensor.
-        self.fill_consts(&model_consts, &MODEL_VECTORS)?;
+        // Phase 2: fill, tensor by tensor, in the schema's order.
+        let vectors = |scope: Scope, layer: usize| -> Vec<(String, usize)> {
+            schema::ENTRIES
+                .iter()
+                .filter(|e| e.scope == scope)
+                .filter_map(|e| match e.role {
+                    Role::Vector(slot) => Some((e.name_in(layer), slot)),
+                    _ => None,
+                })
+                .collect()
+        };
+        self.fill_consts(&model_consts, &vectors(Scope::Model, 0))?;
         for (i, layer) in layers.iter_mut().enumerate() {
-            let names = layer_vectors(i, c, cfg.n_head);
-            let refs: Vec<(&str, usize)> = names.iter().map(|(s, o, _)| (s.as_str(), *o)).collect();
-            self.fill_consts(&layer.consts, &refs)?;
-            let n = |s: &str| format!("blocks.{i}.{s}");
-            for (name, matrix, transpose) in [
-                ("att.receptance.weight", &mut layer.receptance, false), ("att.key.weight", &mut layer.key, false),
-                ("att.value.weight", &mut layer.value, false), ("att.output.weight", &mut layer.output, false),
-                ("att.w1", &mut layer.w1, true), ("att.w2", &mut layer.w2, true), ("att.a1", &mut layer.a1, true),
-                ("att.a2", &mut layer.a2, true), ("att.v1", &mut layer.v1, true), ("att.v2", &mut layer.v2, true),
-                ("att.g1", &mut layer.g1, true), ("att.g2", &mut layer.g2, true),
-                ("ffn.key.weight", &mut layer.ffn_key, false), ("ffn.value.weight", &mut layer.ffn_value, false),
-            ] {
-                self.fill(&n(name), matrix, transpose)?;
+            self.fill_consts(&layer.consts, &vectors(Scope::Layer, i))?;
+            for (entry, which) in schema::layer_matrices() {
+                let transpose = which.low_rank() && !self.checked.low_rank_out_in;
+                self.fill(&entry.name_in(i), layer.matrix_mut(which), transpose)?;
             }
         }
         self.fill("head.weight", &mut head, false)?;
@@ -358,19 +369,68 @@ impl<'a> Loader<'a> {
         self.values = Vec::new();
         self.upload = Vec::new();
 
-        let emb_info = self.ck.info("emb.weight").ok_or_else(|| Error::load(self.ck.path(), "missing tensor \"emb.weight\""))?;
-        let emb = self.ck.read("emb.weight")?.into_owned();
-        if emb.len() != v * c * emb_info.dtype.size() {
-            return Err(Error::load(self.ck.path(), format!("emb.weight holds {} bytes; expected {}", emb.len(), v * c * emb_info.dtype.size())));
-        }
-        self.done += 1;
-        (self.progress)(self.done, self.total);
+        let emb = self.embeddings()?;
         // A saved model keeps the fingerprint of the checkpoint it was made from, so states
         // saved with either load into both.
         let fingerprint = saved::original_fingerprint(self.ck).unwrap_or(self.fingerprint);
         // Buffers a matrix left for bf16 (rare) are counted as the memory report counts.
-        Ok(Weights { consts: model_consts, layers, head, emb, emb_dtype: emb_info.dtype, device_bytes: self.device_bytes, fingerprint })
+        Ok(Weights { consts: model_consts, layers, head, emb: emb.0, emb_dtype: emb.1, device_bytes: self.device_bytes, fingerprint })
     }
+
+    /// The embedding table's bytes in the file's dtype, checked finite, for host memory.
+    fn embeddings(&mut self) -> Result<(Vec<u8>, crate::loader::DType)> {
+        let name = "emb.weight";
+        let info = self.ck.info(name).ok_or_else(|| Error::load(self.ck.path(), "missing tensor \"emb.weight\""))?;
+        let want = self.config.vocab_size * self.config.n_embd * info.dtype.size();
+        let bytes = self.ck.read(name)?;
+        if bytes.len() != want {
+            return Err(Error::load(self.ck.path(), format!("emb.weight holds {} bytes; expected {want}", bytes.len())));
+        }
+        let mut row = Vec::new();
+        let row_bytes = self.config.n_embd * info.dtype.size();
+        for (r, chunk) in bytes.chunks_exact(row_bytes).enumerate() {
+            row.clear();
+            to_f32_into(chunk, info.dtype, &mut row);
+            if let Some(at) = row.iter().position(|v| !v.is_finite()) {
+                return Err(non_finite(self.ck, name, &info.shape, r * self.config.n_embd + at, row[at]));
+            }
+        }
+        let mut owned = Vec::new();
+        owned.try_reserve_exact(bytes.len()).map_err(|_| host_oom(bytes.len(), name))?;
+        owned.extend_from_slice(&bytes);
+        self.done += 1;
+        (self.progress)(self.done, self.total);
+        Ok((owned, info.dtype))
+    }
+}
+
+/// The order of a layer's matrices in its device buffer: as the forward pass reads them,
+/// so that those one dispatch computes together lie side by side.
+const ALLOCATION_ORDER: [LayerMatrix; 14] = {
+    use LayerMatrix::*;
+    [Receptance, Key, Value, W1, A1, V1, G1, W2, A2, V2, G2, Output, FfnKey, FfnValue]
+};
+
+fn host_oom(bytes: usize, what: &str) -> Error {
+    Error::OutOfMemory(format!("host memory: {bytes} bytes for {what} could not be allocated"))
+}
+
+/// Reserves room for `n` more f32 values, failing with an error rather than aborting.
+fn host_reserve(values: &mut Vec<f32>, n: usize, what: &str) -> Result<()> {
+    values.try_reserve(n).map_err(|_| host_oom(n.saturating_mul(4), what))
+}
+
+/// The error for a NaN or infinite weight: the tensor and the index of the first.
+fn non_finite(ck: &dyn Checkpoint, name: &str, shape: &[usize], flat: usize, value: f32) -> Error {
+    let mut index = vec![0; shape.len()];
+    let mut rest = flat;
+    for (d, &n) in shape.iter().enumerate().rev() {
+        if n > 0 {
+            index[d] = rest % n;
+            rest /= n;
+        }
+    }
+    Error::load(ck.path(), format!("{name} holds {value} at index {index:?}: a checkpoint's weights must be finite (the file is corrupt or was saved after training diverged)"))
 }
 
 /// A Vec of exactly N matrices as an array (allocate returns one per plan).

@@ -136,11 +136,12 @@ impl Model {
     }
 
     pub fn from_checkpoint(ck: &dyn Checkpoint, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
-        let config = Config::from_checkpoint(ck)?;
+        let checked = crate::schema::check(ck)?;
+        let config = checked.config.clone();
         let quant = quant.resolve(config.n_layer)?;
         let ctx = GpuContext::new(options)?;
         let pipelines = Pipelines::new(ctx.clone());
-        let weights = Loader::new(&ctx, &pipelines, &quant, ck, &config, progress).load()?;
+        let weights = Loader::new(&ctx, &pipelines, &quant, ck, &checked, progress).load()?;
         let pool = StatePool::new(ctx.clone(), &config)?;
         Ok(Model {
             pipelines,
@@ -409,7 +410,7 @@ impl Model {
         let mut vectors = self.weights.consts.size();
         for layer in &self.weights.layers {
             vectors += layer.consts.size();
-            for m in layer.matrices() {
+            for m in crate::schema::layer_matrices().map(|(_, which)| layer.matrix(which)) {
                 by_format[match m.format {
                     WeightFormat::F16 | WeightFormat::Bf16 => 0,
                     WeightFormat::Int8 => 1,

@@ -17,34 +17,7 @@ pub struct RandomCheckpoint {
 
 impl RandomCheckpoint {
     pub fn new(config: Config, seed: u64) -> RandomCheckpoint {
-        let (c, v, f) = (config.n_embd, config.vocab_size, config.ffn_size);
-        let mut names: Vec<(String, Vec<usize>)> = vec![("emb.weight".into(), vec![v, c])];
-        names.push(("blocks.0.ln0.weight".into(), vec![c]));
-        names.push(("blocks.0.ln0.bias".into(), vec![c]));
-        for i in 0..config.n_layer {
-            let b = |s: &str| format!("blocks.{i}.{s}");
-            for ln in ["ln1", "ln2", "att.ln_x"] {
-                names.push((b(&format!("{ln}.weight")), vec![c]));
-                names.push((b(&format!("{ln}.bias")), vec![c]));
-            }
-            for vec_name in ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"] {
-                names.push((b(&format!("att.{vec_name}")), vec![1, 1, c]));
-            }
-            names.push((b("att.r_k"), vec![config.n_head, config.head_size]));
-            for (p, d) in [("w", config.lora_w), ("a", config.lora_a), ("v", config.lora_v), ("g", config.lora_g)] {
-                names.push((b(&format!("att.{p}1")), vec![c, d]));
-                names.push((b(&format!("att.{p}2")), vec![d, c]));
-            }
-            for m in ["receptance", "key", "value", "output"] {
-                names.push((b(&format!("att.{m}.weight")), vec![c, c]));
-            }
-            names.push((b("ffn.x_k"), vec![1, 1, c]));
-            names.push((b("ffn.key.weight"), vec![f, c]));
-            names.push((b("ffn.value.weight"), vec![c, f]));
-        }
-        names.push(("ln_out.weight".into(), vec![c]));
-        names.push(("ln_out.bias".into(), vec![c]));
-        names.push(("head.weight".into(), vec![v, c]));
+        let names = crate::schema::expected(&config).into_iter().map(|x| (x.name, x.shape)).collect();
         RandomCheckpoint { seed, names, path: PathBuf::from("<random>") }
     }
 

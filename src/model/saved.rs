@@ -16,13 +16,13 @@
 //! name beside the target, then renamed: a failed save leaves no partial file.
 
 use std::borrow::Cow;
-use std::io::Write;
 use std::path::Path;
 
-use super::weights::{layer_vectors, Matrix, WeightFormat, LAYER_MATRICES, MODEL_VECTORS, QUANT_BLOCK};
+use super::weights::{Matrix, WeightFormat, QUANT_BLOCK};
 use super::Model;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Saving};
 use crate::loader::{Checkpoint, DType};
+use crate::schema::{self, Role, Scope};
 
 pub const FORMAT: &str = "rwkv-gpu model v1";
 
@@ -61,19 +61,22 @@ pub fn original_fingerprint(ck: &dyn Checkpoint) -> Option<u64> {
     u64::from_str_radix(&ck.metadata("fingerprint")?, 16).ok()
 }
 
+/// The tensors that hold a quantized matrix `name` [m, k]: (name, dtype, shape) of its
+/// codes and of its scales.
+pub fn quantized_tensors(name: &str, format: WeightFormat, m: usize, k: usize) -> [(String, DType, Vec<usize>); 2] {
+    let (code_dtype, code_shape) = match format {
+        WeightFormat::Int8 => (DType::I8, vec![m, k]),
+        _ => (DType::U8, vec![m, k / 2]),
+    };
+    [(format!("{name}.codes"), code_dtype, code_shape), (format!("{name}.scales"), DType::F16, vec![m, k / QUANT_BLOCK])]
+}
+
 /// (codes, scales) of a quantized matrix [m, k], checked against the format's shapes.
 pub fn read_quantized<'a>(ck: &'a dyn Checkpoint, name: &str, format: WeightFormat, m: usize, k: usize) -> Result<(Cow<'a, [u8]>, Cow<'a, [u8]>)> {
     if k % QUANT_BLOCK != 0 {
         return Err(Error::load(ck.path(), format!("{name}: width {k} is not a multiple of the {QUANT_BLOCK}-wide quantization block")));
     }
-    let (code_dtype, code_shape) = match format {
-        WeightFormat::Int8 => (DType::I8, vec![m, k]),
-        _ => (DType::U8, vec![m, k / 2]),
-    };
-    let expect = [
-        (format!("{name}.codes"), code_dtype, code_shape),
-        (format!("{name}.scales"), DType::F16, vec![m, k / QUANT_BLOCK]),
-    ];
+    let expect = quantized_tensors(name, format, m, k);
     for (tensor, dtype, shape) in &expect {
         let info = ck.info(tensor).ok_or_else(|| Error::load(ck.path(), format!("missing tensor {tensor:?} of the {} matrix {name}", format.name())))?;
         if info.dtype != *dtype || info.shape != *shape {
@@ -219,19 +222,30 @@ fn matrix_item(name: String, matrix: &Matrix, quantizable: bool) -> Item<'_> {
     }
 }
 
+/// The file's tensors in schema order; neighbouring vectors of one `consts` buffer are
+/// read back together.
 fn items(model: &Model) -> Vec<Item<'_>> {
     let w = &model.weights;
-    let cfg = &model.config;
-    let mut items = vec![Item::Embeddings];
-    let model_vectors = MODEL_VECTORS.iter().map(|&(n, slot)| (n.to_string(), slot, vec![cfg.n_embd])).collect();
-    items.push(Item::Vectors { buffer: &w.consts, vectors: model_vectors });
-    for (i, layer) in w.layers.iter().enumerate() {
-        items.push(Item::Vectors { buffer: &layer.consts, vectors: layer_vectors(i, cfg.n_embd, cfg.n_head) });
-        for ((name, quantizable), matrix) in LAYER_MATRICES.iter().zip(layer.matrices()) {
-            items.push(matrix_item(format!("blocks.{i}.{name}"), matrix, *quantizable));
+    let mut items: Vec<Item<'_>> = Vec::new();
+    let mut vectors_of: Option<(Scope, usize)> = None;
+    for x in schema::expected(&model.config) {
+        let group = (x.entry.scope, x.layer);
+        match x.entry.role {
+            Role::Embedding => items.push(Item::Embeddings),
+            Role::Vector(slot) => {
+                let buffer = if x.entry.scope == Scope::Model { &w.consts } else { &w.layers[x.layer].consts };
+                match items.last_mut() {
+                    Some(Item::Vectors { vectors, .. }) if vectors_of == Some(group) => vectors.push((x.name, slot, x.shape)),
+                    _ => items.push(Item::Vectors { buffer, vectors: vec![(x.name, slot, x.shape)] }),
+                }
+                vectors_of = Some(group);
+                continue;
+            }
+            Role::Matrix(m) => items.push(matrix_item(x.name, w.layers[x.layer].matrix(m), m.quantizable())),
+            Role::Head => items.push(matrix_item(x.name, &w.head, true)),
         }
+        vectors_of = None;
     }
-    items.push(matrix_item("head.weight".to_string(), &w.head, true));
     items
 }
 
@@ -263,11 +277,8 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
         json.push(' ');
     }
 
-    let tmp = path.with_file_name(format!(".{}.partial", path.file_name().and_then(|n| n.to_str()).unwrap_or("model")));
-    let write = || -> Result<()> {
-        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
-        let io = |e| Error::io(&tmp, e);
+    crate::atomic_file::write(path, Saving::Model, |out| {
+        let io = |e| crate::atomic_file::write_error(path, Saving::Model, e);
         out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
         out.write_all(json.as_bytes()).map_err(io)?;
         for (item, hs) in items.iter().zip(&headers) {
@@ -278,16 +289,6 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
             }
             out.write_all(&bytes).map_err(io)?;
         }
-        out.flush().map_err(io)?;
-        out.get_ref().sync_all().map_err(io)?;
         Ok(())
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
     })
 }

@@ -1,6 +1,7 @@
 //! Saved states: safetensors holding att_shift [L, C], wkv [L, H, N, N] and ffn_shift
 //! [L, C] in f32, with the model's dimensions and weight fingerprint in the metadata so
-//! that a state is never loaded into a model it does not belong to.
+//! that a state is never loaded into a model it does not belong to. Written atomically
+//! (`atomic_file`): a failed save leaves an existing file as it was.
 //!
 //! Also read: state-tuning files (`.pth` or `.safetensors` with one
 //! `blocks.{i}.att.time_state` [H, N, N] per layer, shift states zero). The tools that
@@ -13,7 +14,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::{HostState, Model, State};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Saving};
 use crate::loader::safetensors_file::SafetensorsFile;
 use crate::loader::{Checkpoint, DType};
 use super::weights::to_f32;
@@ -42,8 +43,10 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         ("wkv", view(&host.wkv, vec![l, h, n, n])?),
         ("ffn_shift", view(&host.ffn_shift, vec![l, e])?),
     ];
-    safetensors::serialize_to_file(tensors, Some(metadata(model)), path)
-        .map_err(|e| Error::load(path, format!("could not write the state: {e}")))
+    let bytes = safetensors::serialize(tensors, Some(metadata(model))).map_err(|e| Error::Invalid(format!("state tensors: {e}")))?;
+    crate::atomic_file::write(path, Saving::State, |out| {
+        out.write_all(&bytes).map_err(|e| crate::atomic_file::write_error(path, Saving::State, e))
+    })
 }
 
 pub fn load(model: &Model, path: &Path, transpose: bool) -> Result<State> {

@@ -11,6 +11,7 @@ use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::loader::DType;
+use crate::schema::LayerMatrix;
 
 /// How a matrix is held on the device (see shaders/matmul.wgsl for the layouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -163,12 +164,22 @@ pub struct Layer {
 }
 
 impl Layer {
-    /// In the order of LAYER_MATRICES.
-    pub fn matrices(&self) -> [&Matrix; 14] {
-        [
-            &self.receptance, &self.key, &self.value, &self.output, &self.w1, &self.w2, &self.a1, &self.a2,
-            &self.v1, &self.v2, &self.g1, &self.g2, &self.ffn_key, &self.ffn_value,
-        ]
+    pub fn matrix(&self, which: LayerMatrix) -> &Matrix {
+        use LayerMatrix::*;
+        match which {
+            Receptance => &self.receptance, Key => &self.key, Value => &self.value, Output => &self.output,
+            W1 => &self.w1, W2 => &self.w2, A1 => &self.a1, A2 => &self.a2, V1 => &self.v1, V2 => &self.v2,
+            G1 => &self.g1, G2 => &self.g2, FfnKey => &self.ffn_key, FfnValue => &self.ffn_value,
+        }
+    }
+
+    pub fn matrix_mut(&mut self, which: LayerMatrix) -> &mut Matrix {
+        use LayerMatrix::*;
+        match which {
+            Receptance => &mut self.receptance, Key => &mut self.key, Value => &mut self.value, Output => &mut self.output,
+            W1 => &mut self.w1, W2 => &mut self.w2, A1 => &mut self.a1, A2 => &mut self.a2, V1 => &mut self.v1, V2 => &mut self.v2,
+            G1 => &mut self.g1, G2 => &mut self.g2, FfnKey => &mut self.ffn_key, FfnValue => &mut self.ffn_value,
+        }
     }
 }
 
@@ -218,35 +229,3 @@ pub struct Quantization {
     pub layers: Vec<Option<WeightFormat>>,
     pub head: Option<WeightFormat>,
 }
-
-/// The big projections of a layer: (official name, quantizable).
-pub const LAYER_MATRICES: [(&str, bool); 14] = [
-    ("att.receptance.weight", true), ("att.key.weight", true), ("att.value.weight", true), ("att.output.weight", true),
-    ("att.w1", false), ("att.w2", false), ("att.a1", false), ("att.a2", false),
-    ("att.v1", false), ("att.v2", false), ("att.g1", false), ("att.g2", false),
-    ("ffn.key.weight", true), ("ffn.value.weight", true),
-];
-
-/// The vectors packed into layer `i`'s `consts`: (official name, slot, official shape).
-pub fn layer_vectors(i: usize, c: usize, n_head: usize) -> Vec<(String, usize, Vec<usize>)> {
-    use consts::*;
-    let n = |s: &str| format!("blocks.{i}.{s}");
-    let row = vec![c];
-    let mix = vec![1, 1, c];
-    vec![
-        (n("ln1.weight"), LN1_W, row.clone()), (n("ln1.bias"), LN1_B, row.clone()),
-        (n("ln2.weight"), LN2_W, row.clone()), (n("ln2.bias"), LN2_B, row.clone()),
-        (n("att.x_r"), ATT_MIX, mix.clone()), (n("att.x_w"), ATT_MIX + 1, mix.clone()), (n("att.x_k"), ATT_MIX + 2, mix.clone()),
-        (n("att.x_v"), ATT_MIX + 3, mix.clone()), (n("att.x_a"), ATT_MIX + 4, mix.clone()), (n("att.x_g"), ATT_MIX + 5, mix.clone()),
-        (n("ffn.x_k"), FFN_MIX, mix.clone()), (n("att.w0"), W0, mix.clone()), (n("att.a0"), A0, mix.clone()),
-        (n("att.v0"), V0, mix.clone()), (n("att.k_k"), K_K, mix.clone()), (n("att.k_a"), K_A, mix),
-        (n("att.r_k"), R_K, vec![n_head, c / n_head]),
-        (n("att.ln_x.weight"), LNX_W, row.clone()), (n("att.ln_x.bias"), LNX_B, row),
-    ]
-}
-
-/// The model-level vectors in the model `consts`: (official name, slot).
-pub const MODEL_VECTORS: [(&str, usize); 4] = [
-    ("blocks.0.ln0.weight", consts::LN0_W), ("blocks.0.ln0.bias", consts::LN0_B),
-    ("ln_out.weight", consts::LNOUT_W), ("ln_out.bias", consts::LNOUT_B),
-];

@@ -5,38 +5,20 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
+mod errors;
+mod int;
 mod sampler;
 mod tokenizer;
 
-use crate::error::Error;
+use int::Int;
 use crate::generation::{BatchGeneration, Generation};
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
 use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFormat, Want};
 
-pyo3::create_exception!(rwkv_gpu._core, RwkvError, PyException, "Base class of every rwkv-gpu error.");
-pyo3::create_exception!(rwkv_gpu._core, ModelLoadError, RwkvError, "A checkpoint or state file is missing, malformed or foreign.");
-pyo3::create_exception!(rwkv_gpu._core, DeviceError, RwkvError, "No usable GPU adapter, or the device failed.");
-pyo3::create_exception!(rwkv_gpu._core, OutOfMemoryError, DeviceError, "The device ran out of memory.");
-pyo3::create_exception!(rwkv_gpu._core, ShaderError, DeviceError, "A kernel failed to compile on this device.");
-pyo3::create_exception!(rwkv_gpu._core, ShapeError, RwkvError, "Tokens, tensors or states of the wrong shape or range.");
-pyo3::create_exception!(rwkv_gpu._core, StateError, RwkvError, "A state used by two threads at once or with another model.");
-
-pub(crate) fn to_py(e: Error) -> PyErr {
-    let msg = e.to_string();
-    match e {
-        Error::Device(_) => DeviceError::new_err(msg),
-        Error::OutOfMemory(_) => OutOfMemoryError::new_err(msg),
-        Error::Shader { .. } => ShaderError::new_err(msg),
-        Error::Io { .. } | Error::Load { .. } => ModelLoadError::new_err(msg),
-        Error::Shape(_) => ShapeError::new_err(msg),
-        Error::State(_) => StateError::new_err(msg),
-        Error::Invalid(_) => RwkvError::new_err(msg),
-    }
-}
+pub(crate) use errors::to_py;
 
 fn options(adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>) -> PyResult<DeviceOptions> {
     DeviceOptions { adapter: adapter.map(|a| AdapterChoice::parse(&a)), no_f16, no_subgroups, max_binding }
@@ -92,7 +74,7 @@ fn dims_dict<'py>(py: Python<'py>, c: &Config) -> PyResult<Bound<'py, PyDict>> {
 #[pyo3(signature = (name, defines=Vec::new()))]
 fn kernel_source(name: &str, defines: Vec<String>) -> PyResult<String> {
     let kernel = Kernel::from_name(name).ok_or_else(|| {
-        RwkvError::new_err(format!("unknown kernel {name:?}; kernels: {:?}", Kernel::ALL.map(|k| k.name())))
+        errors::invalid(format!("unknown kernel {name:?}; kernels: {:?}", Kernel::ALL.map(|k| k.name())))
     })?;
     let defs: Vec<(String, String)> = defines
         .iter()
@@ -118,7 +100,7 @@ struct PyModel {
 /// None: as the file holds them (fp16 unless it is a saved quantized model).
 fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<QuantSpec> {
     if layer_dtypes.as_ref().is_some_and(|l| l.is_empty()) {
-        return Err(RwkvError::new_err("layer_dtypes is empty: give one dtype, or one per layer"));
+        return Err(errors::invalid("layer_dtypes is empty: give one dtype, or one per layer"));
     }
     let layers = layer_dtypes
         .map(|l| l.iter().map(|d| WeightFormat::parse(d)).collect::<crate::Result<Vec<_>>>())
@@ -136,17 +118,17 @@ fn parse_want(want: &str) -> PyResult<Want> {
         "hidden_last" => Want::HiddenLast,
         "hidden_all" => Want::HiddenAll,
         "argmax" => Want::Argmax,
-        other => return Err(RwkvError::new_err(format!("want must be 'last', 'all', 'none', 'hidden_last', 'hidden_all' or 'argmax', got {other:?}"))),
+        other => return Err(errors::invalid(format!("want must be 'last', 'all', 'none', 'hidden_last', 'hidden_all' or 'argmax', got {other:?}"))),
     })
 }
 
-fn tokens_from(tokens: Vec<i64>, vocab: usize) -> PyResult<Vec<u32>> {
+fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
     tokens
         .iter()
         .enumerate()
-        .map(|(i, &t)| {
-            if t < 0 || t as u64 >= vocab as u64 {
-                Err(ShapeError::new_err(format!("token id {t} at position {i} is out of range: the vocabulary has {vocab} tokens")))
+        .map(|(i, &Int(t))| {
+            if t < 0 || t >= vocab as i128 {
+                Err(errors::shape(format!("token id {t} at position {i} is out of range: the vocabulary has {vocab} tokens")))
             } else {
                 Ok(t as u32)
             }
@@ -178,13 +160,15 @@ impl PyModel {
     }
 
     #[staticmethod]
-    #[pyo3(signature = (n_layer, n_embd, vocab_size=65536, seed=0, adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
+    #[pyo3(signature = (n_layer, n_embd, vocab_size=Int(65536), seed=Int(0), adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
                         layer_dtypes=None, head_dtype=None))]
     #[allow(clippy::too_many_arguments)]
-    fn random(py: Python<'_>, n_layer: usize, n_embd: usize, vocab_size: usize, seed: u64, adapter: Option<String>, no_f16: bool,
+    fn random(py: Python<'_>, n_layer: Int, n_embd: Int, vocab_size: Int, seed: Int, adapter: Option<String>, no_f16: bool,
               no_subgroups: bool, max_binding: Option<u64>, layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<Self> {
+        let (n_layer, n_embd, vocab_size) = (n_layer.count("n_layer")?, n_embd.count("n_embd")?, vocab_size.count("vocab_size")?);
+        let seed = seed.within::<u64>("seed", 0, u64::MAX)?;
         if n_layer == 0 || n_embd == 0 || n_embd % 64 != 0 || vocab_size == 0 {
-            return Err(ShapeError::new_err(format!(
+            return Err(errors::shape(format!(
                 "Model.random needs n_layer >= 1, n_embd a positive multiple of 64 and vocab_size >= 1 (got {n_layer}, {n_embd}, {vocab_size})"
             )));
         }
@@ -218,7 +202,7 @@ impl PyModel {
     }
 
     /// Returns the logits as little-endian f32 bytes ([V] or [T, V]; empty for "none").
-    fn forward<'py>(&self, py: Python<'py>, tokens: Vec<i64>, state: &PyState, want: &str) -> PyResult<Bound<'py, PyBytes>> {
+    fn forward<'py>(&self, py: Python<'py>, tokens: Vec<Int>, state: &PyState, want: &str) -> PyResult<Bound<'py, PyBytes>> {
         let want = parse_want(want)?;
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
@@ -252,16 +236,16 @@ impl PyModel {
     /// Feeds each state its token list. Returns little-endian f32 bytes: one row per
     /// sequence ("last", "hidden_last"; "argmax": u32 ids) or per token ("all",
     /// "hidden_all"), sequence after sequence; empty for "none".
-    fn forward_batch<'py>(&self, py: Python<'py>, batch: Vec<Vec<i64>>, states: Vec<PyRef<'py, PyState>>, want: &str) -> PyResult<Bound<'py, PyBytes>> {
+    fn forward_batch<'py>(&self, py: Python<'py>, batch: Vec<Vec<Int>>, states: Vec<PyRef<'py, PyState>>, want: &str) -> PyResult<Bound<'py, PyBytes>> {
         let want = parse_want(want)?;
         if batch.len() != states.len() {
-            return Err(ShapeError::new_err(format!("{} token lists but {} states: give one state per sequence", batch.len(), states.len())));
+            return Err(errors::shape(format!("{} token lists but {} states: give one state per sequence", batch.len(), states.len())));
         }
         let v = self.inner.config.vocab_size;
         let batch = batch
             .into_iter()
             .enumerate()
-            .map(|(i, t)| tokens_from(t, v).map_err(|e| ShapeError::new_err(format!("sequence {i}: {}", e.value(py)))))
+            .map(|(i, t)| tokens_from(t, v).map_err(|e| errors::shape(format!("sequence {i}: {}", e.value(py)))))
             .collect::<PyResult<Vec<_>>>()?;
         let states: Vec<State> = states.iter().map(|s| s.inner.clone()).collect();
         let m = self.inner.clone();
@@ -273,7 +257,7 @@ impl PyModel {
     }
 
     /// Feeds `tokens`; the last token's argmax, chosen on the device.
-    fn forward_argmax(&self, py: Python<'_>, tokens: Vec<i64>, state: &PyState) -> PyResult<u32> {
+    fn forward_argmax(&self, py: Python<'_>, tokens: Vec<Int>, state: &PyState) -> PyResult<u32> {
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
@@ -322,22 +306,22 @@ impl PyModel {
 
     /// Generation runs stepped together, one per (prompt, state, sampler); each sampler
     /// is copied and reset as in `generation`.
-    fn batch_generation(&self, prompts: Vec<Vec<i64>>, states: Vec<PyRef<'_, PyState>>, samplers: Vec<PyRef<'_, sampler::PySampler>>) -> PyResult<PyBatchGeneration> {
+    fn batch_generation(&self, prompts: Vec<Vec<Int>>, states: Vec<PyRef<'_, PyState>>, samplers: Vec<PyRef<'_, sampler::PySampler>>) -> PyResult<PyBatchGeneration> {
         let v = self.inner.config.vocab_size;
         if prompts.len() != states.len() || prompts.len() != samplers.len() {
-            return Err(ShapeError::new_err(format!("{} prompts, {} states and {} samplers: give one of each per sequence", prompts.len(), states.len(), samplers.len())));
+            return Err(errors::shape(format!("{} prompts, {} states and {} samplers: give one of each per sequence", prompts.len(), states.len(), samplers.len())));
         }
         if prompts.is_empty() {
-            return Err(ShapeError::new_err("the batch is empty: give at least one prompt"));
+            return Err(errors::shape("the batch is empty: give at least one prompt"));
         }
         let mut runs = Vec::with_capacity(prompts.len());
         for (i, ((prompt, state), sampler)) in prompts.into_iter().zip(&states).zip(&samplers).enumerate() {
             if sampler.vocab != v {
-                return Err(ShapeError::new_err(format!("sampler {i} is for a vocabulary of {}; this model has {v}", sampler.vocab)));
+                return Err(errors::shape(format!("sampler {i} is for a vocabulary of {}; this model has {v}", sampler.vocab)));
             }
-            let prompt = tokens_from(prompt, v).map_err(|e| Python::attach(|py| ShapeError::new_err(format!("prompt {i}: {}", e.value(py)))))?;
+            let prompt = tokens_from(prompt, v).map_err(|e| Python::attach(|py| errors::shape(format!("prompt {i}: {}", e.value(py)))))?;
             if prompt.is_empty() {
-                return Err(ShapeError::new_err(format!("prompt {i} is empty: give at least one token")));
+                return Err(errors::shape(format!("prompt {i} is empty: give at least one token")));
             }
             let mut smp = sampler.lock().clone();
             smp.reset();
@@ -348,14 +332,14 @@ impl PyModel {
 
     /// A generation run over `state`, starting by feeding `prompt` (the sampler is
     /// reset: counts start empty for each run, as the official's do).
-    fn generation(&self, prompt: Vec<i64>, state: &PyState, sampler: &sampler::PySampler) -> PyResult<PyGeneration> {
+    fn generation(&self, prompt: Vec<Int>, state: &PyState, sampler: &sampler::PySampler) -> PyResult<PyGeneration> {
         let v = self.inner.config.vocab_size;
         if sampler.vocab != v {
-            return Err(ShapeError::new_err(format!("the sampler is for a vocabulary of {}; this model has {v}", sampler.vocab)));
+            return Err(errors::shape(format!("the sampler is for a vocabulary of {}; this model has {v}", sampler.vocab)));
         }
         let prompt = tokens_from(prompt, v)?;
         if prompt.is_empty() {
-            return Err(ShapeError::new_err("the prompt is empty: give at least one token"));
+            return Err(errors::shape("the prompt is empty: give at least one token"));
         }
         let mut smp = sampler.lock().clone();
         smp.reset();
@@ -364,11 +348,11 @@ impl PyModel {
     }
 
     /// Final normalised hidden states, one row per token list ([B, C] f32 bytes).
-    fn embed<'py>(&self, py: Python<'py>, batch: Vec<Vec<i64>>, pooling: &str) -> PyResult<Bound<'py, PyBytes>> {
+    fn embed<'py>(&self, py: Python<'py>, batch: Vec<Vec<Int>>, pooling: &str) -> PyResult<Bound<'py, PyBytes>> {
         let pooling = match pooling {
             "last" => Pooling::Last,
             "mean" => Pooling::Mean,
-            other => return Err(RwkvError::new_err(format!("pooling must be 'last' or 'mean', got {other:?}"))),
+            other => return Err(errors::invalid(format!("pooling must be 'last' or 'mean', got {other:?}"))),
         };
         let v = self.inner.config.vocab_size;
         let batch = batch.into_iter().map(|t| tokens_from(t, v)).collect::<PyResult<Vec<_>>>()?;
@@ -430,10 +414,13 @@ impl PyModel {
     /// The formats the matrices ended up in: [(name, format)] for each layer matrix and the head.
     fn weight_formats(&self) -> Vec<(String, &'static str)> {
         let w = &self.inner.weights;
-        let names = crate::model::weights::LAYER_MATRICES.map(|(n, _)| n.strip_suffix(".weight").unwrap_or(n));
-        let mut out: Vec<(String, &'static str)> = w.layers.iter().enumerate()
-            .flat_map(|(i, l)| names.iter().zip(l.matrices()).map(move |(n, m)| (format!("blocks.{i}.{n}"), m.format.name())))
-            .collect();
+        let mut out: Vec<(String, &'static str)> = Vec::new();
+        for (i, layer) in w.layers.iter().enumerate() {
+            for (entry, which) in crate::schema::layer_matrices() {
+                let name = entry.name_in(i);
+                out.push((name.strip_suffix(".weight").unwrap_or(&name).to_string(), layer.matrix(which).format.name()));
+            }
+        }
         out.push(("head".to_string(), w.head.format.name()));
         out
     }
@@ -462,7 +449,7 @@ impl PyBatchGeneration {
     fn check(&self, i: usize) -> PyResult<()> {
         let n = self.inner.lock().unwrap_or_else(|p| p.into_inner()).len();
         if i >= n {
-            return Err(ShapeError::new_err(format!("sequence {i} is out of range: the batch has {n}")));
+            return Err(errors::shape(format!("sequence {i} is out of range: the batch has {n}")));
         }
         Ok(())
     }
@@ -555,13 +542,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBatchGeneration>()?;
     m.add_class::<tokenizer::PyWorldTokenizer>()?;
     m.add_class::<tokenizer::PyStreamDecoder>()?;
-    m.add("RwkvError", py.get_type::<RwkvError>())?;
-    m.add("ModelLoadError", py.get_type::<ModelLoadError>())?;
-    m.add("DeviceError", py.get_type::<DeviceError>())?;
-    m.add("OutOfMemoryError", py.get_type::<OutOfMemoryError>())?;
-    m.add("ShaderError", py.get_type::<ShaderError>())?;
-    m.add("ShapeError", py.get_type::<ShapeError>())?;
-    m.add("StateError", py.get_type::<StateError>())?;
     m.add("kernels", PyList::new(py, Kernel::ALL.map(|k| k.name()))?)?;
     Ok(())
 }

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use super::{to_py, ShapeError};
+use super::int::Int;
+use super::to_py;
 use crate::sampler::{Sampler, SamplingOptions};
 
 #[pyclass(name = "Sampler", module = "rwkv_gpu._core", frozen)]
@@ -22,7 +23,7 @@ impl PySampler {
 
     fn logits(&self, raw: &[u8]) -> PyResult<Vec<f32>> {
         if raw.len() != self.vocab * 4 {
-            return Err(ShapeError::new_err(format!(
+            return Err(super::errors::shape(format!(
                 "logits hold {} bytes; this sampler needs {} float32 values ({} bytes)",
                 raw.len(),
                 self.vocab,
@@ -36,11 +37,16 @@ impl PySampler {
 #[pymethods]
 impl PySampler {
     #[new]
-    #[pyo3(signature = (vocab_size, temperature=1.0, top_p=0.3, top_k=0, presence_penalty=0.5, frequency_penalty=0.5,
-                        penalty_decay=0.996, banned=vec![0], logit_bias=Vec::new(), seed=None))]
+    #[pyo3(signature = (vocab_size, temperature=1.0, top_p=0.3, top_k=Int(0), presence_penalty=0.5, frequency_penalty=0.5,
+                        penalty_decay=0.996, banned=vec![Int(0)], logit_bias=Vec::new(), seed=None))]
     #[allow(clippy::too_many_arguments)]
-    fn new(vocab_size: usize, temperature: f32, top_p: f32, top_k: usize, presence_penalty: f32, frequency_penalty: f32,
-           penalty_decay: f32, banned: Vec<u32>, logit_bias: Vec<(u32, f32)>, seed: Option<u64>) -> PyResult<Self> {
+    fn new(vocab_size: usize, temperature: f32, top_p: f32, top_k: Int, presence_penalty: f32, frequency_penalty: f32,
+           penalty_decay: f32, banned: Vec<Int>, logit_bias: Vec<(Int, f32)>, seed: Option<Int>) -> PyResult<Self> {
+        let token = |t: Int, what: &str| t.within::<u32>(what, 0, u32::MAX);
+        let top_k = top_k.count("top_k")?;
+        let banned = banned.into_iter().map(|t| token(t, "a banned token")).collect::<PyResult<Vec<u32>>>()?;
+        let logit_bias = logit_bias.into_iter().map(|(t, b)| Ok((token(t, "a logit_bias token")?, b))).collect::<PyResult<Vec<_>>>()?;
+        let seed = seed.map(|s| s.within::<u64>("seed", 0, u64::MAX)).transpose()?;
         let options = SamplingOptions { temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, banned, logit_bias, seed };
         let sampler = Sampler::new(options, vocab_size).map_err(to_py)?;
         Ok(PySampler { inner: Arc::new(Mutex::new(sampler)), vocab: vocab_size })
@@ -71,7 +77,7 @@ impl PySampler {
     /// Counts a generated token (decay first); `token_bytes` decides the whitespace/digit rule.
     fn record(&self, token: u32, token_bytes: &[u8]) -> PyResult<()> {
         if token as usize >= self.vocab {
-            return Err(ShapeError::new_err(format!("token {token} is outside the vocabulary of {}", self.vocab)));
+            return Err(super::errors::shape(format!("token {token} is outside the vocabulary of {}", self.vocab)));
         }
         self.lock().record(token, token_bytes);
         Ok(())

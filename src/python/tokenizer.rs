@@ -6,7 +6,8 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use super::{to_py, ShapeError};
+use super::int::Int;
+use super::to_py;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 #[pyclass(name = "WorldTokenizer", module = "rwkv_gpu._core", frozen)]
@@ -28,10 +29,10 @@ impl PyWorldTokenizer {
     }
 }
 
-fn ids_from(ids: Vec<i64>) -> PyResult<Vec<u32>> {
+fn ids_from(ids: Vec<Int>) -> PyResult<Vec<u32>> {
     ids.iter()
         .enumerate()
-        .map(|(i, &t)| u32::try_from(t).map_err(|_| ShapeError::new_err(format!("token id {t} at position {i} is not a valid id"))))
+        .map(|(i, &Int(t))| u32::try_from(t).map_err(|_| super::errors::shape(format!("token id {t} at position {i} is not a valid id"))))
         .collect()
 }
 
@@ -70,7 +71,7 @@ impl PyWorldTokenizer {
         all.iter().map(|ids| self.id_list(py, ids)).collect()
     }
 
-    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {
+    fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<Int>) -> PyResult<Bound<'py, PyBytes>> {
         let bytes = self.inner.decode_bytes(&ids_from(ids)?).map_err(to_py)?;
         Ok(PyBytes::new(py, &bytes))
     }
@@ -97,8 +98,8 @@ pub struct PyStreamDecoder {
 
 #[pymethods]
 impl PyStreamDecoder {
-    fn push(&self, id: i64) -> PyResult<String> {
-        let id = u32::try_from(id).map_err(|_| ShapeError::new_err(format!("token id {id} is not a valid id")))?;
+    fn push(&self, id: Int) -> PyResult<String> {
+        let id = u32::try_from(id.0).map_err(|_| super::errors::shape(format!("token id {id} is not a valid id")))?;
         let mut d = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         d.push(&self.tokenizer, id).map_err(to_py)
     }

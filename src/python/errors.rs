@@ -1,0 +1,69 @@
+//! `Error` to Python exceptions. The classes are declared in Python
+//! (`python/rwkv_gpu/errors.py`), so that each can also subclass the built-in exception it
+//! means (ShapeError is a ValueError, a missing file a FileNotFoundError, ...), which a
+//! class made by PyO3 cannot; this file only picks the class.
+
+use pyo3::prelude::*;
+use pyo3::types::PyType;
+
+use crate::error::{Error, Saving};
+
+fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyType>> {
+    Ok(py.import("rwkv_gpu.errors")?.getattr(name)?.cast_into::<PyType>()?)
+}
+
+/// The exception for `e`: its class, its message, and for I/O failures the OS error as
+/// `__cause__` (and errno / filename on the exception itself, as OSError has them).
+pub(crate) fn to_py(e: Error) -> PyErr {
+    Python::attach(|py| {
+        let msg = e.to_string();
+        let (name, io) = match &e {
+            Error::Device(_) => ("DeviceError", None),
+            Error::DeviceLost(_) => ("DeviceLostError", None),
+            Error::OutOfMemory(_) => ("OutOfMemoryError", None),
+            Error::Shader { .. } => ("ShaderError", None),
+            Error::Io { source, path } => match source.kind() {
+                std::io::ErrorKind::NotFound => ("ModelNotFoundError", Some((source, path))),
+                std::io::ErrorKind::PermissionDenied => ("ModelPermissionError", Some((source, path))),
+                _ => ("ModelLoadError", Some((source, path))),
+            },
+            Error::Load { .. } => ("ModelLoadError", None),
+            Error::Write { what: Saving::State, source, path } => ("StateSaveError", Some((source, path))),
+            Error::Write { what: Saving::Model, source, path } => ("ModelSaveError", Some((source, path))),
+            Error::Shape(_) => ("ShapeError", None),
+            Error::State(_) => ("StateError", None),
+            Error::Invalid(_) => ("InvalidOptionError", None),
+        };
+        let made = || -> PyResult<PyErr> {
+            let cls = class(py, name)?;
+            let err = match io {
+                // OSError(errno, strerror, filename): str() is "[Errno 2] <msg>: '<path>'".
+                Some((source, path)) if source.raw_os_error().is_some() => {
+                    // The OS's words without Rust's "(os error N)": errno is on the exception.
+                    let text = source.to_string();
+                    let mut text = text.split(" (os error").next().unwrap_or(&text).to_string();
+                    if let Error::Write { what, .. } = &e {
+                        text = format!("could not write the {what}: {text}");
+                    }
+                    PyErr::from_value(cls.call1((source.raw_os_error(), text, path.display().to_string()))?)
+                }
+                _ => PyErr::from_value(cls.call1((msg.clone(),))?),
+            };
+            if let Some((source, _)) = io {
+                let cause = PyErr::new::<pyo3::exceptions::PyOSError, _>(source.to_string());
+                err.set_cause(py, Some(cause));
+            }
+            Ok(err)
+        };
+        // Only if rwkv_gpu.errors itself cannot be imported (a broken install).
+        made().unwrap_or_else(|import_error| import_error)
+    })
+}
+
+pub(crate) fn shape(msg: impl Into<String>) -> PyErr {
+    to_py(Error::Shape(msg.into()))
+}
+
+pub(crate) fn invalid(msg: impl Into<String>) -> PyErr {
+    to_py(Error::Invalid(msg.into()))
+}

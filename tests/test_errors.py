@@ -1,0 +1,144 @@
+"""Errors as a Python programmer expects them: classes under rwkv_gpu that are also the
+built-in exception they mean, every out-of-range option a ValueError naming the option,
+state files written whole or not at all, command lines that print one error line."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import rwkv_gpu
+from conftest import DATA, open_model
+
+TINY = DATA / "tiny-rwkv7" / "model.safetensors"
+BYTES = DATA / "trained-bytes" / "model.safetensors"  # vocab 256: the byte tokenizer
+
+
+@pytest.mark.parametrize("name, builtins", [
+    ("ShapeError", (ValueError,)),
+    ("InvalidOptionError", (ValueError,)),
+    ("ModelNotFoundError", (FileNotFoundError, rwkv_gpu.ModelLoadError)),
+    ("ModelPermissionError", (PermissionError, rwkv_gpu.ModelLoadError)),
+    ("OutOfMemoryError", (MemoryError, rwkv_gpu.DeviceError)),
+    ("DeviceLostError", (RuntimeError, rwkv_gpu.DeviceError)),
+    ("StateSaveError", (OSError, rwkv_gpu.StateError)),
+    ("ModelSaveError", (OSError,)),
+])
+def test_classes_live_under_rwkv_gpu_and_subclass_the_builtins(name, builtins):
+    cls = getattr(rwkv_gpu, name)
+    assert cls.__module__ == "rwkv_gpu" and issubclass(cls, rwkv_gpu.RwkvError)
+    for b in builtins:
+        assert issubclass(cls, b), (name, b)
+    assert repr(cls("x")).startswith(f"{name}(")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return open_model(BYTES)
+
+
+@pytest.mark.parametrize("options, names", [
+    ({"top_k": -5}, "top_k"),
+    ({"banned_tokens": [-1]}, "banned token"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias token"),
+    ({"banned_tokens": [2**70]}, "banned token"),
+    ({"seed": -1}, "seed"),
+])
+def test_out_of_range_sampling_option_is_a_value_error_naming_it(model, options, names):
+    state = model.new_state()
+    before = state.to_numpy()
+    with pytest.raises(ValueError, match=names) as info:
+        model.complete([1, 2, 3], state=state, max_tokens=2, **options)
+    assert isinstance(info.value, rwkv_gpu.RwkvError) and not isinstance(info.value, OverflowError)
+    for k, v in state.to_numpy().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("tokens, shown", [
+    ([2**63], str(2**63)),
+    ([5, -(2**70)], str(-(2**70))),
+    (np.array([2**64 - 1, 3], dtype=np.uint64), str(2**64 - 1)),
+])
+def test_huge_token_ids_are_reported_as_given(model, tokens, shown):
+    # The byte model's vocabulary is 256: every id here is out of it.
+    with pytest.raises(rwkv_gpu.ShapeError, match=f"token id {shown} at position"):
+        model.forward(tokens, model.new_state())
+
+
+@pytest.mark.parametrize("args, names", [((-1, 64), "n_layer"), ((1, -64), "n_embd"), ((1, 64, -3), "vocab_size")])
+def test_random_model_with_negative_dimensions(args, names):
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match=f"{names} must not be negative"):
+        rwkv_gpu.Model.random(*args)
+
+
+def test_failed_state_save_keeps_the_old_file_and_leaves_no_partial_file(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: the second save fails
+    part way through writing, in a child process so the limit binds nothing else."""
+    target = tmp_path / "chat.state"
+    script = textwrap.dedent(f"""
+        import resource, signal, warnings, errno
+        warnings.simplefilter("ignore")
+        import rwkv_gpu
+        m = rwkv_gpu.Model({str(TINY)!r})
+        s = m.new_state()
+        s.save({str(target)!r})
+        m.forward([1, 2, 3], s)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        try:
+            s.save({str(target)!r})
+        except rwkv_gpu.StateError as e:
+            assert isinstance(e, OSError) and e.errno == errno.EFBIG, repr(e)
+            print("refused", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "refused" in out.stdout, out.stderr
+    assert "could not write the state" in out.stdout
+    assert os.listdir(tmp_path) == ["chat.state"]  # no temporary left behind
+    model = open_model(TINY)
+    zero = model.load_state(target).to_numpy()  # the first, zero state: intact
+    assert all(not v.any() for v in zero.values())
+
+
+def test_state_save_to_a_missing_folder(model, tmp_path):
+    with pytest.raises(rwkv_gpu.StateSaveError) as info:
+        model.new_state().save(tmp_path / "no" / "such" / "x.state")
+    assert info.value.errno == errno.ENOENT and "could not write the state" in str(info.value)
+
+
+def run_cli(*args, stdin=""):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["rwkv_gpu.bench", "--model", "/nonexistent.pth"], "No such file or directory"),
+    (["rwkv_gpu.generate", "--model", str(BYTES), "--top-k", "-5", "hi"], "top_k must not be negative"),
+    (["rwkv_gpu.quantize", "/nonexistent.pth", "/tmp/out.safetensors", "--dtype", "int8"], "No such file or directory"),
+])
+def test_command_lines_print_one_error_line(args, says):
+    out = run_cli(*args)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and says in errors[0], out.stderr
+
+
+def test_chat_save_to_a_bad_path_keeps_the_session(tmp_path):
+    out = run_cli("rwkv_gpu.chat", "--model", str(BYTES), "-n", "2",
+                  "--temperature", "0", stdin=f"/save {tmp_path}/no/such/x.state\nhello\n/quit\n")
+    assert out.returncode == 0, out.stderr
+    assert "error: " in out.stderr and "could not write the state" in out.stderr
+    assert "Assistant: " in out.stdout  # the session went on to answer
+
+
+def test_no_stray_lines_without_a_desktop_session():
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    out = subprocess.run([sys.executable, "-c", "import rwkv_gpu; rwkv_gpu.adapters()"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "XDG_RUNTIME_DIR" not in out.stderr, out.stderr

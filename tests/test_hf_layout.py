@@ -1,0 +1,142 @@
+"""Hugging Face checkpoints in flash-linear-attention's layout (the fla-hub
+`RWKV7ForCausalLM` models): a folder or the .safetensors file itself, one file or shards,
+the older fused `attn.x_x`, config.json cross-checked. `tiny-rwkv7-hf` holds the same bf16
+weights as `tiny-rwkv7`, so the model must give bit-identical logits (and hence the
+golden ones, checked to 1e-3 in test_golden.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import rwkv_gpu
+from conftest import DATA, open_model
+from safetensors_writer import read_raw, write_safetensors
+
+HF = DATA / "tiny-rwkv7-hf"
+OFFICIAL = DATA / "tiny-rwkv7" / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_cases):
+    model = open_model(OFFICIAL)
+    return model.forward(tiny_cases["prompt"], model.new_state(), all_logits=True)
+
+
+@pytest.fixture(scope="module")
+def hf_raw():
+    return read_raw(HF / "model.safetensors")
+
+
+def logits(path, cases, **options):
+    model = open_model(path, **options)
+    return model.forward(cases["prompt"], model.new_state(), all_logits=True)
+
+
+@pytest.mark.parametrize("where", ["folder", "file"])
+def test_hf_checkpoint_gives_the_official_logits(tiny_cases, expected, where):
+    path = HF if where == "folder" else HF / "model.safetensors"
+    got = logits(path, tiny_cases)
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got, tiny_cases["prompt_logits"], atol=1e-3, rtol=0)
+
+
+def test_hf_checkpoint_under_the_fallbacks_and_quantized(tiny_cases):
+    official = open_model(OFFICIAL, dtype="int8", max_binding=65536)
+    hf = open_model(HF, dtype="int8", max_binding=65536)
+    tokens = tiny_cases["prompt"][:9]
+    np.testing.assert_array_equal(hf.forward(tokens, hf.new_state(), all_logits=True),
+                                  official.forward(tokens, official.new_state(), all_logits=True))
+
+
+def test_older_layout_with_fused_x_x(tmp_path, hf_raw, tiny_cases, expected):
+    tensors = {}
+    for name, a in hf_raw.items():
+        if ".attn.x_" in name:
+            continue
+        tensors[name] = a
+    for i in (0, 1):
+        mixes = [hf_raw[f"model.layers.{i}.attn.x_{p}"].reshape(-1) for p in "rwkvag"]
+        tensors[f"model.layers.{i}.attn.x_x"] = np.stack(mixes)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    np.testing.assert_array_equal(logits(tmp_path / "model.safetensors", tiny_cases), expected)
+
+
+def write_sharded(folder, raw, config=None):
+    names = sorted(raw)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for file, part in shards.items():
+        write_safetensors(folder / file, {n: raw[n] for n in part})
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(HF / "config.json", folder / "config.json")
+
+
+def test_sharded_folder(tmp_path, hf_raw, tiny_cases, expected):
+    write_sharded(tmp_path, hf_raw)
+    np.testing.assert_array_equal(logits(tmp_path, tiny_cases), expected)
+
+
+def test_sharded_index_cannot_point_outside_the_folder(tmp_path, hf_raw):
+    write_sharded(tmp_path, hf_raw)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "../elsewhere.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=r"is not a file name in the model folder"):
+        open_model(tmp_path)
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("hidden_size", 256, "config.json hidden_size says 256, but the tensors give 128"),
+    ("num_hidden_layers", 3, "config.json num_hidden_layers says 3, but the tensors give 2"),
+    ("v_low_rank_dim", 32, "config.json v_low_rank_dim says 32, but the tensors give 16"),
+    ("model_type", "llama", "model_type is \"llama\""),
+])
+def test_config_json_that_disagrees_with_the_tensors(tmp_path, key, value, says):
+    shutil.copy(HF / "model.safetensors", tmp_path / "model.safetensors")
+    config = json.loads((HF / "config.json").read_text())
+    config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(rwkv_gpu.ModelLoadError) as info:
+        open_model(tmp_path)
+    assert says in str(info.value)
+
+
+def test_folder_without_weights_is_a_clear_error(tmp_path):
+    shutil.copy(HF / "config.json", tmp_path / "config.json")
+    with pytest.raises(rwkv_gpu.ModelLoadError, match="not a Hugging Face model folder"):
+        open_model(tmp_path)
+
+
+def test_unknown_fla_tensor_is_reported_under_its_own_name(tmp_path, hf_raw):
+    tensors = dict(hf_raw)
+    tensors["model.layers.1.attn.extra"] = hf_raw["model.layers.1.attn.k_k"]
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=r"unexpected tensor model\.layers\.1\.attn\.extra"):
+        open_model(tmp_path / "model.safetensors")
+
+
+def test_save_writes_official_names_and_round_trips(tmp_path, tiny_cases, expected):
+    model = open_model(HF)
+    model.save(tmp_path / "converted.safetensors")
+    names = set(read_raw(tmp_path / "converted.safetensors"))
+    official = set(read_raw(OFFICIAL))
+    assert names == official
+    np.testing.assert_array_equal(logits(tmp_path / "converted.safetensors", tiny_cases), expected)
+
+
+def test_tokenizer_json_in_the_folder_is_used(tmp_path):
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(HF / f, tmp_path / f)
+    vocab = {f"t{i}": i for i in range(512)}
+    tokenizer = {"version": "1.0", "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+                 "pre_tokenizer": {"type": "Whitespace"}, "added_tokens": [], "normalizer": None,
+                 "post_processor": None, "decoder": None, "truncation": None, "padding": None}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    model = open_model(tmp_path)
+    assert model.tokenizer.encode("t5 t7 t300") == [5, 7, 300]
