@@ -142,3 +142,14 @@ def test_no_stray_lines_without_a_desktop_session():
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     out = subprocess.run([sys.executable, "-c", "import rwkv_gpu; rwkv_gpu.adapters()"], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "XDG_RUNTIME_DIR" not in out.stderr, out.stderr
+
+
+def test_close_ends_live_generations():
+    model = open_model(BYTES)
+    single = model.generate("def ", max_tokens=50, temperature=0.0)
+    batch = model.generate_batch(["def ", "x = "], max_tokens=50, temperature=0.0)
+    assert next(single) and next(batch)
+    model.close()
+    assert list(single) == [] and list(batch) == []
+    with pytest.raises(rwkv_gpu.RwkvError, match="closed"):
+        model.new_state()

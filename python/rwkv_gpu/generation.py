@@ -99,11 +99,20 @@ class Run:
         else:
             self.state = model._start_state(state)
         self._core = model._m.generation(ids, self.state._core, self.sampler._core)
+        model._live_runs.add(self)
+
+    def _close(self) -> None:
+        """The model is closing: drop the native generation (and its hold on the model's
+        memory); iteration ends with finish_reason "closed"."""
+        self._core = None
 
     def __iter__(self) -> Iterator[str]:
         decoder = self.tokenizer.stream_decoder()
         try:
             for _ in range(self.max_tokens):
+                if self._core is None:
+                    self.finish_reason = "closed"
+                    return
                 token = self._core.step()
                 if token in self.stop_tokens:
                     self._core.discard_pending()
@@ -126,7 +135,8 @@ class Run:
                 if tail:
                     yield tail
         finally:
-            self._core.finish()
+            if self._core is not None:
+                self._core.finish()
 
     def fed_tokens(self) -> list[int]:
         """The tokens fed into the state by this run (after the prompt part a StateCache
@@ -176,6 +186,11 @@ class BatchRun:
         self.tokens: list[list[int]] = [[] for _ in self.ids]
         self.finish_reasons: list[str | None] = [None] * len(self.ids)
         self._core = model._m.batch_generation(self.ids, [s._core for s in self.states], [s._core for s in samplers])
+        model._live_runs.add(self)
+
+    def _close(self) -> None:
+        """As `Run._close`: every sequence still going ends with "closed"."""
+        self._core = None
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         """(sequence index, text piece) as each sequence produces text; afterwards
@@ -186,10 +201,15 @@ class BatchRun:
         matchers = [StopMatcher(self.stops) for _ in range(n)]
         try:
             for _ in range(self.max_tokens):
+                if self._core is None:
+                    self.finish_reasons = [r or "closed" for r in self.finish_reasons]
+                    return
                 drawn = self._core.step()
                 if all(t is None for t in drawn):
                     break
                 for i, token in enumerate(drawn):
+                    if self._core is None:  # closed while a piece was out
+                        break
                     if token is None:
                         continue
                     if token in self.stop_tokens:
@@ -214,7 +234,8 @@ class BatchRun:
                     if tail:
                         yield i, tail
         finally:
-            self._core.finish()
+            if self._core is not None:
+                self._core.finish()
 
     def run(self) -> list[Completion]:
         """Runs to the end and collects each sequence's Completion, in order."""

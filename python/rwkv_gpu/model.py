@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
 
 import numpy as np
@@ -170,6 +171,8 @@ class Model:
         self.dtype = self._layer_format()
         self._path = None if _core_model is not None else os.fspath(path)
         self._tokenizer_choice = tokenizer
+        # Generations in progress, which close() ends (they hold the native model).
+        self._live_runs: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._tokenizer: Tokenizer | None = None
         self._initial: State | None = None
         self._initial_version = 0
@@ -515,7 +518,10 @@ class Model:
         return dict(self._m.weight_formats())
 
     def close(self) -> None:
-        """Releases the device memory; the Model cannot be used afterwards."""
+        """Releases the device memory; the Model cannot be used afterwards. Generations
+        still being iterated end (finish_reason "closed") and let go of the model."""
+        for run in list(self.__dict__.get("_live_runs", ())):
+            run._close()
         self.__dict__["_core"] = None
 
     def __enter__(self) -> "Model":
