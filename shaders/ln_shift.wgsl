@@ -2,7 +2,8 @@
 //   n[t] = (x[t] - mean) / sqrt(var + eps) * weight + bias
 //   out[j, t] = n[t] + (n[t-1] - n[t]) * mix[j]          for the N_MIX mix vectors
 // where n[t-1] of a sequence's first token is its slot's shift state, and the
-// sequence's last normalised token becomes the new shift state.
+// sequence's last normalised token becomes the new shift state. With KEEP_NORMALISED,
+// n[t] itself is written too, as row N_MIX of `out` (DeepEmbed's channel mix reads it).
 //
 // One workgroup per token. It normalises its own row and, unless it is its sequence's
 // first token, its predecessor's row too (recomputed: no workgroup waits for another).
@@ -32,7 +33,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> consts: array<f32>;       // packed f32 vectors
 @group(0) @binding(3) var<storage, read> seqs: array<vec4<u32>>;   // (n_seq): first token, tokens, slot, -
 @group(0) @binding(4) var<storage, read_write> state: array<f32>;  // (slots, slot_stride)
-@group(0) @binding(5) var<storage, read_write> out: array<f32>;    // (N_MIX, T, C)
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;    // (N_MIX [+ 1], T, C)
 
 const WG: u32 = 256u;
 var<workgroup> partial: array<vec3<f32>, WG>;
@@ -103,5 +104,8 @@ fn ln_shift(@builtin(workgroup_id) wid: vec3<u32>,
         for (var j = 0u; j < N_MIX; j++) {
             out[(j * p.t_total + t) * p.c + c] = cur + d * consts[p.mix_off + j * p.c + c];
         }
+#ifdef KEEP_NORMALISED
+        out[(N_MIX * p.t_total + t) * p.c + c] = cur;
+#endif
     }
 }

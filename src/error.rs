@@ -41,6 +41,11 @@ pub enum Error {
     #[error("{0}")]
     State(String),
 
+    /// The call was interrupted (Ctrl-C, a cancel flag) between two of its submissions;
+    /// the states it was given are as they were before it.
+    #[error("interrupted")]
+    Interrupted,
+
     /// Anything else that is the caller's fault (bad option value and the like).
     #[error("{0}")]
     Invalid(String),

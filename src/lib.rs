@@ -9,6 +9,7 @@ pub mod atomic_file;
 pub mod error;
 pub mod generation;
 pub mod gpu;
+pub mod interrupt;
 pub mod loader;
 pub mod model;
 pub mod sampler;

@@ -36,6 +36,9 @@ pub enum Dim {
     Da,
     Dv,
     Dg,
+    /// DeepEmbed: the modulation rank r, and a table row's width r x r.
+    Dr,
+    De,
 }
 
 impl Dim {
@@ -52,6 +55,8 @@ impl Dim {
             Dim::Da => c.lora_a,
             Dim::Dv => c.lora_v,
             Dim::Dg => c.lora_g,
+            Dim::Dr => c.deep_embed_rank,
+            Dim::De => c.deep_embed_width(),
         }
     }
 }
@@ -64,6 +69,8 @@ pub const MAX_LAYERS: usize = 1024;
 pub const MAX_EMBD: usize = 32768;
 pub const MAX_VOCAB: usize = 1 << 22;
 pub const MAX_FFN: usize = 8 * MAX_EMBD;
+/// DeepEmbed's modulation rank (32 in the published models; `sh_ss` in deep_embed.wgsl).
+pub const MAX_DEEP_EMBED_RANK: usize = 64;
 
 /// The matrices of a layer, as the forward pass names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -115,6 +122,23 @@ pub enum Role {
     Vector(usize),
     Matrix(LayerMatrix),
     Head,
+    /// The DeepEmbed tensors of a layer's channel mix (RWKV-7a).
+    Deep(DeepPart),
+}
+
+/// RWKV-7a DeepEmbed's five tensors per layer (`rwkv7.md`, DeepEmbed section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeepPart {
+    /// `s_emb` [V, r*r]: a second embedding table per layer, kept in host memory.
+    Table,
+    /// `s_emb_x` [r*r, C]: projects the normalised embedding into the table's space.
+    EmbX,
+    /// `s0` [1, 1, F]: the modulation's bias.
+    S0,
+    /// `s1` [C, r]: the ln2 output to the modulation's rank.
+    S1,
+    /// `s2` [r, F]: back to the channel-mix width.
+    S2,
 }
 
 /// How fla's layout stores a tensor, relative to the official one.
@@ -138,6 +162,13 @@ pub struct Entry {
     pub fla_form: FlaForm,
     /// Layer 0 has no value residual: its v0/v1/v2 are never read, and fla drops them.
     pub unused_in_layer0: bool,
+}
+
+impl Entry {
+    /// Present only in RWKV-7a DeepEmbed models.
+    pub fn deep_embed(&self) -> bool {
+        matches!(self.role, Role::Deep(_))
+    }
 }
 
 impl Entry {
@@ -230,6 +261,12 @@ pub const ENTRIES: &[Entry] = {
         layer("ffn.x_k", MIX, Vector(FFN_MIX), "ffn.x_k", Flat),
         layer("ffn.key.weight", &[F, C], Matrix(M::FfnKey), "ffn.key.weight", Same),
         layer("ffn.value.weight", &[C, F], Matrix(M::FfnValue), "ffn.value.weight", Same),
+        // RWKV-7a DeepEmbed only (no fla layout exists for it).
+        layer("ffn.s_emb.weight", &[V, De], Role::Deep(DeepPart::Table), "", Same),
+        layer("ffn.s_emb_x.weight", &[De, C], Role::Deep(DeepPart::EmbX), "", Same),
+        layer("ffn.s0", &[One, One, F], Role::Deep(DeepPart::S0), "", Same),
+        layer("ffn.s1", &[C, Dr], Role::Deep(DeepPart::S1), "", Same),
+        layer("ffn.s2", &[Dr, F], Role::Deep(DeepPart::S2), "", Same),
         model("ln_out.weight", ROW, Vector(LNOUT_W), "model.norm.weight"),
         model("ln_out.bias", ROW, Vector(LNOUT_B), "model.norm.bias"),
         model("head.weight", &[V, C], Role::Head, "lm_head.weight"),
@@ -277,7 +314,7 @@ pub fn expected(config: &Config) -> Vec<Expected> {
     let (before, after): (Vec<_>, Vec<_>) = model_entries().partition(|e| e.name == "emb.weight" || e.name.starts_with("blocks.0."));
     out.extend(before.into_iter().map(|e| one(e, 0)));
     for i in 0..config.n_layer {
-        out.extend(layer_entries().map(|e| one(e, i)));
+        out.extend(layer_entries().filter(|e| config.deep_embed() || !e.deep_embed()).map(|e| one(e, i)));
     }
     out.extend(after.into_iter().map(|e| one(e, 0)));
     out
@@ -304,9 +341,7 @@ fn ignorable(_name: &str) -> bool {
 /// Says what a file that is not an RWKV-7 checkpoint looks like, and what would load.
 pub fn describe_foreign(names: &[String]) -> Option<String> {
     let has = |suffix: &str| names.iter().any(|n| n.ends_with(suffix) || n.contains(&format!("{suffix}.")));
-    let kind = if has("ffn.s_emb.weight") || has("ffn.s_emb_x.weight") {
-        "an RWKV-7a \"DeepEmbed\" checkpoint (it has ffn.s_emb / s_emb_x); this version does not run DeepEmbed models yet: load an RWKV-7 (x070) release"
-    } else if has("att.qkv") || names.iter().any(|n| n.contains(".qkv.")) {
+    let kind = if has("att.qkv") || names.iter().any(|n| n.contains(".qkv.")) {
         "an RWKV-7b (DEA) checkpoint (it has qkv attention tensors): a different model family whose cache grows with the context; load an RWKV-7 (x070) release"
     } else if has("att.time_faaaa") || has("att.time_maa_x") {
         "an RWKV-6 checkpoint (it has att.time_maa_x / time_faaaa); this library runs RWKV-7 (x070) models"
@@ -458,6 +493,7 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
         lora_a: width("blocks.0.att.a1")?,
         lora_v,
         lora_g: width("blocks.0.att.g1")?,
+        deep_embed_rank: deep_embed_rank(ck, n_embd)?,
     };
     for (what, d) in [("n_embd", n_embd), ("ffn", ffn_size), ("w1", config.lora_w), ("a1", config.lora_a), ("v1", config.lora_v), ("g1", config.lora_g)] {
         if d % 8 != 0 {
@@ -465,6 +501,16 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
         }
     }
     Ok((config, low_rank_out_in))
+}
+
+/// The DeepEmbed rank, from `blocks.0.ffn.s1` [C, r]; 0 when the model has no DeepEmbed.
+fn deep_embed_rank(ck: &dyn Checkpoint, n_embd: usize) -> Result<usize> {
+    let Some(info) = ck.info("blocks.0.ffn.s1") else { return Ok(0) };
+    match info.shape[..] {
+        [c, r] if c == n_embd && (1..=MAX_DEEP_EMBED_RANK).contains(&r) => Ok(r),
+        _ => Err(Error::load(ck.path(), format!(
+            "blocks.0.ffn.s1 has shape {:?}; a DeepEmbed model's is [{n_embd}, r] with r from 1 to {MAX_DEEP_EMBED_RANK}", info.shape))),
+    }
 }
 
 /// Checks `ck` against the schema: its kind, its dimensions, then every tensor's name,
@@ -521,7 +567,9 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
             }
             None => problems.push(format!("missing tensor {}", x.name)),
             Some(info) => {
-                if info.shape != shape {
+                // A [1, 1, n] vector may be stored as [n]: the same values.
+                let flat = matches!(shape[..], [1, 1, n] if info.shape == [n]);
+                if info.shape != shape && !flat {
                     problems.push(format!("{} has shape {:?}; expected {shape:?}", x.name, info.shape));
                 }
                 if !matches!(info.dtype, DType::F16 | DType::BF16 | DType::F32) {
@@ -561,7 +609,7 @@ mod tests {
         let mut fla = HashSet::new();
         for e in ENTRIES {
             assert!(official.insert(e.name), "{} twice", e.name);
-            assert!(fla.insert(e.fla), "{} twice", e.fla);
+            assert!(e.fla.is_empty() || fla.insert(e.fla), "{} twice", e.fla);
         }
         for name in FUSED_MIX {
             assert!(entry_named(name).is_some(), "{name}");

@@ -127,11 +127,18 @@ def time_mix(p, i, x, state, v_first, H, N):
     return p["output.weight"] @ (y * g), v_first
 
 
-def channel_mix(p, i, x, state):
-    """x is the ln2 output [C]."""
+def channel_mix(p, i, x, state, tok, x0):
+    """x is the ln2 output [C]. RWKV-7a DeepEmbed (p has s1): the key activations are
+    scaled by the token's row of the layer's table merged with the normalised embedding
+    x0 (rwkv7.md, DeepEmbed section)."""
     d = state["ffn_shift"][i] - x
     state["ffn_shift"][i] = x
     kf = np.maximum(p["key.weight"] @ (x + d * p["x_k"].ravel()), 0.0) ** 2
+    if "s1" in p:
+        r = p["s1"].shape[1]
+        se = p["s_emb.weight"][int(tok)] + p["s_emb_x.weight"] @ x0
+        ss = (x @ p["s1"]) @ se.reshape(r, r)
+        kf = kf * (ss @ p["s2"] + p["s0"].ravel())
     return p["value.weight"] @ kf
 
 
@@ -144,7 +151,7 @@ def forward(weights, tokens, state, hidden=False):
            for i in range(L)]
     out = np.zeros((len(tokens), C if hidden else V))
     for t, tok in enumerate(tokens):
-        x = layer_norm(W["emb.weight"][int(tok)], W["blocks.0.ln0.weight"], W["blocks.0.ln0.bias"])
+        x = x0 = layer_norm(W["emb.weight"][int(tok)], W["blocks.0.ln0.weight"], W["blocks.0.ln0.bias"])
         v_first = None
         for i, b in enumerate(blk):
             att = {k[4:]: v for k, v in b.items() if k.startswith("att.")}
@@ -152,7 +159,7 @@ def forward(weights, tokens, state, hidden=False):
             dx, v_first = time_mix(att, i, layer_norm(x, b["ln1.weight"], b["ln1.bias"]),
                                    state, v_first, H, N)
             x = x + dx
-            x = x + channel_mix(ffn, i, layer_norm(x, b["ln2.weight"], b["ln2.bias"]), state)
+            x = x + channel_mix(ffn, i, layer_norm(x, b["ln2.weight"], b["ln2.bias"]), state, tok, x0)
         h = layer_norm(x, W["ln_out.weight"], W["ln_out.bias"])
         out[t] = h if hidden else W["head.weight"] @ h
     return out
@@ -177,6 +184,8 @@ if __name__ == "__main__":
     devs["step_logits"] = maxdev(forward(w, c["step_tokens"], st), c["step_logits"])
     for key in ("att_shift", "wkv", "ffn_shift"):
         devs["final_" + key] = maxdev(st[key], c["final_" + key])
+    w, c = load_case("deepembed-rwkv7a")
+    devs["deepembed prompt_logits"] = maxdev(forward(w, c["prompt"], new_state(w)), c["prompt_logits"])
     w, c = load_case("trained-bytes")
     devs["trained-bytes logits"] = maxdev(forward(w, c["tokens"], new_state(w)), c["logits"])
     for k, v in devs.items():

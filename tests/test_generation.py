@@ -356,8 +356,9 @@ def test_bad_batch_generation_calls_raise(model):
 
 def test_generate_batch_streams_each_sequence_and_stops_cleanly(model):
     """Pieces tagged with their prompt's index join to complete_batch's texts and arrive
-    interleaved, step by step; leaving after the first piece feeds each sequence's one
-    drawn token (as generate does) and nothing more."""
+    interleaved, step by step; leaving after the first piece feeds exactly what was handed
+    out: sequence 0's first token; sequences 1 and 2 drew theirs in the same step, but the
+    caller never got them, so their states hold only their prompts."""
     want = model.complete_batch(PROMPTS, max_tokens=6, temperature=0.0)
     pieces = list(model.generate_batch(PROMPTS, max_tokens=6, temperature=0.0))
     assert ["".join(p for i, p in pieces if i == k) for k in range(3)] == [c.text for c in want]
@@ -366,5 +367,6 @@ def test_generate_batch_streams_each_sequence_and_stops_cleanly(model):
     stream = model.generate_batch(PROMPTS, states=states, max_tokens=6, temperature=0.0)
     assert next(stream) == pieces[0]
     stream.close()
-    for prompt, state, c in zip(PROMPTS, states, want):
-        assert_states_close(state.to_numpy(), state_after(model, list(prompt.encode()) + c.tokens[:1]))
+    for k, (prompt, state, c) in enumerate(zip(PROMPTS, states, want)):
+        given = c.tokens[:1] if k == 0 else []
+        assert_states_close(state.to_numpy(), state_after(model, list(prompt.encode()) + given))

@@ -182,3 +182,29 @@ def test_scratch_bytes_follow_the_plan():
     floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f)
     # The sequence table and argmax results: 64 sequences of 16 and 8 bytes.
     assert m.memory()["scratch"] == 4 * floats + 64 * 16 + 64 * 8 + 2 * 4 * v
+
+
+def test_deepembed_decode_step_counts():
+    """A DeepEmbed layer adds two dispatches to a decode step: the s_emb_x merge of its
+    table rows (recorded after ln0, while x holds the normalised embedding) and the
+    scaling kernel; s1 rides in the ffn key's dispatch."""
+    model = open_model(DATA / "deepembed-rwkv7a" / "model.safetensors")
+    layers = model.config["n_layer"]
+    model.forward([5], model.new_state())
+    submissions, dispatches, readbacks = stats(model)
+    assert (submissions, readbacks) == (1, 1)
+    assert dispatches == (DECODE_PER_LAYER + 2) * layers + 3
+
+
+def test_deepembed_scratch_adds_each_layers_table_rows():
+    """DeepEmbed adds its (L, T, r^2) table rows and, in the lora / ffn buffer, the (T, r)
+    modulation inputs after the (T, F) activations."""
+    m = open_model(DATA / "deepembed-rwkv7a" / "model.safetensors")
+    m.forward([1], m.new_state())
+    cfg = m.config
+    c, f, v, n_layer, r = cfg["n_embd"], cfg["ffn_size"], cfg["vocab_size"], cfg["n_layer"], cfg["deep_embed_rank"]
+    dsum = sum(cfg["lora_widths"])
+    widest = max(6 * c, f + r, 3 * c + dsum, n_layer * r * r)
+    t = min(256, cfg["max_binding"] // (4 * widest))
+    floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f + r) + t * n_layer * r * r
+    assert m.memory()["scratch"] == 4 * floats + 64 * 16 + 64 * 8 + 2 * 4 * v

@@ -45,7 +45,8 @@ class Chat:
 
     def send(self, message: str) -> Iterator[str]:
         """Streams the reply to `message` (leading and trailing whitespace removed)."""
-        text = self._pending + f"User: {clean_message(message)}\n\nAssistant:"
+        before = self._pending
+        text = before + f"User: {clean_message(message)}\n\nAssistant:"
         self._pending = ""
         prompt = self.model.tokenizer.encode(text)
         run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), ["\n\n"], (0,), None)
@@ -60,9 +61,15 @@ class Chat:
                     pieces.append(piece)
                     yield piece
         finally:
-            stream.close()  # feeds the token still pending, even after a break or Ctrl-C
-            self.tokens += run.fed_tokens()
-            self.history.append((message, "".join(pieces)))
+            # Feeds the drawn token still pending if it was handed out (after a break or
+            # Ctrl-C too), so the state holds exactly the reply given.
+            stream.close()
+            fed = run.fed_tokens()
+            self.tokens += fed
+            if fed:
+                self.history.append((message, "".join(pieces)))
+            else:  # interrupted before the prompt went in: the turn never happened
+                self._pending = before
 
     def ask(self, message: str) -> str:
         """The whole reply to `message`."""

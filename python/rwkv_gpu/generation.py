@@ -92,8 +92,8 @@ class Run:
         self.max_tokens = max_tokens
         self.stop = StopMatcher(stop)
         self.stop_tokens = {int(t) for t in stop_tokens}
-        self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self._given_at_close: list[int] = []
         if cache is not None and state is None:
             self.state, ids = cache.resume(model, ids)
         else:
@@ -101,9 +101,17 @@ class Run:
         self._core = model._m.generation(ids, self.state._core, self.sampler._core)
         model._live_runs.add(self)
 
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens drawn and handed out so far, in order: exactly those fed into the
+        state after the prompt once the run ends, however it ends (Ctrl-C included)."""
+        return self._given_at_close if self._core is None else list(self._core.given())
+
     def _close(self) -> None:
         """The model is closing: drop the native generation (and its hold on the model's
         memory); iteration ends with finish_reason "closed"."""
+        if self._core is not None:
+            self._given_at_close = list(self._core.given())
         self._core = None
 
     def __iter__(self) -> Iterator[str]:
@@ -118,7 +126,8 @@ class Run:
                     self._core.discard_pending()
                     self.finish_reason = "stop"
                     break
-                self.tokens.append(token)
+                # Taken: listed in `tokens` and, once the run ends, fed (one native call,
+                # so Ctrl-C cannot fall between the two).
                 self._core.record(token, self.tokenizer.token_bytes(token) or b"")
                 text, stopped = self.stop.push(decoder.push(token))
                 if text:
@@ -183,13 +192,22 @@ class BatchRun:
         self.max_tokens = max_tokens
         self.stops = [stop] if isinstance(stop, str) else list(stop)
         self.stop_tokens = {int(t) for t in stop_tokens}
-        self.tokens: list[list[int]] = [[] for _ in self.ids]
+        self._given_at_close: list[list[int]] = [[] for _ in self.ids]
         self.finish_reasons: list[str | None] = [None] * len(self.ids)
         self._core = model._m.batch_generation(self.ids, [s._core for s in self.states], [s._core for s in samplers])
         model._live_runs.add(self)
 
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Each sequence's tokens drawn and handed out so far (as `Run.tokens`)."""
+        if self._core is None:
+            return self._given_at_close
+        return [list(self._core.given(i)) for i in range(len(self.ids))]
+
     def _close(self) -> None:
         """As `Run._close`: every sequence still going ends with "closed"."""
+        if self._core is not None:
+            self._given_at_close = self.tokens
         self._core = None
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
@@ -216,7 +234,6 @@ class BatchRun:
                         self._core.stop(i, False)
                         self.finish_reasons[i] = "stop"
                         continue
-                    self.tokens[i].append(token)
                     self._core.record(i, token, self.tokenizer.token_bytes(token) or b"")
                     text, stopped = matchers[i].push(decoders[i].push(token))
                     if text:
@@ -242,8 +259,9 @@ class BatchRun:
         texts: list[list[str]] = [[] for _ in self.ids]
         for i, piece in self:
             texts[i].append(piece)
-        return [Completion("".join(texts[i]), self.finish_reasons[i] or "length", len(self.ids[i]), len(self.tokens[i]),
-                           list(self.tokens[i])) for i in range(len(self.ids))]
+        tokens = self.tokens
+        return [Completion("".join(texts[i]), self.finish_reasons[i] or "length", len(self.ids[i]), len(tokens[i]),
+                           tokens[i]) for i in range(len(self.ids))]
 
     def fed_tokens(self, i: int) -> list[int]:
         """The tokens fed into sequence i's state by this run, in order."""

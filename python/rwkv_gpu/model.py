@@ -506,6 +506,13 @@ class Model:
         (every allocated slot) and scratch (activations, sized for one prefill chunk)."""
         return dict(self._m.memory())
 
+    def host_memory(self) -> dict[str, int]:
+        """Host bytes of the tables kept in host memory: embeddings (the embedding table),
+        deep_embed (RWKV-7a's per-layer tables; quantization leaves them as the file holds
+        them), and mapped: how many of those bytes are read from the checkpoint file's
+        memory mapping (paged in as rows are used) rather than copied."""
+        return dict(self._m.host_memory())
+
     def save(self, path: PathLike) -> None:
         """Writes the model as it is held on the device to a `.safetensors` file:
         official tensor names, quantized matrices as `NAME.codes` + `NAME.scales` with

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub enum Kernel {
     LayerNorm,
     LnShift,
+    DeepEmbed,
     MatmulVec,
     MatmulMat,
     Wkv7,
@@ -21,15 +22,16 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::LayerNorm, Kernel::LnShift, Kernel::MatmulVec, Kernel::MatmulMat, Kernel::Wkv7, Kernel::Quantize,
-        Kernel::Argmax, Kernel::Copy,
+        Kernel::Argmax, Kernel::Copy, Kernel::DeepEmbed,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::LayerNorm => "layer_norm",
             Kernel::LnShift => "ln_shift",
+            Kernel::DeepEmbed => "deep_embed",
             Kernel::MatmulVec => "matmul_vec",
             Kernel::MatmulMat => "matmul_mat",
             Kernel::Wkv7 => "wkv7",
@@ -47,6 +49,7 @@ impl Kernel {
         match self {
             Kernel::LayerNorm => include_str!("../../shaders/layer_norm.wgsl"),
             Kernel::LnShift => include_str!("../../shaders/ln_shift.wgsl"),
+            Kernel::DeepEmbed => include_str!("../../shaders/deep_embed.wgsl"),
             Kernel::MatmulVec => include_str!("../../shaders/matmul_vec.wgsl"),
             Kernel::MatmulMat => include_str!("../../shaders/matmul_mat.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),

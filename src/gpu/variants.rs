@@ -57,8 +57,11 @@ pub const MATVEC_LANES: [u32; 2] = [32, 64];
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
     LayerNorm,
-    /// LayerNorm and the token shift after it; `mixes`: 6 (time mix) or 1 (channel mix).
-    LnShift { mixes: u32 },
+    /// LayerNorm and the token shift after it; `mixes`: 6 (time mix) or 1 (channel mix);
+    /// `keep_normalised`: also write the LayerNorm output (DeepEmbed's channel mix).
+    LnShift { mixes: u32, keep_normalised: bool },
+    /// RWKV-7a DeepEmbed's scaling of the channel-mix activations.
+    DeepEmbed,
     /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup, one of
     /// MATVEC_LANES; `subgroups`: reduce with subgroupAdd.
     MatVec { tokens: u32, lanes: u32, formats: Formats, subgroups: bool },
@@ -77,6 +80,7 @@ impl Variant {
         match self {
             Variant::LayerNorm => Kernel::LayerNorm,
             Variant::LnShift { .. } => Kernel::LnShift,
+            Variant::DeepEmbed => Kernel::DeepEmbed,
             Variant::MatVec { .. } => Kernel::MatmulVec,
             Variant::MatMul { .. } => Kernel::MatmulMat,
             Variant::Wkv7 { .. } => Kernel::Wkv7,
@@ -90,6 +94,7 @@ impl Variant {
         match self {
             Variant::LayerNorm => "layer_norm",
             Variant::LnShift { .. } => "ln_shift",
+            Variant::DeepEmbed => "deep_embed",
             Variant::MatVec { .. } => "matvec",
             Variant::MatMul { .. } => "matmul_tiled",
             Variant::Wkv7 { .. } => "wkv7",
@@ -104,7 +109,12 @@ impl Variant {
         let mut out = Vec::new();
         let mut valued = |name: &str, v: u32| out.push((name.to_string(), format!("{v}u")));
         match self {
-            Variant::LnShift { mixes } => valued("N_MIX", mixes),
+            Variant::LnShift { mixes, keep_normalised } => {
+                valued("N_MIX", mixes);
+                if keep_normalised {
+                    out.push(("KEEP_NORMALISED".into(), String::new()));
+                }
+            }
             Variant::MatVec { tokens, lanes, formats, subgroups } => {
                 valued("TOKEN_BLOCK", tokens);
                 valued("LANES", lanes);
@@ -121,7 +131,7 @@ impl Variant {
                 }
             }
             Variant::Quantize { codes } => out.push((if codes == Codes::Int8 { "INT8" } else { "NF4" }.into(), String::new())),
-            Variant::LayerNorm | Variant::Argmax | Variant::Copy => {}
+            Variant::LayerNorm | Variant::Argmax | Variant::Copy | Variant::DeepEmbed => {}
         }
         out
     }
@@ -129,7 +139,7 @@ impl Variant {
     /// What profiles report GPU time under: "matvec t4 l64 f16+int8 sg".
     pub fn label(self) -> String {
         match self {
-            Variant::LnShift { mixes } => format!("ln_shift x{mixes}"),
+            Variant::LnShift { mixes, keep_normalised } => format!("ln_shift x{mixes}{}", if keep_normalised { " +n" } else { "" }),
             Variant::MatVec { tokens, lanes, formats, subgroups } => {
                 format!("matvec t{tokens} l{lanes} {}{}", formats.label(), if subgroups { " sg" } else { "" })
             }
@@ -147,8 +157,9 @@ impl Variant {
 
     /// Every variant the runtime can ask for.
     pub fn all() -> Vec<Variant> {
-        let mut all = vec![Variant::LayerNorm, Variant::Argmax, Variant::Copy];
-        all.extend([1, 6].map(|mixes| Variant::LnShift { mixes }));
+        let mut all = vec![Variant::LayerNorm, Variant::Argmax, Variant::Copy, Variant::DeepEmbed];
+        all.extend([1, 6].map(|mixes| Variant::LnShift { mixes, keep_normalised: false }));
+        all.push(Variant::LnShift { mixes: 1, keep_normalised: true });
         for formats in Formats::all() {
             all.push(Variant::MatMul { formats });
             for tokens in MATVEC_TOKEN_BLOCKS {

@@ -57,7 +57,7 @@ impl FlaView {
             names.push(official.clone());
             sources.insert(official, Source { file_name: file_name.to_string(), row, info });
         };
-        for entry in schema::ENTRIES {
+        for entry in schema::ENTRIES.iter().filter(|e| !e.fla.is_empty()) {
             let instances: Vec<(String, String)> = match entry.scope {
                 Scope::Model => vec![(entry.name.to_string(), entry.fla.to_string())],
                 Scope::Layer => layers

@@ -703,6 +703,9 @@ impl<'a> Unpickler<'a> {
         }
         match nested.len() {
             1 => Ok(nested.remove(0)),
+            0 if self.dicts[*top].iter().any(|(k, _)| matches!(k, Value::Str(k) if OPTIMIZER_KEYS.contains(&k.as_ref()))) => Err(
+                "a training checkpoint: it holds optimizer state but no model weights; load the model .pth the training run exported (e.g. rwkv-final.pth)".into(),
+            ),
             0 => Err("no tensors found at the top level or in a nested dict".into()),
             n => Err(format!("{n} nested dicts hold tensors: cannot tell which is the state dict")),
         }
@@ -720,6 +723,9 @@ impl<'a> Unpickler<'a> {
         Ok(out)
     }
 }
+
+/// Top-level keys by which trainers (PyTorch, Lightning, DeepSpeed) store optimizer state.
+const OPTIMIZER_KEYS: [&str; 5] = ["optimizer", "optimizer_state_dict", "optimizer_states", "optim", "param_groups"];
 
 fn non_negative(v: &Value) -> Msg<usize> {
     match v {
@@ -952,6 +958,14 @@ mod tests {
         p.str("w").tensor(&vector("w", "FloatStorage", "0", &[1])).op(b"uu.");
         let f = open_bytes(&pth("archive", p.0, &[("0", f32s([2.0]))], false)).unwrap();
         assert_eq!(f.names(), ["w"]);
+    }
+
+    #[test]
+    fn training_checkpoint_without_weights_is_named() {
+        let mut p = Pickle::default();
+        p.op(b"\x80\x02}(").str("epoch").int(3).str("optimizer").op(b"}(").str("state").op(b"}").str("lr").int(1).op(b"uu.");
+        let msg = err(open_bytes(&pth("archive", p.0, &[], false)));
+        assert!(msg.contains("a training checkpoint") && msg.contains("optimizer state"), "{msg}");
     }
 
     #[test]

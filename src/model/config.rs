@@ -17,12 +17,24 @@ pub struct Config {
     pub lora_a: usize,
     pub lora_v: usize,
     pub lora_g: usize,
+    /// RWKV-7a DeepEmbed: the rank r of each layer's channel-mix modulation (its tables
+    /// are r x r wide per token); 0 for a plain RWKV-7 model.
+    pub deep_embed_rank: usize,
 }
 
 impl Config {
     /// The dimensions of a checkpoint, once it has passed the schema (`schema::check`).
     pub fn from_checkpoint(ck: &dyn Checkpoint) -> Result<Config> {
         crate::schema::check(ck).map(|c| c.config)
+    }
+
+    pub fn deep_embed(&self) -> bool {
+        self.deep_embed_rank > 0
+    }
+
+    /// Values per token of a DeepEmbed table (r x r).
+    pub fn deep_embed_width(&self) -> usize {
+        self.deep_embed_rank * self.deep_embed_rank
     }
 
     /// The low-rank hidden values of one token: w, a, v and g widths together.
@@ -48,6 +60,7 @@ impl Config {
             lora_a: width(1.8, 0.5),
             lora_v: width(1.3, 0.5),
             lora_g: width(0.6, 0.8),
+            deep_embed_rank: 0,
         }
     }
 }

@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use super::chunks::{plan_chunks, SeqInput, SeqRow};
 use super::head::{self, Placement};
-use super::ops::{self, Act, LayerNorm, LnShift, LoraInput, Product, Wkv};
+use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, Wkv};
 use super::scratch::{Scratch, MAX_SEQS};
 use super::state::Page;
 use super::weights::{consts, Layer};
 use super::{CallStats, Model};
+use crate::interrupt::Interrupt;
 use crate::error::Result;
 use crate::gpu::recorder::{read_buffer, Program};
 use crate::gpu::{GpuContext, Recorder};
@@ -113,7 +114,9 @@ impl Plans {
 /// holds the tokens of every sequence that fits, back to back. Returns what `want` asks
 /// for, sequence by sequence: Last/HiddenLast/Argmax one row each, All/HiddenAll one row
 /// per token (sequence 0's tokens first).
-pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[SeqInput], want: Want) -> Result<(Vec<f32>, CallStats)> {
+/// `interrupt` is asked before every chunk but the first; while it is active each chunk
+/// is waited for, so that an interrupt comes within one chunk's time.
+pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[SeqInput], want: Want, interrupt: Interrupt) -> Result<(Vec<f32>, CallStats)> {
     if scratch.is_none() {
         *scratch = Some(Scratch::new(model)?);
     }
@@ -135,10 +138,16 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
     }
     let mut out = vec![0f32; out_rows * width];
 
-    for rows in plan_chunks(&lens, s.tokens, MAX_SEQS) {
+    for (n, rows) in plan_chunks(&lens, s.tokens, MAX_SEQS).into_iter().enumerate() {
+        if n > 0 {
+            if interrupt.active() {
+                ctx.wait()?;
+            }
+            interrupt.check()?;
+        }
         let started = Instant::now();
         let t: usize = rows.iter().map(|r| r.count).sum();
-        upload_chunk(model, s, seqs, &rows, t);
+        upload_chunk(model, s, seqs, &rows, t)?;
         // The chunk rows whose outputs are wanted, and the output row each goes to.
         let mut wanted: Vec<(usize, usize)> = Vec::new();
         for r in &rows {
@@ -181,20 +190,23 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
     Ok((out, stats))
 }
 
-/// Writes the chunk's embedding rows (exactly converted to f32) and sequence table.
-fn upload_chunk(model: &Model, s: &Scratch, seqs: &[SeqInput], rows: &[SeqRow], t: usize) {
-    let c = model.config.n_embd;
-    let mut emb = Vec::with_capacity(t * c);
-    let esize = model.weights.emb_dtype.size();
-    for r in rows {
-        for &tok in &seqs[r.seq].tokens[r.pos..r.pos + r.count] {
-            let at = tok as usize * c * esize;
-            emb.extend(super::weights::to_f32(&model.weights.emb[at..at + c * esize], model.weights.emb_dtype));
+/// Writes the chunk's embedding rows (exactly converted to f32), DeepEmbed's table rows
+/// of every layer, and the sequence table.
+fn upload_chunk(model: &Model, s: &Scratch, seqs: &[SeqInput], rows: &[SeqRow], t: usize) -> Result<()> {
+    let ids = || rows.iter().flat_map(|r| seqs[r.seq].tokens[r.pos..r.pos + r.count].iter().copied());
+    let mut values = Vec::with_capacity(t * model.config.n_embd);
+    model.weights.emb.rows_into(ids(), &mut values)?;
+    model.ctx.queue.write_buffer(&s.emb, 0, bytemuck::cast_slice(&values));
+    if model.config.deep_embed() {
+        values.clear();
+        for layer in &model.weights.layers {
+            layer.deep.as_ref().expect("every layer of a DeepEmbed model").table.rows_into(ids(), &mut values)?;
         }
+        model.ctx.queue.write_buffer(&s.deep, 0, bytemuck::cast_slice(&values));
     }
-    model.ctx.queue.write_buffer(&s.emb, 0, bytemuck::cast_slice(&emb));
     let table: Vec<u32> = rows.iter().flat_map(|r| [r.first as u32, r.count as u32, seqs[r.seq].slot, 0]).collect();
     model.ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&table));
+    Ok(())
 }
 
 /// Records the program of one chunk: ln0, every layer, the head.
@@ -204,8 +216,17 @@ fn record(model: &Model, s: &Scratch, page: &Page, key: &PlanKey) -> Result<Plan
     ops::layer_norm(model, &mut rec, LayerNorm {
         x: &s.emb, in_row0: 0, rows: t, consts: &model.weights.consts, weight: consts::LN0_W, bias: consts::LN0_B, y: &s.x, out_row0: 0,
     })?;
+    // DeepEmbed: each layer's table rows (uploaded) plus s_emb_x times the normalised
+    // embedding, while x still holds it.
+    let width = model.config.deep_embed_width();
     for (l, layer) in model.weights.layers.iter().enumerate() {
-        let chunk = Chunk { model, s, layer, state: &page.layers[l], first_layer: l == 0, tokens: t, n_seq };
+        if let Some(deep) = &layer.deep {
+            let merge = Product { w: &deep.emb_x, x_off: 0, y_off: l * t * width, y_stride: width, act: Act::None, add: true };
+            ops::products(model, &mut rec, &s.x, &s.deep, t, &[merge])?;
+        }
+    }
+    for (l, layer) in model.weights.layers.iter().enumerate() {
+        let chunk = Chunk { model, s, layer, index: l, state: &page.layers[l], first_layer: l == 0, tokens: t, n_seq };
         chunk.time_mix(&mut rec)?;
         chunk.channel_mix(&mut rec)?;
     }
@@ -220,6 +241,7 @@ struct Chunk<'a> {
     model: &'a Model,
     s: &'a Scratch,
     layer: &'a Layer,
+    index: usize,
     state: &'a wgpu::Buffer,
     first_layer: bool,
     tokens: usize,
@@ -235,7 +257,7 @@ impl Chunk<'_> {
         // x -> ln1 -> token shift against the previous token: the six mixes xr .. xg.
         ops::ln_shift(model, rec, LnShift {
             x: &s.x, consts: &layer.consts, weight: consts::LN1_W, bias: consts::LN1_B, first_mix: consts::ATT_MIX, mixes: 6,
-            state: self.state, state_off: 0, seqs: &s.seqs, out: &s.mix, tokens: t, n_seq: self.n_seq,
+            state: self.state, state_off: 0, seqs: &s.seqs, out: &s.mix, tokens: t, n_seq: self.n_seq, keep_normalised: false,
         })?;
 
         // r, k, v and the low-rank first stages (w: tanh, g: sigmoid), one dispatch: r, k,
@@ -283,17 +305,29 @@ impl Chunk<'_> {
         ops::products(model, rec, &s.att, &s.x, t, &[Product { w: &layer.output, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true }])
     }
 
-    /// The channel mix (feed-forward) of rwkv7.md, with the residual added to x.
+    /// The channel mix (feed-forward) of rwkv7.md, with the residual added to x; with
+    /// DeepEmbed (RWKV-7a), the key activations scaled per token first.
     fn channel_mix(&self, rec: &mut Recorder) -> Result<()> {
         let (model, s, layer, cfg) = (self.model, self.s, self.layer, &self.model.config);
-        let (t, c) = (self.tokens, cfg.n_embd);
-        // x -> ln2 -> token shift: one mix.
+        let (t, c, f) = (self.tokens, cfg.n_embd, cfg.ffn_size);
+        // x -> ln2 -> token shift: one mix (DeepEmbed: and the ln2 output xf after it).
         ops::ln_shift(model, rec, LnShift {
             x: &s.x, consts: &layer.consts, weight: consts::LN2_W, bias: consts::LN2_B, first_mix: consts::FFN_MIX, mixes: 1,
             state: self.state, state_off: c, seqs: &s.seqs, out: &s.mix, tokens: t, n_seq: self.n_seq,
+            keep_normalised: layer.deep.is_some(),
         })?;
-        // relu(key)^2, then value, added to the residual stream.
-        ops::products(model, rec, &s.mix, &s.ffn, t, &[Product { w: &layer.ffn_key, x_off: 0, y_off: 0, y_stride: cfg.ffn_size, act: Act::ReluSquared, add: false }])?;
+        // relu(key)^2 (DeepEmbed: and h = xf @ s1, after the activations, same dispatch).
+        let mut products = vec![Product { w: &layer.ffn_key, x_off: 0, y_off: 0, y_stride: f, act: Act::ReluSquared, add: false }];
+        if let Some(deep) = &layer.deep {
+            products.push(Product { w: &deep.s1, x_off: t * c, y_off: t * f, y_stride: cfg.deep_embed_rank, act: Act::None, add: false });
+        }
+        ops::products(model, rec, &s.mix, &s.ffn, t, &products)?;
+        if let Some(deep) = &layer.deep {
+            ops::deep_embed(model, rec, DeepEmbed {
+                se: &s.deep, se_off: self.index * t * cfg.deep_embed_width(), consts: &deep.consts, kf: &s.ffn, h_off: t * f, tokens: t,
+            })?;
+        }
+        // The value projection, added to the residual stream.
         ops::products(model, rec, &s.ffn, &s.x, t, &[Product { w: &layer.ffn_value, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true }])
     }
 }

@@ -12,11 +12,15 @@
 //! holes when freed, and a block with one live buffer in it cannot be given back. The
 //! temporaries of phase 2 land in blocks of their own, which empty and go.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use half::{bf16, f16};
 
 use super::config::Config;
 use super::saved;
-use super::weights::{consts, fnv, to_f32_into, Chunk, Layer, Matrix, Weights, WeightFormat, QUANT_BLOCK};
+use super::host_table::HostTable;
+use super::weights::{consts, deep_consts, fnv, to_f32_into, Chunk, DeepLayer, Layer, Matrix, Weights, WeightFormat, QUANT_BLOCK};
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
 use crate::gpu::{Codes, GpuContext, Pipelines, Variant};
@@ -49,9 +53,11 @@ pub struct Loader<'a> {
     pub pipelines: &'a Pipelines,
     pub quant: &'a Quantization,
     pub ck: &'a dyn Checkpoint,
+    /// The same checkpoint, for host tables that keep reading from its mapping.
+    pub shared: &'a Arc<dyn Checkpoint>,
     pub config: &'a Config,
     pub checked: &'a Checked,
-    pub progress: &'a mut dyn FnMut(usize, usize),
+    pub progress: &'a mut dyn FnMut(usize, usize) -> Result<()>,
     device_bytes: u64,
     fingerprint: u64,
     done: usize,
@@ -65,10 +71,10 @@ pub struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(ctx: &'a GpuContext, pipelines: &'a Pipelines, quant: &'a Quantization, ck: &'a dyn Checkpoint, checked: &'a Checked,
-               progress: &'a mut dyn FnMut(usize, usize)) -> Self {
-        let total = ck.names().len();
-        Loader { ctx, pipelines, quant, ck, config: &checked.config, checked, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None, values: Vec::new(), upload: Vec::new() }
+    pub fn new(ctx: &'a GpuContext, pipelines: &'a Pipelines, quant: &'a Quantization, shared: &'a Arc<dyn Checkpoint>, checked: &'a Checked,
+               progress: &'a mut dyn FnMut(usize, usize) -> Result<()>) -> Self {
+        let total = shared.names().len();
+        Loader { ctx, pipelines, quant, ck: shared.as_ref(), shared, config: &checked.config, checked, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None, values: Vec::new(), upload: Vec::new() }
     }
 
     // ---- phase 1: plan and allocate ----
@@ -172,7 +178,7 @@ impl<'a> Loader<'a> {
         self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &bytes[..bytes.len().min(256)]);
         self.fingerprint = fnv(self.fingerprint, &bytes[bytes.len().saturating_sub(256)..]);
         self.done += 1;
-        (self.progress)(self.done, self.total);
+        (self.progress)(self.done, self.total)?;
         to_f32_into(&bytes, info.dtype, &mut values);
         if let Some(at) = values.iter().position(|v| !v.is_finite()) {
             return Err(non_finite(self.ck, name, &info.shape, at, values[at]));
@@ -275,7 +281,7 @@ impl<'a> Loader<'a> {
         }
         self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &codes[..codes.len().min(256)]);
         self.done += 2;
-        (self.progress)(self.done, self.total);
+        (self.progress)(self.done, self.total)?;
         let code_bytes = format.code_words(k) * 4;
         let blocks = k / QUANT_BLOCK;
         let scale_words = blocks.div_ceil(2);
@@ -309,15 +315,23 @@ impl<'a> Loader<'a> {
         for i in 0..cfg.n_layer {
             let q = self.quant.layers.get(i).copied().flatten();
             let layer_consts = self.buffer(&format!("blocks.{i}.consts"), (consts::COUNT * c * 4) as u64)?;
-            let plans = ALLOCATION_ORDER
-                .iter()
-                .map(|&which| {
-                    let (entry, _) = schema::layer_matrices().find(|(_, m)| *m == which).expect("every matrix is in the schema");
-                    let (m, k) = self.device_shape(entry, which);
-                    let want = if which.quantizable() { q } else { Some(WeightFormat::F16) };
-                    self.plan(entry.name_in(i), m, k, want, which.quantizable())
-                })
-                .collect::<Result<Vec<Plan>>>()?;
+            let mut slots: Vec<(Slot, Plan)> = Vec::new();
+            for &which in &ALLOCATION_ORDER {
+                let (entry, _) = schema::layer_matrices().find(|(_, m)| *m == which).expect("every matrix is in the schema");
+                let (m, k) = self.device_shape(entry, which);
+                let want = if which.quantizable() { q } else { Some(WeightFormat::F16) };
+                slots.push((Slot::Base(which), self.plan(entry.name_in(i), m, k, want, which.quantizable())?));
+                // DeepEmbed's s1 reads the same chunk rows as the ffn key: beside it, one dispatch.
+                if which == LayerMatrix::FfnKey && cfg.deep_embed() {
+                    let r = cfg.deep_embed_rank;
+                    slots.push((Slot::S1, self.plan(format!("blocks.{i}.ffn.s1"), r, c, Some(WeightFormat::F16), false)?));
+                }
+            }
+            if cfg.deep_embed() {
+                let name = format!("blocks.{i}.ffn.s_emb_x.weight");
+                slots.push((Slot::EmbX, self.plan(name, cfg.deep_embed_width(), c, Some(WeightFormat::F16), false)?));
+            }
+            let (labels, plans): (Vec<Slot>, Vec<Plan>) = slots.into_iter().unzip();
             // Matrices the forward pass runs together (r/k/v; the low-rank first stages;
             // the second stages) must share a buffer to run as one dispatch: best, the
             // whole layer is one buffer (an allocation of exactly its size, no allocator
@@ -337,10 +351,23 @@ impl<'a> Loader<'a> {
                 }
                 parts
             };
-            let [receptance, key, value, w1, a1, v1, g1, w2, a2, v2, g2, output, ffn_key, ffn_value] = take(matrices);
-            layers.push(Layer {
-                consts: layer_consts, receptance, key, value, output, w1, w2, a1, a2, v1, v2, g1, g2, ffn_key, ffn_value,
-            });
+            let mut by_slot: HashMap<Slot, Matrix> = labels.into_iter().zip(matrices).collect();
+            let mut take = |slot: Slot| by_slot.remove(&slot).expect("allocated above");
+            use LayerMatrix::*;
+            let deep = if cfg.deep_embed() {
+                let f = cfg.ffn_size;
+                let consts = self.buffer(&format!("blocks.{i}.ffn.deep consts"), (deep_consts::len(f, cfg.deep_embed_rank) * 4) as u64)?;
+                // The table is checked and attached in phase 2; it takes no device memory.
+                Some((take(Slot::EmbX), take(Slot::S1), consts))
+            } else {
+                None
+            };
+            layers.push((Layer {
+                consts: layer_consts, receptance: take(Slot::Base(Receptance)), key: take(Slot::Base(Key)), value: take(Slot::Base(Value)),
+                output: take(Slot::Base(Output)), w1: take(Slot::Base(W1)), w2: take(Slot::Base(W2)), a1: take(Slot::Base(A1)), a2: take(Slot::Base(A2)),
+                v1: take(Slot::Base(V1)), v2: take(Slot::Base(V2)), g1: take(Slot::Base(G1)), g2: take(Slot::Base(G2)),
+                ffn_key: take(Slot::Base(FfnKey)), ffn_value: take(Slot::Base(FfnValue)), deep: None,
+            }, deep));
         }
         let head_plan = self.plan("head.weight".into(), v, c, self.quant.head, true)?;
         let mut head = self.allocate_one(v, c, head_plan.format, "head.weight")?;
@@ -357,51 +384,73 @@ impl<'a> Loader<'a> {
                 .collect()
         };
         self.fill_consts(&model_consts, &vectors(Scope::Model, 0))?;
-        for (i, layer) in layers.iter_mut().enumerate() {
+        let mut filled = Vec::with_capacity(layers.len());
+        for (i, (mut layer, deep)) in layers.into_iter().enumerate() {
             self.fill_consts(&layer.consts, &vectors(Scope::Layer, i))?;
             for (entry, which) in schema::layer_matrices() {
                 let transpose = which.low_rank() && !self.checked.low_rank_out_in;
                 self.fill(&entry.name_in(i), layer.matrix_mut(which), transpose)?;
             }
+            if let Some((mut emb_x, mut s1, consts)) = deep {
+                self.fill(&format!("blocks.{i}.ffn.s_emb_x.weight"), &mut emb_x, false)?;
+                self.fill(&format!("blocks.{i}.ffn.s1"), &mut s1, true)?;
+                self.fill_deep_consts(i, &consts)?;
+                let table = self.table(&format!("blocks.{i}.ffn.s_emb.weight"), cfg.deep_embed_width())?;
+                layer.deep = Some(DeepLayer { emb_x, s1, consts, table });
+            }
+            filled.push(layer);
         }
+        let layers = filled;
         self.fill("head.weight", &mut head, false)?;
         self.quant_input = None;
         self.values = Vec::new();
         self.upload = Vec::new();
 
-        let emb = self.embeddings()?;
+        let emb = self.table("emb.weight", c)?;
         // A saved model keeps the fingerprint of the checkpoint it was made from, so states
         // saved with either load into both.
         let fingerprint = saved::original_fingerprint(self.ck).unwrap_or(self.fingerprint);
         // Buffers a matrix left for bf16 (rare) are counted as the memory report counts.
-        Ok(Weights { consts: model_consts, layers, head, emb: emb.0, emb_dtype: emb.1, device_bytes: self.device_bytes, fingerprint })
+        Ok(Weights { consts: model_consts, layers, head, emb, device_bytes: self.device_bytes, fingerprint })
     }
 
-    /// The embedding table's bytes in the file's dtype, checked finite, for host memory.
-    fn embeddings(&mut self) -> Result<(Vec<u8>, crate::loader::DType)> {
-        let name = "emb.weight";
-        let info = self.ck.info(name).ok_or_else(|| Error::load(self.ck.path(), "missing tensor \"emb.weight\""))?;
-        let want = self.config.vocab_size * self.config.n_embd * info.dtype.size();
-        let bytes = self.ck.read(name)?;
-        if bytes.len() != want {
-            return Err(Error::load(self.ck.path(), format!("emb.weight holds {} bytes; expected {want}", bytes.len())));
-        }
-        let mut row = Vec::new();
-        let row_bytes = self.config.n_embd * info.dtype.size();
-        for (r, chunk) in bytes.chunks_exact(row_bytes).enumerate() {
-            row.clear();
-            to_f32_into(chunk, info.dtype, &mut row);
-            if let Some(at) = row.iter().position(|v| !v.is_finite()) {
-                return Err(non_finite(self.ck, name, &info.shape, r * self.config.n_embd + at, row[at]));
+    /// A host table [V, width] (checked finite), counted in the progress and fingerprint.
+    fn table(&mut self, name: &str, width: usize) -> Result<HostTable> {
+        let table = HostTable::load(self.shared, name, self.config.vocab_size, width)?;
+        let bytes = table.bytes()?;
+        self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &bytes[..bytes.len().min(256)]);
+        drop(bytes);
+        self.done += 1;
+        (self.progress)(self.done, self.total)?;
+        Ok(table)
+    }
+
+    /// A DeepEmbed layer's s0 [F] and s2 [r, F] (stored transposed, [F, r]) as f32.
+    fn fill_deep_consts(&mut self, layer: usize, buffer: &wgpu::Buffer) -> Result<()> {
+        let (f, r) = (self.config.ffn_size, self.config.deep_embed_rank);
+        let mut all = vec![0f32; deep_consts::len(f, r)];
+        let s0 = self.tensor(&format!("blocks.{layer}.ffn.s0"), &[f])?;
+        all[deep_consts::S0..deep_consts::S0 + f].copy_from_slice(&s0);
+        self.values = s0;
+        let s2 = self.tensor(&format!("blocks.{layer}.ffn.s2"), &[r, f])?;
+        let at = deep_consts::s2(f);
+        for row in 0..f {
+            for j in 0..r {
+                all[at + row * r + j] = s2[j * f + row];
             }
         }
-        let mut owned = Vec::new();
-        owned.try_reserve_exact(bytes.len()).map_err(|_| host_oom(bytes.len(), name))?;
-        owned.extend_from_slice(&bytes);
-        self.done += 1;
-        (self.progress)(self.done, self.total);
-        Ok((owned, info.dtype))
+        self.values = s2;
+        self.ctx.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&all));
+        Ok(())
     }
+}
+
+/// Where an allocated matrix goes in its layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Slot {
+    Base(LayerMatrix),
+    S1,
+    EmbX,
 }
 
 /// The order of a layer's matrices in its device buffer: as the forward pass reads them,
@@ -421,7 +470,7 @@ fn host_reserve(values: &mut Vec<f32>, n: usize, what: &str) -> Result<()> {
 }
 
 /// The error for a NaN or infinite weight: the tensor and the index of the first.
-fn non_finite(ck: &dyn Checkpoint, name: &str, shape: &[usize], flat: usize, value: f32) -> Error {
+pub(crate) fn non_finite(ck: &dyn Checkpoint, name: &str, shape: &[usize], flat: usize, value: f32) -> Error {
     let mut index = vec![0; shape.len()];
     let mut rest = flat;
     for (d, &n) in shape.iter().enumerate().rev() {
@@ -431,9 +480,4 @@ fn non_finite(ck: &dyn Checkpoint, name: &str, shape: &[usize], flat: usize, val
         }
     }
     Error::load(ck.path(), format!("{name} holds {value} at index {index:?}: a checkpoint's weights must be finite (the file is corrupt or was saved after training diverged)"))
-}
-
-/// A Vec of exactly N matrices as an array (allocate returns one per plan).
-fn take<const N: usize>(matrices: Vec<Matrix>) -> [Matrix; N] {
-    matrices.try_into().unwrap_or_else(|v: Vec<Matrix>| panic!("expected {N} matrices, got {}", v.len()))
 }

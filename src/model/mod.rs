@@ -1,6 +1,7 @@
 //! The RWKV-7 model on the device: weights, state pool, and the forward pass plan.
 
 pub mod config;
+pub mod host_table;
 mod load;
 pub mod random;
 pub mod saved;
@@ -24,6 +25,7 @@ pub use state::State;
 pub use weights::{Quantization, WeightFormat};
 
 use crate::error::{Error, Result};
+use crate::interrupt::Interrupt;
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
 use crate::loader::{self, Checkpoint};
 use scratch::Scratch;
@@ -125,23 +127,26 @@ pub struct HostState {
 }
 
 impl Model {
-    pub fn open(path: &Path, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
+    pub fn open(path: &Path, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize) -> Result<()>) -> Result<Model> {
         let ck = loader::open(path)?;
-        Self::from_checkpoint(ck.as_ref(), options, quant, progress)
+        Self::from_checkpoint(ck.into(), options, quant, progress)
     }
 
     pub fn random(config: Config, seed: u64, options: &DeviceOptions, quant: &QuantSpec) -> Result<Model> {
         let ck = random::RandomCheckpoint::new(config, seed);
-        Self::from_checkpoint(&ck, options, quant, &mut |_, _| {})
+        Self::from_checkpoint(Arc::new(ck), options, quant, &mut |_, _| Ok(()))
     }
 
-    pub fn from_checkpoint(ck: &dyn Checkpoint, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize)) -> Result<Model> {
-        let checked = crate::schema::check(ck)?;
+    /// Host tables keep reading from `ck` where it maps its file (see host_table.rs).
+    /// `progress(done, total)` is called after each tensor; an error from it (an
+    /// interrupt) stops the load.
+    pub fn from_checkpoint(ck: Arc<dyn Checkpoint>, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize) -> Result<()>) -> Result<Model> {
+        let checked = crate::schema::check(ck.as_ref())?;
         let config = checked.config.clone();
         let quant = quant.resolve(config.n_layer)?;
         let ctx = GpuContext::new(options)?;
         let pipelines = Pipelines::new(ctx.clone());
-        let weights = Loader::new(&ctx, &pipelines, &quant, ck, &checked, progress).load()?;
+        let weights = Loader::new(&ctx, &pipelines, &quant, &ck, &checked, progress).load()?;
         let pool = StatePool::new(ctx.clone(), &config)?;
         Ok(Model {
             pipelines,
@@ -198,6 +203,13 @@ impl Model {
     /// order, one row per sequence (Last, HiddenLast, Argmax) or one per token (All,
     /// HiddenAll). Everything is checked before anything runs.
     pub fn forward_batch(&self, batch: &[(&State, &[u32])], want: Want) -> Result<Vec<f32>> {
+        self.forward_batch_with(batch, want, Interrupt::NONE)
+    }
+
+    /// `forward_batch`, asking `interrupt` between submissions. A call of more than one
+    /// submission first copies its states aside on the device; if it then fails or is
+    /// interrupted, they are copied back, so every state is as it was before the call.
+    pub fn forward_batch_with(&self, batch: &[(&State, &[u32])], want: Want, interrupt: Interrupt) -> Result<Vec<f32>> {
         if batch.is_empty() {
             return Err(Error::Shape("the batch is empty: give at least one (tokens, state) pair".into()));
         }
@@ -232,10 +244,30 @@ impl Model {
         }
         let mut out = if groups.len() == 1 { Vec::new() } else { vec![0f32; total_rows * width] };
         let mut stats = CallStats::default();
+        let tokens: usize = batch.iter().map(|(_, t)| t.len()).sum();
+        let backups = if groups.len() > 1 || tokens > scratch::chunk_tokens(self) {
+            let copies = self.new_states(batch.len())?;
+            for ((state, _), copy) in batch.iter().zip(&copies) {
+                self.copy_slots(state, copy)?;
+            }
+            Some(copies)
+        } else {
+            None
+        };
+        let restore = |e: Error| -> Error {
+            if let Some(copies) = &backups {
+                for ((state, _), copy) in batch.iter().zip(copies) {
+                    if let Err(failed) = self.copy_slots(copy, state) {
+                        return failed;
+                    }
+                }
+            }
+            e
+        };
         for (page, members) in &groups {
             let page = self.pool.page(*page);
             let seqs: Vec<chunks::SeqInput> = members.iter().map(|&i| chunks::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 }).collect();
-            let (values, group_stats) = forward::run(self, &mut scratch, &page, &seqs, want)?;
+            let (values, group_stats) = forward::run(self, &mut scratch, &page, &seqs, want, interrupt).map_err(restore)?;
             stats.merge(group_stats);
             if groups.len() == 1 {
                 out = values;
@@ -266,6 +298,11 @@ impl Model {
     /// the host, in f64, as rows are read back). Returns [len(batch), C]. Up to
     /// EMBED_BATCH texts share each pass over the weights.
     pub fn embed(&self, batch: &[Vec<u32>], pooling: Pooling) -> Result<Vec<f32>> {
+        self.embed_with(batch, pooling, Interrupt::NONE)
+    }
+
+    /// `embed`, asking `interrupt` between submissions.
+    pub fn embed_with(&self, batch: &[Vec<u32>], pooling: Pooling, interrupt: Interrupt) -> Result<Vec<f32>> {
         for (i, tokens) in batch.iter().enumerate() {
             self.check_tokens(tokens).map_err(|e| match e {
                 Error::Shape(m) => Error::Shape(format!("text {i}: {m}")),
@@ -278,9 +315,9 @@ impl Model {
             let states = self.new_states(group.len())?;
             let items: Vec<(&State, &[u32])> = states.iter().zip(group).map(|(s, t)| (s, t.as_slice())).collect();
             match pooling {
-                Pooling::Last => out.extend(self.forward_batch(&items, Want::HiddenLast)?),
+                Pooling::Last => out.extend(self.forward_batch_with(&items, Want::HiddenLast, interrupt)?),
                 Pooling::Mean => {
-                    let rows = self.forward_batch(&items, Want::HiddenAll)?;
+                    let rows = self.forward_batch_with(&items, Want::HiddenAll, interrupt)?;
                     let mut at = 0;
                     for tokens in group {
                         let mut sum = vec![0f64; c];
@@ -366,6 +403,11 @@ impl Model {
             return Ok(());
         }
         let _leases = (src.lease()?, dst.lease()?);
+        self.copy_slots(src, dst)
+    }
+
+    /// The device copy of `copy_state`, for callers that hold the leases.
+    fn copy_slots(&self, src: &State, dst: &State) -> Result<()> {
         let (from, to) = (self.pool.page(src.0.page), self.pool.page(dst.0.page));
         // wgpu forbids copying within one buffer, and both slots may share a page: go
         // through a temporary buffer holding every layer's slot.
@@ -410,7 +452,9 @@ impl Model {
         let mut vectors = self.weights.consts.size();
         for layer in &self.weights.layers {
             vectors += layer.consts.size();
-            for m in crate::schema::layer_matrices().map(|(_, which)| layer.matrix(which)) {
+            let deep = layer.deep.iter().flat_map(|d| [&d.emb_x, &d.s1]);
+            vectors += layer.deep.as_ref().map_or(0, |d| d.consts.size());
+            for m in crate::schema::layer_matrices().map(|(_, which)| layer.matrix(which)).chain(deep) {
                 by_format[match m.format {
                     WeightFormat::F16 | WeightFormat::Bf16 => 0,
                     WeightFormat::Int8 => 1,
@@ -427,6 +471,19 @@ impl Model {
             ("embeddings", 0),
             ("states", self.pool.device_bytes()),
             ("scratch", scratch),
+        ]
+    }
+
+    /// Host bytes of the tables that stay in host memory: the embedding, DeepEmbed's
+    /// per-layer tables, and how many of those bytes are read from the checkpoint's
+    /// mapping (paged in by the OS as rows are used) rather than copied.
+    pub fn host_memory(&self) -> Vec<(&'static str, u64)> {
+        let deep: Vec<&host_table::HostTable> = self.weights.layers.iter().filter_map(|l| l.deep.as_ref().map(|d| &d.table)).collect();
+        let all = std::iter::once(&self.weights.emb).chain(deep.iter().copied());
+        vec![
+            ("embeddings", self.weights.emb.size_bytes()),
+            ("deep_embed", deep.iter().map(|t| t.size_bytes()).sum()),
+            ("mapped", all.filter(|t| t.mapped()).map(|t| t.size_bytes()).sum()),
         ]
     }
 }

@@ -84,11 +84,13 @@ pub struct LnShift<'a> {
     pub out: &'a wgpu::Buffer,
     pub tokens: usize,
     pub n_seq: usize,
+    /// Also write the LayerNorm output, as row `mixes` of `out`.
+    pub keep_normalised: bool,
 }
 
 pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
     let c = model.config.n_embd;
-    let pipeline = model.pipelines.get(Variant::LnShift { mixes: a.mixes as u32 })?;
+    let pipeline = model.pipelines.get(Variant::LnShift { mixes: a.mixes as u32, keep_normalised: a.keep_normalised })?;
     let params = LnShiftParams {
         c: c as u32, t_total: a.tokens as u32, n_seq: a.n_seq as u32, ln_w: (a.weight * c) as u32, ln_b: (a.bias * c) as u32,
         mix_off: (a.first_mix * c) as u32, state_off: a.state_off as u32, slot_stride: model.pool.slot_stride as u32,
@@ -97,6 +99,39 @@ pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
     let (gx, gy) = model.ctx.grid(a.tokens as u32);
     let bindings = vec![Binding::whole(a.x), Binding::whole(a.consts), Binding::whole(a.seqs), Binding::whole(a.state), Binding::whole(a.out)];
     rec.dispatch(&pipeline, &params, bindings, (gx, gy, 1));
+    Ok(())
+}
+
+// ---- deep_embed.wgsl ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct DeepEmbedParams { t: u32, f: u32, r: u32, se_off: u32, h_off: u32, s2_off: u32, _pad: [u32; 2] }
+
+/// Threads of a deep_embed workgroup, one output row each.
+const DEEP_EMBED_ROWS: usize = 256;
+
+/// Scales `kf`'s (T, F) key activations by DeepEmbed's per-token modulation, from the
+/// layer's complete table rows at `se_off` of `se` and h = xf @ s1 at `h_off` of `kf`.
+pub struct DeepEmbed<'a> {
+    pub se: &'a wgpu::Buffer,
+    pub se_off: usize,
+    pub consts: &'a wgpu::Buffer,
+    pub kf: &'a wgpu::Buffer,
+    pub h_off: usize,
+    pub tokens: usize,
+}
+
+pub fn deep_embed(model: &Model, rec: &mut Recorder, a: DeepEmbed) -> Result<()> {
+    let cfg = &model.config;
+    let (f, r) = (cfg.ffn_size, cfg.deep_embed_rank);
+    let pipeline = model.pipelines.get(Variant::DeepEmbed)?;
+    let params = DeepEmbedParams {
+        t: a.tokens as u32, f: f as u32, r: r as u32, se_off: a.se_off as u32, h_off: a.h_off as u32,
+        s2_off: super::weights::deep_consts::s2(f) as u32, _pad: [0; 2],
+    };
+    let bindings = vec![Binding::whole(a.se), Binding::whole(a.consts), Binding::whole(a.kf)];
+    rec.dispatch(&pipeline, &params, bindings, (f.div_ceil(DEEP_EMBED_ROWS) as u32, a.tokens as u32, 1));
     Ok(())
 }
 
@@ -389,7 +424,8 @@ mod tests {
     fn params_match_the_wgsl_structs() {
         use std::mem::offset_of;
         check::<LayerNormParams>(Variant::LayerNorm, &[("eps", offset_of!(LayerNormParams, eps)), ("out_row0", offset_of!(LayerNormParams, out_row0))]);
-        check::<LnShiftParams>(Variant::LnShift { mixes: 6 }, &[("eps", offset_of!(LnShiftParams, eps)), ("slot_stride", offset_of!(LnShiftParams, slot_stride))]);
+        check::<DeepEmbedParams>(Variant::DeepEmbed, &[("s2_off", offset_of!(DeepEmbedParams, s2_off))]);
+        check::<LnShiftParams>(Variant::LnShift { mixes: 6, keep_normalised: false }, &[("eps", offset_of!(LnShiftParams, eps)), ("slot_stride", offset_of!(LnShiftParams, slot_stride))]);
         let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };
         check::<MatParams>(mv, &[("t", 0), ("groups", offset_of!(MatParams, groups))]);
         check::<MatParams>(Variant::MatMul { formats: Formats::F16 }, &[("groups", offset_of!(MatParams, groups))]);

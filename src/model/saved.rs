@@ -18,11 +18,12 @@
 use std::borrow::Cow;
 use std::path::Path;
 
-use super::weights::{Matrix, WeightFormat, QUANT_BLOCK};
+use super::host_table::HostTable;
+use super::weights::{deep_consts, Matrix, WeightFormat, QUANT_BLOCK};
 use super::Model;
 use crate::error::{Error, Result, Saving};
 use crate::loader::{Checkpoint, DType};
-use crate::schema::{self, Role, Scope};
+use crate::schema::{self, DeepPart, Role, Scope};
 
 pub const FORMAT: &str = "rwkv-gpu model v1";
 
@@ -112,7 +113,10 @@ enum Item<'a> {
     Quantized { name: String, matrix: &'a Matrix },
     /// Vectors of one `consts` buffer: (name, slot, shape).
     Vectors { buffer: &'a wgpu::Buffer, vectors: Vec<(String, usize, Vec<usize>)> },
-    Embeddings,
+    /// A host table (the embedding, DeepEmbed's s_emb), in the dtype it was loaded from.
+    Table { name: String, table: &'a HostTable },
+    /// DeepEmbed's s0 or s2 from its layer's f32 `consts` (s2 back to the official [r, F]).
+    Deep { name: String, part: DeepPart, shape: Vec<usize>, buffer: &'a wgpu::Buffer },
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -126,7 +130,7 @@ fn dtype_name(dtype: DType) -> &'static str {
 }
 
 impl Item<'_> {
-    fn headers(&self, model: &Model) -> Vec<Header> {
+    fn headers(&self) -> Vec<Header> {
         let h = |name: &str, dtype: &'static str, shape: Vec<usize>| Header { name: name.to_string(), dtype, shape };
         match self {
             Item::Matrix16 { name, matrix, transposed } => {
@@ -140,10 +144,8 @@ impl Item<'_> {
                 vec![codes, h(&format!("{name}.scales"), "F16", vec![m, k / QUANT_BLOCK])]
             }
             Item::Vectors { vectors, .. } => vectors.iter().map(|(n, _, shape)| h(n, "F32", shape.clone())).collect(),
-            Item::Embeddings => {
-                let c = &model.config;
-                vec![h("emb.weight", dtype_name(model.weights.emb_dtype), vec![c.vocab_size, c.n_embd])]
-            }
+            Item::Table { name, table } => vec![h(name, dtype_name(table.dtype), vec![table.rows, table.width])],
+            Item::Deep { name, shape, .. } => vec![h(name, "F32", shape.clone())],
         }
     }
 
@@ -195,7 +197,20 @@ impl Item<'_> {
                 }
                 Ok(out)
             }
-            Item::Embeddings => Ok(model.weights.emb.clone()),
+            Item::Table { table, .. } => Ok(table.bytes()?.into_owned()),
+            Item::Deep { part, buffer, .. } => {
+                let (f, r) = (model.config.ffn_size, model.config.deep_embed_rank);
+                let raw = model.download(buffer, 0, buffer.size())?;
+                let all: &[f32] = bytemuck::cast_slice(&raw);
+                let values: Vec<f32> = match part {
+                    DeepPart::S0 => all[deep_consts::S0..deep_consts::S0 + f].to_vec(),
+                    _ => {
+                        let s2t = &all[deep_consts::s2(f)..deep_consts::s2(f) + f * r];
+                        (0..r).flat_map(|j| (0..f).map(move |row| s2t[row * r + j])).collect()
+                    }
+                };
+                Ok(bytemuck::cast_slice(&values).to_vec())
+            }
         }
     }
 }
@@ -214,11 +229,12 @@ fn json_string(s: &str) -> String {
     out
 }
 
-fn matrix_item(name: String, matrix: &Matrix, quantizable: bool) -> Item<'_> {
+/// `transposed`: the official layout is [in, out] (the low-rank matrices, DeepEmbed's s1).
+fn matrix_item(name: String, matrix: &Matrix, transposed: bool) -> Item<'_> {
     if matrix.format.quantized() {
         Item::Quantized { name, matrix }
     } else {
-        Item::Matrix16 { name, matrix, transposed: !quantizable }
+        Item::Matrix16 { name, matrix, transposed }
     }
 }
 
@@ -231,7 +247,7 @@ fn items(model: &Model) -> Vec<Item<'_>> {
     for x in schema::expected(&model.config) {
         let group = (x.entry.scope, x.layer);
         match x.entry.role {
-            Role::Embedding => items.push(Item::Embeddings),
+            Role::Embedding => items.push(Item::Table { name: x.name, table: &w.emb }),
             Role::Vector(slot) => {
                 let buffer = if x.entry.scope == Scope::Model { &w.consts } else { &w.layers[x.layer].consts };
                 match items.last_mut() {
@@ -241,8 +257,17 @@ fn items(model: &Model) -> Vec<Item<'_>> {
                 vectors_of = Some(group);
                 continue;
             }
-            Role::Matrix(m) => items.push(matrix_item(x.name, w.layers[x.layer].matrix(m), m.quantizable())),
-            Role::Head => items.push(matrix_item(x.name, &w.head, true)),
+            Role::Matrix(m) => items.push(matrix_item(x.name, w.layers[x.layer].matrix(m), m.low_rank())),
+            Role::Head => items.push(matrix_item(x.name, &w.head, false)),
+            Role::Deep(part) => {
+                let deep = w.layers[x.layer].deep.as_ref().expect("a DeepEmbed model's layers have their tensors");
+                items.push(match part {
+                    DeepPart::Table => Item::Table { name: x.name, table: &deep.table },
+                    DeepPart::EmbX => matrix_item(x.name, &deep.emb_x, false),
+                    DeepPart::S1 => matrix_item(x.name, &deep.s1, true),
+                    DeepPart::S0 | DeepPart::S2 => Item::Deep { name: x.name, part, shape: x.shape, buffer: &deep.consts },
+                });
+            }
         }
         vectors_of = None;
     }
@@ -252,7 +277,7 @@ fn items(model: &Model) -> Vec<Item<'_>> {
 /// Writes `model` to `path` (see the module comment for the layout).
 pub fn save(model: &Model, path: &Path) -> Result<()> {
     let items = items(model);
-    let headers: Vec<Vec<Header>> = items.iter().map(|i| i.headers(model)).collect();
+    let headers: Vec<Vec<Header>> = items.iter().map(|i| i.headers()).collect();
     let mut metadata = vec![
         ("format".to_string(), FORMAT.to_string()),
         ("fingerprint".to_string(), format!("{:016x}", model.weights.fingerprint)),

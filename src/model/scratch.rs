@@ -26,7 +26,8 @@ pub struct Scratch {
     pub lora: wgpu::Buffer,    // (4, T, C) low-rank outputs w, a, v, g
     pub att: wgpu::Buffer,     // (T, C) time-mix output
     pub v_first: wgpu::Buffer, // (T, C)
-    pub ffn: wgpu::Buffer,     // (T, F)
+    pub ffn: wgpu::Buffer,     // (T, F) key activations; DeepEmbed: then (T, r) h
+    pub deep: wgpu::Buffer,    // DeepEmbed: (L, T, r * r) each layer's table rows, completed on the device
     pub norm: wgpu::Buffer,    // (T, C) the head's normalised rows
     pub seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32: first token, tokens, slot, -
     pub best: wgpu::Buffer,    // (MAX_SEQS, 2) u32: argmax index and value bits
@@ -42,10 +43,10 @@ pub struct Scratch {
 }
 
 /// The largest number of tokens a chunk may hold on this device.
-fn chunk_tokens(model: &Model) -> usize {
+pub(crate) fn chunk_tokens(model: &Model) -> usize {
     let cfg = &model.config;
     let c = cfg.n_embd;
-    let widest = (6 * c).max(cfg.ffn_size).max(3 * c + cfg.lora_sum());
+    let widest = (6 * c).max(cfg.ffn_size + cfg.deep_embed_rank).max(3 * c + cfg.lora_sum()).max(cfg.n_layer * cfg.deep_embed_width());
     ((model.ctx.max_binding as usize) / (4 * widest)).clamp(1, MAX_CHUNK)
 }
 
@@ -63,17 +64,20 @@ impl Scratch {
         let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
         let logits = model.weights.head.chunks.iter().map(|c| make("logits", c.rows)).collect::<Result<Vec<_>>>()?;
         let rows = make("emb rows / att / norm", t * c)?;
-        let lora = make("lora / ffn", t * (4 * c).max(cfg.ffn_size))?;
+        let lora = make("lora / ffn", t * (4 * c).max(cfg.ffn_size + cfg.deep_embed_rank))?;
+        let x = make("x", t * c)?;
         Ok(Scratch {
             tokens: t,
             emb: rows.clone(),
-            x: make("x", t * c)?,
+            x: x.clone(),
             mix: make("mix", 6 * t * c)?,
             proj: make("r, k, v, lora hidden", t * (3 * c + cfg.lora_sum()))?,
             lora: lora.clone(),
             att: rows.clone(),
             v_first: make("v_first", t * c)?,
             ffn: lora,
+            // Never bound in a plain RWKV-7 model: a shared name, no memory.
+            deep: if cfg.deep_embed() { make("deep embed rows", t * cfg.n_layer * cfg.deep_embed_width())? } else { x.clone() },
             norm: rows,
             seqs: make("seqs", MAX_SEQS * 4)?,
             best: make("argmax", 2 * MAX_SEQS)?,
@@ -88,7 +92,7 @@ impl Scratch {
     /// Bytes of the distinct buffers (shared ones counted once).
     pub fn device_bytes(&self) -> u64 {
         let mut distinct: Vec<&wgpu::Buffer> = Vec::new();
-        let all = [&self.emb, &self.x, &self.mix, &self.proj, &self.lora, &self.att, &self.v_first, &self.ffn, &self.norm, &self.seqs, &self.best];
+        let all = [&self.emb, &self.x, &self.mix, &self.proj, &self.lora, &self.att, &self.v_first, &self.ffn, &self.norm, &self.deep, &self.seqs, &self.best];
         for b in all.into_iter().chain(&self.logits).chain(&self.staging) {
             if !distinct.contains(&b) {
                 distinct.push(b);

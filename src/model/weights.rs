@@ -5,13 +5,15 @@
 //! Matrices are split by rows into buffers no larger than the largest storage binding;
 //! matrices that one dispatch computes together (r/k/v, the low-rank stages) share one.
 //! `load.rs` allocates and fills them. Small vectors are f32, packed per layer into one `consts` buffer at fixed offsets.
-//! The embedding table stays in host memory: each call needs only its tokens' rows.
+//! The embedding table (and DeepEmbed's per-layer tables) stay in host memory
+//! (`host_table.rs`): each call needs only its tokens' rows.
 
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::loader::DType;
 use crate::schema::LayerMatrix;
+use super::host_table::HostTable;
 
 /// How a matrix is held on the device (see shaders/matmul.wgsl for the layouts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,6 +163,30 @@ pub struct Layer {
     pub g2: Matrix,
     pub ffn_key: Matrix,
     pub ffn_value: Matrix,
+    /// RWKV-7a DeepEmbed models only.
+    pub deep: Option<DeepLayer>,
+}
+
+/// A layer's DeepEmbed tensors: `s_emb_x` [r*r, C] and `s1` (as [r, C]) on the device with
+/// the layer's matrices (s1 in the ffn key's buffer, so that one dispatch computes both),
+/// `s0` and `s2` as f32 in `consts` (`deep_consts` offsets), the table in host memory.
+pub struct DeepLayer {
+    pub emb_x: Matrix,
+    pub s1: Matrix,
+    pub consts: wgpu::Buffer,
+    pub table: HostTable,
+}
+
+/// Offsets (f32 elements) in a DeepLayer's `consts`: s0 [F], then s2 transposed, [F, r]
+/// row-major (each output row's r weights side by side).
+pub mod deep_consts {
+    pub const S0: usize = 0;
+    pub fn s2(f: usize) -> usize {
+        f
+    }
+    pub fn len(f: usize, r: usize) -> usize {
+        f + f * r
+    }
 }
 
 impl Layer {
@@ -187,9 +213,8 @@ pub struct Weights {
     pub consts: wgpu::Buffer,
     pub layers: Vec<Layer>,
     pub head: Matrix,
-    /// Host copy of emb.weight, in the file's dtype.
-    pub emb: Vec<u8>,
-    pub emb_dtype: DType,
+    /// emb.weight, in host memory.
+    pub emb: HostTable,
     pub device_bytes: u64,
     /// A hash of names, shapes and sampled bytes: tells one model's states from another's.
     pub fingerprint: u64,

@@ -6,7 +6,10 @@
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
+use std::sync::Mutex;
+
 use crate::error::{Error, Saving};
+use crate::interrupt::Interrupt;
 
 fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyType>> {
     Ok(py.import("rwkv_gpu.errors")?.getattr(name)?.cast_into::<PyType>()?)
@@ -33,6 +36,8 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             Error::Shape(_) => ("ShapeError", None),
             Error::State(_) => ("StateError", None),
             Error::Invalid(_) => ("InvalidOptionError", None),
+            // Raised by `long_call` with the signal handler's exception; this is a fallback.
+            Error::Interrupted => return pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted"),
         };
         let made = || -> PyResult<PyErr> {
             let cls = class(py, name)?;
@@ -66,4 +71,44 @@ pub(crate) fn shape(msg: impl Into<String>) -> PyErr {
 
 pub(crate) fn invalid(msg: impl Into<String>) -> PyErr {
     to_py(Error::Invalid(msg.into()))
+}
+
+/// A Python exception raised while a long call runs (a signal handler's, a callback's),
+/// kept to be raised when the call returns.
+#[derive(Default)]
+pub(crate) struct Caught(Mutex<Option<PyErr>>);
+
+impl Caught {
+    /// Keeps `e` (the first one wins) and gives the error that stops the core call.
+    pub(crate) fn stop(&self, e: PyErr) -> Error {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        Error::Interrupted
+    }
+}
+
+/// Runs a long core call with the GIL released, letting it ask between its submissions
+/// whether a signal is pending (Ctrl-C: the signal handler runs there, on the main
+/// thread). The handler's exception (KeyboardInterrupt), or one a callback raised into
+/// `Caught`, is what the call then raises. Every call that can take more than one
+/// submission goes through here.
+pub(crate) fn long_call<T: Send>(py: Python<'_>, f: impl FnOnce(Interrupt, &Caught) -> crate::Result<T> + Send) -> PyResult<T> {
+    let caught = Caught::default();
+    let pending = || {
+        Python::attach(|py| match py.check_signals() {
+            Ok(()) => false,
+            Err(e) => {
+                caught.stop(e);
+                true
+            }
+        })
+    };
+    let result = py.detach(|| f(Interrupt::new(&pending), &caught));
+    match result {
+        Ok(v) => Ok(v),
+        Err(Error::Interrupted) => {
+            let raised = caught.0.into_inner().unwrap_or_else(|p| p.into_inner());
+            Err(raised.unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted")))
+        }
+        Err(e) => Err(to_py(e)),
+    }
 }

@@ -15,6 +15,7 @@ mod tokenizer;
 
 use int::Int;
 use crate::generation::{BatchGeneration, Generation};
+use crate::interrupt::Interrupt;
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
 use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFormat, Want};
 
@@ -66,6 +67,7 @@ fn dims_dict<'py>(py: Python<'py>, c: &Config) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("vocab_size", c.vocab_size)?;
     d.set_item("ffn_size", c.ffn_size)?;
     d.set_item("lora_widths", (c.lora_w, c.lora_a, c.lora_v, c.lora_g))?;
+    d.set_item("deep_embed_rank", c.deep_embed_rank)?;
     Ok(d)
 }
 
@@ -146,17 +148,18 @@ impl PyModel {
            progress: Option<Py<PyAny>>, layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<Self> {
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
         let quant = quant_spec(layer_dtypes, head_dtype)?;
-        let model = py.detach(|| {
+        let model = errors::long_call(py, |interrupt, caught| {
+            // An exception in the callback (Ctrl-C arriving while it runs, included) stops
+            // the load and is raised.
             let mut report = |done: usize, total: usize| {
                 if let Some(cb) = &progress {
-                    Python::attach(|py| {
-                        let _ = cb.call1(py, (done, total));
-                    });
+                    Python::attach(|py| cb.call1(py, (done, total)).map(drop)).map_err(|e| caught.stop(e))?;
                 }
+                interrupt.check()
             };
             Model::open(&path, &opts, &quant, &mut report)
-        });
-        Ok(PyModel { inner: Arc::new(model.map_err(to_py)?) })
+        })?;
+        Ok(PyModel { inner: Arc::new(model) })
     }
 
     #[staticmethod]
@@ -207,7 +210,7 @@ impl PyModel {
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
-        let logits = py.detach(move || m.forward(&s, &tokens, want)).map_err(to_py)?;
+        let logits = errors::long_call(py, move |interrupt, _| m.forward_batch_with(&[(&s, &tokens)], want, interrupt))?;
         Ok(PyBytes::new(py, bytemuck::cast_slice(&logits)))
     }
 
@@ -249,11 +252,11 @@ impl PyModel {
             .collect::<PyResult<Vec<_>>>()?;
         let states: Vec<State> = states.iter().map(|s| s.inner.clone()).collect();
         let m = self.inner.clone();
-        let out = py.detach(move || {
+        let out = errors::long_call(py, move |interrupt, _| {
             let items: Vec<(&State, &[u32])> = states.iter().zip(&batch).map(|(s, t)| (s, t.as_slice())).collect();
-            m.forward_batch(&items, want)
-        });
-        Ok(PyBytes::new(py, bytemuck::cast_slice(&out.map_err(to_py)?)))
+            m.forward_batch_with(&items, want, interrupt)
+        })?;
+        Ok(PyBytes::new(py, bytemuck::cast_slice(&out)))
     }
 
     /// Feeds `tokens`; the last token's argmax, chosen on the device.
@@ -357,7 +360,7 @@ impl PyModel {
         let v = self.inner.config.vocab_size;
         let batch = batch.into_iter().map(|t| tokens_from(t, v)).collect::<PyResult<Vec<_>>>()?;
         let m = self.inner.clone();
-        let rows = py.detach(move || m.embed(&batch, pooling)).map_err(to_py)?;
+        let rows = errors::long_call(py, move |interrupt, _| m.embed_with(&batch, pooling, interrupt))?;
         Ok(PyBytes::new(py, bytemuck::cast_slice(&rows)))
     }
 
@@ -369,6 +372,10 @@ impl PyModel {
 
     fn memory(&self) -> Vec<(&'static str, u64)> {
         self.inner.memory()
+    }
+
+    fn host_memory(&self) -> Vec<(&'static str, u64)> {
+        self.inner.host_memory()
     }
 
     /// The device memory allocator's view (Vulkan/DX12): (bytes in live allocations,
@@ -435,15 +442,15 @@ struct PyBatchGeneration {
     inner: Arc<Mutex<BatchGeneration>>,
 }
 
-/// Runs `f` on a generation run, locked, with the GIL released.
-fn detached<G: Send, T: Send>(py: Python<'_>, run: &Arc<Mutex<G>>, f: impl FnOnce(&mut G) -> crate::Result<T> + Send) -> PyResult<T> {
+/// Runs `f` on a generation run, locked, as a long call (GIL released, interruptible).
+fn detached<G: Send, T: Send>(py: Python<'_>, run: &Arc<Mutex<G>>, f: impl FnOnce(&mut G, Interrupt) -> crate::Result<T> + Send) -> PyResult<T> {
     let run = run.clone();
-    py.detach(move || f(&mut run.lock().unwrap_or_else(|p| p.into_inner()))).map_err(to_py)
+    errors::long_call(py, move |interrupt, _| f(&mut run.lock().unwrap_or_else(|p| p.into_inner()), interrupt))
 }
 
 impl PyBatchGeneration {
     fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut BatchGeneration) -> crate::Result<T> + Send) -> PyResult<T> {
-        detached(py, &self.inner, f)
+        detached(py, &self.inner, |g, _| f(g))
     }
 
     fn check(&self, i: usize) -> PyResult<()> {
@@ -460,7 +467,7 @@ impl PyBatchGeneration {
     /// Feeds every live sequence's pending tokens in one call and draws each one's next
     /// token (None for sequences that are done). GIL released.
     fn step(&self, py: Python<'_>) -> PyResult<Vec<Option<u32>>> {
-        self.with(py, |g| g.step())
+        detached(py, &self.inner, |g, interrupt| g.step_with(interrupt))
     }
 
     fn record(&self, i: usize, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
@@ -485,6 +492,12 @@ impl PyBatchGeneration {
         self.check(i)?;
         Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).fed(i).to_vec())
     }
+
+    /// The tokens the caller has taken (recorded) from sequence `i`.
+    fn given(&self, i: usize) -> PyResult<Vec<u32>> {
+        self.check(i)?;
+        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).given(i).to_vec())
+    }
 }
 
 #[pyclass(name = "Generation", module = "rwkv_gpu._core", frozen)]
@@ -494,7 +507,7 @@ struct PyGeneration {
 
 impl PyGeneration {
     fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Generation) -> crate::Result<T> + Send) -> PyResult<T> {
-        detached(py, &self.inner, f)
+        detached(py, &self.inner, |g, _| f(g))
     }
 }
 
@@ -502,7 +515,7 @@ impl PyGeneration {
 impl PyGeneration {
     /// Feeds what is pending and draws the next token (GIL released).
     fn step(&self, py: Python<'_>) -> PyResult<u32> {
-        self.with(py, |g| g.step())
+        detached(py, &self.inner, |g, interrupt| g.step_with(interrupt))
     }
 
     fn record(&self, py: Python<'_>, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
@@ -526,6 +539,11 @@ impl PyGeneration {
     /// The tokens fed into the state so far, the prompt's included.
     fn fed(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
         self.with(py, |g| Ok(g.fed().to_vec()))
+    }
+
+    /// The tokens the caller has taken (recorded), in order.
+    fn given(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        self.with(py, |g| Ok(g.given().to_vec()))
     }
 }
 
