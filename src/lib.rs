@@ -7,6 +7,7 @@
 
 pub mod atomic_file;
 pub mod error;
+pub mod fuzzing;
 pub mod generation;
 pub mod gpu;
 pub mod interrupt;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -158,8 +159,7 @@ def test_random_model_runs():
 
 
 def test_threads_share_a_model_but_not_a_state(tiny_model, tiny_cases):
-    """Threads with their own states get the same answer as running alone; a state used
-    by two threads at once raises StateError (or runs, if the threads never overlap)."""
+    """Threads with their own states get the same answer as running alone."""
     prompt = tiny_cases["prompt"]
     expected = tiny_model.forward(prompt, tiny_model.new_state())
     results, errors = [], []
@@ -170,31 +170,42 @@ def test_threads_share_a_model_but_not_a_state(tiny_model, tiny_cases):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
+    threads = [threading.Thread(target=work) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 4
+    assert not errors and len(results) == 8
     for r in results:
         np.testing.assert_array_equal(r, expected)
 
+
+
+def test_a_state_used_by_two_threads_at_once_is_a_state_error(tiny_model, tiny_cases):
+    """Thread A holds the state through a long prefill (seconds on lavapipe); thread B
+    tries it 0.3 s after A went in and must get StateError, not wait or run. A's call then
+    finishes as if alone."""
     shared = tiny_model.new_state()
-    outcomes = []
+    tokens = [i % 512 for i in range(4096)]
+    started, outcome = threading.Event(), {}
 
-    def use_shared():
-        try:
-            tiny_model.forward(prompt, shared)
-            outcomes.append("ran")
-        except rwkv_gpu.StateError as e:
-            outcomes.append(str(e))
+    def long_call():
+        started.set()
+        tiny_model.prefill(tokens, shared)
+        outcome["a"] = "done"
 
-    threads = [threading.Thread(target=use_shared) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(outcomes) == 4 and all(o == "ran" or "another thread" in o for o in outcomes)
+    a = threading.Thread(target=long_call)
+    a.start()
+    started.wait()
+    time.sleep(0.3)
+    with pytest.raises(rwkv_gpu.StateError, match="another thread"):
+        tiny_model.forward([1], shared)
+    a.join()
+    alone = tiny_model.new_state()
+    tiny_model.prefill(tokens, alone)
+    assert outcome == {"a": "done"}
+    for k, v in shared.to_numpy().items():
+        np.testing.assert_array_equal(v, alone.to_numpy()[k])
 
 
 def test_gil_is_released_during_gpu_work(tiny_model, tiny_cases):

@@ -298,3 +298,43 @@ def test_ctrl_c_during_the_prompt_of_a_generation_or_chat_turn():
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout
+
+
+def test_device_memory_exhausted_is_out_of_memory_and_harms_nothing():
+    """A million states (67 GB for the tiny model) under an address-space limit that lets
+    lavapipe's device allocations fail as a GPU's would: OutOfMemoryError (also a
+    MemoryError), then this model and another give exactly the results they gave."""
+    script = textwrap.dedent(f"""
+        import resource, warnings
+        import numpy as np
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))
+        warnings.simplefilter("ignore")
+        import rwkv_gpu
+        m = rwkv_gpu.Model({str(TINY)!r})
+        other = rwkv_gpu.Model({str(BYTES)!r})
+        want = m.forward([1, 2, 3], m.new_state())
+        want_other = other.forward([1, 2, 3], other.new_state())
+        try:
+            m.new_states(10**6)
+            raise SystemExit("allocated")
+        except rwkv_gpu.OutOfMemoryError as e:
+            assert isinstance(e, MemoryError), repr(e)
+        assert np.array_equal(m.forward([1, 2, 3], m.new_state()), want)
+        assert np.array_equal(other.forward([1, 2, 3], other.new_state()), want_other)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout
+
+
+def test_lost_device_is_device_lost_error_and_a_new_model_works(tiny_cases):
+    model = open_model(TINY)
+    state = model.new_state()
+    model._m._lose_device()
+    with pytest.raises(rwkv_gpu.DeviceLostError, match="lost"):
+        model.forward([1, 2, 3], state)
+    with pytest.raises(rwkv_gpu.DeviceLostError):
+        model.new_state()
+    fresh = open_model(TINY)
+    np.testing.assert_allclose(fresh.forward(tiny_cases["prompt"], fresh.new_state(), all_logits=True),
+                               tiny_cases["prompt_logits"], atol=1e-3, rtol=0)

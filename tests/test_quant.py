@@ -126,10 +126,12 @@ def test_layer_dtypes_mix_and_head(tiny_cases):
 
 def test_bad_dtypes_are_named():
     path = DATA / "tiny-rwkv7" / "model.safetensors"
-    with pytest.raises(rwkv_gpu.RwkvError, match="'int4'"):
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match='weight dtype "int4" is not one of'):
         open_model(path, dtype="int4")
-    with pytest.raises(rwkv_gpu.RwkvError, match="3 entries; this model has 2 layers"):
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="3 entries; this model has 2 layers"):
         open_model(path, layer_dtypes=["int8"] * 3)
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="0 entries; this model has 2 layers"):
+        open_model(path, layer_dtypes=[])
 
 
 def test_memory_by_format():

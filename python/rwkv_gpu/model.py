@@ -58,22 +58,13 @@ def _terminal_progress(label: str) -> Callable[[int, int], None] | None:
     return show
 
 
-DTYPES = ("fp16", "int8", "nf4")
-# The matrices `dtype` applies to (weight_formats names, without "blocks.N.").
-_PROJECTIONS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-
 
 def _layer_dtypes(dtype: str | None, layer_dtypes: Sequence[str] | None) -> list[str] | None:
-    """None: as the file holds them (fp16 unless it is a model saved quantized)."""
+    """None: as the file holds them (fp16 unless it is a model saved quantized). The core
+    checks the names and the count."""
     if dtype is None and layer_dtypes is None:
         return None
-    chosen = [str(dtype)] if layer_dtypes is None else [str(d) for d in layer_dtypes]
-    bad = [d for d in chosen if d not in DTYPES]
-    if bad:
-        raise errors.InvalidOptionError(f"dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
-    if not chosen:
-        raise errors.InvalidOptionError("layer_dtypes is empty: give one dtype per layer")
-    return chosen
+    return [str(dtype)] if layer_dtypes is None else [str(d) for d in layer_dtypes]
 
 
 def _head_dtype(quant_head: bool | None) -> str | None:
@@ -212,7 +203,7 @@ class Model:
         """"fp16", "int8" or "nf4" when every layer's projections share one, else "mixed"
         (bf16 matrices, kept where values exceed the fp16 range, count as fp16)."""
         formats = {f for name, f in self._m.weight_formats()
-                   if name.startswith("blocks.") and name.split(".", 2)[2] in _PROJECTIONS}
+                   if name.startswith("blocks.") and name.split(".", 2)[2] in _core.projections}
         formats = {"fp16" if f == "bf16" else f for f in formats}
         return formats.pop() if len(formats) == 1 else "mixed"
 

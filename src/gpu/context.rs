@@ -372,6 +372,13 @@ impl GpuContext {
         self.created.bind_groups.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Destroys the device as a driver reset or a removed GPU would: the device-lost
+    /// callback fires and every later call fails with `Error::DeviceLost`. For tests.
+    pub fn lose_device(&self) {
+        self.device.destroy();
+        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+    }
+
     /// Fails once the device is lost or an error escaped every scope.
     pub fn check_alive(&self) -> Result<()> {
         if let Some(m) = self.lost.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {

@@ -2,6 +2,7 @@
 //! dtype and shape, read one at a time as contiguous little-endian row-major bytes,
 //! so that host memory stays bounded by the largest tensor.
 
+pub mod bytes;
 pub mod fla;
 pub mod folder;
 pub mod pth;
@@ -85,22 +86,22 @@ pub fn open(path: &Path) -> Result<Box<dyn Checkpoint>> {
 
 /// One checkpoint file, by content.
 pub fn open_file(path: &Path) -> Result<Box<dyn Checkpoint>> {
-    let mut magic = [0u8; 8];
-    {
-        use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
-        if n < 8 {
-            return Err(Error::load(path, format!("file is {n} bytes long: too short to be a checkpoint")));
-        }
+    from_bytes(path, bytes::FileBytes::map(path)?)
+}
+
+/// A checkpoint from its bytes, told by content (`path` names it in errors).
+pub fn from_bytes(path: &Path, data: bytes::FileBytes) -> Result<Box<dyn Checkpoint>> {
+    if data.len() < 8 {
+        return Err(Error::load(path, format!("file is {} bytes long: too short to be a checkpoint", data.len())));
     }
+    let magic: [u8; 8] = data[..8].try_into().expect("8 bytes");
     if &magic[..4] == b"GGUF" {
         return Err(Error::load(path, "a GGUF file (llama.cpp's format), which this version does not read: load the model's .pth or .safetensors release"));
     }
     if &magic[..4] == b"PK\x03\x04" {
-        Ok(Box::new(pth::PthFile::open(path)?))
+        Ok(Box::new(pth::PthFile::from_bytes(path, data)?))
     } else if u64::from_le_bytes(magic) < (100 << 20) {
-        Ok(Box::new(safetensors_file::SafetensorsFile::open(path)?))
+        Ok(Box::new(safetensors_file::SafetensorsFile::from_bytes(path, data)?))
     } else {
         Err(Error::load(
             path,

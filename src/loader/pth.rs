@@ -8,12 +8,11 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use memmap2::Mmap;
+use crate::loader::bytes::FileBytes;
 
 use crate::error::{Error, Result};
 use crate::loader::{Checkpoint, DType, TensorInfo};
@@ -23,7 +22,7 @@ type Msg<T> = std::result::Result<T, String>;
 
 pub struct PthFile {
     path: PathBuf,
-    map: Mmap,
+    map: FileBytes,
     names: Vec<String>,
     tensors: HashMap<String, View>,
 }
@@ -40,14 +39,11 @@ struct View {
 
 impl PthFile {
     pub fn open(path: &Path) -> Result<PthFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::load(path, "not a regular file"));
-        }
-        // SAFETY: the mapping is read-only. As with any mmap-based loader, we rely on the
-        // checkpoint not being truncated or rewritten by another process while it is open.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, FileBytes::map(path)?)
+    }
+
+    /// `bytes` read as the file at `path` (the path names it in errors).
+    pub fn from_bytes(path: &Path, map: FileBytes) -> Result<PthFile> {
         let (names, tensors) = parse(&map).map_err(|m| Error::load(path, m))?;
         Ok(PthFile { path: path.to_path_buf(), map, names, tensors })
     }

@@ -5,12 +5,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::bytes::FileBytes;
 use super::{Checkpoint, DType, TensorInfo};
 use crate::error::{Error, Result};
 
 pub struct SafetensorsFile {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: FileBytes,
     /// name -> (info, byte range in the mapping), in file order.
     tensors: Vec<(String, TensorInfo, std::ops::Range<usize>)>,
     index: HashMap<String, usize>,
@@ -19,10 +20,11 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the mapping is read-only; a file changed underneath us would give wrong
-        // weights, not unsoundness in safe code that only copies the bytes out.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, FileBytes::map(path)?)
+    }
+
+    /// `bytes` read as the file at `path` (the path names it in errors).
+    pub fn from_bytes(path: &Path, map: FileBytes) -> Result<SafetensorsFile> {
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map)
             .map_err(|e| Error::load(path, format!("not a valid safetensors file: {e}")))?;
         let data_start = 8 + header_len;

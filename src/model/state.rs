@@ -74,7 +74,8 @@ impl StatePool {
     /// `n` fresh, zeroed slots, on as few pages as possible (one when n fits a page), so
     /// that a call feeding them all reads the weights once per step.
     pub fn allocate_many(self: &Arc<Self>, model_id: u64, n: usize) -> Result<Vec<State>> {
-        let mut states = Vec::with_capacity(n);
+        let mut states = Vec::new();
+        states.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("host memory: {n} states cannot even be listed")))?;
         while states.len() < n {
             let want = (n - states.len()).min(self.max_page_slots);
             let taken = self.take_slots(want)?;

@@ -13,21 +13,19 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::{HostState, Model, State};
+use super::{Config, HostState, Model, State};
 use crate::error::{Error, Result, Saving};
-use crate::loader::safetensors_file::SafetensorsFile;
 use crate::loader::{Checkpoint, DType};
 use super::weights::to_f32;
 
-fn metadata(model: &Model) -> HashMap<String, String> {
-    let c = &model.config;
+fn metadata(c: &Config, fingerprint: u64) -> HashMap<String, String> {
     HashMap::from([
         ("format".to_string(), "rwkv-gpu state v1".to_string()),
         ("n_layer".to_string(), c.n_layer.to_string()),
         ("n_embd".to_string(), c.n_embd.to_string()),
         ("n_head".to_string(), c.n_head.to_string()),
         ("head_size".to_string(), c.head_size.to_string()),
-        ("fingerprint".to_string(), format!("{:016x}", model.weights.fingerprint)),
+        ("fingerprint".to_string(), format!("{fingerprint:016x}")),
     ])
 }
 
@@ -43,7 +41,7 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
         ("wkv", view(&host.wkv, vec![l, h, n, n])?),
         ("ffn_shift", view(&host.ffn_shift, vec![l, e])?),
     ];
-    let bytes = safetensors::serialize(tensors, Some(metadata(model))).map_err(|e| Error::Invalid(format!("state tensors: {e}")))?;
+    let bytes = safetensors::serialize(tensors, Some(metadata(&model.config, model.weights.fingerprint))).map_err(|e| Error::Invalid(format!("state tensors: {e}")))?;
     crate::atomic_file::write(path, Saving::State, |out| {
         out.write_all(&bytes).map_err(|e| crate::atomic_file::write_error(path, Saving::State, e))
     })
@@ -51,8 +49,17 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
 
 pub fn load(model: &Model, path: &Path, transpose: bool) -> Result<State> {
     let ck = crate::loader::open(path)?;
+    let host = read(ck.as_ref(), &model.config, model.weights.fingerprint, transpose)?;
+    model.state_from_host(&host)
+}
+
+/// A state file's contents for a model of `config` and weights `fingerprint`: one of ours
+/// (checked against both) or a state-tuning file; every shape checked before anything
+/// sized by the file is allocated.
+pub fn read(ck: &dyn Checkpoint, config: &Config, fingerprint: u64, transpose: bool) -> Result<HostState> {
+    let path = ck.path();
     if ck.info("blocks.0.att.time_state").is_some() {
-        return load_state_tuning(model, ck.as_ref(), transpose);
+        return read_state_tuning(ck, config, transpose);
     }
     if transpose {
         return Err(Error::Invalid(format!(
@@ -60,34 +67,32 @@ pub fn load(model: &Model, path: &Path, transpose: bool) -> Result<State> {
             path.display()
         )));
     }
-    drop(ck);
-    let file = SafetensorsFile::open(path)?;
-    let want = metadata(model);
-    if file.metadata.get("format") != want.get("format") {
+    let want = metadata(config, fingerprint);
+    if ck.metadata("format").as_ref() != want.get("format") {
         return Err(Error::load(path, "not a state saved by rwkv-gpu (no 'rwkv-gpu state v1' format in its metadata)"));
     }
     for key in ["n_layer", "n_embd", "n_head", "head_size", "fingerprint"] {
-        if file.metadata.get(key) != want.get(key) {
+        if ck.metadata(key).as_ref() != want.get(key) {
             return Err(Error::State(format!(
                 "{}: this state belongs to another model ({key} is {:?} in the file, {:?} in this model)",
                 path.display(),
-                file.metadata.get(key).map(String::as_str).unwrap_or("missing"),
+                ck.metadata(key).unwrap_or_else(|| "missing".into()),
                 want[key]
             )));
         }
     }
-    let read = |name: &str| -> Result<Vec<f32>> {
-        let info = file.info(name).ok_or_else(|| Error::load(path, format!("missing tensor {name:?}")))?;
-        if info.dtype != DType::F32 {
-            return Err(Error::load(path, format!("tensor {name:?} is {:?}; states are F32", info.dtype)));
+    let (l, c, h, n) = (config.n_layer, config.n_embd, config.n_head, config.head_size);
+    let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let info = ck.info(name).ok_or_else(|| Error::load(path, format!("missing tensor {name:?}")))?;
+        if info.dtype != DType::F32 || info.shape != shape {
+            return Err(Error::load(path, format!("tensor {name:?} is {:?} {:?}; this model's states are F32 {shape:?}", info.dtype, info.shape)));
         }
-        Ok(bytemuck::pod_collect_to_vec(&file.read(name)?))
+        Ok(bytemuck::pod_collect_to_vec(&ck.read(name)?))
     };
-    model.state_from_host(&HostState { att_shift: read("att_shift")?, wkv: read("wkv")?, ffn_shift: read("ffn_shift")? })
+    Ok(HostState { att_shift: tensor("att_shift", &[l, c])?, wkv: tensor("wkv", &[l, h, n, n])?, ffn_shift: tensor("ffn_shift", &[l, c])? })
 }
 
-fn load_state_tuning(model: &Model, ck: &dyn Checkpoint, transpose: bool) -> Result<State> {
-    let c = &model.config;
+fn read_state_tuning(ck: &dyn Checkpoint, c: &Config, transpose: bool) -> Result<HostState> {
     let (h, n) = (c.n_head, c.head_size);
     let path = ck.path();
     let mut wkv = Vec::with_capacity(c.n_layer * h * n * n);
@@ -118,5 +123,5 @@ fn load_state_tuning(model: &Model, ck: &dyn Checkpoint, transpose: bool) -> Res
         return Err(Error::State(format!("{}: state-tuning file has more layers than this model's {}", path.display(), c.n_layer)));
     }
     let zeros = vec![0.0; c.n_layer * c.n_embd];
-    model.state_from_host(&HostState { att_shift: zeros.clone(), wkv, ffn_shift: zeros })
+    Ok(HostState { att_shift: zeros.clone(), wkv, ffn_shift: zeros })
 }

@@ -50,6 +50,17 @@ fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
         .collect()
 }
 
+/// The adapter a Model would open for `adapter` (as Model's argument; None: env
+/// RWKV_GPU_ADAPTER, else the best one): (index, warnings). Raises DeviceError, with the
+/// list of adapters, when none would.
+#[pyfunction]
+#[pyo3(signature = (adapter=None))]
+fn choose_adapter(py: Python<'_>, adapter: Option<String>) -> PyResult<(usize, Vec<String>)> {
+    let opts = options(adapter, false, false, None)?;
+    let list = py.detach(context::list_adapters);
+    context::select(&list, opts.adapter.as_ref()).map_err(to_py)
+}
+
 /// A checkpoint's dimensions, read from its tensor shapes without loading it.
 #[pyfunction]
 fn checkpoint_config<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
@@ -101,9 +112,6 @@ struct PyModel {
 /// `layer_dtypes`: one dtype for every layer or one per layer; `head_dtype`: fp16 or int8.
 /// None: as the file holds them (fp16 unless it is a saved quantized model).
 fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<QuantSpec> {
-    if layer_dtypes.as_ref().is_some_and(|l| l.is_empty()) {
-        return Err(errors::invalid("layer_dtypes is empty: give one dtype, or one per layer"));
-    }
     let layers = layer_dtypes
         .map(|l| l.iter().map(|d| WeightFormat::parse(d)).collect::<crate::Result<Vec<_>>>())
         .transpose()
@@ -378,6 +386,11 @@ impl PyModel {
         self.inner.host_memory()
     }
 
+    /// Destroys this model's device, as a driver reset would (for tests).
+    fn _lose_device(&self) {
+        self.inner.ctx.lose_device();
+    }
+
     /// The device memory allocator's view (Vulkan/DX12): (bytes in live allocations,
     /// bytes of the memory blocks it holds, holes included); None where not reported.
     fn allocator_report(&self) -> Option<(u64, u64)> {
@@ -551,6 +564,7 @@ impl PyGeneration {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_function(wrap_pyfunction!(adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(choose_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_config, m)?)?;
     m.add_class::<PyModel>()?;
@@ -561,5 +575,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::PyWorldTokenizer>()?;
     m.add_class::<tokenizer::PyStreamDecoder>()?;
     m.add("kernels", PyList::new(py, Kernel::ALL.map(|k| k.name()))?)?;
+    // The layer matrices `dtype` quantizes, as weight_formats names them (the schema's).
+    let projections: Vec<&str> = crate::schema::layer_matrices()
+        .filter(|(_, m)| m.quantizable())
+        .map(|(e, _)| e.name.strip_suffix(".weight").unwrap_or(e.name))
+        .collect();
+    m.add("projections", PyList::new(py, projections)?)?;
     Ok(())
 }
