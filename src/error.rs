@@ -56,6 +56,8 @@ pub enum Error {
 pub enum Saving {
     Model,
     State,
+    /// The pipeline cache (never reported: a cache that cannot be written is skipped).
+    Cache,
 }
 
 impl std::fmt::Display for Saving {
@@ -63,6 +65,7 @@ impl std::fmt::Display for Saving {
         f.write_str(match self {
             Saving::Model => "model",
             Saving::State => "state",
+            Saving::Cache => "pipeline cache",
         })
     }
 }

@@ -248,3 +248,23 @@ def test_memory_report_counts_one_state_exactly():
     # Weights: every matrix as fp16 plus f32 vectors; the head is 512 x 128 fp16.
     assert mem["head"] == 512 * 128 * 2
     assert mem["scratch"] > 0 and mem["weights_int8"] == mem["weights_nf4"] == mem["embeddings"] == 0
+
+
+def test_load_and_quantize_report_progress_to_a_callback():
+    """progress(done, total) after every tensor, loading and quantizing alike, up to
+    total; an exception raised by the callback stops the load and is what Model raises."""
+    for dtype in (None, "int8"):
+        seen = []
+        open_model(DATA / "tiny-rwkv7" / "model.safetensors", dtype=dtype, progress=lambda d, t: seen.append((d, t)))
+        assert seen and all(t == seen[0][1] for _, t in seen)
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == seen[-1][1]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_five(done, total):
+        if done == 5:
+            raise Stop("enough")
+
+    with pytest.raises(Stop, match="enough"):
+        open_model(DATA / "tiny-rwkv7" / "model.safetensors", progress=stop_at_five)

@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter", help="adapter index or name substring (see rwkv_gpu.adapters())")
     ap.add_argument("--full", action="store_true", help="on a software adapter, keep the requested shape and lengths")
     ap.add_argument("--profile", action="store_true", help="also count dispatches, submissions and read-backs per test")
+    ap.add_argument("--cold-start", action="store_true",
+                    help="instead: time import -> load -> first token in fresh processes, with an empty and a filled pipeline cache")
     out = ap.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     out.add_argument("--csv", action="store_true", help="print CSV instead of a markdown table")
@@ -259,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("lengths and repetitions must be at least 1, depths at least 0")
     if any(b < 1 for b in batches):
         ap.error("batch sizes must be at least 1")
+
+    if args.cold_start:
+        from . import _cold_start
+        n_layer, n_embd = SHAPES[args.shape]
+        spec = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "n_layer": n_layer, "n_embd": n_embd}
+        log(f"cold start: {args.repetitions} fresh processes with an empty pipeline cache, then {args.repetitions} with it filled ...")
+        print(_cold_start.table(_cold_start.measure(spec, args.repetitions), args.model or f"random {args.shape}"))
+        return 0
 
     model, name = load(args)
     bench = Bench(model, args.prefill_length, args.generation_length)

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use crate::error::{Error, Result};
+use super::pipeline_cache::DiskCache;
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
 /// of the adapter's name or backend ("vulkan", "gl", "nvidia", "llvmpipe").
@@ -257,6 +258,8 @@ pub struct GpuContext {
     pub created: Created,
     uncaptured: Arc<Mutex<Option<String>>>,
     lost: Arc<Mutex<Option<String>>>,
+    /// The driver's compiled pipelines on disk, where the backend keeps them.
+    pub pipeline_cache: Option<DiskCache>,
 }
 
 impl GpuContext {
@@ -277,6 +280,10 @@ impl GpuContext {
         }
         if subgroups {
             features |= wgpu::Features::SUBGROUP;
+        }
+        // Compiled pipelines kept on disk between runs (pipeline_cache.rs), where offered.
+        if available.contains(wgpu::Features::PIPELINE_CACHE) {
+            features |= wgpu::Features::PIPELINE_CACHE;
         }
         // Only for profiling (`Recorder::profile`); nothing else depends on it.
         let timestamps = available.contains(wgpu::Features::TIMESTAMP_QUERY);
@@ -315,6 +322,7 @@ impl GpuContext {
             *slot = Some(format!("{reason:?}: {message}"));
         });
 
+        let pipeline_cache = if features.contains(wgpu::Features::PIPELINE_CACHE) { DiskCache::open(&device, &adapter.get_info()) } else { None };
         let device_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = match options.max_binding {
             Some(cap) => cap.min(device_binding),
@@ -336,6 +344,7 @@ impl GpuContext {
             created: Created::default(),
             uncaptured,
             lost,
+            pipeline_cache,
         }))
     }
 

@@ -2,6 +2,7 @@
 //! recording.
 
 pub mod context;
+pub mod pipeline_cache;
 pub mod pipelines;
 pub mod recorder;
 pub mod shaders;

@@ -54,11 +54,14 @@ impl Pipelines {
                     module: &module,
                     entry_point: Some(variant.entry()),
                     compilation_options: Default::default(),
-                    cache: None,
+                    cache: self.ctx.pipeline_cache.as_ref().map(|c| &c.cache),
                 })
             })
             .map_err(|e| Error::Shader { kernel: label.clone(), message: e.to_string() })?;
         self.compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(c) = &self.ctx.pipeline_cache {
+            c.mark();
+        }
         let pipeline = Pipeline { raw: pipeline, name: label.into() };
         cache.insert(variant, pipeline.clone());
         Ok(pipeline)

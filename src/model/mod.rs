@@ -282,6 +282,11 @@ impl Model {
             }
         }
         *self.last_stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
+        // New kernel variants compiled by this call (the first, a new chunk shape) go to
+        // the on-disk pipeline cache; a steady decode step writes nothing.
+        if let Some(cache) = &self.ctx.pipeline_cache {
+            cache.persist();
+        }
         Ok(out)
     }
 

@@ -32,7 +32,7 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             },
             Error::Load { .. } => ("ModelLoadError", None),
             Error::Write { what: Saving::State, source, path } => ("StateSaveError", Some((source, path))),
-            Error::Write { what: Saving::Model, source, path } => ("ModelSaveError", Some((source, path))),
+            Error::Write { what: Saving::Model | Saving::Cache, source, path } => ("ModelSaveError", Some((source, path))),
             Error::Shape(_) => ("ShapeError", None),
             Error::State(_) => ("StateError", None),
             Error::Invalid(_) => ("InvalidOptionError", None),
