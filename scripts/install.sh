@@ -29,8 +29,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "maturin>=1.9.4,<2" "numpy>=1.24"
+# Linux wheels are linked with zig against glibc 2.28 (manylinux_2_28), as `pip wheel .`
+# makes them (scripts/build_backend/rwkv_build.py): one portable wheel, no container.
+portable=()
+if [ "$(uname -s)" = Linux ]; then
+    .venv/bin/python -m pip install -q "ziglang>=0.13,<0.18"
+    portable=(--zig --compatibility manylinux_2_28)
+fi
 if [ "${1:-}" = test ]; then
-    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20" "tokenizers>=0.15"
+    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20" "tokenizers>=0.15" "auditwheel>=6"
     # The official tokenizer, as the oracle of the tokenizer property test; it is pure
     # Python and its rwkv_tokenizer module imports nothing else.
     .venv/bin/python -m pip install -q --no-deps "rwkv==0.8.32"
@@ -38,5 +45,6 @@ fi
 
 echo "== building the extension (release)" >&2
 rm -rf target/wheels
-.venv/bin/maturin build --release -o target/wheels >&2
+# maturin runs zig as `python3 -m ziglang`: the venv's python has it.
+PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin build --release "${portable[@]}" -o target/wheels >&2
 .venv/bin/python -m pip install -q --force-reinstall --no-deps target/wheels/rwkv_gpu-*.whl

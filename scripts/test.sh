@@ -17,4 +17,7 @@ set -e
 if [ "$code" = 5 ]; then
     echo "error: pytest collected no tests" >&2
 fi
-exit "$code"
+[ "$code" = 0 ] || exit "$code"
+
+echo "== package" >&2
+bash scripts/check_package.sh
