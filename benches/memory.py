@@ -25,7 +25,6 @@ import time
 import warnings
 
 import numpy as np
-
 import rwkv_gpu
 from rwkv_gpu.bench import SHAPES, process_memory
 

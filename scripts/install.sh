@@ -37,7 +37,7 @@ if [ "$(uname -s)" = Linux ]; then
     portable=(--zig --compatibility manylinux_2_28)
 fi
 if [ "${1:-}" = test ]; then
-    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20" "tokenizers>=0.15" "auditwheel>=6"
+    .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20" "tokenizers>=0.15" "auditwheel>=6" "ruff>=0.6" "mypy>=1.10"
     # The official tokenizer, as the oracle of the tokenizer property test; it is pure
     # Python and its rwkv_tokenizer module imports nothing else.
     .venv/bin/python -m pip install -q --no-deps "rwkv==0.8.32"

@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 import rwkv_gpu
 
 DATA = Path(__file__).parent / "data" / "trained-bytes"

@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
 import quant_reference as qr  # noqa: E402
+import reference as ref  # noqa: E402
 
 QUANTIZED = ("att.receptance.weight", "att.key.weight", "att.value.weight",
              "att.output.weight", "ffn.key.weight", "ffn.value.weight")

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-
 import rwkv_gpu
 from conftest import DATA, open_model
 
@@ -254,8 +253,8 @@ def test_load_and_quantize_report_progress_to_a_callback():
     """progress(done, total) after every tensor, loading and quantizing alike, up to
     total; an exception raised by the callback stops the load and is what Model raises."""
     for dtype in (None, "int8"):
-        seen = []
-        open_model(DATA / "tiny-rwkv7" / "model.safetensors", dtype=dtype, progress=lambda d, t: seen.append((d, t)))
+        seen: list[tuple[int, int]] = []
+        open_model(DATA / "tiny-rwkv7" / "model.safetensors", dtype=dtype, progress=lambda d, t, seen=seen: seen.append((d, t)))
         assert seen and all(t == seen[0][1] for _, t in seen)
         assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == seen[-1][1]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import rwkv_gpu
 from conftest import DATA, FALLBACKS, open_model
 
@@ -112,7 +111,7 @@ def test_a_decode_step_reads_the_weights_once_whatever_the_batch(tiny_model):
         counts = [tiny_model._m.last_stats()]
         tiny_model.forward_argmax_batch([[1]] * n, states)
         counts.append(tiny_model._m.last_stats())
-        for submissions, dispatches, readbacks, layer_dispatches in counts:
+        for submissions, _dispatches, readbacks, layer_dispatches in counts:
             assert (submissions, readbacks) == (1, 1)
             assert layer_dispatches == DECODE_PER_LAYER[n] * layers, n
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DATA
 
 TINY = str(DATA / "tiny-rwkv7" / "model.safetensors")
@@ -37,7 +36,7 @@ def test_table_rows_and_profile_counts(table):
     body = body[:body.index("")] if "" in body else body  # the per-kernel tables follow a blank line
     rows = {cells[5].strip(): cells for cells in (line.split("|") for line in body)}
     assert list(rows) == ["pp20", "tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16", "tg3 x3", "ttft20", "ttft20 cached 4"]
-    for test, cells in rows.items():
+    for cells in rows.values():
         mean, _, std = cells[6].split()[:3]
         assert float(mean) > 0 and float(std) >= 0
         assert cells[2].strip() == "fp16" and cells[7].strip().endswith("GB")

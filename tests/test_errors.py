@@ -12,7 +12,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 import rwkv_gpu
 from conftest import DATA, open_model
 

@@ -12,7 +12,6 @@ import threading
 
 import numpy as np
 import pytest
-
 import rwkv_gpu
 import sampling_reference as ref
 from conftest import DATA, open_model

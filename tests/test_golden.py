@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import DATA, FALLBACKS, open_model
 
 TOL = 1e-3
@@ -73,29 +72,36 @@ def test_against_numpy_reference_on_other_shape():
     """Shapes are read, not assumed: a random model with 3 layers, 192 wide (3 heads) and
     an odd vocabulary, written as .pth by our torch-free writer, against the float64
     NumPy reference. Tolerance 1e-3 as above; fp16-representable weights on both sides."""
+    import os
+    import tempfile
+
     import reference
     from pth_writer import write_pth
-    import tempfile, os
 
     rng = np.random.default_rng(7)
     L, C, V = 3, 192, 301
     widths = {"w": 32, "a": 32, "v": 16, "g": 64}
     t: dict[str, np.ndarray] = {"emb.weight": rng.uniform(-1, 1, (V, C)), "head.weight": rng.uniform(-0.1, 0.1, (V, C))}
-    t["blocks.0.ln0.weight"] = rng.uniform(0.8, 1.2, C); t["blocks.0.ln0.bias"] = rng.uniform(-0.1, 0.1, C)
-    t["ln_out.weight"] = rng.uniform(0.8, 1.2, C); t["ln_out.bias"] = rng.uniform(-0.1, 0.1, C)
+    t["blocks.0.ln0.weight"] = rng.uniform(0.8, 1.2, C)
+    t["blocks.0.ln0.bias"] = rng.uniform(-0.1, 0.1, C)
+    t["ln_out.weight"] = rng.uniform(0.8, 1.2, C)
+    t["ln_out.bias"] = rng.uniform(-0.1, 0.1, C)
     for i in range(L):
         b = f"blocks.{i}."
         for ln in ("ln1", "ln2", "att.ln_x"):
-            t[b + ln + ".weight"] = rng.uniform(0.8, 1.2, C); t[b + ln + ".bias"] = rng.uniform(-0.1, 0.1, C)
+            t[b + ln + ".weight"] = rng.uniform(0.8, 1.2, C)
+            t[b + ln + ".bias"] = rng.uniform(-0.1, 0.1, C)
         for v in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             t[b + "att." + v] = rng.uniform(0, 1, (1, 1, C))
         t[b + "att.w0"] = rng.uniform(-4, 0, (1, 1, C))
         for v in ("a0", "v0"):
             t[b + "att." + v] = rng.uniform(-1, 1, (1, 1, C))
-        t[b + "att.k_k"] = rng.uniform(0.5, 1, (1, 1, C)); t[b + "att.k_a"] = rng.uniform(0.8, 1.2, (1, 1, C))
+        t[b + "att.k_k"] = rng.uniform(0.5, 1, (1, 1, C))
+        t[b + "att.k_a"] = rng.uniform(0.8, 1.2, (1, 1, C))
         t[b + "att.r_k"] = rng.uniform(-0.5, 0.5, (C // 64, 64))
         for p, d in widths.items():
-            t[b + f"att.{p}1"] = rng.uniform(-0.1, 0.1, (C, d)); t[b + f"att.{p}2"] = rng.uniform(-0.1, 0.1, (d, C))
+            t[b + f"att.{p}1"] = rng.uniform(-0.1, 0.1, (C, d))
+            t[b + f"att.{p}2"] = rng.uniform(-0.1, 0.1, (d, C))
         for m in ("receptance", "key", "value", "output"):
             t[b + f"att.{m}.weight"] = rng.uniform(-0.07, 0.07, (C, C))
         t[b + "ffn.x_k"] = rng.uniform(0, 1, (1, 1, C))

@@ -11,7 +11,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 import rwkv_gpu
 from conftest import DATA, open_model
 from safetensors_writer import read_raw, write_safetensors

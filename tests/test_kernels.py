@@ -28,7 +28,7 @@ f64 = np.float64
 
 # ---- running a kernel ----
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device():
     adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     if adapter is None:
@@ -37,7 +37,7 @@ def device():
     return adapter.request_device_sync(required_features=[f for f in ["subgroup"] if f in adapter.features])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pipeline(name, defines, entry):
     dev = device()
     module = dev.create_shader_module(code=rwkv_gpu.kernel_source(name, list(defines)))
@@ -262,7 +262,7 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
                               [w, w, x, y], matmul_grid(entry, rows, t, len(specs), fold))
 
     want = y.astype(f64)
-    for (m, k, w_off, s_off, x_off, y_off, y_stride, flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
+    for (m, k, _w_off, _s_off, x_off, y_off, y_stride, _flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
         view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]  # a view
         v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
         view[...] = (view if add else 0.0) + ACTS[act][1](v)

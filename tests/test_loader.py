@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import reference
 from conftest import DATA, open_model
 from pth_writer import write_pth

@@ -5,8 +5,8 @@ model it was saved from computed."""
 
 from __future__ import annotations
 
-import json
 import errno
+import json
 import os
 import struct
 import subprocess
@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-
 import quant_reference as qr
 import reference
 import rwkv_gpu
@@ -116,7 +115,8 @@ def rewrite_metadata(src, dst, change):
 @pytest.mark.parametrize("change, message", [
     (lambda m: m.update({"quant.blocks.0.att.key.weight": "int3"}), r"saved in format \"int3\""),
     (lambda m: m.update({"quant.blocks.0.att.key.weight": "nf4"}), r"blocks\.0\.att\.key\.weight\.codes is I8 \[128, 128\]; expected U8 \[128, 64\]"),
-    (lambda m: m.update({"quant.blocks.1.att.w1": "int8"}), r"blocks\.1\.att\.w1 is saved as int8, but only the big projections and the head are ever quantized"),
+    (lambda m: m.update({"quant.blocks.1.att.w1": "int8"}),
+     r"blocks\.1\.att\.w1 is saved as int8, but only the big projections and the head are ever quantized"),
 ])
 def test_damaged_saved_model_is_a_clear_load_error(tmp_path, change, message):
     good = tmp_path / "good.safetensors"

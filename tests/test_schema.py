@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-
 import rwkv_gpu
 from conftest import DATA, open_model
 from pth_writer import write_pth

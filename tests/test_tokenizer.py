@@ -9,7 +9,6 @@ import random
 from importlib import resources
 
 import pytest
-
 import rwkv_gpu
 from conftest import DATA
 
@@ -95,7 +94,8 @@ def test_bad_ids(world):
 @pytest.fixture(scope="module")
 def bpe_json(tmp_path_factory):
     """A small byte-level BPE tokenizer.json trained here (no file to ship)."""
-    from tokenizers import Tokenizer as HfTokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HfTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = HfTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

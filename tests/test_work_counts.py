@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import DATA, open_model
 
 DECODE_PER_LAYER = 7

@@ -27,7 +27,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
 import rwkv_gpu
 from rwkv_gpu.bench import SHAPES, Bench, log, time_runs
 

@@ -8,10 +8,10 @@
         print(piece, end="", flush=True)
 """
 
-from ._core import adapters, kernel_source
 from . import errors as _errors
-from .errors import *  # noqa: F403 (the exception classes, listed in errors.__all__)
+from ._core import adapters, kernel_source
 from .conversation import Chat
+from .errors import *  # noqa: F403 (the exception classes, listed in errors.__all__)
 from .generation import Completion
 from .model import Model, State
 from .sampling import Sampler, Sampling

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import RwkvError
 from .model import Model

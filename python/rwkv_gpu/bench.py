@@ -28,8 +28,8 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -123,7 +123,7 @@ class Bench:
     def pp(self) -> None:
         self.model.forward(self.prompt[: self.prefill], self.model.new_state())
 
-    def tg(self, start: "Callable[[], object]", on_device: bool) -> Callable[[], None]:
+    def tg(self, start: Callable[[], object], on_device: bool) -> Callable[[], None]:
         model = self.model
 
         def run() -> None:

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import RwkvError
-from ._cli import add_model_args, add_sampling_args, load_model, sampling_kwargs, reports_errors
+from ._cli import add_model_args, add_sampling_args, load_model, reports_errors, sampling_kwargs
 from .conversation import Chat
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .sampling import Sampling, sampling_options
 
@@ -33,7 +34,7 @@ class Chat:
     is. Sampling keywords (temperature, top_p, ..., seed) apply to every reply.
     """
 
-    def __init__(self, model: "Model", system: str | None = None, state: "State | None" = None,
+    def __init__(self, model: Model, system: str | None = None, state: State | None = None,
                  max_tokens: int = 1024, **sampling: Any) -> None:
         self.model = model
         self.state = model.new_state() if state is None else state.clone()

@@ -9,10 +9,11 @@ holds exactly the prompt and the tokens drawn (stop tokens excepted).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from . import _core, errors
+from . import errors
 from .sampling import Sampler, Sampling
 
 if TYPE_CHECKING:
@@ -68,14 +69,14 @@ class Run:
 
     def __init__(
         self,
-        model: "Model",
+        model: Model,
         prompt: str | Sequence[int],
-        state: "State | None",
+        state: State | None,
         max_tokens: int,
         sampling: Sampling,
         stop: Sequence[str],
         stop_tokens: Sequence[int],
-        cache: "StateCache | None",
+        cache: StateCache | None,
     ) -> None:
         if max_tokens < 1:
             raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -161,9 +162,9 @@ class BatchRun:
 
     def __init__(
         self,
-        model: "Model",
-        prompts: "Sequence[str | Sequence[int]]",
-        states: "Sequence[State] | None",
+        model: Model,
+        prompts: Sequence[str | Sequence[int]],
+        states: Sequence[State] | None,
         max_tokens: int,
         sampling: Sampling,
         stop: Sequence[str] | str,

@@ -6,7 +6,8 @@ import os
 import sys
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .tokenizer import Tokenizer
 if TYPE_CHECKING:
     from .state_cache import StateCache
 
-Tokens = Union[Sequence[int], np.ndarray]
+Tokens = Sequence[int] | np.ndarray
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -76,11 +77,11 @@ class State:
     place. One State must not be used by two threads at once (that raises StateError);
     `clone()` gives an independent copy."""
 
-    def __init__(self, model: "Model", core: Any) -> None:
+    def __init__(self, model: Model, core: Any) -> None:
         self._model = model
         self._core = core
 
-    def clone(self) -> "State":
+    def clone(self) -> State:
         return State(self._model, self._model._m.clone_state(self._core))
 
     def to_numpy(self) -> dict[str, np.ndarray]:
@@ -140,8 +141,8 @@ class Model:
         no_subgroups: bool = False,
         max_binding: int | None = None,
         progress: Callable[[int, int], None] | None = None,
-        tokenizer: "str | Tokenizer | os.PathLike[str] | None" = None,
-        initial_state: "State | PathLike | None" = None,
+        tokenizer: str | Tokenizer | os.PathLike[str] | None = None,
+        initial_state: State | PathLike | None = None,
         _core_model: Any = None,
     ) -> None:
         dtypes = _layer_dtypes(dtype, layer_dtypes)
@@ -163,7 +164,7 @@ class Model:
         self._path = None if _core_model is not None else os.fspath(path)
         self._tokenizer_choice = tokenizer
         # Generations in progress, which close() ends (they hold the native model).
-        self._live_runs: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._live_runs: weakref.WeakSet[Any] = weakref.WeakSet()
         self._tokenizer: Tokenizer | None = None
         self._initial: State | None = None
         self._initial_version = 0
@@ -187,8 +188,8 @@ class Model:
         no_f16: bool = False,
         no_subgroups: bool = False,
         max_binding: int | None = None,
-        tokenizer: "str | Tokenizer | os.PathLike[str] | None" = None,
-    ) -> "Model":
+        tokenizer: str | Tokenizer | os.PathLike[str] | None = None,
+    ) -> Model:
         """A model with random weights at the official low-rank widths for `n_embd`,
         for benchmarks and tests."""
         core = _core.Model.random(
@@ -249,7 +250,7 @@ class Model:
         return self._initial
 
     @initial_state.setter
-    def initial_state(self, value: "State | PathLike | None") -> None:
+    def initial_state(self, value: State | PathLike | None) -> None:
         if value is None:
             initial = None
         elif isinstance(value, State):
@@ -283,7 +284,7 @@ class Model:
             return logits.reshape(len(ids), -1).copy()
         return logits.copy()
 
-    def forward_batch(self, tokens: Sequence[Tokens], states: Sequence[State], all_logits: bool = False) -> "np.ndarray | list[np.ndarray]":
+    def forward_batch(self, tokens: Sequence[Tokens], states: Sequence[State], all_logits: bool = False) -> np.ndarray | list[np.ndarray]:
         """Feeds several sequences at once, `tokens[i]` into `states[i]`, advancing each in
         place; the token lists may differ in length. Every step reads the weights once for
         the whole batch (when the states come from one `new_states` call), so B sequences
@@ -387,7 +388,7 @@ class Model:
             return Tokenizer.world()
         raise RwkvError(f"no tokenizer known for a vocabulary of {vocab}: pass tokenizer= (a Tokenizer or a tokenizer.json path)")
 
-    def _prompt_ids(self, prompt: "str | Tokens") -> list[int]:
+    def _prompt_ids(self, prompt: str | Tokens) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
             if not ids:
@@ -397,7 +398,7 @@ class Model:
 
     def generate(
         self,
-        prompt: "str | Tokens",
+        prompt: str | Tokens,
         state: State | None = None,
         max_tokens: int = 256,
         *,
@@ -412,7 +413,7 @@ class Model:
         stop: Sequence[str] | str = (),
         stop_tokens: Sequence[int] = (0,),
         seed: int | None = None,
-        cache: "StateCache | None" = None,
+        cache: StateCache | None = None,
     ) -> Iterator[str]:
         """Streams generated text, piece by piece, each piece complete UTF-8.
 
@@ -433,28 +434,28 @@ class Model:
             temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay,
             tuple(banned_tokens), dict(logit_bias or {}), seed), stop, stop_tokens, cache))
 
-    def complete(self, prompt: "str | Tokens", state: State | None = None, max_tokens: int = 256, **options: Any) -> Completion:
+    def complete(self, prompt: str | Tokens, state: State | None = None, max_tokens: int = 256, **options: Any) -> Completion:
         """`generate`, collected: text, finish_reason ("stop" | "length"), token counts."""
         run = self._run(prompt, state, max_tokens, Sampling(**sampling_options(options)),
                         options.pop("stop", ()), options.pop("stop_tokens", (0,)), options.pop("cache", None))
         text = "".join(run)
         return Completion(text, run.finish_reason or "length", run.prompt_tokens, len(run.tokens), list(run.tokens))
 
-    def generate_batch(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None = None,
+    def generate_batch(self, prompts: Sequence[str | Tokens], states: Sequence[State] | None = None,
                        max_tokens: int = 256, **options: Any) -> Iterator[tuple[int, str]]:
         """`complete_batch`, streamed: yields (prompt index, text piece) as each sequence
         produces complete UTF-8 text; pieces of different sequences interleave step by
         step. Same options as `complete_batch`."""
         return iter(self._batch_run(prompts, states, max_tokens, options))
 
-    def _batch_run(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None, max_tokens: int,
+    def _batch_run(self, prompts: Sequence[str | Tokens], states: Sequence[State] | None, max_tokens: int,
                    options: dict[str, Any]) -> BatchRun:
         if "cache" in options:
             raise TypeError("batched generation takes no cache: give states (e.g. from StateCache.resume) instead")
         sampling = Sampling(**sampling_options(options))
         return BatchRun(self, prompts, states, max_tokens, sampling, options.pop("stop", ()), options.pop("stop_tokens", (0,)))
 
-    def complete_batch(self, prompts: "Sequence[str | Tokens]", states: Sequence[State] | None = None,
+    def complete_batch(self, prompts: Sequence[str | Tokens], states: Sequence[State] | None = None,
                        max_tokens: int = 256, **options: Any) -> list[Completion]:
         """`complete` for several prompts at once, stepped together: every step feeds all
         sequences still going in one forward call, reading the weights once for the
@@ -464,11 +465,11 @@ class Model:
         `new_states`. Returns one Completion per prompt, in order."""
         return self._batch_run(prompts, states, max_tokens, options).run()
 
-    def _run(self, prompt: "str | Tokens", state: State | None, max_tokens: int, sampling: Sampling,
-             stop: Sequence[str] | str, stop_tokens: Sequence[int], cache: "StateCache | None") -> Run:
+    def _run(self, prompt: str | Tokens, state: State | None, max_tokens: int, sampling: Sampling,
+             stop: Sequence[str] | str, stop_tokens: Sequence[int], cache: StateCache | None) -> Run:
         return Run(self, prompt, state, max_tokens, sampling, stop, stop_tokens, cache)
 
-    def embed(self, text_or_tokens: "str | Tokens | Sequence[str | Tokens]", pooling: str = "last") -> np.ndarray:
+    def embed(self, text_or_tokens: str | Tokens | Sequence[str | Tokens], pooling: str = "last") -> np.ndarray:
         """The final layer's normalised hidden state (the head's input) after the text,
         fed from a zero state: the last token's (`pooling="last"`) or the mean over all
         tokens ("mean"). A text or token list gives a float32 vector [n_embd]; a list of
@@ -522,7 +523,7 @@ class Model:
             run._close()
         self.__dict__["_core"] = None
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,8 +7,9 @@ before each increment; tokens whose text is whitespace or digits count 0.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +32,10 @@ class Sampling:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
 
-    def with_bans(self, extra: Iterable[int]) -> "Sampling":
+    def with_bans(self, extra: Iterable[int]) -> Sampling:
         return replace(self, banned_tokens=tuple(dict.fromkeys([*self.banned_tokens, *extra])))
 
-    def sampler(self, vocab_size: int) -> "Sampler":
+    def sampler(self, vocab_size: int) -> Sampler:
         return Sampler(vocab_size, self)
 
 

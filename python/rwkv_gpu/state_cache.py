@@ -5,9 +5,10 @@ rest."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from . import _core, errors
+from . import errors
 
 if TYPE_CHECKING:
     from .model import Model, State
@@ -29,7 +30,7 @@ class StateCache:
         if max_entries < 1:
             raise errors.InvalidOptionError(f"max_entries must be at least 1, got {max_entries}")
         self.max_entries = int(max_entries)
-        self._entries: OrderedDict[tuple, "State"] = OrderedDict()
+        self._entries: OrderedDict[tuple, State] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.tokens_saved = 0
@@ -41,11 +42,11 @@ class StateCache:
         self._entries.clear()
 
     @staticmethod
-    def _key(model: "Model", tokens: Sequence[int]) -> tuple:
+    def _key(model: Model, tokens: Sequence[int]) -> tuple:
         # The initial state's version: states built on another start are not reused.
         return (id(model), model._initial_version, tuple(tokens))
 
-    def lookup(self, model: "Model", tokens: Sequence[int]) -> tuple["State", int]:
+    def lookup(self, model: Model, tokens: Sequence[int]) -> tuple[State, int]:
         """(a copy of the state after the longest cached prefix of `tokens`, its length);
         a fresh start state and 0 when nothing matches."""
         tokens = list(tokens)
@@ -63,7 +64,7 @@ class StateCache:
         self.tokens_saved += len(best[2])
         return self._entries[best].clone(), len(best[2])
 
-    def store(self, model: "Model", tokens: Sequence[int], state: "State") -> None:
+    def store(self, model: Model, tokens: Sequence[int], state: State) -> None:
         """Remembers a copy of `state`, which must be the state after `tokens`."""
         key = self._key(model, tokens)
         self._entries[key] = state.clone()
@@ -71,7 +72,7 @@ class StateCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def prefill(self, model: "Model", tokens: Sequence[int]) -> None:
+    def prefill(self, model: Model, tokens: Sequence[int]) -> None:
         """Feeds `tokens` (from the longest cached prefix on) and remembers the result."""
         tokens = model._prompt_ids(tokens)
         state, n = self.lookup(model, tokens)
@@ -79,7 +80,7 @@ class StateCache:
             model.prefill(tokens[n:], state)
             self.store(model, tokens, state)
 
-    def resume(self, model: "Model", tokens: list[int]) -> tuple["State", list[int]]:
+    def resume(self, model: Model, tokens: list[int]) -> tuple[State, list[int]]:
         """For a generation: the state after all of `tokens` but the last, fed from the
         longest cached prefix and remembered, and what is left to feed (the last token,
         whose logits the first draw needs)."""

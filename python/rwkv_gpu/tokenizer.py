@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import _core, errors
 
@@ -85,18 +86,18 @@ class Tokenizer:
         self._bytes = byte_level
 
     @classmethod
-    def byte_level(cls) -> "Tokenizer":
+    def byte_level(cls) -> Tokenizer:
         """Token id = byte value (vocabulary 256)."""
         return cls(None, byte_level=True)
 
     @classmethod
-    def world(cls) -> "Tokenizer":
+    def world(cls) -> Tokenizer:
         path = resources.files("rwkv_gpu") / VOCAB_FILE
         with resources.as_file(path) as p:
             return cls(_core.WorldTokenizer(os.fspath(p)))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "Tokenizer":
+    def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
         """A tokenizer.json, through the `tokenizers` package (pip install tokenizers)."""
         try:
             from tokenizers import Tokenizer as HfTokenizer

@@ -110,7 +110,7 @@ impl<'a> Loader<'a> {
             }
             Some(stored) => stored,
             None => match want.unwrap_or(WeightFormat::F16) {
-                f if f.quantized() && k % QUANT_BLOCK != 0 => WeightFormat::F16,
+                f if f.quantized() && !k.is_multiple_of(QUANT_BLOCK) => WeightFormat::F16,
                 f => f,
             },
         };

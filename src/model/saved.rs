@@ -72,9 +72,12 @@ pub fn quantized_tensors(name: &str, format: WeightFormat, m: usize, k: usize) -
     [(format!("{name}.codes"), code_dtype, code_shape), (format!("{name}.scales"), DType::F16, vec![m, k / QUANT_BLOCK])]
 }
 
+/// A quantized matrix's (codes, scales) bytes.
+pub type CodesAndScales<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
+
 /// (codes, scales) of a quantized matrix [m, k], checked against the format's shapes.
-pub fn read_quantized<'a>(ck: &'a dyn Checkpoint, name: &str, format: WeightFormat, m: usize, k: usize) -> Result<(Cow<'a, [u8]>, Cow<'a, [u8]>)> {
-    if k % QUANT_BLOCK != 0 {
+pub fn read_quantized<'a>(ck: &'a dyn Checkpoint, name: &str, format: WeightFormat, m: usize, k: usize) -> Result<CodesAndScales<'a>> {
+    if !k.is_multiple_of(QUANT_BLOCK) {
         return Err(Error::load(ck.path(), format!("{name}: width {k} is not a multiple of the {QUANT_BLOCK}-wide quantization block")));
     }
     let expect = quantized_tensors(name, format, m, k);
