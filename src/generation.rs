@@ -1,12 +1,17 @@
-//! Generation runs: the state, the sampler and the tokens drawn but not yet fed, for one
-//! sequence (`Generation`) or several stepped together (`BatchGeneration`).
+//! The one generation loop: sequences stepped together (`Batch`). `Model.generate` is a
+//! batch of one, `complete_batch` a batch of n, and the serving Engine a batch that
+//! sequences join and leave between steps.
 //!
-//! Each step feeds what is pending, draws the next token from the last logits and makes
-//! it the pending one, all before returning. The caller takes a drawn token with
-//! `record` (which also lists it in `given`); `finish` feeds the pending token only if it
-//! was taken. So whatever interrupts the caller (Ctrl-C in Python, arriving as a step
-//! returns; an early `break`) finds a consistent run: after `finish` the state holds the
-//! prompt and exactly the tokens in `given`, as listed in `fed`.
+//! Each step feeds every live sequence's pending tokens in one `forward_batch` call (the
+//! weights read once for all), then each sequence whose pending tokens were all fed draws
+//! its next token with its own sampler and makes it the pending one. A step may cap the
+//! prompt tokens it feeds (`prefill_budget`): a long prompt is then fed over several
+//! steps, interleaved with the others' decoding, and draws once it is all in.
+//!
+//! The caller takes a drawn token with `record` (which lists it in `given`); `finish`
+//! feeds the pending token only if it was taken. Whatever interrupts the caller (Ctrl-C,
+//! an early `break`, a cancelled request) finds a consistent sequence: after `finish` its
+//! state holds exactly the tokens in `fed`: the prompt, then the tokens in `given`.
 
 use std::sync::Arc;
 
@@ -15,198 +20,250 @@ use crate::interrupt::Interrupt;
 use crate::model::{Model, State, Want};
 use crate::sampler::Sampler;
 
-pub struct Generation {
-    model: Arc<Model>,
+/// A sequence's handle in its batch (never reused within one batch).
+pub type SeqId = u64;
+
+/// What a step produced for one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stepped {
+    /// Drew `token` (not yet taken). With logprobs asked for: the token's log-probability
+    /// and the most likely tokens' under the penalised logits at temperature 1.
+    Drew { id: SeqId, token: u32, logprob: Option<f32>, top: Vec<(u32, f32)> },
+    /// Fed everything pending and was told not to draw (`add`/`extend` with draw false).
+    Fed { id: SeqId },
+}
+
+struct Member {
+    id: SeqId,
     state: State,
     sampler: Sampler,
+    /// Tokens to feed, in order: the prompt at first, then the drawn token.
     pending: Vec<u32>,
+    /// Whether to draw once `pending` is all fed.
+    draw: bool,
     fed: Vec<u32>,
     given: Vec<u32>,
     /// `pending` holds a drawn token the caller has not taken (recorded).
     untaken: bool,
+    /// Takes no more steps (stopped by the caller); pending tokens, if any, are still
+    /// fed by `finish` (a taken drawn token only).
+    done: bool,
+    /// How many alternatives to report with each draw (None: no log-probabilities).
+    top_logprobs: Option<usize>,
 }
 
-impl Generation {
-    /// `prompt` (non-empty) is fed by the first step.
-    pub fn new(model: Arc<Model>, state: State, sampler: Sampler, prompt: Vec<u32>) -> Generation {
-        Generation { model, state, sampler, pending: prompt, fed: Vec::new(), given: Vec::new(), untaken: false }
+impl Member {
+    fn live(&self) -> bool {
+        !self.done && !self.pending.is_empty()
+    }
+}
+
+pub struct Batch {
+    model: Arc<Model>,
+    members: Vec<Member>,
+    next_id: SeqId,
+    /// The most pending tokens a step feeds over all sequences that are reading a prompt
+    /// (a sequence decoding feeds its one token regardless); 0: no limit.
+    prefill_budget: usize,
+}
+
+/// The most alternatives a draw reports (OpenAI's `top_logprobs` goes to 20).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl Batch {
+    pub fn new(model: Arc<Model>) -> Batch {
+        Batch { model, members: Vec::new(), next_id: 0, prefill_budget: 0 }
     }
 
-    /// Feeds the pending tokens and draws the next one (penalised, not yet recorded).
-    /// On error nothing changes: the pending tokens stay pending.
-    pub fn step(&mut self) -> Result<u32> {
-        self.step_with(Interrupt::NONE)
+    pub fn set_prefill_budget(&mut self, tokens: usize) {
+        self.prefill_budget = tokens;
     }
 
-    /// `step`, asking `interrupt` between the submissions of a long prompt. Interrupted,
-    /// the state is as before and the pending tokens are dropped: nothing was produced
-    /// from them, so `finish` does not feed them either.
-    pub fn step_with(&mut self, interrupt: Interrupt) -> Result<u32> {
-        let result = self.model.forward_batch_with(&[(&self.state, &self.pending)], Want::Last, interrupt);
-        if matches!(result, Err(Error::Interrupted)) {
-            self.pending.clear();
-            self.untaken = false;
+    /// Adds a sequence over `state`, to feed `prompt` (non-empty) and then draw if `draw`.
+    /// The sampler is used as given (reset it for a fresh run). Checked here, once: the
+    /// state is this model's and in no other sequence of the batch, the tokens are in
+    /// the vocabulary.
+    pub fn add(&mut self, state: State, sampler: Sampler, prompt: Vec<u32>, draw: bool, top_logprobs: Option<usize>) -> Result<SeqId> {
+        self.model.check_state(&state)?;
+        self.model.check_tokens(&prompt)?;
+        if sampler.vocab_size() != self.model.config.vocab_size {
+            return Err(Error::Shape(format!("the sampler is for a vocabulary of {}; this model has {}", sampler.vocab_size(), self.model.config.vocab_size)));
         }
-        let mut logits = result?;
-        self.sampler.apply_penalties(&mut logits);
-        let token = self.sampler.sample(&logits);
-        self.fed.append(&mut self.pending);
-        self.pending.push(token);
-        self.untaken = true;
-        Ok(token)
-    }
-
-    /// The caller takes the drawn `token`: counted for the penalties (`token_bytes`
-    /// decides the whitespace/digit rule) and listed in `given`.
-    pub fn record(&mut self, token: u32, token_bytes: &[u8]) {
-        self.sampler.record(token, token_bytes);
-        self.given.push(token);
-        self.untaken = false;
-    }
-
-    /// The tokens the caller has taken, in order.
-    pub fn given(&self) -> &[u32] {
-        &self.given
-    }
-
-    /// Drops the pending token unfed (a stop token).
-    pub fn discard_pending(&mut self) {
-        self.pending.clear();
-    }
-
-    /// Feeds whatever is pending (no logits computed), except a drawn token the caller
-    /// never took. Safe to call more than once.
-    pub fn finish(&mut self) -> Result<()> {
-        if self.untaken {
-            self.pending.clear();
-            self.untaken = false;
+        if let Some(n) = top_logprobs {
+            if n > MAX_TOP_LOGPROBS {
+                return Err(Error::Invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}")));
+            }
         }
-        if !self.pending.is_empty() {
-            self.model.forward(&self.state, &self.pending, Want::None)?;
-            self.fed.append(&mut self.pending);
+        if self.members.iter().any(|m| Arc::ptr_eq(&m.state.0, &state.0)) {
+            return Err(Error::State("this State is already used by a sequence of the batch; give each its own".into()));
         }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.members.push(Member { id, state, sampler, pending: prompt, draw, fed: Vec::new(), given: Vec::new(), untaken: false, done: false, top_logprobs });
+        Ok(id)
+    }
+
+    fn member(&self, id: SeqId) -> Result<&Member> {
+        self.members.iter().find(|m| m.id == id).ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
+    }
+
+    fn member_mut(&mut self, id: SeqId) -> Result<&mut Member> {
+        self.members.iter_mut().find(|m| m.id == id).ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
+    }
+
+    /// Gives a sequence that has fed everything (after `Stepped::Fed`) more tokens to feed,
+    /// then draw if `draw`.
+    pub fn extend(&mut self, id: SeqId, tokens: Vec<u32>, draw: bool) -> Result<()> {
+        self.model.check_tokens(&tokens)?;
+        let m = self.member_mut(id)?;
+        if m.done || !m.pending.is_empty() {
+            return Err(Error::State(format!("sequence {id} still has tokens to feed or is stopped")));
+        }
+        m.pending = tokens;
+        m.draw = draw;
         Ok(())
     }
 
-    /// Tokens fed into the state so far (the prompt's included).
-    pub fn fed(&self) -> &[u32] {
-        &self.fed
-    }
-}
-
-/// One sequence of a `BatchGeneration`.
-struct Member {
-    state: State,
-    sampler: Sampler,
-    pending: Vec<u32>,
-    fed: Vec<u32>,
-    given: Vec<u32>,
-    /// `pending` holds a drawn token the caller has not taken (recorded).
-    untaken: bool,
-    /// Takes no more steps (stopped or given up by the caller); its pending token, if
-    /// any, is still fed by `finish`.
-    done: bool,
-}
-
-/// Several generation runs stepped together: each step feeds every live sequence's
-/// pending tokens in one `forward_batch` call (the weights read once for all of them),
-/// then draws each one's next token with its own sampler. The same consistency rule as
-/// `Generation`: after `finish`, each state holds exactly its `fed` tokens.
-pub struct BatchGeneration {
-    model: Arc<Model>,
-    members: Vec<Member>,
-}
-
-impl BatchGeneration {
-    /// One (state, sampler, non-empty prompt) per sequence.
-    pub fn new(model: Arc<Model>, runs: Vec<(State, Sampler, Vec<u32>)>) -> BatchGeneration {
-        let members = runs
-            .into_iter()
-            .map(|(state, sampler, prompt)| Member { state, sampler, pending: prompt, fed: Vec::new(), given: Vec::new(), untaken: false, done: false })
-            .collect();
-        BatchGeneration { model, members }
-    }
-
-    /// Feeds the pending tokens of every live sequence and draws each one's next token;
-    /// None for sequences that are done. On error nothing changes.
-    pub fn step(&mut self) -> Result<Vec<Option<u32>>> {
-        self.step_with(Interrupt::NONE)
-    }
-
-    /// `step`, asking `interrupt` between submissions; interrupted, as `Generation::step_with`.
-    pub fn step_with(&mut self, interrupt: Interrupt) -> Result<Vec<Option<u32>>> {
-        let live: Vec<usize> = (0..self.members.len()).filter(|&i| !self.members[i].done).collect();
-        let mut drawn = vec![None; self.members.len()];
-        if live.is_empty() {
-            return Ok(drawn);
+    /// Feeds each live sequence's pending tokens (prompts within the budget) in one call,
+    /// then draws for each sequence that fed all it had. On error nothing changes; when
+    /// interrupted, the states are as before and the tokens of this step are dropped
+    /// (nothing was produced from them, so `finish` does not feed them either).
+    pub fn step_with(&mut self, interrupt: Interrupt) -> Result<Vec<Stepped>> {
+        // How many pending tokens each member feeds now: a decoding one its single token,
+        // prompts in order of arrival while the budget lasts.
+        let mut take = vec![0usize; self.members.len()];
+        let mut budget = if self.prefill_budget == 0 { usize::MAX } else { self.prefill_budget };
+        for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.live()) {
+            if m.untaken || m.pending.len() == 1 && !m.fed.is_empty() {
+                take[i] = m.pending.len();
+            }
         }
-        let batch: Vec<(&State, &[u32])> = live.iter().map(|&i| (&self.members[i].state, self.members[i].pending.as_slice())).collect();
-        let result = self.model.forward_batch_with(&batch, Want::Last, interrupt);
+        for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.live()) {
+            if take[i] == 0 && budget > 0 {
+                take[i] = m.pending.len().min(budget);
+                budget -= take[i];
+            }
+        }
+        let fed: Vec<usize> = (0..self.members.len()).filter(|&i| take[i] > 0).collect();
+        if fed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wants_logits = fed.iter().any(|&i| take[i] == self.members[i].pending.len() && self.members[i].draw);
+        let want = if wants_logits { Want::Last } else { Want::None };
+        let batch: Vec<(&State, &[u32])> = fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
+        let result = self.model.forward_batch_with(&batch, want, interrupt);
         if matches!(result, Err(Error::Interrupted)) {
-            for &i in &live {
-                self.members[i].pending.clear();
-                self.members[i].untaken = false;
+            for &i in &fed {
+                let m = &mut self.members[i];
+                m.pending.drain(..take[i]);
+                m.untaken = false;
             }
         }
         let logits = result?;
         let v = self.model.config.vocab_size;
-        for (row, &i) in logits.chunks_exact(v).zip(&live) {
+        let mut out = Vec::new();
+        for (row, &i) in fed.iter().enumerate() {
             let m = &mut self.members[i];
-            let mut row = row.to_vec();
+            let all_in = take[i] == m.pending.len();
+            m.fed.extend(m.pending.drain(..take[i]));
+            m.untaken = false;
+            if !all_in {
+                continue;
+            }
+            if !m.draw {
+                out.push(Stepped::Fed { id: m.id });
+                continue;
+            }
+            let mut row = logits[row * v..(row + 1) * v].to_vec();
             m.sampler.apply_penalties(&mut row);
             let token = m.sampler.sample(&row);
-            m.fed.append(&mut m.pending);
+            let (logprob, top) = match m.top_logprobs {
+                Some(n) => {
+                    let (lp, top) = log_probabilities(&row, token, n);
+                    (Some(lp), top)
+                }
+                None => (None, Vec::new()),
+            };
             m.pending.push(token);
             m.untaken = true;
-            drawn[i] = Some(token);
+            out.push(Stepped::Drew { id: m.id, token, logprob, top });
         }
-        Ok(drawn)
+        Ok(out)
     }
 
-    /// The caller takes sequence `i`'s drawn `token` (as `Generation::record`).
-    pub fn record(&mut self, i: usize, token: u32, token_bytes: &[u8]) {
-        let m = &mut self.members[i];
+    pub fn step(&mut self) -> Result<Vec<Stepped>> {
+        self.step_with(Interrupt::NONE)
+    }
+
+    /// The caller takes sequence `id`'s drawn `token`: counted for the penalties
+    /// (`token_bytes` decides the whitespace/digit rule) and listed in `given`.
+    pub fn record(&mut self, id: SeqId, token: u32, token_bytes: &[u8]) -> Result<()> {
+        let m = self.member_mut(id)?;
+        if !m.untaken || m.pending.last() != Some(&token) {
+            return Err(Error::State(format!("token {token} is not sequence {id}'s drawn token")));
+        }
         m.sampler.record(token, token_bytes);
         m.given.push(token);
         m.untaken = false;
+        Ok(())
     }
 
-    /// The tokens the caller has taken from sequence `i`.
-    pub fn given(&self, i: usize) -> &[u32] {
-        &self.members[i].given
-    }
-
-    /// Sequence `i` takes no more steps; `feed_pending` false drops its drawn token unfed
-    /// (a stop token), true leaves it for `finish` to feed (if it was taken).
-    pub fn stop(&mut self, i: usize, feed_pending: bool) {
-        let m = &mut self.members[i];
+    /// Sequence `id` takes no more steps; `feed_pending` false drops what is pending
+    /// (a stop token), true leaves a taken token for `finish` to feed.
+    pub fn stop(&mut self, id: SeqId, feed_pending: bool) -> Result<()> {
+        let m = self.member_mut(id)?;
         m.done = true;
         if !feed_pending {
             m.pending.clear();
+            m.untaken = false;
         }
+        Ok(())
     }
 
-    /// Feeds every sequence's pending tokens, in one call, no logits, except drawn tokens
-    /// the caller never took. Safe to repeat.
-    pub fn finish(&mut self) -> Result<()> {
-        for m in &mut self.members {
+    /// Feeds the pending tokens of the sequences in `ids` (all: None), in one call, no
+    /// logits, except drawn tokens the caller never took; they take no more steps. Safe
+    /// to repeat.
+    pub fn finish(&mut self, ids: Option<&[SeqId]>) -> Result<()> {
+        let chosen = |m: &Member| ids.is_none_or(|ids| ids.contains(&m.id));
+        for m in self.members.iter_mut().filter(|m| chosen(m)) {
             if m.untaken {
                 m.pending.clear();
                 m.untaken = false;
             }
         }
-        let batch: Vec<(&State, &[u32])> = self.members.iter().filter(|m| !m.pending.is_empty()).map(|m| (&m.state, m.pending.as_slice())).collect();
-        if batch.is_empty() {
-            return Ok(());
+        let batch: Vec<(&State, &[u32])> = self.members.iter().filter(|m| chosen(m) && !m.pending.is_empty()).map(|m| (&m.state, m.pending.as_slice())).collect();
+        if !batch.is_empty() {
+            self.model.forward_batch(&batch, Want::None)?;
         }
-        self.model.forward_batch(&batch, Want::None)?;
-        for m in &mut self.members {
-            m.fed.append(&mut m.pending);
+        for m in self.members.iter_mut().filter(|m| chosen(m)) {
+            let pending = std::mem::take(&mut m.pending);
+            m.fed.extend(pending);
             m.done = true;
         }
         Ok(())
     }
 
+    /// Finishes sequence `id` and takes it out of the batch; its state then holds exactly
+    /// its `fed` tokens. Returns (fed, given).
+    pub fn remove(&mut self, id: SeqId) -> Result<(Vec<u32>, Vec<u32>)> {
+        self.member(id)?;
+        self.finish(Some(&[id]))?;
+        let at = self.members.iter().position(|m| m.id == id).expect("checked above");
+        let m = self.members.remove(at);
+        Ok((m.fed, m.given))
+    }
+
+    /// The tokens the caller has taken from sequence `id`, in order.
+    pub fn given(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(&self.member(id)?.given)
+    }
+
+    /// Tokens fed into sequence `id`'s state so far (its prompt's included).
+    pub fn fed(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(&self.member(id)?.fed)
+    }
+
+    /// Sequences in the batch (stopped ones until removed).
     pub fn len(&self) -> usize {
         self.members.len()
     }
@@ -214,9 +271,46 @@ impl BatchGeneration {
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()
     }
+}
 
-    /// Tokens fed into sequence `i`'s state so far.
-    pub fn fed(&self, i: usize) -> &[u32] {
-        &self.members[i].fed
+/// log softmax of `logits` at `token`, and the `n` most likely tokens with theirs (ties
+/// to the lower id). Banned tokens (-inf) have -inf and are never listed.
+fn log_probabilities(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |l: f32| (l as f64 - log_z) as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if n == 0 || l == f32::NEG_INFINITY {
+            continue;
+        }
+        if top.len() == n && l <= top[n - 1].1 {
+            continue;
+        }
+        let at = top.partition_point(|&(_, other)| other >= l);
+        top.insert(at, (i as u32, l));
+        top.truncate(n);
+    }
+    (lp(logits[token as usize]), top.into_iter().map(|(t, l)| (t, lp(l))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_probabilities;
+
+    #[test]
+    fn log_probabilities_are_normalised_and_ordered() {
+        let logits = [1.0f32, 3.0, f32::NEG_INFINITY, 3.0, -2.0];
+        let (lp, top) = log_probabilities(&logits, 1, 4);
+        // Ties by the lower id; the banned token never listed.
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 0, 4]);
+        assert_eq!(top[0].1, lp);
+        let total: f64 = top.iter().map(|&(_, l)| (l as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "probabilities sum to {total}");
+        let z = (1f64.exp() + 2.0 * 3f64.exp() + (-2f64).exp()).ln();
+        assert!((lp as f64 - (3.0 - z)).abs() < 1e-6);
+        assert_eq!(log_probabilities(&logits, 2, 2), (f32::NEG_INFINITY, vec![(1, lp), (3, lp)]));
+        assert!(log_probabilities(&logits, 0, 0).1.is_empty());
     }
 }

@@ -134,6 +134,10 @@ impl Sampler {
         &self.options
     }
 
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
     /// Forgets the penalty counts (the RNG goes on).
     pub fn reset(&mut self) {
         self.counts.clear();

@@ -11,6 +11,7 @@
 from . import errors as _errors
 from ._core import adapters, kernel_source
 from .conversation import Chat
+from .engine import Engine, Request
 from .errors import *  # noqa: F403 (the exception classes, listed in errors.__all__)
 from .generation import Completion
 from .model import Model, State
@@ -22,6 +23,8 @@ __all__ = [
     "Model",
     "State",
     "Chat",
+    "Engine",
+    "Request",
     "Completion",
     "Sampling",
     "Sampler",

@@ -55,7 +55,7 @@ def add_sampling_args(ap: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def load_model(args: argparse.Namespace) -> Model:
-    model = Model(args.model, adapter=args.adapter, tokenizer=args.tokenizer)
+    model = Model(args.model, dtype=getattr(args, "dtype", None), adapter=args.adapter, tokenizer=args.tokenizer)
     if args.state:
         model.initial_state = model.load_state(args.state, transpose=args.transpose_state)
     return model

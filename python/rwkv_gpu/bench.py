@@ -165,7 +165,9 @@ class Bench:
             # The first step of a generation (as Model.generate, without text decoding):
             # feed the prompt (or what the cache lacks), read the logits, draw.
             state, rest = cache.resume(self.model, ids) if cache is not None else (self.model.new_state(), ids)
-            self.model._m.generation(rest, state._core, sampler._core).step()
+            batch = self.model._m.batch()
+            batch.add(state._core, sampler._core, rest)
+            batch.step()
 
         return run
 

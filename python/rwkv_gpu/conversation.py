@@ -20,6 +20,41 @@ def clean_message(text: str) -> str:
     return _BLANK_LINES.sub("\n", text.strip().replace("\r\n", "\n"))
 
 
+# The RWKV-7 chat format: one "Role: text" turn per message, each ending with a blank
+# line; a reply is asked for with "Assistant:" and ends at the next blank line (which
+# the state keeps, as the official chat demo does).
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+REPLY_PROMPT = "Assistant:"
+REPLY_STOP = "\n\n"
+
+
+def turn(role: str, text: str) -> str:
+    """One message as the model reads it, e.g. turn("user", "Hi") == "User: Hi\n\n"."""
+    return f"{ROLES[role]}: {clean_message(text)}\n\n"
+
+
+class ReplyStart:
+    """Drops the space that follows "Assistant:" from a reply's first pieces."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def push(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip(" ")
+            self.started = bool(piece)
+        return piece
+
+
+def reply_text(pieces: Iterator[str]) -> Iterator[str]:
+    """A reply's pieces without the space that follows "Assistant:"."""
+    start = ReplyStart()
+    for piece in pieces:
+        piece = start.push(piece)
+        if piece:
+            yield piece
+
+
 class Chat:
     """A conversation:
 
@@ -42,25 +77,21 @@ class Chat:
         self.sampling = sampling
         self.history: list[tuple[str, str]] = []  # (user message, reply) per finished turn
         self.tokens: list[int] = []  # every token fed into `state` by this chat, in order
-        self._pending = f"System: {clean_message(system)}\n\n" if system else ""
+        self._pending = turn("system", system) if system else ""
 
     def send(self, message: str) -> Iterator[str]:
         """Streams the reply to `message` (leading and trailing whitespace removed)."""
         before = self._pending
-        text = before + f"User: {clean_message(message)}\n\nAssistant:"
+        text = before + turn("user", message) + REPLY_PROMPT
         self._pending = ""
         prompt = self.model.tokenizer.encode(text)
-        run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), ["\n\n"], (0,), None)
+        run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), [REPLY_STOP], (0,), None)
         pieces: list[str] = []
         stream = iter(run)
         try:
-            first = True
-            for piece in stream:
-                if first:
-                    piece, first = piece.lstrip(" "), not piece.strip(" ")
-                if piece:
-                    pieces.append(piece)
-                    yield piece
+            for piece in reply_text(stream):
+                pieces.append(piece)
+                yield piece
         finally:
             # Feeds the drawn token still pending if it was handed out (after a break or
             # Ctrl-C too), so the state holds exactly the reply given.

@@ -60,6 +60,14 @@ class ModelSaveError(RwkvError, OSError):
     """A model could not be written; an existing file at the path is left as it was."""
 
 
+class QueueFullError(RwkvError, RuntimeError):
+    """The Engine's queue of waiting requests is full; try again later."""
+
+
+class EngineClosedError(RwkvError, RuntimeError):
+    """The Engine was closed; it takes no more requests."""
+
+
 # They are rwkv_gpu's: `rwkv_gpu.ShapeError` in reprs and tracebacks.
 for _cls in list(globals().values()):
     if isinstance(_cls, type) and issubclass(_cls, RwkvError):
@@ -80,4 +88,6 @@ __all__ = [
     "StateError",
     "StateSaveError",
     "ModelSaveError",
+    "QueueFullError",
+    "EngineClosedError",
 ]

@@ -1,17 +1,18 @@
-"""The generation loop behind `Model.generate` and `Model.complete`.
+"""The generation loop behind `Model.generate`, `complete`, `*_batch` and the Engine.
 
-Each step is one call into Rust (`_core.Generation.step`): feed the pending tokens, read
-the last logits, penalise and draw, with the GIL released. Python decodes the token,
-looks for stop strings and yields text. The loop can be left at any point (Ctrl-C, a
-`break`): `finish` then feeds the one drawn token still pending, so the state always
-holds exactly the prompt and the tokens drawn (stop tokens excepted).
+The stepping is Rust's (`_core.Batch`: feed what is pending, read the last logits,
+penalise and draw, for every sequence at once, GIL released). Python turns each drawn
+token into text (`TextStream`: decoding, stop tokens, stop strings, max_tokens). A run
+can be left at any point (Ctrl-C, a `break`, a cancelled request): the core's `finish`
+then feeds only the drawn tokens handed out, so a state always holds exactly the prompt
+and the tokens given (stop tokens excepted).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .sampling import Sampler, Sampling
@@ -19,6 +20,7 @@ from .sampling import Sampler, Sampling
 if TYPE_CHECKING:
     from .model import Model, State
     from .state_cache import StateCache
+    from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -63,102 +65,60 @@ class StopMatcher:
         return out
 
 
-class Run:
-    """One generation; iterate it for text pieces. Afterwards `finish_reason`,
-    `tokens` (drawn) and `prompt_tokens` describe what happened."""
+class TextStream:
+    """One sequence's text: decodes its drawn tokens into complete UTF-8 pieces and
+    decides when it ends (a stop token, a stop string, max_tokens). The same for a
+    single generation, a batch and the Engine's requests."""
 
-    def __init__(
-        self,
-        model: Model,
-        prompt: str | Sequence[int],
-        state: State | None,
-        max_tokens: int,
-        sampling: Sampling,
-        stop: Sequence[str],
-        stop_tokens: Sequence[int],
-        cache: StateCache | None,
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] | str, stop_tokens: Sequence[int]) -> None:
         if max_tokens < 1:
             raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
-        if isinstance(stop, str):
-            stop = [stop]
-        self.model = model
-        self.tokenizer = model.tokenizer
-        ids = model._prompt_ids(prompt)
-        vocab = model.config["vocab_size"]
-        # Ids past the tokenizer's vocabulary (World: 65530..65535) have no text.
-        sampling = sampling.with_bans(range(self.tokenizer.vocab_size, vocab))
-        self.sampler = Sampler(vocab, sampling)
-        self.prompt_tokens = len(ids)
-        self.max_tokens = max_tokens
-        self.stop = StopMatcher(stop)
+        self.tokenizer = tokenizer
+        self.max_tokens = int(max_tokens)
+        self.decoder = tokenizer.stream_decoder()
+        self.matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop))
         self.stop_tokens = {int(t) for t in stop_tokens}
+        self.taken = 0
         self.finish_reason: str | None = None
-        self._given_at_close: list[int] = []
-        if cache is not None and state is None:
-            self.state, ids = cache.resume(model, ids)
-        else:
-            self.state = model._start_state(state)
-        self._core = model._m.generation(ids, self.state._core, self.sampler._core)
-        model._live_runs.add(self)
 
-    @property
-    def tokens(self) -> list[int]:
-        """The tokens drawn and handed out so far, in order: exactly those fed into the
-        state after the prompt once the run ends, however it ends (Ctrl-C included)."""
-        return self._given_at_close if self._core is None else list(self._core.given())
+    def take(self, batch: Any, seq: int, token: int) -> str:
+        """Handles sequence `seq`'s drawn `token` in the core `batch`: records it (or
+        drops it, a stop token) and returns the text it completes ("" for none). Once
+        `finish_reason` is set, the sequence is stopped in the batch."""
+        if token in self.stop_tokens:
+            batch.stop(seq, False)
+            self.finish_reason = "stop"
+            return ""
+        # Taken: listed in `given` and, once the run ends, fed (one native call, so
+        # Ctrl-C cannot fall between the two).
+        batch.record(seq, token, self.tokenizer.token_bytes(token) or b"")
+        self.taken += 1
+        text, stopped = self.matcher.push(self.decoder.push(token))
+        if stopped:
+            self.finish_reason = "stop"
+        elif self.taken >= self.max_tokens:
+            self.finish_reason = "length"
+            tail, stopped = self.matcher.push(self.decoder.finish())
+            if stopped:
+                self.finish_reason = "stop"
+            text += tail + self.matcher.flush()
+        if self.finish_reason is not None:
+            batch.stop(seq, True)
+        return text
 
-    def _close(self) -> None:
-        """The model is closing: drop the native generation (and its hold on the model's
-        memory); iteration ends with finish_reason "closed"."""
-        if self._core is not None:
-            self._given_at_close = list(self._core.given())
-        self._core = None
 
-    def __iter__(self) -> Iterator[str]:
-        decoder = self.tokenizer.stream_decoder()
-        try:
-            for _ in range(self.max_tokens):
-                if self._core is None:
-                    self.finish_reason = "closed"
-                    return
-                token = self._core.step()
-                if token in self.stop_tokens:
-                    self._core.discard_pending()
-                    self.finish_reason = "stop"
-                    break
-                # Taken: listed in `tokens` and, once the run ends, fed (one native call,
-                # so Ctrl-C cannot fall between the two).
-                self._core.record(token, self.tokenizer.token_bytes(token) or b"")
-                text, stopped = self.stop.push(decoder.push(token))
-                if text:
-                    yield text
-                if stopped:
-                    self.finish_reason = "stop"
-                    break
-            else:
-                self.finish_reason = "length"
-                tail, stopped = self.stop.push(decoder.finish())
-                if stopped:
-                    self.finish_reason = "stop"
-                tail += self.stop.flush()
-                if tail:
-                    yield tail
-        finally:
-            if self._core is not None:
-                self._core.finish()
-
-    def fed_tokens(self) -> list[int]:
-        """The tokens fed into the state by this run (after the prompt part a StateCache
-        supplied), in order."""
-        return list(self._core.fed())
+def sampler_for(model: Model, sampling: Sampling) -> Sampler:
+    """A sampler over the model's vocabulary; ids past the tokenizer's (World:
+    65530..65535) have no text and are banned."""
+    vocab = model.config["vocab_size"]
+    return Sampler(vocab, sampling.with_bans(range(model.tokenizer.vocab_size, vocab)))
 
 
 class BatchRun:
-    """Several generations stepped together (`Model.complete_batch`): each step feeds
-    every live sequence in one forward call, then each draws with its own sampler.
-    Sequence i samples with seed + i when a seed is given, so that copies of one prompt
-    draw differently yet reproducibly."""
+    """Generations stepped together: each step feeds every live sequence in one forward
+    call, then each draws with its own sampler. Sequence i samples with seed + i when a
+    seed is given, so that copies of one prompt draw differently yet reproducibly.
+    `Run` is a BatchRun of one."""
 
     def __init__(
         self,
@@ -170,14 +130,13 @@ class BatchRun:
         stop: Sequence[str] | str,
         stop_tokens: Sequence[int],
     ) -> None:
-        if max_tokens < 1:
-            raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
         if isinstance(prompts, str):
             raise errors.ShapeError("prompts must be a list of prompts (texts or token lists)")
         self.tokenizer = model.tokenizer
         self.ids = [model._prompt_ids(p) for p in prompts]
         if not self.ids:
             raise errors.ShapeError("prompts is empty: give at least one prompt")
+        self.texts = [TextStream(self.tokenizer, max_tokens, stop, stop_tokens) for _ in self.ids]
         if states is None:
             self.states = model.new_states(len(self.ids))
         else:
@@ -186,27 +145,32 @@ class BatchRun:
                 raise errors.ShapeError(f"{len(self.ids)} prompts but {len(self.states)} states: give one state per prompt")
             for state in self.states:
                 model._check_state(state)
-        vocab = model.config["vocab_size"]
-        sampling = sampling.with_bans(range(self.tokenizer.vocab_size, vocab))
         seeds = [None if sampling.seed is None else (int(sampling.seed) + i) % 2**64 for i in range(len(self.ids))]
-        samplers = [Sampler(vocab, replace(sampling, seed=seed)) for seed in seeds]
-        self.max_tokens = max_tokens
-        self.stops = [stop] if isinstance(stop, str) else list(stop)
-        self.stop_tokens = {int(t) for t in stop_tokens}
-        self._given_at_close: list[list[int]] = [[] for _ in self.ids]
-        self.finish_reasons: list[str | None] = [None] * len(self.ids)
-        self._core = model._m.batch_generation(self.ids, [s._core for s in self.states], [s._core for s in samplers])
+        samplers = [sampler_for(model, replace(sampling, seed=seed)) for seed in seeds]
+        self._start(model, [(s, smp, ids) for s, smp, ids in zip(self.states, samplers, self.ids)])
+
+    def _start(self, model: Model, runs: list[tuple[State, Sampler, list[int]]]) -> None:
+        self._given_at_close: list[list[int]] = [[] for _ in runs]
+        core = model._m.batch()
+        self._seqs = [core.add(state._core, sampler._core, ids) for state, sampler, ids in runs]
+        self._core: Any = core
         model._live_runs.add(self)
 
     @property
+    def finish_reasons(self) -> list[str | None]:
+        return [t.finish_reason for t in self.texts]
+
+    @property
     def tokens(self) -> list[list[int]]:
-        """Each sequence's tokens drawn and handed out so far (as `Run.tokens`)."""
+        """Each sequence's tokens drawn and handed out so far: exactly those fed into its
+        state after the prompt once the run ends, however it ends (Ctrl-C included)."""
         if self._core is None:
             return self._given_at_close
-        return [list(self._core.given(i)) for i in range(len(self.ids))]
+        return [list(self._core.given(seq)) for seq in self._seqs]
 
     def _close(self) -> None:
-        """As `Run._close`: every sequence still going ends with "closed"."""
+        """The model is closing: drop the native batch (and its hold on the model's
+        memory); sequences still going end with finish_reason "closed"."""
         if self._core is not None:
             self._given_at_close = self.tokens
         self._core = None
@@ -215,42 +179,23 @@ class BatchRun:
         """(sequence index, text piece) as each sequence produces text; afterwards
         `tokens[i]` and `finish_reasons[i]` describe each sequence. Leaving the loop early
         is clean: every state then holds its prompt and the tokens drawn so far."""
-        n = len(self.ids)
-        decoders = [self.tokenizer.stream_decoder() for _ in range(n)]
-        matchers = [StopMatcher(self.stops) for _ in range(n)]
+        index = {seq: i for i, seq in enumerate(self._seqs)}
         try:
-            for _ in range(self.max_tokens):
+            while any(t.finish_reason is None for t in self.texts):
                 if self._core is None:
-                    self.finish_reasons = [r or "closed" for r in self.finish_reasons]
+                    for t in self.texts:
+                        t.finish_reason = t.finish_reason or "closed"
                     return
-                drawn = self._core.step()
-                if all(t is None for t in drawn):
+                stepped = self._core.step()
+                if not stepped:  # nothing left to feed: cannot happen while a sequence runs
                     break
-                for i, token in enumerate(drawn):
+                for seq, token, _, _ in stepped:
                     if self._core is None:  # closed while a piece was out
                         break
-                    if token is None:
-                        continue
-                    if token in self.stop_tokens:
-                        self._core.stop(i, False)
-                        self.finish_reasons[i] = "stop"
-                        continue
-                    self._core.record(i, token, self.tokenizer.token_bytes(token) or b"")
-                    text, stopped = matchers[i].push(decoders[i].push(token))
+                    i = index[seq]
+                    text = self.texts[i].take(self._core, seq, token)
                     if text:
                         yield i, text
-                    if stopped:
-                        self._core.stop(i, True)
-                        self.finish_reasons[i] = "stop"
-            for i in range(n):
-                if self.finish_reasons[i] is None:
-                    self.finish_reasons[i] = "length"
-                    tail, stopped = matchers[i].push(decoders[i].finish())
-                    if stopped:
-                        self.finish_reasons[i] = "stop"
-                    tail += matchers[i].flush()
-                    if tail:
-                        yield i, tail
         finally:
             if self._core is not None:
                 self._core.finish()
@@ -264,6 +209,46 @@ class BatchRun:
         return [Completion("".join(texts[i]), self.finish_reasons[i] or "length", len(self.ids[i]), len(tokens[i]),
                            tokens[i]) for i in range(len(self.ids))]
 
-    def fed_tokens(self, i: int) -> list[int]:
+    def fed_tokens(self, i: int = 0) -> list[int]:
         """The tokens fed into sequence i's state by this run, in order."""
-        return list(self._core.fed(i))
+        return list(self._core.fed(self._seqs[i]))
+
+
+class Run(BatchRun):
+    """One generation; iterate it for text pieces. Afterwards `finish_reason`,
+    `tokens` (drawn) and `prompt_tokens` describe what happened."""
+
+    def __init__(
+        self,
+        model: Model,
+        prompt: str | Sequence[int],
+        state: State | None,
+        max_tokens: int,
+        sampling: Sampling,
+        stop: Sequence[str] | str,
+        stop_tokens: Sequence[int],
+        cache: StateCache | None,
+    ) -> None:
+        self.tokenizer = model.tokenizer
+        self.texts = [TextStream(self.tokenizer, max_tokens, stop, stop_tokens)]
+        sampler = sampler_for(model, sampling)
+        ids = model._prompt_ids(prompt)
+        self.ids = [ids]
+        if cache is not None and state is None:
+            self.state, rest = cache.resume(model, ids)
+        else:
+            self.state, rest = model._start_state(state), ids
+        self.prompt_tokens = len(ids)
+        self._start(model, [(self.state, sampler, rest)])
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.texts[0].finish_reason
+
+    @property
+    def tokens(self) -> list[int]:  # type: ignore[override]
+        return super().tokens[0]
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        for _, text in super().__iter__():
+            yield text

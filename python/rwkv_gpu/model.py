@@ -227,6 +227,12 @@ class Model:
 
     # ---- states ----
 
+    @property
+    def state_bytes(self) -> int:
+        """Device bytes of one State (f32 shift and WKV states of every layer)."""
+        c = self.config
+        return 4 * c["n_layer"] * (2 * c["n_embd"] + c["n_embd"] * c["head_size"])
+
     def new_state(self) -> State:
         """A state to start from: a copy of `initial_state` if one is set, else zeros."""
         if self._initial is not None:

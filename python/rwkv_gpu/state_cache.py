@@ -22,18 +22,27 @@ class StateCache:
         model.complete(system + question2, cache=cache)   # feeds only question2
 
     Each entry holds one state on the device (`model.memory()["states"]` grows by one
-    slot per entry). Entries are only used for generations that start from the model's
+    slot per entry). `max_bytes` bounds the entries' device memory as well (the Engine's
+    prefix cache). Entries are only used for generations that start from the model's
     initial state (`state=None`), and a cache may serve several models.
     """
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 8, max_bytes: int | None = None) -> None:
         if max_entries < 1:
             raise errors.InvalidOptionError(f"max_entries must be at least 1, got {max_entries}")
+        if max_bytes is not None and max_bytes < 0:
+            raise errors.InvalidOptionError(f"max_bytes must not be negative, got {max_bytes}")
         self.max_entries = int(max_entries)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._entries: OrderedDict[tuple, State] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.tokens_saved = 0
+
+    @property
+    def bytes(self) -> int:
+        """Device bytes held by the entries."""
+        return sum(state._model.state_bytes for state in self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -46,30 +55,40 @@ class StateCache:
         # The initial state's version: states built on another start are not reused.
         return (id(model), model._initial_version, tuple(tokens))
 
-    def lookup(self, model: Model, tokens: Sequence[int]) -> tuple[State, int]:
-        """(a copy of the state after the longest cached prefix of `tokens`, its length);
-        a fresh start state and 0 when nothing matches."""
-        tokens = list(tokens)
+    def find(self, model: Model, tokens: Sequence[int]) -> tuple[State | None, int]:
+        """(the cached state after the longest cached prefix of `tokens`, its length), the
+        entry itself (copy it, do not advance it); (None, 0) when nothing matches. Counts
+        a hit or a miss."""
+        tokens = tuple(tokens)
+        me = self._key(model, ())[:2]
         best: tuple | None = None
         for key in self._entries:
             n = len(key[2])
-            if key[:2] == self._key(model, ())[:2] and n <= len(tokens) and (best is None or n > len(best[2])):
-                if list(key[2]) == tokens[:n]:
-                    best = key
+            if key[:2] == me and n <= len(tokens) and (best is None or n > len(best[2])) and key[2] == tokens[:n]:
+                best = key
         if best is None:
             self.misses += 1
-            return model.new_state(), 0
+            return None, 0
         self._entries.move_to_end(best)
         self.hits += 1
         self.tokens_saved += len(best[2])
-        return self._entries[best].clone(), len(best[2])
+        return self._entries[best], len(best[2])
+
+    def lookup(self, model: Model, tokens: Sequence[int]) -> tuple[State, int]:
+        """(a copy of the state after the longest cached prefix of `tokens`, its length);
+        a fresh start state and 0 when nothing matches."""
+        state, n = self.find(model, tokens)
+        return (model.new_state() if state is None else state.clone()), n
 
     def store(self, model: Model, tokens: Sequence[int], state: State) -> None:
-        """Remembers a copy of `state`, which must be the state after `tokens`."""
+        """Remembers a copy of `state`, which must be the state after `tokens`; the least
+        recently used entries go while the cache is over its bounds."""
+        if self.max_bytes is not None and model.state_bytes > self.max_bytes:
+            return
         key = self._key(model, tokens)
         self._entries[key] = state.clone()
         self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
+        while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
             self._entries.popitem(last=False)
 
     def prefill(self, model: Model, tokens: Sequence[int]) -> None:

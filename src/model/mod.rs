@@ -170,14 +170,14 @@ impl Model {
         self.pool.allocate(self.id)
     }
 
-    fn check_state(&self, state: &State) -> Result<()> {
+    pub(crate) fn check_state(&self, state: &State) -> Result<()> {
         if state.0.model_id != self.id {
             return Err(Error::State("this State belongs to another model".into()));
         }
         Ok(())
     }
 
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+    pub(crate) fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Shape("tokens is empty: give at least one token id".into()));
         }

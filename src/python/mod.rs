@@ -14,7 +14,7 @@ mod sampler;
 mod tokenizer;
 
 use int::Int;
-use crate::generation::{BatchGeneration, Generation};
+use crate::generation::{Batch, Stepped};
 use crate::interrupt::Interrupt;
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
 use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFormat, Want};
@@ -315,47 +315,9 @@ impl PyModel {
         Ok(PyState { inner: py.detach(move || crate::model::state_file::load(&m, &path, transpose)).map_err(to_py)? })
     }
 
-    /// Generation runs stepped together, one per (prompt, state, sampler); each sampler
-    /// is copied and reset as in `generation`.
-    fn batch_generation(&self, prompts: Vec<Vec<Int>>, states: Vec<PyRef<'_, PyState>>, samplers: Vec<PyRef<'_, sampler::PySampler>>) -> PyResult<PyBatchGeneration> {
-        let v = self.inner.config.vocab_size;
-        if prompts.len() != states.len() || prompts.len() != samplers.len() {
-            return Err(errors::shape(format!("{} prompts, {} states and {} samplers: give one of each per sequence", prompts.len(), states.len(), samplers.len())));
-        }
-        if prompts.is_empty() {
-            return Err(errors::shape("the batch is empty: give at least one prompt"));
-        }
-        let mut runs = Vec::with_capacity(prompts.len());
-        for (i, ((prompt, state), sampler)) in prompts.into_iter().zip(&states).zip(&samplers).enumerate() {
-            if sampler.vocab != v {
-                return Err(errors::shape(format!("sampler {i} is for a vocabulary of {}; this model has {v}", sampler.vocab)));
-            }
-            let prompt = tokens_from(prompt, v).map_err(|e| Python::attach(|py| errors::shape(format!("prompt {i}: {}", e.value(py)))))?;
-            if prompt.is_empty() {
-                return Err(errors::shape(format!("prompt {i} is empty: give at least one token")));
-            }
-            let mut smp = sampler.lock().clone();
-            smp.reset();
-            runs.push((state.inner.clone(), smp, prompt));
-        }
-        Ok(PyBatchGeneration { inner: Arc::new(Mutex::new(BatchGeneration::new(self.inner.clone(), runs))) })
-    }
-
-    /// A generation run over `state`, starting by feeding `prompt` (the sampler is
-    /// reset: counts start empty for each run, as the official's do).
-    fn generation(&self, prompt: Vec<Int>, state: &PyState, sampler: &sampler::PySampler) -> PyResult<PyGeneration> {
-        let v = self.inner.config.vocab_size;
-        if sampler.vocab != v {
-            return Err(errors::shape(format!("the sampler is for a vocabulary of {}; this model has {v}", sampler.vocab)));
-        }
-        let prompt = tokens_from(prompt, v)?;
-        if prompt.is_empty() {
-            return Err(errors::shape("the prompt is empty: give at least one token"));
-        }
-        let mut smp = sampler.lock().clone();
-        smp.reset();
-        let run = Generation::new(self.inner.clone(), state.inner.clone(), smp, prompt);
-        Ok(PyGeneration { inner: Arc::new(Mutex::new(run)) })
+    /// An empty generation batch over this model (`Batch`): sequences join with `add`.
+    fn batch(&self) -> PyBatch {
+        PyBatch { inner: Arc::new(Mutex::new(Batch::new(self.inner.clone()))), vocab: self.inner.config.vocab_size }
     }
 
     /// Final normalised hidden states, one row per token list ([B, C] f32 bytes).
@@ -450,113 +412,104 @@ impl PyModel {
     }
 }
 
-#[pyclass(name = "BatchGeneration", module = "rwkv_gpu._core", frozen)]
-struct PyBatchGeneration {
-    inner: Arc<Mutex<BatchGeneration>>,
+#[pyclass(name = "Batch", module = "rwkv_gpu._core", frozen)]
+struct PyBatch {
+    inner: Arc<Mutex<Batch>>,
+    vocab: usize,
 }
 
-/// Runs `f` on a generation run, locked, as a long call (GIL released, interruptible).
-fn detached<G: Send, T: Send>(py: Python<'_>, run: &Arc<Mutex<G>>, f: impl FnOnce(&mut G, Interrupt) -> crate::Result<T> + Send) -> PyResult<T> {
-    let run = run.clone();
-    errors::long_call(py, move |interrupt, _| f(&mut run.lock().unwrap_or_else(|p| p.into_inner()), interrupt))
-}
-
-impl PyBatchGeneration {
-    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut BatchGeneration) -> crate::Result<T> + Send) -> PyResult<T> {
-        detached(py, &self.inner, |g, _| f(g))
+impl PyBatch {
+    /// Runs `f` on the batch, locked, as a long call (GIL released, interruptible).
+    fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Batch, Interrupt) -> crate::Result<T> + Send) -> PyResult<T> {
+        let batch = self.inner.clone();
+        errors::long_call(py, move |interrupt, _| f(&mut batch.lock().unwrap_or_else(|p| p.into_inner()), interrupt))
     }
 
-    fn check(&self, i: usize) -> PyResult<()> {
-        let n = self.inner.lock().unwrap_or_else(|p| p.into_inner()).len();
-        if i >= n {
-            return Err(errors::shape(format!("sequence {i} is out of range: the batch has {n}")));
-        }
-        Ok(())
+    fn locked<T>(&self, f: impl FnOnce(&mut Batch) -> crate::Result<T>) -> PyResult<T> {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner())).map_err(to_py)
     }
 }
+
+/// One step's result for a sequence: (id, drawn token or None when it only fed, its
+/// log-probability, [(token, log-probability)] of the most likely).
+type SteppedTuple = (u64, Option<u32>, Option<f32>, Vec<(u32, f32)>);
 
 #[pymethods]
-impl PyBatchGeneration {
-    /// Feeds every live sequence's pending tokens in one call and draws each one's next
-    /// token (None for sequences that are done). GIL released.
-    fn step(&self, py: Python<'_>) -> PyResult<Vec<Option<u32>>> {
-        detached(py, &self.inner, |g, interrupt| g.step_with(interrupt))
+impl PyBatch {
+    /// Adds a sequence over `state` that feeds `prompt`, then draws (if `draw`) with a
+    /// copy of `sampler`, reset (penalty counts start empty for each run, as the
+    /// official's do). Returns its id.
+    #[pyo3(signature = (state, sampler, prompt, draw=true, top_logprobs=None))]
+    fn add(&self, state: &PyState, sampler: &sampler::PySampler, prompt: Vec<Int>, draw: bool, top_logprobs: Option<Int>) -> PyResult<u64> {
+        let prompt = tokens_from(prompt, self.vocab)?;
+        let top = top_logprobs.map(|n| n.count("top_logprobs")).transpose()?;
+        let mut smp = sampler.lock().clone();
+        smp.reset();
+        let state = state.inner.clone();
+        self.locked(move |b| b.add(state, smp, prompt, draw, top))
     }
 
-    fn record(&self, i: usize, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
-        self.check(i)?;
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).record(i, token, &token_bytes);
-        Ok(())
+    /// More tokens for a sequence that has fed all it had (it stepped as fed only).
+    #[pyo3(signature = (id, tokens, draw=true))]
+    fn extend(&self, id: u64, tokens: Vec<Int>, draw: bool) -> PyResult<()> {
+        let tokens = tokens_from(tokens, self.vocab)?;
+        self.locked(move |b| b.extend(id, tokens, draw))
     }
 
-    /// Sequence `i` takes no more steps; its drawn token is fed by `finish` only when
+    /// The most prompt tokens one step feeds over all sequences reading a prompt (0: no limit).
+    fn set_prefill_budget(&self, tokens: Int) -> PyResult<()> {
+        let tokens = tokens.count("max_prefill_tokens")?;
+        self.locked(|b| {
+            b.set_prefill_budget(tokens);
+            Ok(())
+        })
+    }
+
+    /// Feeds every live sequence's pending tokens in one call and draws for those that
+    /// fed all they had (GIL released).
+    fn step(&self, py: Python<'_>) -> PyResult<Vec<SteppedTuple>> {
+        let stepped = self.detached(py, |b, interrupt| b.step_with(interrupt))?;
+        Ok(stepped
+            .into_iter()
+            .map(|s| match s {
+                Stepped::Drew { id, token, logprob, top } => (id, Some(token), logprob, top),
+                Stepped::Fed { id } => (id, None, None, Vec::new()),
+            })
+            .collect())
+    }
+
+    fn record(&self, id: u64, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
+        self.locked(|b| b.record(id, token, &token_bytes))
+    }
+
+    /// Sequence `id` takes no more steps; its drawn token is fed by `finish` only when
     /// `feed_pending` (a stop string's token is, a stop token is not).
-    fn stop(&self, i: usize, feed_pending: bool) -> PyResult<()> {
-        self.check(i)?;
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).stop(i, feed_pending);
-        Ok(())
+    fn stop(&self, id: u64, feed_pending: bool) -> PyResult<()> {
+        self.locked(|b| b.stop(id, feed_pending))
     }
 
-    fn finish(&self, py: Python<'_>) -> PyResult<()> {
-        self.with(py, |g| g.finish())
+    /// Feeds what the sequences in `ids` (default all) have pending, taken tokens only.
+    #[pyo3(signature = (ids=None))]
+    fn finish(&self, py: Python<'_>, ids: Option<Vec<u64>>) -> PyResult<()> {
+        self.detached(py, move |b, _| b.finish(ids.as_deref()))
     }
 
-    fn fed(&self, i: usize) -> PyResult<Vec<u32>> {
-        self.check(i)?;
-        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).fed(i).to_vec())
+    /// Finishes sequence `id` and takes it out; returns (fed, given).
+    fn remove(&self, py: Python<'_>, id: u64) -> PyResult<(Vec<u32>, Vec<u32>)> {
+        self.detached(py, move |b, _| b.remove(id))
     }
 
-    /// The tokens the caller has taken (recorded) from sequence `i`.
-    fn given(&self, i: usize) -> PyResult<Vec<u32>> {
-        self.check(i)?;
-        Ok(self.inner.lock().unwrap_or_else(|p| p.into_inner()).given(i).to_vec())
-    }
-}
-
-#[pyclass(name = "Generation", module = "rwkv_gpu._core", frozen)]
-struct PyGeneration {
-    inner: Arc<Mutex<Generation>>,
-}
-
-impl PyGeneration {
-    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Generation) -> crate::Result<T> + Send) -> PyResult<T> {
-        detached(py, &self.inner, |g, _| f(g))
-    }
-}
-
-#[pymethods]
-impl PyGeneration {
-    /// Feeds what is pending and draws the next token (GIL released).
-    fn step(&self, py: Python<'_>) -> PyResult<u32> {
-        detached(py, &self.inner, |g, interrupt| g.step_with(interrupt))
+    fn fed(&self, id: u64) -> PyResult<Vec<u32>> {
+        self.locked(|b| Ok(b.fed(id)?.to_vec()))
     }
 
-    fn record(&self, py: Python<'_>, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
-        self.with(py, move |g| {
-            g.record(token, &token_bytes);
-            Ok(())
-        })
+    /// The tokens the caller has taken (recorded) from sequence `id`.
+    fn given(&self, id: u64) -> PyResult<Vec<u32>> {
+        self.locked(|b| Ok(b.given(id)?.to_vec()))
     }
 
-    fn discard_pending(&self, py: Python<'_>) -> PyResult<()> {
-        self.with(py, |g| {
-            g.discard_pending();
-            Ok(())
-        })
-    }
-
-    fn finish(&self, py: Python<'_>) -> PyResult<()> {
-        self.with(py, |g| g.finish())
-    }
-
-    /// The tokens fed into the state so far, the prompt's included.
-    fn fed(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
-        self.with(py, |g| Ok(g.fed().to_vec()))
-    }
-
-    /// The tokens the caller has taken (recorded), in order.
-    fn given(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
-        self.with(py, |g| Ok(g.given().to_vec()))
+    fn __len__(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 }
 
@@ -570,8 +523,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
     m.add_class::<PyState>()?;
     m.add_class::<sampler::PySampler>()?;
-    m.add_class::<PyGeneration>()?;
-    m.add_class::<PyBatchGeneration>()?;
+    m.add_class::<PyBatch>()?;
     m.add_class::<tokenizer::PyWorldTokenizer>()?;
     m.add_class::<tokenizer::PyStreamDecoder>()?;
     m.add("kernels", PyList::new(py, Kernel::ALL.map(|k| k.name()))?)?;

@@ -1,0 +1,417 @@
+"""The serving Engine: continuous batching of requests from any thread or from asyncio.
+
+One scheduler thread owns the model's generation work. Between steps it admits waiting
+requests into free slots of one block of states (so that every step reads the weights
+once for the whole batch) and lets finished or cancelled ones go; long prompts are fed
+in pieces of at most `max_prefill_tokens` per step, interleaved with the decoding of the
+requests already running. The stepping itself is the one generation loop
+(`_core.Batch` with `generation.TextStream`), as `Model.generate` uses it.
+
+    engine = rwkv_gpu.Engine(model, max_batch=16)
+    request = engine.submit("The capital of France is", max_tokens=16)
+    for piece in request:
+        print(piece, end="")
+    print(await engine.complete("Hello", max_tokens=8))   # from asyncio
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+from .generation import Completion, TextStream, sampler_for
+from .sampling import Sampler, Sampling, sampling_options
+from .state_cache import StateCache
+
+if TYPE_CHECKING:
+    from .model import Model, State
+
+_DONE = object()
+
+
+@dataclass
+class TokenInfo:
+    """A drawn token, as handed out: its id, its log-probability and the most likely
+    alternatives' (with `top_logprobs`; under the penalised logits at temperature 1)."""
+
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Request:
+    """A submitted generation. Iterate it (from one thread) for text pieces, or call
+    `result()`; `cancel()` ends it within one step. Afterwards `finish_reason` ("stop",
+    "length", "cancelled", "closed"), `tokens`, `logprobs`, `prompt_tokens`,
+    `cached_tokens` (prompt tokens the prefix cache supplied) and `state` (the final
+    state, when one was given or `return_state` asked for) describe it."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ids: list[int], cache_points: Sequence[int], text: TextStream, sampler: Sampler,
+                 state: State | None, return_state: bool, top_logprobs: int | None, use_cache: bool) -> None:
+        self.id = next(Request._ids)
+        self.ids = ids
+        self.cache_points = sorted({int(p) for p in cache_points if 0 < int(p) < len(ids)})
+        self.text = text
+        self.sampler = sampler
+        self.state = state
+        self.return_state = return_state
+        self.top_logprobs = top_logprobs
+        self.use_cache = use_cache and state is None
+        self.prompt_tokens = len(ids)
+        self.cached_tokens = 0
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenInfo] = []
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.error: BaseException | None = None
+        self._cancelled = threading.Event()
+        self._finished = threading.Event()
+        self._items: collections.deque[Any] = collections.deque()
+        self._ready = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        # Set by the engine while the request runs: its slot and sequence id, and the
+        # prompt segments still to feed ([start, end) of ids) before the drawing one.
+        self._slot: int | None = None
+        self._seq: int | None = None
+        self._ends: list[int] = []  # where the prompt segments still to feed end
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.text.finish_reason
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def cancel(self) -> None:
+        """Ends the request at the next step; the tokens handed out so far stay its
+        result (and are in its state)."""
+        self._cancelled.set()
+
+    # ---- from the engine's thread ----
+
+    def _push(self, item: Any) -> None:
+        with self._ready:
+            self._items.append(item)
+            self._ready.notify_all()
+        if self._loop is not None and self._wake is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                pass
+
+    def _end(self, reason: str | None = None, error: BaseException | None = None) -> None:
+        if reason is not None and self.text.finish_reason is None:
+            self.text.finish_reason = reason
+        self.error = error
+        self.finished_at = time.monotonic()
+        self._finished.set()
+        self._push(_DONE)
+
+    # ---- for the caller ----
+
+    def _next(self, timeout: float | None = None) -> Any:
+        with self._ready:
+            if not self._ready.wait_for(lambda: bool(self._items), timeout):
+                raise TimeoutError("the request produced nothing in time")
+            return self._items.popleft()
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._next()
+            if item is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """Waits for the end and returns the whole Completion (raises the request's error)."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.completion()
+
+    def completion(self) -> Completion:
+        text = "".join(item for item in self._items if item is not _DONE)
+        return Completion(text, self.finish_reason or "length", self.prompt_tokens, len(self.tokens), list(self.tokens))
+
+    async def _aiter(self) -> AsyncIterator[str]:
+        assert self._wake is not None
+        while True:
+            with self._ready:
+                item = self._items.popleft() if self._items else None
+                if item is None:
+                    self._wake.clear()
+            if item is None:
+                await self._wake.wait()
+                continue
+            if item is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+
+class Engine:
+    """Continuous batching over one model.
+
+    Args:
+        model: the Model (its generation calls from other threads still work; they take
+            turns with the engine's steps).
+        max_batch: requests running at once (one block of that many states); more wait
+            in the queue.
+        max_prefill_tokens: the most prompt tokens one step feeds over all requests still
+            reading their prompt, so that a long prompt does not stall the others' streams.
+        cache_bytes: device memory for the prefix cache (states after prompt prefixes:
+            every prompt's `cache_points`, all of a prompt but its last token, and each
+            request's final history); 0 turns it off.
+        max_queue: requests waiting beyond this are refused (`QueueFullError`).
+    """
+
+    def __init__(self, model: Model, max_batch: int = 16, max_prefill_tokens: int = 512,
+                 cache_bytes: int = 256 << 20, max_queue: int = 1024) -> None:
+        for name, value, least in (("max_batch", max_batch, 1), ("max_prefill_tokens", max_prefill_tokens, 1),
+                                   ("cache_bytes", cache_bytes, 0), ("max_queue", max_queue, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise errors.InvalidOptionError(f"{name} must be an int of at least {least}, got {value!r}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.cache = StateCache(max_entries=1 << 30, max_bytes=cache_bytes) if cache_bytes else None
+        self._slots = model.new_states(max_batch)
+        self._free = list(range(max_batch - 1, -1, -1))
+        self._start = model.new_state()
+        self._start_version = model._initial_version
+        self._batch = model._m.batch()
+        self._batch.set_prefill_budget(max_prefill_tokens)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running: dict[int, Request] = {}  # by sequence id
+        self._cv = threading.Condition()
+        self._closing = False
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._thread = threading.Thread(target=self._serve, name="rwkv-gpu-engine", daemon=True)
+        self._thread.start()
+        model._live_runs.add(self)
+
+    # ---- submitting ----
+
+    def submit(self, prompt: str | Sequence[int], *, max_tokens: int = 256, state: State | None = None,
+               return_state: bool = False, stop: Sequence[str] | str = (), stop_tokens: Sequence[int] = (0,),
+               top_logprobs: int | None = None, cache_points: Sequence[int] = (), use_cache: bool = True,
+               **options: Any) -> Request:
+        """Queues a generation; returns its Request at once. Options as `Model.generate`
+        (sampling keywords, stop strings and tokens, max_tokens). `state`: start from it
+        and advance it (when the request ends); `return_state`: hand the final state back
+        as `request.state` otherwise. `top_logprobs`: report each token's log-probability
+        and that many alternatives (0-20). `cache_points`: prompt lengths after which the
+        state is worth keeping in the prefix cache (ends of a system prompt or of earlier
+        turns). Bad options raise here; a bad prompt fails this request only."""
+        text = TextStream(self.model.tokenizer, max_tokens, stop, stop_tokens)
+        sampler = sampler_for(self.model, Sampling(**sampling_options(dict(options))))  # checks the options
+        if state is not None:
+            self.model._check_state(state)
+        if top_logprobs is not None and not 0 <= int(top_logprobs) <= 20:
+            raise errors.InvalidOptionError(f"top_logprobs must be between 0 and 20, got {top_logprobs}")
+        ids = self.model._prompt_ids(prompt)
+        request = Request(ids, cache_points, text, sampler, state, return_state, top_logprobs, use_cache)
+        with self._cv:
+            if self._closing:
+                raise errors.EngineClosedError("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                self.counters["requests_refused"] += 1
+                raise errors.QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+            self._waiting.append(request)
+            self.counters["requests_submitted"] += 1
+            self._cv.notify()
+        return request
+
+    async def complete(self, prompt: str | Sequence[int], **options: Any) -> Completion:
+        """`submit`, awaited to its Completion."""
+        request = self.submit(prompt, **options)
+        async for _ in self._watch(request):
+            pass
+        return request.completion()
+
+    async def stream(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[str]:
+        """`submit`, streamed as text pieces; leaving the loop cancels the request."""
+        request = self.submit(prompt, **options)
+        async for piece in self._watch(request):
+            yield piece
+
+    async def _watch(self, request: Request) -> AsyncIterator[str]:
+        request._loop = asyncio.get_running_loop()
+        request._wake = asyncio.Event()
+        request._wake.set()  # look at what arrived before the loop was set
+        try:
+            async for piece in request._aiter():
+                yield piece
+        finally:
+            if not request.done:
+                request.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for metrics: requests, tokens, queue, occupancy, cache."""
+        with self._cv:
+            out: dict[str, Any] = dict(self.counters)
+            out["queue_length"] = len(self._waiting)
+            out["running"] = len(self._running)
+            out["max_batch"] = self.max_batch
+        if self.cache is not None:
+            out.update(prefix_cache_hits=self.cache.hits, prefix_cache_misses=self.cache.misses,
+                       prefix_cache_tokens_saved=self.cache.tokens_saved, prefix_cache_bytes=self.cache.bytes,
+                       prefix_cache_entries=len(self.cache))
+        return out
+
+    def close(self) -> None:
+        """Stops the scheduler: running requests end with "closed" (their states hold
+        what was handed out), waiting ones too; the thread is joined."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _close(self) -> None:  # the model is closing
+        self.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- the scheduler thread ----
+
+    def _serve(self) -> None:
+        failure: BaseException | None = None
+        try:
+            while True:
+                with self._cv:
+                    while not self._closing and not self._waiting and not self._running:
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                    admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+                for request in admitted:
+                    self._admit(request)
+                for request in [r for r in self._running.values() if r._cancelled.is_set()]:
+                    self._retire(request, "cancelled")
+                if self._running:
+                    self._step()
+        except BaseException as e:  # a bug here: no request may wait forever for it
+            failure = e
+            raise
+        finally:
+            with self._cv:
+                self._closing = True
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            for request in list(self._running.values()):
+                self._retire(request, "closed", failure)
+            for request in waiting:
+                request._end("closed", failure)
+
+    def _admit(self, request: Request) -> None:
+        slot = self._free.pop()
+        request._slot = slot
+        try:
+            ids = request.ids
+            if self.model._initial_version != self._start_version:  # initial_state changed
+                self._start, self._start_version = self.model.new_state(), self.model._initial_version
+                if self.cache is not None:
+                    self.cache.clear()
+            start, at = request.state, 0
+            if start is None and request.use_cache and self.cache is not None:
+                cached, at = self.cache.find(self.model, ids[:-1])
+                start = cached
+            self.model._m.copy_state((start or self._start)._core, self._slots[slot]._core)
+            request.cached_tokens = at
+            self.counters["prompt_tokens_cached"] += at
+            # The prompt is fed in segments that end where a state is worth caching (no
+            # draw; the state is stored once in), then the last one, which draws.
+            caching = request.use_cache and self.cache is not None
+            points = [*request.cache_points, len(ids) - 1] if caching else []
+            request._ends = [*sorted({p for p in points if at < p < len(ids)}), len(ids)]
+            end = request._ends[0]
+            request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:end], end == len(ids),
+                                           request.top_logprobs)
+        except BaseException as e:  # this request only: the others go on
+            self._free.append(slot)
+            request._slot = None
+            self.counters["requests_failed"] += 1
+            request._end("error", e)
+            return
+        self._running[request._seq] = request
+        self.counters["requests_admitted"] += 1
+
+    def _step(self) -> None:
+        try:
+            stepped = self._batch.step()
+        except BaseException as e:  # a device fault: every running request fails with it
+            for request in list(self._running.values()):
+                self._retire(request, "error", e)
+            return
+        self.counters["steps"] += 1
+        self.counters["batch_occupancy_sum"] += len(self._running)
+        for seq, token, logprob, top in stepped:
+            request = self._running[seq]
+            if token is None:
+                self._prompt_segment_fed(request)
+                continue
+            text = request.text.take(self._batch, seq, token)
+            if token not in request.text.stop_tokens:  # a stop token is not handed out
+                request.tokens.append(token)
+                request.logprobs.append(TokenInfo(token, logprob, list(top)))
+                self.counters["generated_tokens"] += 1
+            if request.first_token_at is None:
+                request.first_token_at = time.monotonic()
+            if text:
+                request._push(text)
+            if request.finish_reason is not None:
+                self._retire(request, None)
+
+    def _prompt_segment_fed(self, request: Request) -> None:
+        """A prompt segment is in: keep the state in the cache and feed the next one."""
+        assert self.cache is not None and request._slot is not None and request._seq is not None
+        start = request._ends.pop(0)
+        self.cache.store(self.model, request.ids[:start], self._slots[request._slot])
+        end = request._ends[0]
+        self._batch.extend(request._seq, request.ids[start:end], end == len(request.ids))
+
+    def _retire(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
+        """Takes the request out of the batch: its slot's state then holds the prompt and
+        the tokens handed out; the state goes to the request and the cache as asked."""
+        assert request._seq is not None and request._slot is not None
+        slot = self._slots[request._slot]
+        try:
+            fed, _ = self._batch.remove(request._seq)
+            if error is None:
+                prompt_in = len(fed) - len(request.tokens) == len(request.ids) - request.cached_tokens
+                self.counters["prompt_tokens"] += request.prompt_tokens
+                if request.state is not None:
+                    self.model._m.copy_state(slot._core, request.state._core)
+                elif request.return_state:
+                    request.state = slot.clone()
+                if self.cache is not None and request.use_cache and prompt_in:
+                    self.cache.store(self.model, request.ids + request.tokens, slot)
+        except BaseException as e:
+            error = error or e
+        finally:
+            self._free.append(request._slot)
+            request._slot = None
+        with self._cv:
+            self._running.pop(request._seq, None)
+            self.counters["requests_failed" if error is not None else f"requests_finished_{request.finish_reason or reason}"] += 1
+        request._end("error" if error is not None else reason, error)

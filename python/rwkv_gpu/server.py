@@ -1,0 +1,546 @@
+"""The OpenAI-compatible HTTP API over an Engine (FastAPI; streams as server-sent events).
+
+`create_app(engine, ...)` builds the ASGI app; `python -m rwkv_gpu.serve` runs it on
+uvicorn. Requests and answers follow the OpenAI API's shapes, so its clients work
+unchanged; `top_k` and `penalty_decay` are RWKV extras. Sampling options a request leaves
+out take rwkv-gpu's defaults (`rwkv_gpu.Sampling`, the RWKV-7 chat demo's), not OpenAI's.
+
+Chat turns use the RWKV-7 chat format (`rwkv_gpu.conversation`). Each message is
+tokenized on its own, so the state after any leading run of messages is a prefix-cache
+entry that later requests with the same start reuse. `/v1/responses` keeps each
+response's final state (bounded in bytes, oldest out): `previous_response_id` continues
+from it and feeds only the new input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import errors
+from .conversation import REPLY_PROMPT, REPLY_STOP, ReplyStart, turn
+from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .engine import Engine, Request as EngineRequest
+    from .model import State
+
+
+class ApiError(Exception):
+    """An error answered in the OpenAI format: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _from_rwkv(e: BaseException) -> ApiError:
+    """The HTTP answer for an error of the runtime."""
+    if isinstance(e, (errors.InvalidOptionError, errors.ShapeError)):
+        return ApiError(400, str(e))
+    if isinstance(e, errors.QueueFullError):
+        return ApiError(429, str(e), "rate_limit_error", code="queue_full")
+    if isinstance(e, (errors.DeviceLostError, errors.EngineClosedError)):
+        return ApiError(503, str(e), "server_error", code="unavailable")
+    if isinstance(e, errors.OutOfMemoryError):
+        return ApiError(503, str(e), "server_error", code="out_of_memory")
+    return ApiError(500, f"{type(e).__name__}: {e}", "server_error")
+
+
+# ---- request bodies ----
+
+Stop = Union[str, list[str], None]
+
+
+class _Body(BaseModel):
+    # Fields of the OpenAI API this server does not act on (user, service_tier, ...)
+    # are accepted and ignored, as clients send them.
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1 << 31)
+    presence_penalty: float | None = Field(None, ge=-100.0, le=100.0)
+    frequency_penalty: float | None = Field(None, ge=-100.0, le=100.0)
+    penalty_decay: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    stop: Stop = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class CompletionBody(_Body):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class EmbeddingBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class ResponseBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    input: Union[str, list[Message]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=100.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0, le=1 << 31)
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    store: bool = True
+    stream: bool = False
+
+
+def _text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's text: a string, or the text parts of a content list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if part.get("type") not in ("text", "input_text", "output_text") or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"unsupported content part of type {part.get('type')!r}: this model reads text only",
+                           param="messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+@dataclass
+class _Stored:
+    state: State
+    created: float
+
+
+class ResponseStore:
+    """Final states of `/v1/responses` answers by id, bounded in device bytes, the
+    oldest out first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[str, _Stored] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted = 0
+
+    def put(self, key: str, state: State) -> None:
+        with self._lock:
+            if state._model.state_bytes > self.max_bytes:
+                return
+            self._items[key] = _Stored(state, time.time())
+            while len(self._items) * state._model.state_bytes > self.max_bytes:
+                self._items.popitem(last=False)
+                self.evicted += 1
+
+    def get(self, key: str) -> State | None:
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item.state
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# ---- the app ----
+
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_prompt_tokens: int = 65536,
+               response_store_bytes: int = 1 << 30) -> FastAPI:
+    """The ASGI app serving `engine`'s model as `model_name`."""
+    model = engine.model
+    tokenizer = model.tokenizer
+    responses = ResponseStore(response_store_bytes)
+    metrics = Metrics(engine, responses)
+    app = FastAPI(title="rwkv-gpu", version="0.1.0", description="OpenAI-compatible API for RWKV-7 models on the GPU")
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return ApiError(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", param=where).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return ApiError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error").response()
+
+    @app.exception_handler(errors.RwkvError)
+    async def runtime_error(_: Request, e: errors.RwkvError) -> JSONResponse:
+        return _from_rwkv(e).response()
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next: Any) -> Any:
+        path = request.url.path
+        if api_key is not None and path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                metrics.http(path, 401)
+                return ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                code="invalid_api_key").response()
+        response = await call_next(request)
+        metrics.http(path, response.status_code)
+        return response
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server has {model_name!r}",
+                           param="model", code="model_not_found")
+
+    def check_length(ids: Sequence[int], param: str) -> None:
+        if len(ids) > max_prompt_tokens:
+            raise ApiError(413, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens}",
+                           param=param, code="context_length_exceeded")
+
+    def sampling(body: Any) -> dict[str, Any]:
+        out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "presence_penalty",
+                                            "frequency_penalty", "penalty_decay", "seed") if getattr(body, k, None) is not None}
+        if "seed" in out:
+            out["seed"] %= 1 << 64
+        return out
+
+    def stops(stop: Stop) -> list[str]:
+        if stop is None:
+            return []
+        return [stop] if isinstance(stop, str) else list(stop)
+
+    def submit(prompt: list[int], *, index: int, seed_shift: bool, **options: Any) -> EngineRequest:
+        if seed_shift and options.get("seed") is not None:
+            options["seed"] = (options["seed"] + index) % (1 << 64)
+        try:
+            return engine.submit(prompt, **options)
+        except errors.RwkvError as e:
+            raise _from_rwkv(e) from e
+
+    async def finished(request: EngineRequest) -> None:
+        async for _ in engine._watch(request):
+            pass
+        if request.error is not None:
+            raise _from_rwkv(request.error)
+        metrics.finished(request)
+
+    def usage(requests: Sequence[EngineRequest]) -> dict[str, Any]:
+        prompt = requests[0].prompt_tokens
+        completion = sum(len(r.tokens) for r in requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": requests[0].cached_tokens}}
+
+    def piece_bytes(token: int) -> list[int]:
+        return list(tokenizer.token_bytes(token) or b"")
+
+    def token_text(token: int) -> str:
+        return (tokenizer.token_bytes(token) or b"").decode("utf-8", errors="replace")
+
+    def chat_logprobs(infos: Sequence[Any]) -> dict[str, Any]:
+        return {"content": [{
+            "token": token_text(i.token), "logprob": i.logprob, "bytes": piece_bytes(i.token),
+            "top_logprobs": [{"token": token_text(t), "logprob": lp, "bytes": piece_bytes(t)} for t, lp in i.top],
+        } for i in infos]}
+
+    def completion_logprobs(infos: Sequence[Any]) -> dict[str, Any]:
+        offsets, at = [], 0
+        for i in infos:
+            offsets.append(at)
+            at += len(token_text(i.token))
+        return {"tokens": [token_text(i.token) for i in infos], "token_logprobs": [i.logprob for i in infos],
+                "top_logprobs": [{token_text(t): lp for t, lp in i.top} for i in infos], "text_offset": offsets}
+
+    async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except ApiError as e:  # after the first byte only an error event can tell
+            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def merged(requests: Sequence[EngineRequest], chat: bool) -> AsyncIterator[tuple[int, str]]:
+        """(choice index, piece) from all requests as they come; each request's pieces in
+        order. Leaving early cancels them all."""
+        queue: asyncio.Queue[tuple[int, str | None, BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, request: EngineRequest) -> None:
+            try:
+                pieces = engine._watch(request)
+                async for piece in (_areply(pieces) if chat else pieces):
+                    await queue.put((i, piece, None))
+                await queue.put((i, None, request.error))
+            except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+                await queue.put((i, None, e))
+
+        tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            left = len(requests)
+            while left:
+                i, piece, error = await queue.get()
+                if piece is None:
+                    left -= 1
+                    if error is not None:
+                        raise _from_rwkv(error)
+                    metrics.finished(requests[i])
+                    continue
+                yield i, piece
+        finally:
+            for task in tasks:
+                task.cancel()
+            for request in requests:
+                request.cancel()
+
+    # ---- endpoints ----
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "running": engine.stats()["running"]}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        body, content_type = metrics.render()
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rwkv-gpu"}]}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "rwkv-gpu"}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Any:
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+            if len(prompt) != 1:
+                raise ApiError(400, "give one prompt per request (a list of several is not supported)", param="prompt")
+            prompt = prompt[0]  # type: ignore[assignment]
+        try:
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]  # type: ignore[union-attr]
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"prompt: {e}", param="prompt") from e
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        check_length(ids, "prompt")
+        options = dict(sampling(body), max_tokens=body.max_tokens or 16, stop=stops(body.stop),
+                       top_logprobs=body.logprobs)
+        requests = [submit(ids, index=i, seed_shift=True, **options) for i in range(body.n)]
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = tokenizer.decode(ids) if body.echo else ""
+
+        def choice(i: int, text: str, request: EngineRequest | None) -> dict[str, Any]:
+            out: dict[str, Any] = {"index": i, "text": text, "logprobs": None,
+                                   "finish_reason": None if request is None else _finish(request)}
+            if request is not None and body.logprobs is not None:
+                out["logprobs"] = completion_logprobs(request.logprobs)
+            return out
+
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                if echo:
+                    for i in range(body.n):
+                        yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                               "choices": [choice(i, echo, None)]}
+                async for i, piece in merged(requests, chat=False):
+                    yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                           "choices": [choice(i, piece, None)]}
+                for i, r in enumerate(requests):
+                    yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                           "choices": [dict(choice(i, "", r), logprobs=None)]}
+                if (body.stream_options or {}).get("include_usage"):
+                    yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                           "choices": [], "usage": usage(requests)}
+            return StreamingResponse(sse(chunks()), media_type="text/event-stream")
+        try:
+            for r in requests:
+                await finished(r)
+        finally:
+            for r in requests:
+                r.cancel()
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [choice(i, echo + r.completion().text, r) for i, r in enumerate(requests)],
+                "usage": usage(requests)}
+
+    def chat_prompt(messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+        """The chat's tokens, each message tokenized alone, and where each message ends."""
+        ids: list[int] = []
+        ends = []
+        for m in messages:
+            role = "system" if m.role == "developer" else m.role
+            ids += tokenizer.encode(turn(role, _text(m.content)))
+            ends.append(len(ids))
+        ids += tokenizer.encode(REPLY_PROMPT)
+        return ids, ends
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody) -> Any:
+        check_model(body.model)
+        ids, ends = chat_prompt(body.messages)
+        check_length(ids, "messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens or 1024
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        options = dict(sampling(body), max_tokens=max_tokens, stop=[REPLY_STOP, *stops(body.stop)],
+                       top_logprobs=top, cache_points=ends)
+        requests = [submit(ids, index=i, seed_shift=True, **options) for i in range(body.n)]
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if body.stream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
+                for i in range(body.n):
+                    yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}])
+                async for i, piece in merged(requests, chat=True):
+                    yield dict(head, choices=[{"index": i, "delta": {"content": piece}, "logprobs": None,
+                                               "finish_reason": None}])
+                for i, r in enumerate(requests):
+                    yield dict(head, choices=[{"index": i, "delta": {}, "finish_reason": _finish(r),
+                                               "logprobs": chat_logprobs(r.logprobs) if top is not None else None}])
+                if (body.stream_options or {}).get("include_usage"):
+                    yield dict(head, choices=[], usage=usage(requests))
+            return StreamingResponse(sse(chunks()), media_type="text/event-stream")
+        texts = []
+        try:
+            for r in requests:
+                texts.append("".join([p async for p in _areply(engine._watch(r))]))
+                if r.error is not None:
+                    raise _from_rwkv(r.error)
+                metrics.finished(r)
+        finally:
+            for r in requests:
+                r.cancel()
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                             "logprobs": chat_logprobs(r.logprobs) if top is not None else None,
+                             "finish_reason": _finish(r)} for i, (t, r) in enumerate(zip(texts, requests))],
+                "usage": usage(requests)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingBody) -> Any:
+        check_model(body.model)
+        raw = body.input
+        if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+            items: list[Any] = [raw]
+        else:
+            items = list(raw)  # type: ignore[arg-type]
+        if not items or len(items) > 2048:
+            raise ApiError(400, f"input must hold 1 to 2048 texts, got {len(items)}", param="input")
+        batch = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in items]
+        for ids in batch:
+            if not ids:
+                raise ApiError(400, "an input is empty", param="input")
+            check_length(ids, "input")
+        vectors = await asyncio.to_thread(model.embed, batch)
+        data = []
+        for i, v in enumerate(np.atleast_2d(vectors)):
+            vec: Any = base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        tokens = sum(len(ids) for ids in batch)
+        return {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponseBody) -> Any:
+        check_model(body.model)
+        if body.stream:
+            raise ApiError(400, "streamed responses are not supported yet: use /v1/chat/completions to stream",
+                           param="stream")
+        state = None
+        if body.previous_response_id is not None:
+            stored = responses.get(body.previous_response_id)
+            if stored is None:
+                raise ApiError(404, f"response {body.previous_response_id!r} is not stored here (unknown or evicted)",
+                               param="previous_response_id", code="response_not_found")
+            state = stored.clone()
+        messages = [Message(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
+        if body.instructions and state is None:
+            messages.insert(0, Message(role="system", content=body.instructions))
+        ids, ends = chat_prompt(messages)
+        check_length(ids, "input")
+        options = dict(sampling(body), max_tokens=body.max_output_tokens or 1024, stop=[REPLY_STOP],
+                       cache_points=ends, state=state, return_state=state is None and body.store)
+        request = submit(ids, index=0, seed_shift=False, **options)
+        try:
+            text = "".join([p async for p in _areply(engine._watch(request))])
+        finally:
+            request.cancel()
+        if request.error is not None:
+            raise _from_rwkv(request.error)
+        metrics.finished(request)
+        rid = f"resp_{uuid.uuid4().hex}"
+        if body.store and request.state is not None:
+            responses.put(rid, request.state)
+        reason = _finish(request)
+        return {
+            "id": rid, "object": "response", "created_at": int(time.time()), "model": model_name,
+            "status": "completed" if reason == "stop" else "incomplete",
+            "incomplete_details": None if reason == "stop" else {"reason": "max_output_tokens"},
+            "previous_response_id": body.previous_response_id, "instructions": body.instructions,
+            "output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "status": "completed", "role": "assistant",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": {"input_tokens": request.prompt_tokens, "output_tokens": len(request.tokens),
+                      "total_tokens": request.prompt_tokens + len(request.tokens),
+                      "input_tokens_details": {"cached_tokens": request.cached_tokens},
+                      "output_tokens_details": {"reasoning_tokens": 0}},
+            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "store": body.store,
+            "temperature": body.temperature, "top_p": body.top_p,
+        }
+
+    app.state.engine = engine
+    app.state.responses = responses
+    return app
+
+
+def _finish(request: EngineRequest) -> str:
+    return "stop" if request.finish_reason == "stop" else "length"
+
+
+async def _areply(pieces: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`conversation.reply_text` for an async stream."""
+    start = ReplyStart()
+    async for piece in pieces:
+        piece = start.push(piece)
+        if piece:
+            yield piece

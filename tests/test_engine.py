@@ -1,0 +1,246 @@
+"""The serving Engine: concurrent requests give what each gives alone, requests join and
+leave a running batch, long prompts are fed in pieces between decode steps, cancellation,
+per-request failures, states in and out, the prefix cache, asyncio, and a clean close.
+
+Uses the trained byte-level model (tests/data/trained-bytes). "Alone" means
+`Model.complete` on a fresh state; the Engine batches the same tokens through the same
+kernels, and batched and single forwards agree to f32 rounding, which does not flip a
+greedy or seeded draw on this model (as tests/test_generation.py's batch tests find)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import rwkv_gpu
+from conftest import DATA, open_model
+from test_generation import assert_states_close, state_after
+
+BYTES_MODEL = DATA / "trained-bytes" / "model.safetensors"
+PROMPTS = ["import numpy as np\n\ndef ", "class Model:\n    def __init__(self", "for i in range(10):\n    ",
+           "# Licensed under the Apache License", "x = [", "def main():\n    print(", "while True:\n", "try:\n    import"]
+GREEDY = {"temperature": 0.0}
+SEEDED = {"temperature": 1.0, "top_p": 0.9, "seed": 77}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return open_model(BYTES_MODEL)
+
+
+def alone(model, prompt, max_tokens, **options):
+    return model.complete(prompt, max_tokens=max_tokens, **options)
+
+
+@pytest.mark.parametrize("options", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_concurrent_requests_equal_each_alone(model, options):
+    with rwkv_gpu.Engine(model, max_batch=4) as engine:  # 8 requests: 4 run, 4 wait for slots
+        requests = [engine.submit(p, max_tokens=12, **options) for p in PROMPTS]
+        got = [r.result(timeout=120) for r in requests]
+        stats = engine.stats()
+    for prompt, completion in zip(PROMPTS, got):
+        want = alone(model, prompt, 12, **options)
+        assert (completion.text, completion.tokens, completion.finish_reason) == (want.text, want.tokens, "length")
+        assert completion.prompt_tokens == len(prompt.encode())
+    assert stats["requests_finished_length"] == 8 and stats["generated_tokens"] == 8 * 12
+    # The batch was shared: fewer steps than requests x tokens.
+    assert stats["steps"] < 8 * 12 and stats["batch_occupancy_sum"] / stats["steps"] > 2
+
+
+def test_pieces_stream_from_any_thread(model):
+    with rwkv_gpu.Engine(model) as engine:
+        results: dict[int, str] = {}
+
+        def client(i):
+            results[i] = "".join(engine.submit(PROMPTS[i], max_tokens=10, **GREEDY))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    for i in range(4):
+        assert results[i] == alone(model, PROMPTS[i], 10, **GREEDY).text
+
+
+def test_a_request_joins_a_running_batch_and_leaves_it(model):
+    with rwkv_gpu.Engine(model, max_batch=4) as engine:
+        first = engine.submit(PROMPTS[0], max_tokens=40, **GREEDY)
+        while len(first.tokens) < 5:
+            time.sleep(0.01)
+        second = engine.submit(PROMPTS[1], max_tokens=5, **GREEDY)
+        a, b = first.result(timeout=120), second.result(timeout=120)
+        joined_at = 5
+        assert len(first.tokens) >= joined_at
+    assert a.tokens == alone(model, PROMPTS[0], 40, **GREEDY).tokens
+    assert b.tokens == alone(model, PROMPTS[1], 5, **GREEDY).tokens
+    # The short one left long before the long one ended.
+    assert second.finished_at < first.finished_at
+
+
+def test_long_prompt_is_fed_in_pieces_while_others_decode(model):
+    """With max_prefill_tokens 32, a 600-byte prompt takes ~19 steps to go in; a stream
+    already running gets a token at each of them, and both results equal the alone ones."""
+    long_prompt = (DATA / "trained-bytes" / "heldout.txt").read_text()[:600]
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=32) as engine:
+        running = engine.submit(PROMPTS[0], max_tokens=60, **GREEDY)
+        while len(running.tokens) < 2:
+            time.sleep(0.01)
+        before = len(running.tokens)
+        late = engine.submit(long_prompt, max_tokens=4, **GREEDY)
+        while late.first_token_at is None and not late.done:
+            time.sleep(0.005)
+        during = len(running.tokens) - before
+        assert late.result(timeout=120).tokens == alone(model, long_prompt, 4, **GREEDY).tokens
+        assert running.result(timeout=120).tokens == alone(model, PROMPTS[0], 60, **GREEDY).tokens
+    assert during >= 600 // 32 - 2, f"the running stream got only {during} tokens while the prompt went in"
+
+
+def test_cancel_frees_the_slot_and_keeps_what_was_handed_out(model):
+    with rwkv_gpu.Engine(model, max_batch=1) as engine:
+        first = engine.submit(PROMPTS[0], max_tokens=10_000, return_state=True, **GREEDY)
+        waiting = engine.submit(PROMPTS[1], max_tokens=6, **GREEDY)
+        while len(first.tokens) < 3:
+            time.sleep(0.01)
+        assert not waiting.done and waiting.first_token_at is None  # no slot for it yet
+        first.cancel()
+        assert waiting.result(timeout=60).tokens == alone(model, PROMPTS[1], 6, **GREEDY).tokens
+        done = first.result(timeout=10)
+    assert first.finish_reason == "cancelled" and 3 <= len(done.tokens) < 10_000
+    assert done.text == bytes(done.tokens).decode("utf-8", errors="replace")
+    assert_states_close(first.state.to_numpy(), state_after(model, list(PROMPTS[0].encode()) + done.tokens))
+
+
+def test_a_failing_request_fails_alone(model):
+    with rwkv_gpu.Engine(model, max_batch=4) as engine:
+        good = [engine.submit(p, max_tokens=8, **GREEDY) for p in PROMPTS[:2]]
+        bad = engine.submit([65, 300, 66], max_tokens=8)  # 300 is past the 256-token vocabulary
+        more = engine.submit(PROMPTS[2], max_tokens=8, **GREEDY)
+        with pytest.raises(rwkv_gpu.ShapeError, match="token id 300 at position 1"):
+            bad.result(timeout=60)
+        with pytest.raises(rwkv_gpu.ShapeError):
+            list(bad)
+        for prompt, request in zip([*PROMPTS[:2], PROMPTS[2]], [*good, more]):
+            assert request.result(timeout=60).tokens == alone(model, prompt, 8, **GREEDY).tokens
+        assert engine.stats()["requests_failed"] == 1
+        # Bad options raise at submit, naming the option.
+        with pytest.raises(rwkv_gpu.InvalidOptionError, match="max_tokens"):
+            engine.submit("x", max_tokens=0)
+        with pytest.raises(rwkv_gpu.InvalidOptionError, match="top_p"):
+            engine.submit("x", top_p=2.0)
+        with pytest.raises(TypeError, match="unknown generation option"):
+            engine.submit("x", tempreature=0.5)
+
+
+def test_state_in_and_out(model):
+    start = model.new_state()
+    model.prefill(list(b"# a comment\n"), start)
+    before = start.to_numpy()
+    expected_state = start.clone()
+    expected = model.complete(PROMPTS[0], state=expected_state, max_tokens=10, **GREEDY)
+    with rwkv_gpu.Engine(model) as engine:
+        request = engine.submit(PROMPTS[0], state=start, max_tokens=10, **GREEDY)
+        got = request.result(timeout=60)
+    assert got.tokens == expected.tokens and request.state is start
+    assert_states_close(start.to_numpy(), expected_state.to_numpy())
+    assert not np.allclose(before["wkv"], start.to_numpy()["wkv"])
+
+
+def test_prefix_cache_feeds_only_the_rest(model):
+    system = "# utilities for parsing\nimport re\n\n"
+    prompts = [system + "def parse(", system + "class Parser:"]
+    with rwkv_gpu.Engine(model, max_batch=2) as engine:
+        first = engine.submit(prompts[0], max_tokens=6, cache_points=[len(system)], **GREEDY)
+        first.result(timeout=60)
+        second = engine.submit(prompts[1], max_tokens=6, cache_points=[len(system)], **GREEDY)
+        got = second.result(timeout=60)
+        # A continuation of the first conversation starts from its final state.
+        follow = prompts[0] + bytes(first.tokens).decode("utf-8", errors="replace") + "\n"
+        third = engine.submit(follow, max_tokens=6, **GREEDY)
+        third.result(timeout=60)
+        stats = engine.stats()
+    assert first.cached_tokens == 0 and second.cached_tokens == len(system)
+    assert third.cached_tokens == len(prompts[0]) + len(first.tokens)
+    assert got.tokens == alone(model, prompts[1], 6, **GREEDY).tokens
+    assert third.result().tokens == alone(model, follow, 6, **GREEDY).tokens
+    assert stats["prefix_cache_hits"] >= 2 and stats["prompt_tokens_cached"] == second.cached_tokens + third.cached_tokens
+    assert 0 < stats["prefix_cache_bytes"] <= 256 << 20
+
+
+def test_prefix_cache_is_bounded_in_bytes(model):
+    per_state = model.state_bytes
+    with rwkv_gpu.Engine(model, cache_bytes=3 * per_state) as engine:
+        for p in PROMPTS:
+            engine.submit(p, max_tokens=2, **GREEDY).result(timeout=60)
+        stats = engine.stats()
+    assert stats["prefix_cache_entries"] <= 3 and stats["prefix_cache_bytes"] <= 3 * per_state
+
+
+def test_logprobs_are_the_models(model):
+    with rwkv_gpu.Engine(model) as engine:
+        request = engine.submit(PROMPTS[0], max_tokens=3, top_logprobs=4, temperature=0.0,
+                                presence_penalty=0.0, frequency_penalty=0.0, banned_tokens=())
+        got = request.result(timeout=60)
+    logits = model.forward(list(PROMPTS[0].encode()), model.new_state()).astype(np.float64)
+    want = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    first = request.logprobs[0]
+    assert first.token == got.tokens[0] == int(np.argmax(logits))
+    # f32 log-softmax against float64 NumPy over a 256-entry vocabulary: 1e-4.
+    assert abs(first.logprob - want[first.token]) < 1e-4
+    assert [t for t, _ in first.top] == list(np.argsort(-want, kind="stable")[:4])
+    np.testing.assert_allclose([lp for _, lp in first.top], np.sort(want)[::-1][:4], atol=1e-4)
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="top_logprobs"):
+        rwkv_gpu.Engine.submit(engine, "x", top_logprobs=21)
+
+
+def test_asyncio_complete_and_stream(model):
+    async def main(engine):
+        completion = await engine.complete(PROMPTS[0], max_tokens=8, **GREEDY)
+        pieces = [p async for p in engine.stream(PROMPTS[1], max_tokens=8, **GREEDY)]
+        together = await asyncio.gather(*(engine.complete(p, max_tokens=6, **GREEDY) for p in PROMPTS[:4]))
+        # Leaving a stream early cancels its request.
+        stream = engine.stream(PROMPTS[2], max_tokens=10_000, **GREEDY)
+        async for _ in stream:
+            break
+        await stream.aclose()
+        return completion, "".join(pieces), together
+
+    with rwkv_gpu.Engine(model) as engine:
+        completion, streamed, together = asyncio.run(main(engine))
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == 0 and engine.stats().get("requests_finished_cancelled") == 1
+    assert completion.tokens == alone(model, PROMPTS[0], 8, **GREEDY).tokens
+    assert streamed == alone(model, PROMPTS[1], 8, **GREEDY).text
+    assert [c.tokens for c in together] == [alone(model, p, 6, **GREEDY).tokens for p in PROMPTS[:4]]
+
+
+def test_queue_full_and_close(model):
+    threads_before = threading.active_count()
+    engine = rwkv_gpu.Engine(model, max_batch=1, max_queue=2)
+    running = engine.submit(PROMPTS[0], max_tokens=10_000, **GREEDY)
+    while running.first_token_at is None:
+        time.sleep(0.01)
+    queued = [engine.submit(PROMPTS[1], max_tokens=4) for _ in range(2)]
+    with pytest.raises(rwkv_gpu.QueueFullError, match="max_queue 2"):
+        engine.submit(PROMPTS[2], max_tokens=4)
+    engine.close()
+    assert running.finish_reason == "closed" and running.done
+    assert all(q.finish_reason == "closed" for q in queued)
+    with pytest.raises(rwkv_gpu.EngineClosedError):
+        engine.submit("x")
+    assert threading.active_count() == threads_before
+    # The model still works, and an engine may follow.
+    with rwkv_gpu.Engine(model) as again:
+        assert again.submit(PROMPTS[3], max_tokens=4, **GREEDY).result(timeout=60).tokens == alone(model, PROMPTS[3], 4, **GREEDY).tokens
+
+
+def test_bad_engine_options(model):
+    for kwargs, name in [({"max_batch": 0}, "max_batch"), ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
+                         ({"cache_bytes": -1}, "cache_bytes"), ({"max_batch": 2.5}, "max_batch")]:
+        with pytest.raises(rwkv_gpu.InvalidOptionError, match=name):
+            rwkv_gpu.Engine(model, **kwargs)
