@@ -29,8 +29,9 @@ pub enum Stepped {
     /// Drew `token` (not yet taken). With logprobs asked for: the token's log-probability
     /// and the most likely tokens' under the penalised logits at temperature 1.
     Drew { id: SeqId, token: u32, logprob: Option<f32>, top: Vec<(u32, f32)> },
-    /// Fed everything pending and was told not to draw (`add`/`extend` with draw false).
-    Fed { id: SeqId },
+    /// Fed its prompt up to one of its pause points (`at` tokens of it); it goes on with
+    /// the rest at the next step. The state then is the one after `prompt[..at]`.
+    Paused { id: SeqId, at: usize },
 }
 
 struct Member {
@@ -39,8 +40,11 @@ struct Member {
     sampler: Sampler,
     /// Tokens to feed, in order: the prompt at first, then the drawn token.
     pending: Vec<u32>,
-    /// Whether to draw once `pending` is all fed.
-    draw: bool,
+    /// Prompt tokens fed so far, and the prompt lengths (ascending, inside the prompt)
+    /// at which to pause and report.
+    prompt_fed: usize,
+    prompt_len: usize,
+    pauses: Vec<usize>,
     fed: Vec<u32>,
     given: Vec<u32>,
     /// `pending` holds a drawn token the caller has not taken (recorded).
@@ -55,6 +59,11 @@ struct Member {
 impl Member {
     fn live(&self) -> bool {
         !self.done && !self.pending.is_empty()
+    }
+
+    /// Still feeding its prompt (nothing drawn yet).
+    fn reading_prompt(&self) -> bool {
+        self.prompt_fed < self.prompt_len
     }
 }
 
@@ -79,13 +88,20 @@ impl Batch {
         self.prefill_budget = tokens;
     }
 
-    /// Adds a sequence over `state`, to feed `prompt` (non-empty) and then draw if `draw`.
-    /// The sampler is used as given (reset it for a fresh run). Checked here, once: the
-    /// state is this model's and in no other sequence of the batch, the tokens are in
-    /// the vocabulary.
-    pub fn add(&mut self, state: State, sampler: Sampler, prompt: Vec<u32>, draw: bool, top_logprobs: Option<usize>) -> Result<SeqId> {
+    /// Adds a sequence over `state`, to feed `prompt` (non-empty) and then draw, pausing
+    /// after each prompt length in `pauses` (a step reports `Paused` there: the caller may
+    /// keep that state). The sampler is used as given (reset it for a fresh run). Checked
+    /// here, once: the state is this model's and in no other sequence of the batch, the
+    /// tokens are in the vocabulary, the pauses inside the prompt.
+    pub fn add(&mut self, state: State, sampler: Sampler, prompt: Vec<u32>, pauses: Vec<usize>, top_logprobs: Option<usize>) -> Result<SeqId> {
         self.model.check_state(&state)?;
         self.model.check_tokens(&prompt)?;
+        let mut pauses = pauses;
+        pauses.sort_unstable();
+        pauses.dedup();
+        if let Some(&p) = pauses.iter().find(|&&p| p == 0 || p >= prompt.len()) {
+            return Err(Error::Invalid(format!("pause point {p} must be inside the prompt of {} tokens (1..{})", prompt.len(), prompt.len())));
+        }
         if sampler.vocab_size() != self.model.config.vocab_size {
             return Err(Error::Shape(format!("the sampler is for a vocabulary of {}; this model has {}", sampler.vocab_size(), self.model.config.vocab_size)));
         }
@@ -99,7 +115,7 @@ impl Batch {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.members.push(Member { id, state, sampler, pending: prompt, draw, fed: Vec::new(), given: Vec::new(), untaken: false, done: false, top_logprobs });
+        self.members.push(Member { id, state, sampler, prompt_len: prompt.len(), pending: prompt, prompt_fed: 0, pauses, fed: Vec::new(), given: Vec::new(), untaken: false, done: false, top_logprobs });
         Ok(id)
     }
 
@@ -109,19 +125,6 @@ impl Batch {
 
     fn member_mut(&mut self, id: SeqId) -> Result<&mut Member> {
         self.members.iter_mut().find(|m| m.id == id).ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
-    }
-
-    /// Gives a sequence that has fed everything (after `Stepped::Fed`) more tokens to feed,
-    /// then draw if `draw`.
-    pub fn extend(&mut self, id: SeqId, tokens: Vec<u32>, draw: bool) -> Result<()> {
-        self.model.check_tokens(&tokens)?;
-        let m = self.member_mut(id)?;
-        if m.done || !m.pending.is_empty() {
-            return Err(Error::State(format!("sequence {id} still has tokens to feed or is stopped")));
-        }
-        m.pending = tokens;
-        m.draw = draw;
-        Ok(())
     }
 
     /// Feeds each live sequence's pending tokens (prompts within the budget) in one call,
@@ -134,21 +137,20 @@ impl Batch {
         let mut take = vec![0usize; self.members.len()];
         let mut budget = if self.prefill_budget == 0 { usize::MAX } else { self.prefill_budget };
         for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.live()) {
-            if m.untaken || m.pending.len() == 1 && !m.fed.is_empty() {
-                take[i] = m.pending.len();
-            }
-        }
-        for (i, m) in self.members.iter().enumerate().filter(|(_, m)| m.live()) {
-            if take[i] == 0 && budget > 0 {
-                take[i] = m.pending.len().min(budget);
+            if m.reading_prompt() {
+                // Up to the next pause point, within the budget.
+                let to_pause = m.pauses.first().map_or(usize::MAX, |&p| p - m.prompt_fed);
+                take[i] = m.pending.len().min(to_pause).min(budget);
                 budget -= take[i];
+            } else {
+                take[i] = m.pending.len();
             }
         }
         let fed: Vec<usize> = (0..self.members.len()).filter(|&i| take[i] > 0).collect();
         if fed.is_empty() {
             return Ok(Vec::new());
         }
-        let wants_logits = fed.iter().any(|&i| take[i] == self.members[i].pending.len() && self.members[i].draw);
+        let wants_logits = fed.iter().any(|&i| take[i] == self.members[i].pending.len());
         let want = if wants_logits { Want::Last } else { Want::None };
         let batch: Vec<(&State, &[u32])> = fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
         let result = self.model.forward_batch_with(&batch, want, interrupt);
@@ -165,13 +167,16 @@ impl Batch {
         for (row, &i) in fed.iter().enumerate() {
             let m = &mut self.members[i];
             let all_in = take[i] == m.pending.len();
+            if m.reading_prompt() {
+                m.prompt_fed += take[i];
+            }
             m.fed.extend(m.pending.drain(..take[i]));
             m.untaken = false;
-            if !all_in {
-                continue;
+            if m.pauses.first() == Some(&m.prompt_fed) {
+                m.pauses.remove(0);
+                out.push(Stepped::Paused { id: m.id, at: m.prompt_fed });
             }
-            if !m.draw {
-                out.push(Stepped::Fed { id: m.id });
+            if !all_in {
                 continue;
             }
             let mut row = logits[row * v..(row + 1) * v].to_vec();

@@ -69,6 +69,7 @@ class Request:
         self.prompt_tokens = len(ids)
         self.cached_tokens = 0
         self.tokens: list[int] = []
+        self.pieces: list[str] = []  # every text piece handed out, in order
         self.logprobs: list[TokenInfo] = []
         self.submitted_at = time.monotonic()
         self.first_token_at: float | None = None
@@ -76,6 +77,7 @@ class Request:
         self.error: BaseException | None = None
         self._cancelled = threading.Event()
         self._finished = threading.Event()
+        self._started = False
         self._items: collections.deque[Any] = collections.deque()
         self._ready = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,7 +86,6 @@ class Request:
         # prompt segments still to feed ([start, end) of ids) before the drawing one.
         self._slot: int | None = None
         self._seq: int | None = None
-        self._ends: list[int] = []  # where the prompt segments still to feed end
 
     @property
     def finish_reason(self) -> str | None:
@@ -102,9 +103,14 @@ class Request:
     # ---- from the engine's thread ----
 
     def _push(self, item: Any) -> None:
+        if item is not _DONE:
+            self.pieces.append(item)
         with self._ready:
             self._items.append(item)
             self._ready.notify_all()
+        self._notify()
+
+    def _notify(self) -> None:
         if self._loop is not None and self._wake is not None:
             try:
                 self._loop.call_soon_threadsafe(self._wake.set)
@@ -145,8 +151,27 @@ class Request:
         return self.completion()
 
     def completion(self) -> Completion:
-        text = "".join(item for item in self._items if item is not _DONE)
-        return Completion(text, self.finish_reason or "length", self.prompt_tokens, len(self.tokens), list(self.tokens))
+        return Completion("".join(self.pieces), self.finish_reason or "length", self.prompt_tokens, len(self.tokens), list(self.tokens))
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Lets the engine wake this event loop when something arrives."""
+        if self._loop is None:
+            self._wake = asyncio.Event()
+            self._wake.set()  # look at what arrived before the loop was bound
+            self._loop = loop
+
+    async def started(self) -> None:
+        """Waits until the request has a slot and its prompt checked, or has ended;
+        raises its error if admitting it failed (a bad prompt)."""
+        self._bind(asyncio.get_running_loop())
+        assert self._wake is not None
+        while not (self._started or self.done):
+            self._wake.clear()
+            if self._started or self.done:
+                break
+            await self._wake.wait()
+        if self.error is not None:
+            raise self.error
 
     async def _aiter(self) -> AsyncIterator[str]:
         assert self._wake is not None
@@ -252,9 +277,7 @@ class Engine:
             yield piece
 
     async def _watch(self, request: Request) -> AsyncIterator[str]:
-        request._loop = asyncio.get_running_loop()
-        request._wake = asyncio.Event()
-        request._wake.set()  # look at what arrived before the loop was set
+        request._bind(asyncio.get_running_loop())
         try:
             async for piece in request._aiter():
                 yield piece
@@ -339,13 +362,11 @@ class Engine:
             self.model._m.copy_state((start or self._start)._core, self._slots[slot]._core)
             request.cached_tokens = at
             self.counters["prompt_tokens_cached"] += at
-            # The prompt is fed in segments that end where a state is worth caching (no
-            # draw; the state is stored once in), then the last one, which draws.
+            # Where a state is worth caching, the prompt pauses (the state is stored there);
+            # then it goes on and draws.
             caching = request.use_cache and self.cache is not None
-            points = [*request.cache_points, len(ids) - 1] if caching else []
-            request._ends = [*sorted({p for p in points if at < p < len(ids)}), len(ids)]
-            end = request._ends[0]
-            request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:end], end == len(ids),
+            pauses = sorted({p - at for p in [*request.cache_points, len(ids) - 1] if at < p < len(ids)}) if caching else []
+            request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:], pauses,
                                            request.top_logprobs)
         except BaseException as e:  # this request only: the others go on
             self._free.append(slot)
@@ -355,6 +376,8 @@ class Engine:
             return
         self._running[request._seq] = request
         self.counters["requests_admitted"] += 1
+        request._started = True
+        request._notify()
 
     def _step(self) -> None:
         try:
@@ -365,30 +388,33 @@ class Engine:
             return
         self.counters["steps"] += 1
         self.counters["batch_occupancy_sum"] += len(self._running)
-        for seq, token, logprob, top in stepped:
+        for seq, token, paused_at, logprob, top in stepped:
             request = self._running[seq]
-            if token is None:
-                self._prompt_segment_fed(request)
-                continue
-            text = request.text.take(self._batch, seq, token)
-            if token not in request.text.stop_tokens:  # a stop token is not handed out
-                request.tokens.append(token)
-                request.logprobs.append(TokenInfo(token, logprob, list(top)))
-                self.counters["generated_tokens"] += 1
-            if request.first_token_at is None:
-                request.first_token_at = time.monotonic()
-            if text:
-                request._push(text)
-            if request.finish_reason is not None:
-                self._retire(request, None)
+            try:
+                if token is None:
+                    self._paused(request, paused_at)
+                else:
+                    self._drew(request, token, logprob, top)
+            except BaseException as e:  # this request only: the others go on
+                self._retire(request, "error", e)
 
-    def _prompt_segment_fed(self, request: Request) -> None:
-        """A prompt segment is in: keep the state in the cache and feed the next one."""
-        assert self.cache is not None and request._slot is not None and request._seq is not None
-        start = request._ends.pop(0)
-        self.cache.store(self.model, request.ids[:start], self._slots[request._slot])
-        end = request._ends[0]
-        self._batch.extend(request._seq, request.ids[start:end], end == len(request.ids))
+    def _drew(self, request: Request, token: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
+        text = request.text.take(self._batch, request._seq, token)
+        if token not in request.text.stop_tokens:  # a stop token is not handed out
+            request.tokens.append(token)
+            request.logprobs.append(TokenInfo(token, logprob, list(top)))
+            self.counters["generated_tokens"] += 1
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        if text:
+            request._push(text)
+        if request.finish_reason is not None:
+            self._retire(request, None)
+
+    def _paused(self, request: Request, fed: int) -> None:
+        """The prompt is in up to a cache point: keep that state."""
+        assert self.cache is not None and request._slot is not None
+        self.cache.store(self.model, request.ids[:request.cached_tokens + fed], self._slots[request._slot])
 
     def _retire(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         """Takes the request out of the batch: its slot's state then holds the prompt and

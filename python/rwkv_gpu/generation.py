@@ -189,7 +189,7 @@ class BatchRun:
                 stepped = self._core.step()
                 if not stepped:  # nothing left to feed: cannot happen while a sequence runs
                     break
-                for seq, token, _, _ in stepped:
+                for seq, token, _, _, _ in stepped:
                     if self._core is None:  # closed while a piece was out
                         break
                     i = index[seq]

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prompt tokens fed per step while others decode (default 512)")
     ap.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429 (default 1024)")
     ap.add_argument("--max-prompt-tokens", type=int, default=65536, help="longer prompts get 413 (default 65536)")
+    ap.add_argument("--max-output-tokens", type=int, default=8192,
+                    help="the most tokens one request may ask for (default 8192)")
     ap.add_argument("--cache-mib", type=int, default=256, help="device MiB for the prefix cache (default 256)")
     ap.add_argument("--response-store-mib", type=int, default=1024,
                     help="device MiB for stored response states (default 1024)")
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
                     cache_bytes=args.cache_mib << 20, max_queue=args.max_queue)
     app = create_app(engine, args.model_name or model_name_for(args.model), api_key=args.api_key,
-                     max_prompt_tokens=args.max_prompt_tokens, response_store_bytes=args.response_store_mib << 20)
+                     max_prompt_tokens=args.max_prompt_tokens,
+                     max_output_tokens=args.max_output_tokens, response_store_bytes=args.response_store_mib << 20)
     print(f"serving {model!r} as {args.model_name or model_name_for(args.model)!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     try:

@@ -187,8 +187,9 @@ class ResponseStore:
 # ---- the app ----
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_prompt_tokens: int = 65536,
-               response_store_bytes: int = 1 << 30) -> FastAPI:
-    """The ASGI app serving `engine`'s model as `model_name`."""
+               max_output_tokens: int = 8192, response_store_bytes: int = 1 << 30) -> FastAPI:
+    """The ASGI app serving `engine`'s model as `model_name`. Prompts longer than
+    `max_prompt_tokens` get 413, asking for more than `max_output_tokens` gets 400."""
     model = engine.model
     tokenizer = model.tokenizer
     responses = ResponseStore(response_store_bytes)
@@ -237,6 +238,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise ApiError(413, f"the prompt has {len(ids)} tokens; this server takes at most {max_prompt_tokens}",
                            param=param, code="context_length_exceeded")
 
+    def output_limit(asked: int | None, default: int, param: str) -> int:
+        n = default if asked is None else asked
+        if n > max_output_tokens:
+            raise ApiError(400, f"{param} is {n}; this server generates at most {max_output_tokens} tokens per request",
+                           param=param)
+        return n
+
     def sampling(body: Any) -> dict[str, Any]:
         out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "presence_penalty",
                                             "frequency_penalty", "penalty_decay", "seed") if getattr(body, k, None) is not None}
@@ -256,6 +264,16 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             return engine.submit(prompt, **options)
         except errors.RwkvError as e:
             raise _from_rwkv(e) from e
+
+    async def started(requests: Sequence[EngineRequest]) -> None:
+        """Before a stream's first byte: every request admitted, or the error answered."""
+        try:
+            for r in requests:
+                await r.started()
+        except BaseException as e:
+            for r in requests:
+                r.cancel()
+            raise _from_rwkv(e) if isinstance(e, Exception) else e from None
 
     async def finished(request: EngineRequest) -> None:
         async for _ in engine._watch(request):
@@ -365,7 +383,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         check_length(ids, "prompt")
-        options = dict(sampling(body), max_tokens=body.max_tokens or 16, stop=stops(body.stop),
+        options = dict(sampling(body), max_tokens=output_limit(body.max_tokens, 16, "max_tokens"), stop=stops(body.stop),
                        top_logprobs=body.logprobs)
         requests = [submit(ids, index=i, seed_shift=True, **options) for i in range(body.n)]
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -393,6 +411,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 if (body.stream_options or {}).get("include_usage"):
                     yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                            "choices": [], "usage": usage(requests)}
+            await started(requests)
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
         try:
             for r in requests:
@@ -420,7 +439,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         check_model(body.model)
         ids, ends = chat_prompt(body.messages)
         check_length(ids, "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens or 1024
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = output_limit(asked, min(1024, max_output_tokens),
+                                  "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         top = (body.top_logprobs or 0) if body.logprobs else None
         options = dict(sampling(body), max_tokens=max_tokens, stop=[REPLY_STOP, *stops(body.stop)],
                        top_logprobs=top, cache_points=ends)
@@ -441,6 +462,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                                                "logprobs": chat_logprobs(r.logprobs) if top is not None else None}])
                 if (body.stream_options or {}).get("include_usage"):
                     yield dict(head, choices=[], usage=usage(requests))
+            await started(requests)
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
         texts = []
         try:
@@ -499,7 +521,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             messages.insert(0, Message(role="system", content=body.instructions))
         ids, ends = chat_prompt(messages)
         check_length(ids, "input")
-        options = dict(sampling(body), max_tokens=body.max_output_tokens or 1024, stop=[REPLY_STOP],
+        options = dict(sampling(body), max_tokens=output_limit(body.max_output_tokens, min(1024, max_output_tokens),
+                                                               "max_output_tokens"), stop=[REPLY_STOP],
                        cache_points=ends, state=state, return_state=state is None and body.store)
         request = submit(ids, index=0, seed_shift=False, **options)
         try:

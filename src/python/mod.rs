@@ -430,30 +430,25 @@ impl PyBatch {
     }
 }
 
-/// One step's result for a sequence: (id, drawn token or None when it only fed, its
-/// log-probability, [(token, log-probability)] of the most likely).
-type SteppedTuple = (u64, Option<u32>, Option<f32>, Vec<(u32, f32)>);
+/// One step's result for a sequence: (id, drawn token, None, its log-probability,
+/// [(token, log-probability)] of the most likely) where it drew, (id, None, prompt
+/// tokens fed, None, []) where it paused.
+type SteppedTuple = (u64, Option<u32>, Option<usize>, Option<f32>, Vec<(u32, f32)>);
 
 #[pymethods]
 impl PyBatch {
-    /// Adds a sequence over `state` that feeds `prompt`, then draws (if `draw`) with a
-    /// copy of `sampler`, reset (penalty counts start empty for each run, as the
-    /// official's do). Returns its id.
-    #[pyo3(signature = (state, sampler, prompt, draw=true, top_logprobs=None))]
-    fn add(&self, state: &PyState, sampler: &sampler::PySampler, prompt: Vec<Int>, draw: bool, top_logprobs: Option<Int>) -> PyResult<u64> {
+    /// Adds a sequence over `state` that feeds `prompt`, then draws with a copy of
+    /// `sampler`, reset (penalty counts start empty for each run, as the official's
+    /// do); it pauses after each prompt length in `pauses`. Returns its id.
+    #[pyo3(signature = (state, sampler, prompt, pauses=Vec::new(), top_logprobs=None))]
+    fn add(&self, state: &PyState, sampler: &sampler::PySampler, prompt: Vec<Int>, pauses: Vec<Int>, top_logprobs: Option<Int>) -> PyResult<u64> {
         let prompt = tokens_from(prompt, self.vocab)?;
+        let pauses = pauses.into_iter().map(|p| p.count("pause point")).collect::<PyResult<Vec<_>>>()?;
         let top = top_logprobs.map(|n| n.count("top_logprobs")).transpose()?;
         let mut smp = sampler.lock().clone();
         smp.reset();
         let state = state.inner.clone();
-        self.locked(move |b| b.add(state, smp, prompt, draw, top))
-    }
-
-    /// More tokens for a sequence that has fed all it had (it stepped as fed only).
-    #[pyo3(signature = (id, tokens, draw=true))]
-    fn extend(&self, id: u64, tokens: Vec<Int>, draw: bool) -> PyResult<()> {
-        let tokens = tokens_from(tokens, self.vocab)?;
-        self.locked(move |b| b.extend(id, tokens, draw))
+        self.locked(move |b| b.add(state, smp, prompt, pauses, top))
     }
 
     /// The most prompt tokens one step feeds over all sequences reading a prompt (0: no limit).
@@ -472,8 +467,8 @@ impl PyBatch {
         Ok(stepped
             .into_iter()
             .map(|s| match s {
-                Stepped::Drew { id, token, logprob, top } => (id, Some(token), logprob, top),
-                Stepped::Fed { id } => (id, None, None, Vec::new()),
+                Stepped::Drew { id, token, logprob, top } => (id, Some(token), None, logprob, top),
+                Stepped::Paused { id, at } => (id, None, Some(at), None, Vec::new()),
             })
             .collect())
     }

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible server, used as a real client uses it: the official `openai`
+package over HTTP on loopback (uvicorn in a thread), plus raw HTTP for malformed bodies.
+Answers are compared with the library's own calls on the same model (greedy or seeded,
+so they must be equal token for token)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import rwkv_gpu
+from conftest import DATA, open_model
+
+uvicorn = pytest.importorskip("uvicorn")  # a test dependency: installed by the test command
+from rwkv_gpu.server import create_app  # noqa: E402
+
+BYTES_MODEL = DATA / "trained-bytes" / "model.safetensors"
+KEY = "sk-test-key"
+NAME = "trained-bytes"
+
+
+@contextlib.contextmanager
+def serving(model, key=KEY, engine_options=None, **app_options):
+    engine = rwkv_gpu.Engine(model, **(engine_options or {}))
+    app = create_app(engine, NAME, api_key=key, **app_options)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return open_model(BYTES_MODEL)
+
+
+@pytest.fixture(scope="module")
+def url(model):
+    with serving(model) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+GREEDY = {"temperature": 0.0}
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
+
+
+def test_completion_equals_the_library(client, model):
+    prompt = "import numpy as np\n\ndef "
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, **GREEDY)
+    want = model.complete(prompt, max_tokens=12, **GREEDY)
+    assert got.choices[0].text == want.text and got.choices[0].finish_reason == "length"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(prompt), 12)
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == want.text
+    as_ids = client.completions.create(model=NAME, prompt=list(prompt.encode()), max_tokens=12, **GREEDY)
+    assert as_ids.choices[0].text == want.text
+
+
+def test_chat_plain_and_streamed_equal_rwkv_chat(client, model):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "A loop, please."}]
+    want = rwkv_gpu.Chat(model, system="You write Python.", max_tokens=24, **GREEDY).ask("A loop, please.")
+    got = client.chat.completions.create(model=NAME, messages=messages, max_tokens=24, **GREEDY)
+    assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_completion_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == got.usage.prompt_tokens
+    # The second request started from the prefix cache (the system turn and more).
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_stop_strings_across_tokens(client, model):
+    prompt = "def main():\n    "
+    free = model.complete(prompt, max_tokens=20, **GREEDY).text
+    stop = free[5:9]  # four bytes: four tokens of this model
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, stop=[stop, "zzz"], **GREEDY)
+    assert got.choices[0].text == free[:free.find(stop)] and got.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=20, stop=stop, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == free[:free.find(stop)]
+
+
+def test_seeds_and_n(client, model):
+    options = {"temperature": 1.0, "top_p": 0.9, "seed": 42, "max_tokens": 10}
+    a = client.completions.create(model=NAME, prompt="x = ", n=2, **options)
+    b = client.completions.create(model=NAME, prompt="x = ", n=2, **options)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text  # choice i draws with seed + i
+    assert a.choices[0].text == model.complete("x = ", max_tokens=10, temperature=1.0, top_p=0.9, seed=42).text
+    assert a.choices[1].text == model.complete("x = ", max_tokens=10, temperature=1.0, top_p=0.9, seed=43).text
+    assert a.usage.completion_tokens == 20
+
+
+def test_logprobs(client):
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                         logprobs=True, top_logprobs=3, **GREEDY)
+    content = got.choices[0].logprobs.content
+    assert len(content) == got.usage.completion_tokens
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-6  # greedy: the chosen token is the top one
+    legacy = client.completions.create(model=NAME, prompt="ab", max_tokens=3, logprobs=2, **GREEDY)
+    assert len(legacy.choices[0].logprobs.token_logprobs) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
+
+
+def test_embeddings(client, model, url):
+    got = client.embeddings.create(model=NAME, input=["hello", "world!"])
+    want = model.embed(["hello", "world!"])
+    np.testing.assert_array_equal(np.array([d.embedding for d in got.data], dtype=np.float32), want)
+    raw = httpx.post(f"{url}/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"model": NAME, "input": "hello", "encoding_format": "base64"}).json()
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4"), want[0])
+
+
+@pytest.mark.parametrize("options", [GREEDY, {"temperature": 1.0, "top_p": 0.8, "seed": 9}], ids=["greedy", "seeded"])
+def test_responses_continue_from_the_stored_state(client, model, options):
+    """A continued response equals the second turn of a Chat (which feeds only the new
+    turn into the state the first left), with the same sampling."""
+    chat = rwkv_gpu.Chat(model, max_tokens=16, **options)
+    first_want, second_want = chat.ask("Write a function."), chat.ask("Now test it.")
+    sent = {k: v for k, v in options.items() if k != "seed"}
+    extra = {"seed": options["seed"]} if "seed" in options else None  # the client's responses.create has no seed
+    first = client.responses.create(model=NAME, input="Write a function.", max_output_tokens=16, extra_body=extra, **sent)
+    second = client.responses.create(model=NAME, input="Now test it.", previous_response_id=first.id,
+                                     max_output_tokens=16, extra_body=extra, **sent)
+    assert (first.output_text, second.output_text) == (first_want, second_want)
+    assert second.usage.input_tokens == len("User: Now test it.\n\nAssistant:")
+
+
+def test_evicted_response_is_a_clear_404(model):
+    with serving(model, response_store_bytes=model.state_bytes) as url:  # room for one state
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        first = c.responses.create(model=NAME, input="one", max_output_tokens=2, **GREEDY)
+        second = c.responses.create(model=NAME, input="two", max_output_tokens=2, **GREEDY)
+        with pytest.raises(openai.NotFoundError, match="unknown or evicted"):
+            c.responses.create(model=NAME, input="more", previous_response_id=first.id, max_output_tokens=2)
+        assert c.responses.create(model=NAME, input="more", previous_response_id=second.id, max_output_tokens=2).output_text is not None
+        metrics = httpx.get(f"{url}/metrics").text
+    # "two" pushed out "one", then the continuation pushed out "two".
+    assert "rwkv_stored_responses_evicted_total 2.0" in metrics
+
+
+def test_api_key_and_error_format(url):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(f"{url}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"  # no key needed
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        (b"{not json", 400, None),
+        (b'{"model": "trained-bytes"}', 400, "prompt"),
+        (b'{"model": "trained-bytes", "prompt": "x", "temperature": -1}', 400, "temperature"),
+        (b'{"model": "trained-bytes", "prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
+        (b'{"model": "trained-bytes", "prompt": [65, 300]}', 400, None),
+        (b'{"model": "other", "prompt": "x"}', 404, "model"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(f"{url}/v1/completions", headers=auth | {"content-type": "application/json"}, content=body)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        if param:
+            assert error["param"] == param, (body, error)
+    # A bad token id in a stream is answered before the stream starts.
+    r = httpx.post(f"{url}/v1/completions", headers=auth, json={"model": NAME, "prompt": [65, 300], "stream": True})
+    assert r.status_code == 400 and "token id 300" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).chat.completions.create(model=NAME, messages=[])
+
+
+def test_prompt_too_long_is_413(model):
+    with serving(model, max_prompt_tokens=8) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model=NAME, prompt="123456789", max_tokens=2)
+        assert e.value.status_code == 413 and "at most 8" in str(e.value)
+
+
+def test_queue_full_429_and_disconnect_frees_the_slot(model):
+    """One slot, one place in the queue: a stream holds the slot, a second request waits,
+    a third gets 429. Closing the stream (the client leaves) frees the slot within a step,
+    and the waiting one completes."""
+    with serving(model, engine_options={"max_batch": 1, "max_queue": 1}) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        stream = c.completions.create(model=NAME, prompt="a", max_tokens=5000, stream=True, **GREEDY)
+        next(iter(stream))
+        waiting: dict = {}
+        t = threading.Thread(target=lambda: waiting.update(r=c.completions.create(model=NAME, prompt="b", max_tokens=3, **GREEDY)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while "rwkv_queue_length 1.0" not in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError, match="max_queue 1"):
+            c.completions.create(model=NAME, prompt="c", max_tokens=3)
+        stream.close()
+        t.join(timeout=60)
+        assert waiting["r"].choices[0].text == model.complete("b", max_tokens=3, **GREEDY).text
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'rwkv_requests_finished_total{reason="cancelled"} 1.0' in metrics
+    assert "rwkv_requests_refused_total 1.0" in metrics
+
+
+def test_device_lost_is_503():
+    lost = open_model(DATA / "tiny-rwkv7" / "model.safetensors", tokenizer="bytes")
+    with serving(lost, key=None) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert c.completions.create(model=NAME, prompt="ab", max_tokens=2).choices[0].text is not None
+        lost._m._lose_device()
+        with pytest.raises(openai.APIStatusError) as e:
+            c.completions.create(model=NAME, prompt="ab", max_tokens=2)
+        assert e.value.status_code == 503
+
+
+def test_metrics(client, url):
+    client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, **GREEDY)
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("rwkv_http_requests_total", "rwkv_generated_tokens_total", "rwkv_queue_length", "rwkv_batch_occupancy",
+                 "rwkv_time_to_first_token_seconds_count", "rwkv_prefix_cache_hits_total", "rwkv_requests_finished_total"):
+        assert name in text, name
+    count = [line for line in text.splitlines() if line.startswith("rwkv_time_to_first_token_seconds_count")]
+    assert float(count[0].split()[-1]) >= 1
