@@ -38,6 +38,14 @@ if [ "$(uname -s)" = Linux ]; then
 fi
 if [ "${1:-}" = test ]; then
     .venv/bin/python -m pip install -q "pytest>=8" "pytest-benchmark>=4" "wgpu>=0.20" "tokenizers>=0.15" "auditwheel>=6" "ruff>=0.6" "mypy>=1.10"
+    # The server and what tests it: the official OpenAI client, schemathesis, and nginx
+    # (two servers behind it, tests/test_nginx.py).
+    .venv/bin/python -m pip install -q "fastapi>=0.110" "uvicorn>=0.29" "prometheus-client>=0.20" "openai>=1.40" "httpx>=0.27" "schemathesis>=4"
+    if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+        echo "== installing nginx (for the load-balancer test)" >&2
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+    fi
     # The official tokenizer, as the oracle of the tokenizer property test; it is pure
     # Python and its rwkv_tokenizer module imports nothing else.
     .venv/bin/python -m pip install -q --no-deps "rwkv==0.8.32"

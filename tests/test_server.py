@@ -16,10 +16,9 @@ import numpy as np
 import openai
 import pytest
 import rwkv_gpu
+import uvicorn
 from conftest import DATA, open_model
-
-uvicorn = pytest.importorskip("uvicorn")  # a test dependency: installed by the test command
-from rwkv_gpu.server import create_app  # noqa: E402
+from rwkv_gpu.server import create_app
 
 BYTES_MODEL = DATA / "trained-bytes" / "model.safetensors"
 KEY = "sk-test-key"
@@ -251,3 +250,31 @@ def test_metrics(client, url):
         assert name in text, name
     count = [line for line in text.splitlines() if line.startswith("rwkv_time_to_first_token_seconds_count")]
     assert float(count[0].split()[-1]) >= 1
+
+
+def test_32_concurrent_streams_all_complete(client, url, model):
+    """32 streaming clients at once (16 run, 16 wait for a slot): every stream completes
+    with the text its prompt gives alone (greedy)."""
+    import asyncio
+
+    prompts = [f"Item {i}:" for i in range(4)]
+    want = {p: rwkv_gpu.Chat(model, max_tokens=6, temperature=0.0).ask(p) for p in prompts}
+
+    async def one(c, prompt):
+        stream = await c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=6,
+                                                 temperature=0.0, stream=True)
+        pieces, reason = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                reason = chunk.choices[0].finish_reason or reason
+        return prompt, "".join(pieces), reason
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300) as c:
+            return await asyncio.gather(*(one(c, prompts[i % 4]) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    for prompt, text, reason in results:
+        assert text == want[prompt] and reason in ("stop", "length")

@@ -3,8 +3,8 @@
 from collections.abc import Callable
 from typing import final
 
-__all__ = ["adapters", "choose_adapter", "kernel_source", "checkpoint_config", "Model", "State", "Sampler", "Generation",
-           "BatchGeneration", "WorldTokenizer", "StreamDecoder", "kernels", "projections"]
+__all__ = ["adapters", "choose_adapter", "kernel_source", "checkpoint_config", "Model", "State", "Sampler", "Batch",
+           "WorldTokenizer", "StreamDecoder", "kernels", "projections"]
 
 kernels: list[str]
 projections: list[str]

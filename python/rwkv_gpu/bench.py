@@ -8,6 +8,8 @@ tg<N> @ d<D> (--depth): tg<N> after a prompt of D tokens, to show that time per 
 does not grow with the context.
 tg<N> x<B> (--batch): B sequences generating N tokens each, one forward_batch call per
 step (each step reads the weights once for all B); t/s counts all B*N tokens.
+"tg<N> x<B> engine": the same B generations as requests to a `rwkv_gpu.Engine` (the
+serving scheduler: per-request sampling, text decoding and stop checks on the host).
 ttft<L>: time to the first token of a generation: an L-token prompt (128, or P if
 smaller) fed from a fresh state, logits read, token drawn; "cached" has a StateCache
 holding all but its last 16 tokens (shown in seconds).
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import Model, Sampler, Sampling, StateCache, _core
+from . import Engine, Model, Sampler, Sampling, StateCache, _core
 from ._cli import add_quant_args, quant_layer_dtypes, reports_errors
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
@@ -147,6 +149,21 @@ class Bench:
             for _ in range(self.generate):
                 logits = model.forward_batch(tokens, states)
                 tokens = [[int(t)] for t in np.argmax(logits, axis=1)]
+
+        return run
+
+    def tg_engine(self, batch: int, engines: list[Engine]) -> Callable[[], None]:
+        """`batch` requests at once through an Engine (continuous batching: sampling,
+        text decoding and stop checks per request on the host), each generating N tokens
+        after a one-token prompt."""
+        engine = Engine(self.model, max_batch=batch, cache_bytes=0)
+        engines.append(engine)  # closed by the caller after the runs
+
+        def run() -> None:
+            requests = [engine.submit([self.prompt[i % len(self.prompt)]], max_tokens=self.generate, temperature=0.0,
+                                      stop_tokens=(), banned_tokens=()) for i in range(batch)]
+            for request in requests:
+                request.result()
 
         return run
 
@@ -297,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             suffix = f" @ d{depth}"
         tests.append((f"tg{n}{suffix}", bench.tg(start, on_device=False), n, n, "t/s"))
         tests.append((f"tg{n}-argmax{suffix}", bench.tg(start, on_device=True), n, n, "t/s"))
+    engines: list[Engine] = []
     for batch in batches:
         tests.append((f"tg{n} x{batch}", bench.tg_batch(batch), batch * n, n, "t/s"))
+        tests.append((f"tg{n} x{batch} engine", bench.tg_engine(batch, engines), batch * n, n, "t/s"))
     ttft_len = min(TTFT_PROMPT, p)
     tests.append((f"ttft{ttft_len}", bench.ttft(None), 1, 1, "s"))
     if ttft_len > CACHED_SUFFIX:
@@ -318,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             if test in (f"pp{p}", f"tg{n}"):
                 profiles[test] = kernel_profile(model, fn)
         rows.append(row)
+    for engine in engines:
+        engine.close()
 
     software = cfg["device_type"] == "cpu"
     copy_bytes = SOFTWARE_COPY_BYTES if software else COPY_BYTES

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-mib", type=int, default=256, help="device MiB for the prefix cache (default 256)")
     ap.add_argument("--response-store-mib", type=int, default=1024,
                     help="device MiB for stored response states (default 1024)")
+    ap.add_argument("--route", metavar="I/N",
+                    help="this is server I of N behind nginx's `hash` (see deploy/nginx.conf): response ids are "
+                         "minted so that previous_response_id comes back here")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
 
@@ -58,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
     from .server import create_app
 
+    route = None
+    if args.route:
+        try:
+            index, servers = (int(x) for x in args.route.split("/"))
+        except ValueError:
+            print(f"error: --route must be I/N (e.g. 0/2), got {args.route!r}", file=sys.stderr)
+            return 1
+        route = (index, servers)
     model = load_model(args)  # --state: the initial state of every conversation
     engine = Engine(model, max_batch=args.max_batch, max_prefill_tokens=args.max_prefill_tokens,
                     cache_bytes=args.cache_mib << 20, max_queue=args.max_queue)
     app = create_app(engine, args.model_name or model_name_for(args.model), api_key=args.api_key,
                      max_prompt_tokens=args.max_prompt_tokens,
-                     max_output_tokens=args.max_output_tokens, response_store_bytes=args.response_store_mib << 20)
+                     max_output_tokens=args.max_output_tokens, response_store_bytes=args.response_store_mib << 20,
+                     route=route)
     print(f"serving {model!r} as {args.model_name or model_name_for(args.model)!r} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     try:

@@ -22,9 +22,10 @@ import json
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,7 +39,8 @@ from .conversation import REPLY_PROMPT, REPLY_STOP, ReplyStart, turn
 from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from .engine import Engine, Request as EngineRequest
+    from .engine import Engine
+    from .engine import Request as EngineRequest
     from .model import State
 
 
@@ -70,7 +72,7 @@ def _from_rwkv(e: BaseException) -> ApiError:
 
 # ---- request bodies ----
 
-Stop = Union[str, list[str], None]
+Stop = str | list[str] | None
 
 
 class _Body(BaseModel):
@@ -93,7 +95,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -102,7 +104,7 @@ class CompletionBody(_Body):
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatBody(_Body):
@@ -116,14 +118,14 @@ class ChatBody(_Body):
 class EmbeddingBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    input: Union[str, list[str], list[int], list[list[int]]]
+    input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
 
 
 class ResponseBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
-    input: Union[str, list[Message]]
+    input: str | list[Message]
     instructions: str | None = None
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -184,12 +186,32 @@ class ResponseStore:
         return len(self._items)
 
 
+def nginx_route(key: str, servers: int) -> int:
+    """Which of `servers` equal-weight servers (in the config's order) nginx's
+    `hash $key;` picks for `key`: its hash is documented as Cache::Memcached-compatible,
+    ((crc32(key) >> 16) & 0x7fff) mod the total weight (ngx_http_upstream_hash_module.c)."""
+    return ((zlib.crc32(key.encode()) >> 16) & 0x7FFF) % servers
+
+
+def response_id(route: tuple[int, int] | None) -> str:
+    """A new response id; with route (index, servers), one that nginx's hash sends back to
+    server `index`, so that `previous_response_id` reaches the server holding its state."""
+    while True:
+        rid = f"resp_{uuid.uuid4().hex}"
+        if route is None or nginx_route(rid, route[1]) == route[0]:
+            return rid
+
+
 # ---- the app ----
 
 def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, max_prompt_tokens: int = 65536,
-               max_output_tokens: int = 8192, response_store_bytes: int = 1 << 30) -> FastAPI:
+               max_output_tokens: int = 8192, response_store_bytes: int = 1 << 30,
+               route: tuple[int, int] | None = None) -> FastAPI:
     """The ASGI app serving `engine`'s model as `model_name`. Prompts longer than
-    `max_prompt_tokens` get 413, asking for more than `max_output_tokens` gets 400."""
+    `max_prompt_tokens` get 413, asking for more than `max_output_tokens` gets 400.
+    `route` (index, servers): this server's place behind nginx (`response_id`)."""
+    if route is not None and not 0 <= route[0] < route[1]:
+        raise errors.InvalidOptionError(f"route index {route[0]} must be in 0..{route[1] - 1}")
     model = engine.model
     tokenizer = model.tokenizer
     responses = ResponseStore(response_store_bytes)
@@ -239,7 +261,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                            param=param, code="context_length_exceeded")
 
     def output_limit(asked: int | None, default: int, param: str) -> int:
-        n = default if asked is None else asked
+        n = min(default, max_output_tokens) if asked is None else asked
         if n > max_output_tokens:
             raise ApiError(400, f"{param} is {n}; this server generates at most {max_output_tokens} tokens per request",
                            param=param)
@@ -352,7 +374,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "running": engine.stats()["running"]}
+        return {"status": "ok", "model": model_name, "running": engine.stats()["running"],
+                "route": None if route is None else route[0]}
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -440,7 +463,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         ids, ends = chat_prompt(body.messages)
         check_length(ids, "messages")
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = output_limit(asked, min(1024, max_output_tokens),
+        max_tokens = output_limit(asked, 1024,
                                   "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         top = (body.top_logprobs or 0) if body.logprobs else None
         options = dict(sampling(body), max_tokens=max_tokens, stop=[REPLY_STOP, *stops(body.stop)],
@@ -491,10 +514,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         if not items or len(items) > 2048:
             raise ApiError(400, f"input must hold 1 to 2048 texts, got {len(items)}", param="input")
         batch = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in items]
-        for ids in batch:
-            if not ids:
-                raise ApiError(400, "an input is empty", param="input")
-            check_length(ids, "input")
+        if not all(batch):
+            raise ApiError(400, "an input is empty", param="input")
+        check_length([t for ids in batch for t in ids], "input")  # the whole call's tokens
         vectors = await asyncio.to_thread(model.embed, batch)
         data = []
         for i, v in enumerate(np.atleast_2d(vectors)):
@@ -521,8 +543,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             messages.insert(0, Message(role="system", content=body.instructions))
         ids, ends = chat_prompt(messages)
         check_length(ids, "input")
-        options = dict(sampling(body), max_tokens=output_limit(body.max_output_tokens, min(1024, max_output_tokens),
-                                                               "max_output_tokens"), stop=[REPLY_STOP],
+        options = dict(sampling(body), max_tokens=output_limit(body.max_output_tokens, 1024, "max_output_tokens"), stop=[REPLY_STOP],
                        cache_points=ends, state=state, return_state=state is None and body.store)
         request = submit(ids, index=0, seed_shift=False, **options)
         try:
@@ -532,7 +553,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         if request.error is not None:
             raise _from_rwkv(request.error)
         metrics.finished(request)
-        rid = f"resp_{uuid.uuid4().hex}"
+        rid = response_id(route)
         if body.store and request.state is not None:
             responses.put(rid, request.state)
         reason = _finish(request)
