@@ -35,7 +35,8 @@ def test_table_rows_and_profile_counts(table):
     body = lines[header + 2:]
     body = body[:body.index("")] if "" in body else body  # the per-kernel tables follow a blank line
     rows = {cells[5].strip(): cells for cells in (line.split("|") for line in body)}
-    assert list(rows) == ["pp20", "tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16", "tg3 x3", "ttft20", "ttft20 cached 4"]
+    assert list(rows) == ["pp20", "tg3", "tg3-argmax", "tg3 @ d16", "tg3-argmax @ d16", "tg3 x3", "tg3 x3 engine", "ttft20",
+                          "ttft20 cached 4"]
     for cells in rows.values():
         mean, _, std = cells[6].split()[:3]
         assert float(mean) > 0 and float(std) >= 0
@@ -45,6 +46,8 @@ def test_table_rows_and_profile_counts(table):
         assert [float(c) for c in rows[test][8:11]] == [7.0, 1.0, 1.0], test
     # Three sequences: each step is one pass over the weights for all three tokens.
     assert [float(c) for c in rows["tg3 x3"][8:11]] == [7.0, round(1 / 3, 2), round(1 / 3, 2)]
+    # The same three through the Engine (its rows carry no per-call counts).
+    assert [c.strip() for c in rows["tg3 x3 engine"][8:12]] == ["-"] * 4
     # Prefill of 20 tokens: one chunk (the low-rank second stages as their own matmul),
     # one read-back of the last logits.
     assert [float(c) for c in rows["pp20"][8:11]] == [8.0, 1 / 20, 1 / 20]

@@ -369,3 +369,25 @@ def test_generate_batch_streams_each_sequence_and_stops_cleanly(model):
     for k, (prompt, state, c) in enumerate(zip(PROMPTS, states, want)):
         given = c.tokens[:1] if k == 0 else []
         assert_states_close(state.to_numpy(), state_after(model, list(prompt.encode()) + given))
+
+
+def test_sampling_defaults_have_one_source():
+    """The core's defaults (the official chat demo's) are Sampling's, and every entry point
+    that shows them (Model.generate's signature, the CLIs' flags) shows the same."""
+    import argparse
+    import inspect
+
+    from rwkv_gpu._cli import add_sampling_args
+
+    s = rwkv_gpu.Sampling()
+    assert (s.temperature, s.top_p, s.top_k, s.presence_penalty, s.frequency_penalty, s.penalty_decay, s.banned_tokens) == (
+        1.0, 0.3, 0, 0.5, 0.5, 0.996, (0,))
+    core = rwkv_gpu._core.sampling_defaults()
+    assert all(abs(getattr(s, k) - core[k]) < 1e-7 for k in ("temperature", "top_p", "presence_penalty", "penalty_decay"))
+    params = inspect.signature(rwkv_gpu.Model.generate).parameters
+    for name in ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "penalty_decay", "banned_tokens"):
+        assert params[name].default == getattr(s, name), name
+    ap = argparse.ArgumentParser()
+    add_sampling_args(ap, max_tokens=8)
+    args = ap.parse_args([])
+    assert (args.temperature, args.top_p, args.top_k, args.penalty_decay) == (s.temperature, s.top_p, s.top_k, s.penalty_decay)

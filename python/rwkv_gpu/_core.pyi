@@ -1,9 +1,9 @@
 """Type stubs for the native module (src/python/mod.rs)."""
 
 from collections.abc import Callable
-from typing import final
+from typing import Any, final
 
-__all__ = ["adapters", "choose_adapter", "kernel_source", "checkpoint_config", "Model", "State", "Sampler", "Batch",
+__all__ = ["adapters", "choose_adapter", "kernel_source", "checkpoint_config", "sampling_defaults", "Model", "State", "Sampler", "Batch",
            "WorldTokenizer", "StreamDecoder", "kernels", "projections"]
 
 kernels: list[str]
@@ -12,6 +12,7 @@ projections: list[str]
 
 def adapters() -> list[dict[str, object]]: ...
 def choose_adapter(adapter: str | None = None) -> tuple[int, list[str]]: ...
+def sampling_defaults() -> dict[str, Any]: ...
 def checkpoint_config(path: str) -> dict[str, object]: ...
 def kernel_source(name: str, defines: list[str] = ...) -> str: ...
 
@@ -93,15 +94,16 @@ class Sampler:
     def __new__(
         cls,
         vocab_size: int,
-        temperature: float = 1.0,
-        top_p: float = 0.3,
-        top_k: int = ...,  # 0
-        presence_penalty: float = 0.5,
-        frequency_penalty: float = 0.5,
-        penalty_decay: float = 0.996,
-        banned: list[int] = ...,
-        logit_bias: list[tuple[int, float]] = ...,
-        seed: int | None = None,
+        *,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        presence_penalty: float,
+        frequency_penalty: float,
+        penalty_decay: float,
+        banned: list[int],
+        logit_bias: list[tuple[int, float]],
+        seed: int | None,
     ) -> Sampler: ...
     def apply_penalties(self, logits: bytes) -> bytes: ...
     def probabilities(self, logits: bytes) -> bytes: ...

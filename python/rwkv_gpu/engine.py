@@ -244,7 +244,7 @@ class Engine:
         and that many alternatives (0-20). `cache_points`: prompt lengths after which the
         state is worth keeping in the prefix cache (ends of a system prompt or of earlier
         turns). Bad options raise here; a bad prompt fails this request only."""
-        text = TextStream(self.model.tokenizer, max_tokens, stop, stop_tokens)
+        text = TextStream(self.model._tokenizer_if_any(), max_tokens, stop, stop_tokens)
         sampler = sampler_for(self.model, Sampling(**sampling_options(dict(options))))  # checks the options
         if state is not None:
             self.model._check_state(state)

@@ -68,15 +68,19 @@ class StopMatcher:
 class TextStream:
     """One sequence's text: decodes its drawn tokens into complete UTF-8 pieces and
     decides when it ends (a stop token, a stop string, max_tokens). The same for a
-    single generation, a batch and the Engine's requests."""
+    single generation, a batch and the Engine's requests. Without a tokenizer (a model
+    whose vocabulary has none, e.g. a random one) it gives tokens only, no text."""
 
-    def __init__(self, tokenizer: Tokenizer, max_tokens: int, stop: Sequence[str] | str, stop_tokens: Sequence[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, max_tokens: int, stop: Sequence[str] | str, stop_tokens: Sequence[int]) -> None:
         if max_tokens < 1:
             raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if tokenizer is None and any(stops):
+            raise errors.InvalidOptionError("stop strings need a tokenizer; this model has none (pass tokenizer=)")
         self.tokenizer = tokenizer
         self.max_tokens = int(max_tokens)
-        self.decoder = tokenizer.stream_decoder()
-        self.matcher = StopMatcher([stop] if isinstance(stop, str) else list(stop))
+        self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self.matcher = StopMatcher(stops)
         self.stop_tokens = {int(t) for t in stop_tokens}
         self.taken = 0
         self.finish_reason: str | None = None
@@ -91,14 +95,14 @@ class TextStream:
             return ""
         # Taken: listed in `given` and, once the run ends, fed (one native call, so
         # Ctrl-C cannot fall between the two).
-        batch.record(seq, token, self.tokenizer.token_bytes(token) or b"")
+        batch.record(seq, token, (self.tokenizer.token_bytes(token) if self.tokenizer is not None else None) or b"")
         self.taken += 1
-        text, stopped = self.matcher.push(self.decoder.push(token))
+        text, stopped = self.matcher.push(self.decoder.push(token) if self.decoder is not None else "")
         if stopped:
             self.finish_reason = "stop"
         elif self.taken >= self.max_tokens:
             self.finish_reason = "length"
-            tail, stopped = self.matcher.push(self.decoder.finish())
+            tail, stopped = self.matcher.push(self.decoder.finish() if self.decoder is not None else "")
             if stopped:
                 self.finish_reason = "stop"
             text += tail + self.matcher.flush()
@@ -111,7 +115,8 @@ def sampler_for(model: Model, sampling: Sampling) -> Sampler:
     """A sampler over the model's vocabulary; ids past the tokenizer's (World:
     65530..65535) have no text and are banned."""
     vocab = model.config["vocab_size"]
-    return Sampler(vocab, sampling.with_bans(range(model.tokenizer.vocab_size, vocab)))
+    tokenizer = model._tokenizer_if_any()
+    return Sampler(vocab, sampling if tokenizer is None else sampling.with_bans(range(tokenizer.vocab_size, vocab)))
 
 
 class BatchRun:

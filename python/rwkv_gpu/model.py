@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .state_cache import StateCache
 
 Tokens = Sequence[int] | np.ndarray
+_SAMPLING = Sampling()
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -371,6 +372,13 @@ class Model:
             self._tokenizer = self._pick_tokenizer()
         return self._tokenizer
 
+    def _tokenizer_if_any(self) -> Tokenizer | None:
+        """The tokenizer, or None for a vocabulary that has none (token ids only)."""
+        try:
+            return self.tokenizer
+        except RwkvError:
+            return None
+
     def _pick_tokenizer(self) -> Tokenizer:
         choice = self._tokenizer_choice
         vocab = self.config["vocab_size"]
@@ -408,13 +416,13 @@ class Model:
         state: State | None = None,
         max_tokens: int = 256,
         *,
-        temperature: float = 1.0,
-        top_p: float = 0.3,
-        top_k: int = 0,
-        presence_penalty: float = 0.5,
-        frequency_penalty: float = 0.5,
-        penalty_decay: float = 0.996,
-        banned_tokens: Sequence[int] = (0,),
+        temperature: float = _SAMPLING.temperature,  # the defaults are Sampling's (one place)
+        top_p: float = _SAMPLING.top_p,
+        top_k: int = _SAMPLING.top_k,
+        presence_penalty: float = _SAMPLING.presence_penalty,
+        frequency_penalty: float = _SAMPLING.frequency_penalty,
+        penalty_decay: float = _SAMPLING.penalty_decay,
+        banned_tokens: Sequence[int] = _SAMPLING.banned_tokens,
         logit_bias: Mapping[int, float] | None = None,
         stop: Sequence[str] | str = (),
         stop_tokens: Sequence[int] = (0,),

@@ -15,6 +15,15 @@ import numpy as np
 
 from . import _core, errors
 
+# The defaults live in the core (src/sampler.rs, `SamplingOptions::default`); every Python
+# path (generate, complete, batches, Chat, the Engine, the server, the CLIs) takes them
+# from `Sampling`. f32 there: shown as the shortest decimal of that f32 (0.3, not 0.30000001).
+_CORE_DEFAULTS = _core.sampling_defaults()
+
+
+def _f32(value: float) -> float:
+    return float(str(np.float32(value)))
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -22,13 +31,13 @@ class Sampling:
     top_k 0 = off. `banned_tokens` get -inf; `logit_bias` maps token -> added logit
     (-inf bans); same `seed`, inputs, device and build give the same tokens."""
 
-    temperature: float = 1.0
-    top_p: float = 0.3
-    top_k: int = 0
-    presence_penalty: float = 0.5
-    frequency_penalty: float = 0.5
-    penalty_decay: float = 0.996
-    banned_tokens: tuple[int, ...] = (0,)
+    temperature: float = _f32(_CORE_DEFAULTS["temperature"])
+    top_p: float = _f32(_CORE_DEFAULTS["top_p"])
+    top_k: int = int(_CORE_DEFAULTS["top_k"])
+    presence_penalty: float = _f32(_CORE_DEFAULTS["presence_penalty"])
+    frequency_penalty: float = _f32(_CORE_DEFAULTS["frequency_penalty"])
+    penalty_decay: float = _f32(_CORE_DEFAULTS["penalty_decay"])
+    banned_tokens: tuple[int, ...] = tuple(_CORE_DEFAULTS["banned_tokens"])
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
 

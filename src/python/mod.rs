@@ -515,6 +515,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(choose_adapter, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_source, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint_config, m)?)?;
+    m.add_function(wrap_pyfunction!(sampler::sampling_defaults, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyState>()?;
     m.add_class::<sampler::PySampler>()?;

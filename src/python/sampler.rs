@@ -34,11 +34,29 @@ impl PySampler {
     }
 }
 
+/// The core's sampling defaults (the official RWKV-7 chat demo's), which
+/// `rwkv_gpu.Sampling` takes as its own.
+#[pyfunction]
+pub(crate) fn sampling_defaults(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let d = SamplingOptions::default();
+    let out = pyo3::types::PyDict::new(py);
+    out.set_item("temperature", d.temperature)?;
+    out.set_item("top_p", d.top_p)?;
+    out.set_item("top_k", d.top_k)?;
+    out.set_item("presence_penalty", d.presence_penalty)?;
+    out.set_item("frequency_penalty", d.frequency_penalty)?;
+    out.set_item("penalty_decay", d.penalty_decay)?;
+    out.set_item("banned_tokens", d.banned)?;
+    Ok(out)
+}
+
 #[pymethods]
 impl PySampler {
     #[new]
-    #[pyo3(signature = (vocab_size, temperature=1.0, top_p=0.3, top_k=Int(0), presence_penalty=0.5, frequency_penalty=0.5,
-                        penalty_decay=0.996, banned=vec![Int(0)], logit_bias=Vec::new(), seed=None))]
+    // No defaults here: `rwkv_gpu.Sampling` passes every option, with the core's
+    // defaults (`sampling_defaults`).
+    #[pyo3(signature = (vocab_size, *, temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, banned,
+                        logit_bias, seed))]
     #[allow(clippy::too_many_arguments)]
     fn new(vocab_size: usize, temperature: f32, top_p: f32, top_k: Int, presence_penalty: f32, frequency_penalty: f32,
            penalty_decay: f32, banned: Vec<Int>, logit_bias: Vec<(Int, f32)>, seed: Option<Int>) -> PyResult<Self> {
