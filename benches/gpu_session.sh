@@ -10,7 +10,7 @@
 # There, via the device tool's `run`, carry [".gl", "target/wheels",
 # "benches/peers/target/release/rwkv-gpu-peers"]:
 #     bash benches/gpu_session.sh tests    # the test suite on the GPU (driver shader bugs), ~2 min
-#     bash benches/gpu_session.sh bench    # pp512/tg128 (+ argmax, x4, x16, profile, bound) at 2.9B, fp16/int8/nf4
+#     bash benches/gpu_session.sh bench    # pp512/tg128 (+ argmax, x1-x64 direct and through the Engine, profile, bound) at 2.9B, fp16/int8/nf4
 #     bash benches/gpu_session.sh peers    # compare.py at 2.9B against web-rwkv 0.10.20
 # Each writes its logs and tables under $OUT (or out/ when OUT is unset).
 # SHAPE=0.1b (etc.) overrides the 2.9B shape.
@@ -61,7 +61,7 @@ tests)
 bench)
     setup_device
     for dtype in fp16 int8 nf4; do
-        python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -r 3 --profile --batch 4,16 --json \
+        python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -r 3 --profile --batch 1,4,16,64 --json \
             > "$out/bench-$dtype.json" 2> "$out/bench-$dtype.err" || { tail -20 "$out/bench-$dtype.err"; exit 1; }
         python3 - "$out/bench-$dtype.json" <<'EOF'
 import json, sys

@@ -400,6 +400,14 @@ impl GpuContext {
     }
 
     /// Blocks until the queue is idle.
+    /// Blocks until `submission` (and everything submitted before it) has run.
+    pub fn wait_for(&self, submission: wgpu::SubmissionIndex) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(submission), timeout: None })
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        self.check_alive()
+    }
+
     pub fn wait(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())

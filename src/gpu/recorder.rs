@@ -57,6 +57,8 @@ pub struct Counts {
     /// With profiling on a device with timestamp queries: each dispatch's GPU time in
     /// nanoseconds, under its kernel variant's label, in order.
     pub timings: Vec<(Arc<str>, f64)>,
+    /// The queue submission that ran it (`Program::submit`), to wait for it alone.
+    pub submission: Option<wgpu::SubmissionIndex>,
 }
 
 pub struct Recorder {
@@ -163,7 +165,7 @@ impl Program {
         let timed = if profile && ctx.timestamps { counts.dispatches.min(MAX_TIMED) } else { 0 };
         let timer = if timed > 0 { Some(Timer::new(ctx, timed)?) } else { None };
         let mut names = Vec::with_capacity(timed);
-        ctx.scoped("submitting a forward pass", || {
+        let submission = ctx.scoped("submitting a forward pass", || {
             let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
             let mut pass: Option<wgpu::ComputePass<'static>> = None;
             for step in &self.steps {
@@ -201,8 +203,9 @@ impl Program {
             if let Some(t) = &timer {
                 t.resolve(&mut encoder, names.len());
             }
-            ctx.queue.submit([encoder.finish()]);
+            ctx.queue.submit([encoder.finish()])
         })?;
+        counts.submission = Some(submission);
         if let Some(t) = timer {
             counts.timings = names.into_iter().zip(t.read(ctx, timed)?).collect();
         }

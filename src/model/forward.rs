@@ -114,8 +114,9 @@ impl Plans {
 /// holds the tokens of every sequence that fits, back to back. Returns what `want` asks
 /// for, sequence by sequence: Last/HiddenLast/Argmax one row each, All/HiddenAll one row
 /// per token (sequence 0's tokens first).
-/// `interrupt` is asked before every chunk but the first; while it is active each chunk
-/// is waited for, so that an interrupt comes within one chunk's time.
+/// `interrupt` is asked before every chunk but the first. While it is active, chunk n is
+/// submitted only once chunk n-2 has run, so that an interrupt comes within two chunks'
+/// time while the GPU still has the next chunk queued behind the running one.
 pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[SeqInput], want: Want, interrupt: Interrupt) -> Result<(Vec<f32>, CallStats)> {
     if scratch.is_none() {
         *scratch = Some(Scratch::new(model)?);
@@ -138,10 +139,12 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
     }
     let mut out = vec![0f32; out_rows * width];
 
+    // Submissions not yet waited for, oldest first (only while interruptible).
+    let mut in_flight: std::collections::VecDeque<wgpu::SubmissionIndex> = std::collections::VecDeque::new();
     for (n, rows) in plan_chunks(&lens, s.tokens, MAX_SEQS).into_iter().enumerate() {
         if n > 0 {
-            if interrupt.active() {
-                ctx.wait()?;
+            if interrupt.active() && in_flight.len() >= 2 {
+                ctx.wait_for(in_flight.pop_front().expect("two are in flight"))?;
             }
             interrupt.check()?;
         }
@@ -169,7 +172,10 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
                 plan
             }
         };
-        let counts = plan.program.submit(ctx, profile)?;
+        let mut counts = plan.program.submit(ctx, profile)?;
+        if let (true, Some(submission)) = (interrupt.active(), counts.submission.take()) {
+            in_flight.push_back(submission);
+        }
         stats.layer_dispatches += plan.layer_dispatches;
         stats.add(counts);
         stats.host_ns += started.elapsed().as_nanos() as u64;
