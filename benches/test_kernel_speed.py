@@ -104,7 +104,7 @@ def matmul_kernel(device, entry, fmt, m, k, t):
         defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u", f"LANES={64 if words % 64 == 0 else 32}u"]
         if "subgroup" in device.features:
             defines.append("SUBGROUPS")
-    params = [t, 0, 0, 0, m, k, 0, s_off, 0, 0, m, code << 8] + [0] * 56  # one group, no activation
+    params = [t, 0, 0, 0, m, k, 0, s_off, 0, k, 0, m, code << 8, 0, 0, 0] + [0] * 84  # one group, no activation
     groups = -(-m // 8) if entry == "matvec" else -(-m // 64) * -(-t // 64)
     name = "matmul_vec" if entry == "matvec" else "matmul_mat"
     kernel = Kernel(device, name, defines, entry, params, [w, w, x, y], (groups, 1, 1))
@@ -124,6 +124,25 @@ def test_matvec_batch(benchmark, device, tokens):
     four tokens)."""
     kernel, moved, flops = matmul_kernel(device, "matvec", "fp16", 4 * C, C, tokens)
     measure(benchmark, kernel, moved, flops)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "nf4"])
+@pytest.mark.parametrize("zero_groups", [0.0, 0.8])
+def test_matvec_sparse(benchmark, device, fmt, zero_groups):
+    """Decode through the ffn value [C, 4C], stored input-major, with this share of its
+    groups of four inputs zero (0.8: a trained model's, see shaders/matmul_sparse.wgsl).
+    GB/s counts the dense bytes, so it shows the saving as speed."""
+    m, k = C, 4 * C
+    rng = np.random.default_rng(0)
+    w, s_off, w_bytes = weights(fmt, k, m, rng)  # stored [k rows, m wide]
+    x = rng.standard_normal(k).astype(np.float32)
+    x.reshape(-1, 4)[rng.random(k // 4) < zero_groups] = 0.0
+    y = np.zeros(m, np.float32)
+    code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
+    defines = {"fp16": [], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt] + ["TOKEN_BLOCK=1u"]
+    params = [1, 0, 0, 0, m, k, 0, s_off, 0, k, 0, m, 32 | code << 8, 0, 0, 0] + [0] * 84  # INPUT_MAJOR
+    kernel = Kernel(device, "matmul_sparse", defines, "matvec_sparse", params, [w, w, x, y], (-(-m // 32), 1, 1))
+    measure(benchmark, kernel, w_bytes + x.nbytes + y.nbytes, 2.0 * m * k)
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "nf4"])

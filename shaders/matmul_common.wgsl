@@ -2,35 +2,41 @@
 // W[m, k] * x[x_off + t * K + k]) for up to eight weight matrices ("groups") of one
 // weight buffer in one dispatch. workgroup_id.z picks the group, each with its own shape,
 // offsets, weight format, activation and accumulate flag. Matrices are in nn.Linear
-// layout [M, K], every row starting on a 16-byte boundary. All arithmetic is f32.
+// layout [M, K], every row starting on a 16-byte boundary, or (flag INPUT_MAJOR, read by
+// matmul_sparse.wgsl and matmul_mat.wgsl) input-major, stored [K, M]: "row" and "width"
+// below then mean a stored row (one input's M weights) and M. All arithmetic is f32.
 //
 // Weight formats (flags bits 8-9; a variant compiles only the formats it lists):
 //   F16   16-bit floats, 8 per vec4<u32> (K a multiple of 8)
 //   BF16  the same, bf16 (HAS_BF16; for matrices with values beyond the fp16 range)
-//   INT8  codes -127..127, 16 per vec4<u32>, one f16 scale per block of 64 along K:
+//   INT8  codes -127..127, 16 per vec4<u32>, one f16 scale per block of 64 along a row:
 //         w = q * s (HAS_INT8)
 //   NF4   QLoRA NormalFloat codes, 32 per vec4<u32>, low nibble first, one f16 absmax
 //         per block of 64: w = NF4[q] * s (HAS_NF4)
-// A quantized matrix holds its codes [M, K / per word] from word w_off and its scales
-// from word s_off: ceil(K / 128) u32 per row, two f16 each, read through `scales`
-// (the same buffer as `w`).
+// A quantized matrix holds its codes [rows, width / per word] from word w_off and its
+// scales from word s_off: ceil(width / 128) u32 per row, two f16 each, read through
+// `scales` (the same buffer as `w`).
 // Activations (flags bits 0-3): 0 none, 1 tanh, 2 sigmoid, 3 relu(v)^2; flags bit 4:
-// accumulate into y (the residual stream).
+// accumulate into y (the residual stream); bit 5: INPUT_MAJOR.
 
 struct Group {
-    m: u32,        // output rows
-    k: u32,        // input width: a multiple of 8 (64 when quantized)
+    m: u32,        // outputs: a multiple of 8 when input-major
+    k: u32,        // inputs: a multiple of 8 (64 when quantized)
     w_off: u32,    // first word of the weights (codes) in the buffer: a multiple of 4
     s_off: u32,    // quantized formats: first word of the block scales
     x_off: u32,    // first element of this group's input in x: a multiple of 4
+    x_stride: u32, // elements between tokens in x: a multiple of 4
     y_off: u32,    // element of y that (token 0, row 0) lands in
     y_stride: u32, // elements between tokens in y
-    flags: u32,    // activation | ADD | format << 8
+    flags: u32,    // activation | ADD | INPUT_MAJOR | format << 8
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 struct Params {
     t: u32,        // tokens
-    _pad0: u32,
+    count_at: u32, // matmul_sparse.wgsl with COUNT_READS: first of its four counters
     _pad1: u32,
     _pad2: u32,
     groups: array<Group, 8>,
@@ -40,6 +46,7 @@ const ACT_TANH: u32 = 1u;
 const ACT_SIGMOID: u32 = 2u;
 const ACT_RELU_SQ: u32 = 3u;
 const ADD: u32 = 16u;
+const INPUT_MAJOR: u32 = 32u;
 const FMT_F16: u32 = 0u;
 const FMT_BF16: u32 = 1u;
 const FMT_INT8: u32 = 2u;
@@ -79,10 +86,15 @@ fn unpack_int8(v: u32) -> vec4<f32> {
     return vec4<f32>(vec4<i32>(bitcast<i32>(v << 24u), bitcast<i32>(v << 16u), bitcast<i32>(v << 8u), bitcast<i32>(v)) >> vec4<u32>(24u));
 }
 
-// The f16 scale of block `block` of `row` (quantized formats).
-fn block_scale(g: Group, row: u32, block: u32) -> f32 {
-    let pair = unpack2x16float(scales[g.s_off + row * ((g.k + 127u) / 128u) + block / 2u]);
+// The f16 scale of block `block` of stored row `row` (quantized formats), rows `width` wide.
+fn block_scale_w(g: Group, row: u32, block: u32, width: u32) -> f32 {
+    let pair = unpack2x16float(scales[g.s_off + row * ((width + 127u) / 128u) + block / 2u]);
     return select(pair.x, pair.y, (block & 1u) == 1u);
+}
+
+// The same for an nn.Linear-layout group: rows K wide.
+fn block_scale(g: Group, row: u32, block: u32) -> f32 {
+    return block_scale_w(g, row, block, g.k);
 }
 
 fn activate(flags: u32, v: f32) -> f32 {

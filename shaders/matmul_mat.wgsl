@@ -12,15 +12,16 @@ const KSTEP: u32 = 16u;
 var<workgroup> w_tile: array<vec4<f32>, 256>;  // [KSTEP][TILE / 4 row quads]
 var<workgroup> x_tile: array<vec4<f32>, 256>;  // [KSTEP][TILE / 4 token quads]
 
-// Weights W[row, k0 .. k0 + 7] (k0 a multiple of 8), dequantized.
-fn weights8(g: Group, row: u32, k0: u32) -> array<vec4<f32>, 2> {
+// Eight weights of stored row `row`, columns c0 .. c0 + 7 (c0 a multiple of 8), of rows
+// `width` wide, dequantized.
+fn weights8(g: Group, row: u32, c0: u32, width: u32) -> array<vec4<f32>, 2> {
     let f = format_of(g);
     let per = per_word4(g);
-    let v = w[g.w_off / 4u + row * (g.k / per) + k0 / per];
-    let sub = (k0 % per) / 4u;  // first 4-column block of k0 within the vec4
+    let v = w[g.w_off / 4u + row * (width / per) + c0 / per];
+    let sub = (c0 % per) / 4u;  // first 4-column block of c0 within the vec4
     var scale = 1.0;
     if (f >= FMT_INT8) {
-        scale = block_scale(g, row, k0 / 64u);
+        scale = block_scale_w(g, row, c0 / 64u, width);
     }
 #ifdef HAS_INT8
     if (f == FMT_INT8) {
@@ -57,14 +58,25 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
     for (var i = 0u; i < 4u; i++) {
         acc[i] = vec4<f32>(0.0);
     }
+    let input_major = (g.flags & INPUT_MAJOR) != 0u;
     for (var k0 = 0u; k0 < g.k; k0 += KSTEP) {
-        // Weights: 64 rows x 2 runs of 8 columns, one run per thread of the first 128.
-        if (li < 128u) {
+        // Weights, by the first 128 threads: 64 rows x 2 runs of 8 columns, one run each;
+        // input-major, 16 inputs x 8 runs of 8 outputs (two row quads of the tile).
+        if (li < 128u && input_major) {
+            let kk = li / 8u;
+            let r = 8u * (li % 8u);
+            var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+            if (m0 + r < g.m && k0 + kk < g.k) {
+                v = weights8(g, k0 + kk, m0 + r, g.m);
+            }
+            w_tile[kk * TQUADS + r / 4u] = v[0];
+            w_tile[kk * TQUADS + r / 4u + 1u] = v[1];
+        } else if (li < 128u) {
             let r = li / 2u;
             let kk = 8u * (li % 2u);
             var v = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
             if (m0 + r < g.m && k0 + kk < g.k) {
-                v = weights8(g, m0 + r, k0 + kk);
+                v = weights8(g, m0 + r, k0 + kk, g.k);
             }
             for (var e = 0u; e < 8u; e++) {
                 w_tile[(kk + e) * TQUADS + r / 4u][r % 4u] = v[e / 4u][e % 4u];
@@ -76,7 +88,7 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
             let kk = 4u * (li % 4u);
             var v = vec4<f32>(0.0);
             if (t0 + tt < p.t && k0 + kk < g.k) {
-                v = x[(g.x_off + (t0 + tt) * g.k + k0 + kk) / 4u];
+                v = x[(g.x_off + (t0 + tt) * g.x_stride + k0 + kk) / 4u];
             }
             for (var e = 0u; e < 4u; e++) {
                 x_tile[(kk + e) * TQUADS + tt / 4u][tt % 4u] = v[e];

@@ -102,7 +102,7 @@ fn matvec_sums(g: Group, row0: u32, t0: u32, lane: u32) -> Sums {
     let words = g.k / per;              // vec4<u32> per row
     var xrow: Inputs;
     for (var t = 0u; t < TOKENS; t++) {
-        xrow[t] = (g.x_off + min(t0 + t, p.t - 1u) * g.k) / 4u;
+        xrow[t] = (g.x_off + min(t0 + t, p.t - 1u) * g.x_stride) / 4u;
     }
     for (var q = lane; q < words; q += WG) {
         for (var rq = 0u; rq < QUADS; rq++) {

@@ -548,7 +548,12 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
                 problems.push(format!("{} is saved as {}, but only the big projections and the head are ever quantized", x.name, format.name()));
                 continue;
             }
-            for (tensor, dtype, want) in saved::quantized_tensors(&x.name, format, shape[0], shape[1]) {
+            // Codes and scales are of the matrix as stored: transposed when input-major.
+            let (rows, width) = match saved::stored_layout(ck, &x.name)? {
+                Some(crate::model::weights::Layout::InputMajor) => (shape[1], shape[0]),
+                _ => (shape[0], shape[1]),
+            };
+            for (tensor, dtype, want) in saved::quantized_tensors(&x.name, format, rows, width) {
                 match ck.info(&tensor) {
                     None => problems.push(format!("missing tensor {tensor:?} of the {} matrix {}", format.name(), x.name)),
                     Some(info) if info.dtype != dtype || info.shape != want => {

@@ -166,13 +166,13 @@ def token_block(t):
     return next((b for b in TOKEN_BLOCKS if b >= t), 8)
 
 
-def matmul_params(t, groups):
-    """The Params words: t, padding, then eight groups of (m, k, w_off, s_off, x_off,
-    y_off, y_stride, flags), unused ones zero."""
-    words = [t, 0, 0, 0]
+def matmul_params(t, groups, count_at=0):
+    """The Params words: t, count_at, padding, then eight groups of (m, k, w_off, s_off,
+    x_off, x_stride, y_off, y_stride, flags) and three words of padding, unused ones zero."""
+    words = [t, count_at, 0, 0]
     for g in groups:
-        words += [int(v) for v in g]
-    return words + [0] * (8 * (8 - len(groups)))
+        words += [int(v) for v in g] + [0, 0, 0]
+    return words + [0] * (12 * (8 - len(groups)))
 
 
 def matmul_grid(entry, rows, t, n_groups, fold=False):
@@ -209,7 +209,11 @@ def scale_words(scales):
 def pack_weights(fmt, rng, m, k):
     """(u32 words as the device holds the matrix, word offset of its scales or None,
     exact f64 values of what the kernel must multiply by)."""
-    w = sample_matrix(rng, m, k)
+    return pack_weights_of(fmt, sample_matrix(rng, m, k))
+
+
+def pack_weights_of(fmt, w):
+    """As pack_weights, for the matrix `w` as stored (rows of its width)."""
     if fmt in ("f16", "bf16"):
         packed, exact = pack_16bit(w, fmt == "bf16")
         return packed.ravel(), None, exact
@@ -246,7 +250,7 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
         packed = np.concatenate([packed, np.full(-len(packed) % 4, 0xDEADBEEF, np.uint32)])
         y_stride = m + 6
         flags = ACTS[act][0] | (ADD if add else 0) | FORMATS[fmt] << 8
-        groups.append((m, k, w_at, w_at + (s_off or 0), x_at, y_at + 2, y_stride, flags))
+        groups.append((m, k, w_at, w_at + (s_off or 0), x_at, k, y_at + 2, y_stride, flags))
         words.append(packed)
         exact.append(w_exact)
         w_at += packed.size
@@ -262,7 +266,7 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
                               [w, w, x, y], matmul_grid(entry, rows, t, len(specs), fold))
 
     want = y.astype(f64)
-    for (m, k, _w_off, _s_off, x_off, y_off, y_stride, _flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
+    for (m, k, _w_off, _s_off, x_off, _x_stride, y_off, y_stride, _flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
         view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]  # a view
         v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
         view[...] = (view if add else 0.0) + ACTS[act][1](v)
@@ -329,6 +333,110 @@ def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
         for lanes in ([32, 64] if entry == "matvec" else [64]):
             got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True, lanes=lanes)
             np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes}")
+
+
+# ---- matmul_sparse (and matmul_tiled) on input-major matrices: stored [K rows, M wide]
+# (flag INPUT_MAJOR, bit 5), quantized blocks along M; matvec_sparse grid ceil(M/32). ----
+
+INPUT_MAJOR = 32
+
+
+def sparse_inputs(rng, t, k, pattern):
+    """(T, K) inputs: "dense", "zero" (all), or "sparse": 80% of the groups of four zero
+    for every token, and some groups zero for some tokens only (live for the pass)."""
+    x = rand(rng, t, k)
+    if pattern == "zero":
+        x[:] = 0.0
+    elif pattern == "sparse":
+        groups = x.reshape(t, k // 4, 4)
+        groups[:, rng.random(k // 4) < 0.8] = 0.0
+        groups[rng.random((t, k // 4)) < 0.3] = 0.0
+        x[:, 5] = 0.0  # a zero inside a live group
+    return x
+
+
+def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=None, count=False, act=None, add=True):
+    """One input-major group W [m, k] (stored W.T) over t tokens; with `chunk` = (k0,
+    rows), only inputs k0 .. k0 + rows (the host's chunk of a matrix split across
+    bindings: x_off moves, x_stride stays K). Returns (got, want, counts, want_counts)."""
+    rng = np.random.default_rng(seed)
+    w_logical = sample_matrix(rng, m, k)
+    k0, rows = chunk or (0, k)
+    packed, s_off, stored_exact = pack_weights_of(fmt, np.ascontiguousarray(w_logical.T[k0:k0 + rows]))
+    w = np.concatenate([np.full(4, 0xDEADBEEF, np.uint32), packed, np.full(-len(packed) % 4 + 4, 0xDEADBEEF, np.uint32)])
+    x_lead, y_off, y_stride = 8, 3, m + 5
+    xs = sparse_inputs(rng, t, k, pattern)
+    x = np.concatenate([rand(rng, x_lead), xs.ravel(), rand(rng, 4)]).astype(np.float32)
+    y = rand(rng, y_off + t * y_stride + 2)
+    flags = ACTS[act][0] | (ADD if add else 0) | INPUT_MAJOR | FORMATS[fmt] << 8
+    group = (m, rows, 4, 4 + (s_off or 0), x_lead + k0, k, y_off, y_stride, flags)
+    counts = np.zeros(8, np.uint32)
+    if entry == "matvec_sparse":
+        defines = [f"HAS_{fmt.upper()}"] * (fmt != "f16") + [f"TOKEN_BLOCK={tokens or token_block(t)}u"] + ["COUNT_READS"] * count
+        arrays = [w, w, x, y] + [counts] * count
+        out = run_kernel("matmul_sparse", defines, entry, matmul_params(t, [group], count_at=4), arrays, (-(-m // 32), 1, 1))
+        got, got_counts = out[3], (out[4] if count else None)
+    else:
+        defines = [f"HAS_{fmt.upper()}"] * (fmt != "f16")
+        got = run_kernel("matmul_mat", defines, entry, matmul_params(t, [group]), [w, w, x, y], matmul_grid(entry, m, t, 1))[3]
+        got_counts = None
+    want = y.astype(f64)
+    view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]
+    v = xs[:, k0:k0 + rows].astype(f64) @ stored_exact
+    view[...] = (view if add else 0.0) + ACTS[act][1](v)
+    # What the counting variant must report: per pass of TOKENS tokens (clamped to the
+    # last), each group of four is read when any token of the pass has a non-zero in it.
+    block = tokens or token_block(t)
+    live = xs[:, k0:k0 + rows].reshape(t, rows // 4, 4) != 0
+    passes = [live[[min(p + i, t - 1) for i in range(block)]] for p in range(0, t, block)]
+    want_counts = np.array([0, 0, 0, 0, sum(int(q.any(axis=(0, 2)).sum()) for q in passes), len(passes) * (rows // 4),
+                            int(live.sum()), t * rows], np.uint32)
+    return got, want, got_counts, want_counts
+
+
+@pytest.mark.parametrize("pattern", ["dense", "sparse", "zero"])
+@pytest.mark.parametrize("t", [1, 3, 9])  # a block, clamped tokens, two passes
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "int8", "nf4"])
+def test_matvec_sparse_against_the_dense_product(pattern, t, fmt):
+    """Skipped groups change nothing: the product of the inputs with the weights, for
+    dense, sparse and all-zero inputs. M = 40 (fp16; a partial workgroup of 32 outputs)
+    or 128 (quantized: blocks of 64 along M); K = 776: 194 groups of four, more than the
+    64 threads along K and a multiple of neither."""
+    m = 40 if fmt in ("f16", "bf16") else 128
+    got, want, _, _ = check_input_major("matvec_sparse", m, 776, t, fmt, pattern, seed=t * 7 + len(pattern))
+    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{fmt} t={t} {pattern}")
+
+
+@pytest.mark.parametrize("tokens", TOKEN_BLOCKS)
+@pytest.mark.parametrize("t", [1, 5, 16])
+def test_matvec_sparse_counts_the_groups_it_reads(tokens, t):
+    """The counting variant (profiles) reports exactly the groups of four it read and
+    saw, and the non-zero inputs, per pass of `tokens` tokens; its product is the same."""
+    got, want, counts, want_counts = check_input_major("matvec_sparse", 64, 264, t, "f16", "sparse", seed=tokens + 100 * t,
+                                                       tokens=tokens, count=True)
+    np.testing.assert_allclose(got, want, **MATMUL_TOL)
+    np.testing.assert_array_equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("entry", ["matvec_sparse", "matmul_tiled"])
+@pytest.mark.parametrize("fmt", ["f16", "int8"])
+def test_input_major_chunk_of_the_inputs(entry, fmt):
+    """A chunk of an input-major matrix (inputs 128 .. 256 of 384, as the loader cuts one
+    larger than a binding) reads its inputs from x_off with the whole row's stride and adds
+    its part into y."""
+    got, want, _, _ = check_input_major(entry, 64, 384, 5 if entry == "matvec_sparse" else 70, fmt, "sparse", seed=3,
+                                        chunk=(128, 128))
+    np.testing.assert_allclose(got, want, **MATMUL_TOL)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "int8", "nf4"])
+@pytest.mark.parametrize("t", [17, 70])
+def test_matmul_tiled_reads_input_major_weights(fmt, t):
+    """Prefill keeps the tiled GEMM for the input-major value projection: the same product
+    from weights stored [K, M] (M = 136: a partial tile; quantized 128 with blocks along M)."""
+    m = 136 if fmt in ("f16", "bf16") else 128
+    got, want, _, _ = check_input_major("matmul_tiled", m, 200, t, fmt, "dense", seed=t, act="relu_sq", add=False)
+    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{fmt} t={t}")
 
 
 # ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----

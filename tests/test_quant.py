@@ -84,14 +84,19 @@ def test_quant_matmul_groups_share_a_buffer(entry, fmt):
 
 # ---- whole forwards ----
 
+# Stored input-major (sparse decode): quantized as [in, out], blocks along the outputs.
+INPUT_MAJOR = ("ffn.value.weight",)
+
+
 def dequantized_weights(weights, fmt, layers):
     """The checkpoint with each quantized layer's projections replaced by what the GPU
-    holds: the fp16-rounded matrix, quantized and dequantized."""
+    holds: the fp16-rounded matrix, quantized (as stored) and dequantized."""
     out = dict(weights)
     for i in layers:
         for name in PROJECTIONS:
             key = f"blocks.{i}.{name}"
-            out[key] = quantize(fmt, weights[key].astype(np.float16).astype(np.float32))[2]
+            w = weights[key].astype(np.float16).astype(np.float32)
+            out[key] = quantize(fmt, w.T)[2].T if name in INPUT_MAJOR else quantize(fmt, w)[2]
     return out
 
 

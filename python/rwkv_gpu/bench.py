@@ -220,6 +220,35 @@ def kernel_profile(model: Model, fn: Callable[[], None]) -> dict[str, dict[str, 
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["us"]))
 
 
+def sparse_reads(model: Model, fn: Callable[[], None]) -> dict[str, float] | None:
+    """What the sparse ffn value projection read over `fn` (single-sequence decode): the
+    share of its inputs that were zero, of groups of four inputs it read, and the weight
+    bytes read per token against the dense bytes; None where no layer is stored
+    input-major."""
+    storage = model._m.ffn_value_storage()
+    if not any(layout == "input-major" for layout, _ in storage):
+        return None
+    model._m.take_read_counts()
+    model._m.set_counting_reads(True)
+    try:
+        fn()
+    finally:
+        model._m.set_counting_reads(False)
+    counts = model._m.take_read_counts()
+    read = groups = nonzero = inputs = 0
+    bytes_read = dense = 0.0
+    for (layout, nbytes), (g_read, g_all, nz, n) in zip(storage, counts):
+        dense += nbytes
+        if layout != "input-major" or g_all == 0:
+            bytes_read += nbytes
+            continue
+        read, groups, nonzero, inputs = read + g_read, groups + g_all, nonzero + nz, inputs + n
+        bytes_read += nbytes * g_read / g_all
+    if groups == 0:
+        return None
+    return {"zero_inputs": 1 - nonzero / inputs, "groups_read": read / groups, "bytes_per_token": bytes_read, "dense_bytes_per_token": dense}
+
+
 def load(args: argparse.Namespace) -> tuple[Model, str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -325,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     profiles: dict[str, dict[str, dict[str, float]] | None] = {}
+    sparse: dict[str, float] | None = None
     for test, fn, tokens, calls, unit in tests:
         log(f"{test}:")
         times = time_runs(fn, args.repetitions)
@@ -338,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
              row.host_us_per_submission) = counts(model, fn, tokens, calls)
             if test in (f"pp{p}", f"tg{n}"):
                 profiles[test] = kernel_profile(model, fn)
+            if test == f"tg{n}":
+                sparse = sparse_reads(model, fn)
         rows.append(row)
     for engine in engines:
         engine.close()
@@ -360,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.profile:
         info["kernel_profile"] = profiles
+        info["ffn_value_reads"] = sparse
     if args.json:
         print(json.dumps({"info": info, "rows": [asdict(r) for r in rows]}, indent=2))
         return 0
@@ -389,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r.fraction_of_bound is not None:
             print(f"{r.test}: {100 * r.fraction_of_bound:.1f}% of the bandwidth bound")
+    if sparse is not None:
+        print()
+        print(f"ffn value, tg{n} (sparse decode): {100 * sparse['zero_inputs']:.1f}% of its inputs zero, "
+              f"{100 * sparse['groups_read']:.1f}% of groups of four read | weights read per token: "
+              f"{sparse['bytes_per_token'] / 1e6:.2f} MB of {sparse['dense_bytes_per_token'] / 1e6:.2f} MB dense "
+              f"({100 * sparse['bytes_per_token'] / sparse['dense_bytes_per_token']:.1f}%)")
     for test, profile in profiles.items():
         print()
         if profile is None:

@@ -37,6 +37,9 @@ pub struct DeviceOptions {
     pub no_f16: bool,
     /// `RWKV_GPU_NO_SUBGROUPS=1`: do not enable subgroup operations.
     pub no_subgroups: bool,
+    /// `RWKV_GPU_NO_SPARSE_FFN=1`: keep the channel mix's value projection in the dense
+    /// layout, so that decode reads all of it (the comparison path for the sparse one).
+    pub no_sparse_ffn: bool,
     /// `RWKV_GPU_MAX_BINDING=<bytes>`: plan as if no storage binding could exceed this,
     /// so that the tensor-splitting paths run on devices with large bindings.
     pub max_binding: Option<u64>,
@@ -55,6 +58,7 @@ impl DeviceOptions {
         }
         self.no_f16 |= flag("RWKV_GPU_NO_F16");
         self.no_subgroups |= flag("RWKV_GPU_NO_SUBGROUPS");
+        self.no_sparse_ffn |= flag("RWKV_GPU_NO_SPARSE_FFN");
         if self.max_binding.is_none() {
             if let Ok(v) = std::env::var("RWKV_GPU_MAX_BINDING") {
                 let bytes = v.trim().parse::<u64>().map_err(|_| {
@@ -250,6 +254,8 @@ pub struct GpuContext {
     pub uniform_offset_alignment: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
+    /// Loads may store the channel mix's value projection input-major, for sparse decode.
+    pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
     pub timestamps: bool,
     pub warnings: Vec<String>,
@@ -339,6 +345,7 @@ impl GpuContext {
             uniform_offset_alignment: limits.min_uniform_buffer_offset_alignment,
             shader_f16,
             subgroups,
+            sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,
             created: Created::default(),

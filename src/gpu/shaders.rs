@@ -14,6 +14,7 @@ pub enum Kernel {
     LnShift,
     DeepEmbed,
     MatmulVec,
+    MatmulSparse,
     MatmulMat,
     Wkv7,
     Quantize,
@@ -22,8 +23,8 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 9] = [
-        Kernel::LayerNorm, Kernel::LnShift, Kernel::MatmulVec, Kernel::MatmulMat, Kernel::Wkv7, Kernel::Quantize,
+    pub const ALL: [Kernel; 10] = [
+        Kernel::LayerNorm, Kernel::LnShift, Kernel::MatmulVec, Kernel::MatmulSparse, Kernel::MatmulMat, Kernel::Wkv7, Kernel::Quantize,
         Kernel::Argmax, Kernel::Copy, Kernel::DeepEmbed,
     ];
 
@@ -33,6 +34,7 @@ impl Kernel {
             Kernel::LnShift => "ln_shift",
             Kernel::DeepEmbed => "deep_embed",
             Kernel::MatmulVec => "matmul_vec",
+            Kernel::MatmulSparse => "matmul_sparse",
             Kernel::MatmulMat => "matmul_mat",
             Kernel::Wkv7 => "wkv7",
             Kernel::Quantize => "quantize",
@@ -51,6 +53,7 @@ impl Kernel {
             Kernel::LnShift => include_str!("../../shaders/ln_shift.wgsl"),
             Kernel::DeepEmbed => include_str!("../../shaders/deep_embed.wgsl"),
             Kernel::MatmulVec => include_str!("../../shaders/matmul_vec.wgsl"),
+            Kernel::MatmulSparse => include_str!("../../shaders/matmul_sparse.wgsl"),
             Kernel::MatmulMat => include_str!("../../shaders/matmul_mat.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Quantize => include_str!("../../shaders/quantize.wgsl"),

@@ -65,6 +65,9 @@ pub enum Variant {
     /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup, one of
     /// MATVEC_LANES; `subgroups`: reduce with subgroupAdd.
     MatVec { tokens: u32, lanes: u32, formats: Formats, subgroups: bool },
+    /// Input-major matrices for a few tokens, skipping zero inputs; `tokens`: one of
+    /// MATVEC_TOKEN_BLOCKS; `count`: count the rows read (profiles).
+    MatVecSparse { tokens: u32, formats: Formats, count: bool },
     MatMul { formats: Formats },
     /// `fused_lora`: the low-rank second stages computed in the kernel (decode).
     Wkv7 { head_size: u32, fused_lora: bool },
@@ -82,6 +85,7 @@ impl Variant {
             Variant::LnShift { .. } => Kernel::LnShift,
             Variant::DeepEmbed => Kernel::DeepEmbed,
             Variant::MatVec { .. } => Kernel::MatmulVec,
+            Variant::MatVecSparse { .. } => Kernel::MatmulSparse,
             Variant::MatMul { .. } => Kernel::MatmulMat,
             Variant::Wkv7 { .. } => Kernel::Wkv7,
             Variant::Quantize { .. } => Kernel::Quantize,
@@ -96,6 +100,7 @@ impl Variant {
             Variant::LnShift { .. } => "ln_shift",
             Variant::DeepEmbed => "deep_embed",
             Variant::MatVec { .. } => "matvec",
+            Variant::MatVecSparse { .. } => "matvec_sparse",
             Variant::MatMul { .. } => "matmul_tiled",
             Variant::Wkv7 { .. } => "wkv7",
             Variant::Quantize { .. } => "quantize",
@@ -123,6 +128,13 @@ impl Variant {
                     out.push(("SUBGROUPS".into(), String::new()));
                 }
             }
+            Variant::MatVecSparse { tokens, formats, count } => {
+                valued("TOKEN_BLOCK", tokens);
+                formats.defines(&mut out);
+                if count {
+                    out.push(("COUNT_READS".into(), String::new()));
+                }
+            }
             Variant::MatMul { formats } => formats.defines(&mut out),
             Variant::Wkv7 { head_size, fused_lora } => {
                 valued("HEAD_SIZE", head_size);
@@ -142,6 +154,9 @@ impl Variant {
             Variant::LnShift { mixes, keep_normalised } => format!("ln_shift x{mixes}{}", if keep_normalised { " +n" } else { "" }),
             Variant::MatVec { tokens, lanes, formats, subgroups } => {
                 format!("matvec t{tokens} l{lanes} {}{}", formats.label(), if subgroups { " sg" } else { "" })
+            }
+            Variant::MatVecSparse { tokens, formats, count } => {
+                format!("matvec_sparse t{tokens} {}{}", formats.label(), if count { " counted" } else { "" })
             }
             Variant::MatMul { formats } => format!("matmul_tiled {}", formats.label()),
             Variant::Wkv7 { head_size, fused_lora } => format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" }),
@@ -167,6 +182,9 @@ impl Variant {
                     for subgroups in [false, true] {
                         all.push(Variant::MatVec { tokens, lanes, formats, subgroups });
                     }
+                }
+                for count in [false, true] {
+                    all.push(Variant::MatVecSparse { tokens, formats, count });
                 }
             }
         }

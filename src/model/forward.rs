@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::chunks::{plan_chunks, SeqInput, SeqRow};
 use super::head::{self, Placement};
-use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, Wkv};
+use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, ReadCounts, Wkv};
 use super::scratch::{Scratch, MAX_SEQS};
 use super::state::Page;
 use super::weights::{consts, Layer};
@@ -67,6 +67,8 @@ struct PlanKey {
     n_seq: usize,
     want: Want,
     wanted: Vec<usize>,
+    /// Sparse products count the rows they read (`Model::counting_reads`).
+    count_reads: bool,
 }
 
 struct Plan {
@@ -125,6 +127,10 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
     let cfg = &model.config;
     let ctx: &GpuContext = &model.ctx;
     let profile = model.profiling.load(std::sync::atomic::Ordering::Relaxed);
+    let count_reads = model.counting_reads.load(std::sync::atomic::Ordering::Relaxed);
+    if count_reads {
+        s.ensure_read_counts(model)?;
+    }
     let mut stats = CallStats::default();
 
     let lens: Vec<usize> = seqs.iter().map(|q| q.tokens.len()).collect();
@@ -162,7 +168,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
         }
         let chunk_want = if wanted.is_empty() { Want::None } else { want };
         head::prepare(model, s, chunk_want, wanted.len())?;
-        let key = PlanKey { tokens: t, n_seq: rows.len(), want: chunk_want, wanted: wanted.iter().map(|w| w.0).collect() };
+        let key = PlanKey { tokens: t, n_seq: rows.len(), want: chunk_want, wanted: wanted.iter().map(|w| w.0).collect(), count_reads };
         let cached = page.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key, s.generation);
         let plan = match cached {
             Some(plan) => plan,
@@ -232,7 +238,8 @@ fn record(model: &Model, s: &Scratch, page: &Page, key: &PlanKey) -> Result<Plan
         }
     }
     for (l, layer) in model.weights.layers.iter().enumerate() {
-        let chunk = Chunk { model, s, layer, index: l, state: &page.layers[l], first_layer: l == 0, tokens: t, n_seq };
+        let counts = if key.count_reads { s.read_counts.as_ref() } else { None };
+        let chunk = Chunk { model, s, layer, index: l, state: &page.layers[l], first_layer: l == 0, tokens: t, n_seq, counts };
         chunk.time_mix(&mut rec)?;
         chunk.channel_mix(&mut rec)?;
     }
@@ -252,6 +259,8 @@ struct Chunk<'a> {
     first_layer: bool,
     tokens: usize,
     n_seq: usize,
+    /// Where the sparse value projection counts its reads (profiles): four counters per layer.
+    counts: Option<&'a wgpu::Buffer>,
 }
 
 impl Chunk<'_> {
@@ -333,7 +342,10 @@ impl Chunk<'_> {
                 se: &s.deep, se_off: self.index * t * cfg.deep_embed_width(), consts: &deep.consts, kf: &s.ffn, h_off: t * f, tokens: t,
             })?;
         }
-        // The value projection, added to the residual stream.
-        ops::products(model, rec, &s.ffn, &s.x, t, &[Product { w: &layer.ffn_value, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true }])
+        // The value projection, added to the residual stream. Input-major (the loader's
+        // choice where it fits one binding), decode skips the rows of zero activations.
+        let value = Product { w: &layer.ffn_value, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true };
+        let counts = self.counts.map(|buffer| ReadCounts { buffer, at: 4 * self.index });
+        ops::counted_products(model, rec, &s.ffn, &s.x, t, &[value], counts)
     }
 }

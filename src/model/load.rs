@@ -20,7 +20,7 @@ use half::{bf16, f16};
 use super::config::Config;
 use super::saved;
 use super::host_table::HostTable;
-use super::weights::{consts, deep_consts, fnv, to_f32_into, Chunk, DeepLayer, Layer, Matrix, Weights, WeightFormat, QUANT_BLOCK};
+use super::weights::{consts, deep_consts, fnv, stored_shape, to_f32_into, Chunk, DeepLayer, Layer, Layout, Matrix, Weights, WeightFormat, QUANT_BLOCK};
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
 use crate::gpu::{Codes, GpuContext, Pipelines, Variant};
@@ -32,19 +32,25 @@ use crate::schema::{self, Checked, Entry, LayerMatrix, Role, Scope};
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct QuantizeParams { m: u32, k: u32, s_off: u32, dst_off: u32 }
 
-/// A matrix to allocate: its checkpoint name, shape [m, k] and device format.
+/// A matrix to allocate: its checkpoint name, shape [m, k], device format and layout.
 struct Plan {
     name: String,
     m: usize,
     k: usize,
     format: WeightFormat,
+    layout: Layout,
 }
 
 impl Plan {
+    fn stored(&self) -> (usize, usize) {
+        stored_shape(self.m, self.k, self.layout)
+    }
+
     /// Its bytes, rounded up so that the next matrix in a shared buffer starts on a
     /// 16-byte boundary (the matmul kernels read rows as vec4s).
     fn padded_bytes(&self) -> usize {
-        (self.m * self.format.row_bytes(self.k)).next_multiple_of(16)
+        let (rows, width) = self.stored();
+        (rows * self.format.row_bytes(width)).next_multiple_of(16)
     }
 }
 
@@ -88,17 +94,27 @@ impl<'a> Loader<'a> {
         Ok(buffer)
     }
 
-    /// Rows per device buffer for a matrix k wide: the fp16 form fits one storage binding.
+    /// Rows per device buffer for m stored rows k wide: the fp16 form fits one storage
+    /// binding. A multiple of 8 when split (an input-major chunk is a run of inputs, which
+    /// the kernels read 8 at a time).
     fn rows_per_chunk(&self, m: usize, k: usize) -> usize {
         let max_rows = ((self.ctx.max_binding as usize) / (2 * k)).max(1);
-        if max_rows >= m { m } else { (max_rows / 4 * 4).max(1) }
+        if max_rows >= m { m } else { (max_rows / 8 * 8).max(1) }
     }
 
     /// The format `name` will be held in: as a saved model holds it, else `want` (None:
     /// fp16). Only the big projections and the head (`quantizable`) may be quantized, and
-    /// only when k is a multiple of the quantization block.
-    fn plan(&self, name: String, m: usize, k: usize, want: Option<WeightFormat>, quantizable: bool) -> Result<Plan> {
+    /// only when the stored width is a multiple of the quantization block. `sparse`: the
+    /// matrix is read by sparse decode, so it is stored input-major where it fits one
+    /// binding (and the device options allow), else in the usual layout.
+    fn plan(&self, name: String, m: usize, k: usize, want: Option<WeightFormat>, quantizable: bool, sparse: bool) -> Result<Plan> {
         let path = self.ck.path();
+        let layout = match saved::stored_layout(self.ck, &name)? {
+            Some(layout) => layout,
+            None if sparse && self.ctx.sparse_ffn && self.rows_per_chunk(k, m) >= k => Layout::InputMajor,
+            None => Layout::OutputMajor,
+        };
+        let width = stored_shape(m, k, layout).1;
         let format = match saved::stored_format(self.ck, &name)? {
             Some(stored) if !quantizable => {
                 return Err(Error::load(path, format!("{name} is saved as {}, but only the big projections and the head are ever quantized", stored.name())));
@@ -110,17 +126,20 @@ impl<'a> Loader<'a> {
             }
             Some(stored) => stored,
             None => match want.unwrap_or(WeightFormat::F16) {
-                f if f.quantized() && !k.is_multiple_of(QUANT_BLOCK) => WeightFormat::F16,
+                f if f.quantized() && !width.is_multiple_of(QUANT_BLOCK) => WeightFormat::F16,
                 f => f,
             },
         };
-        Ok(Plan { name, m, k, format })
+        Ok(Plan { name, m, k, format, layout })
     }
 
     /// Whether `plans` fit one buffer: each is one chunk and the whole fits a binding.
     fn fit_one_buffer(&self, plans: &[Plan]) -> bool {
         let total: usize = plans.iter().map(Plan::padded_bytes).sum();
-        plans.iter().all(|p| self.rows_per_chunk(p.m, p.k) >= p.m) && total as u64 <= self.ctx.max_binding
+        plans.iter().all(|p| {
+            let (rows, width) = p.stored();
+            self.rows_per_chunk(rows, width) >= rows
+        }) && total as u64 <= self.ctx.max_binding
     }
 
     /// Allocates the matrices of `plans`: in one buffer, one after another, when they fit
@@ -134,23 +153,25 @@ impl<'a> Loader<'a> {
             return Ok(plans
                 .iter()
                 .map(|p| {
-                    let chunk = Chunk { buffer: buffer.clone(), word_off: word, row0: 0, rows: p.m };
+                    let chunk = Chunk { buffer: buffer.clone(), word_off: word, row0: 0, rows: p.stored().0 };
                     word += p.padded_bytes() / 4;
-                    Matrix { m: p.m, k: p.k, format: p.format, chunks: vec![chunk] }
+                    Matrix { m: p.m, k: p.k, format: p.format, layout: p.layout, chunks: vec![chunk] }
                 })
                 .collect());
         }
-        plans.iter().map(|p| self.allocate_one(p.m, p.k, p.format, &p.name)).collect()
+        plans.iter().map(|p| self.allocate_one(p.m, p.k, p.format, p.layout, &p.name)).collect()
     }
 
-    fn allocate_one(&mut self, m: usize, k: usize, format: WeightFormat, name: &str) -> Result<Matrix> {
-        let per = self.rows_per_chunk(m, k);
+    /// A matrix in buffers of its own, split by stored rows where it exceeds a binding.
+    fn allocate_one(&mut self, m: usize, k: usize, format: WeightFormat, layout: Layout, name: &str) -> Result<Matrix> {
+        let (stored_rows, width) = stored_shape(m, k, layout);
+        let per = self.rows_per_chunk(stored_rows, width);
         let mut chunks = Vec::new();
-        for row0 in (0..m).step_by(per) {
-            let rows = per.min(m - row0);
-            chunks.push(Chunk { buffer: self.buffer(name, (rows * format.row_bytes(k)) as u64)?, word_off: 0, row0, rows });
+        for row0 in (0..stored_rows).step_by(per) {
+            let rows = per.min(stored_rows - row0);
+            chunks.push(Chunk { buffer: self.buffer(name, (rows * format.row_bytes(width)) as u64)?, word_off: 0, row0, rows });
         }
-        Ok(Matrix { m, k, format, chunks })
+        Ok(Matrix { m, k, format, layout, chunks })
     }
 
     // ---- phase 2: fill ----
@@ -206,19 +227,23 @@ impl<'a> Loader<'a> {
         Ok(())
     }
 
-    /// Fills `matrix` from the checkpoint tensor `name` ([m, k], or [k, m] when
-    /// `transpose`: an official low-rank matrix). A matrix with values beyond the fp16 range is kept as bf16: when
+    /// Fills `matrix` from the checkpoint tensor `name`: [m, k], or [k, m] when
+    /// `file_input_major` (an official low-rank matrix), transposed where the device
+    /// layout differs. A matrix with values beyond the fp16 range is kept as bf16: when
     /// it was planned quantized, it moves to buffers of its own.
-    fn fill(&mut self, name: &str, matrix: &mut Matrix, transpose: bool) -> Result<()> {
+    fn fill(&mut self, name: &str, matrix: &mut Matrix, file_input_major: bool) -> Result<()> {
         let (m, k) = (matrix.m, matrix.k);
         if saved::stored_format(self.ck, name)?.is_some() {
             return self.fill_saved(name, matrix);
         }
         let values = self.tensor(name, &[m, k])?;
-        let at = |r: usize, c: usize| if transpose { values[c * m + r] } else { values[r * k + c] };
+        // Element (r, c) of the stored [rows, width] matrix.
+        let (rows, width) = matrix.stored();
+        let direct = file_input_major == (matrix.layout == Layout::InputMajor);
+        let at = |r: usize, c: usize| if direct { values[r * width + c] } else { values[c * rows + r] };
         let bf16_needed = values.iter().any(|v| v.abs() > 65504.0);
         if bf16_needed && matrix.format.quantized() {
-            *matrix = self.allocate_one(m, k, WeightFormat::Bf16, name)?;
+            *matrix = self.allocate_one(m, k, WeightFormat::Bf16, matrix.layout, name)?;
         } else if bf16_needed {
             matrix.format = WeightFormat::Bf16;
         }
@@ -226,13 +251,13 @@ impl<'a> Loader<'a> {
         for chunk in &matrix.chunks {
             bytes.clear();
             for r in chunk.row0..chunk.row0 + chunk.rows {
-                for c in 0..k {
+                for c in 0..width {
                     let bits = if bf16_needed { bf16::from_f32(at(r, c)).to_bits() } else { f16::from_f32(at(r, c)).to_bits() };
                     bytes.extend_from_slice(&bits.to_le_bytes());
                 }
             }
             if matrix.format.quantized() {
-                self.quantize(name, &bytes, chunk, k, matrix.format)?;
+                self.quantize(name, &bytes, chunk, width, matrix.format)?;
             } else {
                 self.ctx.queue.write_buffer(&chunk.buffer, (chunk.word_off * 4) as u64, &bytes);
             }
@@ -271,9 +296,10 @@ impl<'a> Loader<'a> {
     }
 
     /// Fills a matrix that a saved model holds as codes and scales, in the device layout
-    /// of its format (codes, then the scales as f16 pairs), one row chunk at a time.
+    /// of its format (codes, then the scales as f16 pairs), one row chunk at a time. The
+    /// file holds it as stored ([m, k] rows and width, here).
     fn fill_saved(&mut self, name: &str, matrix: &Matrix) -> Result<()> {
-        let (m, k, format) = (matrix.m, matrix.k, matrix.format);
+        let ((m, k), format) = (matrix.stored(), matrix.format);
         let (codes, scales) = saved::read_quantized(self.ck, name, format, m, k)?;
         let scale_values = super::weights::to_f32(&scales, crate::loader::DType::F16);
         if let Some(at) = scale_values.iter().position(|v| !v.is_finite()) {
@@ -320,16 +346,17 @@ impl<'a> Loader<'a> {
                 let (entry, _) = schema::layer_matrices().find(|(_, m)| *m == which).expect("every matrix is in the schema");
                 let (m, k) = self.device_shape(entry, which);
                 let want = if which.quantizable() { q } else { Some(WeightFormat::F16) };
-                slots.push((Slot::Base(which), self.plan(entry.name_in(i), m, k, want, which.quantizable())?));
+                let sparse = which == LayerMatrix::FfnValue;
+                slots.push((Slot::Base(which), self.plan(entry.name_in(i), m, k, want, which.quantizable(), sparse)?));
                 // DeepEmbed's s1 reads the same chunk rows as the ffn key: beside it, one dispatch.
                 if which == LayerMatrix::FfnKey && cfg.deep_embed() {
                     let r = cfg.deep_embed_rank;
-                    slots.push((Slot::S1, self.plan(format!("blocks.{i}.ffn.s1"), r, c, Some(WeightFormat::F16), false)?));
+                    slots.push((Slot::S1, self.plan(format!("blocks.{i}.ffn.s1"), r, c, Some(WeightFormat::F16), false, false)?));
                 }
             }
             if cfg.deep_embed() {
                 let name = format!("blocks.{i}.ffn.s_emb_x.weight");
-                slots.push((Slot::EmbX, self.plan(name, cfg.deep_embed_width(), c, Some(WeightFormat::F16), false)?));
+                slots.push((Slot::EmbX, self.plan(name, cfg.deep_embed_width(), c, Some(WeightFormat::F16), false, false)?));
             }
             let (labels, plans): (Vec<Slot>, Vec<Plan>) = slots.into_iter().unzip();
             // Matrices the forward pass runs together (r/k/v; the low-rank first stages;
@@ -347,7 +374,7 @@ impl<'a> Loader<'a> {
                     parts.extend(self.allocate(&format!("blocks.{i}.att.lora2"), &plans[7..11])?);
                 }
                 for p in &plans[11..] {
-                    parts.push(self.allocate_one(p.m, p.k, p.format, &p.name)?);
+                    parts.push(self.allocate_one(p.m, p.k, p.format, p.layout, &p.name)?);
                 }
                 parts
             };
@@ -369,8 +396,8 @@ impl<'a> Loader<'a> {
                 ffn_key: take(Slot::Base(FfnKey)), ffn_value: take(Slot::Base(FfnValue)), deep: None,
             }, deep));
         }
-        let head_plan = self.plan("head.weight".into(), v, c, self.quant.head, true)?;
-        let mut head = self.allocate_one(v, c, head_plan.format, "head.weight")?;
+        let head_plan = self.plan("head.weight".into(), v, c, self.quant.head, true, false)?;
+        let mut head = self.allocate_one(v, c, head_plan.format, head_plan.layout, "head.weight")?;
 
         // Phase 2: fill, tensor by tensor, in the schema's order.
         let vectors = |scope: Scope, layer: usize| -> Vec<(String, usize)> {
@@ -388,8 +415,8 @@ impl<'a> Loader<'a> {
         for (i, (mut layer, deep)) in layers.into_iter().enumerate() {
             self.fill_consts(&layer.consts, &vectors(Scope::Layer, i))?;
             for (entry, which) in schema::layer_matrices() {
-                let transpose = which.low_rank() && !self.checked.low_rank_out_in;
-                self.fill(&entry.name_in(i), layer.matrix_mut(which), transpose)?;
+                let file_input_major = which.low_rank() && !self.checked.low_rank_out_in;
+                self.fill(&entry.name_in(i), layer.matrix_mut(which), file_input_major)?;
             }
             if let Some((mut emb_x, mut s1, consts)) = deep {
                 self.fill(&format!("blocks.{i}.ffn.s_emb_x.weight"), &mut emb_x, false)?;

@@ -86,6 +86,19 @@ pub struct Model {
     pub last_stats: Mutex<CallStats>,
     /// Time every dispatch on the GPU (see `Recorder::profile`); off by default.
     pub profiling: std::sync::atomic::AtomicBool,
+    /// Sparse products count the rows they read (`read_counts`); off by default.
+    pub counting_reads: std::sync::atomic::AtomicBool,
+}
+
+/// What the sparse value projection of one layer read since the counters were last
+/// taken: groups of four inputs read and seen, non-zero inputs and inputs (summed over
+/// the tokens of each call).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadCounts {
+    pub groups_read: u64,
+    pub groups: u64,
+    pub nonzero_inputs: u64,
+    pub inputs: u64,
 }
 
 /// What the caller asks for: one format for every layer or one per layer, and the head's.
@@ -158,6 +171,7 @@ impl Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             last_stats: Mutex::new(CallStats::default()),
             profiling: std::sync::atomic::AtomicBool::new(false),
+            counting_reads: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -436,6 +450,22 @@ impl Model {
     }
 
     /// A copy of `size` bytes of a device buffer from `offset`, in host memory.
+    /// Per layer, what its sparse value projection read while `counting_reads` was on,
+    /// since the last call (which zeroes the counters). Layers stored dense count nothing.
+    pub fn take_read_counts(&self) -> Result<Vec<ReadCounts>> {
+        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(buffer) = scratch.as_ref().and_then(|s| s.read_counts.as_ref()) else {
+            return Ok(vec![ReadCounts::default(); self.config.n_layer]);
+        };
+        let raw = self.download(buffer, 0, buffer.size())?;
+        self.ctx.queue.write_buffer(buffer, 0, &vec![0u8; raw.len()]);
+        let words: &[u32] = bytemuck::cast_slice(&raw);
+        Ok(words
+            .chunks_exact(4)
+            .map(|c| ReadCounts { groups_read: c[0] as u64, groups: c[1] as u64, nonzero_inputs: c[2] as u64, inputs: c[3] as u64 })
+            .collect())
+    }
+
     pub(crate) fn download(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         let staging = self.staging(size)?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());

@@ -5,7 +5,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::weights::{Chunk, Matrix, WeightFormat};
+use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
 use crate::gpu::variants::{MATVEC_LANES, MATVEC_TOKEN_BLOCKS};
@@ -17,6 +17,8 @@ use crate::gpu::{Binding, Formats, Recorder, Variant};
 pub const MATVEC_TOKENS: usize = 16;
 /// Rows of one matvec workgroup (`ROWS` in shaders/matmul_vec.wgsl).
 const MATVEC_ROWS: usize = 8;
+/// Outputs of one sparse matvec workgroup (`OUTS` in shaders/matmul_sparse.wgsl).
+const SPARSE_OUTS: usize = 32;
 /// Output tile of matmul_tiled (rows and tokens).
 const TILE: usize = 64;
 /// Matrices one matmul dispatch computes at most (`groups` in matmul_common.wgsl).
@@ -140,11 +142,14 @@ pub fn deep_embed(model: &Model, rec: &mut Recorder, a: DeepEmbed) -> Result<()>
 /// One matrix of a matmul dispatch (matmul_common.wgsl `Group`).
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatGroup { m: u32, k: u32, w_off: u32, s_off: u32, x_off: u32, y_off: u32, y_stride: u32, flags: u32 }
+struct MatGroup { m: u32, k: u32, w_off: u32, s_off: u32, x_off: u32, x_stride: u32, y_off: u32, y_stride: u32, flags: u32, _pad: [u32; 3] }
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatParams { t: u32, _pad: [u32; 3], groups: [MatGroup; MAX_GROUPS] }
+struct MatParams { t: u32, count_at: u32, _pad: [u32; 2], groups: [MatGroup; MAX_GROUPS] }
+
+const ADD: u32 = 16;
+const INPUT_MAJOR: u32 = 32;
 
 /// The activation applied to a product's outputs (matmul_common.wgsl flags bits 0-3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +172,14 @@ pub struct Product<'a> {
     pub add: bool,
 }
 
+/// Where a sparse product counts the rows it reads: four u32 counters from `at` of
+/// `buffer` (groups of four inputs read, groups, non-zero inputs, inputs).
+#[derive(Clone, Copy)]
+pub struct ReadCounts<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub at: usize,
+}
+
 fn format_bits(format: WeightFormat) -> u32 {
     match format {
         WeightFormat::F16 => 0,
@@ -181,23 +194,50 @@ fn formats_of(format: WeightFormat) -> Formats {
 }
 
 impl Product<'_> {
-    /// The kernel's view of one row chunk of this product.
+    /// The kernel's view of one chunk of this product: rows of the output (nn.Linear
+    /// layout) or, input-major, a run of the inputs whose partial products add up in y.
     fn group(&self, chunk: &Chunk) -> Result<MatGroup> {
         let (w, rows) = (self.w, chunk.rows);
-        let flags = self.act as u32 | if self.add { 16 } else { 0 } | format_bits(w.format) << 8;
-        let g = MatGroup {
-            m: rows as u32,
-            k: w.k as u32,
-            w_off: chunk.word_off as u32,
-            s_off: (chunk.word_off + w.format.scales_offset(rows, w.k)) as u32,
-            x_off: self.x_off as u32,
-            y_off: (self.y_off + chunk.row0) as u32,
-            y_stride: self.y_stride as u32,
-            flags,
+        let format = format_bits(w.format) << 8;
+        let g = match w.layout {
+            Layout::OutputMajor => MatGroup {
+                m: rows as u32,
+                k: w.k as u32,
+                w_off: chunk.word_off as u32,
+                s_off: (chunk.word_off + w.format.scales_offset(rows, w.k)) as u32,
+                x_off: self.x_off as u32,
+                x_stride: w.k as u32,
+                y_off: (self.y_off + chunk.row0) as u32,
+                y_stride: self.y_stride as u32,
+                flags: self.act as u32 | if self.add { ADD } else { 0 } | format,
+                _pad: [0; 3],
+            },
+            Layout::InputMajor => {
+                if w.chunks.len() > 1 && self.act != Act::None {
+                    return Err(Error::Invalid("an input-major matrix split into chunks cannot take an activation".into()));
+                }
+                // Every chunk after the first adds its part to what the ones before wrote.
+                let add = self.add || chunk.row0 > 0;
+                MatGroup {
+                    m: w.m as u32,
+                    k: rows as u32,
+                    w_off: chunk.word_off as u32,
+                    s_off: (chunk.word_off + w.format.scales_offset(rows, w.m)) as u32,
+                    x_off: (self.x_off + chunk.row0) as u32,
+                    x_stride: w.k as u32,
+                    y_off: self.y_off as u32,
+                    y_stride: self.y_stride as u32,
+                    flags: self.act as u32 | if add { ADD } else { 0 } | INPUT_MAJOR | format,
+                    _pad: [0; 3],
+                }
+            }
         };
-        // The kernels read rows and inputs as vec4s.
-        if !g.k.is_multiple_of(8) || !g.w_off.is_multiple_of(4) || !g.x_off.is_multiple_of(4) {
-            return Err(Error::Invalid(format!("matrix product with K = {}, weight word {} and input offset {}: all must be aligned to 8 / 4 / 4", g.k, g.w_off, g.x_off)));
+        // The kernels read rows and inputs as vec4s (input-major rows 8 outputs at a time).
+        let m_aligned = w.layout == Layout::OutputMajor || g.m.is_multiple_of(8);
+        if !g.k.is_multiple_of(8) || !m_aligned || !g.w_off.is_multiple_of(4) || !g.x_off.is_multiple_of(4) || !g.x_stride.is_multiple_of(4) {
+            return Err(Error::Invalid(format!(
+                "matrix product with M = {}, K = {}, weight word {}, input offset {}: K must be a multiple of 8 (M too when input-major), the offsets of 4",
+                g.m, g.k, g.w_off, g.x_off)));
         }
         Ok(g)
     }
@@ -218,50 +258,83 @@ fn matvec_lanes(groups: &[MatGroup]) -> u32 {
     MATVEC_LANES.into_iter().rev().find(|&l| even(l)).unwrap_or(MATVEC_LANES[0])
 }
 
-/// Records one dispatch over `t` tokens computing up to MAX_GROUPS matrices of one
-/// weight buffer, all reading `x` and writing `y`.
-#[allow(clippy::too_many_arguments)]
-fn matmul_dispatch(model: &Model, rec: &mut Recorder, weights: &wgpu::Buffer, formats: Formats, groups: &[MatGroup],
-                   x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
+/// One matmul dispatch: up to MAX_GROUPS matrices of one weight buffer (all in one
+/// layout), all reading `x` and writing `y`, over `t` tokens.
+struct MatDispatch<'a> {
+    weights: &'a wgpu::Buffer,
+    formats: Formats,
+    groups: &'a [MatGroup],
+    x: &'a wgpu::Buffer,
+    y: &'a wgpu::Buffer,
+    t: usize,
+    /// Sparse products only: count the rows read.
+    counts: Option<ReadCounts<'a>>,
+}
+
+/// Records one matmul dispatch: for a few tokens the matrix-vector kernel (input-major
+/// matrices: the sparse one), else the tiled one.
+fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<()> {
+    let (groups, t) = (d.groups, d.t);
     let rows = groups.iter().map(|g| g.m as usize).max().unwrap_or(0);
-    let (variant, workgroups) = if t <= MATVEC_TOKENS {
+    let input_major = groups.iter().any(|g| g.flags & INPUT_MAJOR != 0);
+    let (variant, workgroups) = if t <= MATVEC_TOKENS && input_major {
+        let count = d.counts.is_some();
+        (Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count }, rows.div_ceil(SPARSE_OUTS))
+    } else if t <= MATVEC_TOKENS {
         let lanes = matvec_lanes(groups);
-        (Variant::MatVec { tokens: token_block(t), lanes, formats, subgroups: model.ctx.subgroups }, rows.div_ceil(MATVEC_ROWS))
+        (Variant::MatVec { tokens: token_block(t), lanes, formats: d.formats, subgroups: model.ctx.subgroups }, rows.div_ceil(MATVEC_ROWS))
     } else {
-        (Variant::MatMul { formats }, rows.div_ceil(TILE) * t.div_ceil(TILE))
+        (Variant::MatMul { formats: d.formats }, rows.div_ceil(TILE) * t.div_ceil(TILE))
     };
     let pipeline = model.pipelines.get(variant)?;
-    let mut params = MatParams { t: t as u32, _pad: [0; 3], groups: [MatGroup::zeroed(); MAX_GROUPS] };
+    let count_at = d.counts.map_or(0, |c| c.at as u32);
+    let mut params = MatParams { t: t as u32, count_at, _pad: [0; 2], groups: [MatGroup::zeroed(); MAX_GROUPS] };
     params.groups[..groups.len()].copy_from_slice(groups);
     let (gx, gy) = model.ctx.grid(workgroups as u32);
     // The weights twice: as vec4 rows of codes and as words of scales.
-    let bindings = vec![Binding::whole(weights), Binding::whole(weights), Binding::whole(x), Binding::whole(y)];
+    let mut bindings = vec![Binding::whole(d.weights), Binding::whole(d.weights), Binding::whole(d.x), Binding::whole(d.y)];
+    if let (true, Some(c)) = (variant.kernel() == crate::gpu::Kernel::MatmulSparse, d.counts) {
+        bindings.push(Binding::whole(c.buffer));
+    }
     rec.dispatch(&pipeline, &params, bindings, (gx, gy, groups.len() as u32));
     Ok(())
 }
 
 /// Records `products` over `t` tokens, all reading `x` and writing `y`: one dispatch for
-/// each run of up to MAX_GROUPS single-chunk matrices that share a buffer (the loader
-/// puts those a layer computes together in one), one per row chunk for the others.
+/// each run of up to MAX_GROUPS single-chunk matrices of one layout that share a buffer
+/// (the loader puts those a layer computes together in one), one per chunk for the
+/// others (for input-major ones, one after another, each adding its inputs' part).
 pub fn products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize, products: &[Product]) -> Result<()> {
+    counted_products(model, rec, x, y, t, products, None)
+}
+
+/// As `products`; sparse products count their reads into `counts` (profiles).
+pub fn counted_products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize, products: &[Product],
+                        counts: Option<ReadCounts>) -> Result<()> {
     let mut i = 0;
     while i < products.len() {
         let Some(c0) = products[i].w.single() else {
             let p = &products[i];
             for chunk in &p.w.chunks {
-                matmul_dispatch(model, rec, &chunk.buffer, formats_of(p.w.format), &[p.group(chunk)?], x, y, t)?;
+                let groups = [p.group(chunk)?];
+                matmul_dispatch(model, rec, MatDispatch { weights: &chunk.buffer, formats: formats_of(p.w.format), groups: &groups, x, y, t, counts })?;
             }
             i += 1;
             continue;
         };
+        let layout = products[i].w.layout;
         let mut n = 1;
-        while i + n < products.len() && n < MAX_GROUPS && products[i + n].w.single().is_some_and(|c| c.buffer == c0.buffer) {
+        while i + n < products.len()
+            && n < MAX_GROUPS
+            && products[i + n].w.layout == layout
+            && products[i + n].w.single().is_some_and(|c| c.buffer == c0.buffer)
+        {
             n += 1;
         }
         let run = &products[i..i + n];
         let groups = run.iter().map(|p| p.group(&p.w.chunks[0])).collect::<Result<Vec<_>>>()?;
         let formats = run.iter().fold(Formats::F16, |f, p| f.union(formats_of(p.w.format)));
-        matmul_dispatch(model, rec, &c0.buffer, formats, &groups, x, y, t)?;
+        matmul_dispatch(model, rec, MatDispatch { weights: &c0.buffer, formats, groups: &groups, x, y, t, counts })?;
         i += n;
     }
     Ok(())
@@ -272,8 +345,11 @@ pub fn products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: &wgpu::B
 /// buffer of its own.
 pub fn chunk_product(model: &Model, rec: &mut Recorder, p: &Product, i: usize, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
     let chunk = &p.w.chunks[i];
-    let group = MatGroup { y_off: p.y_off as u32, ..p.group(chunk)? };
-    matmul_dispatch(model, rec, &chunk.buffer, formats_of(p.w.format), &[group], x, y, t)
+    if p.w.layout == Layout::InputMajor {
+        return Err(Error::Invalid("chunk_product takes row chunks of an nn.Linear-layout matrix".into()));
+    }
+    let groups = [MatGroup { y_off: p.y_off as u32, ..p.group(chunk)? }];
+    matmul_dispatch(model, rec, MatDispatch { weights: &chunk.buffer, formats: formats_of(p.w.format), groups: &groups, x, y, t, counts: None })
 }
 
 // ---- wkv7.wgsl ----
@@ -428,6 +504,8 @@ mod tests {
         check::<LnShiftParams>(Variant::LnShift { mixes: 6, keep_normalised: false }, &[("eps", offset_of!(LnShiftParams, eps)), ("slot_stride", offset_of!(LnShiftParams, slot_stride))]);
         let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };
         check::<MatParams>(mv, &[("t", 0), ("groups", offset_of!(MatParams, groups))]);
+        let sparse = Variant::MatVecSparse { tokens: 1, formats: Formats::F16, count: true };
+        check::<MatParams>(sparse, &[("count_at", offset_of!(MatParams, count_at)), ("groups", offset_of!(MatParams, groups))]);
         check::<MatParams>(Variant::MatMul { formats: Formats::F16 }, &[("groups", offset_of!(MatParams, groups))]);
         check::<WkvParams>(Variant::Wkv7 { head_size: 64, fused_lora: true }, &[
             ("eps", offset_of!(WkvParams, eps)), ("mid_off", offset_of!(WkvParams, mid_off)),
@@ -438,7 +516,7 @@ mod tests {
 
     #[test]
     fn matvec_lanes_divide_rows_evenly() {
-        let group = |k: u32, format: u32| MatGroup { m: 8, k, w_off: 0, s_off: 0, x_off: 0, y_off: 0, y_stride: 8, flags: format << 8 };
+        let group = |k: u32, format: u32| MatGroup { m: 8, k, w_off: 0, s_off: 0, x_off: 0, x_stride: k, y_off: 0, y_stride: 8, flags: format << 8, _pad: [0; 3] };
         assert_eq!(matvec_lanes(&[group(2560, 0)]), 64); // 320 vec4s
         assert_eq!(matvec_lanes(&[group(768, 0)]), 32); // 96
         assert_eq!(matvec_lanes(&[group(2560, 2)]), 32); // int8: 160

@@ -9,6 +9,9 @@
 //!   - int8: codes I8 [M, K] (-127..127), scales F16 [M, K/64]; w = code * scale;
 //!   - nf4: codes U8 [M, K/2], column 2j in the low nibble of byte j and 2j+1 in the
 //!     high one, scales F16 [M, K/64] (block absmax); w = NF4[code] * scale;
+//!   - with metadata `layout.NAME` = "input-major" (the ffn value projection, stored for
+//!     sparse decode), the codes and scales are of the transposed matrix [K, M], blocks
+//!     running along M;
 //! - metadata `format` = "rwkv-gpu model v1" and `fingerprint`, the weights fingerprint
 //!   of the checkpoint it came from (states saved with either model load into both).
 //!
@@ -19,7 +22,7 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use super::host_table::HostTable;
-use super::weights::{deep_consts, Matrix, WeightFormat, QUANT_BLOCK};
+use super::weights::{deep_consts, Layout, Matrix, WeightFormat, QUANT_BLOCK};
 use super::Model;
 use crate::error::{Error, Result, Saving};
 use crate::loader::{Checkpoint, DType};
@@ -29,6 +32,25 @@ pub const FORMAT: &str = "rwkv-gpu model v1";
 
 fn quant_key(name: &str) -> String {
     format!("quant.{name}")
+}
+
+fn layout_key(name: &str) -> String {
+    format!("layout.{name}")
+}
+
+const INPUT_MAJOR: &str = "input-major";
+
+/// The layout a saved model holds quantized matrix `name` in (None: not saved quantized,
+/// so the loader chooses).
+pub fn stored_layout(ck: &dyn Checkpoint, name: &str) -> Result<Option<Layout>> {
+    if stored_format(ck, name)?.is_none() {
+        return Ok(None);
+    }
+    match ck.metadata(&layout_key(name)).as_deref() {
+        None => Ok(Some(Layout::OutputMajor)),
+        Some(INPUT_MAJOR) => Ok(Some(Layout::InputMajor)),
+        Some(other) => Err(Error::load(ck.path(), format!("{name} is saved in layout {other:?}, which this version does not read ({INPUT_MAJOR:?} or none)"))),
+    }
 }
 
 /// The format a saved model holds `name` in, if it holds it quantized.
@@ -48,11 +70,15 @@ pub fn matrix_shape(ck: &dyn Checkpoint, name: &str) -> Result<Option<Vec<usize>
     }
     let Some(format) = stored_format(ck, name)? else { return Ok(None) };
     let codes = ck.info(&format!("{name}.codes")).map(|i| i.shape);
-    Ok(match (format, codes.as_deref()) {
-        (WeightFormat::Nf4, Some([m, half])) => Some(vec![*m, 2 * half]),
-        (_, Some([m, k])) => Some(vec![*m, *k]),
-        _ => None,
-    })
+    let stored = match (format, codes.as_deref()) {
+        (WeightFormat::Nf4, Some([m, half])) => vec![*m, 2 * half],
+        (_, Some([m, k])) => vec![*m, *k],
+        _ => return Ok(None),
+    };
+    Ok(Some(match stored_layout(ck, name)? {
+        Some(Layout::InputMajor) => vec![stored[1], stored[0]],
+        _ => stored,
+    }))
 }
 
 pub fn original_fingerprint(ck: &dyn Checkpoint) -> Option<u64> {
@@ -110,8 +136,9 @@ impl Header {
 
 /// What goes into the file, in order: tensors whose bytes one read-back produces.
 enum Item<'a> {
-    /// A 16-bit matrix; `transposed`: the official layout is [K, M] (low-rank matrices).
-    Matrix16 { name: String, matrix: &'a Matrix, transposed: bool },
+    /// A 16-bit matrix; `official_input_major`: the official layout is [K, M] (low-rank
+    /// matrices). Written in the official layout, whatever the device's.
+    Matrix16 { name: String, matrix: &'a Matrix, official_input_major: bool },
     /// A quantized matrix: its codes, then its scales.
     Quantized { name: String, matrix: &'a Matrix },
     /// Vectors of one `consts` buffer: (name, slot, shape).
@@ -136,13 +163,13 @@ impl Item<'_> {
     fn headers(&self) -> Vec<Header> {
         let h = |name: &str, dtype: &'static str, shape: Vec<usize>| Header { name: name.to_string(), dtype, shape };
         match self {
-            Item::Matrix16 { name, matrix, transposed } => {
+            Item::Matrix16 { name, matrix, official_input_major } => {
                 let dtype = if matrix.format == WeightFormat::Bf16 { "BF16" } else { "F16" };
-                let shape = if *transposed { vec![matrix.k, matrix.m] } else { vec![matrix.m, matrix.k] };
+                let shape = if *official_input_major { vec![matrix.k, matrix.m] } else { vec![matrix.m, matrix.k] };
                 vec![h(name, dtype, shape)]
             }
             Item::Quantized { name, matrix } => {
-                let (m, k) = (matrix.m, matrix.k);
+                let (m, k) = matrix.stored();
                 let codes = if matrix.format == WeightFormat::Int8 { h(&format!("{name}.codes"), "I8", vec![m, k]) } else { h(&format!("{name}.codes"), "U8", vec![m, k / 2]) };
                 vec![codes, h(&format!("{name}.scales"), "F16", vec![m, k / QUANT_BLOCK])]
             }
@@ -155,15 +182,16 @@ impl Item<'_> {
     /// The bytes of this item's tensors, back to back, read from the device.
     fn bytes(&self, model: &Model) -> Result<Vec<u8>> {
         match self {
-            Item::Matrix16 { matrix, transposed, .. } => {
+            Item::Matrix16 { matrix, official_input_major, .. } => {
                 let mut out = Vec::with_capacity(matrix.m * matrix.k * 2);
                 for chunk in &matrix.chunks {
                     out.extend(model.download(&chunk.buffer, (chunk.word_off * 4) as u64, matrix.chunk_bytes(chunk))?);
                 }
-                if !*transposed {
+                if *official_input_major == (matrix.layout == Layout::InputMajor) {
                     return Ok(out);
                 }
-                let (m, k) = (matrix.m, matrix.k);
+                // Stored [m, k] (rows, width), written [k, m].
+                let (m, k) = matrix.stored();
                 let mut t = vec![0u8; out.len()];
                 for r in 0..m {
                     for c in 0..k {
@@ -174,12 +202,12 @@ impl Item<'_> {
                 Ok(t)
             }
             Item::Quantized { matrix, .. } => {
-                let (k, format) = (matrix.k, matrix.format);
+                let (k, format) = (matrix.stored().1, matrix.format);
                 let code_bytes = format.code_words(k) * 4;
                 let blocks = k / QUANT_BLOCK;
                 let scale_row = blocks.div_ceil(2) * 4;
-                let mut codes = Vec::with_capacity(matrix.m * code_bytes);
-                let mut scales = Vec::with_capacity(matrix.m * blocks * 2);
+                let mut codes = Vec::with_capacity(matrix.stored().0 * code_bytes);
+                let mut scales = Vec::with_capacity(matrix.stored().0 * blocks * 2);
                 for chunk in &matrix.chunks {
                     let raw = model.download(&chunk.buffer, (chunk.word_off * 4) as u64, matrix.chunk_bytes(chunk))?;
                     let (c, s) = raw.split_at(chunk.rows * code_bytes);
@@ -232,12 +260,13 @@ fn json_string(s: &str) -> String {
     out
 }
 
-/// `transposed`: the official layout is [in, out] (the low-rank matrices, DeepEmbed's s1).
-fn matrix_item(name: String, matrix: &Matrix, transposed: bool) -> Item<'_> {
+/// `official_input_major`: the official layout is [in, out] (the low-rank matrices,
+/// DeepEmbed's s1).
+fn matrix_item(name: String, matrix: &Matrix, official_input_major: bool) -> Item<'_> {
     if matrix.format.quantized() {
         Item::Quantized { name, matrix }
     } else {
-        Item::Matrix16 { name, matrix, transposed }
+        Item::Matrix16 { name, matrix, official_input_major }
     }
 }
 
@@ -288,6 +317,9 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
     for item in &items {
         if let Item::Quantized { name, matrix } = item {
             metadata.push((quant_key(name), matrix.format.name().to_string()));
+            if matrix.layout == Layout::InputMajor {
+                metadata.push((layout_key(name), INPUT_MAJOR.to_string()));
+            }
         }
     }
     let mut json = String::from("{\"__metadata__\":{");

@@ -37,6 +37,9 @@ pub struct Scratch {
     pub logits_tokens: usize,
     pub head_tokens: usize,
     pub staging: Option<wgpu::Buffer>,
+    /// (L, 4) u32 counters of the rows sparse products read, made when profiles first
+    /// ask (`Model::counting_reads`); never replaced, so programs stay valid.
+    pub read_counts: Option<wgpu::Buffer>,
     /// Bumped whenever a buffer above is replaced: recorded programs that bind the old
     /// one are stale.
     pub generation: u64,
@@ -85,6 +88,7 @@ impl Scratch {
             logits_tokens: 1,
             head_tokens,
             staging: None,
+            read_counts: None,
             generation: 0,
         })
     }
@@ -119,6 +123,16 @@ impl Scratch {
         if self.staging.as_ref().is_none_or(|b| b.size() < size) {
             self.staging = Some(model.ctx.create_buffer("staging", size, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?);
             self.generation += 1;
+        }
+        Ok(())
+    }
+
+    pub fn ensure_read_counts(&mut self, model: &Model) -> Result<()> {
+        if self.read_counts.is_none() {
+            let bytes = (16 * model.config.n_layer) as u64;
+            let buffer = model.ctx.create_buffer("sparse read counts", bytes, USAGE)?;
+            model.ctx.queue.write_buffer(&buffer, 0, &vec![0u8; bytes as usize]);
+            self.read_counts = Some(buffer);
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Device-resident weights. Matrices are stored in nn.Linear layout [out, in] as 16-bit
+//! Device-resident weights. Matrices are stored in nn.Linear layout [out, in] (the
+//! channel mix's value projection input-major, [in, out]: see `Layout`) as 16-bit
 //! floats packed two per u32 (fp16, or bf16 where a value is beyond the fp16 range) or,
 //! for the big projections of layers asked to be quantized, as int8 or nf4 blocks made on
 //! the device from the fp16 upload (shaders/quantize.wgsl), one row chunk at a time.
@@ -15,14 +16,14 @@ use crate::loader::DType;
 use crate::schema::LayerMatrix;
 use super::host_table::HostTable;
 
-/// How a matrix is held on the device (see shaders/matmul.wgsl for the layouts).
+/// How a matrix's elements are coded on the device (see shaders/matmul_common.wgsl).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     F16,
     Bf16,
-    /// Blocks of 64 along K: codes -127..127 and one f16 scale per block.
+    /// Blocks of 64 along a stored row: codes -127..127 and one f16 scale per block.
     Int8,
-    /// Blocks of 64 along K: NormalFloat-4 codes and one f16 absmax per block.
+    /// Blocks of 64 along a stored row: NormalFloat-4 codes and one f16 absmax per block.
     Nf4,
 }
 
@@ -85,7 +86,19 @@ impl WeightFormat {
     }
 }
 
-/// Rows `row0..row0 + rows` of a matrix, from word `word_off` of `buffer` (several
+/// How a matrix's elements lie in its buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Layout {
+    /// nn.Linear's [out, in]: each output's weights side by side (the matvec and GEMM
+    /// kernels' usual layout; quantized blocks run along the inputs).
+    OutputMajor,
+    /// [in, out]: each input's weights side by side, so that a product can skip the rows
+    /// of inputs that are zero (the channel mix's value projection in decode,
+    /// shaders/matmul_sparse.wgsl). Quantized blocks run along the outputs.
+    InputMajor,
+}
+
+/// Rows `row0..row0 + rows` of a matrix (stored rows: inputs for an input-major one), from word `word_off` of `buffer` (several
 /// matrices may share one buffer, so that one dispatch serves them all).
 pub struct Chunk {
     pub buffer: wgpu::Buffer,
@@ -94,17 +107,23 @@ pub struct Chunk {
     pub rows: usize,
 }
 
-/// A weight matrix [m, k] on the device.
+/// A weight matrix [m, k] = [out, in] on the device, stored in `layout`.
 pub struct Matrix {
     pub m: usize,
     pub k: usize,
     pub format: WeightFormat,
+    pub layout: Layout,
     pub chunks: Vec<Chunk>,
 }
 
 impl Matrix {
+    /// (rows, width) as stored: [m, k], or [k, m] when input-major.
+    pub fn stored(&self) -> (usize, usize) {
+        stored_shape(self.m, self.k, self.layout)
+    }
+
     pub fn chunk_bytes(&self, chunk: &Chunk) -> u64 {
-        (chunk.rows * self.format.row_bytes(self.k)) as u64
+        (chunk.rows * self.format.row_bytes(self.stored().1)) as u64
     }
 
     pub fn device_bytes(&self) -> u64 {
@@ -120,6 +139,13 @@ impl Matrix {
     }
 }
 
+/// (rows, width) of an [m, k] matrix stored in `layout`.
+pub fn stored_shape(m: usize, k: usize, layout: Layout) -> (usize, usize) {
+    match layout {
+        Layout::OutputMajor => (m, k),
+        Layout::InputMajor => (k, m),
+    }
+}
 
 /// Offsets (in f32 elements, multiples of C) of the vectors in a layer's `consts`.
 pub mod consts {

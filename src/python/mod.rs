@@ -22,7 +22,7 @@ use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFo
 pub(crate) use errors::to_py;
 
 fn options(adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>) -> PyResult<DeviceOptions> {
-    DeviceOptions { adapter: adapter.map(|a| AdapterChoice::parse(&a)), no_f16, no_subgroups, max_binding }
+    DeviceOptions { adapter: adapter.map(|a| AdapterChoice::parse(&a)), no_f16, no_subgroups, no_sparse_ffn: false, max_binding }
         .with_env()
         .map_err(to_py)
 }
@@ -384,6 +384,27 @@ impl PyModel {
     fn set_profiling(&self, on: bool) -> bool {
         self.inner.profiling.store(on, std::sync::atomic::Ordering::Relaxed);
         self.inner.ctx.timestamps
+    }
+
+    /// Turns counting of the rows the sparse value projection reads on or off (calls
+    /// made while it is on run a counting variant of the kernel).
+    fn set_counting_reads(&self, on: bool) {
+        self.inner.counting_reads.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Per layer, (groups of four inputs read, groups, non-zero inputs, inputs) counted
+    /// by the sparse value projection since the last call; zeroes the counters.
+    fn take_read_counts(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64, u64, u64)>> {
+        let counts = py.detach(|| self.inner.take_read_counts()).map_err(to_py)?;
+        Ok(counts.iter().map(|c| (c.groups_read, c.groups, c.nonzero_inputs, c.inputs)).collect())
+    }
+
+    /// Per layer, how its ffn value projection is stored: ("input-major" (sparse decode)
+    /// or "output-major", device bytes).
+    fn ffn_value_storage(&self) -> Vec<(&'static str, u64)> {
+        use crate::model::weights::Layout;
+        let name = |l: Layout| if l == Layout::InputMajor { "input-major" } else { "output-major" };
+        self.inner.weights.layers.iter().map(|l| (name(l.ffn_value.layout), l.ffn_value.device_bytes())).collect()
     }
 
     /// [(kernel variant, GPU nanoseconds)] for each dispatch of the last forward call
