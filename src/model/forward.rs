@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::chunks::{plan_chunks, SeqInput, SeqRow};
+use super::chunks::{plan_chunks, Pace, SeqInput, SeqRow};
 use super::head::{self, Placement};
 use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, ReadCounts, Wkv};
 use super::scratch::{Scratch, MAX_SEQS};
@@ -117,8 +117,10 @@ impl Plans {
 /// for, sequence by sequence: Last/HiddenLast/Argmax one row each, All/HiddenAll one row
 /// per token (sequence 0's tokens first).
 /// `interrupt` is asked before every chunk but the first. While it is active, chunk n is
-/// submitted only once chunk n-2 has run, so that an interrupt comes within two chunks'
-/// time while the GPU still has the next chunk queued behind the running one.
+/// submitted only once chunk n-2 has run (n-1 for slow chunks), so that an interrupt
+/// comes within two chunks' time while the GPU still has the next chunk queued behind
+/// the running one, and single-sequence chunks are cut to the measured speed (`Pace`:
+/// about a second each at most), so that this stays short on slow devices.
 pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[SeqInput], want: Want, interrupt: Interrupt) -> Result<(Vec<f32>, CallStats)> {
     if scratch.is_none() {
         *scratch = Some(Scratch::new(model)?);
@@ -145,14 +147,30 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
     }
     let mut out = vec![0f32; out_rows * width];
 
-    // Submissions not yet waited for, oldest first (only while interruptible).
-    let mut in_flight: std::collections::VecDeque<wgpu::SubmissionIndex> = std::collections::VecDeque::new();
-    for (n, rows) in plan_chunks(&lens, s.tokens, MAX_SEQS).into_iter().enumerate() {
+    // Submissions not yet waited for, oldest first, with when each was submitted and its
+    // tokens (only while interruptible), and when the last one waited for was seen done.
+    let mut in_flight: VecDeque<(wgpu::SubmissionIndex, Instant, usize)> = VecDeque::new();
+    let mut last_done: Option<Instant> = None;
+    let mut pace = Pace::new(s.tokens, interrupt.active());
+    let mut planned: VecDeque<Vec<SeqRow>> = plan_chunks(&lens, s.tokens, MAX_SEQS).into();
+    let mut n = 0;
+    while let Some(next) = planned.pop_front() {
         if n > 0 {
-            if interrupt.active() && in_flight.len() >= 2 {
-                ctx.wait_for(in_flight.pop_front().expect("two are in flight"))?;
+            if interrupt.active() && in_flight.len() >= pace.depth() {
+                let (submission, submitted, tokens) = in_flight.pop_front().expect("at least one is in flight");
+                ctx.wait_for(submission)?;
+                // The GPU ran it after the one before (or from its submission).
+                let now = Instant::now();
+                let began = last_done.map_or(submitted, |d| d.max(submitted));
+                pace.observe(tokens, (now - began).as_secs_f64());
+                last_done = Some(now);
             }
             interrupt.check()?;
+        }
+        n += 1;
+        let (rows, rest) = pace.take(next);
+        if let Some(rest) = rest {
+            planned.push_front(rest);
         }
         let started = Instant::now();
         let t: usize = rows.iter().map(|r| r.count).sum();
@@ -180,7 +198,7 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
         };
         let mut counts = plan.program.submit(ctx, profile)?;
         if let (true, Some(submission)) = (interrupt.active(), counts.submission.take()) {
-            in_flight.push_back(submission);
+            in_flight.push_back((submission, started, t));
         }
         stats.layer_dispatches += plan.layer_dispatches;
         stats.add(counts);
