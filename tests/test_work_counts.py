@@ -48,11 +48,13 @@ def test_decode_step_counts(model):
 def test_prefill_counts_per_chunk(model):
     layers = model.config["n_layer"]
     state = model.new_state()
-    model.forward(list(range(300)), state)  # chunks of 256 + 44 tokens
+    # Chunks of 256 + 44 tokens, the 256 cut into pieces of at least 64 to the measured
+    # speed (interruptible calls pace their chunks): 2 to 5 submissions, each one chunk.
+    model.forward(list(range(300)), state)
     submissions, dispatches, readbacks = stats(model)
-    assert (submissions, readbacks) == (2, 1)
-    assert dispatches == 2 * (CHUNK_PER_LAYER * layers + 1) + 2
-    assert model._m.last_stats()[3] == 2 * CHUNK_PER_LAYER * layers
+    assert 2 <= submissions <= 5 and readbacks == 1
+    assert dispatches == submissions * (CHUNK_PER_LAYER * layers + 1) + 2
+    assert model._m.last_stats()[3] == submissions * CHUNK_PER_LAYER * layers
     model.prefill(list(range(10)), state)
     assert stats(model) == (1, CHUNK_PER_LAYER * layers + 1, 0)
     model.prefill(list(range(4)), state)  # a chunk small enough for the fused second stages
