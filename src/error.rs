@@ -23,11 +23,20 @@ pub enum Error {
 
     /// A file could not be opened or read.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, #[source] source: std::io::Error },
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A model or state file could not be written (the target is left as it was).
     #[error("{path}: could not write the {what}: {source}")]
-    Write { path: PathBuf, what: Saving, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        what: Saving,
+        #[source]
+        source: std::io::Error,
+    },
 
     /// A checkpoint or state file is malformed, truncated, foreign or unsupported.
     #[error("{path}: {message}")]

@@ -28,7 +28,12 @@ pub fn checkpoint(data: &[u8]) {
         if let Ok(bytes) = ck.read(&name) {
             assert_eq!(bytes.len(), info.numel() * info.dtype.size(), "{name}: bytes read vs shape");
             // No tensor holds more than the file's bytes (views repeating elements are refused).
-            assert!(bytes.len() <= data.len(), "{name}: {} bytes from a {}-byte file", bytes.len(), data.len());
+            assert!(
+                bytes.len() <= data.len(),
+                "{name}: {} bytes from a {}-byte file",
+                bytes.len(),
+                data.len()
+            );
         }
     }
     let ck: Box<dyn Checkpoint> = if loader::fla::is_fla(&ck.names()) {
@@ -41,15 +46,28 @@ pub fn checkpoint(data: &[u8]) {
     };
     if let Ok(checked) = crate::schema::check(ck.as_ref()) {
         let c = &checked.config;
-        assert!(c.n_layer <= crate::schema::MAX_LAYERS && c.n_embd <= crate::schema::MAX_EMBD && c.vocab_size <= crate::schema::MAX_VOCAB);
+        assert!(
+            c.n_layer <= crate::schema::MAX_LAYERS
+                && c.n_embd <= crate::schema::MAX_EMBD
+                && c.vocab_size <= crate::schema::MAX_VOCAB
+        );
     }
 }
 
 /// A small model's dimensions (those of fuzz/make_seeds.py), for state files.
 fn small() -> Config {
     Config {
-        n_layer: 2, n_embd: 8, n_head: 2, head_size: 4, vocab_size: 16, ffn_size: 16,
-        lora_w: 8, lora_a: 8, lora_v: 8, lora_g: 8, deep_embed_rank: 0,
+        n_layer: 2,
+        n_embd: 8,
+        n_head: 2,
+        head_size: 4,
+        vocab_size: 16,
+        ffn_size: 16,
+        lora_w: 8,
+        lora_a: 8,
+        lora_v: 8,
+        lora_g: 8,
+        deep_embed_rank: 0,
     }
 }
 
@@ -71,7 +89,8 @@ pub fn state_file(data: &[u8]) {
 /// themselves encoded, then decoded back unchanged.
 pub fn tokenizer(tok: &Tokenizer, data: &[u8]) {
     let limit = tok.vocab_size() as u32 + 8;
-    let ids: Vec<u32> = data.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) % limit).collect();
+    let ids: Vec<u32> =
+        data.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) % limit).collect();
     let mut stream = StreamDecoder::new();
     let mut text = String::new();
     let mut known = Vec::new();
@@ -111,7 +130,9 @@ pub fn sampler(data: &[u8]) {
         frequency_penalty: f(&head[14..18]),
         penalty_decay: f(&head[18..22]),
         banned: (0..head[22] % 8).map(|i| (head[23] as u32 + i as u32 * 37) % 600).collect(),
-        logit_bias: (0..head[24] % 4).map(|i| ((head[25] as u32 + i as u32) % 600, f(&head[1..5]) * i as f32)).collect(),
+        logit_bias: (0..head[24] % 4)
+            .map(|i| ((head[25] as u32 + i as u32) % 600, f(&head[1..5]) * i as f32))
+            .collect(),
         seed: Some(head[26] as u64),
     };
     let Ok(mut sampler) = Sampler::new(options, vocab) else { return };

@@ -93,38 +93,76 @@ impl Batch {
     /// keep that state). The sampler is used as given (reset it for a fresh run). Checked
     /// here, once: the state is this model's and in no other sequence of the batch, the
     /// tokens are in the vocabulary, the pauses inside the prompt.
-    pub fn add(&mut self, state: State, sampler: Sampler, prompt: Vec<u32>, pauses: Vec<usize>, top_logprobs: Option<usize>) -> Result<SeqId> {
+    pub fn add(
+        &mut self,
+        state: State,
+        sampler: Sampler,
+        prompt: Vec<u32>,
+        pauses: Vec<usize>,
+        top_logprobs: Option<usize>,
+    ) -> Result<SeqId> {
         self.model.check_state(&state)?;
         self.model.check_tokens(&prompt)?;
         let mut pauses = pauses;
         pauses.sort_unstable();
         pauses.dedup();
         if let Some(&p) = pauses.iter().find(|&&p| p == 0 || p >= prompt.len()) {
-            return Err(Error::Invalid(format!("pause point {p} must be inside the prompt of {} tokens (1..{})", prompt.len(), prompt.len())));
+            return Err(Error::Invalid(format!(
+                "pause point {p} must be inside the prompt of {} tokens (1..{})",
+                prompt.len(),
+                prompt.len()
+            )));
         }
         if sampler.vocab_size() != self.model.config.vocab_size {
-            return Err(Error::Shape(format!("the sampler is for a vocabulary of {}; this model has {}", sampler.vocab_size(), self.model.config.vocab_size)));
+            return Err(Error::Shape(format!(
+                "the sampler is for a vocabulary of {}; this model has {}",
+                sampler.vocab_size(),
+                self.model.config.vocab_size
+            )));
         }
         if let Some(n) = top_logprobs {
             if n > MAX_TOP_LOGPROBS {
-                return Err(Error::Invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}")));
+                return Err(Error::Invalid(format!(
+                    "top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {n}"
+                )));
             }
         }
         if self.members.iter().any(|m| Arc::ptr_eq(&m.state.0, &state.0)) {
-            return Err(Error::State("this State is already used by a sequence of the batch; give each its own".into()));
+            return Err(Error::State(
+                "this State is already used by a sequence of the batch; give each its own".into(),
+            ));
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.members.push(Member { id, state, sampler, prompt_len: prompt.len(), pending: prompt, prompt_fed: 0, pauses, fed: Vec::new(), given: Vec::new(), untaken: false, done: false, top_logprobs });
+        self.members.push(Member {
+            id,
+            state,
+            sampler,
+            prompt_len: prompt.len(),
+            pending: prompt,
+            prompt_fed: 0,
+            pauses,
+            fed: Vec::new(),
+            given: Vec::new(),
+            untaken: false,
+            done: false,
+            top_logprobs,
+        });
         Ok(id)
     }
 
     fn member(&self, id: SeqId) -> Result<&Member> {
-        self.members.iter().find(|m| m.id == id).ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
+        self.members
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
     }
 
     fn member_mut(&mut self, id: SeqId) -> Result<&mut Member> {
-        self.members.iter_mut().find(|m| m.id == id).ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
+        self.members
+            .iter_mut()
+            .find(|m| m.id == id)
+            .ok_or_else(|| Error::State(format!("sequence {id} is not in this batch")))
     }
 
     /// Feeds each live sequence's pending tokens (prompts within the budget) in one call,
@@ -152,7 +190,8 @@ impl Batch {
         }
         let wants_logits = fed.iter().any(|&i| take[i] == self.members[i].pending.len());
         let want = if wants_logits { Want::Last } else { Want::None };
-        let batch: Vec<(&State, &[u32])> = fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
+        let batch: Vec<(&State, &[u32])> =
+            fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
         let result = self.model.forward_batch_with(&batch, want, interrupt);
         if matches!(result, Err(Error::Interrupted)) {
             for &i in &fed {
@@ -236,7 +275,12 @@ impl Batch {
                 m.untaken = false;
             }
         }
-        let batch: Vec<(&State, &[u32])> = self.members.iter().filter(|m| chosen(m) && !m.pending.is_empty()).map(|m| (&m.state, m.pending.as_slice())).collect();
+        let batch: Vec<(&State, &[u32])> = self
+            .members
+            .iter()
+            .filter(|m| chosen(m) && !m.pending.is_empty())
+            .map(|m| (&m.state, m.pending.as_slice()))
+            .collect();
         if !batch.is_empty() {
             self.model.forward_batch(&batch, Want::None)?;
         }

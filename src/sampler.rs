@@ -76,7 +76,12 @@ impl SamplingOptions {
         }
         let unit = |v: f32| (0.0..=1.0).contains(&v); // false for NaN
         for (name, v, ok, rule) in [
-            ("temperature", self.temperature, self.temperature.is_finite() && self.temperature >= 0.0, "finite and >= 0"),
+            (
+                "temperature",
+                self.temperature,
+                self.temperature.is_finite() && self.temperature >= 0.0,
+                "finite and >= 0",
+            ),
             ("top_p", self.top_p, unit(self.top_p), "in [0, 1]"),
             ("presence_penalty", self.presence_penalty, self.presence_penalty.is_finite(), "finite"),
             ("frequency_penalty", self.frequency_penalty, self.frequency_penalty.is_finite(), "finite"),
@@ -220,7 +225,7 @@ impl Sampler {
         // Ties at the cutoff survive; no cutoff (top_p 1, or never reached) keeps everything.
         let cutoff = if top_p < 1.0 { top_p_cutoff(&probs, top_p as f64) } else { None };
         let floor = cutoff.unwrap_or(f32::from_bits(1)); // the least positive f32
-        // Branch-free compaction: on flat distributions each test is a coin flip.
+                                                         // Branch-free compaction: on flat distributions each test is a coin flip.
         let (mut kept, mut n) = (vec![(0u32, 0.0f32); probs.len()], 0);
         for (i, &p) in probs.iter().enumerate() {
             kept[n] = (i as u32, p);
@@ -376,7 +381,14 @@ mod tests {
     use super::*;
 
     fn sampler(f: impl FnOnce(&mut SamplingOptions), vocab: usize) -> Sampler {
-        let mut o = SamplingOptions { top_p: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, banned: vec![], seed: Some(7), ..Default::default() };
+        let mut o = SamplingOptions {
+            top_p: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            banned: vec![],
+            seed: Some(7),
+            ..Default::default()
+        };
         f(&mut o);
         Sampler::new(o, vocab).unwrap()
     }
@@ -446,7 +458,8 @@ mod tests {
 
     #[test]
     fn penalties_decay_then_count() {
-        let mut s = sampler(|o| (o.presence_penalty, o.frequency_penalty, o.penalty_decay) = (0.5, 0.25, 0.5), 8);
+        let mut s =
+            sampler(|o| (o.presence_penalty, o.frequency_penalty, o.penalty_decay) = (0.5, 0.25, 0.5), 8);
         s.record(3, b"hi");
         s.record(3, b"hi"); // 1 * 0.5 + 1
         s.record(5, b" "); // whitespace: enters with 0
@@ -469,7 +482,8 @@ mod tests {
 
     #[test]
     fn bans_and_bias() {
-        let mut s = sampler(|o| (o.banned, o.logit_bias) = (vec![0, 2], vec![(1, -1.0), (3, f32::NEG_INFINITY)]), 5);
+        let mut s =
+            sampler(|o| (o.banned, o.logit_bias) = (vec![0, 2], vec![(1, -1.0), (3, f32::NEG_INFINITY)]), 5);
         let mut logits = [10.0f32, 2.0, 9.0, 8.0, 1.0];
         s.apply_penalties(&mut logits);
         assert_eq!(logits, [f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0]);
@@ -495,7 +509,8 @@ mod tests {
         let mut r = Rng([1, 2, 3, 4]);
         let got: Vec<u64> = (0..4).map(|_| r.next_u64()).collect();
         assert_eq!(got, [11520, 0, 1509978240, 1215971899390074240]);
-        assert_eq!(Rng::new(0).0[..2], [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4]); // splitmix64(0)
+        assert_eq!(Rng::new(0).0[..2], [0xe220a8397b1dcdaf, 0x6e789e6aa1b965f4]);
+        // splitmix64(0)
     }
 
     #[test]
@@ -531,7 +546,10 @@ mod tests {
             sorted.sort_by(|a, b| b.total_cmp(a));
             for top_p in [0.0, 0.3, 0.85, 0.999, 0.999_999] {
                 let mut acc = 0.0;
-                let want = sorted.iter().copied().find(|&p| { acc += p as f64; acc >= top_p });
+                let want = sorted.iter().copied().find(|&p| {
+                    acc += p as f64;
+                    acc >= top_p
+                });
                 assert_eq!(top_p_cutoff(&probs, top_p), want, "scale {scale} step {step} top_p {top_p}");
             }
         }

@@ -208,13 +208,26 @@ use Role::{Matrix, Vector};
 const ROW: &[Dim] = &[C];
 const MIX: &[Dim] = &[One, One, C];
 
-const fn entry(name: &'static str, scope: Scope, shape: &'static [Dim], role: Role, fla: &'static str, fla_form: FlaForm) -> Entry {
+const fn entry(
+    name: &'static str,
+    scope: Scope,
+    shape: &'static [Dim],
+    role: Role,
+    fla: &'static str,
+    fla_form: FlaForm,
+) -> Entry {
     Entry { name, scope, shape, role, fla, fla_form, unused_in_layer0: false }
 }
 const fn model(name: &'static str, shape: &'static [Dim], role: Role, fla: &'static str) -> Entry {
     entry(name, Scope::Model, shape, role, fla, Same)
 }
-const fn layer(name: &'static str, shape: &'static [Dim], role: Role, fla: &'static str, form: FlaForm) -> Entry {
+const fn layer(
+    name: &'static str,
+    shape: &'static [Dim],
+    role: Role,
+    fla: &'static str,
+    form: FlaForm,
+) -> Entry {
     entry(name, Scope::Layer, shape, role, fla, form)
 }
 const fn layer0_unused(e: Entry) -> Entry {
@@ -310,8 +323,14 @@ pub struct Expected {
 /// Every tensor of a model with these dimensions, in table order, layer by layer.
 pub fn expected(config: &Config) -> Vec<Expected> {
     let mut out = Vec::new();
-    let one = |e: &'static Entry, layer: usize| Expected { entry: e, layer, name: e.name_in(layer), shape: e.shape_for(config) };
-    let (before, after): (Vec<_>, Vec<_>) = model_entries().partition(|e| e.name == "emb.weight" || e.name.starts_with("blocks.0."));
+    let one = |e: &'static Entry, layer: usize| Expected {
+        entry: e,
+        layer,
+        name: e.name_in(layer),
+        shape: e.shape_for(config),
+    };
+    let (before, after): (Vec<_>, Vec<_>) =
+        model_entries().partition(|e| e.name == "emb.weight" || e.name.starts_with("blocks.0."));
     out.extend(before.into_iter().map(|e| one(e, 0)));
     for i in 0..config.n_layer {
         out.extend(layer_entries().filter(|e| config.deep_embed() || !e.deep_embed()).map(|e| one(e, i)));
@@ -351,7 +370,11 @@ pub fn describe_foreign(names: &[String]) -> Option<String> {
         "an RWKV-4 checkpoint (it has att.time_first); this library runs RWKV-7 (x070) models"
     } else if names.iter().any(|n| n.contains("lora_A") || n.contains("lora_B")) {
         "a LoRA adapter (it has lora_A / lora_B tensors), not a model: merge it into its base model and load that"
-    } else if has("embed_tokens.weight") || has("self_attn.q_proj.weight") || has("attn.c_attn.weight") || has("wte.weight") {
+    } else if has("embed_tokens.weight")
+        || has("self_attn.q_proj.weight")
+        || has("attn.c_attn.weight")
+        || has("wte.weight")
+    {
         "a transformer checkpoint (names such as embed_tokens / q_proj); this library runs RWKV-7 models"
     } else if names.is_empty() {
         "an empty checkpoint (no tensors)"
@@ -384,7 +407,10 @@ impl Problems {
         }
         const SHOWN: usize = 12;
         let n = self.list.len();
-        let mut msg = format!("does not match the RWKV-7 checkpoint schema ({n} problem{}):", if n == 1 { "" } else { "s" });
+        let mut msg = format!(
+            "does not match the RWKV-7 checkpoint schema ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        );
         for p in self.list.iter().take(SHOWN) {
             msg.push_str("\n  - ");
             msg.push_str(p);
@@ -411,7 +437,9 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
             Some(Ok(i)) => {
                 indices.insert(i);
             }
-            Some(Err(part)) => return Err(load(format!("tensor {n:?}: layer index {part:?} is not a number"))),
+            Some(Err(part)) => {
+                return Err(load(format!("tensor {n:?}: layer index {part:?} is not a number")))
+            }
             None => {}
         }
     }
@@ -421,11 +449,17 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
     }
     let last = *indices.iter().next_back().expect("not empty");
     if last >= MAX_LAYERS as u64 {
-        return Err(load(format!("a tensor names layer {last}, beyond the {MAX_LAYERS} layers this library accepts")));
+        return Err(load(format!(
+            "a tensor names layer {last}, beyond the {MAX_LAYERS} layers this library accepts"
+        )));
     }
     if last as usize + 1 != n_layer {
-        let missing: Vec<String> = (0..=last).filter(|i| !indices.contains(i)).take(8).map(|i| i.to_string()).collect();
-        return Err(load(format!("layers {} are missing (the file has tensors of layers up to {last})", missing.join(", "))));
+        let missing: Vec<String> =
+            (0..=last).filter(|i| !indices.contains(i)).take(8).map(|i| i.to_string()).collect();
+        return Err(load(format!(
+            "layers {} are missing (the file has tensors of layers up to {last})",
+            missing.join(", ")
+        )));
     }
 
     let emb = shape_of(ck, "emb.weight")?;
@@ -448,7 +482,11 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
     let ffn = shape_of(ck, "blocks.0.ffn.key.weight")?;
     let ffn_size = match ffn[..] {
         [f, c] if c == n_embd && (1..=MAX_FFN).contains(&f) => f,
-        _ => return Err(load(format!("blocks.0.ffn.key.weight has shape {ffn:?}; expected [F, {n_embd}] with F up to {MAX_FFN}"))),
+        _ => {
+            return Err(load(format!(
+                "blocks.0.ffn.key.weight has shape {ffn:?}; expected [F, {n_embd}] with F up to {MAX_FFN}"
+            )))
+        }
     };
     // The orientation of the low-rank matrices, from the first one: [C, D] officially,
     // [D, C] when converted (a square one is taken as official).
@@ -457,7 +495,11 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
         _ if ck.low_rank_out_in().is_some() => ck.low_rank_out_in().unwrap_or_default(),
         [a, _] if a == n_embd => false,
         [_, b] if b == n_embd => true,
-        _ => return Err(load(format!("blocks.0.att.w1 has shape {w1:?}; expected [{n_embd}, D] or [D, {n_embd}]"))),
+        _ => {
+            return Err(load(format!(
+                "blocks.0.att.w1 has shape {w1:?}; expected [{n_embd}, D] or [D, {n_embd}]"
+            )))
+        }
     };
     let width = |name: &str| -> Result<usize> {
         let s = shape_of(ck, name)?;
@@ -495,7 +537,14 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
         lora_g: width("blocks.0.att.g1")?,
         deep_embed_rank: deep_embed_rank(ck, n_embd)?,
     };
-    for (what, d) in [("n_embd", n_embd), ("ffn", ffn_size), ("w1", config.lora_w), ("a1", config.lora_a), ("v1", config.lora_v), ("g1", config.lora_g)] {
+    for (what, d) in [
+        ("n_embd", n_embd),
+        ("ffn", ffn_size),
+        ("w1", config.lora_w),
+        ("a1", config.lora_a),
+        ("v1", config.lora_v),
+        ("g1", config.lora_g),
+    ] {
         if d % 8 != 0 {
             return Err(load(format!("{what} width {d} is not a multiple of 8; the kernels read matrix rows 8 values at a time (every published RWKV-7 model qualifies)")));
         }
@@ -523,8 +572,13 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
     }
     if !names.iter().any(|n| n == "blocks.0.att.r_k") || !names.iter().any(|n| n == "emb.weight") {
         let first: Vec<&str> = names.iter().take(4).map(String::as_str).collect();
-        return Err(Error::load(ck.path(), format!(
-            "not an RWKV-7 checkpoint: it has no emb.weight and blocks.0.att.r_k (first tensors: {})", first.join(", "))));
+        return Err(Error::load(
+            ck.path(),
+            format!(
+                "not an RWKV-7 checkpoint: it has no emb.weight and blocks.0.att.r_k (first tensors: {})",
+                first.join(", ")
+            ),
+        ));
     }
     let (config, low_rank_out_in) = dimensions(ck, &names)?;
     let mut problems = Problems { list: Vec::new() };
@@ -545,7 +599,11 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
         };
         if let Some(format) = saved::stored_format(ck, &x.name)? {
             if !x.entry.quantizable() {
-                problems.push(format!("{} is saved as {}, but only the big projections and the head are ever quantized", x.name, format.name()));
+                problems.push(format!(
+                    "{} is saved as {}, but only the big projections and the head are ever quantized",
+                    x.name,
+                    format.name()
+                ));
                 continue;
             }
             // Codes and scales are of the matrix as stored: transposed when input-major.
@@ -555,10 +613,15 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
             };
             for (tensor, dtype, want) in saved::quantized_tensors(&x.name, format, rows, width) {
                 match ck.info(&tensor) {
-                    None => problems.push(format!("missing tensor {tensor:?} of the {} matrix {}", format.name(), x.name)),
-                    Some(info) if info.dtype != dtype || info.shape != want => {
-                        problems.push(format!("{tensor} is {:?} {:?}; expected {dtype:?} {want:?}", info.dtype, info.shape))
-                    }
+                    None => problems.push(format!(
+                        "missing tensor {tensor:?} of the {} matrix {}",
+                        format.name(),
+                        x.name
+                    )),
+                    Some(info) if info.dtype != dtype || info.shape != want => problems.push(format!(
+                        "{tensor} is {:?} {:?}; expected {dtype:?} {want:?}",
+                        info.dtype, info.shape
+                    )),
                     Some(_) => {}
                 }
                 known.insert(tensor);
@@ -578,7 +641,8 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
                     problems.push(format!("{} has shape {:?}; expected {shape:?}", x.name, info.shape));
                 }
                 if !matches!(info.dtype, DType::F16 | DType::BF16 | DType::F32) {
-                    problems.push(format!("{} has dtype {:?}; weights are F16, BF16 or F32", x.name, info.dtype));
+                    problems
+                        .push(format!("{} has dtype {:?}; weights are F16, BF16 or F32", x.name, info.dtype));
                 }
             }
         }

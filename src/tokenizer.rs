@@ -212,7 +212,12 @@ fn build_double_array(keys: &[(u32, &[u8])]) -> Vec<Cell> {
 /// k-child node was placed (`hints[k]`) instead of rescanning the crowded front: this
 /// keeps the build linear-ish (~15 ms for the World vocabulary) at the cost of ~3% more cells.
 /// Grows the array so that `base + 255` stays in bounds (encode relies on that).
-fn find_base(cells: &mut Vec<Cell>, first_free: &mut usize, hints: &mut [usize; 257], labels: &[u8]) -> usize {
+fn find_base(
+    cells: &mut Vec<Cell>,
+    first_free: &mut usize,
+    hints: &mut [usize; 257],
+    labels: &[u8],
+) -> usize {
     while *first_free < cells.len() && cells[*first_free].check != FREE {
         *first_free += 1;
     }
@@ -308,7 +313,8 @@ fn parse_literal(repr: &str) -> std::result::Result<Vec<u8>, String> {
         if is_bytes {
             out.push(u8::try_from(value).map_err(|_| "octal escape above \\377 in bytes")?);
         } else {
-            let c = char::from_u32(value).ok_or_else(|| format!("escape U+{value:X} is not a scalar value"))?;
+            let c =
+                char::from_u32(value).ok_or_else(|| format!("escape U+{value:X} is not a scalar value"))?;
             out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
         }
     }
@@ -402,7 +408,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tokenizer_cases.json");
         let src = std::fs::read_to_string(path).unwrap();
         let mut it = src.chars().peekable();
-        let hex = |it: &mut dyn Iterator<Item = char>| u32::from_str_radix(&it.take(4).collect::<String>(), 16).unwrap();
+        let hex = |it: &mut dyn Iterator<Item = char>| {
+            u32::from_str_radix(&it.take(4).collect::<String>(), 16).unwrap()
+        };
         let (mut cases, mut text, mut ids) = (Vec::new(), String::new(), Vec::new());
         while let Some(c) = it.next() {
             match c {
@@ -417,7 +425,10 @@ mod tests {
                                 'u' => match hex(&mut it) {
                                     hi @ 0xD800..0xDC00 => {
                                         it.nth(1); // the `\u` of the low surrogate
-                                        char::from_u32(0x10000 + ((hi - 0xD800) << 10) + hex(&mut it) - 0xDC00).unwrap()
+                                        char::from_u32(
+                                            0x10000 + ((hi - 0xD800) << 10) + hex(&mut it) - 0xDC00,
+                                        )
+                                        .unwrap()
                                     }
                                     v => char::from_u32(v).unwrap(),
                                 },
@@ -497,7 +508,9 @@ mod tests {
             assert_eq!(t.decode_bytes(&ids).unwrap(), text);
             let mut pos = 0;
             for &id in &ids {
-                let longest = (1..=128.min(text.len() - pos)).rev().find(|&n| by_bytes.contains_key(&text[pos..pos + n]));
+                let longest = (1..=128.min(text.len() - pos))
+                    .rev()
+                    .find(|&n| by_bytes.contains_key(&text[pos..pos + n]));
                 let n = longest.unwrap();
                 assert_eq!(id, by_bytes[&text[pos..pos + n]], "round {round} at byte {pos}");
                 pos += n;
@@ -546,26 +559,29 @@ mod tests {
         assert_eq!(t.encode(b"abcabcdab"), vec![300, 100, 301, 300]);
         assert_eq!(t.token_bytes(302), Some(&b"\xc3\xa9\t"[..]));
         let bad = [
-            "300 'ab' 3",        // wrong LEN
-            "300 'ab'",          // no LEN
-            "300 ab 2",          // not a literal
-            "300 'a'b' 3",       // stray quote
-            "300 'ab 2",         // unterminated
-            "300 '\\' 1",        // escaped closing quote
-            "300 '\\q' 2",       // unknown escape
-            "300 '\\x4' 1",      // short \x
-            "300 '\\ud800' 3",   // surrogate
-            "300 b'\u{e9}' 2",   // non-ASCII in bytes
-            "300 b'\\u00e9' 2",  // \u in bytes
-            "0 'ab' 2",          // id 0
-            "x 'ab' 2",          // bad id
-            "5 'ab' 2",          // repeated id
-            "300 'a' 1",         // repeated bytes
-            "300 '' 0",          // empty token
+            "300 'ab' 3",       // wrong LEN
+            "300 'ab'",         // no LEN
+            "300 ab 2",         // not a literal
+            "300 'a'b' 3",      // stray quote
+            "300 'ab 2",        // unterminated
+            "300 '\\' 1",       // escaped closing quote
+            "300 '\\q' 2",      // unknown escape
+            "300 '\\x4' 1",     // short \x
+            "300 '\\ud800' 3",  // surrogate
+            "300 b'\u{e9}' 2",  // non-ASCII in bytes
+            "300 b'\\u00e9' 2", // \u in bytes
+            "0 'ab' 2",         // id 0
+            "x 'ab' 2",         // bad id
+            "5 'ab' 2",         // repeated id
+            "300 'a' 1",        // repeated bytes
+            "300 '' 0",         // empty token
         ];
         for line in bad {
             let err = load(&format!("{line}\n")).unwrap_err();
-            assert!(matches!(&err, Error::Load { message, .. } if message.contains("line 257")), "{line}: {err}");
+            assert!(
+                matches!(&err, Error::Load { message, .. } if message.contains("line 257")),
+                "{line}: {err}"
+            );
         }
         let missing: String = (1..256).map(|b| format!("{b} b'\\x{b:02x}' 1\n")).collect();
         let err = Tokenizer::from_vocab_text(&missing, Path::new("m.txt")).unwrap_err();

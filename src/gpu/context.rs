@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
-use crate::error::{Error, Result};
 use super::pipeline_cache::DiskCache;
+use crate::error::{Error, Result};
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
 /// of the adapter's name or backend ("vulkan", "gl", "nvidia", "llvmpipe").
@@ -96,7 +96,8 @@ pub struct AdapterSummary {
 fn quiet_device_select() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let headless = std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none();
+        let headless =
+            std::env::var_os("XDG_RUNTIME_DIR").is_none() && std::env::var_os("WAYLAND_DISPLAY").is_none();
         if cfg!(target_os = "linux") && headless && std::env::var_os("NODEVICE_SELECT").is_none() {
             std::env::set_var("NODEVICE_SELECT", "1");
         }
@@ -107,7 +108,8 @@ fn instance() -> wgpu::Instance {
     quiet_device_select();
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     // GL is listed so that users can ask for it, never chosen by default.
-    desc.backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL;
+    desc.backends =
+        wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL;
     wgpu::Instance::new(desc)
 }
 
@@ -208,10 +210,8 @@ pub fn select(summaries: &[AdapterSummary], choice: Option<&AdapterChoice>) -> R
             }
         }
         None => {
-            let best = summaries
-                .iter()
-                .filter(|s| s.backend != "gl")
-                .min_by_key(|s| (preference(s), s.index));
+            let best =
+                summaries.iter().filter(|s| s.backend != "gl").min_by_key(|s| (preference(s), s.index));
             match best {
                 Some(s) => {
                     if s.device_type == "cpu" {
@@ -272,7 +272,8 @@ impl GpuContext {
     pub fn new(options: &DeviceOptions) -> Result<Arc<GpuContext>> {
         let instance = instance();
         let adapters = enumerate(&instance);
-        let summaries: Vec<AdapterSummary> = adapters.iter().enumerate().map(|(i, a)| summarize(i, a)).collect();
+        let summaries: Vec<AdapterSummary> =
+            adapters.iter().enumerate().map(|(i, a)| summarize(i, a)).collect();
         let (index, warnings) = select(&summaries, options.adapter.as_ref())?;
         let adapter = &adapters[index];
         let summary = summaries[index].clone();
@@ -306,7 +307,9 @@ impl GpuContext {
             // buffer above 4 MiB (all big matrices) gets memory of exactly its size,
             // instead of leaving the tail of a shared 128-256 MiB block unused; the
             // small ones share 4 MiB blocks.
-            memory_hints: wgpu::MemoryHints::Manual { suballocated_device_memory_block_size: (4 << 20)..(4 << 20) },
+            memory_hints: wgpu::MemoryHints::Manual {
+                suballocated_device_memory_block_size: (4 << 20)..(4 << 20),
+            },
             ..Default::default()
         };
         let (device, queue) = block_on(adapter.request_device(&desc)).map_err(|e| {
@@ -328,7 +331,11 @@ impl GpuContext {
             *slot = Some(format!("{reason:?}: {message}"));
         });
 
-        let pipeline_cache = if features.contains(wgpu::Features::PIPELINE_CACHE) { DiskCache::open(&device, &adapter.get_info()) } else { None };
+        let pipeline_cache = if features.contains(wgpu::Features::PIPELINE_CACHE) {
+            DiskCache::open(&device, &adapter.get_info())
+        } else {
+            None
+        };
         let device_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let max_binding = match options.max_binding {
             Some(cap) => cap.min(device_binding),
@@ -378,7 +385,12 @@ impl GpuContext {
     pub fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
         let size = size.max(4).next_multiple_of(4);
         let buffer = self.scoped(&format!("allocating {label} ({size} bytes)"), || {
-            self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage, mapped_at_creation: false })
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
         })?;
         self.created.buffers.fetch_add(1, Ordering::Relaxed);
         Ok(buffer)

@@ -29,7 +29,9 @@ fn directory() -> Option<PathBuf> {
         Some(v) if v == "off" || v.is_empty() => None,
         Some(v) => Some(PathBuf::from(v)),
         None => {
-            let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
             Some(base.join("rwkv-gpu"))
         }
     }
@@ -44,7 +46,8 @@ fn unwrap(file: &[u8]) -> Option<&[u8]> {
     let rest = file.strip_prefix(MAGIC)?;
     let (len, rest) = rest.split_first_chunk::<8>()?;
     let (hash, data) = rest.split_first_chunk::<8>()?;
-    (data.len() as u64 == u64::from_le_bytes(*len) && fnv1a(data) == u64::from_le_bytes(*hash)).then_some(data)
+    (data.len() as u64 == u64::from_le_bytes(*len) && fnv1a(data) == u64::from_le_bytes(*hash))
+        .then_some(data)
 }
 
 fn wrap(data: &[u8]) -> Vec<u8> {
@@ -62,13 +65,20 @@ impl DiskCache {
     pub fn open(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Option<DiskCache> {
         let key = wgpu::util::pipeline_cache_key(info)?;
         let path = directory()?.join(key);
-        let file = std::fs::metadata(&path).ok().filter(|m| m.len() <= MAX_BYTES).and_then(|_| std::fs::read(&path).ok());
+        let file = std::fs::metadata(&path)
+            .ok()
+            .filter(|m| m.len() <= MAX_BYTES)
+            .and_then(|_| std::fs::read(&path).ok());
         let data = file.as_deref().and_then(unwrap);
         // SAFETY: `data` is what `get_data` returned on an earlier run for an adapter of
         // the same key: our envelope's hash says these are exactly the bytes written.
         // `fallback` makes wgpu start empty if the driver refuses them.
         let cache = unsafe {
-            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor { label: Some("rwkv-gpu pipelines"), data, fallback: true })
+            device.create_pipeline_cache(&wgpu::PipelineCacheDescriptor {
+                label: Some("rwkv-gpu pipelines"),
+                data,
+                fallback: true,
+            })
         };
         Some(DiskCache { cache, path, dirty: AtomicBool::new(false) })
     }
@@ -89,7 +99,8 @@ impl DiskCache {
             let _ = std::fs::create_dir_all(dir);
         }
         let _ = crate::atomic_file::write(&self.path, Saving::Cache, |out| {
-            out.write_all(&wrap(&data)).map_err(|e| crate::atomic_file::write_error(&self.path, Saving::Cache, e))
+            out.write_all(&wrap(&data))
+                .map_err(|e| crate::atomic_file::write_error(&self.path, Saving::Cache, e))
         });
     }
 

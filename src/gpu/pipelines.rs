@@ -35,7 +35,10 @@ impl Pipelines {
             return Ok(p.clone());
         }
         if variant.needs_subgroups() && !self.ctx.subgroups {
-            return Err(Error::Shader { kernel: variant.label(), message: "this device has no subgroup operations enabled".into() });
+            return Err(Error::Shader {
+                kernel: variant.label(),
+                message: "this device has no subgroup operations enabled".into(),
+            });
         }
         let kernel = variant.kernel();
         let code = preprocess(kernel.name(), kernel.source(), &variant.defines())?;

@@ -70,11 +70,22 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn new(ctx: &GpuContext) -> Recorder {
-        Recorder { steps: Vec::new(), params: Vec::new(), align: ctx.uniform_offset_alignment.max(16) as usize, counts: Counts::default() }
+        Recorder {
+            steps: Vec::new(),
+            params: Vec::new(),
+            align: ctx.uniform_offset_alignment.max(16) as usize,
+            counts: Counts::default(),
+        }
     }
 
     /// Binding 0 is the uniform `params`; `bindings` are bindings 1.. in order.
-    pub fn dispatch<P: bytemuck::Pod>(&mut self, pipeline: &Pipeline, params: &P, bindings: Vec<Binding>, grid: (u32, u32, u32)) {
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        pipeline: &Pipeline,
+        params: &P,
+        bindings: Vec<Binding>,
+        grid: (u32, u32, u32),
+    ) {
         let at = self.params.len().next_multiple_of(self.align);
         self.params.resize(at, 0);
         self.params.extend_from_slice(bytemuck::bytes_of(params));
@@ -97,7 +108,11 @@ impl Recorder {
     pub fn finish(self, ctx: &GpuContext) -> Result<Program> {
         let device = &ctx.device;
         let size = (self.params.len().max(16) as u64).next_multiple_of(256);
-        let uniform = ctx.create_buffer("dispatch params", size, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST)?;
+        let uniform = ctx.create_buffer(
+            "dispatch params",
+            size,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        )?;
         let steps = ctx.scoped("recording a forward pass", || {
             ctx.queue.write_buffer(&uniform, 0, &self.params);
             self.steps
@@ -166,7 +181,8 @@ impl Program {
         let timer = if timed > 0 { Some(Timer::new(ctx, timed)?) } else { None };
         let mut names = Vec::with_capacity(timed);
         let submission = ctx.scoped("submitting a forward pass", || {
-            let mut encoder = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+            let mut encoder =
+                ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
             let mut pass: Option<wgpu::ComputePass<'static>> = None;
             for step in &self.steps {
                 match step {
@@ -182,7 +198,10 @@ impl Program {
                                 end_of_pass_write_index: Some(2 * names.len() as u32 + 1),
                             });
                             encoder
-                                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes })
+                                .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                    label: None,
+                                    timestamp_writes,
+                                })
                                 .forget_lifetime()
                         });
                         p.set_pipeline(&pipeline.raw);
@@ -230,8 +249,16 @@ impl Timer {
                 ty: wgpu::QueryType::Timestamp,
                 count: 2 * dispatches as u32,
             }),
-            resolved: ctx.create_buffer("timestamps", bytes, wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC)?,
-            staging: ctx.create_buffer("timestamps", bytes, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?,
+            resolved: ctx.create_buffer(
+                "timestamps",
+                bytes,
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            )?,
+            staging: ctx.create_buffer(
+                "timestamps",
+                bytes,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?,
         })
     }
 

@@ -24,8 +24,16 @@ pub enum Kernel {
 
 impl Kernel {
     pub const ALL: [Kernel; 10] = [
-        Kernel::LayerNorm, Kernel::LnShift, Kernel::MatmulVec, Kernel::MatmulSparse, Kernel::MatmulMat, Kernel::Wkv7, Kernel::Quantize,
-        Kernel::Argmax, Kernel::Copy, Kernel::DeepEmbed,
+        Kernel::LayerNorm,
+        Kernel::LnShift,
+        Kernel::MatmulVec,
+        Kernel::MatmulSparse,
+        Kernel::MatmulMat,
+        Kernel::Wkv7,
+        Kernel::Quantize,
+        Kernel::Argmax,
+        Kernel::Copy,
+        Kernel::DeepEmbed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,7 +89,8 @@ pub fn preprocess(kernel: &str, source: &str, defines: &[(String, String)]) -> R
         match line.trim_start().strip_prefix("#include ") {
             Some(rest) => {
                 let file = rest.trim().trim_matches('"');
-                let included = library(file).ok_or_else(|| err(format!("line {}: unknown include {file:?}", n + 1)))?;
+                let included =
+                    library(file).ok_or_else(|| err(format!("line {}: unknown include {file:?}", n + 1)))?;
                 text.push_str(included);
             }
             None => text.push_str(line),
@@ -176,7 +185,9 @@ mod tests {
         let code = preprocess("t", "#include \"matmul_common.wgsl\"\nfn f() {}\n", &[]).unwrap();
         assert!(code.contains("struct Group") && code.ends_with("fn f() {}\n"));
         assert!(preprocess("t", "#include \"nope.wgsl\"\n", &[]).is_err());
-        let e = preprocess("t", "#ifdef HAS_INT8\nx\n#endif\n", &defs(&[("HAS_IN8", "")])).unwrap_err().to_string();
+        let e = preprocess("t", "#ifdef HAS_INT8\nx\n#endif\n", &defs(&[("HAS_IN8", "")]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("HAS_IN8"), "{e}");
     }
 }

@@ -59,19 +59,38 @@ pub enum Variant {
     LayerNorm,
     /// LayerNorm and the token shift after it; `mixes`: 6 (time mix) or 1 (channel mix);
     /// `keep_normalised`: also write the LayerNorm output (DeepEmbed's channel mix).
-    LnShift { mixes: u32, keep_normalised: bool },
+    LnShift {
+        mixes: u32,
+        keep_normalised: bool,
+    },
     /// RWKV-7a DeepEmbed's scaling of the channel-mix activations.
     DeepEmbed,
     /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup, one of
     /// MATVEC_LANES; `subgroups`: reduce with subgroupAdd.
-    MatVec { tokens: u32, lanes: u32, formats: Formats, subgroups: bool },
+    MatVec {
+        tokens: u32,
+        lanes: u32,
+        formats: Formats,
+        subgroups: bool,
+    },
     /// Input-major matrices for a few tokens, skipping zero inputs; `tokens`: one of
     /// MATVEC_TOKEN_BLOCKS; `count`: count the rows read (profiles).
-    MatVecSparse { tokens: u32, formats: Formats, count: bool },
-    MatMul { formats: Formats },
+    MatVecSparse {
+        tokens: u32,
+        formats: Formats,
+        count: bool,
+    },
+    MatMul {
+        formats: Formats,
+    },
     /// `fused_lora`: the low-rank second stages computed in the kernel (decode).
-    Wkv7 { head_size: u32, fused_lora: bool },
-    Quantize { codes: Codes },
+    Wkv7 {
+        head_size: u32,
+        fused_lora: bool,
+    },
+    Quantize {
+        codes: Codes,
+    },
     Argmax,
     Copy,
 }
@@ -142,7 +161,9 @@ impl Variant {
                     out.push(("FUSED_LORA".into(), String::new()));
                 }
             }
-            Variant::Quantize { codes } => out.push((if codes == Codes::Int8 { "INT8" } else { "NF4" }.into(), String::new())),
+            Variant::Quantize { codes } => {
+                out.push((if codes == Codes::Int8 { "INT8" } else { "NF4" }.into(), String::new()))
+            }
             Variant::LayerNorm | Variant::Argmax | Variant::Copy | Variant::DeepEmbed => {}
         }
         out
@@ -151,7 +172,9 @@ impl Variant {
     /// What profiles report GPU time under: "matvec t4 l64 f16+int8 sg".
     pub fn label(self) -> String {
         match self {
-            Variant::LnShift { mixes, keep_normalised } => format!("ln_shift x{mixes}{}", if keep_normalised { " +n" } else { "" }),
+            Variant::LnShift { mixes, keep_normalised } => {
+                format!("ln_shift x{mixes}{}", if keep_normalised { " +n" } else { "" })
+            }
             Variant::MatVec { tokens, lanes, formats, subgroups } => {
                 format!("matvec t{tokens} l{lanes} {}{}", formats.label(), if subgroups { " sg" } else { "" })
             }
@@ -159,7 +182,9 @@ impl Variant {
                 format!("matvec_sparse t{tokens} {}{}", formats.label(), if count { " counted" } else { "" })
             }
             Variant::MatMul { formats } => format!("matmul_tiled {}", formats.label()),
-            Variant::Wkv7 { head_size, fused_lora } => format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" }),
+            Variant::Wkv7 { head_size, fused_lora } => {
+                format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" })
+            }
             Variant::Quantize { codes } => format!("quantize {codes:?}").to_lowercase(),
             other => other.entry().to_string(),
         }
@@ -209,9 +234,12 @@ mod tests {
             let code = preprocess(kernel.name(), kernel.source(), &variant.defines()).unwrap();
             let module = naga::front::wgsl::parse_str(&code)
                 .unwrap_or_else(|e| panic!("{variant:?}: {}", e.emit_to_string(&code)));
-            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
-                .validate(&module)
-                .unwrap_or_else(|e| panic!("{variant:?}: {e:?}"));
+            naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{variant:?}: {e:?}"));
         }
     }
 

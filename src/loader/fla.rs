@@ -53,7 +53,12 @@ impl FlaView {
         let mut sources: HashMap<String, Source> = HashMap::new();
         let mut names = Vec::new();
         let mut claimed: HashSet<String> = HashSet::new();
-        let add = |official: String, file_name: &str, row: Option<usize>, info: TensorInfo, names: &mut Vec<String>, sources: &mut HashMap<String, Source>| {
+        let add = |official: String,
+                   file_name: &str,
+                   row: Option<usize>,
+                   info: TensorInfo,
+                   names: &mut Vec<String>,
+                   sources: &mut HashMap<String, Source>| {
             names.push(official.clone());
             sources.insert(official, Source { file_name: file_name.to_string(), row, info });
         };
@@ -62,7 +67,9 @@ impl FlaView {
                 Scope::Model => vec![(entry.name.to_string(), entry.fla.to_string())],
                 Scope::Layer => layers
                     .iter()
-                    .map(|i| (format!("blocks.{i}.{}", entry.name), format!("model.layers.{i}.{}", entry.fla)))
+                    .map(|i| {
+                        (format!("blocks.{i}.{}", entry.name), format!("model.layers.{i}.{}", entry.fla))
+                    })
                     .collect(),
             };
             for (official, fla_name) in instances {
@@ -79,14 +86,27 @@ impl FlaView {
             let fused = format!("model.layers.{i}.attn.x_x");
             let Some(info) = inner.info(&fused) else { continue };
             let [6, c] = info.shape[..] else {
-                return Err(Error::load(inner.path(), format!("{fused} has shape {:?}; expected [6, C] (r, w, k, v, a, g)", info.shape)));
+                return Err(Error::load(
+                    inner.path(),
+                    format!("{fused} has shape {:?}; expected [6, C] (r, w, k, v, a, g)", info.shape),
+                ));
             };
             for (row, mix) in schema::FUSED_MIX.iter().enumerate() {
                 let official = format!("blocks.{i}.{mix}");
                 if sources.contains_key(&official) {
-                    return Err(Error::load(inner.path(), format!("{fused} and {official}'s own tensor are both present")));
+                    return Err(Error::load(
+                        inner.path(),
+                        format!("{fused} and {official}'s own tensor are both present"),
+                    ));
                 }
-                add(official, &fused, Some(row), TensorInfo { dtype: info.dtype, shape: vec![1, 1, c] }, &mut names, &mut sources);
+                add(
+                    official,
+                    &fused,
+                    Some(row),
+                    TensorInfo { dtype: info.dtype, shape: vec![1, 1, c] },
+                    &mut names,
+                    &mut sources,
+                );
             }
             claimed.insert(fused);
         }
@@ -109,13 +129,22 @@ impl FlaView {
 fn declared(path: &Path, json: &serde_json::Value) -> Result<Vec<Declared>> {
     if let Some(kind) = json.get("model_type").and_then(|v| v.as_str()) {
         if kind != "rwkv7" {
-            return Err(Error::load(path, format!("model_type is {kind:?}; an fla RWKV-7 model says \"rwkv7\"")));
+            return Err(Error::load(
+                path,
+                format!("model_type is {kind:?}; an fla RWKV-7 model says \"rwkv7\""),
+            ));
         }
     }
     let keys = [
-        ("hidden_size", Dim::C), ("num_hidden_layers", Dim::L), ("vocab_size", Dim::V), ("intermediate_size", Dim::F),
-        ("head_dim", Dim::N), ("decay_low_rank_dim", Dim::Dw), ("a_low_rank_dim", Dim::Da),
-        ("v_low_rank_dim", Dim::Dv), ("gate_low_rank_dim", Dim::Dg),
+        ("hidden_size", Dim::C),
+        ("num_hidden_layers", Dim::L),
+        ("vocab_size", Dim::V),
+        ("intermediate_size", Dim::F),
+        ("head_dim", Dim::N),
+        ("decay_low_rank_dim", Dim::Dw),
+        ("a_low_rank_dim", Dim::Da),
+        ("v_low_rank_dim", Dim::Dv),
+        ("gate_low_rank_dim", Dim::Dg),
     ];
     let mut out = Vec::new();
     for (key, dim) in keys {
@@ -140,13 +169,19 @@ impl Checkpoint for FlaView {
         self.sources.get(name).map(|s| s.info.clone())
     }
     fn read(&self, name: &str) -> Result<Cow<'_, [u8]>> {
-        let s = self.sources.get(name).ok_or_else(|| Error::load(self.inner.path(), format!("missing tensor {name:?}")))?;
+        let s = self
+            .sources
+            .get(name)
+            .ok_or_else(|| Error::load(self.inner.path(), format!("missing tensor {name:?}")))?;
         let bytes = self.inner.read(&s.file_name)?;
         let Some(row) = s.row else { return Ok(bytes) };
         let len = s.info.numel() * s.info.dtype.size();
         let range = row * len..(row + 1) * len;
         if bytes.len() < range.end {
-            return Err(Error::load(self.inner.path(), format!("{} holds {} bytes; expected {}", s.file_name, bytes.len(), 6 * len)));
+            return Err(Error::load(
+                self.inner.path(),
+                format!("{} holds {} bytes; expected {}", s.file_name, bytes.len(), 6 * len),
+            ));
         }
         Ok(match bytes {
             Cow::Borrowed(b) => Cow::Borrowed(&b[range]),

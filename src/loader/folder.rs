@@ -25,14 +25,20 @@ pub fn open(dir: &Path) -> Result<Box<dyn Checkpoint>> {
     if single.is_file() {
         return super::open_file(&single);
     }
-    Err(Error::load(dir, format!("a folder, but not a Hugging Face model folder: it holds neither {SINGLE} nor {INDEX}")))
+    Err(Error::load(
+        dir,
+        format!("a folder, but not a Hugging Face model folder: it holds neither {SINGLE} nor {INDEX}"),
+    ))
 }
 
 /// Reads a small JSON file, refusing one too big to be what it claims.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
     if len > MAX_JSON_BYTES {
-        return Err(Error::load(path, format!("{len} bytes: too big for a JSON side file (at most {MAX_JSON_BYTES})")));
+        return Err(Error::load(
+            path,
+            format!("{len} bytes: too big for a JSON side file (at most {MAX_JSON_BYTES})"),
+        ));
     }
     let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_slice(&text).map_err(|e| Error::load(path, format!("not valid JSON: {e}")))
@@ -60,14 +66,20 @@ impl Sharded {
     fn open(dir: &Path, index_path: &Path) -> Result<Sharded> {
         let json = read_json(index_path)?;
         let bad = |m: String| Error::load(index_path, m);
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
         let mut files: Vec<String> = Vec::new();
         let mut wanted: Vec<(String, usize)> = Vec::new();
         for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
+            let file =
+                file.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
             // A shard is a file in this folder: no paths, so an index cannot point elsewhere.
             if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
-                return Err(bad(format!("weight_map[{name:?}] = {file:?} is not a file name in the model folder")));
+                return Err(bad(format!(
+                    "weight_map[{name:?}] = {file:?} is not a file name in the model folder"
+                )));
             }
             let shard = match files.iter().position(|f| f == file) {
                 Some(i) => i,
@@ -107,7 +119,10 @@ impl Checkpoint for Sharded {
         self.index.get(name).and_then(|&i| self.shards[i].info(name))
     }
     fn read(&self, name: &str) -> Result<Cow<'_, [u8]>> {
-        let &i = self.index.get(name).ok_or_else(|| Error::load(&self.path, format!("missing tensor {name:?}")))?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name:?}")))?;
         self.shards[i].read(name)
     }
     fn path(&self) -> &Path {

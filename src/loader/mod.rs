@@ -92,7 +92,10 @@ pub fn open_file(path: &Path) -> Result<Box<dyn Checkpoint>> {
 /// A checkpoint from its bytes, told by content (`path` names it in errors).
 pub fn from_bytes(path: &Path, data: bytes::FileBytes) -> Result<Box<dyn Checkpoint>> {
     if data.len() < 8 {
-        return Err(Error::load(path, format!("file is {} bytes long: too short to be a checkpoint", data.len())));
+        return Err(Error::load(
+            path,
+            format!("file is {} bytes long: too short to be a checkpoint", data.len()),
+        ));
     }
     let magic: [u8; 8] = data[..8].try_into().expect("8 bytes");
     if &magic[..4] == b"GGUF" {

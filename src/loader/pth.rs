@@ -150,7 +150,10 @@ fn parse(buf: &[u8]) -> Msg<(Vec<String>, HashMap<String, View>)> {
         if Some(range.len()) != st.numel.checked_mul(es) {
             return Err(what(format!(
                 "storage `{}` has {} bytes, but its header says {} elements of {} bytes",
-                st.key, range.len(), st.numel, es
+                st.key,
+                range.len(),
+                st.numel,
+                es
             )));
         }
         check_view(t, st.numel).map_err(what)?;
@@ -184,7 +187,11 @@ fn check_view(t: &TensorRef, storage_numel: usize) -> Msg<()> {
             t.shape, t.stride
         ));
     }
-    let last = t.shape.iter().zip(&t.stride).try_fold(t.offset, |a, (&d, &s)| a.checked_add((d - 1).checked_mul(s)?));
+    let last = t
+        .shape
+        .iter()
+        .zip(&t.stride)
+        .try_fold(t.offset, |a, (&d, &s)| a.checked_add((d - 1).checked_mul(s)?));
     match last {
         Some(last) if last < storage_numel => Ok(()),
         _ => Err(format!(
@@ -256,9 +263,12 @@ impl Zip {
             if le::<4>(b, at)? != u64::from(CENTRAL) {
                 return Err(format!("corrupt zip central directory at byte {at}"));
             }
-            let (name_len, extra_len, comment_len) = (le::<2>(b, at + 28)?, le::<2>(b, at + 30)?, le::<2>(b, at + 32)?);
+            let (name_len, extra_len, comment_len) =
+                (le::<2>(b, at + 28)?, le::<2>(b, at + 30)?, le::<2>(b, at + 32)?);
             let name_at = at + 46;
-            let name = b.get(name_at as usize..(name_at + name_len) as usize).ok_or("truncated zip central directory")?;
+            let name = b
+                .get(name_at as usize..(name_at + name_len) as usize)
+                .ok_or("truncated zip central directory")?;
             let mut e = Entry {
                 method: le::<2>(b, at + 10)?,
                 flags: le::<2>(b, at + 8)?,
@@ -365,9 +375,15 @@ fn global(module: &str, name: &str) -> Msg<Global> {
         ("torch", "FloatStorage") => Global::Storage(DType::F32),
         ("torch", "Tensor") | ("torch.nn.parameter", "Parameter") => Global::TensorType,
         ("torch", s) if s.ends_with("Storage") => {
-            return Err(format!("storage type `torch.{s}` is not supported: only f16, bf16 and f32 tensors are"))
+            return Err(format!(
+                "storage type `torch.{s}` is not supported: only f16, bf16 and f32 tensors are"
+            ))
         }
-        _ => return Err(format!("refusing pickle global `{module}.{name}`: a state dict of tensors never needs it")),
+        _ => {
+            return Err(format!(
+                "refusing pickle global `{module}.{name}`: a state dict of tensors never needs it"
+            ))
+        }
     })
 }
 
@@ -431,13 +447,13 @@ impl<'a> Unpickler<'a> {
         let v = match op {
             0x80 => return self.take(1).map(|_| None), // PROTO: any of 2-5 is fine
             0x95 => return self.take(8).map(|_| None), // FRAME: only a read-ahead hint
-            b'.' => return self.pop().map(Some), // STOP
+            b'.' => return self.pop().map(Some),       // STOP
             b'(' => {
                 // MARK
                 self.marks.push(self.stack.len());
                 return Ok(None);
             }
-            b'}' => self.new_dict(Vec::new()),        // EMPTY_DICT
+            b'}' => self.new_dict(Vec::new()),       // EMPTY_DICT
             b']' => self.new_seq(Vec::new(), false), // EMPTY_LIST
             b')' => self.new_seq(Vec::new(), true),  // EMPTY_TUPLE
             b't' => {
@@ -582,7 +598,8 @@ impl<'a> Unpickler<'a> {
 
     fn take(&mut self, n: usize) -> Msg<&'a [u8]> {
         let data: &'a [u8] = self.data;
-        let out = self.pos.checked_add(n).and_then(|end| data.get(self.pos..end)).ok_or("truncated pickle")?;
+        let out =
+            self.pos.checked_add(n).and_then(|end| data.get(self.pos..end)).ok_or("truncated pickle")?;
         self.pos += n;
         Ok(out)
     }
@@ -594,7 +611,8 @@ impl<'a> Unpickler<'a> {
     fn line(&mut self) -> Msg<String> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
         let len = rest.iter().position(|&c| c == b'\n').ok_or("truncated pickle")?;
-        let text = std::str::from_utf8(self.take(len + 1)?[..len].as_ref()).map_err(|_| "non-UTF-8 global name")?;
+        let text =
+            std::str::from_utf8(self.take(len + 1)?[..len].as_ref()).map_err(|_| "non-UTF-8 global name")?;
         Ok(text.to_string())
     }
 
@@ -613,7 +631,11 @@ impl<'a> Unpickler<'a> {
     fn new_seq(&mut self, items: Vec<Value>, tuple: bool) -> Value {
         self.seqs.push(items);
         let i = self.seqs.len() - 1;
-        if tuple { Value::Tuple(i) } else { Value::List(i) }
+        if tuple {
+            Value::Tuple(i)
+        } else {
+            Value::List(i)
+        }
     }
 
     fn new_dict(&mut self, pairs: Vec<(Value, Value)>) -> Value {
@@ -721,7 +743,8 @@ impl<'a> Unpickler<'a> {
 }
 
 /// Top-level keys by which trainers (PyTorch, Lightning, DeepSpeed) store optimizer state.
-const OPTIMIZER_KEYS: [&str; 5] = ["optimizer", "optimizer_state_dict", "optimizer_states", "optim", "param_groups"];
+const OPTIMIZER_KEYS: [&str; 5] =
+    ["optimizer", "optimizer_state_dict", "optimizer_states", "optim", "param_groups"];
 
 fn non_negative(v: &Value) -> Msg<usize> {
     match v {
@@ -829,8 +852,12 @@ mod tests {
             out.extend_from_slice(data);
 
             // zip64: the 32-bit fields saturate and the real values move to the extra field.
-            let (size32, offset32, extra_len) = if zip64 { (0xFFFF_FFFF, 0xFFFF_FFFF, 28) } else { (size, offset, 0) };
-            put(&mut central, &[(CENTRAL.into(), 4), (45, 2), (45, 2), (0, 2), (method, 2), (0, 8), (size32, 4)]);
+            let (size32, offset32, extra_len) =
+                if zip64 { (0xFFFF_FFFF, 0xFFFF_FFFF, 28) } else { (size, offset, 0) };
+            put(
+                &mut central,
+                &[(CENTRAL.into(), 4), (45, 2), (45, 2), (0, 2), (method, 2), (0, 8), (size32, 4)],
+            );
             put(&mut central, &[(size32, 4), (name_len, 2), (extra_len, 2), (0, 4), (0, 6), (offset32, 4)]);
             central.extend_from_slice(name.as_bytes());
             if zip64 {
@@ -841,8 +868,14 @@ mod tests {
         out.extend_from_slice(&central);
         if zip64 {
             let record = out.len() as u64;
-            put(&mut out, &[(ZIP64_EOCD.into(), 4), (44, 8), (45, 2), (45, 2), (0, 8), (count, 8), (count, 8)]);
-            put(&mut out, &[(cd_size, 8), (cd_offset, 8), (ZIP64_LOCATOR.into(), 4), (0, 4), (record, 8), (1, 4)]);
+            put(
+                &mut out,
+                &[(ZIP64_EOCD.into(), 4), (44, 8), (45, 2), (45, 2), (0, 8), (count, 8), (count, 8)],
+            );
+            put(
+                &mut out,
+                &[(cd_size, 8), (cd_offset, 8), (ZIP64_LOCATOR.into(), 4), (0, 4), (record, 8), (1, 4)],
+            );
         }
         let (count16, cd32) = if zip64 { (0xFFFF, 0xFFFF_FFFF) } else { (count, cd_offset) };
         let comment = b"written by a test";
@@ -923,7 +956,9 @@ mod tests {
             st("scalar", 11, &[], &[]),
             st("empty", 0, &[0, 5], &[5, 1]),
         ];
-        let f = open_bytes(&pth("archive", state_dict(&ts), &[("0", f32s((0..12).map(|i| i as f32)))], false)).unwrap();
+        let f =
+            open_bytes(&pth("archive", state_dict(&ts), &[("0", f32s((0..12).map(|i| i as f32)))], false))
+                .unwrap();
         let read = |n| f.read(n).unwrap();
         assert!(matches!(read("head"), Cow::Borrowed(_)) && matches!(read("transposed"), Cow::Owned(_)));
         assert_eq!(&*read("head"), &f32s([0., 1., 2., 3.])[..]);
@@ -959,7 +994,16 @@ mod tests {
     #[test]
     fn training_checkpoint_without_weights_is_named() {
         let mut p = Pickle::default();
-        p.op(b"\x80\x02}(").str("epoch").int(3).str("optimizer").op(b"}(").str("state").op(b"}").str("lr").int(1).op(b"uu.");
+        p.op(b"\x80\x02}(")
+            .str("epoch")
+            .int(3)
+            .str("optimizer")
+            .op(b"}(")
+            .str("state")
+            .op(b"}")
+            .str("lr")
+            .int(1)
+            .op(b"uu.");
         let msg = err(open_bytes(&pth("archive", p.0, &[], false)));
         assert!(msg.contains("a training checkpoint") && msg.contains("optimizer state"), "{msg}");
     }
@@ -978,7 +1022,8 @@ mod tests {
     #[test]
     fn compressed_and_big_endian_are_rejected() {
         let pickle = state_dict(&[vector("w", "FloatStorage", "0", &[1])]);
-        let mut entries = vec![("archive/data.pkl".into(), pickle, 0), ("archive/data/0".into(), f32s([1.0]), 8)];
+        let mut entries =
+            vec![("archive/data.pkl".into(), pickle, 0), ("archive/data/0".into(), f32s([1.0]), 8)];
         let msg = err(open_bytes(&zip(&entries, false)));
         assert!(msg.contains("compressed"), "{msg}");
         entries[1].2 = 0;
@@ -1030,7 +1075,10 @@ mod tests {
                 assert_eq!(&*f.read(name).unwrap(), t.data(), "{name}");
             }
             if dir == "tiny-rwkv7" {
-                assert_eq!(f.info("emb.weight"), Some(TensorInfo { dtype: DType::BF16, shape: vec![512, 128] }));
+                assert_eq!(
+                    f.info("emb.weight"),
+                    Some(TensorInfo { dtype: DType::BF16, shape: vec![512, 128] })
+                );
                 assert_eq!(names.len(), 72);
             }
         }

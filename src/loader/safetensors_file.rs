@@ -40,7 +40,12 @@ impl SafetensorsFile {
                 safetensors::Dtype::I8 => DType::I8,
                 safetensors::Dtype::U8 => DType::U8,
                 other => {
-                    return Err(Error::load(path, format!("tensor {name:?} has dtype {other:?}; only F16, BF16, F32 (and I8/U8 codes) are read")))
+                    return Err(Error::load(
+                        path,
+                        format!(
+                        "tensor {name:?} has dtype {other:?}; only F16, BF16, F32 (and I8/U8 codes) are read"
+                    ),
+                    ))
                 }
             };
             let range = data_start + info.data_offsets.0..data_start + info.data_offsets.1;
@@ -60,7 +65,10 @@ impl Checkpoint for SafetensorsFile {
         self.index.get(name).map(|&i| self.tensors[i].1.clone())
     }
     fn read(&self, name: &str) -> Result<Cow<'_, [u8]>> {
-        let &i = self.index.get(name).ok_or_else(|| Error::load(&self.path, format!("missing tensor {name:?}")))?;
+        let &i = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name:?}")))?;
         Ok(Cow::Borrowed(&self.map[self.tensors[i].2.clone()]))
     }
     fn path(&self) -> &Path {

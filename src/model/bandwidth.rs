@@ -11,7 +11,10 @@ use crate::gpu::{Binding, Recorder, Variant};
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct CopyParams { n: u32, _pad: [u32; 3] }
+struct CopyParams {
+    n: u32,
+    _pad: [u32; 3],
+}
 
 impl Model {
     /// Bytes moved per second (read plus written) by copying a `bytes`-byte buffer
@@ -30,7 +33,12 @@ impl Model {
         let run = |times: usize| -> Result<f64> {
             let mut rec = Recorder::new(&self.ctx);
             for _ in 0..times {
-                rec.dispatch(&pipeline, &CopyParams { n: words, _pad: [0; 3] }, vec![Binding::whole(&src), Binding::whole(&dst)], (gx, gy, 1));
+                rec.dispatch(
+                    &pipeline,
+                    &CopyParams { n: words, _pad: [0; 3] },
+                    vec![Binding::whole(&src), Binding::whole(&dst)],
+                    (gx, gy, 1),
+                );
             }
             let program = rec.finish(&self.ctx)?;
             let start = Instant::now();

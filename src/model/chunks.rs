@@ -79,13 +79,19 @@ impl Pace {
 
     /// Chunks to keep submitted before waiting for the oldest.
     pub fn depth(&self) -> usize {
-        if self.slow { 1 } else { 2 }
+        if self.slow {
+            1
+        } else {
+            2
+        }
     }
 
     /// The part of `chunk` to run now, and what is left of it.
     pub fn take(&self, chunk: Vec<SeqRow>) -> (Vec<SeqRow>, Option<Vec<SeqRow>>) {
         match chunk.as_slice() {
-            [r] if r.count > self.cap && r.count - r.count.div_ceil(r.count.div_ceil(self.cap)) > MATVEC_TOKENS => {
+            [r] if r.count > self.cap
+                && r.count - r.count.div_ceil(r.count.div_ceil(self.cap)) > MATVEC_TOKENS =>
+            {
                 let count = r.count.div_ceil(r.count.div_ceil(self.cap));
                 let rest = SeqRow { first: 0, count: r.count - count, seq: r.seq, pos: r.pos + count };
                 (vec![SeqRow { count, ..*r }], Some(vec![rest]))
@@ -128,7 +134,10 @@ mod tests {
         let (now, rest) = pace.take(vec![SeqRow { first: 0, count: 65, seq: 1, pos: 0 }]);
         assert_eq!((now[0].count, rest.unwrap()[0].count), (33, 32));
         // Several sequences in a chunk, or a short one: as planned.
-        let two = vec![SeqRow { first: 0, count: 200, seq: 0, pos: 0 }, SeqRow { first: 200, count: 56, seq: 1, pos: 0 }];
+        let two = vec![
+            SeqRow { first: 0, count: 200, seq: 0, pos: 0 },
+            SeqRow { first: 200, count: 56, seq: 1, pos: 0 },
+        ];
         assert_eq!(pace.take(two.clone()), (two, None));
         // Fast device: back to whole chunks; slow: the minimum.
         pace.observe(64, 0.01);
@@ -144,8 +153,18 @@ mod tests {
         let lens = [5, 1, 9, 3];
         let chunks = plan_chunks(&lens, 4, 64);
         // 18 tokens in chunks of 4: 4 + 4 + 4 + 4 + 2.
-        assert_eq!(chunks.iter().map(|c| c.iter().map(|r| r.count).sum::<usize>()).collect::<Vec<_>>(), [4, 4, 4, 4, 2]);
-        assert_eq!(chunks[1], [SeqRow { first: 0, count: 1, seq: 0, pos: 4 }, SeqRow { first: 1, count: 1, seq: 1, pos: 0 }, SeqRow { first: 2, count: 2, seq: 2, pos: 0 }]);
+        assert_eq!(
+            chunks.iter().map(|c| c.iter().map(|r| r.count).sum::<usize>()).collect::<Vec<_>>(),
+            [4, 4, 4, 4, 2]
+        );
+        assert_eq!(
+            chunks[1],
+            [
+                SeqRow { first: 0, count: 1, seq: 0, pos: 4 },
+                SeqRow { first: 1, count: 1, seq: 1, pos: 0 },
+                SeqRow { first: 2, count: 2, seq: 2, pos: 0 }
+            ]
+        );
         // Every sequence's tokens appear once, in order, and rows of a chunk tile it.
         let mut next = vec![0; lens.len()];
         for chunk in &chunks {

@@ -13,10 +13,10 @@ use super::scratch::{Scratch, MAX_SEQS};
 use super::state::Page;
 use super::weights::{consts, Layer};
 use super::{CallStats, Model};
-use crate::interrupt::Interrupt;
 use crate::error::Result;
 use crate::gpu::recorder::{read_buffer, Program};
 use crate::gpu::{GpuContext, Recorder};
+use crate::interrupt::Interrupt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Want {
@@ -121,7 +121,14 @@ impl Plans {
 /// comes within two chunks' time while the GPU still has the next chunk queued behind
 /// the running one, and single-sequence chunks are cut to the measured speed (`Pace`:
 /// about a second each at most), so that this stays short on slow devices.
-pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[SeqInput], want: Want, interrupt: Interrupt) -> Result<(Vec<f32>, CallStats)> {
+pub fn run(
+    model: &Model,
+    scratch: &mut Option<Scratch>,
+    page: &Page,
+    seqs: &[SeqInput],
+    want: Want,
+    interrupt: Interrupt,
+) -> Result<(Vec<f32>, CallStats)> {
     if scratch.is_none() {
         *scratch = Some(Scratch::new(model)?);
     }
@@ -157,7 +164,8 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
     while let Some(next) = planned.pop_front() {
         if n > 0 {
             if interrupt.active() && in_flight.len() >= pace.depth() {
-                let (submission, submitted, tokens) = in_flight.pop_front().expect("at least one is in flight");
+                let (submission, submitted, tokens) =
+                    in_flight.pop_front().expect("at least one is in flight");
                 ctx.wait_for(submission)?;
                 // The GPU ran it after the one before (or from its submission).
                 let now = Instant::now();
@@ -186,7 +194,13 @@ pub fn run(model: &Model, scratch: &mut Option<Scratch>, page: &Page, seqs: &[Se
         }
         let chunk_want = if wanted.is_empty() { Want::None } else { want };
         head::prepare(model, s, chunk_want, wanted.len())?;
-        let key = PlanKey { tokens: t, n_seq: rows.len(), want: chunk_want, wanted: wanted.iter().map(|w| w.0).collect(), count_reads };
+        let key = PlanKey {
+            tokens: t,
+            n_seq: rows.len(),
+            want: chunk_want,
+            wanted: wanted.iter().map(|w| w.0).collect(),
+            count_reads,
+        };
         let cached = page.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key, s.generation);
         let plan = match cached {
             Some(plan) => plan,
@@ -230,11 +244,17 @@ fn upload_chunk(model: &Model, s: &Scratch, seqs: &[SeqInput], rows: &[SeqRow], 
     if model.config.deep_embed() {
         values.clear();
         for layer in &model.weights.layers {
-            layer.deep.as_ref().expect("every layer of a DeepEmbed model").table.rows_into(ids(), &mut values)?;
+            layer
+                .deep
+                .as_ref()
+                .expect("every layer of a DeepEmbed model")
+                .table
+                .rows_into(ids(), &mut values)?;
         }
         model.ctx.queue.write_buffer(&s.deep, 0, bytemuck::cast_slice(&values));
     }
-    let table: Vec<u32> = rows.iter().flat_map(|r| [r.first as u32, r.count as u32, seqs[r.seq].slot, 0]).collect();
+    let table: Vec<u32> =
+        rows.iter().flat_map(|r| [r.first as u32, r.count as u32, seqs[r.seq].slot, 0]).collect();
     model.ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&table));
     Ok(())
 }
@@ -243,21 +263,49 @@ fn upload_chunk(model: &Model, s: &Scratch, seqs: &[SeqInput], rows: &[SeqRow], 
 fn record(model: &Model, s: &Scratch, page: &Page, key: &PlanKey) -> Result<Plan> {
     let mut rec = Recorder::new(&model.ctx);
     let (t, n_seq) = (key.tokens, key.n_seq);
-    ops::layer_norm(model, &mut rec, LayerNorm {
-        x: &s.emb, in_row0: 0, rows: t, consts: &model.weights.consts, weight: consts::LN0_W, bias: consts::LN0_B, y: &s.x, out_row0: 0,
-    })?;
+    ops::layer_norm(
+        model,
+        &mut rec,
+        LayerNorm {
+            x: &s.emb,
+            in_row0: 0,
+            rows: t,
+            consts: &model.weights.consts,
+            weight: consts::LN0_W,
+            bias: consts::LN0_B,
+            y: &s.x,
+            out_row0: 0,
+        },
+    )?;
     // DeepEmbed: each layer's table rows (uploaded) plus s_emb_x times the normalised
     // embedding, while x still holds it.
     let width = model.config.deep_embed_width();
     for (l, layer) in model.weights.layers.iter().enumerate() {
         if let Some(deep) = &layer.deep {
-            let merge = Product { w: &deep.emb_x, x_off: 0, y_off: l * t * width, y_stride: width, act: Act::None, add: true };
+            let merge = Product {
+                w: &deep.emb_x,
+                x_off: 0,
+                y_off: l * t * width,
+                y_stride: width,
+                act: Act::None,
+                add: true,
+            };
             ops::products(model, &mut rec, &s.x, &s.deep, t, &[merge])?;
         }
     }
     for (l, layer) in model.weights.layers.iter().enumerate() {
         let counts = if key.count_reads { s.read_counts.as_ref() } else { None };
-        let chunk = Chunk { model, s, layer, index: l, state: &page.layers[l], first_layer: l == 0, tokens: t, n_seq, counts };
+        let chunk = Chunk {
+            model,
+            s,
+            layer,
+            index: l,
+            state: &page.layers[l],
+            first_layer: l == 0,
+            tokens: t,
+            n_seq,
+            counts,
+        };
         chunk.time_mix(&mut rec)?;
         chunk.channel_mix(&mut rec)?;
     }
@@ -288,15 +336,35 @@ impl Chunk<'_> {
         let (t, c) = (self.tokens, cfg.n_embd);
         let tc = t * c;
         // x -> ln1 -> token shift against the previous token: the six mixes xr .. xg.
-        ops::ln_shift(model, rec, LnShift {
-            x: &s.x, consts: &layer.consts, weight: consts::LN1_W, bias: consts::LN1_B, first_mix: consts::ATT_MIX, mixes: 6,
-            state: self.state, state_off: 0, seqs: &s.seqs, out: &s.mix, tokens: t, n_seq: self.n_seq, keep_normalised: false,
-        })?;
+        ops::ln_shift(
+            model,
+            rec,
+            LnShift {
+                x: &s.x,
+                consts: &layer.consts,
+                weight: consts::LN1_W,
+                bias: consts::LN1_B,
+                first_mix: consts::ATT_MIX,
+                mixes: 6,
+                state: self.state,
+                state_off: 0,
+                seqs: &s.seqs,
+                out: &s.mix,
+                tokens: t,
+                n_seq: self.n_seq,
+                keep_normalised: false,
+            },
+        )?;
 
         // r, k, v and the low-rank first stages (w: tanh, g: sigmoid), one dispatch: r, k,
         // v into proj rows 0-2, the hidden values after them (block 0 has no v path).
         let mix = |row: usize| row * tc;
-        let hidden = [3 * tc, 3 * tc + t * cfg.lora_w, 3 * tc + t * (cfg.lora_w + cfg.lora_a), 3 * tc + t * (cfg.lora_w + cfg.lora_a + cfg.lora_v)];
+        let hidden = [
+            3 * tc,
+            3 * tc + t * cfg.lora_w,
+            3 * tc + t * (cfg.lora_w + cfg.lora_a),
+            3 * tc + t * (cfg.lora_w + cfg.lora_a + cfg.lora_v),
+        ];
         let into = |w, x_off, y_off, y_stride, act| Product { w, x_off, y_off, y_stride, act, add: false };
         let mut first = vec![
             into(&layer.receptance, mix(MIX_R), 0, c, Act::None),
@@ -313,7 +381,8 @@ impl Chunk<'_> {
 
         // The low-rank second stages: in the WKV kernel for a few tokens, else one
         // product into `lora` rows w, a, v, g.
-        let second: [Option<&_>; 4] = [Some(&layer.w2), Some(&layer.a2), (!self.first_layer).then_some(&layer.v2), Some(&layer.g2)];
+        let second: [Option<&_>; 4] =
+            [Some(&layer.w2), Some(&layer.a2), (!self.first_layer).then_some(&layer.v2), Some(&layer.g2)];
         let present: Vec<&_> = second.iter().flatten().copied().collect();
         let lora = if ops::can_fuse_lora(t, &present, cfg.lora_sum()) {
             let buffer = &layer.w2.chunks[0].buffer;
@@ -322,7 +391,14 @@ impl Chunk<'_> {
             let mut products = Vec::new();
             for (i, m) in second.iter().enumerate() {
                 if let Some(m) = m {
-                    products.push(Product { w: m, x_off: hidden[i], y_off: i * tc, y_stride: c, act: Act::None, add: false });
+                    products.push(Product {
+                        w: m,
+                        x_off: hidden[i],
+                        y_off: i * tc,
+                        y_stride: c,
+                        act: Act::None,
+                        add: false,
+                    });
                 }
             }
             ops::products(model, rec, &s.proj, &s.lora, t, &products)?;
@@ -330,12 +406,32 @@ impl Chunk<'_> {
         };
 
         // The WKV recurrence, GroupNorm, bonus and gate.
-        ops::wkv(model, rec, Wkv {
-            proj: &s.proj, lora, consts: &layer.consts, seqs: &s.seqs, v_first: &s.v_first, first_layer: self.first_layer,
-            state: self.state, wkv_off: 2 * c, out: &s.att, tokens: t, n_seq: self.n_seq,
-        })?;
+        ops::wkv(
+            model,
+            rec,
+            Wkv {
+                proj: &s.proj,
+                lora,
+                consts: &layer.consts,
+                seqs: &s.seqs,
+                v_first: &s.v_first,
+                first_layer: self.first_layer,
+                state: self.state,
+                wkv_off: 2 * c,
+                out: &s.att,
+                tokens: t,
+                n_seq: self.n_seq,
+            },
+        )?;
         // The output projection, added to the residual stream.
-        ops::products(model, rec, &s.att, &s.x, t, &[Product { w: &layer.output, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true }])
+        ops::products(
+            model,
+            rec,
+            &s.att,
+            &s.x,
+            t,
+            &[Product { w: &layer.output, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true }],
+        )
     }
 
     /// The channel mix (feed-forward) of rwkv7.md, with the residual added to x; with
@@ -344,25 +440,63 @@ impl Chunk<'_> {
         let (model, s, layer, cfg) = (self.model, self.s, self.layer, &self.model.config);
         let (t, c, f) = (self.tokens, cfg.n_embd, cfg.ffn_size);
         // x -> ln2 -> token shift: one mix (DeepEmbed: and the ln2 output xf after it).
-        ops::ln_shift(model, rec, LnShift {
-            x: &s.x, consts: &layer.consts, weight: consts::LN2_W, bias: consts::LN2_B, first_mix: consts::FFN_MIX, mixes: 1,
-            state: self.state, state_off: c, seqs: &s.seqs, out: &s.mix, tokens: t, n_seq: self.n_seq,
-            keep_normalised: layer.deep.is_some(),
-        })?;
+        ops::ln_shift(
+            model,
+            rec,
+            LnShift {
+                x: &s.x,
+                consts: &layer.consts,
+                weight: consts::LN2_W,
+                bias: consts::LN2_B,
+                first_mix: consts::FFN_MIX,
+                mixes: 1,
+                state: self.state,
+                state_off: c,
+                seqs: &s.seqs,
+                out: &s.mix,
+                tokens: t,
+                n_seq: self.n_seq,
+                keep_normalised: layer.deep.is_some(),
+            },
+        )?;
         // relu(key)^2 (DeepEmbed: and h = xf @ s1, after the activations, same dispatch).
-        let mut products = vec![Product { w: &layer.ffn_key, x_off: 0, y_off: 0, y_stride: f, act: Act::ReluSquared, add: false }];
+        let mut products = vec![Product {
+            w: &layer.ffn_key,
+            x_off: 0,
+            y_off: 0,
+            y_stride: f,
+            act: Act::ReluSquared,
+            add: false,
+        }];
         if let Some(deep) = &layer.deep {
-            products.push(Product { w: &deep.s1, x_off: t * c, y_off: t * f, y_stride: cfg.deep_embed_rank, act: Act::None, add: false });
+            products.push(Product {
+                w: &deep.s1,
+                x_off: t * c,
+                y_off: t * f,
+                y_stride: cfg.deep_embed_rank,
+                act: Act::None,
+                add: false,
+            });
         }
         ops::products(model, rec, &s.mix, &s.ffn, t, &products)?;
         if let Some(deep) = &layer.deep {
-            ops::deep_embed(model, rec, DeepEmbed {
-                se: &s.deep, se_off: self.index * t * cfg.deep_embed_width(), consts: &deep.consts, kf: &s.ffn, h_off: t * f, tokens: t,
-            })?;
+            ops::deep_embed(
+                model,
+                rec,
+                DeepEmbed {
+                    se: &s.deep,
+                    se_off: self.index * t * cfg.deep_embed_width(),
+                    consts: &deep.consts,
+                    kf: &s.ffn,
+                    h_off: t * f,
+                    tokens: t,
+                },
+            )?;
         }
         // The value projection, added to the residual stream. Input-major (the loader's
         // choice where it fits one binding), decode skips the rows of zero activations.
-        let value = Product { w: &layer.ffn_value, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true };
+        let value =
+            Product { w: &layer.ffn_value, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true };
         let counts = self.counts.map(|buffer| ReadCounts { buffer, at: 4 * self.index });
         ops::counted_products(model, rec, &s.ffn, &s.x, t, &[value], counts)
     }

@@ -37,7 +37,13 @@ pub fn prepare(model: &Model, s: &mut Scratch, want: Want, rows: usize) -> Resul
 
 /// Records the head for the `wanted` chunk rows; returns where each read-back value goes
 /// (rows of the result are indices into `wanted`).
-pub fn record(model: &Model, rec: &mut Recorder, s: &Scratch, want: Want, wanted: &[usize]) -> Result<Vec<Placement>> {
+pub fn record(
+    model: &Model,
+    rec: &mut Recorder,
+    s: &Scratch,
+    want: Want,
+    wanted: &[usize],
+) -> Result<Vec<Placement>> {
     match want {
         Want::None => Ok(Vec::new()),
         Want::HiddenLast | Want::HiddenAll => record_hidden(model, rec, s, wanted),
@@ -48,17 +54,33 @@ pub fn record(model: &Model, rec: &mut Recorder, s: &Scratch, want: Want, wanted
 
 /// The final layer norm of the `wanted` chunk rows into consecutive rows of `norm` from
 /// `out_row0`: one dispatch per run of consecutive rows.
-fn final_norm(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[usize], out_row0: usize) -> Result<()> {
+fn final_norm(
+    model: &Model,
+    rec: &mut Recorder,
+    s: &Scratch,
+    wanted: &[usize],
+    out_row0: usize,
+) -> Result<()> {
     let mut i = 0;
     while i < wanted.len() {
         let mut n = 1;
         while i + n < wanted.len() && wanted[i + n] == wanted[i] + n {
             n += 1;
         }
-        ops::layer_norm(model, rec, LayerNorm {
-            x: &s.x, in_row0: wanted[i], rows: n, consts: &model.weights.consts, weight: consts::LNOUT_W, bias: consts::LNOUT_B,
-            y: &s.norm, out_row0: out_row0 + i,
-        })?;
+        ops::layer_norm(
+            model,
+            rec,
+            LayerNorm {
+                x: &s.x,
+                in_row0: wanted[i],
+                rows: n,
+                consts: &model.weights.consts,
+                weight: consts::LNOUT_W,
+                bias: consts::LNOUT_B,
+                y: &s.norm,
+                out_row0: out_row0 + i,
+            },
+        )?;
         i += n;
     }
     Ok(())
@@ -69,7 +91,13 @@ fn record_hidden(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[usize
     let c = model.config.n_embd;
     final_norm(model, rec, s, wanted, 0)?;
     let bytes = (wanted.len() * c * 4) as u64;
-    rec.copy(Copy { src: s.norm.clone(), src_offset: 0, dst: s.staging().clone(), dst_offset: 0, size: bytes });
+    rec.copy(Copy {
+        src: s.norm.clone(),
+        src_offset: 0,
+        dst: s.staging().clone(),
+        dst_offset: 0,
+        size: bytes,
+    });
     Ok((0..wanted.len()).map(|i| Placement { src: i * c, row: i, col: 0, len: c }).collect())
 }
 
@@ -78,7 +106,14 @@ fn head_chunk(model: &Model, rec: &mut Recorder, s: &Scratch, i: usize, row0: us
     let head = &model.weights.head;
     let chunk = &head.chunks[i];
     // One chunk as its own matrix: its rows land at 0 of its logits buffer.
-    let product = Product { w: head, x_off: row0 * model.config.n_embd, y_off: 0, y_stride: chunk.rows, act: Act::None, add: false };
+    let product = Product {
+        w: head,
+        x_off: row0 * model.config.n_embd,
+        y_off: 0,
+        y_stride: chunk.rows,
+        act: Act::None,
+        add: false,
+    };
     ops::chunk_product(model, rec, &product, i, &s.norm, &s.logits[i], n)
 }
 
@@ -92,15 +127,31 @@ fn record_argmax(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[usize
         let n = (wanted.len() - done).min(s.logits_tokens);
         for (i, chunk) in head.chunks.iter().enumerate() {
             head_chunk(model, rec, s, i, done, n)?;
-            ops::argmax(model, rec, Argmax {
-                logits: &s.logits[i], rows: chunk.rows, row0: chunk.row0, first: i == 0, best: &s.best, out0: done, tokens: n,
-            })?;
+            ops::argmax(
+                model,
+                rec,
+                Argmax {
+                    logits: &s.logits[i],
+                    rows: chunk.rows,
+                    row0: chunk.row0,
+                    first: i == 0,
+                    best: &s.best,
+                    out0: done,
+                    tokens: n,
+                },
+            )?;
         }
         done += n;
     }
     // `best` holds (index, value bits) per row; the output keeps the index, as f32 bits.
     let bytes = (wanted.len() * 8) as u64;
-    rec.copy(Copy { src: s.best.clone(), src_offset: 0, dst: s.staging().clone(), dst_offset: 0, size: bytes });
+    rec.copy(Copy {
+        src: s.best.clone(),
+        src_offset: 0,
+        dst: s.staging().clone(),
+        dst_offset: 0,
+        size: bytes,
+    });
     Ok((0..wanted.len()).map(|j| Placement { src: 2 * j, row: j, col: 0, len: 1 }).collect())
 }
 
@@ -118,7 +169,13 @@ fn record_logits(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[usize
         for (i, chunk) in head.chunks.iter().enumerate() {
             head_chunk(model, rec, s, i, 0, n)?;
             let bytes = (n * chunk.rows * 4) as u64;
-            rec.copy(Copy { src: s.logits[i].clone(), src_offset: 0, dst: s.staging().clone(), dst_offset: (at * 4) as u64, size: bytes });
+            rec.copy(Copy {
+                src: s.logits[i].clone(),
+                src_offset: 0,
+                dst: s.staging().clone(),
+                dst_offset: (at * 4) as u64,
+                size: bytes,
+            });
             for j in done..done + n {
                 places.push(Placement { src: at, row: j, col: chunk.row0, len: chunk.rows });
                 at += chunk.rows;

@@ -31,7 +31,10 @@ impl HostTable {
         let want = rows * width * info.dtype.size();
         let data = ck.read(name)?;
         if data.len() != want {
-            return Err(Error::load(ck.path(), format!("{name} holds {} bytes; expected {want}", data.len())));
+            return Err(Error::load(
+                ck.path(),
+                format!("{name} holds {} bytes; expected {want}", data.len()),
+            ));
         }
         let mut row = Vec::with_capacity(width);
         for (r, chunk) in data.chunks_exact(width * info.dtype.size()).enumerate() {

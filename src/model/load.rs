@@ -18,9 +18,12 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use super::config::Config;
-use super::saved;
 use super::host_table::HostTable;
-use super::weights::{consts, deep_consts, fnv, stored_shape, to_f32_into, Chunk, DeepLayer, Layer, Layout, Matrix, Weights, WeightFormat, QUANT_BLOCK};
+use super::saved;
+use super::weights::{
+    consts, deep_consts, fnv, stored_shape, to_f32_into, Chunk, DeepLayer, Layer, Layout, Matrix,
+    WeightFormat, Weights, QUANT_BLOCK,
+};
 use crate::error::{Error, Result};
 use crate::gpu::recorder::{Binding, Recorder};
 use crate::gpu::{Codes, GpuContext, Pipelines, Variant};
@@ -30,7 +33,12 @@ use crate::schema::{self, Checked, Entry, LayerMatrix, Role, Scope};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct QuantizeParams { m: u32, k: u32, s_off: u32, dst_off: u32 }
+struct QuantizeParams {
+    m: u32,
+    k: u32,
+    s_off: u32,
+    dst_off: u32,
+}
 
 /// A matrix to allocate: its checkpoint name, shape [m, k], device format and layout.
 struct Plan {
@@ -77,10 +85,32 @@ pub struct Loader<'a> {
 }
 
 impl<'a> Loader<'a> {
-    pub fn new(ctx: &'a GpuContext, pipelines: &'a Pipelines, quant: &'a Quantization, shared: &'a Arc<dyn Checkpoint>, checked: &'a Checked,
-               progress: &'a mut dyn FnMut(usize, usize) -> Result<()>) -> Self {
+    pub fn new(
+        ctx: &'a GpuContext,
+        pipelines: &'a Pipelines,
+        quant: &'a Quantization,
+        shared: &'a Arc<dyn Checkpoint>,
+        checked: &'a Checked,
+        progress: &'a mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Self {
         let total = shared.names().len();
-        Loader { ctx, pipelines, quant, ck: shared.as_ref(), shared, config: &checked.config, checked, progress, device_bytes: 0, fingerprint: 0xcbf2_9ce4_8422_2325, done: 0, total, quant_input: None, values: Vec::new(), upload: Vec::new() }
+        Loader {
+            ctx,
+            pipelines,
+            quant,
+            ck: shared.as_ref(),
+            shared,
+            config: &checked.config,
+            checked,
+            progress,
+            device_bytes: 0,
+            fingerprint: 0xcbf2_9ce4_8422_2325,
+            done: 0,
+            total,
+            quant_input: None,
+            values: Vec::new(),
+            upload: Vec::new(),
+        }
     }
 
     // ---- phase 1: plan and allocate ----
@@ -99,7 +129,11 @@ impl<'a> Loader<'a> {
     /// the kernels read 8 at a time).
     fn rows_per_chunk(&self, m: usize, k: usize) -> usize {
         let max_rows = ((self.ctx.max_binding as usize) / (2 * k)).max(1);
-        if max_rows >= m { m } else { (max_rows / 8 * 8).max(1) }
+        if max_rows >= m {
+            m
+        } else {
+            (max_rows / 8 * 8).max(1)
+        }
     }
 
     /// The format `name` will be held in: as a saved model holds it, else `want` (None:
@@ -107,7 +141,15 @@ impl<'a> Loader<'a> {
     /// only when the stored width is a multiple of the quantization block. `sparse`: the
     /// matrix is read by sparse decode, so it is stored input-major where it fits one
     /// binding (and the device options allow), else in the usual layout.
-    fn plan(&self, name: String, m: usize, k: usize, want: Option<WeightFormat>, quantizable: bool, sparse: bool) -> Result<Plan> {
+    fn plan(
+        &self,
+        name: String,
+        m: usize,
+        k: usize,
+        want: Option<WeightFormat>,
+        quantizable: bool,
+        sparse: bool,
+    ) -> Result<Plan> {
         let path = self.ck.path();
         let layout = match saved::stored_layout(self.ck, &name)? {
             Some(layout) => layout,
@@ -117,7 +159,13 @@ impl<'a> Loader<'a> {
         let width = stored_shape(m, k, layout).1;
         let format = match saved::stored_format(self.ck, &name)? {
             Some(stored) if !quantizable => {
-                return Err(Error::load(path, format!("{name} is saved as {}, but only the big projections and the head are ever quantized", stored.name())));
+                return Err(Error::load(
+                    path,
+                    format!(
+                        "{name} is saved as {}, but only the big projections and the head are ever quantized",
+                        stored.name()
+                    ),
+                ));
             }
             Some(stored) if want.is_some_and(|w| w != stored) => {
                 return Err(Error::load(path, format!(
@@ -163,13 +211,25 @@ impl<'a> Loader<'a> {
     }
 
     /// A matrix in buffers of its own, split by stored rows where it exceeds a binding.
-    fn allocate_one(&mut self, m: usize, k: usize, format: WeightFormat, layout: Layout, name: &str) -> Result<Matrix> {
+    fn allocate_one(
+        &mut self,
+        m: usize,
+        k: usize,
+        format: WeightFormat,
+        layout: Layout,
+        name: &str,
+    ) -> Result<Matrix> {
         let (stored_rows, width) = stored_shape(m, k, layout);
         let per = self.rows_per_chunk(stored_rows, width);
         let mut chunks = Vec::new();
         for row0 in (0..stored_rows).step_by(per) {
             let rows = per.min(stored_rows - row0);
-            chunks.push(Chunk { buffer: self.buffer(name, (rows * format.row_bytes(width)) as u64)?, word_off: 0, row0, rows });
+            chunks.push(Chunk {
+                buffer: self.buffer(name, (rows * format.row_bytes(width)) as u64)?,
+                word_off: 0,
+                row0,
+                rows,
+            });
         }
         Ok(Matrix { m, k, format, layout, chunks })
     }
@@ -188,13 +248,26 @@ impl<'a> Loader<'a> {
             values.resize(numel, 0.0);
             return Ok(values);
         }
-        let info = self.ck.info(name).ok_or_else(|| Error::load(self.ck.path(), format!("missing tensor {name:?}")))?;
+        let info = self
+            .ck
+            .info(name)
+            .ok_or_else(|| Error::load(self.ck.path(), format!("missing tensor {name:?}")))?;
         if info.numel() != numel {
-            return Err(Error::load(self.ck.path(), format!("tensor {name:?} has shape {:?}; expected {expect:?}", info.shape)));
+            return Err(Error::load(
+                self.ck.path(),
+                format!("tensor {name:?} has shape {:?}; expected {expect:?}", info.shape),
+            ));
         }
         let bytes = self.ck.read(name)?;
         if bytes.len() != numel * info.dtype.size() {
-            return Err(Error::load(self.ck.path(), format!("tensor {name:?} holds {} bytes; expected {}", bytes.len(), numel * info.dtype.size())));
+            return Err(Error::load(
+                self.ck.path(),
+                format!(
+                    "tensor {name:?} holds {} bytes; expected {}",
+                    bytes.len(),
+                    numel * info.dtype.size()
+                ),
+            ));
         }
         self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &bytes[..bytes.len().min(256)]);
         self.fingerprint = fnv(self.fingerprint, &bytes[bytes.len().saturating_sub(256)..]);
@@ -252,7 +325,11 @@ impl<'a> Loader<'a> {
             bytes.clear();
             for r in chunk.row0..chunk.row0 + chunk.rows {
                 for c in 0..width {
-                    let bits = if bf16_needed { bf16::from_f32(at(r, c)).to_bits() } else { f16::from_f32(at(r, c)).to_bits() };
+                    let bits = if bf16_needed {
+                        bf16::from_f32(at(r, c)).to_bits()
+                    } else {
+                        f16::from_f32(at(r, c)).to_bits()
+                    };
                     bytes.extend_from_slice(&bits.to_le_bytes());
                 }
             }
@@ -268,10 +345,18 @@ impl<'a> Loader<'a> {
     }
 
     /// Quantizes one row chunk of fp16 pairs into `chunk`, on the device.
-    fn quantize(&mut self, name: &str, fp16: &[u8], chunk: &Chunk, k: usize, format: WeightFormat) -> Result<()> {
+    fn quantize(
+        &mut self,
+        name: &str,
+        fp16: &[u8],
+        chunk: &Chunk,
+        k: usize,
+        format: WeightFormat,
+    ) -> Result<()> {
         if self.quant_input.as_ref().is_none_or(|b| b.size() < fp16.len() as u64) {
             let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
-            self.quant_input = Some(self.ctx.create_buffer("quantization input", fp16.len() as u64, usage)?);
+            self.quant_input =
+                Some(self.ctx.create_buffer("quantization input", fp16.len() as u64, usage)?);
         }
         let input = self.quant_input.clone().expect("just ensured");
         self.ctx.queue.write_buffer(&input, 0, fp16);
@@ -287,7 +372,12 @@ impl<'a> Loader<'a> {
         let invocations = rows * k.div_ceil(2 * QUANT_BLOCK);
         let mut rec = Recorder::new(self.ctx);
         let (gx, gy) = self.ctx.grid(invocations.div_ceil(64) as u32);
-        rec.dispatch(&pipeline, &params, vec![Binding::whole(&input), Binding::whole(&chunk.buffer)], (gx, gy, 1));
+        rec.dispatch(
+            &pipeline,
+            &params,
+            vec![Binding::whole(&input), Binding::whole(&chunk.buffer)],
+            (gx, gy, 1),
+        );
         rec.submit(self.ctx).map_err(|e| match e {
             Error::Device(msg) => Error::Device(format!("quantizing {name}: {msg}")),
             other => other,
@@ -303,7 +393,13 @@ impl<'a> Loader<'a> {
         let (codes, scales) = saved::read_quantized(self.ck, name, format, m, k)?;
         let scale_values = super::weights::to_f32(&scales, crate::loader::DType::F16);
         if let Some(at) = scale_values.iter().position(|v| !v.is_finite()) {
-            return Err(non_finite(self.ck, &format!("{name}.scales"), &[m, k / QUANT_BLOCK], at, scale_values[at]));
+            return Err(non_finite(
+                self.ck,
+                &format!("{name}.scales"),
+                &[m, k / QUANT_BLOCK],
+                at,
+                scale_values[at],
+            ));
         }
         self.fingerprint = fnv(fnv(self.fingerprint, name.as_bytes()), &codes[..codes.len().min(256)]);
         self.done += 2;
@@ -328,7 +424,11 @@ impl<'a> Loader<'a> {
     /// The device shape [m, k] = [out, in] of a layer matrix.
     fn device_shape(&self, entry: &Entry, which: LayerMatrix) -> (usize, usize) {
         let s = entry.shape_for(self.config);
-        if which.low_rank() { (s[1], s[0]) } else { (s[0], s[1]) }
+        if which.low_rank() {
+            (s[1], s[0])
+        } else {
+            (s[0], s[1])
+        }
     }
 
     pub fn load(mut self) -> Result<Weights> {
@@ -343,20 +443,31 @@ impl<'a> Loader<'a> {
             let layer_consts = self.buffer(&format!("blocks.{i}.consts"), (consts::COUNT * c * 4) as u64)?;
             let mut slots: Vec<(Slot, Plan)> = Vec::new();
             for &which in &ALLOCATION_ORDER {
-                let (entry, _) = schema::layer_matrices().find(|(_, m)| *m == which).expect("every matrix is in the schema");
+                let (entry, _) = schema::layer_matrices()
+                    .find(|(_, m)| *m == which)
+                    .expect("every matrix is in the schema");
                 let (m, k) = self.device_shape(entry, which);
                 let want = if which.quantizable() { q } else { Some(WeightFormat::F16) };
                 let sparse = which == LayerMatrix::FfnValue;
-                slots.push((Slot::Base(which), self.plan(entry.name_in(i), m, k, want, which.quantizable(), sparse)?));
+                slots.push((
+                    Slot::Base(which),
+                    self.plan(entry.name_in(i), m, k, want, which.quantizable(), sparse)?,
+                ));
                 // DeepEmbed's s1 reads the same chunk rows as the ffn key: beside it, one dispatch.
                 if which == LayerMatrix::FfnKey && cfg.deep_embed() {
                     let r = cfg.deep_embed_rank;
-                    slots.push((Slot::S1, self.plan(format!("blocks.{i}.ffn.s1"), r, c, Some(WeightFormat::F16), false, false)?));
+                    slots.push((
+                        Slot::S1,
+                        self.plan(format!("blocks.{i}.ffn.s1"), r, c, Some(WeightFormat::F16), false, false)?,
+                    ));
                 }
             }
             if cfg.deep_embed() {
                 let name = format!("blocks.{i}.ffn.s_emb_x.weight");
-                slots.push((Slot::EmbX, self.plan(name, cfg.deep_embed_width(), c, Some(WeightFormat::F16), false, false)?));
+                slots.push((
+                    Slot::EmbX,
+                    self.plan(name, cfg.deep_embed_width(), c, Some(WeightFormat::F16), false, false)?,
+                ));
             }
             let (labels, plans): (Vec<Slot>, Vec<Plan>) = slots.into_iter().unzip();
             // Matrices the forward pass runs together (r/k/v; the low-rank first stages;
@@ -383,18 +494,36 @@ impl<'a> Loader<'a> {
             use LayerMatrix::*;
             let deep = if cfg.deep_embed() {
                 let f = cfg.ffn_size;
-                let consts = self.buffer(&format!("blocks.{i}.ffn.deep consts"), (deep_consts::len(f, cfg.deep_embed_rank) * 4) as u64)?;
+                let consts = self.buffer(
+                    &format!("blocks.{i}.ffn.deep consts"),
+                    (deep_consts::len(f, cfg.deep_embed_rank) * 4) as u64,
+                )?;
                 // The table is checked and attached in phase 2; it takes no device memory.
                 Some((take(Slot::EmbX), take(Slot::S1), consts))
             } else {
                 None
             };
-            layers.push((Layer {
-                consts: layer_consts, receptance: take(Slot::Base(Receptance)), key: take(Slot::Base(Key)), value: take(Slot::Base(Value)),
-                output: take(Slot::Base(Output)), w1: take(Slot::Base(W1)), w2: take(Slot::Base(W2)), a1: take(Slot::Base(A1)), a2: take(Slot::Base(A2)),
-                v1: take(Slot::Base(V1)), v2: take(Slot::Base(V2)), g1: take(Slot::Base(G1)), g2: take(Slot::Base(G2)),
-                ffn_key: take(Slot::Base(FfnKey)), ffn_value: take(Slot::Base(FfnValue)), deep: None,
-            }, deep));
+            layers.push((
+                Layer {
+                    consts: layer_consts,
+                    receptance: take(Slot::Base(Receptance)),
+                    key: take(Slot::Base(Key)),
+                    value: take(Slot::Base(Value)),
+                    output: take(Slot::Base(Output)),
+                    w1: take(Slot::Base(W1)),
+                    w2: take(Slot::Base(W2)),
+                    a1: take(Slot::Base(A1)),
+                    a2: take(Slot::Base(A2)),
+                    v1: take(Slot::Base(V1)),
+                    v2: take(Slot::Base(V2)),
+                    g1: take(Slot::Base(G1)),
+                    g2: take(Slot::Base(G2)),
+                    ffn_key: take(Slot::Base(FfnKey)),
+                    ffn_value: take(Slot::Base(FfnValue)),
+                    deep: None,
+                },
+                deep,
+            ));
         }
         let head_plan = self.plan("head.weight".into(), v, c, self.quant.head, true, false)?;
         let mut head = self.allocate_one(v, c, head_plan.format, head_plan.layout, "head.weight")?;

@@ -1,19 +1,19 @@
 //! The RWKV-7 model on the device: weights, state pool, and the forward pass plan.
 
+mod bandwidth;
+mod chunks;
 pub mod config;
+mod forward;
+mod head;
 pub mod host_table;
 mod load;
+mod ops;
 pub mod random;
 pub mod saved;
+mod scratch;
 pub mod state;
 pub mod state_file;
 pub mod weights;
-mod bandwidth;
-mod chunks;
-mod forward;
-mod head;
-mod ops;
-mod scratch;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,12 +25,12 @@ pub use state::State;
 pub use weights::{Quantization, WeightFormat};
 
 use crate::error::{Error, Result};
-use crate::interrupt::Interrupt;
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
+use crate::interrupt::Interrupt;
 use crate::loader::{self, Checkpoint};
+use load::Loader;
 use scratch::Scratch;
 use state::StatePool;
-use load::Loader;
 use weights::Weights;
 
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
@@ -117,7 +117,12 @@ impl QuantSpec {
             None => vec![None; n_layer],
             Some([one]) => vec![Some(*one); n_layer],
             Some(list) if list.len() == n_layer => list.iter().copied().map(Some).collect(),
-            Some(list) => return Err(Error::Invalid(format!("layer_dtypes has {} entries; this model has {n_layer} layers", list.len()))),
+            Some(list) => {
+                return Err(Error::Invalid(format!(
+                    "layer_dtypes has {} entries; this model has {n_layer} layers",
+                    list.len()
+                )))
+            }
         };
         if self.head == Some(WeightFormat::Nf4) {
             return Err(Error::Invalid("the head can be fp16 or int8, not nf4".into()));
@@ -140,7 +145,12 @@ pub struct HostState {
 }
 
 impl Model {
-    pub fn open(path: &Path, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize) -> Result<()>) -> Result<Model> {
+    pub fn open(
+        path: &Path,
+        options: &DeviceOptions,
+        quant: &QuantSpec,
+        progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Model> {
         let ck = loader::open(path)?;
         Self::from_checkpoint(ck.into(), options, quant, progress)
     }
@@ -153,7 +163,12 @@ impl Model {
     /// Host tables keep reading from `ck` where it maps its file (see host_table.rs).
     /// `progress(done, total)` is called after each tensor; an error from it (an
     /// interrupt) stops the load.
-    pub fn from_checkpoint(ck: Arc<dyn Checkpoint>, options: &DeviceOptions, quant: &QuantSpec, progress: &mut dyn FnMut(usize, usize) -> Result<()>) -> Result<Model> {
+    pub fn from_checkpoint(
+        ck: Arc<dyn Checkpoint>,
+        options: &DeviceOptions,
+        quant: &QuantSpec,
+        progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Model> {
         let checked = crate::schema::check(ck.as_ref())?;
         let config = checked.config.clone();
         let quant = quant.resolve(config.n_layer)?;
@@ -196,7 +211,10 @@ impl Model {
             return Err(Error::Shape("tokens is empty: give at least one token id".into()));
         }
         if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
-            return Err(Error::Shape(format!("token id {t} at position {i} is out of range: the vocabulary has {} tokens", self.config.vocab_size)));
+            return Err(Error::Shape(format!(
+                "token id {t} at position {i} is out of range: the vocabulary has {} tokens",
+                self.config.vocab_size
+            )));
         }
         Ok(())
     }
@@ -223,7 +241,12 @@ impl Model {
     /// `forward_batch`, asking `interrupt` between submissions. A call of more than one
     /// submission first copies its states aside on the device; if it then fails or is
     /// interrupted, they are copied back, so every state is as it was before the call.
-    pub fn forward_batch_with(&self, batch: &[(&State, &[u32])], want: Want, interrupt: Interrupt) -> Result<Vec<f32>> {
+    pub fn forward_batch_with(
+        &self,
+        batch: &[(&State, &[u32])],
+        want: Want,
+        interrupt: Interrupt,
+    ) -> Result<Vec<f32>> {
         if batch.is_empty() {
             return Err(Error::Shape("the batch is empty: give at least one (tokens, state) pair".into()));
         }
@@ -233,8 +256,13 @@ impl Model {
                 Error::Shape(m) if batch.len() > 1 => Error::Shape(format!("sequence {i}: {m}")),
                 e => e,
             })?;
-            if let Some(j) = batch[..i].iter().position(|(other, _)| other.0.page == state.0.page && other.0.slot == state.0.slot) {
-                return Err(Error::State(format!("sequences {j} and {i} use the same State; give each sequence its own")));
+            if let Some(j) = batch[..i]
+                .iter()
+                .position(|(other, _)| other.0.page == state.0.page && other.0.slot == state.0.slot)
+            {
+                return Err(Error::State(format!(
+                    "sequences {j} and {i} use the same State; give each sequence its own"
+                )));
             }
         }
         let _leases = batch.iter().map(|(state, _)| state.lease()).collect::<Result<Vec<_>>>()?;
@@ -280,8 +308,12 @@ impl Model {
         };
         for (page, members) in &groups {
             let page = self.pool.page(*page);
-            let seqs: Vec<chunks::SeqInput> = members.iter().map(|&i| chunks::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 }).collect();
-            let (values, group_stats) = forward::run(self, &mut scratch, &page, &seqs, want, interrupt).map_err(restore)?;
+            let seqs: Vec<chunks::SeqInput> = members
+                .iter()
+                .map(|&i| chunks::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 })
+                .collect();
+            let (values, group_stats) =
+                forward::run(self, &mut scratch, &page, &seqs, want, interrupt).map_err(restore)?;
             stats.merge(group_stats);
             if groups.len() == 1 {
                 out = values;
@@ -332,7 +364,8 @@ impl Model {
         let mut out = Vec::with_capacity(batch.len() * c);
         for group in batch.chunks(EMBED_BATCH) {
             let states = self.new_states(group.len())?;
-            let items: Vec<(&State, &[u32])> = states.iter().zip(group).map(|(s, t)| (s, t.as_slice())).collect();
+            let items: Vec<(&State, &[u32])> =
+                states.iter().zip(group).map(|(s, t)| (s, t.as_slice())).collect();
             match pooling {
                 Pooling::Last => out.extend(self.forward_batch_with(&items, Want::HiddenLast, interrupt)?),
                 Pooling::Mean => {
@@ -365,7 +398,13 @@ impl Model {
         let staging = self.staging(bytes * self.config.n_layer as u64)?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         for (l, buffer) in page.layers.iter().enumerate() {
-            encoder.copy_buffer_to_buffer(buffer, state.byte_offset(&self.pool), &staging, l as u64 * bytes, bytes);
+            encoder.copy_buffer_to_buffer(
+                buffer,
+                state.byte_offset(&self.pool),
+                &staging,
+                l as u64 * bytes,
+                bytes,
+            );
         }
         self.ctx.queue.submit([encoder.finish()]);
         let raw = crate::gpu::recorder::read_buffer(&self.ctx, &staging, bytes * self.config.n_layer as u64)?;
@@ -385,7 +424,11 @@ impl Model {
         let cfg = &self.config;
         let (l, c) = (cfg.n_layer, cfg.n_embd);
         let wkv_len = l * c * cfg.head_size;
-        for (name, got, want) in [("att_shift", host.att_shift.len(), l * c), ("ffn_shift", host.ffn_shift.len(), l * c), ("wkv", host.wkv.len(), wkv_len)] {
+        for (name, got, want) in [
+            ("att_shift", host.att_shift.len(), l * c),
+            ("ffn_shift", host.ffn_shift.len(), l * c),
+            ("wkv", host.wkv.len(), wkv_len),
+        ] {
             if got != want {
                 return Err(Error::Shape(format!("state {name} has {got} values; this model needs {want}")));
             }
@@ -401,7 +444,11 @@ impl Model {
             slot.extend_from_slice(&host.att_shift[layer * c..(layer + 1) * c]);
             slot.extend_from_slice(&host.ffn_shift[layer * c..(layer + 1) * c]);
             slot.extend_from_slice(&host.wkv[layer * per..(layer + 1) * per]);
-            self.ctx.queue.write_buffer(&page.layers[layer], state.byte_offset(&self.pool), bytemuck::cast_slice(&slot));
+            self.ctx.queue.write_buffer(
+                &page.layers[layer],
+                state.byte_offset(&self.pool),
+                bytemuck::cast_slice(&slot),
+            );
         }
         Ok(state)
     }
@@ -431,13 +478,29 @@ impl Model {
         // wgpu forbids copying within one buffer, and both slots may share a page: go
         // through a temporary buffer holding every layer's slot.
         let bytes = self.slot_bytes();
-        let temp = self.ctx.create_buffer("state copy", bytes * self.config.n_layer as u64, wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST)?;
+        let temp = self.ctx.create_buffer(
+            "state copy",
+            bytes * self.config.n_layer as u64,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        )?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         for l in 0..self.config.n_layer {
-            encoder.copy_buffer_to_buffer(&from.layers[l], src.byte_offset(&self.pool), &temp, l as u64 * bytes, bytes);
+            encoder.copy_buffer_to_buffer(
+                &from.layers[l],
+                src.byte_offset(&self.pool),
+                &temp,
+                l as u64 * bytes,
+                bytes,
+            );
         }
         for l in 0..self.config.n_layer {
-            encoder.copy_buffer_to_buffer(&temp, l as u64 * bytes, &to.layers[l], dst.byte_offset(&self.pool), bytes);
+            encoder.copy_buffer_to_buffer(
+                &temp,
+                l as u64 * bytes,
+                &to.layers[l],
+                dst.byte_offset(&self.pool),
+                bytes,
+            );
         }
         self.ctx.queue.submit([encoder.finish()]);
         Ok(())
@@ -462,7 +525,12 @@ impl Model {
         let words: &[u32] = bytemuck::cast_slice(&raw);
         Ok(words
             .chunks_exact(4)
-            .map(|c| ReadCounts { groups_read: c[0] as u64, groups: c[1] as u64, nonzero_inputs: c[2] as u64, inputs: c[3] as u64 })
+            .map(|c| ReadCounts {
+                groups_read: c[0] as u64,
+                groups: c[1] as u64,
+                nonzero_inputs: c[2] as u64,
+                inputs: c[3] as u64,
+            })
             .collect())
     }
 
@@ -482,7 +550,13 @@ impl Model {
     /// too), the other layer and model vectors ("weights_f32"), the head, the embeddings
     /// (0: they stay in host memory), states and scratch.
     pub fn memory(&self) -> Vec<(&'static str, u64)> {
-        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|s| s.device_bytes()).unwrap_or(0);
+        let scratch = self
+            .scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.device_bytes())
+            .unwrap_or(0);
         let mut by_format = [0u64; 3];
         let mut vectors = self.weights.consts.size();
         for layer in &self.weights.layers {
@@ -513,7 +587,8 @@ impl Model {
     /// per-layer tables, and how many of those bytes are read from the checkpoint's
     /// mapping (paged in by the OS as rows are used) rather than copied.
     pub fn host_memory(&self) -> Vec<(&'static str, u64)> {
-        let deep: Vec<&host_table::HostTable> = self.weights.layers.iter().filter_map(|l| l.deep.as_ref().map(|d| &d.table)).collect();
+        let deep: Vec<&host_table::HostTable> =
+            self.weights.layers.iter().filter_map(|l| l.deep.as_ref().map(|d| &d.table)).collect();
         let all = std::iter::once(&self.weights.emb).chain(deep.iter().copied());
         vec![
             ("embeddings", self.weights.emb.size_bytes()),

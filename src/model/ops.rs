@@ -34,7 +34,16 @@ const FUSED_LORA_WIDTH: usize = 2048;
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct LayerNormParams { c: u32, rows: u32, in_row0: u32, w_off: u32, b_off: u32, eps: f32, out_row0: u32, _pad: u32 }
+struct LayerNormParams {
+    c: u32,
+    rows: u32,
+    in_row0: u32,
+    w_off: u32,
+    b_off: u32,
+    eps: f32,
+    out_row0: u32,
+    _pad: u32,
+}
 
 /// `rows` rows of x from `in_row0`, normalised with the vectors at slots `weight` and
 /// `bias` of `consts`, into y from `out_row0`.
@@ -53,11 +62,22 @@ pub fn layer_norm(model: &Model, rec: &mut Recorder, a: LayerNorm) -> Result<()>
     let c = model.config.n_embd;
     let pipeline = model.pipelines.get(Variant::LayerNorm)?;
     let params = LayerNormParams {
-        c: c as u32, rows: a.rows as u32, in_row0: a.in_row0 as u32, w_off: (a.weight * c) as u32, b_off: (a.bias * c) as u32,
-        eps: 1e-5, out_row0: a.out_row0 as u32, _pad: 0,
+        c: c as u32,
+        rows: a.rows as u32,
+        in_row0: a.in_row0 as u32,
+        w_off: (a.weight * c) as u32,
+        b_off: (a.bias * c) as u32,
+        eps: 1e-5,
+        out_row0: a.out_row0 as u32,
+        _pad: 0,
     };
     let (gx, gy) = model.ctx.grid(a.rows as u32);
-    rec.dispatch(&pipeline, &params, vec![Binding::whole(a.x), Binding::whole(a.consts), Binding::whole(a.y)], (gx, gy, 1));
+    rec.dispatch(
+        &pipeline,
+        &params,
+        vec![Binding::whole(a.x), Binding::whole(a.consts), Binding::whole(a.y)],
+        (gx, gy, 1),
+    );
     Ok(())
 }
 
@@ -66,8 +86,16 @@ pub fn layer_norm(model: &Model, rec: &mut Recorder, a: LayerNorm) -> Result<()>
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct LnShiftParams {
-    c: u32, t_total: u32, n_seq: u32, ln_w: u32, ln_b: u32, mix_off: u32, state_off: u32, slot_stride: u32,
-    eps: f32, _pad: [u32; 3],
+    c: u32,
+    t_total: u32,
+    n_seq: u32,
+    ln_w: u32,
+    ln_b: u32,
+    mix_off: u32,
+    state_off: u32,
+    slot_stride: u32,
+    eps: f32,
+    _pad: [u32; 3],
 }
 
 /// LayerNorm of every token of the chunk, then the token shift with `mixes` mix vectors
@@ -92,14 +120,29 @@ pub struct LnShift<'a> {
 
 pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
     let c = model.config.n_embd;
-    let pipeline = model.pipelines.get(Variant::LnShift { mixes: a.mixes as u32, keep_normalised: a.keep_normalised })?;
+    let pipeline = model
+        .pipelines
+        .get(Variant::LnShift { mixes: a.mixes as u32, keep_normalised: a.keep_normalised })?;
     let params = LnShiftParams {
-        c: c as u32, t_total: a.tokens as u32, n_seq: a.n_seq as u32, ln_w: (a.weight * c) as u32, ln_b: (a.bias * c) as u32,
-        mix_off: (a.first_mix * c) as u32, state_off: a.state_off as u32, slot_stride: model.pool.slot_stride as u32,
-        eps: 1e-5, _pad: [0; 3],
+        c: c as u32,
+        t_total: a.tokens as u32,
+        n_seq: a.n_seq as u32,
+        ln_w: (a.weight * c) as u32,
+        ln_b: (a.bias * c) as u32,
+        mix_off: (a.first_mix * c) as u32,
+        state_off: a.state_off as u32,
+        slot_stride: model.pool.slot_stride as u32,
+        eps: 1e-5,
+        _pad: [0; 3],
     };
     let (gx, gy) = model.ctx.grid(a.tokens as u32);
-    let bindings = vec![Binding::whole(a.x), Binding::whole(a.consts), Binding::whole(a.seqs), Binding::whole(a.state), Binding::whole(a.out)];
+    let bindings = vec![
+        Binding::whole(a.x),
+        Binding::whole(a.consts),
+        Binding::whole(a.seqs),
+        Binding::whole(a.state),
+        Binding::whole(a.out),
+    ];
     rec.dispatch(&pipeline, &params, bindings, (gx, gy, 1));
     Ok(())
 }
@@ -108,7 +151,15 @@ pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct DeepEmbedParams { t: u32, f: u32, r: u32, se_off: u32, h_off: u32, s2_off: u32, _pad: [u32; 2] }
+struct DeepEmbedParams {
+    t: u32,
+    f: u32,
+    r: u32,
+    se_off: u32,
+    h_off: u32,
+    s2_off: u32,
+    _pad: [u32; 2],
+}
 
 /// Threads of a deep_embed workgroup, one output row each.
 const DEEP_EMBED_ROWS: usize = 256;
@@ -129,8 +180,13 @@ pub fn deep_embed(model: &Model, rec: &mut Recorder, a: DeepEmbed) -> Result<()>
     let (f, r) = (cfg.ffn_size, cfg.deep_embed_rank);
     let pipeline = model.pipelines.get(Variant::DeepEmbed)?;
     let params = DeepEmbedParams {
-        t: a.tokens as u32, f: f as u32, r: r as u32, se_off: a.se_off as u32, h_off: a.h_off as u32,
-        s2_off: super::weights::deep_consts::s2(f) as u32, _pad: [0; 2],
+        t: a.tokens as u32,
+        f: f as u32,
+        r: r as u32,
+        se_off: a.se_off as u32,
+        h_off: a.h_off as u32,
+        s2_off: super::weights::deep_consts::s2(f) as u32,
+        _pad: [0; 2],
     };
     let bindings = vec![Binding::whole(a.se), Binding::whole(a.consts), Binding::whole(a.kf)];
     rec.dispatch(&pipeline, &params, bindings, (f.div_ceil(DEEP_EMBED_ROWS) as u32, a.tokens as u32, 1));
@@ -142,11 +198,27 @@ pub fn deep_embed(model: &Model, rec: &mut Recorder, a: DeepEmbed) -> Result<()>
 /// One matrix of a matmul dispatch (matmul_common.wgsl `Group`).
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatGroup { m: u32, k: u32, w_off: u32, s_off: u32, x_off: u32, x_stride: u32, y_off: u32, y_stride: u32, flags: u32, _pad: [u32; 3] }
+struct MatGroup {
+    m: u32,
+    k: u32,
+    w_off: u32,
+    s_off: u32,
+    x_off: u32,
+    x_stride: u32,
+    y_off: u32,
+    y_stride: u32,
+    flags: u32,
+    _pad: [u32; 3],
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct MatParams { t: u32, count_at: u32, _pad: [u32; 2], groups: [MatGroup; MAX_GROUPS] }
+struct MatParams {
+    t: u32,
+    count_at: u32,
+    _pad: [u32; 2],
+    groups: [MatGroup; MAX_GROUPS],
+}
 
 const ADD: u32 = 16;
 const INPUT_MAJOR: u32 = 32;
@@ -190,7 +262,11 @@ fn format_bits(format: WeightFormat) -> u32 {
 }
 
 fn formats_of(format: WeightFormat) -> Formats {
-    Formats { bf16: format == WeightFormat::Bf16, int8: format == WeightFormat::Int8, nf4: format == WeightFormat::Nf4 }
+    Formats {
+        bf16: format == WeightFormat::Bf16,
+        int8: format == WeightFormat::Int8,
+        nf4: format == WeightFormat::Nf4,
+    }
 }
 
 impl Product<'_> {
@@ -214,7 +290,9 @@ impl Product<'_> {
             },
             Layout::InputMajor => {
                 if w.chunks.len() > 1 && self.act != Act::None {
-                    return Err(Error::Invalid("an input-major matrix split into chunks cannot take an activation".into()));
+                    return Err(Error::Invalid(
+                        "an input-major matrix split into chunks cannot take an activation".into(),
+                    ));
                 }
                 // Every chunk after the first adds its part to what the ones before wrote.
                 let add = self.add || chunk.row0 > 0;
@@ -234,7 +312,12 @@ impl Product<'_> {
         };
         // The kernels read rows and inputs as vec4s (input-major rows 8 outputs at a time).
         let m_aligned = w.layout == Layout::OutputMajor || g.m.is_multiple_of(8);
-        if !g.k.is_multiple_of(8) || !m_aligned || !g.w_off.is_multiple_of(4) || !g.x_off.is_multiple_of(4) || !g.x_stride.is_multiple_of(4) {
+        if !g.k.is_multiple_of(8)
+            || !m_aligned
+            || !g.w_off.is_multiple_of(4)
+            || !g.x_off.is_multiple_of(4)
+            || !g.x_stride.is_multiple_of(4)
+        {
             return Err(Error::Invalid(format!(
                 "matrix product with M = {}, K = {}, weight word {}, input offset {}: K must be a multiple of 8 (M too when input-major), the offsets of 4",
                 g.m, g.k, g.w_off, g.x_off)));
@@ -253,7 +336,11 @@ fn token_block(t: usize) -> u32 {
 /// group's row of vec4s (fp16: K / 8, int8: K / 16, nf4: K / 32) evenly, else the
 /// fewest, so that no thread idles through a step its neighbours work.
 fn matvec_lanes(groups: &[MatGroup]) -> u32 {
-    let per = |g: &MatGroup| match g.flags >> 8 & 3 { 2 => 16, 3 => 32, _ => 8 };
+    let per = |g: &MatGroup| match g.flags >> 8 & 3 {
+        2 => 16,
+        3 => 32,
+        _ => 8,
+    };
     let even = |lanes: u32| groups.iter().all(|g| (g.k / per(g)).is_multiple_of(lanes));
     MATVEC_LANES.into_iter().rev().find(|&l| even(l)).unwrap_or(MATVEC_LANES[0])
 }
@@ -279,20 +366,33 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
     let input_major = groups.iter().any(|g| g.flags & INPUT_MAJOR != 0);
     let (variant, workgroups) = if t <= MATVEC_TOKENS && input_major {
         let count = d.counts.is_some();
-        (Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count }, rows.div_ceil(SPARSE_OUTS))
+        (
+            Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count },
+            rows.div_ceil(SPARSE_OUTS),
+        )
     } else if t <= MATVEC_TOKENS {
         let lanes = matvec_lanes(groups);
-        (Variant::MatVec { tokens: token_block(t), lanes, formats: d.formats, subgroups: model.ctx.subgroups }, rows.div_ceil(MATVEC_ROWS))
+        (
+            Variant::MatVec {
+                tokens: token_block(t),
+                lanes,
+                formats: d.formats,
+                subgroups: model.ctx.subgroups,
+            },
+            rows.div_ceil(MATVEC_ROWS),
+        )
     } else {
         (Variant::MatMul { formats: d.formats }, rows.div_ceil(TILE) * t.div_ceil(TILE))
     };
     let pipeline = model.pipelines.get(variant)?;
     let count_at = d.counts.map_or(0, |c| c.at as u32);
-    let mut params = MatParams { t: t as u32, count_at, _pad: [0; 2], groups: [MatGroup::zeroed(); MAX_GROUPS] };
+    let mut params =
+        MatParams { t: t as u32, count_at, _pad: [0; 2], groups: [MatGroup::zeroed(); MAX_GROUPS] };
     params.groups[..groups.len()].copy_from_slice(groups);
     let (gx, gy) = model.ctx.grid(workgroups as u32);
     // The weights twice: as vec4 rows of codes and as words of scales.
-    let mut bindings = vec![Binding::whole(d.weights), Binding::whole(d.weights), Binding::whole(d.x), Binding::whole(d.y)];
+    let mut bindings =
+        vec![Binding::whole(d.weights), Binding::whole(d.weights), Binding::whole(d.x), Binding::whole(d.y)];
     if let (true, Some(c)) = (variant.kernel() == crate::gpu::Kernel::MatmulSparse, d.counts) {
         bindings.push(Binding::whole(c.buffer));
     }
@@ -304,20 +404,46 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
 /// each run of up to MAX_GROUPS single-chunk matrices of one layout that share a buffer
 /// (the loader puts those a layer computes together in one), one per chunk for the
 /// others (for input-major ones, one after another, each adding its inputs' part).
-pub fn products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize, products: &[Product]) -> Result<()> {
+pub fn products(
+    model: &Model,
+    rec: &mut Recorder,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    t: usize,
+    products: &[Product],
+) -> Result<()> {
     counted_products(model, rec, x, y, t, products, None)
 }
 
 /// As `products`; sparse products count their reads into `counts` (profiles).
-pub fn counted_products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize, products: &[Product],
-                        counts: Option<ReadCounts>) -> Result<()> {
+pub fn counted_products(
+    model: &Model,
+    rec: &mut Recorder,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    t: usize,
+    products: &[Product],
+    counts: Option<ReadCounts>,
+) -> Result<()> {
     let mut i = 0;
     while i < products.len() {
         let Some(c0) = products[i].w.single() else {
             let p = &products[i];
             for chunk in &p.w.chunks {
                 let groups = [p.group(chunk)?];
-                matmul_dispatch(model, rec, MatDispatch { weights: &chunk.buffer, formats: formats_of(p.w.format), groups: &groups, x, y, t, counts })?;
+                matmul_dispatch(
+                    model,
+                    rec,
+                    MatDispatch {
+                        weights: &chunk.buffer,
+                        formats: formats_of(p.w.format),
+                        groups: &groups,
+                        x,
+                        y,
+                        t,
+                        counts,
+                    },
+                )?;
             }
             i += 1;
             continue;
@@ -334,7 +460,11 @@ pub fn counted_products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: 
         let run = &products[i..i + n];
         let groups = run.iter().map(|p| p.group(&p.w.chunks[0])).collect::<Result<Vec<_>>>()?;
         let formats = run.iter().fold(Formats::F16, |f, p| f.union(formats_of(p.w.format)));
-        matmul_dispatch(model, rec, MatDispatch { weights: &c0.buffer, formats, groups: &groups, x, y, t, counts })?;
+        matmul_dispatch(
+            model,
+            rec,
+            MatDispatch { weights: &c0.buffer, formats, groups: &groups, x, y, t, counts },
+        )?;
         i += n;
     }
     Ok(())
@@ -343,13 +473,33 @@ pub fn counted_products(model: &Model, rec: &mut Recorder, x: &wgpu::Buffer, y: 
 /// Records row chunk `i` of `p.w` alone, its rows landing from `p.y_off` of y rather
 /// than at the chunk's place in the matrix: the head writes each chunk into a logits
 /// buffer of its own.
-pub fn chunk_product(model: &Model, rec: &mut Recorder, p: &Product, i: usize, x: &wgpu::Buffer, y: &wgpu::Buffer, t: usize) -> Result<()> {
+pub fn chunk_product(
+    model: &Model,
+    rec: &mut Recorder,
+    p: &Product,
+    i: usize,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    t: usize,
+) -> Result<()> {
     let chunk = &p.w.chunks[i];
     if p.w.layout == Layout::InputMajor {
         return Err(Error::Invalid("chunk_product takes row chunks of an nn.Linear-layout matrix".into()));
     }
     let groups = [MatGroup { y_off: p.y_off as u32, ..p.group(chunk)? }];
-    matmul_dispatch(model, rec, MatDispatch { weights: &chunk.buffer, formats: formats_of(p.w.format), groups: &groups, x, y, t, counts: None })
+    matmul_dispatch(
+        model,
+        rec,
+        MatDispatch {
+            weights: &chunk.buffer,
+            formats: formats_of(p.w.format),
+            groups: &groups,
+            x,
+            y,
+            t,
+            counts: None,
+        },
+    )
 }
 
 // ---- wkv7.wgsl ----
@@ -357,9 +507,23 @@ pub fn chunk_product(model: &Model, rec: &mut Recorder, p: &Product, i: usize, x
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct WkvParams {
-    c: u32, t_total: u32, n_seq: u32, first_layer: u32, slot_stride: u32, wkv_off: u32,
-    w0: u32, a0: u32, v0: u32, k_k: u32, k_a: u32, r_k: u32, lnx_w: u32, lnx_b: u32, eps: f32,
-    mid_off: u32, _pad: [u32; 4],
+    c: u32,
+    t_total: u32,
+    n_seq: u32,
+    first_layer: u32,
+    slot_stride: u32,
+    wkv_off: u32,
+    w0: u32,
+    a0: u32,
+    v0: u32,
+    k_k: u32,
+    k_a: u32,
+    r_k: u32,
+    lnx_w: u32,
+    lnx_b: u32,
+    eps: f32,
+    mid_off: u32,
+    _pad: [u32; 4],
     lora_k: [u32; 4],
     lora_mid: [u32; 4],
     lora_w: [u32; 4],
@@ -398,7 +562,9 @@ pub fn can_fuse_lora(tokens: usize, matrices: &[&Matrix], width: usize) -> bool 
     let buffer = matrices[0].single().map(|c| &c.buffer);
     tokens <= FUSED_LORA_TOKENS
         && width <= FUSED_LORA_WIDTH
-        && matrices.iter().all(|m| m.format == WeightFormat::F16 && m.single().map(|c| &c.buffer) == buffer && buffer.is_some())
+        && matrices.iter().all(|m| {
+            m.format == WeightFormat::F16 && m.single().map(|c| &c.buffer) == buffer && buffer.is_some()
+        })
 }
 
 pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
@@ -407,10 +573,26 @@ pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
     let k = |slot: usize| (slot * c) as u32;
     use super::weights::consts as s;
     let mut params = WkvParams {
-        c: c as u32, t_total: a.tokens as u32, n_seq: a.n_seq as u32, first_layer: u32::from(a.first_layer),
-        slot_stride: model.pool.slot_stride as u32, wkv_off: a.wkv_off as u32,
-        w0: k(s::W0), a0: k(s::A0), v0: k(s::V0), k_k: k(s::K_K), k_a: k(s::K_A), r_k: k(s::R_K), lnx_w: k(s::LNX_W), lnx_b: k(s::LNX_B),
-        eps: 64e-5, mid_off: 0, _pad: [0; 4], lora_k: [0; 4], lora_mid: [0; 4], lora_w: [0; 4],
+        c: c as u32,
+        t_total: a.tokens as u32,
+        n_seq: a.n_seq as u32,
+        first_layer: u32::from(a.first_layer),
+        slot_stride: model.pool.slot_stride as u32,
+        wkv_off: a.wkv_off as u32,
+        w0: k(s::W0),
+        a0: k(s::A0),
+        v0: k(s::V0),
+        k_k: k(s::K_K),
+        k_a: k(s::K_A),
+        r_k: k(s::R_K),
+        lnx_w: k(s::LNX_W),
+        lnx_b: k(s::LNX_B),
+        eps: 64e-5,
+        mid_off: 0,
+        _pad: [0; 4],
+        lora_k: [0; 4],
+        lora_mid: [0; 4],
+        lora_w: [0; 4],
     };
     let (fused, second) = match a.lora {
         LoraInput::Computed(lora) => (false, lora),
@@ -421,7 +603,10 @@ pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
                 if let Some(m) = m {
                     let chunk = &m.chunks[0];
                     if !m.k.is_multiple_of(8) || !chunk.word_off.is_multiple_of(4) {
-                        return Err(Error::Invalid(format!("a fused low-rank matrix of width {} at word {} is not vec4-aligned", m.k, chunk.word_off)));
+                        return Err(Error::Invalid(format!(
+                            "a fused low-rank matrix of width {} at word {} is not vec4-aligned",
+                            m.k, chunk.word_off
+                        )));
                     }
                     params.lora_k[i] = m.k as u32;
                     params.lora_w[i] = chunk.word_off as u32;
@@ -430,10 +615,16 @@ pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
             (true, buffer)
         }
     };
-    let pipeline = model.pipelines.get(Variant::Wkv7 { head_size: cfg.head_size as u32, fused_lora: fused })?;
+    let pipeline =
+        model.pipelines.get(Variant::Wkv7 { head_size: cfg.head_size as u32, fused_lora: fused })?;
     let bindings = vec![
-        Binding::whole(a.proj), Binding::whole(second), Binding::whole(a.consts), Binding::whole(a.seqs),
-        Binding::whole(a.v_first), Binding::whole(a.state), Binding::whole(a.out),
+        Binding::whole(a.proj),
+        Binding::whole(second),
+        Binding::whole(a.consts),
+        Binding::whole(a.seqs),
+        Binding::whole(a.v_first),
+        Binding::whole(a.state),
+        Binding::whole(a.out),
     ];
     rec.dispatch(&pipeline, &params, bindings, (cfg.n_head as u32, a.n_seq as u32, 1));
     Ok(())
@@ -443,7 +634,12 @@ pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
-struct ArgmaxParams { rows: u32, row0: u32, first: u32, out0: u32 }
+struct ArgmaxParams {
+    rows: u32,
+    row0: u32,
+    first: u32,
+    out0: u32,
+}
 
 /// Folds `tokens` rows of `logits` (one head row chunk: `rows` logits from vocabulary
 /// index `row0`) into `best` rows `out0..`; the first chunk (`first`) starts them.
@@ -459,8 +655,18 @@ pub struct Argmax<'a> {
 
 pub fn argmax(model: &Model, rec: &mut Recorder, a: Argmax) -> Result<()> {
     let pipeline = model.pipelines.get(Variant::Argmax)?;
-    let params = ArgmaxParams { rows: a.rows as u32, row0: a.row0 as u32, first: u32::from(a.first), out0: a.out0 as u32 };
-    rec.dispatch(&pipeline, &params, vec![Binding::whole(a.logits), Binding::whole(a.best)], (1, a.tokens as u32, 1));
+    let params = ArgmaxParams {
+        rows: a.rows as u32,
+        row0: a.row0 as u32,
+        first: u32::from(a.first),
+        out0: a.out0 as u32,
+    };
+    rec.dispatch(
+        &pipeline,
+        &params,
+        vec![Binding::whole(a.logits), Binding::whole(a.best)],
+        (1, a.tokens as u32, 1),
+    );
     Ok(())
 }
 
@@ -477,7 +683,8 @@ mod tests {
         let module = naga::front::wgsl::parse_str(&code).unwrap();
         let mut layouter = naga::proc::Layouter::default();
         layouter.update(module.to_ctx()).unwrap();
-        let (handle, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("a Params struct");
+        let (handle, ty) =
+            module.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("a Params struct");
         match &ty.inner {
             naga::TypeInner::Struct { members, span } => {
                 let _ = handle;
@@ -491,7 +698,10 @@ mod tests {
         let (size, members) = wgsl_params(variant);
         assert_eq!(size as usize, std::mem::size_of::<P>(), "{variant:?}: size of Params");
         for (name, offset) in offsets {
-            let found = members.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{variant:?}: no member {name}"));
+            let found = members
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("{variant:?}: no member {name}"));
             assert_eq!(found.1 as usize, *offset, "{variant:?}: offset of {name}");
         }
     }
@@ -499,24 +709,56 @@ mod tests {
     #[test]
     fn params_match_the_wgsl_structs() {
         use std::mem::offset_of;
-        check::<LayerNormParams>(Variant::LayerNorm, &[("eps", offset_of!(LayerNormParams, eps)), ("out_row0", offset_of!(LayerNormParams, out_row0))]);
+        check::<LayerNormParams>(
+            Variant::LayerNorm,
+            &[("eps", offset_of!(LayerNormParams, eps)), ("out_row0", offset_of!(LayerNormParams, out_row0))],
+        );
         check::<DeepEmbedParams>(Variant::DeepEmbed, &[("s2_off", offset_of!(DeepEmbedParams, s2_off))]);
-        check::<LnShiftParams>(Variant::LnShift { mixes: 6, keep_normalised: false }, &[("eps", offset_of!(LnShiftParams, eps)), ("slot_stride", offset_of!(LnShiftParams, slot_stride))]);
+        check::<LnShiftParams>(
+            Variant::LnShift { mixes: 6, keep_normalised: false },
+            &[
+                ("eps", offset_of!(LnShiftParams, eps)),
+                ("slot_stride", offset_of!(LnShiftParams, slot_stride)),
+            ],
+        );
         let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };
         check::<MatParams>(mv, &[("t", 0), ("groups", offset_of!(MatParams, groups))]);
         let sparse = Variant::MatVecSparse { tokens: 1, formats: Formats::F16, count: true };
-        check::<MatParams>(sparse, &[("count_at", offset_of!(MatParams, count_at)), ("groups", offset_of!(MatParams, groups))]);
-        check::<MatParams>(Variant::MatMul { formats: Formats::F16 }, &[("groups", offset_of!(MatParams, groups))]);
-        check::<WkvParams>(Variant::Wkv7 { head_size: 64, fused_lora: true }, &[
-            ("eps", offset_of!(WkvParams, eps)), ("mid_off", offset_of!(WkvParams, mid_off)),
-            ("lora_k", offset_of!(WkvParams, lora_k)), ("lora_mid", offset_of!(WkvParams, lora_mid)), ("lora_w", offset_of!(WkvParams, lora_w)),
-        ]);
+        check::<MatParams>(
+            sparse,
+            &[("count_at", offset_of!(MatParams, count_at)), ("groups", offset_of!(MatParams, groups))],
+        );
+        check::<MatParams>(
+            Variant::MatMul { formats: Formats::F16 },
+            &[("groups", offset_of!(MatParams, groups))],
+        );
+        check::<WkvParams>(
+            Variant::Wkv7 { head_size: 64, fused_lora: true },
+            &[
+                ("eps", offset_of!(WkvParams, eps)),
+                ("mid_off", offset_of!(WkvParams, mid_off)),
+                ("lora_k", offset_of!(WkvParams, lora_k)),
+                ("lora_mid", offset_of!(WkvParams, lora_mid)),
+                ("lora_w", offset_of!(WkvParams, lora_w)),
+            ],
+        );
         check::<ArgmaxParams>(Variant::Argmax, &[("out0", offset_of!(ArgmaxParams, out0))]);
     }
 
     #[test]
     fn matvec_lanes_divide_rows_evenly() {
-        let group = |k: u32, format: u32| MatGroup { m: 8, k, w_off: 0, s_off: 0, x_off: 0, x_stride: k, y_off: 0, y_stride: 8, flags: format << 8, _pad: [0; 3] };
+        let group = |k: u32, format: u32| MatGroup {
+            m: 8,
+            k,
+            w_off: 0,
+            s_off: 0,
+            x_off: 0,
+            x_stride: k,
+            y_off: 0,
+            y_stride: 8,
+            flags: format << 8,
+            _pad: [0; 3],
+        };
         assert_eq!(matvec_lanes(&[group(2560, 0)]), 64); // 320 vec4s
         assert_eq!(matvec_lanes(&[group(768, 0)]), 32); // 96
         assert_eq!(matvec_lanes(&[group(2560, 2)]), 32); // int8: 160

@@ -23,7 +23,10 @@ impl RandomCheckpoint {
 
     /// (centre, half-width) of the uniform distribution for a tensor.
     fn range(&self, name: &str, shape: &[usize]) -> (f32, f32) {
-        let last = name.rsplit('.').nth(if name.ends_with("weight") || name.ends_with("bias") { 1 } else { 0 }).unwrap_or("");
+        let last = name
+            .rsplit('.')
+            .nth(if name.ends_with("weight") || name.ends_with("bias") { 1 } else { 0 })
+            .unwrap_or("");
         let fan_in = if shape.len() == 2 { shape[1] as f32 } else { 1.0 };
         match last {
             _ if name.ends_with(".bias") => (0.0, 0.1),
@@ -35,7 +38,9 @@ impl RandomCheckpoint {
             "k_a" => (1.0, 0.1),
             "r_k" => (0.0, 0.5),
             "emb" => (0.0, 0.5),
-            _ if shape.len() == 2 && name.contains(".att.") && !name.ends_with("weight") => (0.0, 1.0 / (shape[0] as f32).sqrt()),
+            _ if shape.len() == 2 && name.contains(".att.") && !name.ends_with("weight") => {
+                (0.0, 1.0 / (shape[0] as f32).sqrt())
+            }
             _ => (0.0, 1.0 / fan_in.sqrt()),
         }
     }
@@ -55,7 +60,10 @@ impl Checkpoint for RandomCheckpoint {
         self.names.iter().map(|(n, _)| n.clone()).collect()
     }
     fn info(&self, name: &str) -> Option<TensorInfo> {
-        self.names.iter().find(|(n, _)| n == name).map(|(_, s)| TensorInfo { dtype: DType::F16, shape: s.clone() })
+        self.names
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| TensorInfo { dtype: DType::F16, shape: s.clone() })
     }
     fn read(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let shape = self
@@ -65,7 +73,10 @@ impl Checkpoint for RandomCheckpoint {
             .map(|(_, s)| s.clone())
             .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name:?}")))?;
         let (centre, half) = self.range(name, &shape);
-        let mut state = self.seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let mut state = self.seed
+            ^ name
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let n: usize = shape.iter().product();
         let mut out = Vec::with_capacity(n * 2);
         for _ in 0..n {

@@ -59,7 +59,10 @@ pub fn stored_format(ck: &dyn Checkpoint, name: &str) -> Result<Option<WeightFor
         None => Ok(None),
         Some("int8") => Ok(Some(WeightFormat::Int8)),
         Some("nf4") => Ok(Some(WeightFormat::Nf4)),
-        Some(other) => Err(Error::load(ck.path(), format!("{name} is saved in format {other:?}, which this version does not read (int8, nf4)"))),
+        Some(other) => Err(Error::load(
+            ck.path(),
+            format!("{name} is saved in format {other:?}, which this version does not read (int8, nf4)"),
+        )),
     }
 }
 
@@ -90,27 +93,55 @@ pub fn original_fingerprint(ck: &dyn Checkpoint) -> Option<u64> {
 
 /// The tensors that hold a quantized matrix `name` [m, k]: (name, dtype, shape) of its
 /// codes and of its scales.
-pub fn quantized_tensors(name: &str, format: WeightFormat, m: usize, k: usize) -> [(String, DType, Vec<usize>); 2] {
+pub fn quantized_tensors(
+    name: &str,
+    format: WeightFormat,
+    m: usize,
+    k: usize,
+) -> [(String, DType, Vec<usize>); 2] {
     let (code_dtype, code_shape) = match format {
         WeightFormat::Int8 => (DType::I8, vec![m, k]),
         _ => (DType::U8, vec![m, k / 2]),
     };
-    [(format!("{name}.codes"), code_dtype, code_shape), (format!("{name}.scales"), DType::F16, vec![m, k / QUANT_BLOCK])]
+    [
+        (format!("{name}.codes"), code_dtype, code_shape),
+        (format!("{name}.scales"), DType::F16, vec![m, k / QUANT_BLOCK]),
+    ]
 }
 
 /// A quantized matrix's (codes, scales) bytes.
 pub type CodesAndScales<'a> = (Cow<'a, [u8]>, Cow<'a, [u8]>);
 
 /// (codes, scales) of a quantized matrix [m, k], checked against the format's shapes.
-pub fn read_quantized<'a>(ck: &'a dyn Checkpoint, name: &str, format: WeightFormat, m: usize, k: usize) -> Result<CodesAndScales<'a>> {
+pub fn read_quantized<'a>(
+    ck: &'a dyn Checkpoint,
+    name: &str,
+    format: WeightFormat,
+    m: usize,
+    k: usize,
+) -> Result<CodesAndScales<'a>> {
     if !k.is_multiple_of(QUANT_BLOCK) {
-        return Err(Error::load(ck.path(), format!("{name}: width {k} is not a multiple of the {QUANT_BLOCK}-wide quantization block")));
+        return Err(Error::load(
+            ck.path(),
+            format!("{name}: width {k} is not a multiple of the {QUANT_BLOCK}-wide quantization block"),
+        ));
     }
     let expect = quantized_tensors(name, format, m, k);
     for (tensor, dtype, shape) in &expect {
-        let info = ck.info(tensor).ok_or_else(|| Error::load(ck.path(), format!("missing tensor {tensor:?} of the {} matrix {name}", format.name())))?;
+        let info = ck.info(tensor).ok_or_else(|| {
+            Error::load(
+                ck.path(),
+                format!("missing tensor {tensor:?} of the {} matrix {name}", format.name()),
+            )
+        })?;
         if info.dtype != *dtype || info.shape != *shape {
-            return Err(Error::load(ck.path(), format!("tensor {tensor:?} is {:?} {:?}; expected {dtype:?} {shape:?}", info.dtype, info.shape)));
+            return Err(Error::load(
+                ck.path(),
+                format!(
+                    "tensor {tensor:?} is {:?} {:?}; expected {dtype:?} {shape:?}",
+                    info.dtype, info.shape
+                ),
+            ));
         }
     }
     Ok((ck.read(&expect[0].0)?, ck.read(&expect[1].0)?))
@@ -161,20 +192,33 @@ fn dtype_name(dtype: DType) -> &'static str {
 
 impl Item<'_> {
     fn headers(&self) -> Vec<Header> {
-        let h = |name: &str, dtype: &'static str, shape: Vec<usize>| Header { name: name.to_string(), dtype, shape };
+        let h = |name: &str, dtype: &'static str, shape: Vec<usize>| Header {
+            name: name.to_string(),
+            dtype,
+            shape,
+        };
         match self {
             Item::Matrix16 { name, matrix, official_input_major } => {
                 let dtype = if matrix.format == WeightFormat::Bf16 { "BF16" } else { "F16" };
-                let shape = if *official_input_major { vec![matrix.k, matrix.m] } else { vec![matrix.m, matrix.k] };
+                let shape =
+                    if *official_input_major { vec![matrix.k, matrix.m] } else { vec![matrix.m, matrix.k] };
                 vec![h(name, dtype, shape)]
             }
             Item::Quantized { name, matrix } => {
                 let (m, k) = matrix.stored();
-                let codes = if matrix.format == WeightFormat::Int8 { h(&format!("{name}.codes"), "I8", vec![m, k]) } else { h(&format!("{name}.codes"), "U8", vec![m, k / 2]) };
+                let codes = if matrix.format == WeightFormat::Int8 {
+                    h(&format!("{name}.codes"), "I8", vec![m, k])
+                } else {
+                    h(&format!("{name}.codes"), "U8", vec![m, k / 2])
+                };
                 vec![codes, h(&format!("{name}.scales"), "F16", vec![m, k / QUANT_BLOCK])]
             }
-            Item::Vectors { vectors, .. } => vectors.iter().map(|(n, _, shape)| h(n, "F32", shape.clone())).collect(),
-            Item::Table { name, table } => vec![h(name, dtype_name(table.dtype), vec![table.rows, table.width])],
+            Item::Vectors { vectors, .. } => {
+                vectors.iter().map(|(n, _, shape)| h(n, "F32", shape.clone())).collect()
+            }
+            Item::Table { name, table } => {
+                vec![h(name, dtype_name(table.dtype), vec![table.rows, table.width])]
+            }
             Item::Deep { name, shape, .. } => vec![h(name, "F32", shape.clone())],
         }
     }
@@ -185,7 +229,11 @@ impl Item<'_> {
             Item::Matrix16 { matrix, official_input_major, .. } => {
                 let mut out = Vec::with_capacity(matrix.m * matrix.k * 2);
                 for chunk in &matrix.chunks {
-                    out.extend(model.download(&chunk.buffer, (chunk.word_off * 4) as u64, matrix.chunk_bytes(chunk))?);
+                    out.extend(model.download(
+                        &chunk.buffer,
+                        (chunk.word_off * 4) as u64,
+                        matrix.chunk_bytes(chunk),
+                    )?);
                 }
                 if *official_input_major == (matrix.layout == Layout::InputMajor) {
                     return Ok(out);
@@ -209,7 +257,11 @@ impl Item<'_> {
                 let mut codes = Vec::with_capacity(matrix.stored().0 * code_bytes);
                 let mut scales = Vec::with_capacity(matrix.stored().0 * blocks * 2);
                 for chunk in &matrix.chunks {
-                    let raw = model.download(&chunk.buffer, (chunk.word_off * 4) as u64, matrix.chunk_bytes(chunk))?;
+                    let raw = model.download(
+                        &chunk.buffer,
+                        (chunk.word_off * 4) as u64,
+                        matrix.chunk_bytes(chunk),
+                    )?;
                     let (c, s) = raw.split_at(chunk.rows * code_bytes);
                     codes.extend_from_slice(c);
                     for r in 0..chunk.rows {
@@ -281,9 +333,12 @@ fn items(model: &Model) -> Vec<Item<'_>> {
         match x.entry.role {
             Role::Embedding => items.push(Item::Table { name: x.name, table: &w.emb }),
             Role::Vector(slot) => {
-                let buffer = if x.entry.scope == Scope::Model { &w.consts } else { &w.layers[x.layer].consts };
+                let buffer =
+                    if x.entry.scope == Scope::Model { &w.consts } else { &w.layers[x.layer].consts };
                 match items.last_mut() {
-                    Some(Item::Vectors { vectors, .. }) if vectors_of == Some(group) => vectors.push((x.name, slot, x.shape)),
+                    Some(Item::Vectors { vectors, .. }) if vectors_of == Some(group) => {
+                        vectors.push((x.name, slot, x.shape))
+                    }
                     _ => items.push(Item::Vectors { buffer, vectors: vec![(x.name, slot, x.shape)] }),
                 }
                 vectors_of = Some(group);
@@ -292,12 +347,15 @@ fn items(model: &Model) -> Vec<Item<'_>> {
             Role::Matrix(m) => items.push(matrix_item(x.name, w.layers[x.layer].matrix(m), m.low_rank())),
             Role::Head => items.push(matrix_item(x.name, &w.head, false)),
             Role::Deep(part) => {
-                let deep = w.layers[x.layer].deep.as_ref().expect("a DeepEmbed model's layers have their tensors");
+                let deep =
+                    w.layers[x.layer].deep.as_ref().expect("a DeepEmbed model's layers have their tensors");
                 items.push(match part {
                     DeepPart::Table => Item::Table { name: x.name, table: &deep.table },
                     DeepPart::EmbX => matrix_item(x.name, &deep.emb_x, false),
                     DeepPart::S1 => matrix_item(x.name, &deep.s1, true),
-                    DeepPart::S0 | DeepPart::S2 => Item::Deep { name: x.name, part, shape: x.shape, buffer: &deep.consts },
+                    DeepPart::S0 | DeepPart::S2 => {
+                        Item::Deep { name: x.name, part, shape: x.shape, buffer: &deep.consts }
+                    }
                 });
             }
         }
@@ -323,12 +381,23 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
         }
     }
     let mut json = String::from("{\"__metadata__\":{");
-    json.push_str(&metadata.iter().map(|(k, v)| format!("{}:{}", json_string(k), json_string(v))).collect::<Vec<_>>().join(","));
+    json.push_str(
+        &metadata
+            .iter()
+            .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
     json.push('}');
     let mut offset = 0usize;
     for h in headers.iter().flatten() {
         let shape = h.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-        json.push_str(&format!(",{}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{}]}}", json_string(&h.name), h.dtype, offset + h.bytes()));
+        json.push_str(&format!(
+            ",{}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{}]}}",
+            json_string(&h.name),
+            h.dtype,
+            offset + h.bytes()
+        ));
         offset += h.bytes();
     }
     json.push('}');
@@ -345,7 +414,11 @@ pub fn save(model: &Model, path: &Path) -> Result<()> {
             let bytes = item.bytes(model)?;
             let expected: usize = hs.iter().map(Header::bytes).sum();
             if bytes.len() != expected {
-                return Err(Error::Device(format!("saving {}: read {} bytes back, expected {expected}", hs[0].name, bytes.len())));
+                return Err(Error::Device(format!(
+                    "saving {}: read {} bytes back, expected {expected}",
+                    hs[0].name,
+                    bytes.len()
+                )));
             }
             out.write_all(&bytes).map_err(io)?;
         }

@@ -49,11 +49,15 @@ pub struct Scratch {
 pub(crate) fn chunk_tokens(model: &Model) -> usize {
     let cfg = &model.config;
     let c = cfg.n_embd;
-    let widest = (6 * c).max(cfg.ffn_size + cfg.deep_embed_rank).max(3 * c + cfg.lora_sum()).max(cfg.n_layer * cfg.deep_embed_width());
+    let widest = (6 * c)
+        .max(cfg.ffn_size + cfg.deep_embed_rank)
+        .max(3 * c + cfg.lora_sum())
+        .max(cfg.n_layer * cfg.deep_embed_width());
     ((model.ctx.max_binding as usize) / (4 * widest)).clamp(1, MAX_CHUNK)
 }
 
-const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
+const USAGE: wgpu::BufferUsages =
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST).union(wgpu::BufferUsages::COPY_SRC);
 
 impl Scratch {
     pub fn new(model: &Model) -> Result<Scratch> {
@@ -65,7 +69,8 @@ impl Scratch {
         // Logits: as many tokens at once as the largest head chunk allows in one binding.
         let widest_chunk = model.weights.head.chunks.iter().map(|c| c.rows).max().unwrap_or(1);
         let head_tokens = ((ctx.max_binding as usize) / (4 * widest_chunk)).clamp(1, t);
-        let logits = model.weights.head.chunks.iter().map(|c| make("logits", c.rows)).collect::<Result<Vec<_>>>()?;
+        let logits =
+            model.weights.head.chunks.iter().map(|c| make("logits", c.rows)).collect::<Result<Vec<_>>>()?;
         let rows = make("emb rows / att / norm", t * c)?;
         let lora = make("lora / ffn", t * (4 * c).max(cfg.ffn_size + cfg.deep_embed_rank))?;
         let x = make("x", t * c)?;
@@ -80,7 +85,11 @@ impl Scratch {
             v_first: make("v_first", t * c)?,
             ffn: lora,
             // Never bound in a plain RWKV-7 model: a shared name, no memory.
-            deep: if cfg.deep_embed() { make("deep embed rows", t * cfg.n_layer * cfg.deep_embed_width())? } else { x.clone() },
+            deep: if cfg.deep_embed() {
+                make("deep embed rows", t * cfg.n_layer * cfg.deep_embed_width())?
+            } else {
+                x.clone()
+            },
             norm: rows,
             seqs: make("seqs", MAX_SEQS * 4)?,
             best: make("argmax", 2 * MAX_SEQS)?,
@@ -96,7 +105,20 @@ impl Scratch {
     /// Bytes of the distinct buffers (shared ones counted once).
     pub fn device_bytes(&self) -> u64 {
         let mut distinct: Vec<&wgpu::Buffer> = Vec::new();
-        let all = [&self.emb, &self.x, &self.mix, &self.proj, &self.lora, &self.att, &self.v_first, &self.ffn, &self.norm, &self.deep, &self.seqs, &self.best];
+        let all = [
+            &self.emb,
+            &self.x,
+            &self.mix,
+            &self.proj,
+            &self.lora,
+            &self.att,
+            &self.v_first,
+            &self.ffn,
+            &self.norm,
+            &self.deep,
+            &self.seqs,
+            &self.best,
+        ];
         for b in all.into_iter().chain(&self.logits).chain(&self.staging) {
             if !distinct.contains(&b) {
                 distinct.push(b);
@@ -112,7 +134,13 @@ impl Scratch {
             return Ok(());
         }
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-        self.logits = model.weights.head.chunks.iter().map(|c| model.ctx.create_buffer("logits", (tokens * c.rows * 4) as u64, usage)).collect::<Result<_>>()?;
+        self.logits = model
+            .weights
+            .head
+            .chunks
+            .iter()
+            .map(|c| model.ctx.create_buffer("logits", (tokens * c.rows * 4) as u64, usage))
+            .collect::<Result<_>>()?;
         self.logits_tokens = tokens;
         self.generation += 1;
         Ok(())
@@ -121,7 +149,11 @@ impl Scratch {
     /// Makes the read-back buffer hold at least `size` bytes.
     pub fn ensure_staging(&mut self, model: &Model, size: u64) -> Result<()> {
         if self.staging.as_ref().is_none_or(|b| b.size() < size) {
-            self.staging = Some(model.ctx.create_buffer("staging", size, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST)?);
+            self.staging = Some(model.ctx.create_buffer(
+                "staging",
+                size,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            )?);
             self.generation += 1;
         }
         Ok(())

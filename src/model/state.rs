@@ -75,12 +75,20 @@ impl StatePool {
     /// that a call feeding them all reads the weights once per step.
     pub fn allocate_many(self: &Arc<Self>, model_id: u64, n: usize) -> Result<Vec<State>> {
         let mut states = Vec::new();
-        states.try_reserve_exact(n).map_err(|_| Error::OutOfMemory(format!("host memory: {n} states cannot even be listed")))?;
+        states
+            .try_reserve_exact(n)
+            .map_err(|_| Error::OutOfMemory(format!("host memory: {n} states cannot even be listed")))?;
         while states.len() < n {
             let want = (n - states.len()).min(self.max_page_slots);
             let taken = self.take_slots(want)?;
             for (page, slot) in taken {
-                let state = State(Arc::new(SlotHandle { pool: Arc::downgrade(self), page, slot, model_id, busy: AtomicBool::new(false) }));
+                let state = State(Arc::new(SlotHandle {
+                    pool: Arc::downgrade(self),
+                    page,
+                    slot,
+                    model_id,
+                    busy: AtomicBool::new(false),
+                }));
                 state.zero(&self.ctx, self)?;
                 states.push(state);
             }
@@ -96,7 +104,10 @@ impl StatePool {
         for &(page, _) in &inner.free {
             free_per_page[page] += 1;
         }
-        let page = match (0..inner.pages.len()).filter(|&p| free_per_page[p] >= n).min_by_key(|&p| free_per_page[p]) {
+        let page = match (0..inner.pages.len())
+            .filter(|&p| free_per_page[p] >= n)
+            .min_by_key(|&p| free_per_page[p])
+        {
             Some(page) => page,
             None => {
                 // Pages double in size (1, 2, 4, ... slots) so that a single-sequence user
@@ -104,8 +115,11 @@ impl StatePool {
                 let live = inner.pages.iter().flatten().count();
                 let slots = (1usize << live.min(16)).max(n).min(self.max_page_slots);
                 let size = (slots * self.slot_stride * 4) as u64;
-                let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-                let layers = (0..self.n_layer).map(|l| self.ctx.create_buffer(&format!("state layer {l}"), size, usage)).collect::<Result<Vec<_>>>()?;
+                let usage =
+                    wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+                let layers = (0..self.n_layer)
+                    .map(|l| self.ctx.create_buffer(&format!("state layer {l}"), size, usage))
+                    .collect::<Result<Vec<_>>>()?;
                 let page = Arc::new(Page { layers, slots, plans: Mutex::new(Plans::default()) });
                 let page = match inner.pages.iter().position(Option::is_none) {
                     Some(i) => {
@@ -175,7 +189,10 @@ impl Drop for StateLease<'_> {
 impl State {
     pub fn lease(&self) -> Result<StateLease<'_>> {
         if self.0.busy.swap(true, Ordering::Acquire) {
-            return Err(Error::State("this State is being used by another thread; give each thread its own State (state.clone())".into()));
+            return Err(Error::State(
+                "this State is being used by another thread; give each thread its own State (state.clone())"
+                    .into(),
+            ));
         }
         Ok(StateLease(&self.0))
     }

@@ -13,10 +13,10 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
 
+use super::weights::to_f32;
 use super::{Config, HostState, Model, State};
 use crate::error::{Error, Result, Saving};
 use crate::loader::{Checkpoint, DType};
-use super::weights::to_f32;
 
 fn metadata(c: &Config, fingerprint: u64) -> HashMap<String, String> {
     HashMap::from([
@@ -34,14 +34,16 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
     let c = &model.config;
     let (l, e, h, n) = (c.n_layer, c.n_embd, c.n_head, c.head_size);
     fn view(data: &[f32], shape: Vec<usize>) -> Result<TensorView<'_>> {
-        TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(data)).map_err(|e| Error::Invalid(format!("state tensor: {e}")))
+        TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(data))
+            .map_err(|e| Error::Invalid(format!("state tensor: {e}")))
     }
     let tensors = vec![
         ("att_shift", view(&host.att_shift, vec![l, e])?),
         ("wkv", view(&host.wkv, vec![l, h, n, n])?),
         ("ffn_shift", view(&host.ffn_shift, vec![l, e])?),
     ];
-    let bytes = safetensors::serialize(tensors, Some(metadata(&model.config, model.weights.fingerprint))).map_err(|e| Error::Invalid(format!("state tensors: {e}")))?;
+    let bytes = safetensors::serialize(tensors, Some(metadata(&model.config, model.weights.fingerprint)))
+        .map_err(|e| Error::Invalid(format!("state tensors: {e}")))?;
     crate::atomic_file::write(path, Saving::State, |out| {
         out.write_all(&bytes).map_err(|e| crate::atomic_file::write_error(path, Saving::State, e))
     })
@@ -69,7 +71,10 @@ pub fn read(ck: &dyn Checkpoint, config: &Config, fingerprint: u64, transpose: b
     }
     let want = metadata(config, fingerprint);
     if ck.metadata("format").as_ref() != want.get("format") {
-        return Err(Error::load(path, "not a state saved by rwkv-gpu (no 'rwkv-gpu state v1' format in its metadata)"));
+        return Err(Error::load(
+            path,
+            "not a state saved by rwkv-gpu (no 'rwkv-gpu state v1' format in its metadata)",
+        ));
     }
     for key in ["n_layer", "n_embd", "n_head", "head_size", "fingerprint"] {
         if ck.metadata(key).as_ref() != want.get(key) {
@@ -85,11 +90,21 @@ pub fn read(ck: &dyn Checkpoint, config: &Config, fingerprint: u64, transpose: b
     let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let info = ck.info(name).ok_or_else(|| Error::load(path, format!("missing tensor {name:?}")))?;
         if info.dtype != DType::F32 || info.shape != shape {
-            return Err(Error::load(path, format!("tensor {name:?} is {:?} {:?}; this model's states are F32 {shape:?}", info.dtype, info.shape)));
+            return Err(Error::load(
+                path,
+                format!(
+                    "tensor {name:?} is {:?} {:?}; this model's states are F32 {shape:?}",
+                    info.dtype, info.shape
+                ),
+            ));
         }
         Ok(bytemuck::pod_collect_to_vec(&ck.read(name)?))
     };
-    Ok(HostState { att_shift: tensor("att_shift", &[l, c])?, wkv: tensor("wkv", &[l, h, n, n])?, ffn_shift: tensor("ffn_shift", &[l, c])? })
+    Ok(HostState {
+        att_shift: tensor("att_shift", &[l, c])?,
+        wkv: tensor("wkv", &[l, h, n, n])?,
+        ffn_shift: tensor("ffn_shift", &[l, c])?,
+    })
 }
 
 fn read_state_tuning(ck: &dyn Checkpoint, c: &Config, transpose: bool) -> Result<HostState> {
@@ -99,7 +114,11 @@ fn read_state_tuning(ck: &dyn Checkpoint, c: &Config, transpose: bool) -> Result
     for layer in 0..c.n_layer {
         let name = format!("blocks.{layer}.att.time_state");
         let info = ck.info(&name).ok_or_else(|| {
-            Error::State(format!("{}: state-tuning file has no {name}; this model has {} layers", path.display(), c.n_layer))
+            Error::State(format!(
+                "{}: state-tuning file has no {name}; this model has {} layers",
+                path.display(),
+                c.n_layer
+            ))
         })?;
         // Some tools keep a leading batch dimension of 1.
         let dims: Vec<usize> = info.shape.iter().copied().skip_while(|&d| d == 1).collect();
@@ -120,7 +139,11 @@ fn read_state_tuning(ck: &dyn Checkpoint, c: &Config, transpose: bool) -> Result
         }
     }
     if ck.info(&format!("blocks.{}.att.time_state", c.n_layer)).is_some() {
-        return Err(Error::State(format!("{}: state-tuning file has more layers than this model's {}", path.display(), c.n_layer)));
+        return Err(Error::State(format!(
+            "{}: state-tuning file has more layers than this model's {}",
+            path.display(),
+            c.n_layer
+        )));
     }
     let zeros = vec![0.0; c.n_layer * c.n_embd];
     Ok(HostState { att_shift: zeros.clone(), wkv, ffn_shift: zeros })

@@ -11,10 +11,10 @@
 
 use half::{bf16, f16};
 
+use super::host_table::HostTable;
 use crate::error::{Error, Result};
 use crate::loader::DType;
 use crate::schema::LayerMatrix;
-use super::host_table::HostTable;
 
 /// How a matrix's elements are coded on the device (see shaders/matmul_common.wgsl).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -46,7 +46,9 @@ impl WeightFormat {
             "fp16" => Ok(WeightFormat::F16),
             "int8" => Ok(WeightFormat::Int8),
             "nf4" => Ok(WeightFormat::Nf4),
-            other => Err(Error::Invalid(format!("weight dtype {other:?} is not one of 'fp16', 'int8', 'nf4'"))),
+            other => {
+                Err(Error::Invalid(format!("weight dtype {other:?} is not one of 'fp16', 'int8', 'nf4'")))
+            }
         }
     }
 
@@ -82,7 +84,11 @@ impl WeightFormat {
 
     /// Word offset of the scales in a chunk of `rows` rows (0 for 16-bit formats).
     pub fn scales_offset(self, rows: usize, k: usize) -> usize {
-        if self.quantized() { rows * self.code_words(k) } else { 0 }
+        if self.quantized() {
+            rows * self.code_words(k)
+        } else {
+            0
+        }
     }
 }
 
@@ -219,18 +225,40 @@ impl Layer {
     pub fn matrix(&self, which: LayerMatrix) -> &Matrix {
         use LayerMatrix::*;
         match which {
-            Receptance => &self.receptance, Key => &self.key, Value => &self.value, Output => &self.output,
-            W1 => &self.w1, W2 => &self.w2, A1 => &self.a1, A2 => &self.a2, V1 => &self.v1, V2 => &self.v2,
-            G1 => &self.g1, G2 => &self.g2, FfnKey => &self.ffn_key, FfnValue => &self.ffn_value,
+            Receptance => &self.receptance,
+            Key => &self.key,
+            Value => &self.value,
+            Output => &self.output,
+            W1 => &self.w1,
+            W2 => &self.w2,
+            A1 => &self.a1,
+            A2 => &self.a2,
+            V1 => &self.v1,
+            V2 => &self.v2,
+            G1 => &self.g1,
+            G2 => &self.g2,
+            FfnKey => &self.ffn_key,
+            FfnValue => &self.ffn_value,
         }
     }
 
     pub fn matrix_mut(&mut self, which: LayerMatrix) -> &mut Matrix {
         use LayerMatrix::*;
         match which {
-            Receptance => &mut self.receptance, Key => &mut self.key, Value => &mut self.value, Output => &mut self.output,
-            W1 => &mut self.w1, W2 => &mut self.w2, A1 => &mut self.a1, A2 => &mut self.a2, V1 => &mut self.v1, V2 => &mut self.v2,
-            G1 => &mut self.g1, G2 => &mut self.g2, FfnKey => &mut self.ffn_key, FfnValue => &mut self.ffn_value,
+            Receptance => &mut self.receptance,
+            Key => &mut self.key,
+            Value => &mut self.value,
+            Output => &mut self.output,
+            W1 => &mut self.w1,
+            W2 => &mut self.w2,
+            A1 => &mut self.a1,
+            A2 => &mut self.a2,
+            V1 => &mut self.v1,
+            V2 => &mut self.v2,
+            G1 => &mut self.g1,
+            G2 => &mut self.g2,
+            FfnKey => &mut self.ffn_key,
+            FfnValue => &mut self.ffn_value,
         }
     }
 }
@@ -258,8 +286,11 @@ pub fn to_f32_into(bytes: &[u8], dtype: DType, out: &mut Vec<f32>) {
     out.reserve(bytes.len() / dtype.size());
     match dtype {
         DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        DType::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
-        DType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+        DType::F16 => out
+            .extend(bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
+        DType::BF16 => out.extend(
+            bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        ),
         DType::I8 => out.extend(bytes.iter().map(|&b| b as i8 as f32)),
         DType::U8 => out.extend(bytes.iter().map(|&b| b as f32)),
     }

@@ -32,7 +32,9 @@ pub(crate) fn to_py(e: Error) -> PyErr {
             },
             Error::Load { .. } => ("ModelLoadError", None),
             Error::Write { what: Saving::State, source, path } => ("StateSaveError", Some((source, path))),
-            Error::Write { what: Saving::Model | Saving::Cache, source, path } => ("ModelSaveError", Some((source, path))),
+            Error::Write { what: Saving::Model | Saving::Cache, source, path } => {
+                ("ModelSaveError", Some((source, path)))
+            }
             Error::Shape(_) => ("ShapeError", None),
             Error::State(_) => ("StateError", None),
             Error::Invalid(_) => ("InvalidOptionError", None),
@@ -91,7 +93,10 @@ impl Caught {
 /// thread). The handler's exception (KeyboardInterrupt), or one a callback raised into
 /// `Caught`, is what the call then raises. Every call that can take more than one
 /// submission goes through here.
-pub(crate) fn long_call<T: Send>(py: Python<'_>, f: impl FnOnce(Interrupt, &Caught) -> crate::Result<T> + Send) -> PyResult<T> {
+pub(crate) fn long_call<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce(Interrupt, &Caught) -> crate::Result<T> + Send,
+) -> PyResult<T> {
     let caught = Caught::default();
     let pending = || {
         Python::attach(|py| match py.check_signals() {

@@ -32,12 +32,20 @@ impl std::fmt::Display for Int {
 impl Int {
     /// The value as `T` when `min <= value <= T::MAX`, else an `InvalidOptionError`
     /// naming `what`.
-    pub(crate) fn within<T: TryFrom<i128> + Into<i128> + Copy + std::fmt::Display>(self, what: &str, min: T, max: T) -> PyResult<T> {
+    pub(crate) fn within<T: TryFrom<i128> + Into<i128> + Copy + std::fmt::Display>(
+        self,
+        what: &str,
+        min: T,
+        max: T,
+    ) -> PyResult<T> {
         if self.0 < 0 && min.into() == 0 {
             return Err(super::errors::invalid(format!("{what} must not be negative, got {}", self.0)));
         }
         if self.0 < min.into() || self.0 > max.into() {
-            return Err(super::errors::invalid(format!("{what} must be between {min} and {max}, got {}", self.0)));
+            return Err(super::errors::invalid(format!(
+                "{what} must be between {min} and {max}, got {}",
+                self.0
+            )));
         }
         T::try_from(self.0).map_err(|_| super::errors::invalid(format!("{what} is out of range: {}", self.0)))
     }

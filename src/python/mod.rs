@@ -13,18 +13,29 @@ mod int;
 mod sampler;
 mod tokenizer;
 
-use int::Int;
 use crate::generation::{Batch, Stepped};
-use crate::interrupt::Interrupt;
 use crate::gpu::{context, AdapterChoice, DeviceOptions, Kernel};
-use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, WeightFormat, Want};
+use crate::interrupt::Interrupt;
+use crate::model::{Config, HostState, Model, Pooling, QuantSpec, State, Want, WeightFormat};
+use int::Int;
 
 pub(crate) use errors::to_py;
 
-fn options(adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>) -> PyResult<DeviceOptions> {
-    DeviceOptions { adapter: adapter.map(|a| AdapterChoice::parse(&a)), no_f16, no_subgroups, no_sparse_ffn: false, max_binding }
-        .with_env()
-        .map_err(to_py)
+fn options(
+    adapter: Option<String>,
+    no_f16: bool,
+    no_subgroups: bool,
+    max_binding: Option<u64>,
+) -> PyResult<DeviceOptions> {
+    DeviceOptions {
+        adapter: adapter.map(|a| AdapterChoice::parse(&a)),
+        no_f16,
+        no_subgroups,
+        no_sparse_ffn: false,
+        max_binding,
+    }
+    .with_env()
+    .map_err(to_py)
 }
 
 #[pyfunction]
@@ -64,7 +75,9 @@ fn choose_adapter(py: Python<'_>, adapter: Option<String>) -> PyResult<(usize, V
 /// A checkpoint's dimensions, read from its tensor shapes without loading it.
 #[pyfunction]
 fn checkpoint_config<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
-    let c = py.detach(|| crate::loader::open(&path).and_then(|ck| Config::from_checkpoint(ck.as_ref()))).map_err(to_py)?;
+    let c = py
+        .detach(|| crate::loader::open(&path).and_then(|ck| Config::from_checkpoint(ck.as_ref())))
+        .map_err(to_py)?;
     dims_dict(py, &c)
 }
 
@@ -128,7 +141,11 @@ fn parse_want(want: &str) -> PyResult<Want> {
         "hidden_last" => Want::HiddenLast,
         "hidden_all" => Want::HiddenAll,
         "argmax" => Want::Argmax,
-        other => return Err(errors::invalid(format!("want must be 'last', 'all', 'none', 'hidden_last', 'hidden_all' or 'argmax', got {other:?}"))),
+        other => {
+            return Err(errors::invalid(format!(
+                "want must be 'last', 'all', 'none', 'hidden_last', 'hidden_all' or 'argmax', got {other:?}"
+            )))
+        }
     })
 }
 
@@ -138,7 +155,9 @@ fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
         .enumerate()
         .map(|(i, &Int(t))| {
             if t < 0 || t >= vocab as i128 {
-                Err(errors::shape(format!("token id {t} at position {i} is out of range: the vocabulary has {vocab} tokens")))
+                Err(errors::shape(format!(
+                    "token id {t} at position {i} is out of range: the vocabulary has {vocab} tokens"
+                )))
             } else {
                 Ok(t as u32)
             }
@@ -152,8 +171,17 @@ impl PyModel {
     #[pyo3(signature = (path, adapter=None, no_f16=false, no_subgroups=false, max_binding=None, progress=None,
                         layer_dtypes=None, head_dtype=None))]
     #[allow(clippy::too_many_arguments)]
-    fn new(py: Python<'_>, path: PathBuf, adapter: Option<String>, no_f16: bool, no_subgroups: bool, max_binding: Option<u64>,
-           progress: Option<Py<PyAny>>, layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        adapter: Option<String>,
+        no_f16: bool,
+        no_subgroups: bool,
+        max_binding: Option<u64>,
+        progress: Option<Py<PyAny>>,
+        layer_dtypes: Option<Vec<String>>,
+        head_dtype: Option<String>,
+    ) -> PyResult<Self> {
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
         let quant = quant_spec(layer_dtypes, head_dtype)?;
         let model = errors::long_call(py, |interrupt, caught| {
@@ -174,9 +202,21 @@ impl PyModel {
     #[pyo3(signature = (n_layer, n_embd, vocab_size=Int(65536), seed=Int(0), adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
                         layer_dtypes=None, head_dtype=None))]
     #[allow(clippy::too_many_arguments)]
-    fn random(py: Python<'_>, n_layer: Int, n_embd: Int, vocab_size: Int, seed: Int, adapter: Option<String>, no_f16: bool,
-              no_subgroups: bool, max_binding: Option<u64>, layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> PyResult<Self> {
-        let (n_layer, n_embd, vocab_size) = (n_layer.count("n_layer")?, n_embd.count("n_embd")?, vocab_size.count("vocab_size")?);
+    fn random(
+        py: Python<'_>,
+        n_layer: Int,
+        n_embd: Int,
+        vocab_size: Int,
+        seed: Int,
+        adapter: Option<String>,
+        no_f16: bool,
+        no_subgroups: bool,
+        max_binding: Option<u64>,
+        layer_dtypes: Option<Vec<String>>,
+        head_dtype: Option<String>,
+    ) -> PyResult<Self> {
+        let (n_layer, n_embd, vocab_size) =
+            (n_layer.count("n_layer")?, n_embd.count("n_embd")?, vocab_size.count("vocab_size")?);
         let seed = seed.within::<u64>("seed", 0, u64::MAX)?;
         if n_layer == 0 || n_embd == 0 || n_embd % 64 != 0 || vocab_size == 0 {
             return Err(errors::shape(format!(
@@ -185,7 +225,9 @@ impl PyModel {
         }
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
         let quant = quant_spec(layer_dtypes, head_dtype)?;
-        let model = py.detach(|| Model::random(Config::official(n_layer, n_embd, vocab_size), seed, &opts, &quant)).map_err(to_py)?;
+        let model = py
+            .detach(|| Model::random(Config::official(n_layer, n_embd, vocab_size), seed, &opts, &quant))
+            .map_err(to_py)?;
         Ok(PyModel { inner: Arc::new(model) })
     }
 
@@ -213,12 +255,20 @@ impl PyModel {
     }
 
     /// Returns the logits as little-endian f32 bytes ([V] or [T, V]; empty for "none").
-    fn forward<'py>(&self, py: Python<'py>, tokens: Vec<Int>, state: &PyState, want: &str) -> PyResult<Bound<'py, PyBytes>> {
+    fn forward<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: Vec<Int>,
+        state: &PyState,
+        want: &str,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let want = parse_want(want)?;
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
-        let logits = errors::long_call(py, move |interrupt, _| m.forward_batch_with(&[(&s, &tokens)], want, interrupt))?;
+        let logits = errors::long_call(py, move |interrupt, _| {
+            m.forward_batch_with(&[(&s, &tokens)], want, interrupt)
+        })?;
         Ok(PyBytes::new(py, bytemuck::cast_slice(&logits)))
     }
 
@@ -247,21 +297,34 @@ impl PyModel {
     /// Feeds each state its token list. Returns little-endian f32 bytes: one row per
     /// sequence ("last", "hidden_last"; "argmax": u32 ids) or per token ("all",
     /// "hidden_all"), sequence after sequence; empty for "none".
-    fn forward_batch<'py>(&self, py: Python<'py>, batch: Vec<Vec<Int>>, states: Vec<PyRef<'py, PyState>>, want: &str) -> PyResult<Bound<'py, PyBytes>> {
+    fn forward_batch<'py>(
+        &self,
+        py: Python<'py>,
+        batch: Vec<Vec<Int>>,
+        states: Vec<PyRef<'py, PyState>>,
+        want: &str,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let want = parse_want(want)?;
         if batch.len() != states.len() {
-            return Err(errors::shape(format!("{} token lists but {} states: give one state per sequence", batch.len(), states.len())));
+            return Err(errors::shape(format!(
+                "{} token lists but {} states: give one state per sequence",
+                batch.len(),
+                states.len()
+            )));
         }
         let v = self.inner.config.vocab_size;
         let batch = batch
             .into_iter()
             .enumerate()
-            .map(|(i, t)| tokens_from(t, v).map_err(|e| errors::shape(format!("sequence {i}: {}", e.value(py)))))
+            .map(|(i, t)| {
+                tokens_from(t, v).map_err(|e| errors::shape(format!("sequence {i}: {}", e.value(py))))
+            })
             .collect::<PyResult<Vec<_>>>()?;
         let states: Vec<State> = states.iter().map(|s| s.inner.clone()).collect();
         let m = self.inner.clone();
         let out = errors::long_call(py, move |interrupt, _| {
-            let items: Vec<(&State, &[u32])> = states.iter().zip(&batch).map(|(s, t)| (s, t.as_slice())).collect();
+            let items: Vec<(&State, &[u32])> =
+                states.iter().zip(&batch).map(|(s, t)| (s, t.as_slice())).collect();
             m.forward_batch_with(&items, want, interrupt)
         })?;
         Ok(PyBytes::new(py, bytemuck::cast_slice(&out)))
@@ -276,7 +339,11 @@ impl PyModel {
     }
 
     /// (att_shift, wkv, ffn_shift) as f32 bytes.
-    fn state_to_host<'py>(&self, py: Python<'py>, state: &PyState) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    fn state_to_host<'py>(
+        &self,
+        py: Python<'py>,
+        state: &PyState,
+    ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let m = self.inner.clone();
         let s = state.inner.clone();
         let h = py.detach(move || m.state_to_host(&s)).map_err(to_py)?;
@@ -287,7 +354,13 @@ impl PyModel {
         ))
     }
 
-    fn state_from_host(&self, py: Python<'_>, att_shift: &[u8], wkv: &[u8], ffn_shift: &[u8]) -> PyResult<PyState> {
+    fn state_from_host(
+        &self,
+        py: Python<'_>,
+        att_shift: &[u8],
+        wkv: &[u8],
+        ffn_shift: &[u8],
+    ) -> PyResult<PyState> {
         let host = HostState {
             att_shift: bytemuck::pod_collect_to_vec(att_shift),
             wkv: bytemuck::pod_collect_to_vec(wkv),
@@ -312,16 +385,26 @@ impl PyModel {
     #[pyo3(signature = (path, transpose=false))]
     fn load_state(&self, py: Python<'_>, path: PathBuf, transpose: bool) -> PyResult<PyState> {
         let m = self.inner.clone();
-        Ok(PyState { inner: py.detach(move || crate::model::state_file::load(&m, &path, transpose)).map_err(to_py)? })
+        Ok(PyState {
+            inner: py.detach(move || crate::model::state_file::load(&m, &path, transpose)).map_err(to_py)?,
+        })
     }
 
     /// An empty generation batch over this model (`Batch`): sequences join with `add`.
     fn batch(&self) -> PyBatch {
-        PyBatch { inner: Arc::new(Mutex::new(Batch::new(self.inner.clone()))), vocab: self.inner.config.vocab_size }
+        PyBatch {
+            inner: Arc::new(Mutex::new(Batch::new(self.inner.clone()))),
+            vocab: self.inner.config.vocab_size,
+        }
     }
 
     /// Final normalised hidden states, one row per token list ([B, C] f32 bytes).
-    fn embed<'py>(&self, py: Python<'py>, batch: Vec<Vec<Int>>, pooling: &str) -> PyResult<Bound<'py, PyBytes>> {
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        batch: Vec<Vec<Int>>,
+        pooling: &str,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let pooling = match pooling {
             "last" => Pooling::Last,
             "mean" => Pooling::Mean,
@@ -356,7 +439,11 @@ impl PyModel {
     /// The device memory allocator's view (Vulkan/DX12): (bytes in live allocations,
     /// bytes of the memory blocks it holds, holes included); None where not reported.
     fn allocator_report(&self) -> Option<(u64, u64)> {
-        self.inner.ctx.device.generate_allocator_report().map(|r| (r.total_allocated_bytes, r.total_reserved_bytes))
+        self.inner
+            .ctx
+            .device
+            .generate_allocator_report()
+            .map(|r| (r.total_allocated_bytes, r.total_reserved_bytes))
     }
 
     /// Counts from the last forward call: submissions (one per chunk), dispatches,
@@ -404,7 +491,12 @@ impl PyModel {
     fn ffn_value_storage(&self) -> Vec<(&'static str, u64)> {
         use crate::model::weights::Layout;
         let name = |l: Layout| if l == Layout::InputMajor { "input-major" } else { "output-major" };
-        self.inner.weights.layers.iter().map(|l| (name(l.ffn_value.layout), l.ffn_value.device_bytes())).collect()
+        self.inner
+            .weights
+            .layers
+            .iter()
+            .map(|l| (name(l.ffn_value.layout), l.ffn_value.device_bytes()))
+            .collect()
     }
 
     /// [(kernel variant, GPU nanoseconds)] for each dispatch of the last forward call
@@ -421,7 +513,10 @@ impl PyModel {
         for (i, layer) in w.layers.iter().enumerate() {
             for (entry, which) in crate::schema::layer_matrices() {
                 let name = entry.name_in(i);
-                out.push((name.strip_suffix(".weight").unwrap_or(&name).to_string(), layer.matrix(which).format.name()));
+                out.push((
+                    name.strip_suffix(".weight").unwrap_or(&name).to_string(),
+                    layer.matrix(which).format.name(),
+                ));
             }
         }
         out.push(("head".to_string(), w.head.format.name()));
@@ -441,9 +536,15 @@ struct PyBatch {
 
 impl PyBatch {
     /// Runs `f` on the batch, locked, as a long call (GIL released, interruptible).
-    fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Batch, Interrupt) -> crate::Result<T> + Send) -> PyResult<T> {
+    fn detached<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Batch, Interrupt) -> crate::Result<T> + Send,
+    ) -> PyResult<T> {
         let batch = self.inner.clone();
-        errors::long_call(py, move |interrupt, _| f(&mut batch.lock().unwrap_or_else(|p| p.into_inner()), interrupt))
+        errors::long_call(py, move |interrupt, _| {
+            f(&mut batch.lock().unwrap_or_else(|p| p.into_inner()), interrupt)
+        })
     }
 
     fn locked<T>(&self, f: impl FnOnce(&mut Batch) -> crate::Result<T>) -> PyResult<T> {
@@ -462,7 +563,14 @@ impl PyBatch {
     /// `sampler`, reset (penalty counts start empty for each run, as the official's
     /// do); it pauses after each prompt length in `pauses`. Returns its id.
     #[pyo3(signature = (state, sampler, prompt, pauses=Vec::new(), top_logprobs=None))]
-    fn add(&self, state: &PyState, sampler: &sampler::PySampler, prompt: Vec<Int>, pauses: Vec<Int>, top_logprobs: Option<Int>) -> PyResult<u64> {
+    fn add(
+        &self,
+        state: &PyState,
+        sampler: &sampler::PySampler,
+        prompt: Vec<Int>,
+        pauses: Vec<Int>,
+        top_logprobs: Option<Int>,
+    ) -> PyResult<u64> {
         let prompt = tokens_from(prompt, self.vocab)?;
         let pauses = pauses.into_iter().map(|p| p.count("pause point")).collect::<PyResult<Vec<_>>>()?;
         let top = top_logprobs.map(|n| n.count("top_logprobs")).transpose()?;

@@ -58,14 +58,38 @@ impl PySampler {
     #[pyo3(signature = (vocab_size, *, temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, banned,
                         logit_bias, seed))]
     #[allow(clippy::too_many_arguments)]
-    fn new(vocab_size: usize, temperature: f32, top_p: f32, top_k: Int, presence_penalty: f32, frequency_penalty: f32,
-           penalty_decay: f32, banned: Vec<Int>, logit_bias: Vec<(Int, f32)>, seed: Option<Int>) -> PyResult<Self> {
+    fn new(
+        vocab_size: usize,
+        temperature: f32,
+        top_p: f32,
+        top_k: Int,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        penalty_decay: f32,
+        banned: Vec<Int>,
+        logit_bias: Vec<(Int, f32)>,
+        seed: Option<Int>,
+    ) -> PyResult<Self> {
         let token = |t: Int, what: &str| t.within::<u32>(what, 0, u32::MAX);
         let top_k = top_k.count("top_k")?;
-        let banned = banned.into_iter().map(|t| token(t, "a banned token")).collect::<PyResult<Vec<u32>>>()?;
-        let logit_bias = logit_bias.into_iter().map(|(t, b)| Ok((token(t, "a logit_bias token")?, b))).collect::<PyResult<Vec<_>>>()?;
+        let banned =
+            banned.into_iter().map(|t| token(t, "a banned token")).collect::<PyResult<Vec<u32>>>()?;
+        let logit_bias = logit_bias
+            .into_iter()
+            .map(|(t, b)| Ok((token(t, "a logit_bias token")?, b)))
+            .collect::<PyResult<Vec<_>>>()?;
         let seed = seed.map(|s| s.within::<u64>("seed", 0, u64::MAX)).transpose()?;
-        let options = SamplingOptions { temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay, banned, logit_bias, seed };
+        let options = SamplingOptions {
+            temperature,
+            top_p,
+            top_k,
+            presence_penalty,
+            frequency_penalty,
+            penalty_decay,
+            banned,
+            logit_bias,
+            seed,
+        };
         let sampler = Sampler::new(options, vocab_size).map_err(to_py)?;
         Ok(PySampler { inner: Arc::new(Mutex::new(sampler)), vocab: vocab_size })
     }
@@ -95,7 +119,10 @@ impl PySampler {
     /// Counts a generated token (decay first); `token_bytes` decides the whitespace/digit rule.
     fn record(&self, token: u32, token_bytes: &[u8]) -> PyResult<()> {
         if token as usize >= self.vocab {
-            return Err(super::errors::shape(format!("token {token} is outside the vocabulary of {}", self.vocab)));
+            return Err(super::errors::shape(format!(
+                "token {token} is outside the vocabulary of {}",
+                self.vocab
+            )));
         }
         self.lock().record(token, token_bytes);
         Ok(())

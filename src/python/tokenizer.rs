@@ -22,7 +22,9 @@ pub struct PyWorldTokenizer {
 impl PyWorldTokenizer {
     fn id_list<'py>(&self, py: Python<'py>, ids: &[u32]) -> PyResult<Bound<'py, PyList>> {
         let ints = self.ints.get_or_init(|| {
-            (0..self.inner.vocab_size() as u32).map(|i| i.into_pyobject(py).expect("int conversion").into_any().unbind()).collect()
+            (0..self.inner.vocab_size() as u32)
+                .map(|i| i.into_pyobject(py).expect("int conversion").into_any().unbind())
+                .collect()
         });
         // Every id came from the trie, so it is below vocab_size.
         PyList::new(py, ids.iter().map(|&i| ints[i as usize].bind(py)))
@@ -32,7 +34,10 @@ impl PyWorldTokenizer {
 fn ids_from(ids: Vec<Int>) -> PyResult<Vec<u32>> {
     ids.iter()
         .enumerate()
-        .map(|(i, &Int(t))| u32::try_from(t).map_err(|_| super::errors::shape(format!("token id {t} at position {i} is not a valid id"))))
+        .map(|(i, &Int(t))| {
+            u32::try_from(t)
+                .map_err(|_| super::errors::shape(format!("token id {t} at position {i} is not a valid id")))
+        })
         .collect()
 }
 
@@ -55,7 +60,8 @@ impl PyWorldTokenizer {
     fn encode_batch<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Vec<Bound<'py, PyList>>> {
         let t = self.inner.clone();
         let all: Vec<Vec<u32>> = py.detach(move || {
-            let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(texts.len().max(1));
+            let workers =
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(texts.len().max(1));
             let per = texts.len().div_ceil(workers.max(1)).max(1);
             std::thread::scope(|scope| {
                 let handles: Vec<_> = texts
@@ -99,7 +105,8 @@ pub struct PyStreamDecoder {
 #[pymethods]
 impl PyStreamDecoder {
     fn push(&self, id: Int) -> PyResult<String> {
-        let id = u32::try_from(id.0).map_err(|_| super::errors::shape(format!("token id {id} is not a valid id")))?;
+        let id = u32::try_from(id.0)
+            .map_err(|_| super::errors::shape(format!("token id {id} is not a valid id")))?;
         let mut d = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         d.push(&self.tokenizer, id).map_err(to_py)
     }
