@@ -152,12 +152,11 @@ def test_matmul_tiled(benchmark, device, fmt):
     measure(benchmark, kernel, moved, flops)
 
 
-@pytest.mark.parametrize("tokens", [1, 16])
-def test_wkv7(benchmark, device, tokens):
-    """The recurrence for every head of one sequence: the state is read and written once
-    per call; per token each head does ~6 N^2 flops."""
+def wkv7_buffers(tokens):
+    """Buffers of the WKV kernels for every head of one sequence (the prefill path:
+    second stages precomputed in `lora`), and the Params words."""
     n, h = 64, C // 64
-    rng = np.random.default_rng(1)  # the prefill path: second stages precomputed in `lora`
+    rng = np.random.default_rng(1)
     rkv = rng.standard_normal((3, tokens, C)).astype(np.float32) * 0.1
     lora = rng.standard_normal((4, tokens, C)).astype(np.float32) * 0.1
     consts = rng.standard_normal(19 * C).astype(np.float32) * 0.1
@@ -168,10 +167,63 @@ def test_wkv7(benchmark, device, tokens):
     out = np.zeros((tokens, C), np.float32)
     offs = [c * C for c in (11, 12, 13, 14, 15, 16, 17, 18)]
     params = [C, tokens, 1, 0, stride, 2 * C, *offs, 64e-5] + [0] * 17
-    kernel = Kernel(device, "wkv7", ["HEAD_SIZE=64u"], "wkv7", params,
-                    [rkv, lora, consts, seqs, v_first, state, out], (h, 1, 1))
+    buffers = dict(proj=rkv, lora=lora, consts=consts, seqs=seqs, v_first=v_first, state=state, out=out)
     moved = 2 * h * n * n * 4 + (rkv.nbytes + lora.nbytes + out.nbytes)
-    measure(benchmark, kernel, moved, 6.0 * h * n * n * tokens)
+    return buffers, params, moved, 6.0 * h * n * n * tokens
+
+
+class Chain:
+    """WKV passes on shared buffers (named as in shaders/wkv7.wgsl), each dispatched in
+    turn, DISPATCHES times per call."""
+
+    def __init__(self, device, buffers, params, stages):
+        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+        words = b"".join(struct.pack("<f" if isinstance(v, float) else "<I", v) for v in params)
+        uniform = device.create_buffer_with_data(data=words, usage=wgpu.BufferUsage.UNIFORM)
+        made = {k: device.create_buffer_with_data(data=a.tobytes(), usage=usage) for k, a in buffers.items()}
+        self.device, self.out, self.stages = device, made["out"], []
+        for defines, entry, names, grid in stages:
+            module = device.create_shader_module(code=rwkv_gpu.kernel_source("wkv7", ["HEAD_SIZE=64u", *defines]))
+            pipe = device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": entry})
+            entries = [{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}}
+                       for i, b in enumerate([uniform, *(made[k] for k in names)])]
+            group = device.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=entries)
+            self.stages.append((pipe, group, grid))
+
+    def __call__(self):
+        enc = self.device.create_command_encoder()
+        cpass = enc.begin_compute_pass()
+        for _ in range(DISPATCHES):
+            for pipe, group, grid in self.stages:
+                cpass.set_pipeline(pipe)
+                cpass.set_bind_group(0, group)
+                cpass.dispatch_workgroups(*grid)
+        cpass.end()
+        self.device.queue.submit([enc.finish()])
+        self.device.queue.read_buffer(self.out, 0, 4)  # waits for the work
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_wkv7(benchmark, device, tokens):
+    """The whole kernel, token after token, for every head of one sequence: the state is
+    read and written once per call; per token each head does ~6 N^2 flops."""
+    buffers, params, moved, flops = wkv7_buffers(tokens)
+    whole = [(["STAGE_WHOLE"], "wkv7", ["proj", "lora", "consts", "seqs", "v_first", "state", "out"], (C // 64, 1, 1))]
+    measure(benchmark, Chain(device, buffers, params, whole), moved, flops)
+
+
+@pytest.mark.parametrize("tokens", [16, 64])
+def test_wkv7_three_passes(benchmark, device, tokens):
+    """The prefill path for the same work: prepare and finish over (heads, tokens), the
+    recurrence over heads with TOKEN_BLOCK = 8 tokens staged at a time."""
+    buffers, params, moved, flops = wkv7_buffers(tokens)
+    per_token, per_seq = (C // 64, tokens, 1), (C // 64, 1, 1)
+    passes = [
+        (["STAGE_PREPARE"], "wkv7_prepare", ["proj", "lora", "consts", "v_first"], per_token),
+        (["STAGE_RECURRENCE", "TOKEN_BLOCK=8u"], "wkv7_recurrence", ["proj", "lora", "seqs", "state", "out"], per_seq),
+        (["STAGE_FINISH"], "wkv7_finish", ["proj", "lora", "consts", "out"], per_token),
+    ]
+    measure(benchmark, Chain(device, buffers, params, passes), moved, flops)
 
 
 def test_layer_norm(benchmark, device):

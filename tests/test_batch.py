@@ -166,6 +166,8 @@ def test_bad_batches_raise_and_change_nothing(tiny_model):
         (([], []), rwkv_gpu.ShapeError, "empty"),
         (([[1], [600]], states), rwkv_gpu.ShapeError, "sequence 1"),
         (([[1], []], states), rwkv_gpu.ShapeError, "sequence 1"),
+        (([[1], [-1]], states), rwkv_gpu.ShapeError, "sequence 1: token id -1 at position 0"),
+        (([[2**40]], states[:1]), rwkv_gpu.ShapeError, "^token id 1099511627776 at position 0 is out of range"),
         (([[1], [2]], [states[0], states[0]]), rwkv_gpu.StateError, "same State"),
         (([[1], [2]], [states[0], other.new_state()]), rwkv_gpu.StateError, "another model"),
         (([1, 2], states), rwkv_gpu.ShapeError, "sequence 0"),

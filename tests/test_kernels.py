@@ -509,11 +509,11 @@ def test_wkv7(n, first_layer, fused):
             blocks.append(np.zeros(4, np.float32))
         proj = np.concatenate([rkv.ravel(), np.zeros(4, np.float32), *blocks])
         second = np.concatenate(words)
-        variant = [f"HEAD_SIZE={n}u", "FUSED_LORA"]
+        variant = [f"HEAD_SIZE={n}u", "STAGE_WHOLE", "FUSED_LORA"]
     else:
         mid_off = 0
         proj, lora = rkv.ravel(), rand(rng, 4, t_total, c)
-        second, variant = lora, [f"HEAD_SIZE={n}u"]
+        second, variant = lora, [f"HEAD_SIZE={n}u", "STAGE_WHOLE"]
     params = [c, t_total, len(seqs), first_layer, stride, wkv_off, *offs, eps, mid_off, 0, 0, 0, 0, *lora_k, *lora_mid, *lora_w]
     _, _, _, _, got_vf, got_state, got = run_kernel(
         "wkv7", variant, "wkv7", params, [proj, second, consts, seqs, v_first, state, out], (h, len(seqs), 1))
@@ -522,10 +522,61 @@ def test_wkv7(n, first_layer, fused):
                                                stride, wkv_off, first_layer, eps)
     # A few tokens of f32 state updates (N-term dots) and GPU exp/inverseSqrt: ~1e-6
     # relative; GroupNorm divides by each head's std of y (O(1) here). Fused: dots of
-    # <= 40 f32 terms more.
-    np.testing.assert_allclose(got_state, want_state, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # <= 40 f32 terms more. Measured on lavapipe: state <= 4e-6, out <= 2.3e-5 (fused).
+    np.testing.assert_allclose(got_state, want_state, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got_vf, want_vf.astype(np.float32))  # copied or untouched: exact
+
+
+def wkv7_token_block(n):
+    """Tokens the recurrence stages at once (wkv_token_block in src/gpu/variants.rs)."""
+    return min(max(512 // n, 1), 16)
+
+
+@pytest.mark.parametrize("n", [64, 32])
+@pytest.mark.parametrize("first_layer", [0, 1])
+def test_wkv7_in_three_passes(n, first_layer):
+    """The prefill path: wkv7_prepare and wkv7_finish over (heads, tokens), and
+    wkv7_recurrence over (heads, sequences), chained on the same buffers as the host
+    chains them. Two sequences, slots out of order: one of two token blocks and a
+    partial third (2 * block + 3 tokens), one shorter than a block."""
+    rng = np.random.default_rng(30 + n + first_layer)
+    block = wkv7_token_block(n)
+    h, slots, eps = 2, 3, 64e-5
+    long, short = 2 * block + 3, 5
+    t_total = long + short
+    c = h * n
+    wkv_off = 2 * c
+    stride = wkv_off + h * n * n + 4
+    names = ["w0", "a0", "v0", "k_k", "k_a", "r_k", "lnx_w", "lnx_b"]
+    order = rng.permutation(len(names))
+    off = {name: 3 + int(order[i]) * (c + 1) for i, name in enumerate(names)}
+    consts = rand(rng, 3 + len(names) * (c + 1))
+    seqs = np.array([[short, long, 2, 0], [0, short, 0, 0]], np.uint32)  # slot 1 is unused
+    rkv, lora = rand(rng, 3, t_total, c), rand(rng, 4, t_total, c)
+    v_first, state = rand(rng, t_total, c), rand(rng, slots * stride, scale=0.3)
+    out = np.full((t_total, c), np.nan, np.float32)
+    params = [c, t_total, len(seqs), first_layer, stride, wkv_off, *[off[name] for name in names], eps,
+              *[0] * 17]
+    size = f"HEAD_SIZE={n}u"
+
+    proj, lora_out, _, got_vf = run_kernel(
+        "wkv7", [size, "STAGE_PREPARE"], "wkv7_prepare", params, [rkv, lora, consts, v_first], (h, t_total, 1))
+    _, _, _, got_state, y = run_kernel(
+        "wkv7", [size, "STAGE_RECURRENCE", f"TOKEN_BLOCK={block}u"], "wkv7_recurrence", params,
+        [proj, lora_out, seqs, state, out], (h, len(seqs), 1))
+    *_, got = run_kernel("wkv7", [size, "STAGE_FINISH"], "wkv7_finish", params, [proj, lora_out, consts, y],
+                         (h, t_total, 1))
+
+    want, want_vf, want_state = wkv7_reference(n, h, rkv, lora, consts, off, seqs, v_first, state,
+                                               stride, wkv_off, first_layer, eps)
+    # As test_wkv7, over up to 2 * 16 + 3 = 35 tokens of f32 state updates: the state's
+    # error grows with the tokens (decays < 1 keep it bounded). Measured on lavapipe:
+    # state <= 9e-6, out <= 1.2e-5.
+    np.testing.assert_allclose(got_state, want_state, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got_vf, want_vf.astype(np.float32))
+    np.testing.assert_array_equal(proj[0], rkv[0])  # r passes through untouched
 
 
 # ---- argmax: one workgroup per head row chunk, folded into a running best ----

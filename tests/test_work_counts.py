@@ -8,7 +8,8 @@ that fusions and the program cache cannot silently regress. Per layer, a decode 
     shift (ffn), ffn key (relu^2), ffn value (+ residual)
 
 and bigger chunks 8 (the second stages as their own matmul, which reads each weight
-once for all tokens); plus ln0 once per chunk and ln_out + one head matmul per head row
+once for all tokens), or 10 from WKV_STAGED_TOKENS = 8 tokens per sequence on (the WKV
+in three passes: prepare, recurrence, finish); plus ln0 once per chunk and ln_out + one head matmul per head row
 chunk for the tokens whose logits are read. Targets (issue 12): at most 7 per layer for
 decode, one submission and one read-back per generated token, and no buffer, bind group
 or pipeline created per step once a chunk shape has run.
@@ -22,6 +23,7 @@ from conftest import DATA, open_model
 
 DECODE_PER_LAYER = 7
 CHUNK_PER_LAYER = 8
+STAGED_PER_LAYER = 10
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 
 
@@ -53,12 +55,18 @@ def test_prefill_counts_per_chunk(model):
     model.forward(list(range(300)), state)
     submissions, dispatches, readbacks = stats(model)
     assert 2 <= submissions <= 5 and readbacks == 1
-    assert dispatches == submissions * (CHUNK_PER_LAYER * layers + 1) + 2
-    assert model._m.last_stats()[3] == submissions * CHUNK_PER_LAYER * layers
+    assert dispatches == submissions * (STAGED_PER_LAYER * layers + 1) + 2
+    assert model._m.last_stats()[3] == submissions * STAGED_PER_LAYER * layers
     model.prefill(list(range(10)), state)
-    assert stats(model) == (1, CHUNK_PER_LAYER * layers + 1, 0)
+    assert stats(model) == (1, STAGED_PER_LAYER * layers + 1, 0)
     model.prefill(list(range(4)), state)  # a chunk small enough for the fused second stages
     assert stats(model) == (1, DECODE_PER_LAYER * layers + 1, 0)
+    # Two sequences of 5 tokens: too many tokens for the fused second stages, too few
+    # per sequence for the three-pass WKV (the rest as for two sequences of 2 tokens).
+    model.forward_batch([[1, 2], [3, 4]], model.new_states(2))
+    outside_layers = stats(model)[1] - DECODE_PER_LAYER * layers
+    model.forward_batch([list(range(5)), list(range(5, 10))], model.new_states(2))
+    assert stats(model) == (1, CHUNK_PER_LAYER * layers + outside_layers, 1)
 
 
 def test_a_steady_decode_step_creates_nothing(model):

@@ -12,4 +12,4 @@ pub use context::{AdapterChoice, AdapterSummary, DeviceOptions, GpuContext};
 pub use pipelines::Pipelines;
 pub use recorder::{Binding, Recorder};
 pub use shaders::Kernel;
-pub use variants::{Codes, Formats, Variant};
+pub use variants::{Codes, Formats, Variant, WkvStage};

@@ -54,6 +54,37 @@ pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
 /// Threads of a matvec workgroup, all striding along K.
 pub const MATVEC_LANES: [u32; 2] = [32, 64];
 
+/// The parts of the WKV kernel (shaders/wkv7.wgsl): one kernel token after token, or
+/// three passes for long chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WkvStage {
+    /// Everything in one dispatch; `fused_lora`: the low-rank second stages computed in
+    /// the kernel (decode).
+    Whole { fused_lora: bool },
+    /// The per-token vectors, all tokens in parallel.
+    Prepare,
+    /// The state recurrence alone, blocks of tokens staged at a time.
+    Recurrence,
+    /// GroupNorm, bonus and gate, all tokens in parallel.
+    Finish,
+}
+
+impl WkvStage {
+    pub const ALL: [WkvStage; 5] = [
+        WkvStage::Whole { fused_lora: false },
+        WkvStage::Whole { fused_lora: true },
+        WkvStage::Prepare,
+        WkvStage::Recurrence,
+        WkvStage::Finish,
+    ];
+}
+
+/// Tokens whose vectors the WKV recurrence stages at once for head size `n`: six
+/// vectors each, 12 KiB of workgroup memory (under WebGPU's 16 KiB minimum), at most 16.
+pub fn wkv_token_block(n: u32) -> u32 {
+    (512 / n).clamp(1, 16)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
     LayerNorm,
@@ -83,10 +114,9 @@ pub enum Variant {
     MatMul {
         formats: Formats,
     },
-    /// `fused_lora`: the low-rank second stages computed in the kernel (decode).
     Wkv7 {
         head_size: u32,
-        fused_lora: bool,
+        stage: WkvStage,
     },
     Quantize {
         codes: Codes,
@@ -121,7 +151,12 @@ impl Variant {
             Variant::MatVec { .. } => "matvec",
             Variant::MatVecSparse { .. } => "matvec_sparse",
             Variant::MatMul { .. } => "matmul_tiled",
-            Variant::Wkv7 { .. } => "wkv7",
+            Variant::Wkv7 { stage, .. } => match stage {
+                WkvStage::Whole { .. } => "wkv7",
+                WkvStage::Prepare => "wkv7_prepare",
+                WkvStage::Recurrence => "wkv7_recurrence",
+                WkvStage::Finish => "wkv7_finish",
+            },
             Variant::Quantize { .. } => "quantize",
             Variant::Argmax => "argmax",
             Variant::Copy => "copy",
@@ -155,9 +190,19 @@ impl Variant {
                 }
             }
             Variant::MatMul { formats } => formats.defines(&mut out),
-            Variant::Wkv7 { head_size, fused_lora } => {
+            Variant::Wkv7 { head_size, stage } => {
                 valued("HEAD_SIZE", head_size);
-                if fused_lora {
+                let flag = match stage {
+                    WkvStage::Whole { .. } => "STAGE_WHOLE",
+                    WkvStage::Prepare => "STAGE_PREPARE",
+                    WkvStage::Recurrence => {
+                        valued("TOKEN_BLOCK", wkv_token_block(head_size));
+                        "STAGE_RECURRENCE"
+                    }
+                    WkvStage::Finish => "STAGE_FINISH",
+                };
+                out.push((flag.into(), String::new()));
+                if stage == (WkvStage::Whole { fused_lora: true }) {
                     out.push(("FUSED_LORA".into(), String::new()));
                 }
             }
@@ -182,9 +227,12 @@ impl Variant {
                 format!("matvec_sparse t{tokens} {}{}", formats.label(), if count { " counted" } else { "" })
             }
             Variant::MatMul { formats } => format!("matmul_tiled {}", formats.label()),
-            Variant::Wkv7 { head_size, fused_lora } => {
-                format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" })
-            }
+            Variant::Wkv7 { head_size, stage } => match stage {
+                WkvStage::Whole { fused_lora } => {
+                    format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" })
+                }
+                _ => format!("{} n{head_size}", self.entry()),
+            },
             Variant::Quantize { codes } => format!("quantize {codes:?}").to_lowercase(),
             other => other.entry().to_string(),
         }
@@ -213,8 +261,8 @@ impl Variant {
                 }
             }
         }
-        for head_size in [32, 64] {
-            all.extend([false, true].map(|fused_lora| Variant::Wkv7 { head_size, fused_lora }));
+        for head_size in [4, 32, 64, 256] {
+            all.extend(WkvStage::ALL.map(|stage| Variant::Wkv7 { head_size, stage }));
         }
         all.extend([Codes::Int8, Codes::Nf4].map(|codes| Variant::Quantize { codes }));
         all

@@ -211,10 +211,7 @@ impl Model {
             return Err(Error::Shape("tokens is empty: give at least one token id".into()));
         }
         if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
-            return Err(Error::Shape(format!(
-                "token id {t} at position {i} is out of range: the vocabulary has {} tokens",
-                self.config.vocab_size
-            )));
+            return Err(token_out_of_range(t, i, self.config.vocab_size));
         }
         Ok(())
     }
@@ -596,4 +593,12 @@ impl Model {
             ("mapped", all.filter(|t| t.mapped()).map(|t| t.size_bytes()).sum()),
         ]
     }
+}
+
+/// The error for token id `token` at `position` outside a vocabulary of `vocab` tokens
+/// (also for ids the binding cannot even represent as u32: negative, or huge).
+pub fn token_out_of_range(token: impl std::fmt::Display, position: usize, vocab: usize) -> Error {
+    Error::Shape(format!(
+        "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens"
+    ))
 }

@@ -9,7 +9,7 @@ use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
 use crate::gpu::variants::{MATVEC_LANES, MATVEC_TOKEN_BLOCKS};
-use crate::gpu::{Binding, Formats, Recorder, Variant};
+use crate::gpu::{Binding, Formats, Recorder, Variant, WkvStage};
 
 /// Up to this many tokens, matrices use the matrix-vector kernel, which reads the
 /// weights once per 8 tokens: at most two passes, against a 64x64-token tile that would
@@ -29,6 +29,11 @@ pub const MAX_GROUPS: usize = 8;
 pub const FUSED_LORA_TOKENS: usize = 4;
 /// Low-rank hidden values the fused WKV kernel stages at most (`sh_mid` in wkv7.wgsl).
 const FUSED_LORA_WIDTH: usize = 2048;
+/// Chunks with at least this many tokens per sequence run the WKV in three passes
+/// (prepare, recurrence, finish): the sequential recurrence then has no reductions and
+/// two barriers per block of tokens, against ~25 barriers per token in the whole kernel,
+/// for two more dispatches and one more round trip of the vectors through memory.
+pub const WKV_STAGED_TOKENS: usize = 8;
 
 // ---- layer_norm.wgsl ----
 
@@ -531,7 +536,8 @@ struct WkvParams {
 
 /// Where the WKV kernel gets the low-rank second stages from.
 pub enum LoraInput<'a> {
-    /// Computed before, into `lora` (4, T, C): w, a, v, g.
+    /// Computed before, into `lora` (4, T, C): w, a, v, g. The three-pass kernel
+    /// rewrites lora's w, a, v rows and proj's k and v rows in place.
     Computed(&'a wgpu::Buffer),
     /// Computed by the kernel from the hidden values in `proj` (from `mid_off`; the four
     /// blocks at `mid` relative to it, (T, width) each) and the four matrices (w2, a2,
@@ -594,8 +600,29 @@ pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
         lora_mid: [0; 4],
         lora_w: [0; 4],
     };
-    let (fused, second) = match a.lora {
-        LoraInput::Computed(lora) => (false, lora),
+    let head_size = cfg.head_size as u32;
+    let wkv = |stage| model.pipelines.get(Variant::Wkv7 { head_size, stage });
+    let per_head_token = (cfg.n_head as u32, a.tokens as u32, 1);
+    let per_head_seq = (cfg.n_head as u32, a.n_seq as u32, 1);
+    match a.lora {
+        LoraInput::Computed(lora) if a.tokens >= WKV_STAGED_TOKENS * a.n_seq => {
+            debug_assert!(a.tokens <= 65535, "chunks are at most 256 tokens (scratch.rs)");
+            let prepare = [a.proj, lora, a.consts, a.v_first].map(Binding::whole);
+            rec.dispatch(&wkv(WkvStage::Prepare)?, &params, prepare.into(), per_head_token);
+            let recurrence = [a.proj, lora, a.seqs, a.state, a.out].map(Binding::whole);
+            rec.dispatch(&wkv(WkvStage::Recurrence)?, &params, recurrence.into(), per_head_seq);
+            let finish = [a.proj, lora, a.consts, a.out].map(Binding::whole);
+            rec.dispatch(&wkv(WkvStage::Finish)?, &params, finish.into(), per_head_token);
+        }
+        LoraInput::Computed(lora) => {
+            let bindings = [a.proj, lora, a.consts, a.seqs, a.v_first, a.state, a.out].map(Binding::whole);
+            rec.dispatch(
+                &wkv(WkvStage::Whole { fused_lora: false })?,
+                &params,
+                bindings.into(),
+                per_head_seq,
+            );
+        }
         LoraInput::Fused { buffer, mid_off, mid, matrices } => {
             params.mid_off = mid_off as u32;
             for (i, m) in matrices.iter().enumerate() {
@@ -612,21 +639,10 @@ pub fn wkv(model: &Model, rec: &mut Recorder, a: Wkv) -> Result<()> {
                     params.lora_w[i] = chunk.word_off as u32;
                 }
             }
-            (true, buffer)
+            let bindings = [a.proj, buffer, a.consts, a.seqs, a.v_first, a.state, a.out].map(Binding::whole);
+            rec.dispatch(&wkv(WkvStage::Whole { fused_lora: true })?, &params, bindings.into(), per_head_seq);
         }
-    };
-    let pipeline =
-        model.pipelines.get(Variant::Wkv7 { head_size: cfg.head_size as u32, fused_lora: fused })?;
-    let bindings = vec![
-        Binding::whole(a.proj),
-        Binding::whole(second),
-        Binding::whole(a.consts),
-        Binding::whole(a.seqs),
-        Binding::whole(a.v_first),
-        Binding::whole(a.state),
-        Binding::whole(a.out),
-    ];
-    rec.dispatch(&pipeline, &params, bindings, (cfg.n_head as u32, a.n_seq as u32, 1));
+    }
     Ok(())
 }
 
@@ -733,7 +749,7 @@ mod tests {
             &[("groups", offset_of!(MatParams, groups))],
         );
         check::<WkvParams>(
-            Variant::Wkv7 { head_size: 64, fused_lora: true },
+            Variant::Wkv7 { head_size: 64, stage: WkvStage::Whole { fused_lora: true } },
             &[
                 ("eps", offset_of!(WkvParams, eps)),
                 ("mid_off", offset_of!(WkvParams, mid_off)),

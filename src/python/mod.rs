@@ -150,17 +150,12 @@ fn parse_want(want: &str) -> PyResult<Want> {
 }
 
 fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
+    // Only what a u32 cannot hold is refused here; the core checks the vocabulary.
     tokens
         .iter()
         .enumerate()
         .map(|(i, &Int(t))| {
-            if t < 0 || t >= vocab as i128 {
-                Err(errors::shape(format!(
-                    "token id {t} at position {i} is out of range: the vocabulary has {vocab} tokens"
-                )))
-            } else {
-                Ok(t as u32)
-            }
+            u32::try_from(t).map_err(|_| to_py(crate::model::token_out_of_range(t, i, vocab)))
         })
         .collect()
 }
@@ -312,12 +307,16 @@ impl PyModel {
                 states.len()
             )));
         }
-        let v = self.inner.config.vocab_size;
+        let (v, n) = (self.inner.config.vocab_size, batch.len());
+        // Named as the core names its own token errors in a batch.
         let batch = batch
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                tokens_from(t, v).map_err(|e| errors::shape(format!("sequence {i}: {}", e.value(py))))
+                tokens_from(t, v).map_err(|e| match n {
+                    1 => e,
+                    _ => errors::shape(format!("sequence {i}: {}", e.value(py))),
+                })
             })
             .collect::<PyResult<Vec<_>>>()?;
         let states: Vec<State> = states.iter().map(|s| s.inner.clone()).collect();
