@@ -2,9 +2,10 @@
 //! groups made and every dispatch's parameters uploaded into one uniform buffer (at the
 //! device's uniform offset alignment), once. A program is encoded into one compute pass
 //! and submitted as often as needed, so a decode step that repeats the last one's
-//! shapes creates nothing on the device and uploads no parameters.
+//! shapes creates nothing on the device and uploads no parameters. The next submission's
+//! command buffer can be encoded ahead, while the GPU runs this one (`encode_spare`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::context::GpuContext;
 use super::pipelines::Pipeline;
@@ -149,7 +150,7 @@ impl Recorder {
                 })
                 .collect::<Vec<_>>()
         })?;
-        Ok(Program { steps, counts: self.counts, _uniform: uniform })
+        Ok(Program { steps, counts: self.counts, _uniform: uniform, spare: Mutex::new(None) })
     }
 
     /// Finishes and submits once (for work that does not repeat).
@@ -169,25 +170,61 @@ pub struct Program {
     pub counts: Counts,
     /// Held by the bind groups too; kept here to say that the program owns it.
     _uniform: wgpu::Buffer,
+    /// A command buffer encoded ahead of need (`encode_spare`), which the next untimed
+    /// submission takes instead of encoding its own.
+    spare: Mutex<Option<wgpu::CommandBuffer>>,
 }
 
 impl Program {
-    /// Encodes every step in order into one command buffer and submits it. `profile`:
-    /// time each dispatch on the GPU (one compute pass each, so that the timestamps
-    /// bracket it alone; slower, for profiling only).
+    /// Submits the program once: the spare command buffer if one was encoded ahead, else
+    /// one encoded now. `profile`: time each dispatch on the GPU (one compute pass each,
+    /// so that the timestamps bracket it alone; slower, for profiling only).
     pub fn submit(&self, ctx: &GpuContext, profile: bool) -> Result<Counts> {
         let mut counts = self.counts.clone();
         let timed = if profile && ctx.timestamps { counts.dispatches.min(MAX_TIMED) } else { 0 };
-        let timer = if timed > 0 { Some(Timer::new(ctx, timed)?) } else { None };
-        let mut names = Vec::with_capacity(timed);
-        let submission = ctx.scoped("submitting a forward pass", || {
+        if timed == 0 {
+            let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let buffer = match spare {
+                Some(buffer) => buffer,
+                None => self.encode(ctx, None)?.0,
+            };
+            counts.submission = Some(ctx.scoped("submitting a forward pass", || ctx.queue.submit([buffer]))?);
+            return Ok(counts);
+        }
+        let timer = Timer::new(ctx, timed)?;
+        let (buffer, names) = self.encode(ctx, Some((&timer, timed)))?;
+        counts.submission = Some(ctx.scoped("submitting a forward pass", || ctx.queue.submit([buffer]))?);
+        counts.timings = names.into_iter().zip(timer.read(ctx, timed)?).collect();
+        Ok(counts)
+    }
+
+    /// Encodes the next submission's command buffer now, while the GPU runs this one, so
+    /// that a decode loop's next step only uploads and submits. Nothing if one is spare.
+    pub fn encode_spare(&self, ctx: &GpuContext) -> Result<()> {
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.is_none() {
+            *spare = Some(self.encode(ctx, None)?.0);
+        }
+        Ok(())
+    }
+
+    /// Every step in order into one command buffer; with `timer`, the first `timed`
+    /// dispatches each in a compute pass of its own between two timestamps, and their
+    /// names in order.
+    fn encode(
+        &self,
+        ctx: &GpuContext,
+        timer: Option<(&Timer, usize)>,
+    ) -> Result<(wgpu::CommandBuffer, Vec<Arc<str>>)> {
+        let mut names = Vec::new();
+        let buffer = ctx.scoped("encoding a forward pass", || {
             let mut encoder =
                 ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
             let mut pass: Option<wgpu::ComputePass<'static>> = None;
             for step in &self.steps {
                 match step {
                     Encoded::Dispatch { pipeline, group, grid } => {
-                        let timing = timer.as_ref().filter(|_| names.len() < timed);
+                        let timing = timer.filter(|(_, timed)| names.len() < *timed).map(|(t, _)| t);
                         if timing.is_some() {
                             drop(pass.take());
                         }
@@ -219,16 +256,12 @@ impl Program {
                 }
             }
             drop(pass);
-            if let Some(t) = &timer {
+            if let Some((t, _)) = timer {
                 t.resolve(&mut encoder, names.len());
             }
-            ctx.queue.submit([encoder.finish()])
+            encoder.finish()
         })?;
-        counts.submission = Some(submission);
-        if let Some(t) = timer {
-            counts.timings = names.into_iter().zip(t.read(ctx, timed)?).collect();
-        }
-        Ok(counts)
+        Ok((buffer, names))
     }
 }
 

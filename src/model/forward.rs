@@ -217,6 +217,13 @@ pub fn run(
         stats.layer_dispatches += plan.layer_dispatches;
         stats.add(counts);
         stats.host_ns += started.elapsed().as_nanos() as u64;
+        // The next submission of this chunk shape (the next decode step, the next chunk
+        // of a long prompt) encoded while the GPU runs this one: off the critical path,
+        // and so not host time. Best effort: this call's work is submitted already, and a
+        // failure here recurs, and is reported, when the next submission encodes its own.
+        if !profile {
+            let _ = plan.program.encode_spare(ctx);
+        }
         if chunk_want == Want::None {
             continue;
         }

@@ -51,7 +51,8 @@ pub struct CallStats {
     /// under the kernel variant's name, in order.
     pub timings: Vec<(std::sync::Arc<str>, f64)>,
     /// Host time spent preparing and submitting the chunks (recording on a chunk shape's
-    /// first call, uploads, encoding), waits for the GPU excluded.
+    /// first call, uploads, encoding where no command buffer was encoded ahead, the
+    /// submission), waits for the GPU and encoding ahead excluded.
     pub host_ns: u64,
 }
 
