@@ -21,14 +21,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 import test_kernel_speed as speed  # noqa: E402
 import wgpu  # noqa: E402
 
-DEFINES = {"fp16": [], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}
+DEFINES = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}
 
 
 def other_sources(path: str, name: str, defines: dict[str, list[str]]) -> dict[str, str]:
     """The other build's kernel sources, from a process that imports it."""
     code = f"import json, rwkv_gpu; print(json.dumps({{f: rwkv_gpu.kernel_source({name!r}, d) for f, d in {defines!r}.items()}}))"
     env = {**os.environ, "PYTHONPATH": path}
-    return json.loads(subprocess.check_output([sys.executable, "-c", code], env=env))
+    try:
+        return json.loads(subprocess.check_output([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL))
+    except subprocess.CalledProcessError:
+        # Builds before F16_ONLY refuse it as an unknown define.
+        plain = {f: [d for d in ds if d != "F16_ONLY"] for f, ds in defines.items()}
+        code = f"import json, rwkv_gpu; print(json.dumps({{f: rwkv_gpu.kernel_source({name!r}, d) for f, d in {plain!r}.items()}}))"
+        return json.loads(subprocess.check_output([sys.executable, "-c", code], env=env))
 
 
 def main() -> None:

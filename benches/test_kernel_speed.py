@@ -98,13 +98,13 @@ def matmul_kernel(device, entry, fmt, m, k, t):
     x = rng.standard_normal(t * k).astype(np.float32)
     y = np.zeros(t * m, np.float32)
     code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
-    defines = {"fp16": [], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt]
+    defines = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt]
     if entry == "matvec":
         words = k // {"fp16": 8, "int8": 16, "nf4": 32}[fmt]
         defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u", f"LANES={64 if words % 64 == 0 else 32}u"]
         if "subgroup" in device.features:
             defines.append("SUBGROUPS")
-    params = [t, 0, 0, 0, m, k, 0, s_off, 0, k, 0, m, code << 8, 0, 0, 0] + [0] * 84  # one group, no activation
+    params = [t, 0, 1, 0, m, k, 0, s_off, 0, k, 0, m, code << 8, 0, 0, 0] + [0] * 84  # one group, no activation
     groups = -(-m // 8) if entry == "matvec" else -(-m // 64) * -(-t // 64)
     name = "matmul_vec" if entry == "matvec" else "matmul_mat"
     kernel = Kernel(device, name, defines, entry, params, [w, w, x, y], (groups, 1, 1))
@@ -139,8 +139,8 @@ def test_matvec_sparse(benchmark, device, fmt, zero_groups):
     x.reshape(-1, 4)[rng.random(k // 4) < zero_groups] = 0.0
     y = np.zeros(m, np.float32)
     code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
-    defines = {"fp16": [], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt] + ["TOKEN_BLOCK=1u"]
-    params = [1, 0, 0, 0, m, k, 0, s_off, 0, k, 0, m, 32 | code << 8, 0, 0, 0] + [0] * 84  # INPUT_MAJOR
+    defines = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt] + ["TOKEN_BLOCK=1u"]
+    params = [1, 0, 1, 0, m, k, 0, s_off, 0, k, 0, m, 32 | code << 8, 0, 0, 0] + [0] * 84  # INPUT_MAJOR
     kernel = Kernel(device, "matmul_sparse", defines, "matvec_sparse", params, [w, w, x, y], (-(-m // 32), 1, 1))
     measure(benchmark, kernel, w_bytes + x.nbytes + y.nbytes, 2.0 * m * k)
 

@@ -37,8 +37,8 @@ struct Group {
 struct Params {
     t: u32,        // tokens
     count_at: u32, // matmul_sparse.wgsl with COUNT_READS: first of its four counters
-    _pad1: u32,
-    _pad2: u32,
+    n_groups: u32, // groups in use, 1 ..= 8
+    _pad: u32,
     groups: array<Group, 8>,
 }
 
@@ -58,8 +58,37 @@ const FMT_NF4: u32 = 3u;
 @group(0) @binding(3) var<storage, read> x: array<vec4<f32>>;       // (T, K) at each group's x_off
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;       // (T, y_stride) at each group's y_off
 
+// Where workgroup `index` of the flat grid works: the groups' blocks run back to back,
+// group 0's first, block b of a group covering its outputs b % ceil(m / rows) (of
+// `rows` each) and token tile b / ceil(m / rows) (of `token_tiles`). A grid of groups x
+// the largest group's blocks would leave most workgroups of a small group (a low-rank
+// matrix beside r, k, v) idle, and a driver that splits a grid statically between CPU
+// cores unbalanced. `group` is p.n_groups past the last block. Uniform per workgroup.
+struct Place {
+    group: u32,
+    block: u32,
+}
+
+fn locate(index: u32, rows: u32, token_tiles: u32) -> Place {
+    var left = index;
+    for (var i = 0u; i < p.n_groups; i++) {
+        let n = (p.groups[i].m + rows - 1u) / rows * token_tiles;
+        if (left < n) {
+            return Place(i, left);
+        }
+        left -= n;
+    }
+    return Place(p.n_groups, 0u);
+}
+
 fn format_of(g: Group) -> u32 {
+#ifdef F16_ONLY
+    // A variant of f16 alone (F16_ONLY): a constant, so that every branch on the
+    // format folds away.
+    return FMT_F16;
+#else
     return (g.flags >> 8u) & 3u;
+#endif
 }
 
 // Weights per vec4<u32> of a row.

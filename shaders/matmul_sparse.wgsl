@@ -62,17 +62,18 @@ fn row8(g: Group, f: u32, row: u32, c0: u32) -> array<vec4<f32>, 2> {
 fn matvec_sparse(@builtin(workgroup_id) wid: vec3<u32>,
                  @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) li: u32) {
-    let g = p.groups[wid.z];
 #ifdef HAS_NF4
     load_nf4_table(li);
 #endif
     let cl = li % COLS;
     let kl = li / COLS;
-    let slice = wid.y * nwg.x + wid.x;
     // Uniform per workgroup: every thread returns or none does.
-    if (slice * OUTS >= g.m) {
+    let at = locate(wid.y * nwg.x + wid.x, OUTS, 1u);
+    if (at.group >= p.n_groups) {
         return;
     }
+    let g = p.groups[at.group];
+    let slice = at.block;
     let c0 = slice * OUTS + 8u * cl;
     // Columns past M (M is a multiple of 8) read the last 8 and store nothing.
     let c = min(c0, g.m - 8u);

@@ -163,15 +163,16 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
           @builtin(num_subgroups) n_sg: u32,
 #endif
           ) {
-    let g = p.groups[wid.z];
 #ifdef HAS_NF4
     load_nf4_table(lane);
 #endif
     // Uniform per workgroup: every thread returns or none does.
-    let row0 = (wid.y * nwg.x + wid.x) * ROWS;
-    if (row0 >= g.m) {
+    let at = locate(wid.y * nwg.x + wid.x, ROWS, 1u);
+    if (at.group >= p.n_groups) {
         return;
     }
+    let g = p.groups[at.group];
+    let row0 = at.block * ROWS;
     for (var t0 = 0u; t0 < p.t; t0 += TOKENS) {
         let sums = matvec_sums(g, row0, t0, lane);
 #ifdef SUBGROUPS

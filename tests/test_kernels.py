@@ -144,9 +144,9 @@ def test_ln_shift(n_mix, c):
     assert np.array_equal(got_state[:, untouched], state[:, untouched]) and np.array_equal(got_state[1], state[1])
 
 
-# ---- matmul_vec / matmul_mat: matvec grid ceil(M/8); matmul_tiled grid ceil(M/64) *
-# ceil(T/64); z = group. Each group's format is in its flags; a variant compiles the
-# formats it names (HAS_BF16, HAS_INT8, HAS_NF4). ----
+# ---- matmul_vec / matmul_mat: every group's blocks back to back in a flat grid, matvec
+# ceil(M/8) per group, matmul_tiled ceil(M/64) * ceil(T/64). Each group's format is in
+# its flags; a variant compiles the formats it names (HAS_BF16, HAS_INT8, HAS_NF4). ----
 
 # Group flags: activation id (bits 0-3), ADD (bit 4), format (bits 8-9), as
 # shaders/matmul_common.wgsl.
@@ -167,17 +167,19 @@ def token_block(t):
 
 
 def matmul_params(t, groups, count_at=0):
-    """The Params words: t, count_at, padding, then eight groups of (m, k, w_off, s_off,
-    x_off, x_stride, y_off, y_stride, flags) and three words of padding, unused ones zero."""
-    words = [t, count_at, 0, 0]
+    """The Params words: t, count_at, the group count, padding, then eight groups of (m, k,
+    w_off, s_off, x_off, x_stride, y_off, y_stride, flags) and three words of padding,
+    unused ones zero."""
+    words = [t, count_at, len(groups), 0]
     for g in groups:
         words += [int(v) for v in g] + [0, 0, 0]
     return words + [0] * (12 * (8 - len(groups)))
 
 
-def matmul_grid(entry, rows, t, n_groups, fold=False):
-    groups = -(-rows // 8) if entry == "matvec" else -(-rows // 64) * -(-t // 64)
-    return (3, -(-groups // 3), n_groups) if fold else (groups, 1, n_groups)  # the host's 2-D fold
+def matmul_grid(entry, rows, t, fold=False):
+    """The flat grid: every group's blocks back to back (`rows`: each group's outputs)."""
+    blocks = sum(-(-m // 8) if entry == "matvec" else -(-m // 64) * -(-t // 64) for m in rows)
+    return (3, -(-blocks // 3), 1) if fold else (blocks, 1, 1)  # the host's 2-D fold
 
 
 def sample_matrix(rng, m, k):
@@ -229,7 +231,7 @@ def pack_weights_of(fmt, w):
 
 
 def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64):
-    defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"]
+    defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"] or ["F16_ONLY"]  # as variants.rs
     if entry == "matvec":
         defines.append(f"TOKEN_BLOCK={tokens or token_block(t)}u")
         defines.append(f"LANES={lanes}u")
@@ -259,11 +261,10 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     x = rand(rng, x_at + 4)
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
-    rows = max(spec[0] for spec in specs)
     defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes)
     name = "matmul_vec" if entry == "matvec" else "matmul_mat"
     _, _, _, got = run_kernel(name, defines, entry, matmul_params(t, groups),
-                              [w, w, x, y], matmul_grid(entry, rows, t, len(specs), fold))
+                              [w, w, x, y], matmul_grid(entry, [spec[0] for spec in specs], t, fold))
 
     want = y.astype(f64)
     for (m, k, _w_off, _s_off, x_off, _x_stride, y_off, y_stride, _flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
@@ -324,8 +325,9 @@ def test_matmul_several_tiles(entry, m, fold):
 @pytest.mark.parametrize("t", [1, 5, 70])
 def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
     """r, k, v (quantized) beside the low-rank first stages (f16, tanh / sigmoid) in one
-    dispatch, as the time mix runs them: every group finds its codes, scales and format;
-    the smaller groups' surplus workgroups do nothing."""
+    dispatch, as the time mix runs them: every group finds its codes, scales and format,
+    and its blocks after those of the groups before it in the flat grid; the fold's
+    surplus workgroups do nothing."""
     specs = [(130, 64, None, False, "int8"), (37, 128, None, True, "nf4"), (64, 192, "relu_sq", False, "int8"),
              (5, 8, "tanh", False, "f16"), (40, 40, None, True, "bf16"), (9, 64, "sigmoid", False, "nf4"),
              (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
@@ -378,7 +380,7 @@ def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=Non
         got, got_counts = out[3], (out[4] if count else None)
     else:
         defines = [f"HAS_{fmt.upper()}"] * (fmt != "f16")
-        got = run_kernel("matmul_mat", defines, entry, matmul_params(t, [group]), [w, w, x, y], matmul_grid(entry, m, t, 1))[3]
+        got = run_kernel("matmul_mat", defines, entry, matmul_params(t, [group]), [w, w, x, y], matmul_grid(entry, [m], t))[3]
         got_counts = None
     want = y.astype(f64)
     view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]

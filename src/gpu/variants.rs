@@ -19,6 +19,10 @@ impl Formats {
     }
 
     fn defines(self, out: &mut Vec<(String, String)>) {
+        if self == Formats::F16 {
+            // Lets a kernel drop its per-group format dispatch.
+            out.push(("F16_ONLY".to_string(), String::new()));
+        }
         for (on, name) in [(self.bf16, "HAS_BF16"), (self.int8, "HAS_INT8"), (self.nf4, "HAS_NF4")] {
             if on {
                 out.push((name.to_string(), String::new()));

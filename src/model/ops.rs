@@ -221,7 +221,8 @@ struct MatGroup {
 struct MatParams {
     t: u32,
     count_at: u32,
-    _pad: [u32; 2],
+    n_groups: u32,
+    _pad: u32,
     groups: [MatGroup; MAX_GROUPS],
 }
 
@@ -367,14 +368,15 @@ struct MatDispatch<'a> {
 /// matrices: the sparse one), else the tiled one.
 fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<()> {
     let (groups, t) = (d.groups, d.t);
-    let rows = groups.iter().map(|g| g.m as usize).max().unwrap_or(0);
+    // Workgroups: every group's blocks back to back in one flat grid (`locate` in
+    // matmul_common.wgsl), blocks of `rows` outputs by `token_tiles` tiles of tokens.
+    let blocks = |rows: usize, token_tiles: usize| -> usize {
+        groups.iter().map(|g| (g.m as usize).div_ceil(rows) * token_tiles).sum()
+    };
     let input_major = groups.iter().any(|g| g.flags & INPUT_MAJOR != 0);
     let (variant, workgroups) = if t <= MATVEC_TOKENS && input_major {
         let count = d.counts.is_some();
-        (
-            Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count },
-            rows.div_ceil(SPARSE_OUTS),
-        )
+        (Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count }, blocks(SPARSE_OUTS, 1))
     } else if t <= MATVEC_TOKENS {
         let lanes = matvec_lanes(groups);
         (
@@ -384,15 +386,20 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
                 formats: d.formats,
                 subgroups: model.ctx.subgroups,
             },
-            rows.div_ceil(MATVEC_ROWS),
+            blocks(MATVEC_ROWS, 1),
         )
     } else {
-        (Variant::MatMul { formats: d.formats }, rows.div_ceil(TILE) * t.div_ceil(TILE))
+        (Variant::MatMul { formats: d.formats }, blocks(TILE, t.div_ceil(TILE)))
     };
     let pipeline = model.pipelines.get(variant)?;
     let count_at = d.counts.map_or(0, |c| c.at as u32);
-    let mut params =
-        MatParams { t: t as u32, count_at, _pad: [0; 2], groups: [MatGroup::zeroed(); MAX_GROUPS] };
+    let mut params = MatParams {
+        t: t as u32,
+        count_at,
+        n_groups: groups.len() as u32,
+        _pad: 0,
+        groups: [MatGroup::zeroed(); MAX_GROUPS],
+    };
     params.groups[..groups.len()].copy_from_slice(groups);
     let (gx, gy) = model.ctx.grid(workgroups as u32);
     // The weights twice: as vec4 rows of codes and as words of scales.
@@ -401,7 +408,7 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
     if let (true, Some(c)) = (variant.kernel() == crate::gpu::Kernel::MatmulSparse, d.counts) {
         bindings.push(Binding::whole(c.buffer));
     }
-    rec.dispatch(&pipeline, &params, bindings, (gx, gy, groups.len() as u32));
+    rec.dispatch(&pipeline, &params, bindings, (gx, gy, 1));
     Ok(())
 }
 
@@ -738,7 +745,14 @@ mod tests {
             ],
         );
         let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };
-        check::<MatParams>(mv, &[("t", 0), ("groups", offset_of!(MatParams, groups))]);
+        check::<MatParams>(
+            mv,
+            &[
+                ("t", 0),
+                ("n_groups", offset_of!(MatParams, n_groups)),
+                ("groups", offset_of!(MatParams, groups)),
+            ],
+        );
         let sparse = Variant::MatVecSparse { tokens: 1, formats: Formats::F16, count: true };
         check::<MatParams>(
             sparse,
