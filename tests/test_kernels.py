@@ -374,12 +374,12 @@ def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=Non
     group = (m, rows, 4, 4 + (s_off or 0), x_lead + k0, k, y_off, y_stride, flags)
     counts = np.zeros(8, np.uint32)
     if entry == "matvec_sparse":
-        defines = [f"HAS_{fmt.upper()}"] * (fmt != "f16") + [f"TOKEN_BLOCK={tokens or token_block(t)}u"] + ["COUNT_READS"] * count
+        defines = matmul_defines(entry, [fmt], t) + [f"TOKEN_BLOCK={tokens or token_block(t)}u"] + ["COUNT_READS"] * count
         arrays = [w, w, x, y] + [counts] * count
         out = run_kernel("matmul_sparse", defines, entry, matmul_params(t, [group], count_at=4), arrays, (-(-m // 32), 1, 1))
         got, got_counts = out[3], (out[4] if count else None)
     else:
-        defines = [f"HAS_{fmt.upper()}"] * (fmt != "f16")
+        defines = matmul_defines(entry, [fmt], t) + ["INPUT_MAJOR_W"]
         got = run_kernel("matmul_mat", defines, entry, matmul_params(t, [group]), [w, w, x, y], matmul_grid(entry, [m], t))[3]
         got_counts = None
     want = y.astype(f64)

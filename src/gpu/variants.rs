@@ -115,8 +115,10 @@ pub enum Variant {
         formats: Formats,
         count: bool,
     },
+    /// The tiled matrix-matrix product; `input_major`: every group stored input-major.
     MatMul {
         formats: Formats,
+        input_major: bool,
     },
     Wkv7 {
         head_size: u32,
@@ -193,7 +195,12 @@ impl Variant {
                     out.push(("COUNT_READS".into(), String::new()));
                 }
             }
-            Variant::MatMul { formats } => formats.defines(&mut out),
+            Variant::MatMul { formats, input_major } => {
+                formats.defines(&mut out);
+                if input_major {
+                    out.push(("INPUT_MAJOR_W".into(), String::new()));
+                }
+            }
             Variant::Wkv7 { head_size, stage } => {
                 valued("HEAD_SIZE", head_size);
                 let flag = match stage {
@@ -230,7 +237,9 @@ impl Variant {
             Variant::MatVecSparse { tokens, formats, count } => {
                 format!("matvec_sparse t{tokens} {}{}", formats.label(), if count { " counted" } else { "" })
             }
-            Variant::MatMul { formats } => format!("matmul_tiled {}", formats.label()),
+            Variant::MatMul { formats, input_major } => {
+                format!("matmul_tiled {}{}", formats.label(), if input_major { " input-major" } else { "" })
+            }
             Variant::Wkv7 { head_size, stage } => match stage {
                 WkvStage::Whole { fused_lora } => {
                     format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" })
@@ -253,7 +262,7 @@ impl Variant {
         all.extend([1, 6].map(|mixes| Variant::LnShift { mixes, keep_normalised: false }));
         all.push(Variant::LnShift { mixes: 1, keep_normalised: true });
         for formats in Formats::all() {
-            all.push(Variant::MatMul { formats });
+            all.extend([false, true].map(|input_major| Variant::MatMul { formats, input_major }));
             for tokens in MATVEC_TOKEN_BLOCKS {
                 for lanes in MATVEC_LANES {
                     for subgroups in [false, true] {

@@ -374,6 +374,10 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
         groups.iter().map(|g| (g.m as usize).div_ceil(rows) * token_tiles).sum()
     };
     let input_major = groups.iter().any(|g| g.flags & INPUT_MAJOR != 0);
+    debug_assert!(
+        groups.iter().all(|g| (g.flags & INPUT_MAJOR != 0) == input_major),
+        "one layout per dispatch"
+    );
     let (variant, workgroups) = if t <= MATVEC_TOKENS && input_major {
         let count = d.counts.is_some();
         (Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count }, blocks(SPARSE_OUTS, 1))
@@ -389,7 +393,7 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
             blocks(MATVEC_ROWS, 1),
         )
     } else {
-        (Variant::MatMul { formats: d.formats }, blocks(TILE, t.div_ceil(TILE)))
+        (Variant::MatMul { formats: d.formats, input_major }, blocks(TILE, t.div_ceil(TILE)))
     };
     let pipeline = model.pipelines.get(variant)?;
     let count_at = d.counts.map_or(0, |c| c.at as u32);
@@ -759,7 +763,7 @@ mod tests {
             &[("count_at", offset_of!(MatParams, count_at)), ("groups", offset_of!(MatParams, groups))],
         );
         check::<MatParams>(
-            Variant::MatMul { formats: Formats::F16 },
+            Variant::MatMul { formats: Formats::F16, input_major: false },
             &[("groups", offset_of!(MatParams, groups))],
         );
         check::<WkvParams>(
