@@ -155,6 +155,33 @@ const NF4_CODES = array<f32, 16>(
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176514, 0.7229568362236328, 1.0);
+#ifdef NF4_SELECT
+// The code's value by a select tree on its four bits: arithmetic only, for devices
+// where a per-lane table load costs more (CPU drivers; see Nf4Lookup in variants.rs).
+fn nf4_value(n: u32) -> f32 {
+    let b0 = (n & 1u) != 0u;
+    let b1 = (n & 2u) != 0u;
+    let c = array<vec4<f32>, 4>(
+        vec4<f32>(NF4_CODES[0], NF4_CODES[1], NF4_CODES[2], NF4_CODES[3]),
+        vec4<f32>(NF4_CODES[4], NF4_CODES[5], NF4_CODES[6], NF4_CODES[7]),
+        vec4<f32>(NF4_CODES[8], NF4_CODES[9], NF4_CODES[10], NF4_CODES[11]),
+        vec4<f32>(NF4_CODES[12], NF4_CODES[13], NF4_CODES[14], NF4_CODES[15]));
+    let b2 = (n & 4u) != 0u;
+    let b3 = (n & 8u) != 0u;
+    let v = select(select(c[0], c[1], b2), select(c[2], c[3], b2), b3);  // codes 4 (n / 4) ..
+    return select(select(v.x, v.y, b0), select(v.z, v.w, b0), b1);
+}
+
+// Nothing to load: every thread calls it (the table version holds a barrier).
+fn load_nf4_table(thread: u32) {
+}
+
+// Four NF4 weights: nibbles 4j .. 4j + 3 of a vec4<u32> (j in 0..8).
+fn unpack_nf4(v: vec4<u32>, j: u32) -> vec4<f32> {
+    let h = v[j / 2u] >> (16u * (j & 1u));
+    return vec4<f32>(nf4_value(h & 15u), nf4_value((h >> 4u) & 15u), nf4_value((h >> 8u) & 15u), nf4_value((h >> 12u) & 15u));
+}
+#else
 // The codebook in workgroup memory: a dynamically indexed private array would live in
 // off-chip local memory on NVIDIA and AMD. Filled by the first 16 threads.
 var<workgroup> nf4: array<f32, 16>;
@@ -172,5 +199,6 @@ fn unpack_nf4(v: vec4<u32>, j: u32) -> vec4<f32> {
     let h = v[j / 2u] >> (16u * (j & 1u));
     return vec4<f32>(nf4[h & 15u], nf4[(h >> 4u) & 15u], nf4[(h >> 8u) & 15u], nf4[(h >> 12u) & 15u]);
 }
+#endif
 #endif
 

@@ -230,8 +230,10 @@ def pack_weights_of(fmt, w):
     return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
 
 
-def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64):
+def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False):
     defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"] or ["F16_ONLY"]  # as variants.rs
+    if nf4_select and "nf4" in formats:
+        defines.append("NF4_SELECT")
     if entry == "matvec":
         defines.append(f"TOKEN_BLOCK={tokens or token_block(t)}u")
         defines.append(f"LANES={lanes}u")
@@ -240,7 +242,7 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64):
     return defines
 
 
-def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64):
+def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64, nf4_select=False):
     """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
     back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
     reading its own window of x and writing its own window of y; returns (got, want)."""
@@ -261,7 +263,7 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     x = rand(rng, x_at + 4)
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
-    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes)
+    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select)
     name = "matmul_vec" if entry == "matvec" else "matmul_mat"
     _, _, _, got = run_kernel(name, defines, entry, matmul_params(t, groups),
                               [w, w, x, y], matmul_grid(entry, [spec[0] for spec in specs], t, fold))
@@ -337,6 +339,30 @@ def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
             np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes}")
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("t", [1, 9, 70])
+def test_nf4_by_select_equals_the_table(entry, t):
+    """NF4_SELECT (CPU devices) decodes every code to the table's value: the mixed-format
+    dispatch above with NF4 decoded by the select tree gives bit-identical outputs, and
+    the expected product."""
+    specs = [(37, 128, None, True, "nf4"), (130, 64, None, False, "int8"), (9, 64, "sigmoid", False, "nf4"),
+             (16, 96, None, False, "f16")]
+    table, want = check_matmul_groups(entry, specs, t, seed=12)
+    select, _ = check_matmul_groups(entry, specs, t, seed=12, nf4_select=True)
+    np.testing.assert_array_equal(select, table)
+    np.testing.assert_allclose(select, want, **MATMUL_TOL)
+
+
+@pytest.mark.parametrize("entry", ["matvec_sparse", "matmul_tiled"])
+def test_nf4_by_select_input_major(entry):
+    """The same for input-major NF4 (sparse decode and the prefill GEMM)."""
+    t = 3 if entry == "matvec_sparse" else 70
+    table, want, _, _ = check_input_major(entry, 128, 200, t, "nf4", "sparse", seed=5)
+    select, _, _, _ = check_input_major(entry, 128, 200, t, "nf4", "sparse", seed=5, nf4_select=True)
+    np.testing.assert_array_equal(select, table)
+    np.testing.assert_allclose(select, want, **MATMUL_TOL)
+
+
 # ---- matmul_sparse (and matmul_tiled) on input-major matrices: stored [K rows, M wide]
 # (flag INPUT_MAJOR, bit 5), quantized blocks along M; matvec_sparse grid ceil(M/32). ----
 
@@ -357,7 +383,8 @@ def sparse_inputs(rng, t, k, pattern):
     return x
 
 
-def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=None, count=False, act=None, add=True):
+def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=None, count=False, act=None, add=True,
+                      nf4_select=False):
     """One input-major group W [m, k] (stored W.T) over t tokens; with `chunk` = (k0,
     rows), only inputs k0 .. k0 + rows (the host's chunk of a matrix split across
     bindings: x_off moves, x_stride stays K). Returns (got, want, counts, want_counts)."""
@@ -374,12 +401,12 @@ def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=Non
     group = (m, rows, 4, 4 + (s_off or 0), x_lead + k0, k, y_off, y_stride, flags)
     counts = np.zeros(8, np.uint32)
     if entry == "matvec_sparse":
-        defines = matmul_defines(entry, [fmt], t) + [f"TOKEN_BLOCK={tokens or token_block(t)}u"] + ["COUNT_READS"] * count
+        defines = matmul_defines(entry, [fmt], t, nf4_select=nf4_select) + [f"TOKEN_BLOCK={tokens or token_block(t)}u"] + ["COUNT_READS"] * count
         arrays = [w, w, x, y] + [counts] * count
         out = run_kernel("matmul_sparse", defines, entry, matmul_params(t, [group], count_at=4), arrays, (-(-m // 32), 1, 1))
         got, got_counts = out[3], (out[4] if count else None)
     else:
-        defines = matmul_defines(entry, [fmt], t) + ["INPUT_MAJOR_W"]
+        defines = matmul_defines(entry, [fmt], t, nf4_select=nf4_select) + ["INPUT_MAJOR_W"]
         got = run_kernel("matmul_mat", defines, entry, matmul_params(t, [group]), [w, w, x, y], matmul_grid(entry, [m], t))[3]
         got_counts = None
     want = y.astype(f64)

@@ -100,10 +100,15 @@ def dequantized_weights(weights, fmt, layers):
     return out
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-def test_quantized_forward_equals_reference_with_same_weights(fmt, tiny_cases):
+@pytest.mark.parametrize("fmt, lookup", [("int8", None), ("nf4", "table"), ("nf4", "select")])
+def test_quantized_forward_equals_reference_with_same_weights(fmt, lookup, tiny_cases, monkeypatch):
+    """Also under each NF4 decoding (RWKV_GPU_NF4_LOOKUP; by default the device type's)."""
     path = DATA / "tiny-rwkv7" / "model.safetensors"
+    if lookup:
+        monkeypatch.setenv("RWKV_GPU_NF4_LOOKUP", lookup)
     model = open_model(path, dtype=fmt)
+    if lookup:
+        assert model.config["nf4_lookup"] == lookup
     assert {f for n, f in model.weight_formats().items() if n.split(".", 2)[-1] + ".weight" in PROJECTIONS} == {fmt}
     weights = reference.load_safetensors(path)
     prompt = [int(t) for t in tiny_cases["prompt"]]

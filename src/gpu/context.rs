@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use super::pipeline_cache::DiskCache;
+use super::variants::Nf4Lookup;
 use crate::error::{Error, Result};
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
@@ -43,6 +44,9 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_MAX_BINDING=<bytes>`: plan as if no storage binding could exceed this,
     /// so that the tensor-splitting paths run on devices with large bindings.
     pub max_binding: Option<u64>,
+    /// `RWKV_GPU_NF4_LOOKUP=table|select`: how kernels decode NF4 codes (default: by
+    /// device type, `Nf4Lookup::for_device_type`).
+    pub nf4_lookup: Option<Nf4Lookup>,
 }
 
 impl DeviceOptions {
@@ -65,6 +69,14 @@ impl DeviceOptions {
                     Error::Invalid(format!("RWKV_GPU_MAX_BINDING must be a byte count, got {v:?}"))
                 })?;
                 self.max_binding = Some(bytes);
+            }
+        }
+        if self.nf4_lookup.is_none() {
+            if let Ok(v) = std::env::var("RWKV_GPU_NF4_LOOKUP") {
+                let lookup = Nf4Lookup::parse(&v).ok_or_else(|| {
+                    Error::Invalid(format!("RWKV_GPU_NF4_LOOKUP must be \"table\" or \"select\", got {v:?}"))
+                })?;
+                self.nf4_lookup = Some(lookup);
             }
         }
         Ok(self)
@@ -254,6 +266,8 @@ pub struct GpuContext {
     pub uniform_offset_alignment: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
+    /// How matrix kernels decode NF4 codes on this device.
+    pub nf4_lookup: Nf4Lookup,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
@@ -341,6 +355,7 @@ impl GpuContext {
             Some(cap) => cap.min(device_binding),
             None => device_binding,
         };
+        let nf4_lookup = options.nf4_lookup.unwrap_or(Nf4Lookup::for_device_type(&summary.device_type));
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -352,6 +367,7 @@ impl GpuContext {
             uniform_offset_alignment: limits.min_uniform_buffer_offset_alignment,
             shader_f16,
             subgroups,
+            nf4_lookup,
             sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,

@@ -8,7 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
-use crate::gpu::variants::{MATVEC_LANES, MATVEC_TOKEN_BLOCKS};
+use crate::gpu::variants::{Nf4Lookup, MATVEC_LANES, MATVEC_TOKEN_BLOCKS};
 use crate::gpu::{Binding, Formats, Recorder, Variant, WkvStage};
 
 /// Up to this many tokens, matrices use the matrix-vector kernel, which reads the
@@ -267,11 +267,13 @@ fn format_bits(format: WeightFormat) -> u32 {
     }
 }
 
-fn formats_of(format: WeightFormat) -> Formats {
+/// The formats a variant compiles for `format`, NF4 decoded as the device prefers.
+fn formats_of(model: &Model, format: WeightFormat) -> Formats {
     Formats {
         bf16: format == WeightFormat::Bf16,
         int8: format == WeightFormat::Int8,
         nf4: format == WeightFormat::Nf4,
+        nf4_lookup: if format == WeightFormat::Nf4 { model.ctx.nf4_lookup } else { Nf4Lookup::Table },
     }
 }
 
@@ -452,7 +454,7 @@ pub fn counted_products(
                     rec,
                     MatDispatch {
                         weights: &chunk.buffer,
-                        formats: formats_of(p.w.format),
+                        formats: formats_of(model, p.w.format),
                         groups: &groups,
                         x,
                         y,
@@ -475,7 +477,7 @@ pub fn counted_products(
         }
         let run = &products[i..i + n];
         let groups = run.iter().map(|p| p.group(&p.w.chunks[0])).collect::<Result<Vec<_>>>()?;
-        let formats = run.iter().fold(Formats::F16, |f, p| f.union(formats_of(p.w.format)));
+        let formats = run.iter().fold(Formats::F16, |f, p| f.union(formats_of(model, p.w.format)));
         matmul_dispatch(
             model,
             rec,
@@ -508,7 +510,7 @@ pub fn chunk_product(
         rec,
         MatDispatch {
             weights: &chunk.buffer,
-            formats: formats_of(p.w.format),
+            formats: formats_of(model, p.w.format),
             groups: &groups,
             x,
             y,

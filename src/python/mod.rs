@@ -33,6 +33,7 @@ fn options(
         no_subgroups,
         no_sparse_ffn: false,
         max_binding,
+        nf4_lookup: None,
     }
     .with_env()
     .map_err(to_py)
@@ -236,6 +237,11 @@ impl PyModel {
         d.set_item("driver", a.driver.clone())?;
         d.set_item("shader_f16", self.inner.ctx.shader_f16)?;
         d.set_item("subgroups", self.inner.ctx.subgroups)?;
+        let nf4_lookup = match self.inner.ctx.nf4_lookup {
+            crate::gpu::variants::Nf4Lookup::Table => "table",
+            crate::gpu::variants::Nf4Lookup::Select => "select",
+        };
+        d.set_item("nf4_lookup", nf4_lookup)?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         Ok(d)
     }
