@@ -23,7 +23,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     warnings.simplefilter("ignore")  # the software-adapter warning on lavapipe
-    model = rwkv_gpu.Model(args.model)
+    try:
+        model = rwkv_gpu.Model(args.model)
+    except rwkv_gpu.RwkvError as e:
+        raise SystemExit(f"error: {e}") from None
     ids = [int(t) for t in np.random.default_rng(0).integers(0, model.config["vocab_size"], args.tokens)]
     model.prefill(ids[:300], model.new_state())  # compiles the chunk shapes
     started = time.perf_counter()

@@ -172,10 +172,37 @@ def test_profiling_times_every_dispatch():
         assert profile == []
         return
     assert len(profile) == stats(m)[1]
-    kernels = {name.split(" ")[0] for name, _ in profile}
+    kernels = {name.split(" ")[0] for name, _, _ in profile}
     assert kernels == {"layer_norm", "ln_shift", "matvec", "matvec_sparse", "wkv7"}
-    assert any(name.startswith("matvec t2 ") and "f16+nf4" in name for name, _ in profile)
-    assert all(ns >= 0 for _, ns in profile) and sum(ns for _, ns in profile) > 0
+    assert any(name.startswith("matvec t2 ") and "f16+nf4" in name for name, _, _ in profile)
+    assert all(ns >= 0 for _, ns, _ in profile) and sum(ns for _, ns, _ in profile) > 0
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])
+def test_profile_states_the_bytes_each_product_moves(dtype):
+    """Every matrix-product dispatch states the bytes it must move (the profile's GB/s),
+    others none. A product moves its weights once however many tokens it serves, and its
+    activations per token, so two prefills of T and 2T tokens (no head; past the sizes
+    where the WKV kernel computes the low-rank second stages itself) tell them apart:
+    the weights part, 2 x bytes(T) - bytes(2T), is exactly every layer matrix the model
+    holds, as model.memory() counts them, but block 0's v1 and v2 (loaded, fp16, and
+    unused: block 0 has no value residual)."""
+    m = open_model(TINY, dtype=dtype)
+    if not m._m.set_profiling(True):
+        m._m.set_profiling(False)
+        pytest.skip("the adapter has no timestamp queries: nothing is profiled")
+    try:
+        moved = []
+        for t in (20, 40):
+            m.prefill(list(range(1, t + 1)), m.new_state())
+            profile = m._m.last_profile()
+            assert all((b > 0) == name.startswith("matmul") for name, _, b in profile)
+            moved.append(sum(b for _, _, b in profile))
+    finally:
+        m._m.set_profiling(False)
+    mem, cfg = m.memory(), m.config
+    unused = 2 * (2 * cfg["n_embd"] * cfg["lora_widths"][2])
+    assert 2 * moved[0] - moved[1] == sum(mem[k] for k in ("weights_fp16", "weights_int8", "weights_nf4")) - unused
 
 
 def test_scratch_bytes_follow_the_plan():

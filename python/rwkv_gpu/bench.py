@@ -204,7 +204,9 @@ def counts(model: Model, fn: Callable[[], None], tokens: int, calls: int) -> tup
 def kernel_profile(model: Model, fn: Callable[[], None]) -> dict[str, dict[str, float]] | None:
     """GPU time per kernel variant of `fn`'s last forward call (one decode step for tg,
     the whole prompt for pp), from timestamp queries around each dispatch (each in its
-    own compute pass while profiling); None where the device has no timestamp queries."""
+    own compute pass while profiling), with the bytes its dispatches must move at least
+    (matrix products: weights, inputs, outputs; 0 where not stated); None where the
+    device has no timestamp queries."""
     if not model._m.set_profiling(True):
         model._m.set_profiling(False)
         return None
@@ -213,10 +215,11 @@ def kernel_profile(model: Model, fn: Callable[[], None]) -> dict[str, dict[str, 
     finally:
         model._m.set_profiling(False)
     out: dict[str, dict[str, float]] = {}
-    for name, ns in model._m.last_profile():
-        entry = out.setdefault(name, {"calls": 0, "us": 0.0})
+    for name, ns, moves in model._m.last_profile():
+        entry = out.setdefault(name, {"calls": 0, "us": 0.0, "bytes": 0})
         entry["calls"] += 1
         entry["us"] += ns / 1e3
+        entry["bytes"] += moves
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["us"]))
 
 
@@ -437,10 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         what = "one decode step" if test.startswith("tg") else "one call"
         print(f"GPU time per kernel, {test} ({what}; each dispatch timed alone): {total:.1f} µs")
         print()
-        print("| kernel | dispatches | µs | share |")
-        print("| --- | ---: | ---: | ---: |")
+        print("| kernel | dispatches | µs | share | GB/s |")
+        print("| --- | ---: | ---: | ---: | ---: |")
         for name, e in profile.items():
-            print(f"| {name} | {e['calls']:.0f} | {e['us']:.1f} | {100 * e['us'] / total:.1f}% |")
+            rate = f"{e['bytes'] / e['us'] / 1e3:.1f}" if e["bytes"] and e["us"] > 0 else "-"
+            print(f"| {name} | {e['calls']:.0f} | {e['us']:.1f} | {100 * e['us'] / total:.1f}% | {rate} |")
     return 0
 
 

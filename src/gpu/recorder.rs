@@ -34,6 +34,8 @@ struct Dispatch {
     params_len: u64,
     bindings: Vec<Binding>,
     grid: (u32, u32, u32),
+    /// Bytes the dispatch must move at least (0: not stated); profiles divide by its time.
+    moves: u64,
 }
 
 #[derive(Clone)]
@@ -55,9 +57,9 @@ enum Step {
 pub struct Counts {
     pub dispatches: usize,
     pub copies: usize,
-    /// With profiling on a device with timestamp queries: each dispatch's GPU time in
-    /// nanoseconds, under its kernel variant's label, in order.
-    pub timings: Vec<(Arc<str>, f64)>,
+    /// With profiling on a device with timestamp queries: each dispatch's kernel variant
+    /// label, GPU time in nanoseconds and the bytes it must move (0: not stated), in order.
+    pub timings: Vec<(Arc<str>, f64, u64)>,
     /// The queue submission that ran it (`Program::submit`), to wait for it alone.
     pub submission: Option<wgpu::SubmissionIndex>,
 }
@@ -87,6 +89,19 @@ impl Recorder {
         bindings: Vec<Binding>,
         grid: (u32, u32, u32),
     ) {
+        self.dispatch_moving(pipeline, params, bindings, grid, 0);
+    }
+
+    /// As `dispatch`, stating the bytes the dispatch must read and write at least
+    /// (profiles report them per second of its GPU time).
+    pub fn dispatch_moving<P: bytemuck::Pod>(
+        &mut self,
+        pipeline: &Pipeline,
+        params: &P,
+        bindings: Vec<Binding>,
+        grid: (u32, u32, u32),
+        moves: u64,
+    ) {
         let at = self.params.len().next_multiple_of(self.align);
         self.params.resize(at, 0);
         self.params.extend_from_slice(bytemuck::bytes_of(params));
@@ -97,6 +112,7 @@ impl Recorder {
             params_len: std::mem::size_of::<P>() as u64,
             bindings,
             grid,
+            moves,
         }));
     }
 
@@ -145,7 +161,7 @@ impl Recorder {
                             entries: &entries,
                         });
                         ctx.count_bind_group();
-                        Encoded::Dispatch { pipeline: d.pipeline, group, grid: d.grid }
+                        Encoded::Dispatch { pipeline: d.pipeline, group, grid: d.grid, moves: d.moves }
                     }
                 })
                 .collect::<Vec<_>>()
@@ -159,8 +175,11 @@ impl Recorder {
     }
 }
 
+/// A timed dispatch's kernel label and stated bytes.
+type TimedDispatch = (Arc<str>, u64);
+
 enum Encoded {
-    Dispatch { pipeline: Pipeline, group: wgpu::BindGroup, grid: (u32, u32, u32) },
+    Dispatch { pipeline: Pipeline, group: wgpu::BindGroup, grid: (u32, u32, u32), moves: u64 },
     Copy(Copy),
 }
 
@@ -194,7 +213,8 @@ impl Program {
         let timer = Timer::new(ctx, timed)?;
         let (buffer, names) = self.encode(ctx, Some((&timer, timed)))?;
         counts.submission = Some(ctx.scoped("submitting a forward pass", || ctx.queue.submit([buffer]))?);
-        counts.timings = names.into_iter().zip(timer.read(ctx, timed)?).collect();
+        counts.timings =
+            names.into_iter().zip(timer.read(ctx, timed)?).map(|((n, m), ns)| (n, ns, m)).collect();
         Ok(counts)
     }
 
@@ -210,12 +230,12 @@ impl Program {
 
     /// Every step in order into one command buffer; with `timer`, the first `timed`
     /// dispatches each in a compute pass of its own between two timestamps, and their
-    /// names in order.
+    /// names and stated bytes in order.
     fn encode(
         &self,
         ctx: &GpuContext,
         timer: Option<(&Timer, usize)>,
-    ) -> Result<(wgpu::CommandBuffer, Vec<Arc<str>>)> {
+    ) -> Result<(wgpu::CommandBuffer, Vec<TimedDispatch>)> {
         let mut names = Vec::new();
         let buffer = ctx.scoped("encoding a forward pass", || {
             let mut encoder =
@@ -223,7 +243,7 @@ impl Program {
             let mut pass: Option<wgpu::ComputePass<'static>> = None;
             for step in &self.steps {
                 match step {
-                    Encoded::Dispatch { pipeline, group, grid } => {
+                    Encoded::Dispatch { pipeline, group, grid, moves } => {
                         let timing = timer.filter(|(_, timed)| names.len() < *timed).map(|(t, _)| t);
                         if timing.is_some() {
                             drop(pass.take());
@@ -246,7 +266,7 @@ impl Program {
                         p.dispatch_workgroups(grid.0, grid.1, grid.2);
                         if timing.is_some() {
                             drop(pass.take());
-                            names.push(pipeline.name.clone());
+                            names.push((pipeline.name.clone(), *moves));
                         }
                     }
                     Encoded::Copy(c) => {

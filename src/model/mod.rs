@@ -49,7 +49,7 @@ pub struct CallStats {
     pub layer_dispatches: usize,
     /// With profiling on and timestamp queries available: GPU nanoseconds per dispatch,
     /// under the kernel variant's name, in order.
-    pub timings: Vec<(std::sync::Arc<str>, f64)>,
+    pub timings: Vec<(std::sync::Arc<str>, f64, u64)>,
     /// Host time spent preparing and submitting the chunks (recording on a chunk shape's
     /// first call, uploads, encoding where no command buffer was encoded ahead, the
     /// submission), waits for the GPU and encoding ahead excluded.

@@ -414,8 +414,23 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
     if let (true, Some(c)) = (variant.kernel() == crate::gpu::Kernel::MatmulSparse, d.counts) {
         bindings.push(Binding::whole(c.buffer));
     }
-    rec.dispatch(&pipeline, &params, bindings, (gx, gy, 1));
+    let moves = groups.iter().map(|g| group_bytes(g, t)).sum();
+    rec.dispatch_moving(&pipeline, &params, bindings, (gx, gy, 1), moves);
     Ok(())
+}
+
+/// What one group's product must move at least: its weights (codes and block scales),
+/// its inputs once and its outputs (read too when accumulated), for the profile's GB/s.
+/// A sparse product is counted dense: what it reads depends on the inputs.
+fn group_bytes(g: &MatGroup, t: usize) -> u64 {
+    let format = [WeightFormat::F16, WeightFormat::Bf16, WeightFormat::Int8, WeightFormat::Nf4]
+        .into_iter()
+        .find(|&f| format_bits(f) == g.flags >> 8 & 3)
+        .expect("two bits name one of the four");
+    let (m, k) = (g.m as usize, g.k as usize);
+    let (rows, width) = if g.flags & INPUT_MAJOR != 0 { (k, m) } else { (m, k) };
+    let outputs = if g.flags & ADD != 0 { 2 } else { 1 };
+    (rows * format.row_bytes(width) + 4 * t * k + 4 * t * m * outputs) as u64
 }
 
 /// Records `products` over `t` tokens, all reading `x` and writing `y`: one dispatch for

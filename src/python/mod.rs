@@ -504,11 +504,11 @@ impl PyModel {
             .collect()
     }
 
-    /// [(kernel variant, GPU nanoseconds)] for each dispatch of the last forward call
-    /// made with profiling on (empty without timestamp queries).
-    fn last_profile(&self) -> Vec<(String, f64)> {
+    /// [(kernel variant, GPU nanoseconds, bytes it must move or 0)] for each dispatch of
+    /// the last forward call made with profiling on (empty without timestamp queries).
+    fn last_profile(&self) -> Vec<(String, f64, u64)> {
         let s = self.inner.last_stats.lock().unwrap_or_else(|p| p.into_inner());
-        s.timings.iter().map(|(name, ns)| (name.to_string(), *ns)).collect()
+        s.timings.iter().map(|(name, ns, moves)| (name.to_string(), *ns, *moves)).collect()
     }
 
     /// The formats the matrices ended up in: [(name, format)] for each layer matrix and the head.
