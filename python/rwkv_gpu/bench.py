@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(asdict(r) for r in rows)
         return 0
     print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
-    print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']}")
+    print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']} | "
+          f"kernel choices: nf4 by {cfg['nf4_lookup']} ({cfg['tuning']})")
     print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
           f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")
     print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + written, {info['copy_bytes'] >> 20} MiB buffer) | "

@@ -266,8 +266,10 @@ pub struct GpuContext {
     pub uniform_offset_alignment: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
-    /// How matrix kernels decode NF4 codes on this device.
+    /// How matrix kernels decode NF4 codes on this device by default (models may time
+    /// the other: `crate::model::tuning`), and whether the caller fixed it.
     pub nf4_lookup: Nf4Lookup,
+    pub nf4_forced: bool,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
@@ -368,6 +370,7 @@ impl GpuContext {
             shader_f16,
             subgroups,
             nf4_lookup,
+            nf4_forced: options.nf4_lookup.is_some(),
             sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,

@@ -6,6 +6,7 @@ pub mod pipeline_cache;
 pub mod pipelines;
 pub mod recorder;
 pub mod shaders;
+pub mod tuning_cache;
 pub mod variants;
 
 pub use context::{AdapterChoice, AdapterSummary, DeviceOptions, GpuContext};

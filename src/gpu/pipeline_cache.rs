@@ -24,7 +24,7 @@ pub struct DiskCache {
 }
 
 /// Where caches go, or None when turned off or no home is known.
-fn directory() -> Option<PathBuf> {
+pub(crate) fn cache_directory() -> Option<PathBuf> {
     match std::env::var_os("RWKV_GPU_CACHE_DIR") {
         Some(v) if v == "off" || v.is_empty() => None,
         Some(v) => Some(PathBuf::from(v)),
@@ -64,7 +64,7 @@ impl DiskCache {
     /// the backend has no pipeline cache or caching is off.
     pub fn open(device: &wgpu::Device, info: &wgpu::AdapterInfo) -> Option<DiskCache> {
         let key = wgpu::util::pipeline_cache_key(info)?;
-        let path = directory()?.join(key);
+        let path = cache_directory()?.join(key);
         let file = std::fs::metadata(&path)
             .ok()
             .filter(|m| m.len() <= MAX_BYTES)

@@ -69,6 +69,8 @@ struct PlanKey {
     wanted: Vec<usize>,
     /// Sparse products count the rows they read (`Model::counting_reads`).
     count_reads: bool,
+    /// The kernels' NF4 decoding (tuning times both).
+    nf4: crate::gpu::variants::Nf4Lookup,
 }
 
 struct Plan {
@@ -200,6 +202,7 @@ pub fn run(
             want: chunk_want,
             wanted: wanted.iter().map(|w| w.0).collect(),
             count_reads,
+            nf4: model.nf4_lookup(),
         };
         let cached = page.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key, s.generation);
         let plan = match cached {

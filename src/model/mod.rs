@@ -13,6 +13,7 @@ pub mod saved;
 mod scratch;
 pub mod state;
 pub mod state_file;
+pub mod tuning;
 pub mod weights;
 
 use std::path::Path;
@@ -89,6 +90,10 @@ pub struct Model {
     pub profiling: std::sync::atomic::AtomicBool,
     /// Sparse products count the rows they read (`read_counts`); off by default.
     pub counting_reads: std::sync::atomic::AtomicBool,
+    /// NF4 codes decoded by the select tree, not the table (`tuning.rs`).
+    nf4_select: std::sync::atomic::AtomicBool,
+    /// Where the kernel choices came from, and warnings about the cache file.
+    pub tuning: Mutex<tuning::Tuning>,
 }
 
 /// What the sparse value projection of one layer read since the counters were last
@@ -177,7 +182,8 @@ impl Model {
         let pipelines = Pipelines::new(ctx.clone());
         let weights = Loader::new(&ctx, &pipelines, &quant, &ck, &checked, progress).load()?;
         let pool = StatePool::new(ctx.clone(), &config)?;
-        Ok(Model {
+        let nf4_select = ctx.nf4_lookup == crate::gpu::variants::Nf4Lookup::Select;
+        let model = Model {
             pipelines,
             ctx,
             config,
@@ -188,7 +194,11 @@ impl Model {
             last_stats: Mutex::new(CallStats::default()),
             profiling: std::sync::atomic::AtomicBool::new(false),
             counting_reads: std::sync::atomic::AtomicBool::new(false),
-        })
+            nf4_select: std::sync::atomic::AtomicBool::new(nf4_select),
+            tuning: Mutex::new(tuning::Tuning::default()),
+        };
+        model.tune()?;
+        Ok(model)
     }
 
     /// Kernel variants compiled so far.

@@ -273,7 +273,7 @@ fn formats_of(model: &Model, format: WeightFormat) -> Formats {
         bf16: format == WeightFormat::Bf16,
         int8: format == WeightFormat::Int8,
         nf4: format == WeightFormat::Nf4,
-        nf4_lookup: if format == WeightFormat::Nf4 { model.ctx.nf4_lookup } else { Nf4Lookup::Table },
+        nf4_lookup: if format == WeightFormat::Nf4 { model.nf4_lookup() } else { Nf4Lookup::Table },
     }
 }
 

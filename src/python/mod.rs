@@ -237,17 +237,19 @@ impl PyModel {
         d.set_item("driver", a.driver.clone())?;
         d.set_item("shader_f16", self.inner.ctx.shader_f16)?;
         d.set_item("subgroups", self.inner.ctx.subgroups)?;
-        let nf4_lookup = match self.inner.ctx.nf4_lookup {
+        let nf4_lookup = match self.inner.nf4_lookup() {
             crate::gpu::variants::Nf4Lookup::Table => "table",
             crate::gpu::variants::Nf4Lookup::Select => "select",
         };
         d.set_item("nf4_lookup", nf4_lookup)?;
+        d.set_item("tuning", self.inner.tuning.lock().unwrap_or_else(|p| p.into_inner()).source.name())?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         Ok(d)
     }
 
     fn warnings(&self) -> Vec<String> {
-        self.inner.ctx.warnings.clone()
+        let tuning = self.inner.tuning.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.ctx.warnings.iter().chain(&tuning.warnings).cloned().collect()
     }
 
     fn new_state(&self, py: Python<'_>) -> PyResult<PyState> {

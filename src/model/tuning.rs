@@ -1,0 +1,165 @@
+//! Kernel choices timed on the model's own matrices, the first time a model shape meets
+//! an adapter: each candidate runs decode steps of this model, round after round, for at
+//! most `BUDGET` in all (the first, untimed round compiles); the fastest median wins and is kept on disk
+//! (`gpu::tuning_cache`), so later loads of the shape on that adapter only look it up.
+//! Only variants whose results are bit-identical are candidates, so the choice changes
+//! speed, never outputs. `RWKV_GPU_TUNE=off` keeps the defaults.
+//!
+//! Candidates today: how NF4 codes are decoded (a workgroup table or a select tree),
+//! for models holding NF4 matrices; the device type gives the default.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::forward::Want;
+use super::Model;
+use crate::error::Result;
+use crate::gpu::tuning_cache::{self, Choice, TuningCache};
+use crate::gpu::variants::Nf4Lookup;
+use crate::model::weights::WeightFormat;
+
+/// The most a load spends timing candidates (compilation of their kernels included).
+pub const BUDGET: Duration = Duration::from_secs(2);
+/// Timed rounds enough for a median (small models stop here, well within the budget).
+const ROUNDS: usize = 9;
+
+/// Where the model's kernel choices came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Nothing to choose for this model (no NF4 matrices): the device's defaults.
+    Default,
+    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`).
+    Forced,
+    /// `RWKV_GPU_TUNE=off`: the defaults, untimed.
+    Off,
+    /// Read from the cache file.
+    Cached,
+    /// Timed during this load.
+    Timed,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Default => "default",
+            Source::Forced => "forced",
+            Source::Off => "off",
+            Source::Cached => "cached",
+            Source::Timed => "timed",
+        }
+    }
+}
+
+/// What tuning did for a model: the source of its choices and any warning about the
+/// cache file (shown to the caller once, with the load's other warnings).
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    pub source: Source,
+    pub warnings: Vec<String>,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning { source: Source::Default, warnings: Vec::new() }
+    }
+}
+
+fn tuning_off() -> bool {
+    std::env::var("RWKV_GPU_TUNE").is_ok_and(|v| v.trim() == "off" || v.trim() == "0")
+}
+
+impl Model {
+    /// How this model's kernels decode NF4 codes.
+    pub fn nf4_lookup(&self) -> Nf4Lookup {
+        if self.nf4_select.load(Ordering::Relaxed) {
+            Nf4Lookup::Select
+        } else {
+            Nf4Lookup::Table
+        }
+    }
+
+    fn apply(&self, choice: Choice) {
+        self.nf4_select.store(choice.nf4_lookup == Nf4Lookup::Select, Ordering::Relaxed);
+    }
+
+    /// The shape part of the cache key: what the timed kernels are a function of.
+    fn tuning_shape(&self) -> String {
+        let c = &self.config;
+        let formats: Vec<&str> = self.weights.layers.iter().map(|l| l.key.format.name()).collect();
+        format!("L{} C{} F{} V{} {}", c.n_layer, c.n_embd, c.ffn_size, c.vocab_size, formats.join(","))
+    }
+
+    /// Chooses the kernel variants (see the module notes); called once, at load.
+    pub(crate) fn tune(&self) -> Result<()> {
+        let has_nf4 = self.weights.layers.iter().any(|l| l.key.format == WeightFormat::Nf4);
+        let source = if !has_nf4 {
+            Source::Default
+        } else if self.ctx.nf4_forced {
+            Source::Forced
+        } else if tuning_off() {
+            Source::Off
+        } else {
+            return self.time_choices();
+        };
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source, warnings: Vec::new() };
+        Ok(())
+    }
+
+    fn time_choices(&self) -> Result<()> {
+        let key = tuning_cache::key(&self.ctx.adapter, &self.tuning_shape());
+        let cache = TuningCache::open();
+        let found = cache.as_ref().map(|c| c.lookup(&key));
+        let warnings: Vec<String> = found.iter().filter_map(|f| f.warning.clone()).collect();
+        if let Some(choice) = found.as_ref().and_then(|f| f.choice) {
+            self.apply(choice);
+            *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) =
+                Tuning { source: Source::Cached, warnings };
+            return Ok(());
+        }
+        let default = Choice { nf4_lookup: self.ctx.nf4_lookup };
+        let other = Choice {
+            nf4_lookup: match default.nf4_lookup {
+                Nf4Lookup::Table => Nf4Lookup::Select,
+                Nf4Lookup::Select => Nf4Lookup::Table,
+            },
+        };
+        let candidates = [default, other];
+        // One decode step at a time, candidates in turn so that a change in the machine's
+        // speed hits both alike; the first step of each compiles and records (untimed).
+        let state = self.new_state()?;
+        let started = Instant::now();
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
+        // The untimed round, then timed rounds while the next one (as long as the last)
+        // still ends within the budget. No timed round (a slow device, a big model): the
+        // default.
+        let mut round = 0;
+        let mut last = Duration::ZERO;
+        while round == 0 || (round <= ROUNDS && started.elapsed() + last <= BUDGET) {
+            let round_started = Instant::now();
+            for (i, &choice) in candidates.iter().enumerate() {
+                self.apply(choice);
+                let step = Instant::now();
+                self.forward(&state, &[0], Want::Argmax)?;
+                if round > 0 {
+                    times[i].push(step.elapsed().as_secs_f64());
+                }
+            }
+            round += 1;
+            last = round_started.elapsed();
+        }
+        let median = |t: &Vec<f64>| {
+            let mut t = t.clone();
+            t.sort_by(f64::total_cmp);
+            t.get(t.len() / 2).copied().unwrap_or(f64::INFINITY)
+        };
+        let best = (0..candidates.len())
+            .min_by(|&a, &b| median(&times[a]).total_cmp(&median(&times[b])))
+            .map_or(default, |i| candidates[i]);
+        self.apply(best);
+        if let (Some(cache), Some(found)) = (cache, found) {
+            cache.store(found, &key, best);
+        }
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source: Source::Timed, warnings };
+        Ok(())
+    }
+}
