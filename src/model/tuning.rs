@@ -86,12 +86,21 @@ impl Model {
     fn tuning_shape(&self) -> String {
         let c = &self.config;
         let formats: Vec<&str> = self.weights.layers.iter().map(|l| l.key.format.name()).collect();
-        format!("L{} C{} F{} V{} {}", c.n_layer, c.n_embd, c.ffn_size, c.vocab_size, formats.join(","))
+        let head = self.weights.head.format.name();
+        format!(
+            "L{} C{} F{} V{} {} head {head}",
+            c.n_layer,
+            c.n_embd,
+            c.ffn_size,
+            c.vocab_size,
+            formats.join(",")
+        )
     }
 
     /// Chooses the kernel variants (see the module notes); called once, at load.
     pub(crate) fn tune(&self) -> Result<()> {
-        let has_nf4 = self.weights.layers.iter().any(|l| l.key.format == WeightFormat::Nf4);
+        let has_nf4 = self.weights.head.format == WeightFormat::Nf4
+            || self.weights.layers.iter().any(|l| l.key.format == WeightFormat::Nf4);
         let source = if !has_nf4 {
             Source::Default
         } else if self.ctx.nf4_forced {
