@@ -25,16 +25,18 @@ DEFINES = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}
 
 
 def other_sources(path: str, name: str, defines: dict[str, list[str]]) -> dict[str, str]:
-    """The other build's kernel sources, from a process that imports it."""
-    code = f"import json, rwkv_gpu; print(json.dumps({{f: rwkv_gpu.kernel_source({name!r}, d) for f, d in {defines!r}.items()}}))"
+    """The other build's kernel sources, from a process that imports it. Builds before
+    F16_ONLY refuse it as an unknown define: they are asked again without it."""
     env = {**os.environ, "PYTHONPATH": path}
+
+    def ask(defs: dict[str, list[str]], **kw) -> dict[str, str]:
+        code = f"import json, rwkv_gpu; print(json.dumps({{f: rwkv_gpu.kernel_source({name!r}, d) for f, d in {defs!r}.items()}}))"
+        return json.loads(subprocess.check_output([sys.executable, "-c", code], env=env, **kw))
+
     try:
-        return json.loads(subprocess.check_output([sys.executable, "-c", code], env=env, stderr=subprocess.DEVNULL))
+        return ask(defines, stderr=subprocess.DEVNULL)
     except subprocess.CalledProcessError:
-        # Builds before F16_ONLY refuse it as an unknown define.
-        plain = {f: [d for d in ds if d != "F16_ONLY"] for f, ds in defines.items()}
-        code = f"import json, rwkv_gpu; print(json.dumps({{f: rwkv_gpu.kernel_source({name!r}, d) for f, d in {plain!r}.items()}}))"
-        return json.loads(subprocess.check_output([sys.executable, "-c", code], env=env))
+        return ask({f: [d for d in ds if d != "F16_ONLY"] for f, ds in defines.items()})
 
 
 def main() -> None:

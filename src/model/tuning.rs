@@ -110,8 +110,12 @@ impl Model {
         } else {
             return self.time_choices();
         };
-        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source, warnings: Vec::new() };
+        self.record_tuning(source, Vec::new());
         Ok(())
+    }
+
+    fn record_tuning(&self, source: Source, warnings: Vec<String>) {
+        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source, warnings };
     }
 
     fn time_choices(&self) -> Result<()> {
@@ -121,8 +125,7 @@ impl Model {
         let warnings: Vec<String> = found.iter().filter_map(|f| f.warning.clone()).collect();
         if let Some(choice) = found.as_ref().and_then(|f| f.choice) {
             self.apply(choice);
-            *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) =
-                Tuning { source: Source::Cached, warnings };
+            self.record_tuning(Source::Cached, warnings);
             return Ok(());
         }
         let default = Choice { nf4_lookup: self.ctx.nf4_lookup };
@@ -168,7 +171,7 @@ impl Model {
         if let (Some(cache), Some(found)) = (cache, found) {
             cache.store(found, &key, best);
         }
-        *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source: Source::Timed, warnings };
+        self.record_tuning(Source::Timed, warnings);
         Ok(())
     }
 }
