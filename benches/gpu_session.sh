@@ -12,6 +12,7 @@
 #     bash benches/gpu_session.sh tests    # the test suite on the GPU (driver shader bugs), ~2 min
 #     bash benches/gpu_session.sh bench    # pp512/tg128 (+ argmax, x1-x64 direct and through the Engine, profile, bound) at 2.9B, fp16/int8/nf4
 #     bash benches/gpu_session.sh peers    # compare.py at 2.9B against web-rwkv 0.10.20
+#     bash benches/gpu_session.sh coop     # pp512 fp16/int8 on cooperative matrices vs the SIMT kernel, A B A B
 # Each writes its logs and tables under $OUT (or out/ when OUT is unset).
 # SHAPE=0.1b (etc.) overrides the 2.9B shape.
 set -euo pipefail
@@ -68,6 +69,7 @@ import json, sys
 data = json.load(open(sys.argv[1]))
 info = data["info"]
 print(f"{info['adapter']} | {info['model']} | copy {info['copy_bandwidth'] / 1e9:.0f} GB/s | bound {info['tg_bound']:.1f} t/s")
+print(f"  prefill matrices: {info['matmul_kernel_note']}")
 for r in data["rows"]:
     share = "" if r["fraction_of_bound"] is None else f" ({100 * r['fraction_of_bound']:.0f}% of bound)"
     print(f"  {r['dtype']} {r['test']}: {r['mean']:.2f} ± {r['std']:.2f} {r['unit']}{share}")
@@ -79,8 +81,31 @@ peers)
     python3 benches/peers/compare.py --shape "$shape" -p 512 -n 128 -r 3 --dtypes fp16,int8,nf4 --chunks 128,256 \
         2> "$out/peers.err" | tee "$out/peers.md"
     ;;
+coop)
+    # The prefill kernel on matrix units against the SIMT one: each run loads the same
+    # random model; A (cooperative matrices, where the check at load passes) then B
+    # (RWKV_GPU_NO_COOP_MATRIX=1), twice.
+    setup_device
+    for dtype in fp16 int8; do
+        for round in 1 2; do
+            for mode in coop simt; do
+                off=0
+                [ "$mode" = simt ] && off=1
+                RWKV_GPU_NO_COOP_MATRIX=$off python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 512 -n 8 -r 3 \
+                    --json > "$out/coop-$dtype-$mode-$round.json" 2> "$out/coop-$dtype-$mode-$round.err" \
+                    || { tail -20 "$out/coop-$dtype-$mode-$round.err"; exit 1; }
+                python3 - "$out/coop-$dtype-$mode-$round.json" "$mode" <<'EOF'
+import json, sys
+data = json.load(open(sys.argv[1]))
+pp = [r for r in data["rows"] if r["test"].startswith("pp")][0]
+print(f"{sys.argv[2]} {pp['dtype']} {pp['test']}: {pp['mean']:.1f} ± {pp['std']:.1f} t/s | {data['info']['matmul_kernel_note']}")
+EOF
+            done
+        done
+    done
+    ;;
 *)
-    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers" >&2
+    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|coop" >&2
     exit 2
     ;;
 esac

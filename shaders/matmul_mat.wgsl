@@ -27,30 +27,6 @@ const X_LOADS: u32 = 4u; // vec4s of inputs per thread per K step: 64 x 16 / 4 /
 var<workgroup> w_tile: array<vec4<f32>, 320>;  // [TILE rows][KQ_PAD]
 var<workgroup> x_tile: array<vec4<f32>, 320>;  // [TILE tokens][KQ_PAD]
 
-// Eight weights of stored row `row`, columns c0 .. c0 + 7 (c0 a multiple of 8), of rows
-// `width` wide, dequantized.
-fn weights8(g: Group, row: u32, c0: u32, width: u32) -> array<vec4<f32>, 2> {
-    let f = format_of(g);
-    let per = per_word4(g);
-    let v = w[g.w_off / 4u + row * (width / per) + c0 / per];
-    let sub = (c0 % per) / 4u;  // first 4-column block of c0 within the vec4
-    var scale = 1.0;
-    if (f >= FMT_INT8) {
-        scale = block_scale_w(g, row, c0 / 64u, width);
-    }
-#ifdef HAS_INT8
-    if (f == FMT_INT8) {
-        return array<vec4<f32>, 2>(unpack_int8(v[sub]) * scale, unpack_int8(v[sub + 1u]) * scale);
-    }
-#endif
-#ifdef HAS_NF4
-    if (f == FMT_NF4) {
-        return array<vec4<f32>, 2>(unpack_nf4(v, sub) * scale, unpack_nf4(v, sub + 1u) * scale);
-    }
-#endif
-    return array<vec4<f32>, 2>(vec4<f32>(unpack_pair(g, v.x), unpack_pair(g, v.y)), vec4<f32>(unpack_pair(g, v.z), unpack_pair(g, v.w)));
-}
-
 // What one thread stages of one K step: W_LOADS runs of eight weights, X_LOADS vec4s
 // of inputs.
 struct Staged {

@@ -3,6 +3,7 @@ they read data only from tests/data, never from outside the repository."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,6 +13,12 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Prefill on cooperative matrices (GPUs with matrix units) multiplies f16 operands, which
+# moves logits by ~5e-3: more than the 1e-3 the golden tests hold the f32 kernels to. The
+# suite runs with it off; tests/test_coop_matrix.py turns it on and holds it to its own
+# tolerance.
+os.environ["RWKV_GPU_NO_COOP_MATRIX"] = "1"
 
 # The switches that force the portable paths on a capable device. max_binding=65536
 # makes the tiny model split its head and embedding-sized matrices and its prefill into

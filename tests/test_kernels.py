@@ -33,8 +33,10 @@ def device():
     adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     if adapter is None:
         pytest.skip("no WebGPU adapter for wgpu-py")
-    # Subgroups where the adapter has them, so that the SUBGROUPS variants run too.
-    return adapter.request_device_sync(required_features=[f for f in ["subgroup"] if f in adapter.features])
+    # Subgroups and f16 where the adapter has them, so that the SUBGROUPS and the
+    # (emulated) cooperative-matrix variants run too.
+    wanted = ["subgroup", "shader-f16"]
+    return adapter.request_device_sync(required_features=[f for f in wanted if f in adapter.features])
 
 
 @functools.cache
@@ -176,10 +178,39 @@ def matmul_params(t, groups, count_at=0):
     return words + [0] * (12 * (8 - len(groups)))
 
 
-def matmul_grid(entry, rows, t, fold=False):
-    """The flat grid: every group's blocks back to back (`rows`: each group's outputs)."""
-    blocks = sum(-(-m // 8) if entry == "matvec" else -(-m // 64) * -(-t // 64) for m in rows)
+def matmul_grid(entry, rows, t, fold=False, coop_rows=128):
+    """The flat grid: every group's blocks back to back (`rows`: each group's outputs;
+    `coop_rows`: matmul_coop's tile, 32 rows per subgroup of the workgroup)."""
+    tile = {"matvec": (8, 1), "matmul_tiled": (64, 64), "matmul_coop": (coop_rows, 64)}[entry]
+    blocks = sum(-(-m // tile[0]) * -(-t // tile[1]) for m in rows)
     return (3, -(-blocks // 3), 1) if fold else (blocks, 1, 1)  # the host's 2-D fold
+
+
+KERNEL_FILES = {"matvec": "matmul_vec", "matmul_tiled": "matmul_mat", "matmul_coop": "matmul_coop"}
+
+
+@functools.cache
+def fixed_subgroup_size():
+    """The adapter's subgroup size when it is fixed (so that the test knows how many
+    subgroups a workgroup has), else None."""
+    if not {"subgroup", "shader-f16"} <= set(device().features):
+        return None
+    sizes = [a["subgroup_sizes"] for a in rwkv_gpu.adapters() if a["subgroups"]]
+    return sizes[0][0] if sizes and sizes[0][0] == sizes[0][1] else None
+
+
+def coop_defines(subgroups=4):
+    """matmul_coop emulated in workgroups of `subgroups` subgroups (4 x SG_MIN threads;
+    SG_MIN below the real size stands for a device whose subgroups can be wider)."""
+    size = fixed_subgroup_size()
+    if size is None or size * 4 // subgroups < 1:
+        pytest.skip("the emulated cooperative-matrix kernel needs f16 and subgroups of one size here")
+    return [f"SG_MIN={size * subgroups // 4}u", "COOP_EMULATED"]
+
+
+def f16_round(a):
+    """What matmul_coop multiplies: operands rounded to f16."""
+    return np.asarray(a).astype(np.float16).astype(f64)
 
 
 def sample_matrix(rng, m, k):
@@ -230,7 +261,7 @@ def pack_weights_of(fmt, w):
     return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
 
 
-def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False):
+def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False, coop_subgroups=4):
     defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"] or ["F16_ONLY"]  # as variants.rs
     if nf4_select and "nf4" in formats:
         defines.append("NF4_SELECT")
@@ -239,10 +270,13 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf
         defines.append(f"LANES={lanes}u")
         if subgroups:
             defines.append("SUBGROUPS")
+    if entry == "matmul_coop":
+        defines += coop_defines(coop_subgroups)
     return defines
 
 
-def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64, nf4_select=False):
+def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64, nf4_select=False,
+                        coop_subgroups=4):
     """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
     back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
     reading its own window of x and writing its own window of y; returns (got, want)."""
@@ -263,15 +297,15 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     x = rand(rng, x_at + 4)
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
-    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select)
-    name = "matmul_vec" if entry == "matvec" else "matmul_mat"
-    _, _, _, got = run_kernel(name, defines, entry, matmul_params(t, groups),
-                              [w, w, x, y], matmul_grid(entry, [spec[0] for spec in specs], t, fold))
+    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select, coop_subgroups)
+    grid = matmul_grid(entry, [spec[0] for spec in specs], t, fold, coop_rows=32 * coop_subgroups)
+    _, _, _, got = run_kernel(KERNEL_FILES[entry], defines, entry, matmul_params(t, groups), [w, w, x, y], grid)
 
     want = y.astype(f64)
+    operands = f16_round if entry == "matmul_coop" else (lambda a: a.astype(f64))
     for (m, k, _w_off, _s_off, x_off, _x_stride, y_off, y_stride, _flags), (_, _, act, add, _), w_exact in zip(groups, specs, exact):
         view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]  # a view
-        v = x[x_off:x_off + t * k].reshape(t, k).astype(f64) @ w_exact.T
+        v = operands(x[x_off:x_off + t * k].reshape(t, k)) @ operands(w_exact).T
         view[...] = (view if add else 0.0) + ACTS[act][1](v)
     return got, want
 
@@ -407,11 +441,13 @@ def check_input_major(entry, m, k, t, fmt, pattern, seed, tokens=None, chunk=Non
         got, got_counts = out[3], (out[4] if count else None)
     else:
         defines = matmul_defines(entry, [fmt], t, nf4_select=nf4_select) + ["INPUT_MAJOR_W"]
-        got = run_kernel("matmul_mat", defines, entry, matmul_params(t, [group]), [w, w, x, y], matmul_grid(entry, [m], t))[3]
+        got = run_kernel(KERNEL_FILES[entry], defines, entry, matmul_params(t, [group]), [w, w, x, y],
+                         matmul_grid(entry, [m], t))[3]
         got_counts = None
     want = y.astype(f64)
     view = want[y_off:y_off + t * y_stride].reshape(t, y_stride)[:, :m]
-    v = xs[:, k0:k0 + rows].astype(f64) @ stored_exact
+    operands = f16_round if entry == "matmul_coop" else (lambda a: a.astype(f64))
+    v = operands(xs[:, k0:k0 + rows]) @ operands(stored_exact)
     view[...] = (view if add else 0.0) + ACTS[act][1](v)
     # What the counting variant must report: per pass of TOKENS tokens (clamped to the
     # last), each group of four is read when any token of the pass has a non-zero in it.
@@ -467,6 +503,56 @@ def test_matmul_tiled_reads_input_major_weights(fmt, t):
     got, want, _, _ = check_input_major("matmul_tiled", m, 200, t, fmt, "dense", seed=t, act="relu_sq", add=False)
     np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{fmt} t={t}")
 
+
+
+# ---- matmul_coop (cooperative matrices), emulated: the kernel's staging, tiling and
+# stores with the matrix operations done by the subgroup's lanes (COOP_EMULATED), against
+# the product of the operands rounded to f16, as the real operations multiply them. The
+# emulation sums each 16-term block in order and the blocks in K order, in f32: ~1e-6
+# relative from NumPy's float64, as for the SIMT kernels (MATMUL_TOL). ----
+
+@pytest.mark.parametrize("t", [5, 17, 70])  # 70: a full and a partial tile of 64 tokens
+@pytest.mark.parametrize("k", [8, 40, 520])  # 8 and 40: partial K steps of 16
+@pytest.mark.parametrize("m", [37, 130])  # 130: a second tile of 128 rows
+def test_matmul_coop_shapes(m, k, t):
+    check_matmul("matmul_coop", m, k, t, seed=m * 10_000 + t * 1000 + k, add=True)
+
+
+@pytest.mark.parametrize("subgroups", [1, 2])
+def test_matmul_coop_with_wider_subgroups(subgroups):
+    """Where the driver runs subgroups wider than the narrowest (AMD: 32 to 64 lanes), a
+    workgroup has 2 (or 1) of them and a tile of 64 (32) rows; the grid is sized for
+    that, and the same products come out."""
+    for m, k, t in [(37, 40, 70), (130, 520, 17)]:
+        got, want = check_matmul_groups("matmul_coop", [(m, k, None, True, "f16")], t, seed=m + t, coop_subgroups=subgroups)
+        np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"m={m} k={k} t={t} subgroups={subgroups}")
+
+
+@pytest.mark.parametrize("fmt", ["f16", "int8", "nf4"])
+@pytest.mark.parametrize("act", list(ACTS))
+def test_matmul_coop_formats_and_activations(fmt, act):
+    check_matmul("matmul_coop", 70, 192, 20, seed=len(fmt) + 31 * ACTS[act][0], act=act, fmt=fmt, fold=True)
+
+
+def test_matmul_coop_eight_groups_of_mixed_formats_in_one_dispatch():
+    specs = [(130, 64, None, False, "int8"), (37, 128, None, True, "nf4"), (64, 192, "relu_sq", False, "int8"),
+             (5, 8, "tanh", False, "f16"), (40, 40, None, True, "f16"), (9, 64, "sigmoid", False, "nf4"),
+             (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
+    got, want = check_matmul_groups("matmul_coop", specs, 70, seed=12, fold=True)
+    np.testing.assert_allclose(got, want, **MATMUL_TOL)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "int8", "nf4"])
+@pytest.mark.parametrize("t", [17, 70])
+def test_matmul_coop_reads_input_major_weights(fmt, t):
+    m = 136 if fmt == "f16" else 128
+    got, want, _, _ = check_input_major("matmul_coop", m, 200, t, fmt, "dense", seed=t + 1, act="relu_sq", add=False)
+    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{fmt} t={t}")
+
+
+def test_matmul_coop_input_major_chunk_of_the_inputs():
+    got, want, _, _ = check_input_major("matmul_coop", 64, 384, 70, "int8", "sparse", seed=4, chunk=(128, 128))
+    np.testing.assert_allclose(got, want, **MATMUL_TOL)
 
 # ---- wkv7: grid (n_head, n_seq, 1), HEAD_SIZE threads per workgroup ----
 

@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": name, "n_layer": cfg["n_layer"], "n_embd": cfg["n_embd"], "vocab_size": cfg["vocab_size"],
         "weight_bytes_per_token": weight_bytes_per_token(model), "memory": model.memory(), "peak_host_rss": host["peak_rss"],
         "copy_bandwidth": bandwidth, "copy_bytes": min(copy_bytes, cfg["max_binding"]), "tg_bound": bound,
+        "matmul_kernel": cfg["matmul_kernel"], "matmul_kernel_note": cfg["matmul_kernel_note"],
     }
     if args.profile:
         info["kernel_profile"] = profiles
@@ -407,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
     print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']} | "
           f"kernel choices: nf4 by {cfg['nf4_lookup']} ({cfg['tuning']})")
+    print(f"prefill matrices: {cfg['matmul_kernel_note']}")
     print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
           f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")
     print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + written, {info['copy_bytes'] >> 20} MiB buffer) | "

@@ -38,6 +38,13 @@ pub struct DeviceOptions {
     pub no_f16: bool,
     /// `RWKV_GPU_NO_SUBGROUPS=1`: do not enable subgroup operations.
     pub no_subgroups: bool,
+    /// `RWKV_GPU_NO_COOP_MATRIX=1`: do not enable cooperative matrices (prefill then
+    /// runs the SIMT matrix kernel even where the device has matrix units).
+    pub no_coop_matrix: bool,
+    /// `RWKV_GPU_COOP_EMULATE=1` (tests): run the cooperative-matrix kernel with its
+    /// matrix operations emulated in plain WGSL, on a device with fixed-size subgroups
+    /// and f16 but no matrix units.
+    pub coop_emulate: bool,
     /// `RWKV_GPU_NO_SPARSE_FFN=1`: keep the channel mix's value projection in the dense
     /// layout, so that decode reads all of it (the comparison path for the sparse one).
     pub no_sparse_ffn: bool,
@@ -62,6 +69,8 @@ impl DeviceOptions {
         }
         self.no_f16 |= flag("RWKV_GPU_NO_F16");
         self.no_subgroups |= flag("RWKV_GPU_NO_SUBGROUPS");
+        self.no_coop_matrix |= flag("RWKV_GPU_NO_COOP_MATRIX");
+        self.coop_emulate |= flag("RWKV_GPU_COOP_EMULATE");
         self.no_sparse_ffn |= flag("RWKV_GPU_NO_SPARSE_FFN");
         if self.max_binding.is_none() {
             if let Ok(v) = std::env::var("RWKV_GPU_MAX_BINDING") {
@@ -94,6 +103,11 @@ pub struct AdapterSummary {
     pub driver_info: String,
     pub shader_f16: bool,
     pub subgroups: bool,
+    /// The narrowest and widest subgroups the driver may run (0 without subgroups).
+    pub subgroup_sizes: (u32, u32),
+    /// The adapter offers cooperative matrices in the one shape our kernel uses:
+    /// 16 x 16 x 16, f16 operands, f32 sums, subgroup scope.
+    pub coop_matrix_f16: bool,
     pub max_storage_binding: u64,
     pub max_buffer_size: u64,
     pub max_workgroups_per_dimension: u32,
@@ -142,11 +156,71 @@ fn summarize(index: usize, adapter: &wgpu::Adapter) -> AdapterSummary {
         driver_info: info.driver_info,
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
         subgroups: features.contains(wgpu::Features::SUBGROUP),
+        subgroup_sizes: if features.contains(wgpu::Features::SUBGROUP) {
+            (info.subgroup_min_size, info.subgroup_max_size)
+        } else {
+            (0, 0)
+        },
+        coop_matrix_f16: features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+            && adapter.cooperative_matrix_properties().iter().any(|c| {
+                (c.m_size, c.n_size, c.k_size) == (16, 16, 16)
+                    && c.ab_type == wgpu::CooperativeScalarType::F16
+                    && c.cr_type == wgpu::CooperativeScalarType::F32
+            }),
         max_storage_binding: limits.max_storage_buffer_binding_size,
         max_buffer_size: limits.max_buffer_size,
         max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         max_workgroup_invocations: limits.max_compute_invocations_per_workgroup,
     }
+}
+
+/// How the prefill kernel on cooperative matrices (shaders/matmul_coop.wgsl) runs here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoopMatrix {
+    /// The narrowest and widest subgroups the driver may run: the kernel's workgroup is
+    /// four of the narrowest, each subgroup owning 32 rows of the tile.
+    pub min_subgroup: u32,
+    pub max_subgroup: u32,
+    /// Matrix operations emulated in plain WGSL (`DeviceOptions::coop_emulate`).
+    pub emulated: bool,
+}
+
+impl CoopMatrix {
+    /// Rows of a workgroup's tile when its subgroups are the widest (the fewest rows:
+    /// the host sizes the grid by it).
+    pub fn fewest_tile_rows(self) -> usize {
+        (32 * 4 * self.min_subgroup / self.max_subgroup) as usize
+    }
+}
+
+/// Whether the prefill kernel on cooperative matrices can run: the adapter offers the
+/// 16 x 16 x 16 f16 shape with f32 sums (unless emulated), f16 and subgroups are on, and
+/// a workgroup of four of the narrowest subgroups holds at least one of the widest.
+/// Gives how, or why not.
+fn coop_matrix_support(
+    a: &AdapterSummary,
+    shader_f16: bool,
+    subgroups: bool,
+    options: &DeviceOptions,
+) -> std::result::Result<CoopMatrix, String> {
+    if options.no_coop_matrix {
+        return Err("turned off (RWKV_GPU_NO_COOP_MATRIX)".into());
+    }
+    if !a.coop_matrix_f16 && !options.coop_emulate {
+        return Err("not offered by this adapter (16x16x16, f16 operands, f32 sums)".into());
+    }
+    if !shader_f16 || !subgroups {
+        return Err("needs shader-f16 and subgroups enabled".into());
+    }
+    let (min, max) = a.subgroup_sizes;
+    let sizes_fit = crate::gpu::variants::COOP_SUBGROUP_SIZES.contains(&min)
+        && max.is_power_of_two()
+        && (min..=4 * min).contains(&max)
+        && 4 * min <= a.max_workgroup_invocations;
+    if !sizes_fit {
+        return Err(format!("no kernel for subgroups of {min} to {max} lanes"));
+    }
+    Ok(CoopMatrix { min_subgroup: min, max_subgroup: max, emulated: options.coop_emulate })
 }
 
 /// Every adapter wgpu can see, on every native backend, in a stable order.
@@ -266,6 +340,8 @@ pub struct GpuContext {
     pub uniform_offset_alignment: u32,
     pub shader_f16: bool,
     pub subgroups: bool,
+    /// Cooperative matrices enabled, for the prefill kernel on matrix units, or why not.
+    pub coop_matrix: std::result::Result<CoopMatrix, String>,
     /// How matrix kernels decode NF4 codes on this device by default (models may time
     /// the other: `crate::model::tuning`), and whether the caller fixed it.
     pub nf4_lookup: Nf4Lookup,
@@ -304,6 +380,10 @@ impl GpuContext {
         if subgroups {
             features |= wgpu::Features::SUBGROUP;
         }
+        let coop_matrix = coop_matrix_support(&summary, shader_f16, subgroups, options);
+        if coop_matrix.as_ref().is_ok_and(|c| !c.emulated) {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         // Compiled pipelines kept on disk between runs (pipeline_cache.rs), where offered.
         if available.contains(wgpu::Features::PIPELINE_CACHE) {
             features |= wgpu::Features::PIPELINE_CACHE;
@@ -325,6 +405,16 @@ impl GpuContext {
             // small ones share 4 MiB blocks.
             memory_hints: wgpu::MemoryHints::Manual {
                 suballocated_device_memory_block_size: (4 << 20)..(4 << 20),
+            },
+            // SAFETY: wgpu asks for this token before it enables an experimental
+            // feature, whose implementation may still have bugs. The only one we ask
+            // for, cooperative matrices, serves one kernel, which a model uses only once
+            // its own matrices gave the same products through it as through the SIMT
+            // kernel (model/coop_check.rs); RWKV_GPU_NO_COOP_MATRIX=1 keeps it off.
+            experimental_features: if coop_matrix.as_ref().is_ok_and(|c| !c.emulated) {
+                unsafe { wgpu::ExperimentalFeatures::enabled() }
+            } else {
+                wgpu::ExperimentalFeatures::disabled()
             },
             ..Default::default()
         };
@@ -369,6 +459,7 @@ impl GpuContext {
             uniform_offset_alignment: limits.min_uniform_buffer_offset_alignment,
             shader_f16,
             subgroups,
+            coop_matrix,
             nf4_lookup,
             nf4_forced: options.nf4_lookup.is_some(),
             sparse_ffn: !options.no_sparse_ffn,
@@ -492,6 +583,8 @@ mod tests {
             driver_info: String::new(),
             shader_f16: false,
             subgroups: false,
+            subgroup_sizes: (0, 0),
+            coop_matrix_f16: false,
             max_storage_binding: 1 << 27,
             max_buffer_size: 1 << 28,
             max_workgroups_per_dimension: 65535,
@@ -518,6 +611,40 @@ mod tests {
         assert_eq!(select(&list, Some(&AdapterChoice::parse("gl"))).unwrap().0, 0);
         // A name shared by both picks the native backend.
         assert_eq!(select(&list, Some(&AdapterChoice::parse("LLVMPIPE"))).unwrap().0, 1);
+    }
+
+    #[test]
+    fn cooperative_matrices_need_the_shape_f16_subgroups_and_one_subgroup_size() {
+        let nvidia = AdapterSummary {
+            shader_f16: true,
+            subgroups: true,
+            subgroup_sizes: (32, 32),
+            coop_matrix_f16: true,
+            ..fake(0, "RTX", "vulkan", "discrete")
+        };
+        let plain = DeviceOptions::default();
+        let real = CoopMatrix { min_subgroup: 32, max_subgroup: 32, emulated: false };
+        assert_eq!(coop_matrix_support(&nvidia, true, true, &plain), Ok(real));
+        let why = |a: &AdapterSummary, f16: bool, sg: bool, o: &DeviceOptions| {
+            coop_matrix_support(a, f16, sg, o).unwrap_err()
+        };
+        let off = DeviceOptions { no_coop_matrix: true, ..Default::default() };
+        assert!(why(&nvidia, true, true, &off).contains("RWKV_GPU_NO_COOP_MATRIX"));
+        assert!(why(&nvidia, false, true, &plain).contains("shader-f16"));
+        assert!(why(&nvidia, true, false, &plain).contains("subgroups"));
+        let radeon = AdapterSummary { subgroup_sizes: (32, 64), ..nvidia.clone() };
+        let wave = coop_matrix_support(&radeon, true, true, &plain).unwrap();
+        assert_eq!((wave.min_subgroup, wave.max_subgroup, wave.fewest_tile_rows()), (32, 64, 64));
+        assert_eq!(real.fewest_tile_rows(), 128);
+        let narrow = AdapterSummary { subgroup_sizes: (4, 4), ..nvidia.clone() };
+        assert!(why(&narrow, true, true, &plain).contains("4 to 4 lanes"));
+        let spread = AdapterSummary { subgroup_sizes: (8, 64), ..nvidia.clone() };
+        assert!(why(&spread, true, true, &plain).contains("8 to 64 lanes"));
+        let lavapipe = AdapterSummary { coop_matrix_f16: false, subgroup_sizes: (8, 8), ..nvidia };
+        assert!(why(&lavapipe, true, true, &plain).contains("not offered"));
+        let emulate = DeviceOptions { coop_emulate: true, ..Default::default() };
+        let emulated = CoopMatrix { min_subgroup: 8, max_subgroup: 8, emulated: true };
+        assert_eq!(coop_matrix_support(&lavapipe, true, true, &emulate), Ok(emulated));
     }
 
     #[test]

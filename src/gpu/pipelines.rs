@@ -40,6 +40,12 @@ impl Pipelines {
                 message: "this device has no subgroup operations enabled".into(),
             });
         }
+        if let (true, Err(why)) = (variant.needs_cooperative_matrices(), &self.ctx.coop_matrix) {
+            return Err(Error::Shader {
+                kernel: variant.label(),
+                message: format!("cooperative matrices: {why}"),
+            });
+        }
         let kernel = variant.kernel();
         let code = preprocess(kernel.name(), kernel.source(), &variant.defines())?;
         let label = variant.label();

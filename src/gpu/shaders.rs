@@ -16,6 +16,7 @@ pub enum Kernel {
     MatmulVec,
     MatmulSparse,
     MatmulMat,
+    MatmulCoop,
     Wkv7,
     Quantize,
     Argmax,
@@ -23,12 +24,13 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::LayerNorm,
         Kernel::LnShift,
         Kernel::MatmulVec,
         Kernel::MatmulSparse,
         Kernel::MatmulMat,
+        Kernel::MatmulCoop,
         Kernel::Wkv7,
         Kernel::Quantize,
         Kernel::Argmax,
@@ -44,6 +46,7 @@ impl Kernel {
             Kernel::MatmulVec => "matmul_vec",
             Kernel::MatmulSparse => "matmul_sparse",
             Kernel::MatmulMat => "matmul_mat",
+            Kernel::MatmulCoop => "matmul_coop",
             Kernel::Wkv7 => "wkv7",
             Kernel::Quantize => "quantize",
             Kernel::Argmax => "argmax",
@@ -63,6 +66,7 @@ impl Kernel {
             Kernel::MatmulVec => include_str!("../../shaders/matmul_vec.wgsl"),
             Kernel::MatmulSparse => include_str!("../../shaders/matmul_sparse.wgsl"),
             Kernel::MatmulMat => include_str!("../../shaders/matmul_mat.wgsl"),
+            Kernel::MatmulCoop => include_str!("../../shaders/matmul_coop.wgsl"),
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Quantize => include_str!("../../shaders/quantize.wgsl"),
             Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),

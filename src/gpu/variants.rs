@@ -110,6 +110,9 @@ pub enum Codes {
 pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
 /// Threads of a matvec workgroup, all striding along K.
 pub const MATVEC_LANES: [u32; 2] = [32, 64];
+/// Narrowest subgroup sizes the cooperative-matrix kernel compiles for (its workgroup is
+/// four of them).
+pub const COOP_SUBGROUP_SIZES: [u32; 4] = [8, 16, 32, 64];
 
 /// The parts of the WKV kernel (shaders/wkv7.wgsl): one kernel token after token, or
 /// three passes for long chunks.
@@ -173,6 +176,16 @@ pub enum Variant {
         formats: Formats,
         input_major: bool,
     },
+    /// The same on cooperative matrices (f16 operands, f32 sums), in workgroups of four
+    /// of the device's narrowest subgroups (`min_subgroup`: one of COOP_SUBGROUP_SIZES);
+    /// never with bf16 matrices. `emulated`: the matrix operations done in plain WGSL by
+    /// the subgroup's lanes (tests, on devices without matrix units).
+    MatMulCoop {
+        formats: Formats,
+        input_major: bool,
+        min_subgroup: u32,
+        emulated: bool,
+    },
     Wkv7 {
         head_size: u32,
         stage: WkvStage,
@@ -195,6 +208,7 @@ impl Variant {
             Variant::MatVec { .. } => Kernel::MatmulVec,
             Variant::MatVecSparse { .. } => Kernel::MatmulSparse,
             Variant::MatMul { .. } => Kernel::MatmulMat,
+            Variant::MatMulCoop { .. } => Kernel::MatmulCoop,
             Variant::Wkv7 { .. } => Kernel::Wkv7,
             Variant::Quantize { .. } => Kernel::Quantize,
             Variant::Argmax => Kernel::Argmax,
@@ -210,6 +224,7 @@ impl Variant {
             Variant::MatVec { .. } => "matvec",
             Variant::MatVecSparse { .. } => "matvec_sparse",
             Variant::MatMul { .. } => "matmul_tiled",
+            Variant::MatMulCoop { .. } => "matmul_coop",
             Variant::Wkv7 { stage, .. } => match stage {
                 WkvStage::Whole { .. } => "wkv7",
                 WkvStage::Prepare => "wkv7_prepare",
@@ -254,6 +269,16 @@ impl Variant {
                     out.push(("INPUT_MAJOR_W".into(), String::new()));
                 }
             }
+            Variant::MatMulCoop { formats, input_major, min_subgroup, emulated } => {
+                valued("SG_MIN", min_subgroup);
+                formats.defines(&mut out);
+                if input_major {
+                    out.push(("INPUT_MAJOR_W".into(), String::new()));
+                }
+                if emulated {
+                    out.push(("COOP_EMULATED".into(), String::new()));
+                }
+            }
             Variant::Wkv7 { head_size, stage } => {
                 valued("HEAD_SIZE", head_size);
                 let flag = match stage {
@@ -293,6 +318,12 @@ impl Variant {
             Variant::MatMul { formats, input_major } => {
                 format!("matmul_tiled {}{}", formats.label(), if input_major { " input-major" } else { "" })
             }
+            Variant::MatMulCoop { formats, input_major, min_subgroup, emulated } => format!(
+                "matmul_coop s{min_subgroup} {}{}{}",
+                formats.label(),
+                if input_major { " input-major" } else { "" },
+                if emulated { " emulated" } else { "" }
+            ),
             Variant::Wkv7 { head_size, stage } => match stage {
                 WkvStage::Whole { fused_lora } => {
                     format!("wkv7 n{head_size}{}", if fused_lora { " lora" } else { "" })
@@ -306,7 +337,12 @@ impl Variant {
 
     /// Whether the device must have subgroup operations enabled.
     pub fn needs_subgroups(self) -> bool {
-        matches!(self, Variant::MatVec { subgroups: true, .. })
+        matches!(self, Variant::MatVec { subgroups: true, .. } | Variant::MatMulCoop { .. })
+    }
+
+    /// Whether the device must have cooperative matrices (and f16 in shaders) enabled.
+    pub fn needs_cooperative_matrices(self) -> bool {
+        matches!(self, Variant::MatMulCoop { emulated: false, .. })
     }
 
     /// Every variant the runtime can ask for.
@@ -316,6 +352,18 @@ impl Variant {
         all.push(Variant::LnShift { mixes: 1, keep_normalised: true });
         for formats in Formats::all() {
             all.extend([false, true].map(|input_major| Variant::MatMul { formats, input_major }));
+            if !formats.bf16 {
+                for min_subgroup in COOP_SUBGROUP_SIZES {
+                    for emulated in [false, true] {
+                        all.extend([false, true].map(|input_major| Variant::MatMulCoop {
+                            formats,
+                            input_major,
+                            min_subgroup,
+                            emulated,
+                        }));
+                    }
+                }
+            }
             for tokens in MATVEC_TOKEN_BLOCKS {
                 for lanes in MATVEC_LANES {
                     for subgroups in [false, true] {
@@ -354,6 +402,44 @@ mod tests {
             )
             .validate(&module)
             .unwrap_or_else(|e| panic!("{variant:?}: {e:?}"));
+        }
+    }
+
+    /// The cooperative-matrix kernel runs on no device this suite has (lavapipe offers no
+    /// cooperative matrices), so beyond validation its every variant is also written as
+    /// SPIR-V the way wgpu's Vulkan backend writes it (SPIR-V 1.6, index and buffer
+    /// accesses restricted), which catches what naga's SPIR-V writer cannot express.
+    #[test]
+    fn cooperative_matrix_variants_write_spirv() {
+        use naga::back::spv;
+        use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
+        let coop: Vec<Variant> =
+            Variant::all().into_iter().filter(|v| v.needs_cooperative_matrices()).collect();
+        // f16 alone, +int8, +nf4 (two lookups), +int8+nf4 (two): 6, by 2 layouts.
+        assert_eq!(coop.len(), 6 * 2 * COOP_SUBGROUP_SIZES.len());
+        for variant in coop {
+            let kernel = variant.kernel();
+            let code = preprocess(kernel.name(), kernel.source(), &variant.defines()).unwrap();
+            let module = naga::front::wgsl::parse_str(&code).unwrap();
+            let info = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap();
+            let options = spv::Options {
+                lang_version: (1, 6),
+                bounds_check_policies: BoundsCheckPolicies {
+                    index: BoundsCheckPolicy::Restrict,
+                    buffer: BoundsCheckPolicy::Restrict,
+                    image_load: BoundsCheckPolicy::Restrict,
+                    binding_array: BoundsCheckPolicy::Unchecked,
+                },
+                ..Default::default()
+            };
+            let words =
+                spv::write_vec(&module, &info, &options, None).unwrap_or_else(|e| panic!("{variant:?}: {e}"));
+            assert_eq!(words[0], 0x0723_0203, "{variant:?}: SPIR-V magic number");
         }
     }
 

@@ -71,6 +71,8 @@ struct PlanKey {
     count_reads: bool,
     /// The kernels' NF4 decoding (tuning times both).
     nf4: crate::gpu::variants::Nf4Lookup,
+    /// The prefill products' kernel (the check at load runs both).
+    matmul: super::coop_check::MatmulKernel,
 }
 
 struct Plan {
@@ -203,6 +205,7 @@ pub fn run(
             wanted: wanted.iter().map(|w| w.0).collect(),
             count_reads,
             nf4: model.nf4_lookup(),
+            matmul: model.matmul_kernel(),
         };
         let cached = page.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key, s.generation);
         let plan = match cached {

@@ -3,6 +3,7 @@
 mod bandwidth;
 mod chunks;
 pub mod config;
+pub mod coop_check;
 mod forward;
 mod head;
 pub mod host_table;
@@ -94,6 +95,9 @@ pub struct Model {
     nf4_select: std::sync::atomic::AtomicBool,
     /// Where the kernel choices came from, and warnings about the cache file.
     pub tuning: Mutex<tuning::Tuning>,
+    /// Prefill products run on cooperative matrices (`coop_check.rs`), and why or why not.
+    coop_matrix: std::sync::atomic::AtomicBool,
+    pub matmul_choice: Mutex<coop_check::MatmulChoice>,
 }
 
 /// What the sparse value projection of one layer read since the counters were last
@@ -196,7 +200,10 @@ impl Model {
             counting_reads: std::sync::atomic::AtomicBool::new(false),
             nf4_select: std::sync::atomic::AtomicBool::new(nf4_select),
             tuning: Mutex::new(tuning::Tuning::default()),
+            coop_matrix: std::sync::atomic::AtomicBool::new(false),
+            matmul_choice: Mutex::new(coop_check::MatmulChoice::default()),
         };
+        model.choose_matmul_kernel()?;
         model.tune()?;
         Ok(model)
     }

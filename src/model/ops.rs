@@ -5,6 +5,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::coop_check::MatmulKernel;
 use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
@@ -393,6 +394,14 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
                 subgroups: model.ctx.subgroups,
             },
             blocks(MATVEC_ROWS, 1),
+        )
+    } else if let (MatmulKernel::CoopMatrix, Ok(coop), false) =
+        (model.matmul_kernel(), &model.ctx.coop_matrix, d.formats.bf16)
+    {
+        let (min_subgroup, emulated) = (coop.min_subgroup, coop.emulated);
+        (
+            Variant::MatMulCoop { formats: d.formats, input_major, min_subgroup, emulated },
+            blocks(coop.fewest_tile_rows(), t.div_ceil(TILE)),
         )
     } else {
         (Variant::MatMul { formats: d.formats, input_major }, blocks(TILE, t.div_ceil(TILE)))

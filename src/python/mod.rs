@@ -32,6 +32,8 @@ fn options(
         no_f16,
         no_subgroups,
         no_sparse_ffn: false,
+        no_coop_matrix: false,
+        coop_emulate: false,
         max_binding,
         nf4_lookup: None,
     }
@@ -53,6 +55,8 @@ fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
             d.set_item("driver_info", a.driver_info)?;
             d.set_item("shader_f16", a.shader_f16)?;
             d.set_item("subgroups", a.subgroups)?;
+            d.set_item("subgroup_sizes", a.subgroup_sizes)?;
+            d.set_item("cooperative_matrices", a.coop_matrix_f16)?;
             d.set_item("max_storage_binding", a.max_storage_binding)?;
             d.set_item("max_buffer_size", a.max_buffer_size)?;
             d.set_item("max_workgroups_per_dimension", a.max_workgroups_per_dimension)?;
@@ -243,13 +247,17 @@ impl PyModel {
         };
         d.set_item("nf4_lookup", nf4_lookup)?;
         d.set_item("tuning", self.inner.tuning.lock().unwrap_or_else(|p| p.into_inner()).source.name())?;
+        let matmul = self.inner.matmul_choice.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        d.set_item("matmul_kernel", matmul.kernel.name())?;
+        d.set_item("matmul_kernel_note", matmul.note)?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         Ok(d)
     }
 
     fn warnings(&self) -> Vec<String> {
         let tuning = self.inner.tuning.lock().unwrap_or_else(|p| p.into_inner());
-        self.inner.ctx.warnings.iter().chain(&tuning.warnings).cloned().collect()
+        let matmul = self.inner.matmul_choice.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner.ctx.warnings.iter().chain(&tuning.warnings).chain(&matmul.warning).cloned().collect()
     }
 
     fn new_state(&self, py: Python<'_>) -> PyResult<PyState> {
@@ -504,6 +512,15 @@ impl PyModel {
             .iter()
             .map(|l| (name(l.ffn_value.layout), l.ffn_value.device_bytes()))
             .collect()
+    }
+
+    /// The load-time check of the prefill kernels (see model/coop_check.rs): the largest
+    /// relative difference of `kernel`'s products ("simt" or "coop_matrix") from the SIMT
+    /// kernel's over the last layer's matrices and the head.
+    fn matmul_disagreement(&self, py: Python<'_>, kernel: &str) -> PyResult<f64> {
+        let kernel = crate::model::coop_check::MatmulKernel::parse(kernel).map_err(to_py)?;
+        let m = self.inner.clone();
+        py.detach(move || m.matmul_disagreement(kernel)).map_err(to_py)
     }
 
     /// [(kernel variant, GPU nanoseconds, bytes it must move or 0)] for each dispatch of
