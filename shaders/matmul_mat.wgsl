@@ -177,3 +177,151 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
 }
+
+// ---- matmul_direct: the same tiles and threads, every operand loaded by its thread ----
+//
+// For CPU drivers (Loads::Direct in variants.rs), where a workgroup runs as a loop over
+// its invocations and every per-lane load, from workgroup or storage memory alike, is a
+// scalar loop over the SIMD lanes: staging through workgroup memory there only adds
+// loads and barriers. Thread (x, y) computes the same 8 rows x 8 tokens as matmul_tiled
+// and reads them straight from the buffers, per 8 k: its 8 rows' weights (one vec4<u32>
+// each for f16) and its 8 tokens' inputs (two vec4 each): 24 loads for 512 multiply-adds,
+// against 32 from workgroup memory plus the staging in matmul_tiled (measured on
+// lavapipe: 0.66x the time, fp16 1024 x 1024 over 64 tokens). It multiplies the same
+// dequantized values in the same order (four-term dot products, k quads in order), so its
+// outputs equal matmul_tiled's bit for bit. On a GPU it would read each weight 8 times
+// from cache instead of once from memory: never chosen there.
+// Rows: nn.Linear layout, x + 8 i (as matmul_tiled); input-major, 8 x + i, so that one
+// stored row (one input's outputs) gives the thread all 8 at once.
+
+// This thread's 8 rows' weights at k0 .. k0 + 7: w8[i][h] is row i's k quad h.
+fn direct_weights(g: Group, m0: u32, lx: u32, k0: u32) -> array<array<vec4<f32>, 2>, 8> {
+    var out: array<array<vec4<f32>, 2>, 8>;
+#ifdef INPUT_MAJOR_W
+    // Eight outputs per stored row k: columns[kk][h][e] is output 8 lx + 4 h + e at k0 + kk.
+    let col = min(m0 + 8u * lx, g.m - 8u);
+    var columns: array<array<vec4<f32>, 2>, 8>;
+    for (var kk = 0u; kk < 8u; kk++) {
+        columns[kk] = weights8(g, k0 + kk, col, g.m);
+    }
+    for (var i = 0u; i < 8u; i++) {
+        let h = i / 4u;
+        let e = i % 4u;
+        out[i] = array<vec4<f32>, 2>(
+            vec4<f32>(columns[0][h][e], columns[1][h][e], columns[2][h][e], columns[3][h][e]),
+            vec4<f32>(columns[4][h][e], columns[5][h][e], columns[6][h][e], columns[7][h][e]));
+    }
+#else
+    for (var i = 0u; i < 8u; i++) {
+        out[i] = weights8(g, min(m0 + lx + 8u * i, g.m - 1u), k0, g.k);
+    }
+#endif
+    return out;
+}
+
+// The output row of this thread's row i.
+fn direct_row(m0: u32, lx: u32, i: u32) -> u32 {
+#ifdef INPUT_MAJOR_W
+    return m0 + 8u * lx + i;
+#else
+    return m0 + lx + 8u * i;
+#endif
+}
+
+@compute @workgroup_size(8, 8)
+fn matmul_direct(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+#ifdef HAS_NF4
+    load_nf4_table(li);
+#endif
+    let at = locate(wid.y * nwg.x + wid.x, TILE, (p.t + TILE - 1u) / TILE);
+    if (at.group >= p.n_groups) {
+        return;
+    }
+    let g = p.groups[at.group];
+    let tiles_m = (g.m + TILE - 1u) / TILE;
+    let m0 = (at.block % tiles_m) * TILE;
+    let t0 = (at.block / tiles_m) * TILE;
+    // Token j's inputs from vec4 xrow[j] (tokens past the chunk read the last one).
+    var xrow: array<u32, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        xrow[j] = (g.x_off + min(t0 + lid.y + 8u * j, p.t - 1u) * g.x_stride) / 4u;
+    }
+    // acc[2 j + h][e]: row i = 4 h + e, token j.
+    var acc: array<vec4<f32>, 16>;
+    for (var a = 0u; a < 16u; a++) {
+        acc[a] = vec4<f32>(0.0);
+    }
+    for (var k0 = 0u; k0 < g.k; k0 += 8u) {
+        let w8 = direct_weights(g, m0, lid.x, k0);
+        // Both k quads written out: with a rolled loop, lavapipe keeps the values in
+        // memory and indexes them per lane (measured 1.3x slower).
+        {
+            let q = k0 / 4u;
+            let x0 = x[xrow[0] + q];
+            let x1 = x[xrow[1] + q];
+            let x2 = x[xrow[2] + q];
+            let x3 = x[xrow[3] + q];
+            let x4 = x[xrow[4] + q];
+            let x5 = x[xrow[5] + q];
+            let x6 = x[xrow[6] + q];
+            let x7 = x[xrow[7] + q];
+            acc[0] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x0);
+            acc[1] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x0);
+            acc[2] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x1);
+            acc[3] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x1);
+            acc[4] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x2);
+            acc[5] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x2);
+            acc[6] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x3);
+            acc[7] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x3);
+            acc[8] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x4);
+            acc[9] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x4);
+            acc[10] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x5);
+            acc[11] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x5);
+            acc[12] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x6);
+            acc[13] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x6);
+            acc[14] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x7);
+            acc[15] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x7);
+        }
+        {
+            let q = k0 / 4u + 1u;
+            let x0 = x[xrow[0] + q];
+            let x1 = x[xrow[1] + q];
+            let x2 = x[xrow[2] + q];
+            let x3 = x[xrow[3] + q];
+            let x4 = x[xrow[4] + q];
+            let x5 = x[xrow[5] + q];
+            let x6 = x[xrow[6] + q];
+            let x7 = x[xrow[7] + q];
+            acc[0] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x0);
+            acc[1] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x0);
+            acc[2] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x1);
+            acc[3] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x1);
+            acc[4] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x2);
+            acc[5] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x2);
+            acc[6] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x3);
+            acc[7] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x3);
+            acc[8] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x4);
+            acc[9] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x4);
+            acc[10] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x5);
+            acc[11] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x5);
+            acc[12] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x6);
+            acc[13] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x6);
+            acc[14] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x7);
+            acc[15] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x7);
+        }
+    }
+    for (var h = 0u; h < 2u; h++) {
+        for (var j = 0u; j < 8u; j++) {
+            let t = t0 + lid.y + 8u * j;
+            for (var e = 0u; e < 4u; e++) {
+                let m = direct_row(m0, lid.x, 4u * h + e);
+                if (t < p.t && m < g.m) {
+                    store(g, t, m, acc[2u * j + h][e]);
+                }
+            }
+        }
+    }
+}

@@ -120,3 +120,17 @@ def test_against_numpy_reference_on_other_shape():
     state = reference.new_state(weights)
     want = reference.forward(weights, tokens, state)
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_staged_and_direct_prefill_loads_agree_bit_for_bit(monkeypatch, tiny_cases):
+    """The SIMT prefill kernel's two ways of getting operands (staged through workgroup
+    memory on GPUs, direct on CPU drivers) give the same logits to the bit."""
+    outs = {}
+    for loads in ("staged", "direct"):
+        monkeypatch.setenv("RWKV_GPU_GEMM_LOADS", loads)
+        model = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
+        assert model.config["gemm_loads"] == loads
+        outs[loads] = model.forward(tiny_cases["prompt"], model.new_state(), all_logits=True)
+        model.close()
+    assert np.array_equal(outs["staged"], outs["direct"])
+    np.testing.assert_allclose(outs["direct"], tiny_cases["prompt_logits"], atol=TOL, rtol=0)

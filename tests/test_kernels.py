@@ -181,12 +181,12 @@ def matmul_params(t, groups, count_at=0):
 def matmul_grid(entry, rows, t, fold=False, coop_rows=128):
     """The flat grid: every group's blocks back to back (`rows`: each group's outputs;
     `coop_rows`: matmul_coop's tile, 32 rows per subgroup of the workgroup)."""
-    tile = {"matvec": (8, 1), "matmul_tiled": (64, 64), "matmul_coop": (coop_rows, 64)}[entry]
+    tile = {"matvec": (8, 1), "matmul_tiled": (64, 64), "matmul_direct": (64, 64), "matmul_coop": (coop_rows, 64)}[entry]
     blocks = sum(-(-m // tile[0]) * -(-t // tile[1]) for m in rows)
     return (3, -(-blocks // 3), 1) if fold else (blocks, 1, 1)  # the host's 2-D fold
 
 
-KERNEL_FILES = {"matvec": "matmul_vec", "matmul_tiled": "matmul_mat", "matmul_coop": "matmul_coop"}
+KERNEL_FILES = {"matvec": "matmul_vec", "matmul_tiled": "matmul_mat", "matmul_direct": "matmul_mat", "matmul_coop": "matmul_coop"}
 
 
 @functools.cache
@@ -322,7 +322,7 @@ def check_matmul(entry, m, k, t, seed, act=None, add=False, fmt="f16", fold=Fals
     np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} m={m} k={k} t={t} {act} add={add} {fmt} {kw}")
 
 
-ENTRIES = ["matvec", "matmul_tiled"]
+ENTRIES = ["matvec", "matmul_tiled", "matmul_direct"]
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -387,7 +387,7 @@ def test_nf4_by_select_equals_the_table(entry, t):
     np.testing.assert_allclose(select, want, **MATMUL_TOL)
 
 
-@pytest.mark.parametrize("entry", ["matvec_sparse", "matmul_tiled"])
+@pytest.mark.parametrize("entry", ["matvec_sparse", "matmul_tiled", "matmul_direct"])
 def test_nf4_by_select_input_major(entry):
     """The same for input-major NF4 (sparse decode and the prefill GEMM)."""
     t = 3 if entry == "matvec_sparse" else 70
@@ -483,7 +483,7 @@ def test_matvec_sparse_counts_the_groups_it_reads(tokens, t):
     np.testing.assert_array_equal(counts, want_counts)
 
 
-@pytest.mark.parametrize("entry", ["matvec_sparse", "matmul_tiled"])
+@pytest.mark.parametrize("entry", ["matvec_sparse", "matmul_tiled", "matmul_direct"])
 @pytest.mark.parametrize("fmt", ["f16", "int8"])
 def test_input_major_chunk_of_the_inputs(entry, fmt):
     """A chunk of an input-major matrix (inputs 128 .. 256 of 384, as the loader cuts one
@@ -494,14 +494,31 @@ def test_input_major_chunk_of_the_inputs(entry, fmt):
     np.testing.assert_allclose(got, want, **MATMUL_TOL)
 
 
+@pytest.mark.parametrize("entry", ["matmul_tiled", "matmul_direct"])
 @pytest.mark.parametrize("fmt", ["f16", "bf16", "int8", "nf4"])
 @pytest.mark.parametrize("t", [17, 70])
-def test_matmul_tiled_reads_input_major_weights(fmt, t):
+def test_matmul_tiled_reads_input_major_weights(entry, fmt, t):
     """Prefill keeps the tiled GEMM for the input-major value projection: the same product
     from weights stored [K, M] (M = 136: a partial tile; quantized 128 with blocks along M)."""
     m = 136 if fmt in ("f16", "bf16") else 128
-    got, want, _, _ = check_input_major("matmul_tiled", m, 200, t, fmt, "dense", seed=t, act="relu_sq", add=False)
-    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{fmt} t={t}")
+    got, want, _, _ = check_input_major(entry, m, 200, t, fmt, "dense", seed=t, act="relu_sq", add=False)
+    np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} {fmt} t={t}")
+
+
+@pytest.mark.parametrize("input_major", [False, True])
+def test_direct_loads_equal_staged_bit_for_bit(input_major):
+    """matmul_direct multiplies the same dequantized values in the same order as
+    matmul_tiled, so the device-type choice between them changes no output bit."""
+    if input_major:
+        outs = [check_input_major(e, 136 if fmt == "f16" else 128, 200, 70, fmt, "dense", seed=9, act="relu_sq", add=True)[0]
+                for fmt in ("f16", "int8", "nf4") for e in ("matmul_tiled", "matmul_direct")]
+        pairs = list(zip(outs[0::2], outs[1::2]))
+    else:
+        specs = [(130, 64, None, False, "int8"), (37, 128, None, True, "nf4"), (5, 8, "tanh", False, "f16"),
+                 (40, 40, None, True, "bf16"), (3, 520, "relu_sq", True, "f16")]
+        pairs = [(check_matmul_groups("matmul_tiled", specs, 70, seed=5)[0], check_matmul_groups("matmul_direct", specs, 70, seed=5)[0])]
+    for tiled, direct in pairs:
+        assert np.array_equal(tiled, direct)
 
 
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use super::pipeline_cache::DiskCache;
-use super::variants::Nf4Lookup;
+use super::variants::{Loads, Nf4Lookup};
 use crate::error::{Error, Result};
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
@@ -54,6 +54,9 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_NF4_LOOKUP=table|select`: how kernels decode NF4 codes (default: by
     /// device type, `Nf4Lookup::for_device_type`).
     pub nf4_lookup: Option<Nf4Lookup>,
+    /// `RWKV_GPU_GEMM_LOADS=staged|direct`: how the prefill matrix kernel gets its
+    /// operands (default: by device type, `Loads::for_device_type`).
+    pub gemm_loads: Option<Loads>,
 }
 
 impl DeviceOptions {
@@ -78,6 +81,14 @@ impl DeviceOptions {
                     Error::Invalid(format!("RWKV_GPU_MAX_BINDING must be a byte count, got {v:?}"))
                 })?;
                 self.max_binding = Some(bytes);
+            }
+        }
+        if self.gemm_loads.is_none() {
+            if let Ok(v) = std::env::var("RWKV_GPU_GEMM_LOADS") {
+                let loads = Loads::parse(&v).ok_or_else(|| {
+                    Error::Invalid(format!("RWKV_GPU_GEMM_LOADS must be \"staged\" or \"direct\", got {v:?}"))
+                })?;
+                self.gemm_loads = Some(loads);
             }
         }
         if self.nf4_lookup.is_none() {
@@ -346,6 +357,8 @@ pub struct GpuContext {
     /// the other: `crate::model::tuning`), and whether the caller fixed it.
     pub nf4_lookup: Nf4Lookup,
     pub nf4_forced: bool,
+    /// How the prefill matrix kernel (SIMT) gets its operands on this device.
+    pub gemm_loads: Loads,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
@@ -448,6 +461,7 @@ impl GpuContext {
             None => device_binding,
         };
         let nf4_lookup = options.nf4_lookup.unwrap_or(Nf4Lookup::for_device_type(&summary.device_type));
+        let gemm_loads = options.gemm_loads.unwrap_or(Loads::for_device_type(&summary.device_type));
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -462,6 +476,7 @@ impl GpuContext {
             coop_matrix,
             nf4_lookup,
             nf4_forced: options.nf4_lookup.is_some(),
+            gemm_loads,
             sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,

@@ -99,6 +99,37 @@ impl Formats {
     }
 }
 
+/// How the matrix-matrix kernel gets its operands: staged through workgroup memory
+/// (matmul_tiled: each weight read from memory once per tile, right for GPUs), or each
+/// thread loading its own (matmul_direct: on CPU drivers, where workgroup memory is no
+/// faster than the buffers and staging only adds loads; fp16 0.67x the time on
+/// lavapipe; the host uses it for 16-bit weights only). Both give bit-identical products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Loads {
+    #[default]
+    Staged,
+    Direct,
+}
+
+impl Loads {
+    /// The default for a device type (wgpu's `DeviceType::Cpu` is "cpu").
+    pub fn for_device_type(device_type: &str) -> Loads {
+        if device_type == "cpu" {
+            Loads::Direct
+        } else {
+            Loads::Staged
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Loads> {
+        match text.trim() {
+            "staged" => Some(Loads::Staged),
+            "direct" => Some(Loads::Direct),
+            _ => None,
+        }
+    }
+}
+
 /// Codes the quantize kernel writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Codes {
@@ -171,10 +202,12 @@ pub enum Variant {
         formats: Formats,
         count: bool,
     },
-    /// The tiled matrix-matrix product; `input_major`: every group stored input-major.
+    /// The tiled matrix-matrix product; `input_major`: every group stored input-major;
+    /// `loads`: staged (matmul_tiled) or direct (matmul_direct).
     MatMul {
         formats: Formats,
         input_major: bool,
+        loads: Loads,
     },
     /// The same on cooperative matrices (f16 operands, f32 sums), in workgroups of four
     /// of the device's narrowest subgroups (`min_subgroup`: one of COOP_SUBGROUP_SIZES);
@@ -223,7 +256,8 @@ impl Variant {
             Variant::DeepEmbed => "deep_embed",
             Variant::MatVec { .. } => "matvec",
             Variant::MatVecSparse { .. } => "matvec_sparse",
-            Variant::MatMul { .. } => "matmul_tiled",
+            Variant::MatMul { loads: Loads::Staged, .. } => "matmul_tiled",
+            Variant::MatMul { loads: Loads::Direct, .. } => "matmul_direct",
             Variant::MatMulCoop { .. } => "matmul_coop",
             Variant::Wkv7 { stage, .. } => match stage {
                 WkvStage::Whole { .. } => "wkv7",
@@ -263,7 +297,7 @@ impl Variant {
                     out.push(("COUNT_READS".into(), String::new()));
                 }
             }
-            Variant::MatMul { formats, input_major } => {
+            Variant::MatMul { formats, input_major, .. } => {
                 formats.defines(&mut out);
                 if input_major {
                     out.push(("INPUT_MAJOR_W".into(), String::new()));
@@ -315,8 +349,13 @@ impl Variant {
             Variant::MatVecSparse { tokens, formats, count } => {
                 format!("matvec_sparse t{tokens} {}{}", formats.label(), if count { " counted" } else { "" })
             }
-            Variant::MatMul { formats, input_major } => {
-                format!("matmul_tiled {}{}", formats.label(), if input_major { " input-major" } else { "" })
+            Variant::MatMul { formats, input_major, .. } => {
+                format!(
+                    "{} {}{}",
+                    self.entry(),
+                    formats.label(),
+                    if input_major { " input-major" } else { "" }
+                )
             }
             Variant::MatMulCoop { formats, input_major, min_subgroup, emulated } => format!(
                 "matmul_coop s{min_subgroup} {}{}{}",
@@ -351,7 +390,9 @@ impl Variant {
         all.extend([1, 6].map(|mixes| Variant::LnShift { mixes, keep_normalised: false }));
         all.push(Variant::LnShift { mixes: 1, keep_normalised: true });
         for formats in Formats::all() {
-            all.extend([false, true].map(|input_major| Variant::MatMul { formats, input_major }));
+            for loads in [Loads::Staged, Loads::Direct] {
+                all.extend([false, true].map(|input_major| Variant::MatMul { formats, input_major, loads }));
+            }
             if !formats.bf16 {
                 for min_subgroup in COOP_SUBGROUP_SIZES {
                     for emulated in [false, true] {

@@ -36,6 +36,7 @@ fn options(
         coop_emulate: false,
         max_binding,
         nf4_lookup: None,
+        gemm_loads: None,
     }
     .with_env()
     .map_err(to_py)
@@ -250,6 +251,11 @@ impl PyModel {
         let matmul = self.inner.matmul_choice.lock().unwrap_or_else(|p| p.into_inner()).clone();
         d.set_item("matmul_kernel", matmul.kernel.name())?;
         d.set_item("matmul_kernel_note", matmul.note)?;
+        let loads = match self.inner.ctx.gemm_loads {
+            crate::gpu::variants::Loads::Staged => "staged",
+            crate::gpu::variants::Loads::Direct => "direct",
+        };
+        d.set_item("gemm_loads", loads)?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         Ok(d)
     }
