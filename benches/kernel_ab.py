@@ -21,12 +21,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 import test_kernel_speed as speed  # noqa: E402
 import wgpu  # noqa: E402
 
-DEFINES = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}
+DEFINES = speed.DEFINES
 
 
 def other_sources(path: str, name: str, defines: dict[str, list[str]]) -> dict[str, str]:
     """The other build's kernel sources, from a process that imports it. Builds before
-    F16_ONLY refuse it as an unknown define: they are asked again without it."""
+    SINGLE_FORMAT refuse it as an unknown define: they are asked again with their
+    F16_ONLY in its place for f16, without it otherwise."""
     env = {**os.environ, "PYTHONPATH": path}
 
     def ask(defs: dict[str, list[str]], **kw) -> dict[str, str]:
@@ -36,7 +37,8 @@ def other_sources(path: str, name: str, defines: dict[str, list[str]]) -> dict[s
     try:
         return ask(defines, stderr=subprocess.DEVNULL)
     except subprocess.CalledProcessError:
-        return ask({f: [d for d in ds if d != "F16_ONLY"] for f, ds in defines.items()})
+        older = {f: [d for d in ds if not d.startswith("SINGLE_FORMAT")] or ["F16_ONLY"] for f, ds in defines.items()}
+        return ask(older)
 
 
 def main() -> None:

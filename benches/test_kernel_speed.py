@@ -27,6 +27,12 @@ import rwkv_gpu  # noqa: E402
 
 C = int(os.environ.get("RWKV_BENCH_C", "1024"))
 TOKENS = 64  # a prefill chunk for matmul_tiled
+# One format per dispatch, as the runtime compiles a dispatch of one format (variants.rs).
+DEFINES = {
+    "fp16": ["SINGLE_FORMAT=FMT_F16"],
+    "int8": ["HAS_INT8", "SINGLE_FORMAT=FMT_INT8"],
+    "nf4": ["HAS_NF4", "SINGLE_FORMAT=FMT_NF4"],
+}
 DISPATCHES = 8
 
 
@@ -98,7 +104,7 @@ def matmul_kernel(device, entry, fmt, m, k, t):
     x = rng.standard_normal(t * k).astype(np.float32)
     y = np.zeros(t * m, np.float32)
     code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
-    defines = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt]
+    defines = DEFINES[fmt]
     if entry == "matvec":
         words = k // {"fp16": 8, "int8": 16, "nf4": 32}[fmt]
         defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u", f"LANES={64 if words % 64 == 0 else 32}u"]
@@ -139,7 +145,7 @@ def test_matvec_sparse(benchmark, device, fmt, zero_groups):
     x.reshape(-1, 4)[rng.random(k // 4) < zero_groups] = 0.0
     y = np.zeros(m, np.float32)
     code = {"fp16": 0, "int8": 2, "nf4": 3}[fmt]
-    defines = {"fp16": ["F16_ONLY"], "int8": ["HAS_INT8"], "nf4": ["HAS_NF4"]}[fmt] + ["TOKEN_BLOCK=1u"]
+    defines = DEFINES[fmt] + ["TOKEN_BLOCK=1u"]
     params = [1, 0, 1, 0, m, k, 0, s_off, 0, k, 0, m, 32 | code << 8, 0, 0, 0] + [0] * 84  # INPUT_MAJOR
     kernel = Kernel(device, "matmul_sparse", defines, "matvec_sparse", params, [w, w, x, y], (-(-m // 32), 1, 1))
     measure(benchmark, kernel, w_bytes + x.nbytes + y.nbytes, 2.0 * m * k)

@@ -6,7 +6,8 @@
 // matmul_sparse.wgsl and matmul_mat.wgsl) input-major, stored [K, M]: "row" and "width"
 // below then mean a stored row (one input's M weights) and M. All arithmetic is f32.
 //
-// Weight formats (flags bits 8-9; a variant compiles only the formats it lists):
+// Weight formats (flags bits 8-9; a variant compiles only the formats it lists, and with
+// SINGLE_FORMAT assumes its one format):
 //   F16   16-bit floats, 8 per vec4<u32> (K a multiple of 8)
 //   BF16  the same, bf16 (HAS_BF16; for matrices with values beyond the fp16 range)
 //   INT8  codes -127..127, 16 per vec4<u32>, one f16 scale per block of 64 along a row:
@@ -81,11 +82,16 @@ fn locate(index: u32, rows: u32, token_tiles: u32) -> Place {
     return Place(p.n_groups, 0u);
 }
 
+// The group's weight format. Every kernel asks, so the discarded read of `scales` here
+// keeps that binding in variants whose formats have no block scales: the host binds it
+// to every variant, and a pipeline layout derived from the shader lists only the
+// bindings its code uses.
 fn format_of(g: Group) -> u32 {
-#ifdef F16_ONLY
-    // A variant of f16 alone (F16_ONLY): a constant, so that every branch on the
-    // format folds away.
-    return FMT_F16;
+    _ = scales[0];
+#ifdef SINGLE_FORMAT
+    // A variant of one format (SINGLE_FORMAT, e.g. FMT_INT8): a constant, so that every
+    // branch on the format folds away.
+    return SINGLE_FORMAT;
 #else
     return (g.flags >> 8u) & 3u;
 #endif

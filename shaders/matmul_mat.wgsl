@@ -98,6 +98,29 @@ fn dots4(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>, x: vec4<f32>) -
     return vec4<f32>(dot(a, x), dot(b, x), dot(c, x), dot(d, x));
 }
 
+// One k quad of a thread's 8 rows x 8 tokens, both kernels: w[i] is row i's quad, x[j]
+// token j's; acc[2 j + h][e] sums row 4 h + e, token j. Written out, not looped: with
+// the loops rolled, lavapipe keeps the values in memory and indexes them per lane
+// (measured 7% slower in matmul_tiled, 1.3x in matmul_direct).
+fn mac_quad(acc: ptr<function, array<vec4<f32>, 16>>, w: array<vec4<f32>, 8>, x: array<vec4<f32>, 8>) {
+    (*acc)[0] += dots4(w[0], w[1], w[2], w[3], x[0]);
+    (*acc)[1] += dots4(w[4], w[5], w[6], w[7], x[0]);
+    (*acc)[2] += dots4(w[0], w[1], w[2], w[3], x[1]);
+    (*acc)[3] += dots4(w[4], w[5], w[6], w[7], x[1]);
+    (*acc)[4] += dots4(w[0], w[1], w[2], w[3], x[2]);
+    (*acc)[5] += dots4(w[4], w[5], w[6], w[7], x[2]);
+    (*acc)[6] += dots4(w[0], w[1], w[2], w[3], x[3]);
+    (*acc)[7] += dots4(w[4], w[5], w[6], w[7], x[3]);
+    (*acc)[8] += dots4(w[0], w[1], w[2], w[3], x[4]);
+    (*acc)[9] += dots4(w[4], w[5], w[6], w[7], x[4]);
+    (*acc)[10] += dots4(w[0], w[1], w[2], w[3], x[5]);
+    (*acc)[11] += dots4(w[4], w[5], w[6], w[7], x[5]);
+    (*acc)[12] += dots4(w[0], w[1], w[2], w[3], x[6]);
+    (*acc)[13] += dots4(w[4], w[5], w[6], w[7], x[6]);
+    (*acc)[14] += dots4(w[0], w[1], w[2], w[3], x[7]);
+    (*acc)[15] += dots4(w[4], w[5], w[6], w[7], x[7]);
+}
+
 @compute @workgroup_size(8, 8)
 fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
                 @builtin(num_workgroups) nwg: vec3<u32>,
@@ -127,41 +150,14 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
         if (k0 + KSTEP < g.k) {
             next = load_step(g, li, m0, t0, k0 + KSTEP);
         }
-        // One k quad, written out: with the loops rolled, some compilers (lavapipe's)
-        // keep acc in memory and index it per lane (measured 7% slower).
         for (var q = 0u; q < KQ; q++) {
-            let x0 = x_tile[lid.y * KQ_PAD + q];
-            let x1 = x_tile[(lid.y + 8u) * KQ_PAD + q];
-            let x2 = x_tile[(lid.y + 16u) * KQ_PAD + q];
-            let x3 = x_tile[(lid.y + 24u) * KQ_PAD + q];
-            let x4 = x_tile[(lid.y + 32u) * KQ_PAD + q];
-            let x5 = x_tile[(lid.y + 40u) * KQ_PAD + q];
-            let x6 = x_tile[(lid.y + 48u) * KQ_PAD + q];
-            let x7 = x_tile[(lid.y + 56u) * KQ_PAD + q];
-            let w0 = w_tile[lid.x * KQ_PAD + q];
-            let w1 = w_tile[(lid.x + 8u) * KQ_PAD + q];
-            let w2 = w_tile[(lid.x + 16u) * KQ_PAD + q];
-            let w3 = w_tile[(lid.x + 24u) * KQ_PAD + q];
-            let w4 = w_tile[(lid.x + 32u) * KQ_PAD + q];
-            let w5 = w_tile[(lid.x + 40u) * KQ_PAD + q];
-            let w6 = w_tile[(lid.x + 48u) * KQ_PAD + q];
-            let w7 = w_tile[(lid.x + 56u) * KQ_PAD + q];
-            acc[0] += dots4(w0, w1, w2, w3, x0);
-            acc[1] += dots4(w4, w5, w6, w7, x0);
-            acc[2] += dots4(w0, w1, w2, w3, x1);
-            acc[3] += dots4(w4, w5, w6, w7, x1);
-            acc[4] += dots4(w0, w1, w2, w3, x2);
-            acc[5] += dots4(w4, w5, w6, w7, x2);
-            acc[6] += dots4(w0, w1, w2, w3, x3);
-            acc[7] += dots4(w4, w5, w6, w7, x3);
-            acc[8] += dots4(w0, w1, w2, w3, x4);
-            acc[9] += dots4(w4, w5, w6, w7, x4);
-            acc[10] += dots4(w0, w1, w2, w3, x5);
-            acc[11] += dots4(w4, w5, w6, w7, x5);
-            acc[12] += dots4(w0, w1, w2, w3, x6);
-            acc[13] += dots4(w4, w5, w6, w7, x6);
-            acc[14] += dots4(w0, w1, w2, w3, x7);
-            acc[15] += dots4(w4, w5, w6, w7, x7);
+            var wq: array<vec4<f32>, 8>;
+            var xq: array<vec4<f32>, 8>;
+            for (var i = 0u; i < 8u; i++) {
+                wq[i] = w_tile[(lid.x + 8u * i) * KQ_PAD + q];
+                xq[i] = x_tile[(lid.y + 8u * i) * KQ_PAD + q];
+            }
+            mac_quad(&acc, wq, xq);
         }
         workgroupBarrier();
     }
@@ -194,29 +190,156 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
 // Rows: nn.Linear layout, x + 8 i (as matmul_tiled); input-major, 8 x + i, so that one
 // stored row (one input's outputs) gives the thread all 8 at once.
 
-// This thread's 8 rows' weights at k0 .. k0 + 7: w8[i][h] is row i's k quad h.
-fn direct_weights(g: Group, m0: u32, lx: u32, k0: u32) -> array<array<vec4<f32>, 2>, 8> {
-    var out: array<array<vec4<f32>, 2>, 8>;
-#ifdef INPUT_MAJOR_W
-    // Eight outputs per stored row k: columns[kk][h][e] is output 8 lx + 4 h + e at k0 + kk.
-    let col = min(m0 + 8u * lx, g.m - 8u);
+// The thread's 8 tokens' inputs at k quad q: token j's from vec4 xrow[j] + q.
+fn direct_inputs(xrow: array<u32, 8>, q: u32) -> array<vec4<f32>, 8> {
+    var out: array<vec4<f32>, 8>;
+    for (var j = 0u; j < 8u; j++) {
+        out[j] = x[xrow[j] + q];
+    }
+    return out;
+}
+
+// Input-major weights, per 8 k: stored rows k0 .. k0 + 7 each give the thread's 8
+// outputs at once; transposed here into the 8 outputs' two k quads.
+fn direct_input_major(acc: ptr<function, array<vec4<f32>, 16>>, g: Group, col: u32, k0: u32, xrow: array<u32, 8>) {
+    // columns[kk][h][e]: output col + 4 h + e at k0 + kk.
     var columns: array<array<vec4<f32>, 2>, 8>;
     for (var kk = 0u; kk < 8u; kk++) {
         columns[kk] = weights8(g, k0 + kk, col, g.m);
     }
+    var lo: array<vec4<f32>, 8>;
+    var hi: array<vec4<f32>, 8>;
     for (var i = 0u; i < 8u; i++) {
         let h = i / 4u;
         let e = i % 4u;
-        out[i] = array<vec4<f32>, 2>(
-            vec4<f32>(columns[0][h][e], columns[1][h][e], columns[2][h][e], columns[3][h][e]),
-            vec4<f32>(columns[4][h][e], columns[5][h][e], columns[6][h][e], columns[7][h][e]));
+        lo[i] = vec4<f32>(columns[0][h][e], columns[1][h][e], columns[2][h][e], columns[3][h][e]);
+        hi[i] = vec4<f32>(columns[4][h][e], columns[5][h][e], columns[6][h][e], columns[7][h][e]);
     }
-#else
+    mac_quad(acc, lo, direct_inputs(xrow, k0 / 4u));
+    mac_quad(acc, hi, direct_inputs(xrow, k0 / 4u + 1u));
+}
+
+// nn.Linear layout, one vec4<u32> of each of the thread's 8 rows per step (8 k for
+// 16-bit formats, 16 for int8, 32 for nf4), so that every loaded word is used whole;
+// a quantized row's block scale is read once per 64 k. Dequantized as weights8 does
+// (w = q * s per weight, k quads in order), so the sums equal matmul_tiled's.
+// words[i]: row i's word; scale[i] its block's scale.
+fn quad_f16(g: Group, words: array<vec4<u32>, 8>, q: u32) -> array<vec4<f32>, 8> {
+    var out: array<vec4<f32>, 8>;
     for (var i = 0u; i < 8u; i++) {
-        out[i] = weights8(g, min(m0 + lx + 8u * i, g.m - 1u), k0, g.k);
+        out[i] = vec4<f32>(unpack_pair(g, words[i][2u * q]), unpack_pair(g, words[i][2u * q + 1u]));
+    }
+    return out;
+}
+
+#ifdef HAS_INT8
+fn quad_int8(words: array<vec4<u32>, 8>, scale: array<f32, 8>, q: u32) -> array<vec4<f32>, 8> {
+    var out: array<vec4<f32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        out[i] = unpack_int8(words[i][q]) * scale[i];
+    }
+    return out;
+}
+#endif
+
+#ifdef HAS_NF4
+fn quad_nf4(words: array<vec4<u32>, 8>, scale: array<f32, 8>, q: u32) -> array<vec4<f32>, 8> {
+    var out: array<vec4<f32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        out[i] = unpack_nf4(words[i], q) * scale[i];
+    }
+    return out;
+}
+#endif
+
+// Where the thread's 8 rows start: row i's first word of weights (codes) and of block
+// scales. Rows past the matrix read its last row.
+struct RowStarts {
+    words: array<u32, 8>,
+    scales: array<u32, 8>,
+}
+
+fn row_starts(g: Group, m0: u32, lx: u32) -> RowStarts {
+    var at: RowStarts;
+    for (var i = 0u; i < 8u; i++) {
+        let row = min(m0 + lx + 8u * i, g.m - 1u);
+        at.words[i] = g.w_off / 4u + row * (g.k / per_word4(g));
+        at.scales[i] = g.s_off + row * ((g.k + 127u) / 128u);
+    }
+    return at;
+}
+
+// The 8 rows' words at word index `word` of their rows.
+fn row_words(at: RowStarts, word: u32) -> array<vec4<u32>, 8> {
+    var out: array<vec4<u32>, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        out[i] = w[at.words[i] + word];
+    }
+    return out;
+}
+
+// The 8 rows' scales of the block of 64 at k0.
+fn row_scales(at: RowStarts, k0: u32) -> array<f32, 8> {
+    var out: array<f32, 8>;
+    for (var i = 0u; i < 8u; i++) {
+        let pair = unpack2x16float(scales[at.scales[i] + k0 / 128u]);
+        out[i] = select(pair.x, pair.y, (k0 / 64u) % 2u == 1u);
+    }
+    return out;
+}
+
+// The thread's rows of an nn.Linear-layout group through all of K: one loop per format,
+// the branch outside it (inside, a CPU driver that runs both sides of a branch under a
+// lane mask paid for every format's body each step: 2.3x the time for f16 weights).
+fn direct_rows(acc: ptr<function, array<vec4<f32>, 16>>, g: Group, m0: u32, lx: u32, xrow: array<u32, 8>) {
+    let at = row_starts(g, m0, lx);
+    let f = format_of(g);
+#ifdef HAS_INT8
+    if (f == FMT_INT8) {
+        // One loop, the scales reloaded every fourth step (measured 0.88x the time of
+        // a loop over blocks around one over their words).
+        var scale: array<f32, 8>;
+        for (var k0 = 0u; k0 < g.k; k0 += 16u) {
+            if (k0 % 64u == 0u) {
+                scale = row_scales(at, k0);
+            }
+            let words = row_words(at, k0 / 16u);
+            let q0 = k0 / 4u;
+            mac_quad(acc, quad_int8(words, scale, 0u), direct_inputs(xrow, q0));
+            mac_quad(acc, quad_int8(words, scale, 1u), direct_inputs(xrow, q0 + 1u));
+            mac_quad(acc, quad_int8(words, scale, 2u), direct_inputs(xrow, q0 + 2u));
+            mac_quad(acc, quad_int8(words, scale, 3u), direct_inputs(xrow, q0 + 3u));
+        }
+        return;
     }
 #endif
-    return out;
+#ifdef HAS_NF4
+    if (f == FMT_NF4) {
+        var scale: array<f32, 8>;
+        for (var k0 = 0u; k0 < g.k; k0 += 32u) {
+            if (k0 % 64u == 0u) {
+                scale = row_scales(at, k0);
+            }
+            let words = row_words(at, k0 / 32u);
+            let q0 = k0 / 4u;
+            mac_quad(acc, quad_nf4(words, scale, 0u), direct_inputs(xrow, q0));
+            mac_quad(acc, quad_nf4(words, scale, 1u), direct_inputs(xrow, q0 + 1u));
+            mac_quad(acc, quad_nf4(words, scale, 2u), direct_inputs(xrow, q0 + 2u));
+            mac_quad(acc, quad_nf4(words, scale, 3u), direct_inputs(xrow, q0 + 3u));
+            mac_quad(acc, quad_nf4(words, scale, 4u), direct_inputs(xrow, q0 + 4u));
+            mac_quad(acc, quad_nf4(words, scale, 5u), direct_inputs(xrow, q0 + 5u));
+            mac_quad(acc, quad_nf4(words, scale, 6u), direct_inputs(xrow, q0 + 6u));
+            mac_quad(acc, quad_nf4(words, scale, 7u), direct_inputs(xrow, q0 + 7u));
+        }
+        return;
+    }
+#endif
+    // 16-bit formats (bf16 through unpack_pair).
+    for (var k0 = 0u; k0 < g.k; k0 += 8u) {
+        let words = row_words(at, k0 / 8u);
+        mac_quad(acc, quad_f16(g, words, 0u), direct_inputs(xrow, k0 / 4u));
+        mac_quad(acc, quad_f16(g, words, 1u), direct_inputs(xrow, k0 / 4u + 1u));
+    }
 }
 
 // The output row of this thread's row i.
@@ -249,70 +372,19 @@ fn matmul_direct(@builtin(workgroup_id) wid: vec3<u32>,
     for (var j = 0u; j < 8u; j++) {
         xrow[j] = (g.x_off + min(t0 + lid.y + 8u * j, p.t - 1u) * g.x_stride) / 4u;
     }
-    // acc[2 j + h][e]: row i = 4 h + e, token j.
+    // acc[2 j + h][e]: row 4 h + e, token j.
     var acc: array<vec4<f32>, 16>;
     for (var a = 0u; a < 16u; a++) {
         acc[a] = vec4<f32>(0.0);
     }
+#ifdef INPUT_MAJOR_W
+    let col = min(m0 + 8u * lid.x, g.m - 8u);
     for (var k0 = 0u; k0 < g.k; k0 += 8u) {
-        let w8 = direct_weights(g, m0, lid.x, k0);
-        // Both k quads written out: with a rolled loop, lavapipe keeps the values in
-        // memory and indexes them per lane (measured 1.3x slower).
-        {
-            let q = k0 / 4u;
-            let x0 = x[xrow[0] + q];
-            let x1 = x[xrow[1] + q];
-            let x2 = x[xrow[2] + q];
-            let x3 = x[xrow[3] + q];
-            let x4 = x[xrow[4] + q];
-            let x5 = x[xrow[5] + q];
-            let x6 = x[xrow[6] + q];
-            let x7 = x[xrow[7] + q];
-            acc[0] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x0);
-            acc[1] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x0);
-            acc[2] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x1);
-            acc[3] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x1);
-            acc[4] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x2);
-            acc[5] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x2);
-            acc[6] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x3);
-            acc[7] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x3);
-            acc[8] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x4);
-            acc[9] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x4);
-            acc[10] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x5);
-            acc[11] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x5);
-            acc[12] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x6);
-            acc[13] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x6);
-            acc[14] += dots4(w8[0][0], w8[1][0], w8[2][0], w8[3][0], x7);
-            acc[15] += dots4(w8[4][0], w8[5][0], w8[6][0], w8[7][0], x7);
-        }
-        {
-            let q = k0 / 4u + 1u;
-            let x0 = x[xrow[0] + q];
-            let x1 = x[xrow[1] + q];
-            let x2 = x[xrow[2] + q];
-            let x3 = x[xrow[3] + q];
-            let x4 = x[xrow[4] + q];
-            let x5 = x[xrow[5] + q];
-            let x6 = x[xrow[6] + q];
-            let x7 = x[xrow[7] + q];
-            acc[0] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x0);
-            acc[1] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x0);
-            acc[2] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x1);
-            acc[3] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x1);
-            acc[4] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x2);
-            acc[5] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x2);
-            acc[6] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x3);
-            acc[7] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x3);
-            acc[8] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x4);
-            acc[9] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x4);
-            acc[10] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x5);
-            acc[11] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x5);
-            acc[12] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x6);
-            acc[13] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x6);
-            acc[14] += dots4(w8[0][1], w8[1][1], w8[2][1], w8[3][1], x7);
-            acc[15] += dots4(w8[4][1], w8[5][1], w8[6][1], w8[7][1], x7);
-        }
+        direct_input_major(&acc, g, col, k0, xrow);
     }
+#else
+    direct_rows(&acc, g, m0, lid.x, xrow);
+#endif
     for (var h = 0u; h < 2u; h++) {
         for (var j = 0u; j < 8u; j++) {
             let t = t0 + lid.y + 8u * j;

@@ -91,46 +91,53 @@ fn step_nf4(r: Words, xrow: Inputs, q: u32) -> Part {
 }
 #endif
 
-// This thread's partial sums for tokens t0 .. t0 + TOKENS - 1 of rows row0 .. row0 + ROWS - 1.
+// One row quad's part of a step, scaled, into the thread's sums.
+fn add_part(sums: ptr<function, Sums>, rq: u32, part: Part, scale: vec4<f32>) {
+    for (var t = 0u; t < TOKENS; t++) {
+        (*sums)[t * QUADS + rq] += part[t] * scale;
+    }
+}
+
+// This thread's partial sums for tokens t0 .. t0 + TOKENS - 1 of rows row0 .. row0 +
+// ROWS - 1: one loop per format, the branch outside it (inside, a CPU driver that runs
+// both sides of a branch under a lane mask paid for every format's step each time).
 fn matvec_sums(g: Group, row0: u32, t0: u32, lane: u32) -> Sums {
     var sums: Sums;
     for (var i = 0u; i < SUMS; i++) {
         sums[i] = vec4<f32>(0.0);
     }
-    let f = format_of(g);
-    let per = per_word4(g);
-    let words = g.k / per;              // vec4<u32> per row
     var xrow: Inputs;
     for (var t = 0u; t < TOKENS; t++) {
         xrow[t] = (g.x_off + min(t0 + t, p.t - 1u) * g.x_stride) / 4u;
     }
+    let f = format_of(g);
+    let words = g.k / per_word4(g);     // vec4<u32> per row
+#ifdef HAS_INT8
+    if (f == FMT_INT8) {
+        for (var q = lane; q < words; q += WG) {
+            for (var rq = 0u; rq < QUADS; rq++) {
+                let row = row0 + 4u * rq;
+                add_part(&sums, rq, step_int8(load_rows(g, row, q, words), xrow, q), row_scales(g, row, q / 4u));
+            }
+        }
+        return sums;
+    }
+#endif
+#ifdef HAS_NF4
+    if (f == FMT_NF4) {
+        for (var q = lane; q < words; q += WG) {
+            for (var rq = 0u; rq < QUADS; rq++) {
+                let row = row0 + 4u * rq;
+                add_part(&sums, rq, step_nf4(load_rows(g, row, q, words), xrow, q), row_scales(g, row, q / 2u));
+            }
+        }
+        return sums;
+    }
+#endif
     for (var q = lane; q < words; q += WG) {
         for (var rq = 0u; rq < QUADS; rq++) {
             let row = row0 + 4u * rq;
-            let r = load_rows(g, row, q, words);
-            var part: Part;
-            switch (f) {
-#ifdef HAS_INT8
-                case FMT_INT8: {
-                    part = step_int8(r, xrow, q);
-                }
-#endif
-#ifdef HAS_NF4
-                case FMT_NF4: {
-                    part = step_nf4(r, xrow, q);
-                }
-#endif
-                default: {
-                    part = step_16bit(g, r, xrow, q);
-                }
-            }
-            var scale = vec4<f32>(1.0);
-            if (f >= FMT_INT8) {
-                scale = row_scales(g, row, q * per / 64u);
-            }
-            for (var t = 0u; t < TOKENS; t++) {
-                sums[t * QUADS + rq] += part[t] * scale;
-            }
+            add_part(&sums, rq, step_16bit(g, load_rows(g, row, q, words), xrow, q), vec4<f32>(1.0));
         }
     }
     return sums;

@@ -122,15 +122,29 @@ def test_against_numpy_reference_on_other_shape():
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-def test_staged_and_direct_prefill_loads_agree_bit_for_bit(monkeypatch, tiny_cases):
+@pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])
+def test_staged_and_direct_prefill_loads_agree_bit_for_bit(monkeypatch, tiny_cases, dtype):
     """The SIMT prefill kernel's two ways of getting operands (staged through workgroup
-    memory on GPUs, direct on CPU drivers) give the same logits to the bit."""
-    outs = {}
+    memory on GPUs, direct on CPU drivers) give the same logits to the bit. Direct loads
+    take every dispatch without nf4 (each reading thread decodes a weight again, too
+    dear for NF4 codes); a dispatch of one format compiles that format alone, one that
+    mixes the low-rank f16 matrices with quantized r/k/v compiles both."""
+    outs, profiles = {}, {}
     for loads in ("staged", "direct"):
         monkeypatch.setenv("RWKV_GPU_GEMM_LOADS", loads)
-        model = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
+        model = open_model(DATA / "tiny-rwkv7" / "model.safetensors", dtype=dtype)
         assert model.config["gemm_loads"] == loads
         outs[loads] = model.forward(tiny_cases["prompt"], model.new_state(), all_logits=True)
+        if model._m.set_profiling(True):
+            model.forward(tiny_cases["prompt"], model.new_state())
+            profiles[loads] = [name for name, _, _ in model._m.last_profile() if name.startswith("matmul_")]
         model.close()
     assert np.array_equal(outs["staged"], outs["direct"])
-    np.testing.assert_allclose(outs["direct"], tiny_cases["prompt_logits"], atol=TOL, rtol=0)
+    if dtype == "fp16":  # (the quantized models' accuracy: test_quant.py)
+        np.testing.assert_allclose(outs["direct"], tiny_cases["prompt_logits"], atol=TOL, rtol=0)
+    if profiles:
+        assert profiles["staged"] and all(n.startswith("matmul_tiled ") for n in profiles["staged"])
+        labels = {n.split(" ")[1] for n in profiles["direct"]}  # the variant's formats
+        assert labels == ({"f16"} if dtype == "fp16" else {"f16", dtype, f"f16+{dtype}"})
+        for name in profiles["direct"]:
+            assert name.startswith("matmul_tiled " if "nf4" in name else "matmul_direct "), name

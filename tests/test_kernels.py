@@ -262,7 +262,10 @@ def pack_weights_of(fmt, w):
 
 
 def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False, coop_subgroups=4):
-    defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"] or ["F16_ONLY"]  # as variants.rs
+    # As variants.rs: code for each listed format; one format alone is a constant.
+    defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"]
+    if len(set(formats)) == 1:
+        defines.append(f"SINGLE_FORMAT=FMT_{formats[0].upper()}")
     if nf4_select and "nf4" in formats:
         defines.append("NF4_SELECT")
     if entry == "matvec":

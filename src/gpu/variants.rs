@@ -34,10 +34,14 @@ impl Nf4Lookup {
     }
 }
 
-/// The weight formats a matrix-product variant compiles code for, besides f16 (always),
-/// and how its NF4 codes are decoded.
+/// The weight formats of the matrices one matrix-product dispatch multiplies, and how
+/// its NF4 codes are decoded. A variant compiles code for the formats it lists (f16
+/// always: bf16 shares its path) and, when it lists one alone, folds the per-group
+/// format branch away (SINGLE_FORMAT): on CPU drivers, which run every side of a branch
+/// under a lane mask, that branch cost the int8 matvec 1.14x its time on lavapipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Formats {
+    pub f16: bool,
     pub bf16: bool,
     pub int8: bool,
     pub nf4: bool,
@@ -45,12 +49,14 @@ pub struct Formats {
 }
 
 impl Formats {
-    pub const F16: Formats = Formats { bf16: false, int8: false, nf4: false, nf4_lookup: Nf4Lookup::Table };
+    pub const F16: Formats =
+        Formats { f16: true, bf16: false, int8: false, nf4: false, nf4_lookup: Nf4Lookup::Table };
 
     pub fn union(self, other: Formats) -> Formats {
         let nf4 = self.nf4 | other.nf4;
         let select = self.nf4_lookup == Nf4Lookup::Select || other.nf4_lookup == Nf4Lookup::Select;
         Formats {
+            f16: self.f16 | other.f16,
             bf16: self.bf16 | other.bf16,
             int8: self.int8 | other.int8,
             nf4,
@@ -59,10 +65,20 @@ impl Formats {
         }
     }
 
+    /// The format constant (matmul_common.wgsl) of the one format listed, if one is.
+    fn single(self) -> Option<&'static str> {
+        match (self.f16, self.bf16, self.int8, self.nf4) {
+            (_, false, false, false) => Some("FMT_F16"),
+            (false, true, false, false) => Some("FMT_BF16"),
+            (false, false, true, false) => Some("FMT_INT8"),
+            (false, false, false, true) => Some("FMT_NF4"),
+            _ => None,
+        }
+    }
+
     fn defines(self, out: &mut Vec<(String, String)>) {
-        if !(self.bf16 || self.int8 || self.nf4) {
-            // Lets a kernel drop its per-group format dispatch.
-            out.push(("F16_ONLY".to_string(), String::new()));
+        if let Some(format) = self.single() {
+            out.push(("SINGLE_FORMAT".to_string(), format.to_string()));
         }
         for (on, name) in [(self.bf16, "HAS_BF16"), (self.int8, "HAS_INT8"), (self.nf4, "HAS_NF4")] {
             if on {
@@ -75,24 +91,24 @@ impl Formats {
     }
 
     fn label(self) -> String {
-        let mut parts = vec!["f16"];
-        for (on, name) in [(self.bf16, "bf16"), (self.int8, "int8"), (self.nf4, "nf4")] {
-            if on {
-                parts.push(name);
-            }
-        }
+        let parts: Vec<&str> =
+            [(self.f16, "f16"), (self.bf16, "bf16"), (self.int8, "int8"), (self.nf4, "nf4")]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+        let parts = if parts.is_empty() { "f16".to_string() } else { parts.join("+") };
         let select = if self.nf4 && self.nf4_lookup == Nf4Lookup::Select { " (nf4 by select)" } else { "" };
-        format!("{}{select}", parts.join("+"))
+        format!("{parts}{select}")
     }
 
     /// Every combination, for the validation test.
     fn all() -> Vec<Formats> {
         let mut all = Vec::new();
-        for b in 0..8u8 {
-            let (bf16, int8, nf4) = (b & 1 != 0, b & 2 != 0, b & 4 != 0);
-            all.push(Formats { bf16, int8, nf4, nf4_lookup: Nf4Lookup::Table });
+        for b in 1..16u8 {
+            let (f16, bf16, int8, nf4) = (b & 1 != 0, b & 2 != 0, b & 4 != 0, b & 8 != 0);
+            all.push(Formats { f16, bf16, int8, nf4, nf4_lookup: Nf4Lookup::Table });
             if nf4 {
-                all.push(Formats { bf16, int8, nf4, nf4_lookup: Nf4Lookup::Select });
+                all.push(Formats { f16, bf16, int8, nf4, nf4_lookup: Nf4Lookup::Select });
             }
         }
         all
@@ -103,7 +119,7 @@ impl Formats {
 /// (matmul_tiled: each weight read from memory once per tile, right for GPUs), or each
 /// thread loading its own (matmul_direct: on CPU drivers, where workgroup memory is no
 /// faster than the buffers and staging only adds loads; fp16 0.67x the time on
-/// lavapipe; the host uses it for 16-bit weights only). Both give bit-identical products.
+/// lavapipe; the host uses it for all but nf4 weights). Both give bit-identical products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Loads {
     #[default]
@@ -429,6 +445,26 @@ mod tests {
     use super::*;
     use crate::gpu::shaders::preprocess;
 
+    /// A dispatch of one format compiles that format as a constant; one that mixes
+    /// formats (quantized r/k/v beside the f16 low-rank matrices) keeps the branch.
+    #[test]
+    fn one_format_alone_is_a_constant() {
+        let of = |f16, int8, nf4| Formats { f16, int8, nf4, ..Formats::default() };
+        let single = |f: Formats| {
+            let mut out = Vec::new();
+            f.defines(&mut out);
+            out.into_iter().find(|(k, _)| k == "SINGLE_FORMAT").map(|(_, v)| v)
+        };
+        assert_eq!(single(Formats::F16).as_deref(), Some("FMT_F16"));
+        assert_eq!(single(of(false, true, false)).as_deref(), Some("FMT_INT8"));
+        assert_eq!(single(of(false, false, true)).as_deref(), Some("FMT_NF4"));
+        assert_eq!(single(Formats::default().union(of(false, true, false))).as_deref(), Some("FMT_INT8"));
+        assert_eq!(single(Formats::F16.union(of(false, true, false))), None);
+        assert_eq!(single(of(false, true, true)), None);
+        assert_eq!(Formats::F16.union(of(false, true, false)).label(), "f16+int8");
+        assert_eq!(of(false, true, false).label(), "int8");
+    }
+
     /// Every variant of every kernel parses and validates with naga, no GPU needed.
     #[test]
     fn every_variant_validates_with_naga() {
@@ -456,8 +492,9 @@ mod tests {
         use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
         let coop: Vec<Variant> =
             Variant::all().into_iter().filter(|v| v.needs_cooperative_matrices()).collect();
-        // f16 alone, +int8, +nf4 (two lookups), +int8+nf4 (two): 6, by 2 layouts.
-        assert_eq!(coop.len(), 6 * 2 * COOP_SUBGROUP_SIZES.len());
+        // Every non-empty set of f16, int8 and nf4 (7), the 4 with nf4 in both lookups:
+        // 11, by 2 layouts.
+        assert_eq!(coop.len(), 11 * 2 * COOP_SUBGROUP_SIZES.len());
         for variant in coop {
             let kernel = variant.kernel();
             let code = preprocess(kernel.name(), kernel.source(), &variant.defines()).unwrap();

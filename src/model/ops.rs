@@ -271,6 +271,7 @@ fn format_bits(format: WeightFormat) -> u32 {
 /// The formats a variant compiles for `format`, NF4 decoded as the device prefers.
 fn formats_of(model: &Model, format: WeightFormat) -> Formats {
     Formats {
+        f16: format == WeightFormat::F16,
         bf16: format == WeightFormat::Bf16,
         int8: format == WeightFormat::Int8,
         nf4: format == WeightFormat::Nf4,
@@ -404,10 +405,11 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
             blocks(coop.fewest_tile_rows(), t.div_ceil(TILE)),
         )
     } else {
-        // Direct loads pay off for 16-bit weights alone: int8 and nf4 rows would be read
-        // one vec4 (and a scale) per 8 weights instead of per 16 or 32 (measured on
-        // lavapipe, 3072 x 768 over 64 tokens: fp16 0.67x, int8 1.08x, nf4 1.39x).
-        let loads = if d.formats.int8 || d.formats.nf4 { Loads::Staged } else { model.ctx.gemm_loads };
+        // Direct loads pay off for 16-bit and int8 weights, not nf4: each of the 8
+        // threads that read a weight decodes it again, and an NF4 code costs about 20
+        // operations (measured on lavapipe, 768 x 768 over 64 tokens, direct / staged:
+        // fp16 0.67x, int8 0.70x, nf4 2.7x).
+        let loads = if d.formats.nf4 { Loads::Staged } else { model.ctx.gemm_loads };
         (Variant::MatMul { formats: d.formats, input_major, loads }, blocks(TILE, t.div_ceil(TILE)))
     };
     let pipeline = model.pipelines.get(variant)?;
@@ -505,7 +507,7 @@ pub fn counted_products(
         }
         let run = &products[i..i + n];
         let groups = run.iter().map(|p| p.group(&p.w.chunks[0])).collect::<Result<Vec<_>>>()?;
-        let formats = run.iter().fold(Formats::F16, |f, p| f.union(formats_of(model, p.w.format)));
+        let formats = run.iter().fold(Formats::default(), |f, p| f.union(formats_of(model, p.w.format)));
         matmul_dispatch(
             model,
             rec,
