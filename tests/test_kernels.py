@@ -261,10 +261,13 @@ def pack_weights_of(fmt, w):
     return np.concatenate([codes.ravel(), scale_words(scales).ravel()]), codes.size, deq.astype(f64)
 
 
-def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False, coop_subgroups=4):
-    # As variants.rs: code for each listed format; one format alone is a constant.
-    defines = [f"HAS_{f.upper()}" for f in sorted(set(formats)) if f != "f16"]
-    if len(set(formats)) == 1:
+def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False, coop_subgroups=4,
+                   compiled=None):
+    """As variants.rs: code for each format in `compiled` (default: those used), and one
+    format alone a constant."""
+    compiled = set(compiled or formats)
+    defines = [f"HAS_{f.upper()}" for f in sorted(compiled) if f != "f16"]
+    if len(compiled) == 1:
         defines.append(f"SINGLE_FORMAT=FMT_{formats[0].upper()}")
     if nf4_select and "nf4" in formats:
         defines.append("NF4_SELECT")
@@ -279,7 +282,7 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf
 
 
 def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64, nf4_select=False,
-                        coop_subgroups=4):
+                        coop_subgroups=4, compiled=None):
     """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
     back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
     reading its own window of x and writing its own window of y; returns (got, want)."""
@@ -300,7 +303,8 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     x = rand(rng, x_at + 4)
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
-    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select, coop_subgroups)
+    defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select, coop_subgroups,
+                             compiled)
     grid = matmul_grid(entry, [spec[0] for spec in specs], t, fold, coop_rows=32 * coop_subgroups)
     _, _, _, got = run_kernel(KERNEL_FILES[entry], defines, entry, matmul_params(t, groups), [w, w, x, y], grid)
 
@@ -506,6 +510,19 @@ def test_matmul_tiled_reads_input_major_weights(entry, fmt, t):
     m = 136 if fmt in ("f16", "bf16") else 128
     got, want, _, _ = check_input_major(entry, m, 200, t, fmt, "dense", seed=t, act="relu_sq", add=False)
     np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} {fmt} t={t}")
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("fmt", ["f16", "bf16", "int8", "nf4"])
+def test_one_format_variant_equals_the_mixed_one_bit_for_bit(entry, fmt):
+    """A dispatch of one format compiles it as a constant (SINGLE_FORMAT); a variant
+    with every format's code, branching per group, gives the same bits for it."""
+    specs = [(70, 128, None, False, fmt), (9, 192, "sigmoid", True, fmt)]
+    single, want = check_matmul_groups(entry, specs, 11, seed=3, nf4_select=fmt == "nf4")
+    mixed, _ = check_matmul_groups(entry, specs, 11, seed=3, nf4_select=fmt == "nf4",
+                                   compiled=["f16", "bf16", "int8", "nf4"])
+    np.testing.assert_allclose(single, want, **MATMUL_TOL)
+    assert np.array_equal(single, mixed)
 
 
 @pytest.mark.parametrize("input_major", [False, True])
