@@ -213,13 +213,15 @@ fn unpack_nf4(v: vec4<u32>, j: u32) -> vec4<f32> {
 }
 #else
 // The codebook in workgroup memory: a dynamically indexed private array would live in
-// off-chip local memory on NVIDIA and AMD. Filled by the first 16 threads.
+// off-chip local memory on NVIDIA and AMD. Filled by the first 8 threads, two codes
+// each (the narrowest workgroup, matvec's on CPU drivers, has 8).
 var<workgroup> nf4: array<f32, 16>;
 
 // Fills `nf4`; every thread of the workgroup calls it (it holds a barrier).
 fn load_nf4_table(thread: u32) {
-    if (thread < 16u) {
+    if (thread < 8u) {
         nf4[thread] = NF4_CODES[thread];
+        nf4[thread + 8u] = NF4_CODES[thread + 8u];
     }
     workgroupBarrier();
 }

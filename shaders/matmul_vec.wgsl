@@ -4,8 +4,8 @@
 
 // ---- matvec: ROWS rows per workgroup, every thread striding along K ----
 //
-// LANES threads (32 or 64: the host picks the count that divides a row's vec4s most
-// evenly) each read one vec4<u32> of each of the workgroup's ROWS rows per step (16
+// LANES threads (on GPUs 32 or 64: the host picks the count that divides a row's vec4s
+// most evenly; 8 on CPU drivers, see MatvecLanes in variants.rs) each read one vec4<u32> of each of the workgroup's ROWS rows per step (16
 // bytes: 8 fp16, 16 int8 or 32 nf4 weights) and applies the weights of four rows at a
 // time to each input vec4 it loads, for TOKENS tokens: per step ROWS x 16 = 128 bytes
 // of weights in flight per thread in every format, each input load feeding 16
@@ -13,7 +13,7 @@
 // reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in workgroup
 // memory. Rows past M and tokens past T are read clamped and not stored.
 
-const WG: u32 = LANES;              // threads per workgroup (variant: 32 or 64)
+const WG: u32 = LANES;              // threads per workgroup (variant: 8, 32 or 64)
 const ROWS: u32 = 8u;
 const QUADS: u32 = 2u;              // ROWS / 4: vec4 sums per token
 const TOKENS: u32 = TOKEN_BLOCK;    // tokens per pass over the weights (variant)
@@ -190,12 +190,13 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
         workgroupBarrier();
-        if (lane < SUMS) {
+        // (A loop: 8 lanes have fewer threads than 16 sums of 8 tokens.)
+        for (var i = lane; i < SUMS; i += WG) {
             var v = vec4<f32>(0.0);
             for (var s = 0u; s < n_sg; s++) {
-                v += sg_sums[s][lane];
+                v += sg_sums[s][i];
             }
-            store_quad(g, t0 + lane / QUADS, row0 + 4u * (lane % QUADS), v);
+            store_quad(g, t0 + i / QUADS, row0 + 4u * (i % QUADS), v);
         }
         workgroupBarrier();
 #else

@@ -122,6 +122,19 @@ def test_against_numpy_reference_on_other_shape():
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("lanes", ["wide", "narrow"])
+def test_both_matvec_widths_match_the_official_decode(monkeypatch, tiny_cases, lanes):
+    """Decode with the GPU's wide matvec workgroups and the CPU devices' narrow ones:
+    each step's logits within TOL of the official ones (the two differ only in the order
+    of the per-lane partial sums)."""
+    monkeypatch.setenv("RWKV_GPU_MATVEC_LANES", lanes)
+    model = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
+    assert model.config["matvec_lanes"] == lanes
+    state = model.new_state()
+    steps = [model.forward([t], state) for t in tiny_cases["prompt"]]
+    np.testing.assert_allclose(np.stack(steps), tiny_cases["prompt_logits"], atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])
 def test_staged_and_direct_prefill_loads_agree_bit_for_bit(monkeypatch, tiny_cases, dtype):
     """The SIMT prefill kernel's two ways of getting operands (staged through workgroup

@@ -350,7 +350,7 @@ def test_matmul_variants(entry, fmt, add, act):
 @pytest.mark.parametrize("tokens", TOKEN_BLOCKS)
 @pytest.mark.parametrize("t", [1, 3, 9])  # fewer tokens than the block (clamped), more (passes)
 @pytest.mark.parametrize("subgroups", [False, True])
-@pytest.mark.parametrize("lanes", [32, 64])
+@pytest.mark.parametrize("lanes", [8, 32, 64])  # 8: CPU devices (MatvecLanes::Narrow)
 def test_matvec_token_blocks_lanes_and_reductions(tokens, t, subgroups, lanes):
     if subgroups and "subgroup" not in device().features:
         pytest.skip("the adapter has no subgroup operations")
@@ -375,7 +375,7 @@ def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
              (5, 8, "tanh", False, "f16"), (40, 40, None, True, "bf16"), (9, 64, "sigmoid", False, "nf4"),
              (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
     for subgroups in ([False, True] if entry == "matvec" and "subgroup" in device().features else [False]):
-        for lanes in ([32, 64] if entry == "matvec" else [64]):
+        for lanes in ([8, 32, 64] if entry == "matvec" else [64]):
             got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True, lanes=lanes)
             np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes}")
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use super::pipeline_cache::DiskCache;
-use super::variants::{Loads, Nf4Lookup};
+use super::variants::{Loads, MatvecLanes, Nf4Lookup};
 use crate::error::{Error, Result};
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
@@ -57,6 +57,9 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_GEMM_LOADS=staged|direct`: how the prefill matrix kernel gets its
     /// operands (default: by device type, `Loads::for_device_type`).
     pub gemm_loads: Option<Loads>,
+    /// `RWKV_GPU_MATVEC_LANES=wide|narrow`: threads per matrix-vector workgroup
+    /// (default: by device type, `MatvecLanes::for_device_type`).
+    pub matvec_lanes: Option<MatvecLanes>,
 }
 
 impl DeviceOptions {
@@ -89,6 +92,14 @@ impl DeviceOptions {
                     Error::Invalid(format!("RWKV_GPU_GEMM_LOADS must be \"staged\" or \"direct\", got {v:?}"))
                 })?;
                 self.gemm_loads = Some(loads);
+            }
+        }
+        if self.matvec_lanes.is_none() {
+            if let Ok(v) = std::env::var("RWKV_GPU_MATVEC_LANES") {
+                let lanes = MatvecLanes::parse(&v).ok_or_else(|| {
+                    Error::Invalid(format!("RWKV_GPU_MATVEC_LANES must be \"wide\" or \"narrow\", got {v:?}"))
+                })?;
+                self.matvec_lanes = Some(lanes);
             }
         }
         if self.nf4_lookup.is_none() {
@@ -359,6 +370,8 @@ pub struct GpuContext {
     pub nf4_forced: bool,
     /// How the prefill matrix kernel (SIMT) gets its operands on this device.
     pub gemm_loads: Loads,
+    /// How wide the matrix-vector kernel's workgroups are on this device.
+    pub matvec_lanes: MatvecLanes,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
@@ -462,6 +475,7 @@ impl GpuContext {
         };
         let nf4_lookup = options.nf4_lookup.unwrap_or(Nf4Lookup::for_device_type(&summary.device_type));
         let gemm_loads = options.gemm_loads.unwrap_or(Loads::for_device_type(&summary.device_type));
+        let matvec_lanes = options.matvec_lanes.unwrap_or(MatvecLanes::for_device_type(&summary.device_type));
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -477,6 +491,7 @@ impl GpuContext {
             nf4_lookup,
             nf4_forced: options.nf4_lookup.is_some(),
             gemm_loads,
+            matvec_lanes,
             sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,

@@ -155,8 +155,48 @@ pub enum Codes {
 
 /// Tokens one matvec pass over the weights serves (a compile-time loop bound).
 pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
-/// Threads of a matvec workgroup, all striding along K.
+/// Threads of a matvec workgroup, all striding along K: on GPUs the count of these that
+/// divides the rows most evenly (MatvecLanes::Wide).
 pub const MATVEC_LANES: [u32; 2] = [32, 64];
+/// On CPU drivers one subgroup of lavapipe's width (MatvecLanes::Narrow).
+pub const MATVEC_NARROW_LANES: u32 = 8;
+
+/// How wide a matvec workgroup is: 32 or 64 threads (GPUs: enough warps or wavefronts in
+/// flight per row block), or 8 on CPU drivers, which run a workgroup's subgroups as
+/// coroutines switched at every barrier: there 8 lanes took 0.57-0.59x the time of 32
+/// (fp16 3072 x 768, one token, lavapipe, interleaved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MatvecLanes {
+    #[default]
+    Wide,
+    Narrow,
+}
+
+impl MatvecLanes {
+    /// The default for a device type (wgpu's `DeviceType::Cpu` is "cpu").
+    pub fn for_device_type(device_type: &str) -> MatvecLanes {
+        if device_type == "cpu" {
+            MatvecLanes::Narrow
+        } else {
+            MatvecLanes::Wide
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MatvecLanes> {
+        match text.trim() {
+            "wide" => Some(MatvecLanes::Wide),
+            "narrow" => Some(MatvecLanes::Narrow),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MatvecLanes::Wide => "wide",
+            MatvecLanes::Narrow => "narrow",
+        }
+    }
+}
 /// Narrowest subgroup sizes the cooperative-matrix kernel compiles for (its workgroup is
 /// four of them).
 pub const COOP_SUBGROUP_SIZES: [u32; 4] = [8, 16, 32, 64];
@@ -422,7 +462,7 @@ impl Variant {
                 }
             }
             for tokens in MATVEC_TOKEN_BLOCKS {
-                for lanes in MATVEC_LANES {
+                for lanes in MATVEC_LANES.into_iter().chain([MATVEC_NARROW_LANES]) {
                     for subgroups in [false, true] {
                         all.push(Variant::MatVec { tokens, lanes, formats, subgroups });
                     }

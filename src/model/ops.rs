@@ -9,7 +9,9 @@ use super::coop_check::MatmulKernel;
 use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
-use crate::gpu::variants::{Loads, Nf4Lookup, MATVEC_LANES, MATVEC_TOKEN_BLOCKS};
+use crate::gpu::variants::{
+    Loads, MatvecLanes, Nf4Lookup, MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_TOKEN_BLOCKS,
+};
 use crate::gpu::{Binding, Formats, Recorder, Variant, WkvStage};
 
 /// Up to this many tokens, matrices use the matrix-vector kernel, which reads the
@@ -386,7 +388,10 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
         let count = d.counts.is_some();
         (Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count }, blocks(SPARSE_OUTS, 1))
     } else if t <= MATVEC_TOKENS {
-        let lanes = matvec_lanes(groups);
+        let lanes = match model.ctx.matvec_lanes {
+            MatvecLanes::Wide => matvec_lanes(groups),
+            MatvecLanes::Narrow => MATVEC_NARROW_LANES,
+        };
         (
             Variant::MatVec {
                 tokens: token_block(t),

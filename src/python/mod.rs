@@ -37,6 +37,7 @@ fn options(
         max_binding,
         nf4_lookup: None,
         gemm_loads: None,
+        matvec_lanes: None,
     }
     .with_env()
     .map_err(to_py)
@@ -256,6 +257,7 @@ impl PyModel {
             crate::gpu::variants::Loads::Direct => "direct",
         };
         d.set_item("gemm_loads", loads)?;
+        d.set_item("matvec_lanes", self.inner.ctx.matvec_lanes.name())?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         Ok(d)
     }
