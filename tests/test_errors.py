@@ -76,6 +76,16 @@ def test_random_model_with_negative_dimensions(args, names):
         rwkv_gpu.Model.random(*args)
 
 
+@pytest.mark.parametrize("variable", [
+    "RWKV_GPU_MATVEC_LANES", "RWKV_GPU_GEMM_LOADS", "RWKV_GPU_NF4_LOOKUP", "RWKV_GPU_MAX_BINDING",
+])
+def test_a_bad_environment_value_is_a_value_error_naming_the_variable(monkeypatch, variable):
+    # These variables choose kernel variants; a typo must not silently mean the default.
+    monkeypatch.setenv(variable, "bogus")
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match=f"{variable}.*bogus"):
+        rwkv_gpu.Model.random(1, 64, 256)
+
+
 def test_failed_state_save_keeps_the_old_file_and_leaves_no_partial_file(tmp_path):
     """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: the second save fails
     part way through writing, in a child process so the limit binds nothing else."""
@@ -193,9 +203,10 @@ def test_ctrl_c_during_generation_leaves_exactly_the_given_tokens_in_the_state()
 
 
 def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_was():
-    """A 60k-token call is interrupted one second in: KeyboardInterrupt comes within 3 s
-    (the issue's bound; here a chunk takes a fraction of that), the state is bit-identical
-    to before the call, and the model goes on giving the golden logits."""
+    """A 60k-token call (forward, prefill, batch, embed) is interrupted one second in:
+    KeyboardInterrupt comes within 3 s (the issue's bound; here a chunk takes a fraction
+    of that), the state is bit-identical to before the call, and the model goes on giving
+    the golden logits."""
     script = textwrap.dedent(f"""
         import _thread, threading, time, warnings
         import numpy as np
@@ -206,7 +217,7 @@ def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_wa
         state = m.new_state()
         m.forward(cases["prompt"][:5], state)
         before = state.to_numpy()
-        for call in ("forward", "prefill", "batch"):
+        for call in ("forward", "prefill", "batch", "embed"):
             fired = []
             timer = threading.Timer(1.0, lambda: (fired.append(time.perf_counter()), _thread.interrupt_main()))
             timer.start()
@@ -216,6 +227,8 @@ def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_wa
                     m.forward(tokens, state, all_logits=True)
                 elif call == "prefill":
                     m.prefill(tokens, state)
+                elif call == "embed":
+                    m.embed([tokens, tokens[:9]], pooling="mean")
                 else:
                     m.forward_batch([tokens, tokens[:9]], [state, m.new_state()])
                 raise SystemExit(call + ": not interrupted")
@@ -242,12 +255,14 @@ def test_ctrl_c_during_load_raises_and_leaves_nothing_behind():
             seen.append(done)
             if done == 3:
                 _thread.interrupt_main()
-        try:
-            rwkv_gpu.Model({str(TINY)!r}, progress=progress)
-            raise SystemExit("not interrupted")
-        except KeyboardInterrupt:
-            pass
-        assert max(seen) < 10, seen  # stopped at the next tensor, not at the end
+        for dtype in (None, "int8", "nf4"):  # a plain load, and loads that quantize
+            seen.clear()
+            try:
+                rwkv_gpu.Model({str(TINY)!r}, dtype=dtype, progress=progress)
+                raise SystemExit(f"{{dtype}}: not interrupted")
+            except KeyboardInterrupt:
+                pass
+            assert max(seen) < 10, (dtype, seen)  # stopped at the next tensor, not at the end
         m = rwkv_gpu.Model({str(TINY)!r})
         m.forward([1, 2, 3], m.new_state())
         print("ok")
