@@ -13,8 +13,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
-from pth_writer import write_pth  # noqa: E402
-from safetensors_writer import write_safetensors  # noqa: E402
+from support.pth_writer import write_pth  # noqa: E402
+from support.safetensors_writer import write_safetensors  # noqa: E402
 
 C, H, N, V, F, D, L = 8, 2, 4, 16, 16, 8, 2
 rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@
 // 4 codes per u32, byte k % 4 of word k / 4) or NF4 (s = f16(absmax), q = the nearest
 // NormalFloat value to w / s, ties to the lower one, 8 codes per u32, low nibble first).
 // Scales are rounded to f16 before the codes are chosen, so codes fit the stored scale.
-// round() is round-half-to-even, as NumPy's rint in tests/quant_reference.py.
+// round() is round-half-to-even, as NumPy's rint in tests/support/quant_reference.py.
 
 struct Params {
     m: u32,
@@ -21,7 +21,7 @@ struct Params {
 
 #ifdef NF4
 // Decision thresholds: midpoints between consecutive NormalFloat values.
-// (f32 values of (NF4[i] + NF4[i + 1]) / 2, as tests/quant_reference.py computes them.)
+// (f32 values of (NF4[i] + NF4[i + 1]) / 2, as tests/support/quant_reference.py computes them.)
 var<private> NF4_MID: array<f32, 15> = array<f32, 15>(
     -0.8480963706970215, -0.6106328964233398, -0.4599952697753906, -0.33967941999435425,
     -0.23460739850997925, -0.13791173696517944, -0.045525018125772476, 0.03979014977812767,

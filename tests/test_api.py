@@ -128,7 +128,7 @@ def test_truncated_safetensors(tmp_path):
 
 
 def test_foreign_and_incomplete_checkpoints(tmp_path):
-    from pth_writer import write_pth
+    from support.pth_writer import write_pth
 
     v6 = {"emb.weight": np.zeros((8, 64), np.float16), "blocks.0.att.time_maa_x": np.zeros((1, 1, 64), np.float16)}
     write_pth(tmp_path / "v6.pth", v6)

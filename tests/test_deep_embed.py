@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference
 import rwkv_gpu
 from conftest import DATA, FALLBACKS, open_model
-from safetensors_writer import read_raw, write_safetensors
+from support import reference
+from support.safetensors_writer import read_raw, write_safetensors
 from test_quant import dequantized_weights
 
 HERE = DATA / "deepembed-rwkv7a"

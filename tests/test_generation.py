@@ -13,9 +13,9 @@ import threading
 import numpy as np
 import pytest
 import rwkv_gpu
-import sampling_reference as ref
 from conftest import DATA, open_model
 from rwkv_gpu.generation import StopMatcher
+from support import sampling_reference as ref
 
 BYTES_MODEL = DATA / "trained-bytes" / "model.safetensors"
 PROMPT = "import numpy as np\n\ndef "

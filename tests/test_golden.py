@@ -75,8 +75,8 @@ def test_against_numpy_reference_on_other_shape():
     import os
     import tempfile
 
-    import reference
-    from pth_writer import write_pth
+    from support import reference
+    from support.pth_writer import write_pth
 
     rng = np.random.default_rng(7)
     L, C, V = 3, 192, 301

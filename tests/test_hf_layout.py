@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import rwkv_gpu
 from conftest import DATA, open_model
-from safetensors_writer import read_raw, write_safetensors
+from support.safetensors_writer import read_raw, write_safetensors
 
 HF = DATA / "tiny-rwkv7-hf"
 OFFICIAL = DATA / "tiny-rwkv7" / "model.safetensors"

@@ -21,7 +21,7 @@ import pytest
 wgpu = pytest.importorskip("wgpu")
 rwkv_gpu = pytest.importorskip("rwkv_gpu")
 
-from reference import group_norm, l2_normalize, layer_norm, sigmoid, wkv7_step  # noqa: E402
+from support.reference import group_norm, l2_normalize, layer_norm, sigmoid, wkv7_step  # noqa: E402
 
 f64 = np.float64
 
@@ -250,7 +250,7 @@ def pack_weights_of(fmt, w):
     if fmt in ("f16", "bf16"):
         packed, exact = pack_16bit(w, fmt == "bf16")
         return packed.ravel(), None, exact
-    import quant_reference as qr
+    from support import quant_reference as qr
     w16 = w.astype(np.float16).astype(np.float32)
     if fmt == "int8":
         codes, scales, _ = qr.quantize_int8(w16, block=64)

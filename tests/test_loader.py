@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference
 from conftest import DATA, open_model
-from pth_writer import write_pth
-from safetensors_writer import write_safetensors
+from support import reference
+from support.pth_writer import write_pth
+from support.safetensors_writer import write_safetensors
 
 LOW_RANK = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 

@@ -1,5 +1,5 @@
 """int8 and nf4 weights: the quantize and dequantizing matmul kernels against the NumPy
-formats in quant_reference.py (through wgpu-py), whole forwards against the float64
+formats in tests/support/quant_reference.py (through wgpu-py), whole forwards against the float64
 reference with the same dequantized weights, quality on the trained byte model, and
 memory accounting."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import quant_reference as qr
-import reference
 import rwkv_gpu
 from conftest import DATA, open_model
+from support import quant_reference as qr
+from support import reference
 from test_kernels import MATMUL_TOL, check_matmul_groups, rand, run_kernel, scale_words
 
 f64 = np.float64
@@ -179,8 +179,8 @@ def heldout_logits():
 
 
 # The whole text (24740 bytes) takes ~6 minutes per dtype on lavapipe; CI checks the first
-# 4096 (measured with tests/quant_study.py in float64 over the whole text: int8 KL 8.0e-6,
-# nf4 2.1e-3). The run over the whole text: python tests/quant_quality.py.
+# 4096 (measured with tools/quant_study.py in float64 over the whole text: int8 KL 8.0e-6,
+# nf4 2.1e-3). The run over the whole text: python tools/quant_quality.py.
 QUALITY_BYTES = 4096
 
 
@@ -200,7 +200,7 @@ def test_quantized_quality_against_fp16(heldout_logits, fmt, max_kl, min_top1):
 
 def test_fp16_perplexity_tracks_the_official_logits(heldout_logits):
     """The official fp32 logits for the first 256 bytes: the same perplexity within 0.1%
-    (the whole text: tests/quant_quality.py against meta.json's official figure)."""
+    (the whole text: tools/quant_quality.py against meta.json's official figure)."""
     tokens, logits = heldout_logits
     official = np.load(DATA / "trained-bytes" / "cases.npz")
     n = len(official["tokens"])

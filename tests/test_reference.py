@@ -1,4 +1,4 @@
-"""The NumPy reference (tests/reference.py) against the official package's golden outputs.
+"""The NumPy reference (tests/support/reference.py) against the official package's golden outputs.
 
 Tolerance: 1e-4 absolute. The oracle (rwkv 0.8.32, 'cpu fp32') ran in float32; the
 reference runs in float64 on the very same bf16 weights (widened exactly), so the only
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import reference as ref  # noqa: E402
+from support import reference as ref  # noqa: E402
 
 ATOL = 1e-4
 STATE_KEYS = ("att_shift", "wkv", "ffn_shift")

@@ -1,4 +1,4 @@
-"""Self-tests of the NumPy sampling reference (tests/sampling_reference.py): NumPy only.
+"""Self-tests of the NumPy sampling reference (tests/support/sampling_reference.py): NumPy only.
 
 The cases are the ones src/sampler.rs tests, with the same expected numbers, so that the
 two implementations are pinned to one arithmetic before the bindings compare them.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sampling_reference as ref  # noqa: E402
+from support import sampling_reference as ref  # noqa: E402
 
 
 def logits_of(weights):

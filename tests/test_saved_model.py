@@ -1,6 +1,6 @@
 """Saved models (`Model.save`): a model written as it sits on the device and loaded back
 without quantizing again. The file's codes and scales must be exactly the NumPy
-reference's (quant_reference.py), and the reloaded model must compute exactly what the
+reference's (tests/support/quant_reference.py), and the reloaded model must compute exactly what the
 model it was saved from computed."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import sys
 
 import numpy as np
 import pytest
-import quant_reference as qr
-import reference
 import rwkv_gpu
 from conftest import DATA, open_model
+from support import quant_reference as qr
+from support import reference
 
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 PROMPT = [3, 17, 255, 0, 42, 99, 7, 128, 64, 5]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import rwkv_gpu
 from conftest import DATA, open_model
-from pth_writer import write_pth
-from safetensors_writer import header_bytes, read_raw, write_safetensors
+from support.pth_writer import write_pth
+from support.safetensors_writer import header_bytes, read_raw, write_safetensors
 
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 

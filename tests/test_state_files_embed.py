@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import reference
 import rwkv_gpu
 from conftest import DATA
-from pth_writer import write_pth
+from support import reference
+from support.pth_writer import write_pth
 
 TINY = DATA / "tiny-rwkv7"
 L, C, H, N = 2, 128, 2, 64

@@ -2,7 +2,7 @@
 
 Follows docs/rwkv7.md (the math): one token at a time, float64 arithmetic on the
 checkpoint's (bf16 -> f32, exact) weights, so that it is a tighter oracle than the
-official package's fp32 run. Run `python tests/reference.py` to compare with the
+official package's fp32 run. Run `python tests/support/reference.py` to compare with the
 golden data in tests/data/.
 """
 import json
@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
 def safetensors_metadata(path):

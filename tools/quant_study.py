@@ -1,13 +1,13 @@
-"""Quality of the weight-quantization formats of tests/quant_reference.py on the trained model.
+"""Quality of the weight-quantization formats of tests/support/quant_reference.py on the trained model.
 
-Runnable script (not a pytest test):  python tests/quant_study.py [n_tokens]
+Runnable script (not a pytest test):  python tools/quant_study.py [n_tokens]
 
 For each variant, the six big matrices of every layer (att.receptance/key/value/output,
 ffn.key/value) are replaced by their quantize -> dequantize round trip (quantized from the
 checkpoint's f32 weights); every other weight, the head included, is rounded to fp16, which
 is what the GPU runs. The baseline is the same model with the six matrices rounded to fp16
 too. All variants run together, one token at a time over tests/data/trained-bytes/heldout.txt
-with the state carried through, in float64 (a batched copy of tests/reference.py's forward,
+with the state carried through, in float64 (a batched copy of tests/support/reference.py's forward,
 checked against it on the first tokens). Reported per variant: mean over tokens of
 KL(p_fp16 || p_quant) in nats, its max, top-1 agreement with the baseline, and
 next-byte perplexity.
@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quant_reference as qr  # noqa: E402
-import reference as ref  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from support import quant_reference as qr  # noqa: E402
+from support import reference as ref  # noqa: E402
 
 QUANTIZED = ("att.receptance.weight", "att.key.weight", "att.value.weight",
              "att.output.weight", "ffn.key.weight", "ffn.value.weight")
@@ -64,7 +64,7 @@ def mv(W, x):
 
 
 def forward_batched(shared, stacked, tokens, n_var, L, C, H, N, on_logits):
-    """tests/reference.py's forward with a leading variant axis on every activation and
+    """tests/support/reference.py's forward with a leading variant axis on every activation and
     state; calls on_logits(t, logits [n_var, vocab]) after each token."""
     st = {"att_shift": np.zeros((n_var, L, C)), "wkv": np.zeros((n_var, L, H, N, N)),
           "ffn_shift": np.zeros((n_var, L, C))}
@@ -122,7 +122,7 @@ def main():
     names = list(VARIANTS)
     shared, stacked = build(weights)
 
-    # check the batched forward against tests/reference.py on the first tokens
+    # check the batched forward against tests/support/reference.py on the first tokens
     n_chk = min(16, n)
     chk = {}
     forward_batched(shared, stacked, tokens[:n_chk], len(names), L, C, H, N,

@@ -1,7 +1,7 @@
 """Quantization quality over the whole held-out text of tests/data/trained-bytes, on the
 GPU: mean KL(fp16 || quantized) per token, top-1 agreement, and the fp16 perplexity
 against the official one in meta.json. Not collected by pytest (about 6 minutes per
-dtype on lavapipe; seconds on a GPU). Run: python tests/quant_quality.py [bytes]"""
+dtype on lavapipe; seconds on a GPU). Run: python tools/quant_quality.py [bytes]"""
 import json
 import sys
 import warnings
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import rwkv_gpu
 
-DATA = Path(__file__).parent / "data" / "trained-bytes"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "trained-bytes"
 
 
 def main():
