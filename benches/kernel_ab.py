@@ -1,9 +1,9 @@
-"""The prefill matrix-matrix kernel of this build against another build's, interleaved:
+"""A prefill matrix-matrix kernel of this build against another build's, interleaved:
 both WGSL sources (rwkv_gpu.kernel_source of each build) run through wgpu-py on the
 same buffers, A B A B, and the per-dispatch times are printed with the
 ratio pair by pair. For kernel changes whose speed-up must be shown back to back.
 
-    python benches/kernel_ab.py --other /path/to/unpacked/old/wheel --tokens 64 --rows 1024 --k 1024
+    python benches/kernel_ab.py --other /path/to/unpacked/old/wheel --tokens 64 --rows 1024 --k 1024 [--entry matmul_direct]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--dtypes", default="fp16,int8,nf4")
+    ap.add_argument("--entry", default="matmul_tiled", choices=["matmul_tiled", "matmul_direct"],
+                    help="the GPU kernel (staged tiles) or the CPU drivers' (direct loads)")
     args = ap.parse_args()
     adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     device = adapter.request_device_sync(required_features=[f for f in ["subgroup"] if f in adapter.features])
@@ -56,10 +58,10 @@ def main() -> None:
     theirs = other_sources(args.other, "matmul_mat", {f: DEFINES[f] for f in dtypes})
     ours = speed.rwkv_gpu.kernel_source
     for fmt in dtypes:
-        a, _, _ = speed.matmul_kernel(device, "matmul_tiled", fmt, args.rows, args.k, args.tokens)
+        a, _, _ = speed.matmul_kernel(device, args.entry, fmt, args.rows, args.k, args.tokens)
         speed.rwkv_gpu.kernel_source = lambda _name, _defines, fmt=fmt: theirs[fmt]
         try:
-            b, _, _ = speed.matmul_kernel(device, "matmul_tiled", fmt, args.rows, args.k, args.tokens)
+            b, _, _ = speed.matmul_kernel(device, args.entry, fmt, args.rows, args.k, args.tokens)
         finally:
             speed.rwkv_gpu.kernel_source = ours
         a(), b()  # compiled and warm
@@ -70,7 +72,7 @@ def main() -> None:
                 kernel()
                 times[label].append((time.perf_counter() - started) * 1e3 / speed.DISPATCHES)
         ratios = np.array(times["this"]) / np.array(times["other"])
-        print(f"matmul_tiled {fmt} {args.rows}x{args.k} over {args.tokens} tokens: "
+        print(f"{args.entry} {fmt} {args.rows}x{args.k} over {args.tokens} tokens: "
               f"this {np.median(times['this']):.2f} ms, other {np.median(times['other']):.2f} ms per dispatch; "
               f"this/other median {np.median(ratios):.3f} ({ratios.min():.2f}-{ratios.max():.2f})")
 

@@ -161,13 +161,23 @@ fn matmul_tiled(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
     }
+    var rows: array<u32, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        rows[r] = m0 + lid.x + 8u * r;
+    }
+    store_tile(g, &acc, rows, t0 + lid.y);
+}
+
+// The epilogue of both SIMT kernels: acc[2 j + h][e] is output row rows[4 h + e] of
+// token t + 8 j; what lies outside the matrix or the chunk is dropped.
+fn store_tile(g: Group, acc: ptr<function, array<vec4<f32>, 16>>, rows: array<u32, 8>, t: u32) {
     for (var h = 0u; h < 2u; h++) {
         for (var j = 0u; j < 8u; j++) {
-            let t = t0 + lid.y + 8u * j;
-            for (var i = 0u; i < 4u; i++) {
-                let m = m0 + lid.x + 8u * (4u * h + i);
-                if (t < p.t && m < g.m) {
-                    store(g, t, m, acc[2u * j + h][i]);
+            let tj = t + 8u * j;
+            for (var e = 0u; e < 4u; e++) {
+                let m = rows[4u * h + e];
+                if (tj < p.t && m < g.m) {
+                    store(g, tj, m, (*acc)[2u * j + h][e]);
                 }
             }
         }
@@ -385,15 +395,9 @@ fn matmul_direct(@builtin(workgroup_id) wid: vec3<u32>,
 #else
     direct_rows(&acc, g, m0, lid.x, xrow);
 #endif
-    for (var h = 0u; h < 2u; h++) {
-        for (var j = 0u; j < 8u; j++) {
-            let t = t0 + lid.y + 8u * j;
-            for (var e = 0u; e < 4u; e++) {
-                let m = direct_row(m0, lid.x, 4u * h + e);
-                if (t < p.t && m < g.m) {
-                    store(g, t, m, acc[2u * j + h][e]);
-                }
-            }
-        }
+    var rows: array<u32, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        rows[r] = direct_row(m0, lid.x, r);
     }
+    store_tile(g, &acc, rows, t0 + lid.y);
 }
