@@ -170,7 +170,8 @@ def test_ctrl_c_during_generation_leaves_exactly_the_given_tokens_in_the_state()
     state is checked bit for bit against a fresh one fed the prompt and the run's tokens
     in the same calls the run made (the prompt at once, then one token a call)."""
     script = textwrap.dedent(f"""
-        import _thread, threading, warnings
+        import _thread, signal, threading, warnings
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
         import numpy as np
         warnings.simplefilter("ignore")
         import rwkv_gpu
@@ -208,7 +209,8 @@ def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_wa
     of that), the state is bit-identical to before the call, and the model goes on giving
     the golden logits."""
     script = textwrap.dedent(f"""
-        import _thread, threading, time, warnings
+        import _thread, signal, threading, time, warnings
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
         import numpy as np
         warnings.simplefilter("ignore")
         import rwkv_gpu
@@ -247,7 +249,8 @@ def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_wa
 
 def test_ctrl_c_during_load_raises_and_leaves_nothing_behind():
     script = textwrap.dedent(f"""
-        import _thread, warnings
+        import _thread, signal, warnings
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
         warnings.simplefilter("ignore")
         import rwkv_gpu
         seen = []
@@ -276,7 +279,8 @@ def test_ctrl_c_during_the_prompt_of_a_generation_or_chat_turn():
     soon, the state as before, nothing fed, and a Chat turn that never happened leaves no
     history (its text is sent again with the next message)."""
     script = textwrap.dedent(f"""
-        import _thread, threading, time, warnings
+        import _thread, signal, threading, time, warnings
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
         import numpy as np
         warnings.simplefilter("ignore")
         import rwkv_gpu

@@ -203,7 +203,11 @@ def test_ctrl_c_stops_between_tokens(model):
     """KeyboardInterrupt from another thread (as Ctrl-C would) ends the loop; the state
     then holds exactly the tokens the run reports as fed."""
     import _thread
+    import signal
 
+    # A process started in the background of a shell inherits SIGINT ignored, and then
+    # interrupt_main does nothing: the test needs Python's own handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     state = model.new_state()
     run = model._run(PROMPT, state, 10_000, rwkv_gpu.Sampling(temperature=0.0), (), (0,), None)
     pieces = []
@@ -218,6 +222,7 @@ def test_ctrl_c_stops_between_tokens(model):
                     timer.start()
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     fed = run.fed_tokens()
     assert len(PROMPT.encode()) < len(fed) < len(PROMPT.encode()) + 10_000
     assert fed[:len(PROMPT.encode())] == list(PROMPT.encode())
