@@ -13,6 +13,7 @@
 #     bash benches/gpu_session.sh bench    # pp512/tg128 (+ argmax, x1-x64 direct and through the Engine, profile, bound) at 2.9B, fp16/int8/nf4
 #     bash benches/gpu_session.sh peers    # compare.py at 2.9B against web-rwkv 0.10.20
 #     bash benches/gpu_session.sh coop     # pp512 fp16/int8 on cooperative matrices vs the SIMT kernel, A B A B
+#     bash benches/gpu_session.sh split    # tg64 fp16/nf4 with the decode value projection split 1, 2, 4 ways, twice in turn
 # Each writes its logs and tables under $OUT (or out/ when OUT is unset).
 # SHAPE=0.1b (etc.) overrides the 2.9B shape.
 set -euo pipefail
@@ -81,6 +82,7 @@ data = json.load(open(sys.argv[1]))
 info = data["info"]
 print(f"{info['adapter']} | {info['model']} | copy {info['copy_bandwidth'] / 1e9:.0f} GB/s | bound {info['tg_bound']:.1f} t/s")
 print(f"  prefill matrices: {info['matmul_kernel_note']}")
+print(f"  kernel choices ({info['tuning']}): nf4 by {info['nf4_lookup']}, value projection split {info['split_k']}")
 for r in data["rows"]:
     share = "" if r["fraction_of_bound"] is None else f" ({100 * r['fraction_of_bound']:.0f}% of bound)"
     print(f"  {r['dtype']} {r['test']}: {r['mean']:.2f} ± {r['std']:.2f} {r['unit']}{share}")
@@ -115,8 +117,29 @@ EOF
         done
     done
     ;;
+split)
+    # Split-K decode (src/model/ops.rs Split) fixed at 1, 2 and 4 parts in turn, twice:
+    # what the tuner chooses between at load, measured as whole tg rows.
+    setup_device
+    for dtype in fp16 nf4; do
+        for round in 1 2; do
+            for parts in 1 2 4; do
+                RWKV_GPU_SPLIT_K=$parts python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 \
+                    --json > "$out/split-$dtype-$parts-$round.json" 2> "$out/split-$dtype-$parts-$round.err" \
+                    || { tail -20 "$out/split-$dtype-$parts-$round.err"; exit 1; }
+                python3 - "$out/split-$dtype-$parts-$round.json" "$parts" <<'EOF'
+import json, sys
+data = json.load(open(sys.argv[1]))
+for r in data["rows"]:
+    if r["test"].startswith("tg") and "x" not in r["test"]:
+        print(f"split {sys.argv[2]} {r['dtype']} {r['test']}: {r['mean']:.1f} ± {r['std']:.1f} t/s")
+EOF
+            done
+        done
+    done
+    ;;
 *)
-    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|coop" >&2
+    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|split|coop" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,14 @@
 // no other workgroup touches it. Row statistics: two passes (mean, then centred
 // variance) for accuracy, reduced as a fixed tree (bit-identical run to run); the up
 // to three rows a workgroup needs are reduced together.
+//
+// With FOLD, the product before this one (the previous layer's value projection, split
+// along K across workgroups: see Split in src/model/ops.rs) left FOLD_PARTS partial sums
+// of its output in `parts` instead of adding them to x: each token's row gets them added
+// first, in part order (bit-identical run to run), and written back to x, the residual
+// stream the rest of the layer adds to. The host folds only chunks whose every token is
+// its sequence's first (decode), so the row a workgroup folds is the only one it reads
+// and no other workgroup reads it.
 
 struct Params {
     c: u32,            // channels
@@ -23,13 +31,18 @@ struct Params {
     state_off: u32,    // offset of this shift vector inside a slot of `state`
     slot_stride: u32,  // f32 elements per slot in `state`
     eps: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    fold_parts: u32,   // FOLD: partial sums per element in `parts`
+    fold_stride: u32,  // FOLD: f32 elements from one part to the next
+    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+#ifdef FOLD
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;      // (T, C) residual stream
+@group(0) @binding(6) var<storage, read> parts: array<f32>;        // (fold_parts, T, C) at fold_stride
+#else
 @group(0) @binding(1) var<storage, read> x: array<f32>;            // (T, C) residual stream
+#endif
 @group(0) @binding(2) var<storage, read> consts: array<f32>;       // packed f32 vectors
 @group(0) @binding(3) var<storage, read> seqs: array<vec4<u32>>;   // (n_seq): first token, tokens, slot, -
 @group(0) @binding(4) var<storage, read_write> state: array<f32>;  // (slots, slot_stride)
@@ -80,6 +93,16 @@ fn ln_shift(@builtin(workgroup_id) wid: vec3<u32>,
     // token, none: the state holds it), and the sequence's last (first token only).
     let rows = vec3<u32>(t, select(t - 1u, t, first), seq.x + seq.y - 1u);
     let inv_c = 1.0 / f32(p.c);
+#ifdef FOLD
+    // Each thread folds the channels it reads below: no barrier needed.
+    for (var c = lid; c < p.c; c += WG) {
+        var v = x[t * p.c + c];
+        for (var j = 0u; j < p.fold_parts; j++) {
+            v += parts[j * p.fold_stride + t * p.c + c];
+        }
+        x[t * p.c + c] = v;
+    }
+#endif
 
     var s = vec3<f32>(0.0);
     for (var c = lid; c < p.c; c += WG) {

@@ -146,6 +146,42 @@ def test_ln_shift(n_mix, c):
     assert np.array_equal(got_state[:, untouched], state[:, untouched]) and np.array_equal(got_state[1], state[1])
 
 
+@pytest.mark.parametrize("c", [100, 600])
+@pytest.mark.parametrize("parts", [1, 3])
+def test_ln_shift_folds_the_parts_of_a_split_product(c, parts):
+    """With FOLD (decode after a value projection split along K, src/model/ops.rs Split):
+    every token is its sequence's first, and each token's row of x gets the parts added
+    in part order and written back before the LayerNorm; the outputs are those of
+    ln_shift on the folded x."""
+    rng = np.random.default_rng(7 + c + parts)
+    t_total, slots, state_off, ln_w, ln_b, mix_off, n_mix = 5, 6, 0, 1, 2 + c, 3 + 2 * c, 6
+    stride = c + 4
+    fold_stride = t_total * c + 3  # parts need not be packed
+    seqs = np.array([[t, 1, (t * 5) % slots, 0] for t in range(t_total)], np.uint32)
+    x = rand(rng, t_total, c, scale=2.0) + 3.0
+    parts_buf = rand(rng, parts * fold_stride)
+    consts = rand(rng, mix_off + n_mix * c + 5)
+    state = rand(rng, slots, stride)
+    out = np.full((n_mix, t_total, c), np.nan, np.float32)
+    got_x, _, _, got_state, got, _ = run_kernel(
+        "ln_shift", ["N_MIX=6u", "FOLD"], "ln_shift",
+        [c, t_total, len(seqs), ln_w, ln_b, mix_off, state_off, stride, 1e-5, parts, fold_stride],
+        [x, consts, seqs, state, out, parts_buf], (t_total, 1, 1))
+
+    # The same additions in the same order in f32: the written-back rows bit for bit.
+    folded = x.copy()
+    for j in range(parts):
+        folded += parts_buf[j * fold_stride:j * fold_stride + t_total * c].reshape(t_total, c)
+    assert np.array_equal(got_x, folded)
+    norm = layer_norm(folded.astype(f64), consts[ln_w:ln_w + c], consts[ln_b:ln_b + c])
+    mix = consts[mix_off:mix_off + n_mix * c].reshape(n_mix, c).astype(f64)
+    prev = state[seqs[:, 2], state_off:state_off + c].astype(f64)
+    want = norm + (prev - norm) * mix[:, None, :]
+    # As test_ln_shift: f32 statistics over <= 600 terms, outputs O(1).
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_state[seqs[:, 2], state_off:state_off + c], norm, rtol=1e-5, atol=1e-5)
+
+
 # ---- matmul_vec / matmul_mat: every group's blocks back to back in a flat grid, matvec
 # ceil(M/8) per group, matmul_tiled ceil(M/64) * ceil(T/64). Each group's format is in
 # its flags; a variant compiles the formats it names (HAS_BF16, HAS_INT8, HAS_NF4). ----

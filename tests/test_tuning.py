@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import rwkv_gpu
-from conftest import DATA
+from conftest import DATA, open_model
 
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 PROMPT = [3, 17, 60, 2, 99]
@@ -22,6 +22,7 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV_GPU_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("RWKV_GPU_TUNE", raising=False)
     monkeypatch.delenv("RWKV_GPU_NF4_LOOKUP", raising=False)
+    monkeypatch.delenv("RWKV_GPU_SPLIT_K", raising=False)
     return tmp_path
 
 
@@ -31,6 +32,11 @@ def load(**options):
         warnings.simplefilter("always")
         model = rwkv_gpu.Model(TINY, dtype="nf4", **options)
     return model, [str(w.message) for w in caught if "kernel choices" in str(w.message)]
+
+
+def chosen(model):
+    """The cache file's text for the model's choice."""
+    return f"nf4={model.config['nf4_lookup']} split={model.config['split_k']}"
 
 
 def logits(model):
@@ -48,10 +54,15 @@ def test_timed_once_then_read_from_the_cache(cache_dir):
     assert first.config["tuning"] == "timed" and not warned
     (key, choice), = entries(cache_dir / "tuning.txt")
     assert first.config["adapter"] in key and " | 30.0.1 | " in key  # adapter ... wgpu version ... shape
-    assert choice == f"nf4={first.config['nf4_lookup']}"
+    assert choice == chosen(first)
+    # The key names the candidates timed, the device's defaults first (a cache written by
+    # a version that timed fewer is timed again).
+    cpu = first.config["device_type"] == "cpu"
+    lookups, splits = (("select", "table"), (1,)) if cpu else (("table", "select"), (1, 2, 4))
+    assert key.endswith("among " + ";".join(f"nf4={n} split={k}" for n in lookups for k in splits))
     second, _ = load()
     assert second.config["tuning"] == "cached"
-    assert second.config["nf4_lookup"] == first.config["nf4_lookup"]
+    assert chosen(second) == chosen(first)
     # Either choice gives the same outputs, bit for bit.
     np.testing.assert_array_equal(logits(first), logits(second))
 
@@ -88,17 +99,40 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(cache_dir, content):
     assert model.config["tuning"] == "timed"
     assert len(warned) == 1 and str(path) in warned[0]
     (_, choice), = entries(path)  # rewritten with what parsed, and this shape's choice
-    assert choice == f"nf4={model.config['nf4_lookup']}"
+    assert choice == chosen(model)
     again, warned = load()
     assert again.config["tuning"] == "cached" and not warned
 
 
 def test_tuning_off_and_models_with_nothing_to_tune(cache_dir, monkeypatch):
-    plain = rwkv_gpu.Model(TINY)  # fp16: no NF4 matrices
-    assert plain.config["tuning"] == "default"
+    # fp16 (no NF4 matrices) with the value projection kept dense (not splittable).
+    monkeypatch.setenv("RWKV_GPU_NO_SPARSE_FFN", "1")
+    plain = rwkv_gpu.Model(TINY)
+    assert plain.config["tuning"] == "default" and plain.config["split_k"] == 1
+    monkeypatch.delenv("RWKV_GPU_NO_SPARSE_FFN")
     monkeypatch.setenv("RWKV_GPU_TUNE", "off")
     off, _ = load()
     assert off.config["tuning"] == "off"
     # The device type's default: the select tree on CPU devices, the table elsewhere.
     assert off.config["nf4_lookup"] == ("select" if off.config["device_type"] == "cpu" else "table")
+    assert off.config["split_k"] == 1
+    assert not (cache_dir / "tuning.txt").exists()
+
+
+def test_splits_timed_on_gpus_only_and_a_forced_split_is_kept(cache_dir, monkeypatch):
+    """fp16 has no NF4 decoding to choose: what is left is the split of the decode value
+    projection, timed on GPUs (so the load writes the cache) and not on CPU drivers,
+    whose workgroups outnumber the cores already. RWKV_GPU_SPLIT_K fixes it untimed."""
+    plain = open_model(TINY)
+    if plain.config["device_type"] == "cpu":
+        assert plain.config["tuning"] == "default" and plain.config["split_k"] == 1
+        assert not (cache_dir / "tuning.txt").exists()
+    else:
+        assert plain.config["tuning"] == "timed" and plain.config["split_k"] in (1, 2, 4)
+        (_, choice), = entries(cache_dir / "tuning.txt")
+        assert choice == chosen(plain)
+    (cache_dir / "tuning.txt").unlink(missing_ok=True)
+    monkeypatch.setenv("RWKV_GPU_SPLIT_K", "4")
+    forced = open_model(TINY)
+    assert forced.config["tuning"] == "forced" and forced.config["split_k"] == 4
     assert not (cache_dir / "tuning.txt").exists()

@@ -60,6 +60,9 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_MATVEC_LANES=wide|narrow`: threads per matrix-vector workgroup
     /// (default: by device type, `MatvecLanes::for_device_type`).
     pub matvec_lanes: Option<MatvecLanes>,
+    /// `RWKV_GPU_SPLIT_K=1|2|4|8`: parts the decode value projection is split into along
+    /// K (default: timed per model on GPUs, 1 on CPU drivers; `crate::model::tuning`).
+    pub split_k: Option<usize>,
 }
 
 impl DeviceOptions {
@@ -100,6 +103,19 @@ impl DeviceOptions {
                     Error::Invalid(format!("RWKV_GPU_MATVEC_LANES must be \"wide\" or \"narrow\", got {v:?}"))
                 })?;
                 self.matvec_lanes = Some(lanes);
+            }
+        }
+        if self.split_k.is_none() {
+            if let Ok(v) = std::env::var("RWKV_GPU_SPLIT_K") {
+                let parts = v
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|p| super::variants::SPLIT_PARTS.contains(p))
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("RWKV_GPU_SPLIT_K must be 1, 2, 4 or 8, got {v:?}"))
+                    })?;
+                self.split_k = Some(parts);
             }
         }
         if self.nf4_lookup.is_none() {
@@ -368,6 +384,8 @@ pub struct GpuContext {
     /// the other: `crate::model::tuning`), and whether the caller fixed it.
     pub nf4_lookup: Nf4Lookup,
     pub nf4_forced: bool,
+    /// The parts of a split decode value projection, where the caller fixed them.
+    pub split_k_forced: Option<usize>,
     /// How the prefill matrix kernel (SIMT) gets its operands on this device.
     pub gemm_loads: Loads,
     /// How wide the matrix-vector kernel's workgroups are on this device.
@@ -490,6 +508,7 @@ impl GpuContext {
             coop_matrix,
             nf4_lookup,
             nf4_forced: options.nf4_lookup.is_some(),
+            split_k_forced: options.split_k,
             gemm_loads,
             matvec_lanes,
             sparse_ffn: !options.no_sparse_ffn,

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use super::context::AdapterSummary;
 use super::pipeline_cache::cache_directory;
-use super::variants::Nf4Lookup;
+use super::variants::{Nf4Lookup, SPLIT_PARTS};
 use crate::error::Saving;
 
 const HEADER: &str = "rwkv-gpu kernel choices 1";
@@ -24,24 +24,33 @@ const MAX_BYTES: u64 = 1 << 20;
 pub const WGPU_VERSION: &str = "30.0.1";
 
 /// What the timing chose: the variants whose speed differs by device and whose results
-/// do not.
+/// do not beyond float rounding (`crate::model::tuning`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Choice {
     pub nf4_lookup: Nf4Lookup,
+    /// Parts of the split decode value projection (1: not split).
+    pub split_k: usize,
 }
 
 impl Choice {
-    fn to_text(self) -> String {
+    /// "nf4=table split=2"
+    pub fn to_text(self) -> String {
         let nf4 = match self.nf4_lookup {
             Nf4Lookup::Table => "table",
             Nf4Lookup::Select => "select",
         };
-        format!("nf4={nf4}")
+        format!("nf4={nf4} split={}", self.split_k)
     }
 
     fn parse(text: &str) -> Option<Choice> {
-        let nf4 = text.strip_prefix("nf4=")?;
-        Some(Choice { nf4_lookup: Nf4Lookup::parse(nf4)? })
+        // Lines of versions before the split had no split (their keys, which named no
+        // candidates, match no key of this one: they are kept, never used).
+        let (nf4, split) = text.split_once(' ').unwrap_or((text, "split=1"));
+        let nf4_lookup = Nf4Lookup::parse(nf4.strip_prefix("nf4=")?)?;
+        let split = split.strip_prefix("split=")?;
+        // Digits only: "+2" parses as a usize.
+        let split_k = split.bytes().all(|b| b.is_ascii_digit()).then(|| split.parse().ok()).flatten()?;
+        SPLIT_PARTS.contains(&split_k).then_some(Choice { nf4_lookup, split_k })
     }
 }
 
@@ -154,11 +163,25 @@ mod tests {
     #[test]
     fn choices_round_trip_and_refuse_strangers() {
         for nf4_lookup in [Nf4Lookup::Table, Nf4Lookup::Select] {
-            let c = Choice { nf4_lookup };
-            assert_eq!(Choice::parse(&c.to_text()), Some(c));
+            for split_k in SPLIT_PARTS {
+                let c = Choice { nf4_lookup, split_k };
+                assert_eq!(Choice::parse(&c.to_text()), Some(c));
+            }
         }
-        for bad in ["", "nf4=", "nf4=fast", "lookup=table", "nf4=table extra"] {
+        for bad in [
+            "",
+            "nf4=",
+            "nf4=fast",
+            "lookup=table",
+            "nf4=table extra",
+            "nf4=table split=3",
+            "nf4=table split=+2",
+            "nf4=table split=2 more",
+            "split=2 nf4=table",
+        ] {
             assert_eq!(Choice::parse(bad), None, "{bad:?}");
         }
+        let old = Choice::parse("nf4=select");
+        assert_eq!(old, Some(Choice { nf4_lookup: Nf4Lookup::Select, split_k: 1 }));
     }
 }

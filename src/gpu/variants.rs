@@ -153,6 +153,9 @@ pub enum Codes {
     Nf4,
 }
 
+/// Parts a product split along K may have (`crate::model::ops::Split`; 1: not split).
+pub const SPLIT_PARTS: [usize; 4] = [1, 2, 4, 8];
+
 /// Tokens one matvec pass over the weights serves (a compile-time loop bound).
 pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
 /// Threads of a matvec workgroup, all striding along K: on GPUs the count of these that
@@ -236,10 +239,12 @@ pub fn wkv_token_block(n: u32) -> u32 {
 pub enum Variant {
     LayerNorm,
     /// LayerNorm and the token shift after it; `mixes`: 6 (time mix) or 1 (channel mix);
-    /// `keep_normalised`: also write the LayerNorm output (DeepEmbed's channel mix).
+    /// `keep_normalised`: also write the LayerNorm output (DeepEmbed's channel mix);
+    /// `fold`: first add the partial sums a split product left (`ops::Split`) to x.
     LnShift {
         mixes: u32,
         keep_normalised: bool,
+        fold: bool,
     },
     /// RWKV-7a DeepEmbed's scaling of the channel-mix activations.
     DeepEmbed,
@@ -332,10 +337,13 @@ impl Variant {
         let mut out = Vec::new();
         let mut valued = |name: &str, v: u32| out.push((name.to_string(), format!("{v}u")));
         match self {
-            Variant::LnShift { mixes, keep_normalised } => {
+            Variant::LnShift { mixes, keep_normalised, fold } => {
                 valued("N_MIX", mixes);
                 if keep_normalised {
                     out.push(("KEEP_NORMALISED".into(), String::new()));
+                }
+                if fold {
+                    out.push(("FOLD".into(), String::new()));
                 }
             }
             Variant::MatVec { tokens, lanes, formats, subgroups } => {
@@ -396,8 +404,12 @@ impl Variant {
     /// What profiles report GPU time under: "matvec t4 l64 f16+int8 sg".
     pub fn label(self) -> String {
         match self {
-            Variant::LnShift { mixes, keep_normalised } => {
-                format!("ln_shift x{mixes}{}", if keep_normalised { " +n" } else { "" })
+            Variant::LnShift { mixes, keep_normalised, fold } => {
+                format!(
+                    "ln_shift x{mixes}{}{}",
+                    if keep_normalised { " +n" } else { "" },
+                    if fold { " fold" } else { "" }
+                )
             }
             Variant::MatVec { tokens, lanes, formats, subgroups } => {
                 format!("matvec t{tokens} l{lanes} {}{}", formats.label(), if subgroups { " sg" } else { "" })
@@ -443,8 +455,10 @@ impl Variant {
     /// Every variant the runtime can ask for.
     pub fn all() -> Vec<Variant> {
         let mut all = vec![Variant::LayerNorm, Variant::Argmax, Variant::Copy, Variant::DeepEmbed];
-        all.extend([1, 6].map(|mixes| Variant::LnShift { mixes, keep_normalised: false }));
-        all.push(Variant::LnShift { mixes: 1, keep_normalised: true });
+        all.extend([1, 6].map(|mixes| Variant::LnShift { mixes, keep_normalised: false, fold: false }));
+        all.push(Variant::LnShift { mixes: 1, keep_normalised: true, fold: false });
+        // Only the time mix's folds: the channel mix follows the (unsplit) output projection.
+        all.push(Variant::LnShift { mixes: 6, keep_normalised: false, fold: true });
         for formats in Formats::all() {
             for loads in [Loads::Staged, Loads::Direct] {
                 all.extend([false, true].map(|input_major| Variant::MatMul { formats, input_major, loads }));

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::chunks::{plan_chunks, Pace, SeqInput, SeqRow};
 use super::head::{self, Placement};
-use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, ReadCounts, Wkv};
+use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, ReadCounts, Split, Wkv};
 use super::scratch::{Scratch, MAX_SEQS};
 use super::state::Page;
 use super::weights::{consts, Layer};
@@ -73,6 +73,8 @@ struct PlanKey {
     nf4: crate::gpu::variants::Nf4Lookup,
     /// The prefill products' kernel (the check at load runs both).
     matmul: super::coop_check::MatmulKernel,
+    /// Parts of the split decode value projection (tuning times several).
+    split_k: usize,
 }
 
 struct Plan {
@@ -144,6 +146,9 @@ pub fn run(
     if count_reads {
         s.ensure_read_counts(model)?;
     }
+    if model.split_k() > 1 {
+        s.ensure_partials(model)?;
+    }
     let mut stats = CallStats::default();
 
     let lens: Vec<usize> = seqs.iter().map(|q| q.tokens.len()).collect();
@@ -206,6 +211,7 @@ pub fn run(
             count_reads,
             nf4: model.nf4_lookup(),
             matmul: model.matmul_kernel(),
+            split_k: model.split_k(),
         };
         let cached = page.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key, s.generation);
         let plan = match cached {
@@ -306,7 +312,18 @@ fn record(model: &Model, s: &Scratch, page: &Page, key: &PlanKey) -> Result<Plan
             ops::products(model, &mut rec, &s.x, &s.deep, t, &[merge])?;
         }
     }
-    for (l, layer) in model.weights.layers.iter().enumerate() {
+    // Decode (every token its sequence's first, few enough for the matrix-vector kernels)
+    // may split each value projection but the last along K: the next layer's ln_shift
+    // folds the parts into x (ops::Split). The last one's would need the head to fold.
+    let split_decode = key.split_k > 1 && t == n_seq && t <= ops::MATVEC_TOKENS;
+    let layers = &model.weights.layers;
+    let split_of = |l: usize| {
+        let splits =
+            split_decode && l + 1 < layers.len() && ops::can_split(&layers[l].ffn_value, key.split_k);
+        let partials = s.partials.as_ref().filter(|_| splits)?;
+        Some(Split { partials, parts: key.split_k })
+    };
+    for (l, layer) in layers.iter().enumerate() {
         let counts = if key.count_reads { s.read_counts.as_ref() } else { None };
         let chunk = Chunk {
             model,
@@ -318,6 +335,8 @@ fn record(model: &Model, s: &Scratch, page: &Page, key: &PlanKey) -> Result<Plan
             tokens: t,
             n_seq,
             counts,
+            fold: l.checked_sub(1).and_then(split_of),
+            split: split_of(l),
         };
         chunk.time_mix(&mut rec)?;
         chunk.channel_mix(&mut rec)?;
@@ -340,6 +359,10 @@ struct Chunk<'a> {
     n_seq: usize,
     /// Where the sparse value projection counts its reads (profiles): four counters per layer.
     counts: Option<&'a wgpu::Buffer>,
+    /// The previous layer's value projection left its parts for this layer to fold into x.
+    fold: Option<Split<'a>>,
+    /// This layer's value projection is split so (its parts folded by the next layer).
+    split: Option<Split<'a>>,
 }
 
 impl Chunk<'_> {
@@ -366,6 +389,7 @@ impl Chunk<'_> {
                 tokens: t,
                 n_seq: self.n_seq,
                 keep_normalised: false,
+                fold: self.fold,
             },
         )?;
 
@@ -470,6 +494,7 @@ impl Chunk<'_> {
                 tokens: t,
                 n_seq: self.n_seq,
                 keep_normalised: layer.deep.is_some(),
+                fold: None,
             },
         )?;
         // relu(key)^2 (DeepEmbed: and h = xf @ s1, after the activations, same dispatch).
@@ -507,10 +532,14 @@ impl Chunk<'_> {
             )?;
         }
         // The value projection, added to the residual stream. Input-major (the loader's
-        // choice where it fits one binding), decode skips the rows of zero activations.
+        // choice where it fits one binding), decode skips the rows of zero activations
+        // (and may split it along K, leaving the parts for the next layer to add).
         let value =
             Product { w: &layer.ffn_value, x_off: 0, y_off: 0, y_stride: c, act: Act::None, add: true };
         let counts = self.counts.map(|buffer| ReadCounts { buffer, at: 4 * self.index });
-        ops::counted_products(model, rec, &s.ffn, &s.x, t, &[value], counts)
+        match self.split {
+            Some(split) => ops::split_product(model, rec, &s.ffn, t, &value, split, counts),
+            None => ops::counted_products(model, rec, &s.ffn, &s.x, t, &[value], counts),
+        }
     }
 }

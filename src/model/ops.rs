@@ -10,7 +10,7 @@ use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
 use crate::gpu::variants::{
-    Loads, MatvecLanes, Nf4Lookup, MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_TOKEN_BLOCKS,
+    Loads, MatvecLanes, Nf4Lookup, MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_TOKEN_BLOCKS, SPLIT_PARTS,
 };
 use crate::gpu::{Binding, Formats, Recorder, Variant, WkvStage};
 
@@ -103,7 +103,9 @@ struct LnShiftParams {
     state_off: u32,
     slot_stride: u32,
     eps: f32,
-    _pad: [u32; 3],
+    fold_parts: u32,
+    fold_stride: u32,
+    _pad: u32,
 }
 
 /// LayerNorm of every token of the chunk, then the token shift with `mixes` mix vectors
@@ -124,13 +126,24 @@ pub struct LnShift<'a> {
     pub n_seq: usize,
     /// Also write the LayerNorm output, as row `mixes` of `out`.
     pub keep_normalised: bool,
+    /// The partial sums a split product left for x (`Split`), added to it first. Only
+    /// where every token is its sequence's first (the kernel folds each token's own row
+    /// and reads no other).
+    pub fold: Option<Split<'a>>,
 }
 
 pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
     let c = model.config.n_embd;
-    let pipeline = model
-        .pipelines
-        .get(Variant::LnShift { mixes: a.mixes as u32, keep_normalised: a.keep_normalised })?;
+    if a.fold.is_some() && a.tokens != a.n_seq {
+        return Err(Error::Invalid(
+            "ln_shift folds partial sums only when every token starts its sequence".into(),
+        ));
+    }
+    let pipeline = model.pipelines.get(Variant::LnShift {
+        mixes: a.mixes as u32,
+        keep_normalised: a.keep_normalised,
+        fold: a.fold.is_some(),
+    })?;
     let params = LnShiftParams {
         c: c as u32,
         t_total: a.tokens as u32,
@@ -141,16 +154,21 @@ pub fn ln_shift(model: &Model, rec: &mut Recorder, a: LnShift) -> Result<()> {
         state_off: a.state_off as u32,
         slot_stride: model.pool.slot_stride as u32,
         eps: 1e-5,
-        _pad: [0; 3],
+        fold_parts: a.fold.map_or(0, |f| f.parts as u32),
+        fold_stride: (a.tokens * c) as u32,
+        _pad: 0,
     };
     let (gx, gy) = model.ctx.grid(a.tokens as u32);
-    let bindings = vec![
+    let mut bindings = vec![
         Binding::whole(a.x),
         Binding::whole(a.consts),
         Binding::whole(a.seqs),
         Binding::whole(a.state),
         Binding::whole(a.out),
     ];
+    if let Some(fold) = a.fold {
+        bindings.push(Binding::whole(fold.partials));
+    }
     rec.dispatch(&pipeline, &params, bindings, (gx, gy, 1));
     Ok(())
 }
@@ -523,6 +541,83 @@ pub fn counted_products(
     Ok(())
 }
 
+/// A product split along K across workgroups: `parts` groups, each over a run of the
+/// inputs, write their partial sums into slabs of `partials` ((parts, T, C), T x C
+/// floats apart) instead of adding them to y, and the next `ln_shift` folds them into
+/// the residual stream in part order (deterministic). For matrices with few outputs and
+/// long K in decode, the channel mix's value projection: one sparse workgroup per 32
+/// outputs leaves most of a big GPU's cores idle (80 workgroups for C = 2560), and each
+/// part multiplies the workgroups that keep weight bytes in flight.
+#[derive(Clone, Copy)]
+pub struct Split<'a> {
+    pub partials: &'a wgpu::Buffer,
+    pub parts: usize,
+}
+
+/// Parts a product may be split into at most (the partials buffer's slabs).
+pub const MAX_SPLIT: usize = SPLIT_PARTS[SPLIT_PARTS.len() - 1];
+
+/// Whether `w` can be split into `parts` (`split_product`): input-major (each part reads
+/// a run of stored rows), one chunk, and K a multiple of 8 per part.
+pub fn can_split(w: &Matrix, parts: usize) -> bool {
+    (2..=MAX_SPLIT).contains(&parts)
+        && w.layout == Layout::InputMajor
+        && w.single().is_some()
+        && w.k.is_multiple_of(8 * parts)
+}
+
+/// Records `p` split as `split` says (see `Split`) over `t` tokens reading `x`. `p` must
+/// add, without activation, into rows of y that start at 0 and are `y_stride` apart, as
+/// the fold adds the parts to x.
+pub fn split_product(
+    model: &Model,
+    rec: &mut Recorder,
+    x: &wgpu::Buffer,
+    t: usize,
+    p: &Product,
+    split: Split,
+    counts: Option<ReadCounts>,
+) -> Result<()> {
+    let (w, parts) = (p.w, split.parts);
+    let Some(chunk) = w.single().filter(|_| can_split(w, parts)) else {
+        return Err(Error::Invalid(format!(
+            "a {} x {} matrix cannot be split into {parts} parts along K",
+            w.m, w.k
+        )));
+    };
+    if !p.add || p.act != Act::None || p.y_off != 0 || t > MATVEC_TOKENS {
+        return Err(Error::Invalid("only a plain accumulating decode product can be split".into()));
+    }
+    let whole = p.group(chunk)?;
+    let k = w.k / parts;
+    let code_words = w.format.code_words(w.m);
+    let scale_words = w.format.row_bytes(w.m) / 4 - code_words;
+    let groups: Vec<MatGroup> = (0..parts)
+        .map(|j| MatGroup {
+            k: k as u32,
+            w_off: whole.w_off + (j * k * code_words) as u32,
+            s_off: whole.s_off + (j * k * scale_words) as u32,
+            x_off: whole.x_off + (j * k) as u32,
+            y_off: (j * t * p.y_stride) as u32,
+            flags: whole.flags & !ADD,
+            ..whole
+        })
+        .collect();
+    matmul_dispatch(
+        model,
+        rec,
+        MatDispatch {
+            weights: &chunk.buffer,
+            formats: formats_of(model, w.format),
+            groups: &groups,
+            x,
+            y: split.partials,
+            t,
+            counts,
+        },
+    )
+}
+
 /// Records row chunk `i` of `p.w` alone, its rows landing from `p.y_off` of y rather
 /// than at the chunk's place in the matrix: the head writes each chunk into a logits
 /// buffer of its own.
@@ -779,10 +874,12 @@ mod tests {
         );
         check::<DeepEmbedParams>(Variant::DeepEmbed, &[("s2_off", offset_of!(DeepEmbedParams, s2_off))]);
         check::<LnShiftParams>(
-            Variant::LnShift { mixes: 6, keep_normalised: false },
+            Variant::LnShift { mixes: 6, keep_normalised: false, fold: true },
             &[
                 ("eps", offset_of!(LnShiftParams, eps)),
                 ("slot_stride", offset_of!(LnShiftParams, slot_stride)),
+                ("fold_parts", offset_of!(LnShiftParams, fold_parts)),
+                ("fold_stride", offset_of!(LnShiftParams, fold_stride)),
             ],
         );
         let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };

@@ -1,6 +1,7 @@
 //! Activations for one chunk of up to `tokens` tokens, allocated once per model and
 //! reused by every call.
 
+use super::ops::{MATVEC_TOKENS, MAX_SPLIT};
 use super::Model;
 use crate::error::Result;
 
@@ -29,8 +30,11 @@ pub struct Scratch {
     pub ffn: wgpu::Buffer,     // (T, F) key activations; DeepEmbed: then (T, r) h
     pub deep: wgpu::Buffer,    // DeepEmbed: (L, T, r * r) each layer's table rows, completed on the device
     pub norm: wgpu::Buffer,    // (T, C) the head's normalised rows
-    pub seqs: wgpu::Buffer,    // (MAX_SEQS, 4) u32: first token, tokens, slot, -
-    pub best: wgpu::Buffer,    // (MAX_SEQS, 2) u32: argmax index and value bits
+    /// (MAX_SPLIT, T <= MATVEC_TOKENS, C): a split product's parts (ops::Split), made by
+    /// the first call that splits.
+    pub partials: Option<wgpu::Buffer>,
+    pub seqs: wgpu::Buffer, // (MAX_SEQS, 4) u32: first token, tokens, slot, -
+    pub best: wgpu::Buffer, // (MAX_SEQS, 2) u32: argmax index and value bits
     /// One logits buffer per head row chunk: (logits_tokens, rows), grown on demand up to
     /// head_tokens, so that calls wanting one token's logits never hold a chunk's worth.
     pub logits: Vec<wgpu::Buffer>,
@@ -91,6 +95,7 @@ impl Scratch {
                 x.clone()
             },
             norm: rows,
+            partials: None,
             seqs: make("seqs", MAX_SEQS * 4)?,
             best: make("argmax", 2 * MAX_SEQS)?,
             logits,
@@ -119,7 +124,7 @@ impl Scratch {
             &self.seqs,
             &self.best,
         ];
-        for b in all.into_iter().chain(&self.logits).chain(&self.staging) {
+        for b in all.into_iter().chain(&self.logits).chain(&self.staging).chain(&self.partials) {
             if !distinct.contains(&b) {
                 distinct.push(b);
             }
@@ -165,6 +170,15 @@ impl Scratch {
             let buffer = model.ctx.create_buffer("sparse read counts", bytes, USAGE)?;
             model.ctx.queue.write_buffer(&buffer, 0, &vec![0u8; bytes as usize]);
             self.read_counts = Some(buffer);
+        }
+        Ok(())
+    }
+
+    /// Makes the buffer of split parts (any split, up to MAX_SPLIT parts of decode chunks).
+    pub fn ensure_partials(&mut self, model: &Model) -> Result<()> {
+        if self.partials.is_none() {
+            let bytes = (4 * MAX_SPLIT * MATVEC_TOKENS * model.config.n_embd) as u64;
+            self.partials = Some(model.ctx.create_buffer("split partial sums", bytes, USAGE)?);
         }
         Ok(())
     }

@@ -5,8 +5,16 @@
 //! Only variants whose results are bit-identical are candidates, so the choice changes
 //! speed, never outputs. `RWKV_GPU_TUNE=off` keeps the defaults.
 //!
-//! Candidates today: how NF4 codes are decoded (a workgroup table or a select tree),
-//! for models holding NF4 matrices; the device type gives the default.
+//! Candidates today, each dimension where it applies (all combinations are timed):
+//! - how NF4 codes are decoded (a workgroup table or a select tree), for models holding
+//!   NF4 matrices; the device type gives the default;
+//! - the parts the decode value projection is split into along K (`ops::Split`: 1, 2 or
+//!   4), on GPUs, for models whose value projection can be split. Not on CPU drivers:
+//!   there the grid's workgroups outnumber the cores many times over already.
+//!
+//! The NF4 decodings give bit-identical results; split sums add the same products in
+//! another order, equal within float rounding (tests/test_split_k.py decodes under each).
+//! A run with the same choice is bit-identical to the last.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,19 +24,22 @@ use super::Model;
 use crate::error::Result;
 use crate::gpu::tuning_cache::{self, Choice, TuningCache};
 use crate::gpu::variants::Nf4Lookup;
+use crate::model::ops;
 use crate::model::weights::WeightFormat;
 
 /// The most a load spends timing candidates (compilation of their kernels included).
 pub const BUDGET: Duration = Duration::from_secs(2);
 /// Timed rounds enough for a median (small models stop here, well within the budget).
 const ROUNDS: usize = 9;
+/// Parts of the split value projection timed on GPUs (1: not split).
+const SPLIT_CANDIDATES: [usize; 3] = [1, 2, 4];
 
 /// Where the model's kernel choices came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
-    /// Nothing to choose for this model (no NF4 matrices): the device's defaults.
+    /// Nothing to choose for this model on this device: the device's defaults.
     Default,
-    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`).
+    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`, `RWKV_GPU_SPLIT_K`).
     Forced,
     /// `RWKV_GPU_TUNE=off`: the defaults, untimed.
     Off,
@@ -78,38 +89,81 @@ impl Model {
         }
     }
 
-    fn apply(&self, choice: Choice) {
-        self.nf4_select.store(choice.nf4_lookup == Nf4Lookup::Select, Ordering::Relaxed);
+    /// Parts the decode value projection is split into along K (1: not split).
+    pub fn split_k(&self) -> usize {
+        self.split_k.load(Ordering::Relaxed)
     }
 
-    /// The shape part of the cache key: what the timed kernels are a function of.
-    fn tuning_shape(&self) -> String {
+    fn apply(&self, choice: Choice) {
+        self.nf4_select.store(choice.nf4_lookup == Nf4Lookup::Select, Ordering::Relaxed);
+        self.split_k.store(choice.split_k, Ordering::Relaxed);
+    }
+
+    /// The candidates of each dimension (see the module notes), the default first.
+    fn candidates(&self) -> (Vec<Nf4Lookup>, Vec<usize>) {
+        let has_nf4 = self.weights.head.format == WeightFormat::Nf4
+            || self.weights.layers.iter().any(|l| l.key.format == WeightFormat::Nf4);
+        let default = self.ctx.nf4_lookup;
+        let nf4 = if has_nf4 && !self.ctx.nf4_forced {
+            let other = match default {
+                Nf4Lookup::Table => Nf4Lookup::Select,
+                Nf4Lookup::Select => Nf4Lookup::Table,
+            };
+            vec![default, other]
+        } else {
+            vec![default]
+        };
+        let splittable = |parts: usize| {
+            parts == 1
+                || (self.weights.layers.len() > 1
+                    && self.weights.layers.iter().any(|l| ops::can_split(&l.ffn_value, parts)))
+        };
+        let split = match self.ctx.split_k_forced {
+            Some(parts) => vec![parts],
+            None if self.ctx.adapter.device_type != "cpu" => {
+                SPLIT_CANDIDATES.into_iter().filter(|&p| splittable(p)).collect()
+            }
+            None => vec![1],
+        };
+        (nf4, split)
+    }
+
+    /// The shape part of the cache key: what the timed kernels are a function of, and the
+    /// candidates (a choice made among fewer, by an older version, is timed again).
+    fn tuning_shape(&self, candidates: &[Choice]) -> String {
         let c = &self.config;
         let formats: Vec<&str> = self.weights.layers.iter().map(|l| l.key.format.name()).collect();
         let head = self.weights.head.format.name();
+        let timed: Vec<String> = candidates.iter().map(|c| c.to_text()).collect();
         format!(
-            "L{} C{} F{} V{} {} head {head}",
+            "L{} C{} F{} V{} {} head {head} among {}",
             c.n_layer,
             c.n_embd,
             c.ffn_size,
             c.vocab_size,
-            formats.join(",")
+            formats.join(","),
+            timed.join(";")
         )
     }
 
     /// Chooses the kernel variants (see the module notes); called once, at load.
     pub(crate) fn tune(&self) -> Result<()> {
-        let has_nf4 = self.weights.head.format == WeightFormat::Nf4
-            || self.weights.layers.iter().any(|l| l.key.format == WeightFormat::Nf4);
-        let source = if !has_nf4 {
-            Source::Default
-        } else if self.ctx.nf4_forced {
-            Source::Forced
-        } else if tuning_off() {
+        let (nf4, split) = self.candidates();
+        let candidates: Vec<Choice> = nf4
+            .iter()
+            .flat_map(|&nf4_lookup| split.iter().map(move |&split_k| Choice { nf4_lookup, split_k }))
+            .collect();
+        let forced = self.ctx.nf4_forced || self.ctx.split_k_forced.is_some();
+        let source = if candidates.len() > 1 && !tuning_off() {
+            return self.time_choices(&candidates);
+        } else if candidates.len() > 1 {
             Source::Off
+        } else if forced {
+            Source::Forced
         } else {
-            return self.time_choices();
+            Source::Default
         };
+        self.apply(candidates[0]);
         self.record_tuning(source, Vec::new());
         Ok(())
     }
@@ -118,8 +172,9 @@ impl Model {
         *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source, warnings };
     }
 
-    fn time_choices(&self) -> Result<()> {
-        let key = tuning_cache::key(&self.ctx.adapter, &self.tuning_shape());
+    /// Times `candidates` (the default first) unless the cache holds the choice.
+    fn time_choices(&self, candidates: &[Choice]) -> Result<()> {
+        let key = tuning_cache::key(&self.ctx.adapter, &self.tuning_shape(candidates));
         let cache = TuningCache::open();
         let found = cache.as_ref().map(|c| c.lookup(&key));
         let warnings: Vec<String> = found.iter().filter_map(|f| f.warning.clone()).collect();
@@ -128,14 +183,7 @@ impl Model {
             self.record_tuning(Source::Cached, warnings);
             return Ok(());
         }
-        let default = Choice { nf4_lookup: self.ctx.nf4_lookup };
-        let other = Choice {
-            nf4_lookup: match default.nf4_lookup {
-                Nf4Lookup::Table => Nf4Lookup::Select,
-                Nf4Lookup::Select => Nf4Lookup::Table,
-            },
-        };
-        let candidates = [default, other];
+        let default = candidates[0];
         // One decode step at a time, candidates in turn so that a change in the machine's
         // speed hits both alike; the first step of each compiles and records (untimed).
         let state = self.new_state()?;

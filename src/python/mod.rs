@@ -38,6 +38,7 @@ fn options(
         nf4_lookup: None,
         gemm_loads: None,
         matvec_lanes: None,
+        split_k: None,
     }
     .with_env()
     .map_err(to_py)
@@ -248,6 +249,7 @@ impl PyModel {
             crate::gpu::variants::Nf4Lookup::Select => "select",
         };
         d.set_item("nf4_lookup", nf4_lookup)?;
+        d.set_item("split_k", self.inner.split_k())?;
         d.set_item("tuning", self.inner.tuning.lock().unwrap_or_else(|p| p.into_inner()).source.name())?;
         let matmul = self.inner.matmul_choice.lock().unwrap_or_else(|p| p.into_inner()).clone();
         d.set_item("matmul_kernel", matmul.kernel.name())?;
