@@ -14,6 +14,7 @@
 #     bash benches/gpu_session.sh peers    # compare.py at 2.9B against web-rwkv 0.10.20
 #     bash benches/gpu_session.sh coop     # pp512 fp16/int8 on cooperative matrices vs the SIMT kernel, A B A B
 #     bash benches/gpu_session.sh split    # tg64 fp16/nf4 with the decode value projection split 1, 2, 4 ways, twice in turn
+#     bash benches/gpu_session.sh matvec   # tg64 fp16/nf4 under each matvec workgroup shape the tuner times, twice in turn
 # Each writes its logs and tables under $OUT (or out/ when OUT is unset).
 # SHAPE=0.1b (etc.) overrides the 2.9B shape.
 set -euo pipefail
@@ -82,7 +83,8 @@ data = json.load(open(sys.argv[1]))
 info = data["info"]
 print(f"{info['adapter']} | {info['model']} | copy {info['copy_bandwidth'] / 1e9:.0f} GB/s | bound {info['tg_bound']:.1f} t/s")
 print(f"  prefill matrices: {info['matmul_kernel_note']}")
-print(f"  kernel choices ({info['tuning']}): nf4 by {info['nf4_lookup']}, value projection split {info['split_k']}")
+print(f"  kernel choices ({info['tuning']}): nf4 by {info['nf4_lookup']}, value projection split {info['split_k']}, "
+      f"matvec {info['matvec_lanes']} lanes x {info['matvec_rows']} rows by {info['matvec_reduction']}")
 for r in data["rows"]:
     share = "" if r["fraction_of_bound"] is None else f" ({100 * r['fraction_of_bound']:.0f}% of bound)"
     print(f"  {r['dtype']} {r['test']}: {r['mean']:.2f} ± {r['std']:.2f} {r['unit']}{share}")
@@ -138,8 +140,36 @@ EOF
         done
     done
     ;;
+matvec)
+    # The matrix-vector kernel's workgroups (variants.rs MatvecShape) fixed in turn, twice:
+    # what the tuner chooses between at load, measured as whole tg rows. The tree
+    # reduction is forced by turning subgroups off (only the matvec and the cooperative
+    # prefill kernel use them; -p 16 stays on the matvec).
+    setup_device
+    for dtype in fp16 nf4; do
+        for round in 1 2; do
+            for shape_of in wide,8,sg widest,8,sg wide,4,sg widest,4,sg wide,8,tree; do
+                IFS=, read -r lanes rows reduce <<< "$shape_of"
+                no_sg=0
+                [ "$reduce" = tree ] && no_sg=1
+                name="$dtype-$lanes-$rows-$reduce-$round"
+                RWKV_GPU_MATVEC_LANES=$lanes RWKV_GPU_MATVEC_ROWS=$rows RWKV_GPU_NO_SUBGROUPS=$no_sg RWKV_GPU_SPLIT_K=1 \
+                    python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 --json \
+                    > "$out/matvec-$name.json" 2> "$out/matvec-$name.err" || { tail -20 "$out/matvec-$name.err"; exit 1; }
+                python3 - "$out/matvec-$name.json" "$shape_of" <<'EOF'
+import json, sys
+data = json.load(open(sys.argv[1]))
+for r in data["rows"]:
+    if r["test"].startswith("tg") and "x" not in r["test"]:
+        share = "" if r["fraction_of_bound"] is None else f" ({100 * r['fraction_of_bound']:.0f}% of bound)"
+        print(f"matvec {sys.argv[2]} {r['dtype']} {r['test']}: {r['mean']:.1f} ± {r['std']:.1f} t/s{share}")
+EOF
+            done
+        done
+    done
+    ;;
 *)
-    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|split|coop" >&2
+    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|split|coop|matvec" >&2
     exit 2
     ;;
 esac

@@ -4,18 +4,21 @@
 
 // ---- matvec: ROWS rows per workgroup, every thread striding along K ----
 //
-// LANES threads (on GPUs 32 or 64: the host picks the count that divides a row's vec4s
-// most evenly; 8 on CPU drivers, see MatvecLanes in variants.rs) each read one vec4<u32> of each of the workgroup's ROWS rows per step (16
-// bytes: 8 fp16, 16 int8 or 32 nf4 weights) and applies the weights of four rows at a
-// time to each input vec4 it loads, for TOKENS tokens: per step ROWS x 16 = 128 bytes
-// of weights in flight per thread in every format, each input load feeding 16
-// multiply-adds, each weight read once per TOKENS tokens. The per-thread sums are
+// LANES threads (variant: 8 on CPU drivers; on GPUs 32 or 64, the count that divides a
+// row's vec4s most evenly, or 128; see MatvecShape in variants.rs) each read one
+// vec4<u32> of each of the workgroup's ROWS rows (variant: 4 or 8) per step (16 bytes:
+// 8 fp16, 16 int8 or 32 nf4 weights) and apply the weights of four rows at a time to
+// each input vec4 they load, for TOKENS tokens: per step ROWS x 16 = 64 or 128 bytes of
+// weights in flight per thread in every format, each input load feeding 16
+// multiply-adds, each weight read once per TOKENS tokens. Four rows per workgroup
+// launch twice the workgroups (more of a big GPU's cores busy on narrow models); a
+// row's sums do not depend on ROWS, so both give the same bits. The per-thread sums are
 // reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in workgroup
 // memory. Rows past M and tokens past T are read clamped and not stored.
 
-const WG: u32 = LANES;              // threads per workgroup (variant: 8, 32 or 64)
-const ROWS: u32 = 8u;
-const QUADS: u32 = 2u;              // ROWS / 4: vec4 sums per token
+const WG: u32 = LANES;              // threads per workgroup (variant: 8, 32, 64 or 128)
+const ROWS: u32 = MATVEC_ROWS;      // rows per workgroup (variant: 4 or 8)
+const QUADS: u32 = ROWS / 4u;       // vec4 sums per token
 const TOKENS: u32 = TOKEN_BLOCK;    // tokens per pass over the weights (variant)
 const SUMS: u32 = QUADS * TOKENS;   // per-thread sums
 
@@ -155,7 +158,7 @@ fn store_quad(g: Group, t: u32, row: u32, v: vec4<f32>) {
 
 #ifdef SUBGROUPS
 // One row of sums per subgroup; subgroups have at least 4 lanes (WebGPU's minimum).
-var<workgroup> sg_sums: array<array<vec4<f32>, SUMS>, 16>;
+var<workgroup> sg_sums: array<array<vec4<f32>, SUMS>, WG / 4u>;
 #else
 var<workgroup> tree: array<array<vec4<f32>, 4>, WG>;
 #endif

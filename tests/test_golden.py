@@ -122,14 +122,16 @@ def test_against_numpy_reference_on_other_shape():
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("lanes", ["wide", "narrow"])
-def test_both_matvec_widths_match_the_official_decode(monkeypatch, tiny_cases, lanes):
-    """Decode with the GPU's wide matvec workgroups and the CPU devices' narrow ones:
-    each step's logits within TOL of the official ones (the two differ only in the order
-    of the per-lane partial sums)."""
+@pytest.mark.parametrize("lanes, rows", [("wide", 8), ("narrow", 8), ("widest", 8), ("narrow", 4), ("widest", 4)])
+def test_every_matvec_shape_matches_the_official_decode(monkeypatch, tiny_cases, lanes, rows):
+    """Decode with each matvec workgroup shape the tuner may pick (the GPUs' 32/64 lanes
+    or 128, the CPU devices' 8; 8 or 4 rows): each step's logits within TOL of the
+    official ones (shapes differ only in the order of the per-lane partial sums). The
+    tree reduction is the no_subgroups fallback of the tests above."""
     monkeypatch.setenv("RWKV_GPU_MATVEC_LANES", lanes)
+    monkeypatch.setenv("RWKV_GPU_MATVEC_ROWS", str(rows))
     model = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
-    assert model.config["matvec_lanes"] == lanes
+    assert (model.config["matvec_lanes"], model.config["matvec_rows"]) == (lanes, rows)
     state = model.new_state()
     steps = [model.forward([t], state) for t in tiny_cases["prompt"]]
     np.testing.assert_allclose(np.stack(steps), tiny_cases["prompt_logits"], atol=TOL, rtol=0)

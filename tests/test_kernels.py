@@ -214,10 +214,11 @@ def matmul_params(t, groups, count_at=0):
     return words + [0] * (12 * (8 - len(groups)))
 
 
-def matmul_grid(entry, rows, t, fold=False, coop_rows=128):
+def matmul_grid(entry, rows, t, fold=False, coop_rows=128, matvec_rows=8):
     """The flat grid: every group's blocks back to back (`rows`: each group's outputs;
-    `coop_rows`: matmul_coop's tile, 32 rows per subgroup of the workgroup)."""
-    tile = {"matvec": (8, 1), "matmul_tiled": (64, 64), "matmul_direct": (64, 64), "matmul_coop": (coop_rows, 64)}[entry]
+    `coop_rows`: matmul_coop's tile, 32 rows per subgroup of the workgroup;
+    `matvec_rows`: matvec's rows per workgroup)."""
+    tile = {"matvec": (matvec_rows, 1), "matmul_tiled": (64, 64), "matmul_direct": (64, 64), "matmul_coop": (coop_rows, 64)}[entry]
     blocks = sum(-(-m // tile[0]) * -(-t // tile[1]) for m in rows)
     return (3, -(-blocks // 3), 1) if fold else (blocks, 1, 1)  # the host's 2-D fold
 
@@ -298,7 +299,7 @@ def pack_weights_of(fmt, w):
 
 
 def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False, coop_subgroups=4,
-                   compiled=None):
+                   compiled=None, matvec_rows=8):
     """As variants.rs: code for each format in `compiled` (default: those used), and one
     format alone a constant."""
     compiled = set(compiled or formats)
@@ -310,6 +311,7 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf
     if entry == "matvec":
         defines.append(f"TOKEN_BLOCK={tokens or token_block(t)}u")
         defines.append(f"LANES={lanes}u")
+        defines.append(f"MATVEC_ROWS={matvec_rows}u")
         if subgroups:
             defines.append("SUBGROUPS")
     if entry == "matmul_coop":
@@ -318,7 +320,7 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf
 
 
 def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64, nf4_select=False,
-                        coop_subgroups=4, compiled=None):
+                        coop_subgroups=4, compiled=None, matvec_rows=8):
     """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
     back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
     reading its own window of x and writing its own window of y; returns (got, want)."""
@@ -340,8 +342,9 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
     defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select, coop_subgroups,
-                             compiled)
-    grid = matmul_grid(entry, [spec[0] for spec in specs], t, fold, coop_rows=32 * coop_subgroups)
+                             compiled, matvec_rows)
+    grid = matmul_grid(entry, [spec[0] for spec in specs], t, fold, coop_rows=32 * coop_subgroups,
+                       matvec_rows=matvec_rows)
     _, _, _, got = run_kernel(KERNEL_FILES[entry], defines, entry, matmul_params(t, groups), [w, w, x, y], grid)
 
     want = y.astype(f64)
@@ -386,12 +389,32 @@ def test_matmul_variants(entry, fmt, add, act):
 @pytest.mark.parametrize("tokens", TOKEN_BLOCKS)
 @pytest.mark.parametrize("t", [1, 3, 9])  # fewer tokens than the block (clamped), more (passes)
 @pytest.mark.parametrize("subgroups", [False, True])
-@pytest.mark.parametrize("lanes", [8, 32, 64])  # 8: CPU devices (MatvecLanes::Narrow)
-def test_matvec_token_blocks_lanes_and_reductions(tokens, t, subgroups, lanes):
+@pytest.mark.parametrize("lanes", [8, 32, 64, 128])  # 8: CPU devices (MatvecLanes::Narrow); 128: Widest
+@pytest.mark.parametrize("rows", [8, 4])
+def test_matvec_token_blocks_lanes_rows_and_reductions(tokens, t, subgroups, lanes, rows):
     if subgroups and "subgroup" not in device().features:
         pytest.skip("the adapter has no subgroup operations")
-    # K = 776: 97 vec4s per row, more than either lane count and a multiple of neither.
-    check_matmul("matvec", 21, 776, t, seed=tokens * 10 + t, tokens=tokens, subgroups=subgroups, add=True, lanes=lanes)
+    # K = 776: 97 vec4s per row, more than any lane count and a multiple of none; M = 21:
+    # the last workgroup's rows partly past the matrix under either row count.
+    check_matmul("matvec", 21, 776, t, seed=tokens * 10 + t, tokens=tokens, subgroups=subgroups, add=True, lanes=lanes,
+                 matvec_rows=rows)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "int8", "nf4"])
+@pytest.mark.parametrize("lanes, subgroups", [(8, True), (64, True), (128, False), (128, True)])
+def test_matvec_rows_per_workgroup_do_not_change_the_bits(fmt, lanes, subgroups):
+    """A row's sums do not depend on how many rows its workgroup holds, so the tuner may
+    pick 4 or 8 rows without changing outputs: the two variants give the same bits (and
+    the dense product within MATMUL_TOL), for every format."""
+    if subgroups and "subgroup" not in device().features:
+        pytest.skip("the adapter has no subgroup operations")
+    specs = [(37, 576, None, True, fmt), (12, 64, "tanh", False, "f16")]  # K: 72 f16 vec4s, 36 int8, 18 nf4
+    out = {}
+    for rows in (8, 4):
+        got, want = check_matmul_groups("matvec", specs, 3, seed=5, subgroups=subgroups, lanes=lanes, matvec_rows=rows)
+        np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"rows={rows}")
+        out[rows] = got
+    np.testing.assert_array_equal(out[8], out[4])
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -411,9 +434,11 @@ def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
              (5, 8, "tanh", False, "f16"), (40, 40, None, True, "bf16"), (9, 64, "sigmoid", False, "nf4"),
              (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
     for subgroups in ([False, True] if entry == "matvec" and "subgroup" in device().features else [False]):
-        for lanes in ([8, 32, 64] if entry == "matvec" else [64]):
-            got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True, lanes=lanes)
-            np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes}")
+        for lanes, rows in ([(8, 8), (32, 8), (64, 8), (128, 4)] if entry == "matvec" else [(64, 8)]):
+            got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True, lanes=lanes,
+                                            matvec_rows=rows)
+            np.testing.assert_allclose(got, want, **MATMUL_TOL,
+                                       err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes} rows={rows}")
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

@@ -22,7 +22,8 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV_GPU_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("RWKV_GPU_TUNE", raising=False)
     monkeypatch.delenv("RWKV_GPU_NF4_LOOKUP", raising=False)
-    monkeypatch.delenv("RWKV_GPU_SPLIT_K", raising=False)
+    for variable in ("RWKV_GPU_SPLIT_K", "RWKV_GPU_MATVEC_LANES", "RWKV_GPU_MATVEC_ROWS"):
+        monkeypatch.delenv(variable, raising=False)
     return tmp_path
 
 
@@ -36,7 +37,22 @@ def load(**options):
 
 def chosen(model):
     """The cache file's text for the model's choice."""
-    return f"nf4={model.config['nf4_lookup']} split={model.config['split_k']}"
+    c = model.config
+    return (f"nf4={c['nf4_lookup']} split={c['split_k']} lanes={c['matvec_lanes']} rows={c['matvec_rows']} "
+            f"reduce={c['matvec_reduction']}")
+
+
+def candidates(model, everywhere=False):
+    """What the cache key lists as timed for the tiny model, in the order timed (see
+    tuning.rs): NF4 decoding (nf4 models), then, on GPUs or with RWKV_GPU_TUNE=all, the
+    matvec workgroups and the split of the value projection; the device's defaults first."""
+    c = model.config
+    cpu = c["device_type"] == "cpu"
+    more = everywhere or not cpu
+    nf4 = ("select,table" if cpu else "table,select") if c["dtype"] == "nf4" else ("select" if cpu else "table")
+    lanes = ("narrow,wide,widest" if cpu else "wide,widest") if more else "narrow"
+    reduce = "subgroup,tree" if c["subgroups"] and more else ("subgroup" if c["subgroups"] else "tree")
+    return f"nf4={nf4} lanes={lanes} rows={'8,4' if more else '8'} reduce={reduce} split={'1,2,4' if more else '1'}"
 
 
 def logits(model):
@@ -56,10 +72,8 @@ def test_timed_once_then_read_from_the_cache(cache_dir):
     assert first.config["adapter"] in key and " | 30.0.1 | " in key  # adapter ... wgpu version ... shape
     assert choice == chosen(first)
     # The key names the candidates timed, the device's defaults first (a cache written by
-    # a version that timed fewer is timed again).
-    cpu = first.config["device_type"] == "cpu"
-    lookups, splits = (("select", "table"), (1,)) if cpu else (("table", "select"), (1, 2, 4))
-    assert key.endswith("among " + ";".join(f"nf4={n} split={k}" for n in lookups for k in splits))
+    # a version that timed others is timed again).
+    assert key.endswith("among " + candidates(first))
     second, _ = load()
     assert second.config["tuning"] == "cached"
     assert chosen(second) == chosen(first)
@@ -105,16 +119,23 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(cache_dir, content):
 
 
 def test_tuning_off_and_models_with_nothing_to_tune(cache_dir, monkeypatch):
-    # fp16 (no NF4 matrices) with the value projection kept dense (not splittable).
+    # fp16 (no NF4 matrices) with the value projection kept dense (not splittable): on a
+    # CPU device nothing to choose; a GPU still times the matvec workgroups.
     monkeypatch.setenv("RWKV_GPU_NO_SPARSE_FFN", "1")
     plain = rwkv_gpu.Model(TINY)
-    assert plain.config["tuning"] == "default" and plain.config["split_k"] == 1
+    cpu = plain.config["device_type"] == "cpu"
+    assert plain.config["tuning"] == ("default" if cpu else "timed") and plain.config["split_k"] == 1
     monkeypatch.delenv("RWKV_GPU_NO_SPARSE_FFN")
+    (cache_dir / "tuning.txt").unlink(missing_ok=True)
     monkeypatch.setenv("RWKV_GPU_TUNE", "off")
     off, _ = load()
     assert off.config["tuning"] == "off"
-    # The device type's default: the select tree on CPU devices, the table elsewhere.
-    assert off.config["nf4_lookup"] == ("select" if off.config["device_type"] == "cpu" else "table")
+    # The device type's defaults: the select tree and 8-lane workgroups on CPU devices,
+    # the table and 32/64 lanes elsewhere; 8 rows, subgroupAdd where there are subgroups.
+    assert off.config["nf4_lookup"] == ("select" if cpu else "table")
+    assert off.config["matvec_lanes"] == ("narrow" if cpu else "wide")
+    assert off.config["matvec_rows"] == 8
+    assert off.config["matvec_reduction"] == ("subgroup" if off.config["subgroups"] else "tree")
     assert off.config["split_k"] == 1
     assert not (cache_dir / "tuning.txt").exists()
 
@@ -135,4 +156,53 @@ def test_splits_timed_on_gpus_only_and_a_forced_split_is_kept(cache_dir, monkeyp
     monkeypatch.setenv("RWKV_GPU_SPLIT_K", "4")
     forced = open_model(TINY)
     assert forced.config["tuning"] == "forced" and forced.config["split_k"] == 4
+    assert not (cache_dir / "tuning.txt").exists()
+
+
+def test_every_dimension_timed_when_asked(cache_dir, monkeypatch):
+    """RWKV_GPU_TUNE=all times, on any device, the dimensions that CPU drivers have one
+    answer for (split, matvec lanes, rows, reduction): the key lists every candidate,
+    the choice is one of them and cached, and whatever it is, decode stays within the
+    golden tests' 1e-3 of the official logits (the candidates differ in the order of
+    float sums, not in what they compute)."""
+    monkeypatch.setenv("RWKV_GPU_TUNE", "all")
+    first, _ = load()
+    assert first.config["tuning"] == "timed"
+    (key, choice), = entries(cache_dir / "tuning.txt")
+    assert key.endswith("among " + candidates(first, everywhere=True))
+    assert choice == chosen(first)
+    assert first.config["matvec_lanes"] in ("narrow", "wide", "widest") and first.config["matvec_rows"] in (8, 4)
+    again, _ = load()
+    assert again.config["tuning"] == "cached" and chosen(again) == chosen(first)
+    np.testing.assert_array_equal(logits(first), logits(again))
+    # The choice is what runs: the profile names the matvec variants of a decode step
+    # (where the adapter has timestamp queries; without, nothing is profiled).
+    if again._m.set_profiling(True):
+        try:
+            again.forward([1], again.new_state())
+        finally:
+            again._m.set_profiling(False)
+        names = [name.split() for name, _, _ in again._m.last_profile() if name.startswith("matvec t1 ")]
+        lanes = {"narrow": "l8", "widest": "l128"}.get(again.config["matvec_lanes"], "l32 or l64")
+        assert names and all(f"r{again.config['matvec_rows']}" in n and n[2] in lanes.split(" or ") for n in names)
+        assert all(("sg" in n) == (again.config["matvec_reduction"] == "subgroup") for n in names)
+    else:
+        again._m.set_profiling(False)
+    # Against the same model under the device's defaults: within 1e-3 whatever was chosen.
+    monkeypatch.setenv("RWKV_GPU_TUNE", "off")
+    default, _ = load()
+    np.testing.assert_allclose(logits(again), logits(default), atol=1e-3, rtol=0)
+
+
+def test_a_forced_matvec_shape_is_kept_untimed(cache_dir, monkeypatch):
+    """RWKV_GPU_MATVEC_LANES and RWKV_GPU_MATVEC_ROWS fix those dimensions: with
+    everything else fixed too, nothing is timed and nothing written."""
+    for variable, value in (("RWKV_GPU_MATVEC_LANES", "widest"), ("RWKV_GPU_MATVEC_ROWS", "4"),
+                            ("RWKV_GPU_SPLIT_K", "1"), ("RWKV_GPU_NF4_LOOKUP", "table")):
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("RWKV_GPU_NO_SUBGROUPS", "1")  # the tree: the only reduction left
+    model, _ = load()
+    assert model.config["tuning"] == "forced"
+    assert (model.config["matvec_lanes"], model.config["matvec_rows"], model.config["matvec_reduction"]) == (
+        "widest", 4, "tree")
     assert not (cache_dir / "tuning.txt").exists()

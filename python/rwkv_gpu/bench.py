@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes_per_token": weight_bytes_per_token(model), "memory": model.memory(), "peak_host_rss": host["peak_rss"],
         "copy_bandwidth": bandwidth, "copy_bytes": min(copy_bytes, cfg["max_binding"]), "tg_bound": bound,
         "matmul_kernel": cfg["matmul_kernel"], "matmul_kernel_note": cfg["matmul_kernel_note"],
-        "nf4_lookup": cfg["nf4_lookup"], "split_k": cfg["split_k"], "tuning": cfg["tuning"],
+        "nf4_lookup": cfg["nf4_lookup"], "split_k": cfg["split_k"], "matvec_lanes": cfg["matvec_lanes"],
+        "matvec_rows": cfg["matvec_rows"], "matvec_reduction": cfg["matvec_reduction"], "tuning": cfg["tuning"],
     }
     if args.profile:
         info["kernel_profile"] = profiles
@@ -408,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
     print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']} | "
-          f"kernel choices: nf4 by {cfg['nf4_lookup']}, value projection split {cfg['split_k']} ({cfg['tuning']})")
+          f"kernel choices: nf4 by {cfg['nf4_lookup']}, value projection split {cfg['split_k']}, matvec "
+          f"{cfg['matvec_lanes']} lanes x {cfg['matvec_rows']} rows by {cfg['matvec_reduction']} ({cfg['tuning']})")
     print(f"prefill matrices: {cfg['matmul_kernel_note']}")
     print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
           f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use super::pipeline_cache::DiskCache;
-use super::variants::{Loads, MatvecLanes, Nf4Lookup};
+use super::variants::{Loads, MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_ROWS};
 use crate::error::{Error, Result};
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
@@ -24,6 +24,29 @@ impl AdapterChoice {
         match text.trim().parse::<usize>() {
             Ok(i) => AdapterChoice::Index(i),
             Err(_) => AdapterChoice::Name(text.trim().to_string()),
+        }
+    }
+}
+
+/// What `RWKV_GPU_TUNE` asks of the kernel tuning (`crate::model::tuning`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TuneMode {
+    /// Time what may differ on this device (unset, `on` or `1`).
+    #[default]
+    Default,
+    /// `off` or `0`: the device's defaults, untimed.
+    Off,
+    /// `all`: time every dimension, the ones CPU drivers have one answer for too.
+    All,
+}
+
+impl TuneMode {
+    pub fn parse(text: &str) -> Option<TuneMode> {
+        match text.trim() {
+            "" | "on" | "1" => Some(TuneMode::Default),
+            "off" | "0" => Some(TuneMode::Off),
+            "all" => Some(TuneMode::All),
+            _ => None,
         }
     }
 }
@@ -57,12 +80,17 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_GEMM_LOADS=staged|direct`: how the prefill matrix kernel gets its
     /// operands (default: by device type, `Loads::for_device_type`).
     pub gemm_loads: Option<Loads>,
-    /// `RWKV_GPU_MATVEC_LANES=wide|narrow`: threads per matrix-vector workgroup
-    /// (default: by device type, `MatvecLanes::for_device_type`).
+    /// `RWKV_GPU_MATVEC_LANES=wide|narrow|widest`: threads per matrix-vector workgroup
+    /// (default: timed per model on GPUs, by device type elsewhere; `crate::model::tuning`).
     pub matvec_lanes: Option<MatvecLanes>,
+    /// `RWKV_GPU_MATVEC_ROWS=4|8`: rows per matrix-vector workgroup (default: timed per
+    /// model on GPUs, 8 elsewhere).
+    pub matvec_rows: Option<u32>,
     /// `RWKV_GPU_SPLIT_K=1|2|4|8`: parts the decode value projection is split into along
     /// K (default: timed per model on GPUs, 1 on CPU drivers; `crate::model::tuning`).
     pub split_k: Option<usize>,
+    /// `RWKV_GPU_TUNE=off|on|all`: see `TuneMode`.
+    pub tune: Option<TuneMode>,
 }
 
 impl DeviceOptions {
@@ -89,43 +117,35 @@ impl DeviceOptions {
                 self.max_binding = Some(bytes);
             }
         }
-        if self.gemm_loads.is_none() {
-            if let Ok(v) = std::env::var("RWKV_GPU_GEMM_LOADS") {
-                let loads = Loads::parse(&v).ok_or_else(|| {
-                    Error::Invalid(format!("RWKV_GPU_GEMM_LOADS must be \"staged\" or \"direct\", got {v:?}"))
-                })?;
-                self.gemm_loads = Some(loads);
+        // Variables that choose a kernel variant: a typo must not silently mean the default.
+        fn chosen<T>(
+            field: &mut Option<T>,
+            name: &str,
+            parse: impl Fn(&str) -> Option<T>,
+            expected: &str,
+        ) -> Result<()> {
+            if field.is_none() {
+                if let Ok(v) = std::env::var(name) {
+                    let value = parse(&v)
+                        .ok_or_else(|| Error::Invalid(format!("{name} must be {expected}, got {v:?}")))?;
+                    *field = Some(value);
+                }
             }
+            Ok(())
         }
-        if self.matvec_lanes.is_none() {
-            if let Ok(v) = std::env::var("RWKV_GPU_MATVEC_LANES") {
-                let lanes = MatvecLanes::parse(&v).ok_or_else(|| {
-                    Error::Invalid(format!("RWKV_GPU_MATVEC_LANES must be \"wide\" or \"narrow\", got {v:?}"))
-                })?;
-                self.matvec_lanes = Some(lanes);
-            }
-        }
-        if self.split_k.is_none() {
-            if let Ok(v) = std::env::var("RWKV_GPU_SPLIT_K") {
-                let parts = v
-                    .trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|p| super::variants::SPLIT_PARTS.contains(p))
-                    .ok_or_else(|| {
-                        Error::Invalid(format!("RWKV_GPU_SPLIT_K must be 1, 2, 4 or 8, got {v:?}"))
-                    })?;
-                self.split_k = Some(parts);
-            }
-        }
-        if self.nf4_lookup.is_none() {
-            if let Ok(v) = std::env::var("RWKV_GPU_NF4_LOOKUP") {
-                let lookup = Nf4Lookup::parse(&v).ok_or_else(|| {
-                    Error::Invalid(format!("RWKV_GPU_NF4_LOOKUP must be \"table\" or \"select\", got {v:?}"))
-                })?;
-                self.nf4_lookup = Some(lookup);
-            }
-        }
+        chosen(&mut self.gemm_loads, "RWKV_GPU_GEMM_LOADS", Loads::parse, "\"staged\" or \"direct\"")?;
+        chosen(
+            &mut self.matvec_lanes,
+            "RWKV_GPU_MATVEC_LANES",
+            MatvecLanes::parse,
+            "\"wide\", \"narrow\" or \"widest\"",
+        )?;
+        let rows = |v: &str| v.trim().parse().ok().filter(|r| MATVEC_ROWS.contains(r));
+        chosen(&mut self.matvec_rows, "RWKV_GPU_MATVEC_ROWS", rows, "4 or 8")?;
+        let parts = |v: &str| v.trim().parse().ok().filter(|p| super::variants::SPLIT_PARTS.contains(p));
+        chosen(&mut self.split_k, "RWKV_GPU_SPLIT_K", parts, "1, 2, 4 or 8")?;
+        chosen(&mut self.tune, "RWKV_GPU_TUNE", TuneMode::parse, "\"off\", \"on\" or \"all\"")?;
+        chosen(&mut self.nf4_lookup, "RWKV_GPU_NF4_LOOKUP", Nf4Lookup::parse, "\"table\" or \"select\"")?;
         Ok(self)
     }
 }
@@ -388,8 +408,13 @@ pub struct GpuContext {
     pub split_k_forced: Option<usize>,
     /// How the prefill matrix kernel (SIMT) gets its operands on this device.
     pub gemm_loads: Loads,
-    /// How wide the matrix-vector kernel's workgroups are on this device.
-    pub matvec_lanes: MatvecLanes,
+    /// The matrix-vector kernel's workgroups on this device by default (models may time
+    /// others: `crate::model::tuning`), and which parts of it the caller fixed (the
+    /// reduction is fixed where the device has no subgroups: the tree is all there is).
+    pub matvec: MatvecShape,
+    pub matvec_lanes_forced: bool,
+    pub matvec_rows_forced: bool,
+    pub tune: TuneMode,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
@@ -493,7 +518,11 @@ impl GpuContext {
         };
         let nf4_lookup = options.nf4_lookup.unwrap_or(Nf4Lookup::for_device_type(&summary.device_type));
         let gemm_loads = options.gemm_loads.unwrap_or(Loads::for_device_type(&summary.device_type));
-        let matvec_lanes = options.matvec_lanes.unwrap_or(MatvecLanes::for_device_type(&summary.device_type));
+        let matvec = MatvecShape {
+            lanes: options.matvec_lanes.unwrap_or(MatvecLanes::for_device_type(&summary.device_type)),
+            rows: options.matvec_rows.unwrap_or(MATVEC_ROWS[0]),
+            reduction: if subgroups { Reduction::Subgroup } else { Reduction::Tree },
+        };
         Ok(Arc::new(GpuContext {
             device,
             queue,
@@ -510,7 +539,10 @@ impl GpuContext {
             nf4_forced: options.nf4_lookup.is_some(),
             split_k_forced: options.split_k,
             gemm_loads,
-            matvec_lanes,
+            matvec,
+            matvec_lanes_forced: options.matvec_lanes.is_some(),
+            matvec_rows_forced: options.matvec_rows.is_some(),
+            tune: options.tune.unwrap_or_default(),
             sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,

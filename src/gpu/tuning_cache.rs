@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use super::context::AdapterSummary;
 use super::pipeline_cache::cache_directory;
-use super::variants::{Nf4Lookup, SPLIT_PARTS};
+use super::variants::{MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_ROWS, SPLIT_PARTS};
 use crate::error::Saving;
 
 const HEADER: &str = "rwkv-gpu kernel choices 1";
@@ -25,32 +25,60 @@ pub const WGPU_VERSION: &str = "30.0.1";
 
 /// What the timing chose: the variants whose speed differs by device and whose results
 /// do not beyond float rounding (`crate::model::tuning`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Choice {
     pub nf4_lookup: Nf4Lookup,
     /// Parts of the split decode value projection (1: not split).
     pub split_k: usize,
+    pub matvec: MatvecShape,
 }
 
+/// What lines of versions before the matvec shape was tuned stand for (their keys,
+/// which named fewer candidates, match no key of this one: they are kept, never used).
+const OLD_MATVEC: MatvecShape =
+    MatvecShape { lanes: MatvecLanes::Wide, rows: 8, reduction: Reduction::Subgroup };
+
 impl Choice {
-    /// "nf4=table split=2"
+    /// "nf4=table split=2 lanes=wide rows=8 reduce=subgroup"
     pub fn to_text(self) -> String {
         let nf4 = match self.nf4_lookup {
             Nf4Lookup::Table => "table",
             Nf4Lookup::Select => "select",
         };
-        format!("nf4={nf4} split={}", self.split_k)
+        format!("nf4={nf4} split={} {}", self.split_k, self.matvec.to_text())
     }
 
+    /// The fields in `to_text`'s order; the older texts ("nf4=table", "nf4=table
+    /// split=2") parse too.
     fn parse(text: &str) -> Option<Choice> {
-        // Lines of versions before the split had no split (their keys, which named no
-        // candidates, match no key of this one: they are kept, never used).
-        let (nf4, split) = text.split_once(' ').unwrap_or((text, "split=1"));
-        let nf4_lookup = Nf4Lookup::parse(nf4.strip_prefix("nf4=")?)?;
-        let split = split.strip_prefix("split=")?;
-        // Digits only: "+2" parses as a usize.
-        let split_k = split.bytes().all(|b| b.is_ascii_digit()).then(|| split.parse().ok()).flatten()?;
-        SPLIT_PARTS.contains(&split_k).then_some(Choice { nf4_lookup, split_k })
+        let fields: Vec<&str> = text.split(' ').collect();
+        if ![1, 2, 5].contains(&fields.len()) {
+            return None;
+        }
+        let value = |i: usize, name: &str| -> Option<Option<&str>> {
+            match fields.get(i) {
+                None => Some(None),
+                Some(f) => Some(Some(f.strip_prefix(name)?.strip_prefix('=')?)),
+            }
+        };
+        // Digits only: "+2" parses as a number.
+        let number = |text: &str| -> Option<u32> {
+            text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse().ok()).flatten()
+        };
+        let nf4_lookup = Nf4Lookup::parse(value(0, "nf4")??)?;
+        let split_k = match value(1, "split")? {
+            Some(parts) => number(parts)? as usize,
+            None => 1,
+        };
+        let matvec = match (value(2, "lanes")?, value(3, "rows")?, value(4, "reduce")?) {
+            (Some(lanes), Some(rows), Some(reduce)) => MatvecShape {
+                lanes: MatvecLanes::parse(lanes)?,
+                rows: number(rows).filter(|r| MATVEC_ROWS.contains(r))?,
+                reduction: Reduction::parse(reduce)?,
+            },
+            _ => OLD_MATVEC,
+        };
+        SPLIT_PARTS.contains(&split_k).then_some(Choice { nf4_lookup, split_k, matvec })
     }
 }
 
@@ -164,10 +192,22 @@ mod tests {
     fn choices_round_trip_and_refuse_strangers() {
         for nf4_lookup in [Nf4Lookup::Table, Nf4Lookup::Select] {
             for split_k in SPLIT_PARTS {
-                let c = Choice { nf4_lookup, split_k };
-                assert_eq!(Choice::parse(&c.to_text()), Some(c));
+                for lanes in [MatvecLanes::Wide, MatvecLanes::Narrow, MatvecLanes::Widest] {
+                    for rows in MATVEC_ROWS {
+                        for reduction in [Reduction::Subgroup, Reduction::Tree] {
+                            let c = Choice {
+                                nf4_lookup,
+                                split_k,
+                                matvec: MatvecShape { lanes, rows, reduction },
+                            };
+                            assert_eq!(Choice::parse(&c.to_text()), Some(c));
+                        }
+                    }
+                }
             }
         }
+        let full = "nf4=table split=2 lanes=wide rows=8 reduce=tree";
+        assert!(Choice::parse(full).is_some());
         for bad in [
             "",
             "nf4=",
@@ -178,10 +218,20 @@ mod tests {
             "nf4=table split=+2",
             "nf4=table split=2 more",
             "split=2 nf4=table",
+            "nf4=table split=2 lanes=wide rows=8",
+            "nf4=table split=2 lanes=wide rows=6 reduce=tree",
+            "nf4=table split=2 lanes=wide rows=+8 reduce=tree",
+            "nf4=table split=2 lanes=many rows=8 reduce=tree",
+            "nf4=table split=2 lanes=wide rows=8 reduce=sum",
+            "nf4=table split=2 rows=8 lanes=wide reduce=tree",
+            "nf4=table split=2 lanes=wide rows=8 reduce=tree more",
+            "nf4=table split=2 lanes=wide rows=8  reduce=tree",
         ] {
             assert_eq!(Choice::parse(bad), None, "{bad:?}");
         }
         let old = Choice::parse("nf4=select");
-        assert_eq!(old, Some(Choice { nf4_lookup: Nf4Lookup::Select, split_k: 1 }));
+        assert_eq!(old, Some(Choice { nf4_lookup: Nf4Lookup::Select, split_k: 1, matvec: OLD_MATVEC }));
+        let old = Choice::parse("nf4=table split=4");
+        assert_eq!(old, Some(Choice { nf4_lookup: Nf4Lookup::Table, split_k: 4, matvec: OLD_MATVEC }));
     }
 }

@@ -163,16 +163,24 @@ pub const MATVEC_TOKEN_BLOCKS: [u32; 4] = [1, 2, 4, 8];
 pub const MATVEC_LANES: [u32; 2] = [32, 64];
 /// On CPU drivers one subgroup of lavapipe's width (MatvecLanes::Narrow).
 pub const MATVEC_NARROW_LANES: u32 = 8;
+/// Four warps (MatvecLanes::Widest).
+pub const MATVEC_WIDEST_LANES: u32 = 128;
+/// Rows of a matvec workgroup (MatvecShape::rows), the default first.
+pub const MATVEC_ROWS: [u32; 2] = [8, 4];
 
-/// How wide a matvec workgroup is: 32 or 64 threads (GPUs: enough warps or wavefronts in
-/// flight per row block), or 8 on CPU drivers, which run a workgroup's subgroups as
-/// coroutines switched at every barrier: there 8 lanes took 0.57-0.59x the time of 32
-/// (fp16 3072 x 768, one token, lavapipe, interleaved).
+/// How wide a matvec workgroup is: 8 threads on CPU drivers, which run a workgroup's
+/// subgroups as coroutines switched at every barrier (there 8 lanes took 0.57-0.59x the
+/// time of 32: fp16 3072 x 768, one token, lavapipe, interleaved); on GPUs 32 or 64, the
+/// count that divides the matrices' rows evenly (enough warps or wavefronts in flight
+/// per row block), or 128: twice the bytes in flight per row block, for devices whose
+/// bandwidth needs more than the others keep in flight (Little's law: an H100 needs
+/// ~3.5 MB, gpu-notes.md), at the cost of threads idle on the last step of short rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MatvecLanes {
     #[default]
     Wide,
     Narrow,
+    Widest,
 }
 
 impl MatvecLanes {
@@ -189,6 +197,7 @@ impl MatvecLanes {
         match text.trim() {
             "wide" => Some(MatvecLanes::Wide),
             "narrow" => Some(MatvecLanes::Narrow),
+            "widest" => Some(MatvecLanes::Widest),
             _ => None,
         }
     }
@@ -197,9 +206,57 @@ impl MatvecLanes {
         match self {
             MatvecLanes::Wide => "wide",
             MatvecLanes::Narrow => "narrow",
+            MatvecLanes::Widest => "widest",
         }
     }
 }
+
+/// How a matvec workgroup adds up its threads' sums: `subgroupAdd`, then one row of
+/// sums per subgroup (where the device has subgroups), or a tree in workgroup memory.
+/// Both are deterministic; they add in different orders, so their sums differ in the
+/// last bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Reduction {
+    #[default]
+    Subgroup,
+    Tree,
+}
+
+impl Reduction {
+    pub fn parse(text: &str) -> Option<Reduction> {
+        match text.trim() {
+            "subgroup" => Some(Reduction::Subgroup),
+            "tree" => Some(Reduction::Tree),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Reduction::Subgroup => "subgroup",
+            Reduction::Tree => "tree",
+        }
+    }
+}
+
+/// The matrix-vector kernel's workgroups: their threads, their rows (4 or 8, one of
+/// MATVEC_ROWS: four launch twice the workgroups, for narrow models on GPUs with more
+/// cores than 8-row blocks) and their reduction. Devices differ in which is fastest, so
+/// models time the candidates (`crate::model::tuning`); the device type gives the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MatvecShape {
+    pub lanes: MatvecLanes,
+    pub rows: u32,
+    pub reduction: Reduction,
+}
+
+impl MatvecShape {
+    /// "lanes=wide rows=8 reduce=subgroup"
+    pub fn to_text(self) -> String {
+        format!("lanes={} rows={} reduce={}", self.lanes.name(), self.rows, self.reduction.name())
+    }
+}
+
 /// Narrowest subgroup sizes the cooperative-matrix kernel compiles for (its workgroup is
 /// four of them).
 pub const COOP_SUBGROUP_SIZES: [u32; 4] = [8, 16, 32, 64];
@@ -248,11 +305,13 @@ pub enum Variant {
     },
     /// RWKV-7a DeepEmbed's scaling of the channel-mix activations.
     DeepEmbed,
-    /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup, one of
-    /// MATVEC_LANES; `subgroups`: reduce with subgroupAdd.
+    /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup (one of
+    /// MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_WIDEST_LANES); `rows`: per workgroup,
+    /// one of MATVEC_ROWS; `subgroups`: reduce with subgroupAdd.
     MatVec {
         tokens: u32,
         lanes: u32,
+        rows: u32,
         formats: Formats,
         subgroups: bool,
     },
@@ -346,9 +405,10 @@ impl Variant {
                     out.push(("FOLD".into(), String::new()));
                 }
             }
-            Variant::MatVec { tokens, lanes, formats, subgroups } => {
+            Variant::MatVec { tokens, lanes, rows, formats, subgroups } => {
                 valued("TOKEN_BLOCK", tokens);
                 valued("LANES", lanes);
+                valued("MATVEC_ROWS", rows);
                 formats.defines(&mut out);
                 if subgroups {
                     out.push(("SUBGROUPS".into(), String::new()));
@@ -401,7 +461,7 @@ impl Variant {
         out
     }
 
-    /// What profiles report GPU time under: "matvec t4 l64 f16+int8 sg".
+    /// What profiles report GPU time under: "matvec t4 l64 r8 f16+int8 sg".
     pub fn label(self) -> String {
         match self {
             Variant::LnShift { mixes, keep_normalised, fold } => {
@@ -411,8 +471,12 @@ impl Variant {
                     if fold { " fold" } else { "" }
                 )
             }
-            Variant::MatVec { tokens, lanes, formats, subgroups } => {
-                format!("matvec t{tokens} l{lanes} {}{}", formats.label(), if subgroups { " sg" } else { "" })
+            Variant::MatVec { tokens, lanes, rows, formats, subgroups } => {
+                format!(
+                    "matvec t{tokens} l{lanes} r{rows} {}{}",
+                    formats.label(),
+                    if subgroups { " sg" } else { "" }
+                )
             }
             Variant::MatVecSparse { tokens, formats, count } => {
                 format!("matvec_sparse t{tokens} {}{}", formats.label(), if count { " counted" } else { "" })
@@ -476,9 +540,11 @@ impl Variant {
                 }
             }
             for tokens in MATVEC_TOKEN_BLOCKS {
-                for lanes in MATVEC_LANES.into_iter().chain([MATVEC_NARROW_LANES]) {
-                    for subgroups in [false, true] {
-                        all.push(Variant::MatVec { tokens, lanes, formats, subgroups });
+                for lanes in MATVEC_LANES.into_iter().chain([MATVEC_NARROW_LANES, MATVEC_WIDEST_LANES]) {
+                    for rows in MATVEC_ROWS {
+                        for subgroups in [false, true] {
+                            all.push(Variant::MatVec { tokens, lanes, rows, formats, subgroups });
+                        }
                     }
                 }
                 for count in [false, true] {

@@ -69,12 +69,10 @@ struct PlanKey {
     wanted: Vec<usize>,
     /// Sparse products count the rows they read (`Model::counting_reads`).
     count_reads: bool,
-    /// The kernels' NF4 decoding (tuning times both).
-    nf4: crate::gpu::variants::Nf4Lookup,
+    /// The kernel variants (tuning times several).
+    choice: crate::gpu::tuning_cache::Choice,
     /// The prefill products' kernel (the check at load runs both).
     matmul: super::coop_check::MatmulKernel,
-    /// Parts of the split decode value projection (tuning times several).
-    split_k: usize,
 }
 
 struct Plan {
@@ -209,9 +207,8 @@ pub fn run(
             want: chunk_want,
             wanted: wanted.iter().map(|w| w.0).collect(),
             count_reads,
-            nf4: model.nf4_lookup(),
+            choice: model.choice(),
             matmul: model.matmul_kernel(),
-            split_k: model.split_k(),
         };
         let cached = page.plans.lock().unwrap_or_else(|p| p.into_inner()).get(&key, s.generation);
         let plan = match cached {
@@ -315,13 +312,13 @@ fn record(model: &Model, s: &Scratch, page: &Page, key: &PlanKey) -> Result<Plan
     // Decode (every token its sequence's first, few enough for the matrix-vector kernels)
     // may split each value projection but the last along K: the next layer's ln_shift
     // folds the parts into x (ops::Split). The last one's would need the head to fold.
-    let split_decode = key.split_k > 1 && t == n_seq && t <= ops::MATVEC_TOKENS;
+    let split_decode = key.choice.split_k > 1 && t == n_seq && t <= ops::MATVEC_TOKENS;
     let layers = &model.weights.layers;
     let split_of = |l: usize| {
         let splits =
-            split_decode && l + 1 < layers.len() && ops::can_split(&layers[l].ffn_value, key.split_k);
+            split_decode && l + 1 < layers.len() && ops::can_split(&layers[l].ffn_value, key.choice.split_k);
         let partials = s.partials.as_ref().filter(|_| splits)?;
-        Some(Split { partials, parts: key.split_k })
+        Some(Split { partials, parts: key.choice.split_k })
     };
     for (l, layer) in layers.iter().enumerate() {
         let counts = if key.count_reads { s.read_counts.as_ref() } else { None };

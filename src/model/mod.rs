@@ -91,10 +91,8 @@ pub struct Model {
     pub profiling: std::sync::atomic::AtomicBool,
     /// Sparse products count the rows they read (`read_counts`); off by default.
     pub counting_reads: std::sync::atomic::AtomicBool,
-    /// NF4 codes decoded by the select tree, not the table (`tuning.rs`).
-    nf4_select: std::sync::atomic::AtomicBool,
-    /// Parts the decode value projection is split into along K (1: not split; `tuning.rs`).
-    split_k: std::sync::atomic::AtomicUsize,
+    /// The kernel variants chosen for this model on this device (`tuning.rs`).
+    choice: Mutex<crate::gpu::tuning_cache::Choice>,
     /// Where the kernel choices came from, and warnings about the cache file.
     pub tuning: Mutex<tuning::Tuning>,
     /// Prefill products run on cooperative matrices (`coop_check.rs`), and why or why not.
@@ -188,8 +186,7 @@ impl Model {
         let pipelines = Pipelines::new(ctx.clone());
         let weights = Loader::new(&ctx, &pipelines, &quant, &ck, &checked, progress).load()?;
         let pool = StatePool::new(ctx.clone(), &config)?;
-        let nf4_select = ctx.nf4_lookup == crate::gpu::variants::Nf4Lookup::Select;
-        let ctx_split_k = ctx.split_k_forced.unwrap_or(1);
+        let choice = tuning::device_default(&ctx);
         let model = Model {
             pipelines,
             ctx,
@@ -201,8 +198,7 @@ impl Model {
             last_stats: Mutex::new(CallStats::default()),
             profiling: std::sync::atomic::AtomicBool::new(false),
             counting_reads: std::sync::atomic::AtomicBool::new(false),
-            nf4_select: std::sync::atomic::AtomicBool::new(nf4_select),
-            split_k: std::sync::atomic::AtomicUsize::new(ctx_split_k),
+            choice: Mutex::new(choice),
             tuning: Mutex::new(tuning::Tuning::default()),
             coop_matrix: std::sync::atomic::AtomicBool::new(false),
             matmul_choice: Mutex::new(coop_check::MatmulChoice::default()),

@@ -10,7 +10,8 @@ use super::weights::{Chunk, Layout, Matrix, WeightFormat};
 use super::Model;
 use crate::error::{Error, Result};
 use crate::gpu::variants::{
-    Loads, MatvecLanes, Nf4Lookup, MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_TOKEN_BLOCKS, SPLIT_PARTS,
+    Loads, MatvecLanes, Nf4Lookup, Reduction, MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_TOKEN_BLOCKS,
+    MATVEC_WIDEST_LANES, SPLIT_PARTS,
 };
 use crate::gpu::{Binding, Formats, Recorder, Variant, WkvStage};
 
@@ -18,8 +19,6 @@ use crate::gpu::{Binding, Formats, Recorder, Variant, WkvStage};
 /// weights once per 8 tokens: at most two passes, against a 64x64-token tile that would
 /// be mostly padding (a batch of decode steps, the tail of a cached prompt).
 pub const MATVEC_TOKENS: usize = 16;
-/// Rows of one matvec workgroup (`ROWS` in shaders/matmul_vec.wgsl).
-const MATVEC_ROWS: usize = 8;
 /// Outputs of one sparse matvec workgroup (`OUTS` in shaders/matmul_sparse.wgsl).
 const SPARSE_OUTS: usize = 32;
 /// Output tile of matmul_tiled (rows and tokens).
@@ -406,18 +405,21 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
         let count = d.counts.is_some();
         (Variant::MatVecSparse { tokens: token_block(t), formats: d.formats, count }, blocks(SPARSE_OUTS, 1))
     } else if t <= MATVEC_TOKENS {
-        let lanes = match model.ctx.matvec_lanes {
+        let shape = model.matvec_shape();
+        let lanes = match shape.lanes {
             MatvecLanes::Wide => matvec_lanes(groups),
             MatvecLanes::Narrow => MATVEC_NARROW_LANES,
+            MatvecLanes::Widest => MATVEC_WIDEST_LANES,
         };
         (
             Variant::MatVec {
                 tokens: token_block(t),
                 lanes,
+                rows: shape.rows,
                 formats: d.formats,
-                subgroups: model.ctx.subgroups,
+                subgroups: shape.reduction == Reduction::Subgroup,
             },
-            blocks(MATVEC_ROWS, 1),
+            blocks(shape.rows as usize, 1),
         )
     } else if let (MatmulKernel::CoopMatrix, Ok(coop), false) =
         (model.matmul_kernel(), &model.ctx.coop_matrix, d.formats.bf16)
@@ -882,7 +884,7 @@ mod tests {
                 ("fold_stride", offset_of!(LnShiftParams, fold_stride)),
             ],
         );
-        let mv = Variant::MatVec { tokens: 1, lanes: 64, formats: Formats::F16, subgroups: false };
+        let mv = Variant::MatVec { tokens: 1, lanes: 64, rows: 8, formats: Formats::F16, subgroups: false };
         check::<MatParams>(
             mv,
             &[

@@ -1,29 +1,40 @@
 //! Kernel choices timed on the model's own matrices, the first time a model shape meets
-//! an adapter: each candidate runs decode steps of this model, round after round, for at
-//! most `BUDGET` in all (the first, untimed round compiles); the fastest median wins and is kept on disk
-//! (`gpu::tuning_cache`), so later loads of the shape on that adapter only look it up.
-//! Only variants whose results are bit-identical are candidates, so the choice changes
-//! speed, never outputs. `RWKV_GPU_TUNE=off` keeps the defaults.
+//! an adapter: candidates run decode steps of this model, round after round, and the
+//! fastest median wins; the choice is kept on disk (`gpu::tuning_cache`), so later loads
+//! of the shape on that adapter only look it up. `RWKV_GPU_TUNE=off` keeps the defaults.
 //!
-//! Candidates today, each dimension where it applies (all combinations are timed):
+//! The dimensions, each where it applies:
 //! - how NF4 codes are decoded (a workgroup table or a select tree), for models holding
 //!   NF4 matrices; the device type gives the default;
 //! - the parts the decode value projection is split into along K (`ops::Split`: 1, 2 or
-//!   4), on GPUs, for models whose value projection can be split. Not on CPU drivers:
-//!   there the grid's workgroups outnumber the cores many times over already.
+//!   4), for models whose value projection can be split;
+//! - the matrix-vector kernel's workgroups (`MatvecShape`): threads (32/64 fitted to the
+//!   rows, or 128), rows (8 or 4) and reduction (subgroupAdd or a tree).
 //!
-//! The NF4 decodings give bit-identical results; split sums add the same products in
-//! another order, equal within float rounding (tests/test_split_k.py decodes under each).
-//! A run with the same choice is bit-identical to the last.
+//! All but NF4 decoding are timed on GPUs only: on CPU drivers the grid's workgroups
+//! outnumber the cores many times over, and each of those dimensions has one answer
+//! there (measured on lavapipe: narrow workgroups, 8 rows, no split).
+//! `RWKV_GPU_TUNE=all` times them on every device (tests, and the curious).
+//!
+//! The dimensions are timed one after another (coordinate descent: each with the best of
+//! those before it), the default first, so the cost grows with their sum, not their
+//! product. Each gets an equal share of what is left of `BUDGET`, and at least one
+//! untimed round (it compiles and records); once the budget is spent, the dimensions not
+//! reached keep their defaults. On CPU drivers, where a decode step of a 0.1B model takes
+//! a quarter of a second, that happens early; on GPUs a step takes milliseconds.
+//! NF4 decodings and matvec rows give bit-identical results; splits, lanes and
+//! reductions add the same products in another order, equal within float rounding (the
+//! golden tests decode under each). A run with the same choice is bit-identical to the
+//! last.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::forward::Want;
 use super::Model;
 use crate::error::Result;
+use crate::gpu::context::{GpuContext, TuneMode};
 use crate::gpu::tuning_cache::{self, Choice, TuningCache};
-use crate::gpu::variants::Nf4Lookup;
+use crate::gpu::variants::{MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_ROWS};
 use crate::model::ops;
 use crate::model::weights::WeightFormat;
 
@@ -39,7 +50,7 @@ const SPLIT_CANDIDATES: [usize; 3] = [1, 2, 4];
 pub enum Source {
     /// Nothing to choose for this model on this device: the device's defaults.
     Default,
-    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`, `RWKV_GPU_SPLIT_K`).
+    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`, `_SPLIT_K`, `_MATVEC_LANES`, `_MATVEC_ROWS`).
     Forced,
     /// `RWKV_GPU_TUNE=off`: the defaults, untimed.
     Off,
@@ -75,66 +86,149 @@ impl Default for Tuning {
     }
 }
 
-fn tuning_off() -> bool {
-    std::env::var("RWKV_GPU_TUNE").is_ok_and(|v| v.trim() == "off" || v.trim() == "0")
+/// The device's defaults, with what the caller fixed: a model's choice before tuning.
+pub fn device_default(ctx: &GpuContext) -> Choice {
+    Choice { nf4_lookup: ctx.nf4_lookup, split_k: ctx.split_k_forced.unwrap_or(1), matvec: ctx.matvec }
+}
+
+/// One value of one dimension of the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setting {
+    Nf4(Nf4Lookup),
+    Split(usize),
+    Lanes(MatvecLanes),
+    Rows(u32),
+    Reduce(Reduction),
+}
+
+impl Setting {
+    fn apply(self, mut choice: Choice) -> Choice {
+        match self {
+            Setting::Nf4(lookup) => choice.nf4_lookup = lookup,
+            Setting::Split(parts) => choice.split_k = parts,
+            Setting::Lanes(lanes) => choice.matvec.lanes = lanes,
+            Setting::Rows(rows) => choice.matvec.rows = rows,
+            Setting::Reduce(reduction) => choice.matvec.reduction = reduction,
+        }
+        choice
+    }
+
+    /// The value as the cache key lists it.
+    fn value(self) -> String {
+        match self {
+            Setting::Nf4(Nf4Lookup::Table) => "table".into(),
+            Setting::Nf4(Nf4Lookup::Select) => "select".into(),
+            Setting::Split(parts) => parts.to_string(),
+            Setting::Lanes(lanes) => lanes.name().into(),
+            Setting::Rows(rows) => rows.to_string(),
+            Setting::Reduce(reduction) => reduction.name().into(),
+        }
+    }
+}
+
+/// The candidates of one dimension, the default first.
+struct Dimension {
+    name: &'static str,
+    values: Vec<Setting>,
 }
 
 impl Model {
+    /// The kernel variants this model runs (`tuning_cache::Choice`).
+    pub fn choice(&self) -> Choice {
+        *self.choice.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// How this model's kernels decode NF4 codes.
     pub fn nf4_lookup(&self) -> Nf4Lookup {
-        if self.nf4_select.load(Ordering::Relaxed) {
-            Nf4Lookup::Select
-        } else {
-            Nf4Lookup::Table
-        }
+        self.choice().nf4_lookup
     }
 
     /// Parts the decode value projection is split into along K (1: not split).
     pub fn split_k(&self) -> usize {
-        self.split_k.load(Ordering::Relaxed)
+        self.choice().split_k
+    }
+
+    /// The matrix-vector kernel's workgroups.
+    pub fn matvec_shape(&self) -> MatvecShape {
+        self.choice().matvec
     }
 
     fn apply(&self, choice: Choice) {
-        self.nf4_select.store(choice.nf4_lookup == Nf4Lookup::Select, Ordering::Relaxed);
-        self.split_k.store(choice.split_k, Ordering::Relaxed);
+        *self.choice.lock().unwrap_or_else(|p| p.into_inner()) = choice;
     }
 
-    /// The candidates of each dimension (see the module notes), the default first.
-    fn candidates(&self) -> (Vec<Nf4Lookup>, Vec<usize>) {
+    /// Every dimension (see the module notes), each with its candidates, the default
+    /// first; a dimension with one candidate is not timed.
+    fn dimensions(&self, mode: TuneMode) -> Vec<Dimension> {
+        let ctx = &self.ctx;
+        let default = device_default(ctx);
+        // Beyond NF4 decoding: timed on GPUs, or everywhere when asked.
+        let timed_here = ctx.adapter.device_type != "cpu" || mode == TuneMode::All;
         let has_nf4 = self.weights.head.format == WeightFormat::Nf4
             || self.weights.layers.iter().any(|l| l.key.format == WeightFormat::Nf4);
-        let default = self.ctx.nf4_lookup;
-        let nf4 = if has_nf4 && !self.ctx.nf4_forced {
-            let other = match default {
+        let nf4 = if has_nf4 && !ctx.nf4_forced {
+            let other = match default.nf4_lookup {
                 Nf4Lookup::Table => Nf4Lookup::Select,
                 Nf4Lookup::Select => Nf4Lookup::Table,
             };
-            vec![default, other]
+            vec![default.nf4_lookup, other]
         } else {
-            vec![default]
+            vec![default.nf4_lookup]
         };
         let splittable = |parts: usize| {
             parts == 1
                 || (self.weights.layers.len() > 1
                     && self.weights.layers.iter().any(|l| ops::can_split(&l.ffn_value, parts)))
         };
-        let split = match self.ctx.split_k_forced {
-            Some(parts) => vec![parts],
-            None if self.ctx.adapter.device_type != "cpu" => {
-                SPLIT_CANDIDATES.into_iter().filter(|&p| splittable(p)).collect()
-            }
-            None => vec![1],
+        let split = match (ctx.split_k_forced, timed_here) {
+            (Some(parts), _) => vec![parts],
+            (None, true) => SPLIT_CANDIDATES.into_iter().filter(|&p| splittable(p)).collect(),
+            (None, false) => vec![1],
         };
-        (nf4, split)
+        let lanes = if ctx.matvec_lanes_forced || !timed_here {
+            vec![default.matvec.lanes]
+        } else {
+            // The device's default first; 8 lanes only where the device is a CPU.
+            let cpu = ctx.adapter.device_type == "cpu";
+            let others = [MatvecLanes::Narrow, MatvecLanes::Wide, MatvecLanes::Widest]
+                .into_iter()
+                .filter(|&l| l != default.matvec.lanes && (cpu || l != MatvecLanes::Narrow));
+            std::iter::once(default.matvec.lanes).chain(others).collect()
+        };
+        let rows = if ctx.matvec_rows_forced || !timed_here {
+            vec![default.matvec.rows]
+        } else {
+            MATVEC_ROWS.to_vec()
+        };
+        // Without subgroups the default is the tree, and the tree is all there is.
+        let reduce = if ctx.subgroups && timed_here {
+            vec![Reduction::Subgroup, Reduction::Tree]
+        } else {
+            vec![default.matvec.reduction]
+        };
+        // In the order they are timed: those that touch the most weight bytes first (the
+        // matvec runs every matrix of decode but the value projection).
+        vec![
+            Dimension { name: "nf4", values: nf4.into_iter().map(Setting::Nf4).collect() },
+            Dimension { name: "lanes", values: lanes.into_iter().map(Setting::Lanes).collect() },
+            Dimension { name: "rows", values: rows.into_iter().map(Setting::Rows).collect() },
+            Dimension { name: "reduce", values: reduce.into_iter().map(Setting::Reduce).collect() },
+            Dimension { name: "split", values: split.into_iter().map(Setting::Split).collect() },
+        ]
     }
 
     /// The shape part of the cache key: what the timed kernels are a function of, and the
-    /// candidates (a choice made among fewer, by an older version, is timed again).
-    fn tuning_shape(&self, candidates: &[Choice]) -> String {
+    /// candidates (a choice made among others, by an older version, is timed again).
+    fn tuning_shape(&self, dimensions: &[Dimension]) -> String {
         let c = &self.config;
         let formats: Vec<&str> = self.weights.layers.iter().map(|l| l.key.format.name()).collect();
         let head = self.weights.head.format.name();
-        let timed: Vec<String> = candidates.iter().map(|c| c.to_text()).collect();
+        let timed: Vec<String> = dimensions
+            .iter()
+            .map(|d| {
+                format!("{}={}", d.name, d.values.iter().map(|v| v.value()).collect::<Vec<_>>().join(","))
+            })
+            .collect();
         format!(
             "L{} C{} F{} V{} {} head {head} among {}",
             c.n_layer,
@@ -142,28 +236,30 @@ impl Model {
             c.ffn_size,
             c.vocab_size,
             formats.join(","),
-            timed.join(";")
+            timed.join(" ")
         )
     }
 
     /// Chooses the kernel variants (see the module notes); called once, at load.
     pub(crate) fn tune(&self) -> Result<()> {
-        let (nf4, split) = self.candidates();
-        let candidates: Vec<Choice> = nf4
-            .iter()
-            .flat_map(|&nf4_lookup| split.iter().map(move |&split_k| Choice { nf4_lookup, split_k }))
-            .collect();
-        let forced = self.ctx.nf4_forced || self.ctx.split_k_forced.is_some();
-        let source = if candidates.len() > 1 && !tuning_off() {
-            return self.time_choices(&candidates);
-        } else if candidates.len() > 1 {
+        let mode = self.ctx.tune;
+        let dimensions = self.dimensions(mode);
+        let ctx = &self.ctx;
+        let anything_to_time = dimensions.iter().any(|d| d.values.len() > 1);
+        let forced = ctx.nf4_forced
+            || ctx.split_k_forced.is_some()
+            || ctx.matvec_lanes_forced
+            || ctx.matvec_rows_forced;
+        self.apply(device_default(ctx));
+        let source = if anything_to_time && mode != TuneMode::Off {
+            return self.time_choices(&dimensions);
+        } else if anything_to_time {
             Source::Off
         } else if forced {
             Source::Forced
         } else {
             Source::Default
         };
-        self.apply(candidates[0]);
         self.record_tuning(source, Vec::new());
         Ok(())
     }
@@ -172,9 +268,9 @@ impl Model {
         *self.tuning.lock().unwrap_or_else(|p| p.into_inner()) = Tuning { source, warnings };
     }
 
-    /// Times `candidates` (the default first) unless the cache holds the choice.
-    fn time_choices(&self, candidates: &[Choice]) -> Result<()> {
-        let key = tuning_cache::key(&self.ctx.adapter, &self.tuning_shape(candidates));
+    /// Times the dimensions in turn unless the cache holds the choice.
+    fn time_choices(&self, dimensions: &[Dimension]) -> Result<()> {
+        let key = tuning_cache::key(&self.ctx.adapter, &self.tuning_shape(dimensions));
         let cache = TuningCache::open();
         let found = cache.as_ref().map(|c| c.lookup(&key));
         let warnings: Vec<String> = found.iter().filter_map(|f| f.warning.clone()).collect();
@@ -183,23 +279,50 @@ impl Model {
             self.record_tuning(Source::Cached, warnings);
             return Ok(());
         }
-        let default = candidates[0];
-        // One decode step at a time, candidates in turn so that a change in the machine's
-        // speed hits both alike; the first step of each compiles and records (untimed).
         let state = self.new_state()?;
         let started = Instant::now();
+        let timed: Vec<&Dimension> = dimensions.iter().filter(|d| d.values.len() > 1).collect();
+        let mut best = device_default(&self.ctx);
+        for (i, dimension) in timed.iter().enumerate() {
+            // What is left of the budget, shared among the dimensions left; none left (a
+            // slow device, a big model): the defaults of the dimensions not reached.
+            let left = BUDGET.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            let share = left / (timed.len() - i) as u32;
+            let candidates: Vec<Choice> = dimension.values.iter().map(|v| v.apply(best)).collect();
+            best = self.fastest(&state, &candidates, share)?;
+        }
+        self.apply(best);
+        if let (Some(cache), Some(found)) = (cache, found) {
+            cache.store(found, &key, best);
+        }
+        self.record_tuning(Source::Timed, warnings);
+        Ok(())
+    }
+
+    /// The candidate (the default first) whose median decode step is the shortest: one
+    /// step at a time, candidates in turn so that a change in the machine's speed hits
+    /// all alike; an untimed round first, which compiles and records, then timed rounds
+    /// while the next one (as long as the last) still ends within `budget`. No timed
+    /// round (a slow device, a big model): the default.
+    fn fastest(
+        &self,
+        state: &super::state::State,
+        candidates: &[Choice],
+        budget: Duration,
+    ) -> Result<Choice> {
+        let started = Instant::now();
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
-        // The untimed round, then timed rounds while the next one (as long as the last)
-        // still ends within the budget. No timed round (a slow device, a big model): the
-        // default.
         let mut round = 0;
         let mut last = Duration::ZERO;
-        while round == 0 || (round <= ROUNDS && started.elapsed() + last <= BUDGET) {
+        while round == 0 || (round <= ROUNDS && started.elapsed() + last <= budget) {
             let round_started = Instant::now();
             for (i, &choice) in candidates.iter().enumerate() {
                 self.apply(choice);
                 let step = Instant::now();
-                self.forward(&state, &[0], Want::Argmax)?;
+                self.forward(state, &[0], Want::Argmax)?;
                 if round > 0 {
                     times[i].push(step.elapsed().as_secs_f64());
                 }
@@ -212,14 +335,8 @@ impl Model {
             t.sort_by(f64::total_cmp);
             t.get(t.len() / 2).copied().unwrap_or(f64::INFINITY)
         };
-        let best = (0..candidates.len())
+        Ok((0..candidates.len())
             .min_by(|&a, &b| median(&times[a]).total_cmp(&median(&times[b])))
-            .map_or(default, |i| candidates[i]);
-        self.apply(best);
-        if let (Some(cache), Some(found)) = (cache, found) {
-            cache.store(found, &key, best);
-        }
-        self.record_tuning(Source::Timed, warnings);
-        Ok(())
+            .map_or(candidates[0], |i| candidates[i]))
     }
 }

@@ -38,6 +38,8 @@ fn options(
         nf4_lookup: None,
         gemm_loads: None,
         matvec_lanes: None,
+        matvec_rows: None,
+        tune: None,
         split_k: None,
     }
     .with_env()
@@ -259,7 +261,10 @@ impl PyModel {
             crate::gpu::variants::Loads::Direct => "direct",
         };
         d.set_item("gemm_loads", loads)?;
-        d.set_item("matvec_lanes", self.inner.ctx.matvec_lanes.name())?;
+        let matvec = self.inner.matvec_shape();
+        d.set_item("matvec_lanes", matvec.lanes.name())?;
+        d.set_item("matvec_rows", matvec.rows)?;
+        d.set_item("matvec_reduction", matvec.reduction.name())?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         Ok(d)
     }
