@@ -121,12 +121,13 @@ EOF
     ;;
 split)
     # Split-K decode (src/model/ops.rs Split) fixed at 1, 2 and 4 parts in turn, twice:
-    # what the tuner chooses between at load, measured as whole tg rows.
+    # what the tuner chooses between at load, measured as whole tg rows (tuning off: the
+    # rest is the device's defaults).
     setup_device
     for dtype in fp16 nf4; do
         for round in 1 2; do
             for parts in 1 2 4; do
-                RWKV_GPU_SPLIT_K=$parts python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 \
+                RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=$parts python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 \
                     --json > "$out/split-$dtype-$parts-$round.json" 2> "$out/split-$dtype-$parts-$round.err" \
                     || { tail -20 "$out/split-$dtype-$parts-$round.err"; exit 1; }
                 python3 - "$out/split-$dtype-$parts-$round.json" "$parts" <<'EOF'
@@ -142,9 +143,10 @@ EOF
     ;;
 matvec)
     # The matrix-vector kernel's workgroups (variants.rs MatvecShape) fixed in turn, twice:
-    # what the tuner chooses between at load, measured as whole tg rows. The tree
-    # reduction is forced by turning subgroups off (only the matvec and the cooperative
-    # prefill kernel use them; -p 16 stays on the matvec).
+    # what the tuner chooses between at load, measured as whole tg rows. Tuning off, so
+    # that the rest is the device's defaults (no split, NF4 by table); the tree reduction
+    # is forced by turning subgroups off (only the matvec and the cooperative prefill
+    # kernel use them; -p 16 stays on the matvec).
     setup_device
     for dtype in fp16 nf4; do
         for round in 1 2; do
@@ -153,7 +155,7 @@ matvec)
                 no_sg=0
                 [ "$reduce" = tree ] && no_sg=1
                 name="$dtype-$lanes-$rows-$reduce-$round"
-                RWKV_GPU_MATVEC_LANES=$lanes RWKV_GPU_MATVEC_ROWS=$rows RWKV_GPU_NO_SUBGROUPS=$no_sg RWKV_GPU_SPLIT_K=1 \
+                RWKV_GPU_TUNE=off RWKV_GPU_MATVEC_LANES=$lanes RWKV_GPU_MATVEC_ROWS=$rows RWKV_GPU_NO_SUBGROUPS=$no_sg \
                     python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 --json \
                     > "$out/matvec-$name.json" 2> "$out/matvec-$name.err" || { tail -20 "$out/matvec-$name.err"; exit 1; }
                 python3 - "$out/matvec-$name.json" "$shape_of" <<'EOF'
