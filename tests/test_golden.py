@@ -163,3 +163,24 @@ def test_staged_and_direct_prefill_loads_agree_bit_for_bit(monkeypatch, tiny_cas
         assert labels == ({"f16"} if dtype == "fp16" else {"f16", dtype, f"f16+{dtype}"})
         for name in profiles["direct"]:
             assert name.startswith("matmul_tiled " if "nf4" in name else "matmul_direct "), name
+
+
+def test_the_chunk_size_changes_no_bits(monkeypatch):
+    """Prefill chunks of 64, 256 (CPU devices' default) and 512 tokens (GPUs') give the
+    same logits at every position and the same state, bit for bit: every token's products
+    are summed in the same order whatever tile it lands in, and the recurrence carries
+    the state between chunks in f32. 600 tokens: every chunk of at least 8 tokens (the
+    three-pass WKV) and more than 16 (the matrix-matrix kernels)."""
+    tokens = [(7 * i + 3) % 512 for i in range(600)]
+    runs = {}
+    for chunk in ("64", "256", "512"):
+        monkeypatch.setenv("RWKV_GPU_CHUNK_TOKENS", chunk)
+        model = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
+        assert model.config["chunk_tokens"] == int(chunk)
+        state = model.new_state()
+        logits = model.forward(tokens, state, all_logits=True)
+        runs[chunk] = (logits, state.to_numpy())
+    for chunk in ("256", "512"):
+        np.testing.assert_array_equal(runs[chunk][0], runs["64"][0])
+        for name, array in runs["64"][1].items():
+            np.testing.assert_array_equal(runs[chunk][1][name], array, err_msg=name)

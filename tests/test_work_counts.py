@@ -50,11 +50,13 @@ def test_decode_step_counts(model):
 def test_prefill_counts_per_chunk(model):
     layers = model.config["n_layer"]
     state = model.new_state()
-    # Chunks of 256 + 44 tokens, the 256 cut into pieces of at least 64 to the measured
-    # speed (interruptible calls pace their chunks): 2 to 5 submissions, each one chunk.
-    model.forward(list(range(300)), state)
+    # Chunks of the device's chunk (256 tokens on CPU devices) + 44 tokens, the first cut
+    # into pieces of at least 64 to the measured speed (interruptible calls pace their
+    # chunks): 2 to chunk / 64 + 1 submissions, each one chunk.
+    chunk = model.config["chunk_tokens"]
+    model.forward([t % 256 for t in range(chunk + 44)], state)
     submissions, dispatches, readbacks = stats(model)
-    assert 2 <= submissions <= 5 and readbacks == 1
+    assert 2 <= submissions <= chunk // 64 + 1 and readbacks == 1
     assert dispatches == submissions * (STAGED_PER_LAYER * layers + 1) + 2
     assert model._m.last_stats()[3] == submissions * STAGED_PER_LAYER * layers
     model.prefill(list(range(10)), state)
@@ -205,18 +207,24 @@ def test_profile_states_the_bytes_each_product_moves(dtype):
     assert 2 * moved[0] - moved[1] == sum(mem[k] for k in ("weights_fp16", "weights_int8", "weights_nf4")) - unused
 
 
-def test_scratch_bytes_follow_the_plan():
+@pytest.mark.parametrize("chunk", [None, "512", "64"])
+def test_scratch_bytes_follow_the_plan(monkeypatch, chunk):
     """Scratch for one chunk of T tokens, exactly: the residual, the mixes, r/k/v with the
     low-rank hidden values, and v_first; one buffer for emb/att/norm and one for lora/ffn
     (never alive at the same time); the sequence table and argmax results; one token's
-    logits and its read-back buffer."""
+    logits and its read-back buffer. T: the device's chunk (256 tokens on CPU devices, 512
+    on GPUs; RWKV_GPU_CHUNK_TOKENS sets it), fewer where a binding cannot hold them."""
+    if chunk:
+        monkeypatch.setenv("RWKV_GPU_CHUNK_TOKENS", chunk)
     m = open_model(TINY)
     m.forward([1], m.new_state())
     cfg = m.config
     c, f, v = cfg["n_embd"], cfg["ffn_size"], cfg["vocab_size"]
     dsum = sum(cfg["lora_widths"])
     widest = max(6 * c, f, 3 * c + dsum)
-    t = min(256, cfg["max_binding"] // (4 * widest))
+    device_chunk = int(chunk) if chunk else (256 if cfg["device_type"] == "cpu" else 512)
+    t = min(device_chunk, cfg["max_binding"] // (4 * widest))
+    assert cfg["chunk_tokens"] == t
     floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f)
     # The sequence table and argmax results: 64 sequences of 16 and 8 bytes.
     assert m.memory()["scratch"] == 4 * floats + 64 * 16 + 64 * 8 + 2 * 4 * v

@@ -91,6 +91,24 @@ pub struct DeviceOptions {
     pub split_k: Option<usize>,
     /// `RWKV_GPU_TUNE=off|on|all`: see `TuneMode`.
     pub tune: Option<TuneMode>,
+    /// `RWKV_GPU_CHUNK_TOKENS=N` (64 to 1024, a multiple of 64): tokens per prefill chunk
+    /// at most (default: by device type, `chunk_tokens_for_device_type`).
+    pub chunk_tokens: Option<usize>,
+}
+
+/// Tokens per prefill chunk at most, by device type: 512 on GPUs, 256 on CPU drivers.
+/// Each chunk's matrix products launch (rows / tile) x (tokens / 64) workgroups: at 256
+/// tokens the 2.9B model's 2560-row products give 160 SIMT or 80 cooperative-matrix
+/// workgroups, fewer than an H100 has cores (132) several times over; 512 doubles them,
+/// and halves the chunks' fixed costs (dispatches, WKV passes), for 2x the scratch
+/// (~85 MB at 2.9B, 1.5% of the fp16 weights). A CPU driver's few cores are busy at 256
+/// already, and there a chunk is the unit an interrupt waits for.
+pub fn chunk_tokens_for_device_type(device_type: &str) -> usize {
+    if device_type == "cpu" {
+        256
+    } else {
+        512
+    }
 }
 
 impl DeviceOptions {
@@ -145,6 +163,9 @@ impl DeviceOptions {
         let parts = |v: &str| v.trim().parse().ok().filter(|p| super::variants::SPLIT_PARTS.contains(p));
         chosen(&mut self.split_k, "RWKV_GPU_SPLIT_K", parts, "1, 2, 4 or 8")?;
         chosen(&mut self.tune, "RWKV_GPU_TUNE", TuneMode::parse, "\"off\", \"on\" or \"all\"")?;
+        let tokens =
+            |v: &str| v.trim().parse().ok().filter(|&t: &usize| (64..=1024).contains(&t) && t % 64 == 0);
+        chosen(&mut self.chunk_tokens, "RWKV_GPU_CHUNK_TOKENS", tokens, "a multiple of 64 from 64 to 1024")?;
         chosen(&mut self.nf4_lookup, "RWKV_GPU_NF4_LOOKUP", Nf4Lookup::parse, "\"table\" or \"select\"")?;
         Ok(self)
     }
@@ -415,6 +436,8 @@ pub struct GpuContext {
     pub matvec_lanes_forced: bool,
     pub matvec_rows_forced: bool,
     pub tune: TuneMode,
+    /// Tokens per prefill chunk at most (fewer where a binding cannot hold them).
+    pub chunk_tokens: usize,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
@@ -518,6 +541,7 @@ impl GpuContext {
         };
         let nf4_lookup = options.nf4_lookup.unwrap_or(Nf4Lookup::for_device_type(&summary.device_type));
         let gemm_loads = options.gemm_loads.unwrap_or(Loads::for_device_type(&summary.device_type));
+        let chunk_tokens = options.chunk_tokens.unwrap_or(chunk_tokens_for_device_type(&summary.device_type));
         let matvec = MatvecShape {
             lanes: options.matvec_lanes.unwrap_or(MatvecLanes::for_device_type(&summary.device_type)),
             rows: options.matvec_rows.unwrap_or(MATVEC_ROWS[0]),
@@ -543,6 +567,7 @@ impl GpuContext {
             matvec_lanes_forced: options.matvec_lanes.is_some(),
             matvec_rows_forced: options.matvec_rows.is_some(),
             tune: options.tune.unwrap_or_default(),
+            chunk_tokens,
             sparse_ffn: !options.no_sparse_ffn,
             timestamps,
             warnings,

@@ -213,6 +213,11 @@ impl Model {
         self.pipelines.compiled.load(Ordering::Relaxed)
     }
 
+    /// Tokens one chunk of a call holds at most on this device.
+    pub fn chunk_tokens(&self) -> usize {
+        scratch::chunk_tokens(self)
+    }
+
     pub fn new_state(&self) -> Result<State> {
         self.pool.allocate(self.id)
     }

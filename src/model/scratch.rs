@@ -5,9 +5,6 @@ use super::ops::{MATVEC_TOKENS, MAX_SPLIT};
 use super::Model;
 use crate::error::Result;
 
-/// Tokens per chunk at most: enough for matrix-matrix kernels to pay off, small enough
-/// that prefill scratch stays a small fraction of the weights.
-const MAX_CHUNK: usize = 256;
 /// Sequences per chunk at most (rows of the sequence table).
 pub const MAX_SEQS: usize = 64;
 
@@ -49,7 +46,9 @@ pub struct Scratch {
     pub generation: u64,
 }
 
-/// The largest number of tokens a chunk may hold on this device.
+/// The largest number of tokens a chunk may hold on this device: the device's chunk
+/// (`GpuContext::chunk_tokens`), fewer where the widest activation would not fit one
+/// storage binding.
 pub(crate) fn chunk_tokens(model: &Model) -> usize {
     let cfg = &model.config;
     let c = cfg.n_embd;
@@ -57,7 +56,7 @@ pub(crate) fn chunk_tokens(model: &Model) -> usize {
         .max(cfg.ffn_size + cfg.deep_embed_rank)
         .max(3 * c + cfg.lora_sum())
         .max(cfg.n_layer * cfg.deep_embed_width());
-    ((model.ctx.max_binding as usize) / (4 * widest)).clamp(1, MAX_CHUNK)
+    ((model.ctx.max_binding as usize) / (4 * widest)).clamp(1, model.ctx.chunk_tokens)
 }
 
 const USAGE: wgpu::BufferUsages =

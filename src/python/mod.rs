@@ -40,6 +40,7 @@ fn options(
         matvec_lanes: None,
         matvec_rows: None,
         tune: None,
+        chunk_tokens: None,
         split_k: None,
     }
     .with_env()
@@ -266,6 +267,7 @@ impl PyModel {
         d.set_item("matvec_rows", matvec.rows)?;
         d.set_item("matvec_reduction", matvec.reduction.name())?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
+        d.set_item("chunk_tokens", self.inner.chunk_tokens())?;
         Ok(d)
     }
 
