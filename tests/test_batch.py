@@ -62,10 +62,11 @@ def test_batch_matches_official_beside_other_sequences(fallback, tiny_cases):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])
-def test_batch_equals_one_at_a_time(dtype):
-    """Ragged prompts (1 to 300 tokens: one of them spans two 256-token chunks; the tiled
-    kernel), then decode steps of 5 sequences and of 3 (matvec), against the same calls
-    one sequence at a time."""
+def test_batch_equals_one_at_a_time(monkeypatch, dtype):
+    """Ragged prompts (1 to 300 tokens: one of them spans two 256-token chunks, the size
+    set on GPUs too; the tiled kernel), then decode steps of 5 sequences and of 3
+    (matvec), against the same calls one sequence at a time."""
+    monkeypatch.setenv("RWKV_GPU_CHUNK_TOKENS", "256")
     model = open_model(TINY, dtype=dtype)
     prompts = others(5, lambda i: [1, 300, 9, 40, 2][i], seed=5)
     singles = [model.new_state() for _ in prompts]

@@ -107,7 +107,8 @@ def test_kernel_passes_the_check_and_matches_official(coop, name, cases_key, tok
 def test_kernel_on_quantized_layers_matches_simt(coop, monkeypatch, dtype):
     """Quantized weights are dequantized to f16 in the tile: the same model's SIMT
     prefill (loaded without the kernel) within COOP_TOL; 300 tokens: a full chunk of 256
-    and a partial one."""
+    and a partial one (chunks of 256 on GPUs too)."""
+    monkeypatch.setenv("RWKV_GPU_CHUNK_TOKENS", "256")
     path = DATA / "trained-bytes" / "model.safetensors"
     tokens = np.load(DATA / "trained-bytes" / "cases.npz")["tokens"]
     tokens = np.concatenate([tokens, tokens[:44]])
