@@ -15,6 +15,7 @@
 #     bash benches/gpu_session.sh coop     # pp512 fp16/int8 on cooperative matrices vs the SIMT kernel, A B A B
 #     bash benches/gpu_session.sh split    # tg64 fp16/nf4 with the decode value projection split 1, 2, 4 ways, twice in turn
 #     bash benches/gpu_session.sh matvec   # tg64 fp16/nf4 under each matvec workgroup shape the tuner times, twice in turn
+#     bash benches/gpu_session.sh chunks   # pp512 fp16/int8 in chunks of 256 and of 512 tokens (the GPU default), A B A B
 # Each writes its logs and tables under $OUT (or out/ when OUT is unset).
 # SHAPE=0.1b (etc.) overrides the 2.9B shape.
 set -euo pipefail
@@ -170,8 +171,28 @@ EOF
         done
     done
     ;;
+chunks)
+    # Prefill chunks of 256 tokens (the CPU drivers' size) against 512 (the GPUs'), on
+    # whichever prefill kernel the load chose, A B A B.
+    setup_device
+    for dtype in fp16 int8; do
+        for round in 1 2; do
+            for chunk in 256 512; do
+                name="$dtype-$chunk-$round"
+                RWKV_GPU_CHUNK_TOKENS=$chunk python3 -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 512 -n 8 -r 3 \
+                    --json > "$out/chunks-$name.json" 2> "$out/chunks-$name.err" || { tail -20 "$out/chunks-$name.err"; exit 1; }
+                python3 - "$out/chunks-$name.json" "$chunk" <<'EOF'
+import json, sys
+data = json.load(open(sys.argv[1]))
+pp = [r for r in data["rows"] if r["test"].startswith("pp")][0]
+print(f"chunks of {data['info']['chunk_tokens']}: {pp['dtype']} {pp['test']}: {pp['mean']:.1f} ± {pp['std']:.1f} t/s | {data['info']['matmul_kernel']}")
+EOF
+            done
+        done
+    done
+    ;;
 *)
-    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|split|coop|matvec" >&2
+    echo "usage: bash benches/gpu_session.sh prepare|tests|bench|peers|split|coop|matvec|chunks" >&2
     exit 2
     ;;
 esac
