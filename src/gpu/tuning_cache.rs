@@ -41,11 +41,7 @@ const OLD_MATVEC: MatvecShape =
 impl Choice {
     /// "nf4=table split=2 lanes=wide rows=8 reduce=subgroup"
     pub fn to_text(self) -> String {
-        let nf4 = match self.nf4_lookup {
-            Nf4Lookup::Table => "table",
-            Nf4Lookup::Select => "select",
-        };
-        format!("nf4={nf4} split={} {}", self.split_k, self.matvec.to_text())
+        format!("nf4={} split={} {}", self.nf4_lookup.name(), self.split_k, self.matvec.to_text())
     }
 
     /// The fields in `to_text`'s order; the older texts ("nf4=table", "nf4=table

@@ -32,6 +32,13 @@ impl Nf4Lookup {
             _ => None,
         }
     }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Nf4Lookup::Table => "table",
+            Nf4Lookup::Select => "select",
+        }
+    }
 }
 
 /// The weight formats of the matrices one matrix-product dispatch multiplies, and how
@@ -142,6 +149,13 @@ impl Loads {
             "staged" => Some(Loads::Staged),
             "direct" => Some(Loads::Direct),
             _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Loads::Staged => "staged",
+            Loads::Direct => "direct",
         }
     }
 }

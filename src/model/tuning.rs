@@ -116,8 +116,7 @@ impl Setting {
     /// The value as the cache key lists it.
     fn value(self) -> String {
         match self {
-            Setting::Nf4(Nf4Lookup::Table) => "table".into(),
-            Setting::Nf4(Nf4Lookup::Select) => "select".into(),
+            Setting::Nf4(lookup) => lookup.name().into(),
             Setting::Split(parts) => parts.to_string(),
             Setting::Lanes(lanes) => lanes.name().into(),
             Setting::Rows(rows) => rows.to_string(),

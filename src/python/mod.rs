@@ -247,21 +247,13 @@ impl PyModel {
         d.set_item("driver", a.driver.clone())?;
         d.set_item("shader_f16", self.inner.ctx.shader_f16)?;
         d.set_item("subgroups", self.inner.ctx.subgroups)?;
-        let nf4_lookup = match self.inner.nf4_lookup() {
-            crate::gpu::variants::Nf4Lookup::Table => "table",
-            crate::gpu::variants::Nf4Lookup::Select => "select",
-        };
-        d.set_item("nf4_lookup", nf4_lookup)?;
+        d.set_item("nf4_lookup", self.inner.nf4_lookup().name())?;
         d.set_item("split_k", self.inner.split_k())?;
         d.set_item("tuning", self.inner.tuning.lock().unwrap_or_else(|p| p.into_inner()).source.name())?;
         let matmul = self.inner.matmul_choice.lock().unwrap_or_else(|p| p.into_inner()).clone();
         d.set_item("matmul_kernel", matmul.kernel.name())?;
         d.set_item("matmul_kernel_note", matmul.note)?;
-        let loads = match self.inner.ctx.gemm_loads {
-            crate::gpu::variants::Loads::Staged => "staged",
-            crate::gpu::variants::Loads::Direct => "direct",
-        };
-        d.set_item("gemm_loads", loads)?;
+        d.set_item("gemm_loads", self.inner.ctx.gemm_loads.name())?;
         let matvec = self.inner.matvec_shape();
         d.set_item("matvec_lanes", matvec.lanes.name())?;
         d.set_item("matvec_rows", matvec.rows)?;
