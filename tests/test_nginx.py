@@ -79,6 +79,14 @@ def test_two_servers_behind_nginx(tmp_path):
                     texts.append(r.output_text)
                     routes.add(nginx_route(r.id, 2))
                 assert texts == want
+            # New conversations go where nginx hashes a random request id: six land on one
+            # server 1 time in 32, so more first turns (one token each) are sent until
+            # both have answered; 40 all on one server would be 1 in 2^39.
+            for _ in range(40):
+                if routes == {0, 1}:
+                    break
+                r = client.responses.create(model=NAME, input="Say one.", max_output_tokens=1, temperature=0.0)
+                routes.add(nginx_route(r.id, 2))
             assert routes == {0, 1}, "the conversations should have spread over both servers"
             # Sent to the other server directly, a continuation is unknown there.
             other = second if nginx_route(previous, 2) == 0 else first
