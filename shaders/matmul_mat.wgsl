@@ -195,7 +195,7 @@ fn store_tile(g: Group, acc: ptr<function, array<vec4<f32>, 16>>, rows: array<u3
 // against 32 from workgroup memory plus the staging in matmul_tiled (measured on
 // lavapipe: 0.66x the time, fp16 1024 x 1024 over 64 tokens). It multiplies the same
 // dequantized values in the same order (four-term dot products, k quads in order), so its
-// outputs equal matmul_tiled's bit for bit. On a GPU it would read each weight 8 times
+// outputs equal matmul_tiled's (to the bit, unless the driver fuses differently). On a GPU it would read each weight 8 times
 // from cache instead of once from memory: never chosen there.
 // Rows: nn.Linear layout, x + 8 i (as matmul_tiled); input-major, 8 x + i, so that one
 // stored row (one input's outputs) gives the thread all 8 at once.

@@ -12,9 +12,9 @@
 // weights in flight per thread in every format, each input load feeding 16
 // multiply-adds, each weight read once per TOKENS tokens. Four rows per workgroup
 // launch twice the workgroups (more of a big GPU's cores busy on narrow models); a
-// row's sums do not depend on ROWS, so both give the same bits. The per-thread sums are
-// reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in workgroup
-// memory. Rows past M and tokens past T are read clamped and not stored.
+// row's sums do not depend on ROWS (the same arithmetic either way). The per-thread
+// sums are reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in
+// workgroup memory. Rows past M and tokens past T are read clamped and not stored.
 
 const WG: u32 = LANES;              // threads per workgroup (variant: 8, 32, 64 or 128)
 const ROWS: u32 = MATVEC_ROWS;      // rows per workgroup (variant: 4 or 8)

@@ -31,6 +31,20 @@ FALLBACKS = {
 }
 
 
+def assert_same_arithmetic(got, want, err_msg=""):
+    """Outputs of two compiled variants (a kernel choice) that do the same multiplies and
+    adds in the same order. They are equal to the bit unless the driver fused a multiply
+    and an add into one rounding in one variant and not the other, which WGSL allows and
+    lavapipe does differently per host CPU (the nf4 table and select variants of one
+    model differed by 1.4e-6 on an AMD EPYC, not on the Intel hosts before it): a
+    rounding or two per sum. Allowed: 2^-16 of the largest magnitude, 50x the largest
+    difference seen; a wrong code, scale, row or token moves outputs by percents."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape, err_msg)
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=scale * 2.0 ** -16, err_msg=err_msg)
+
+
 @pytest.fixture(scope="session")
 def tiny_cases():
     return np.load(DATA / "tiny-rwkv7" / "cases.npz")

@@ -1,7 +1,8 @@
 """Kernel choices timed per adapter and model shape (src/model/tuning.rs) and kept on
 disk (src/gpu/tuning_cache.rs): written, reused, timed again when the driver or wgpu
 changes, a foreign or corrupt file ignored with a warning, RWKV_GPU_TUNE=off and a
-forced choice respected; the choice changes speed, never outputs."""
+forced choice respected; the choice changes speed, not outputs (beyond the roundings a
+driver's fusing of multiply-adds may move)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import rwkv_gpu
-from conftest import DATA, open_model
+from conftest import DATA, assert_same_arithmetic, open_model
 
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 PROMPT = [3, 17, 60, 2, 99]
@@ -88,7 +89,8 @@ def test_each_choice_gives_the_same_outputs(cache_dir, monkeypatch):
         model, _ = load()
         assert model.config["tuning"] == "forced" and model.config["nf4_lookup"] == lookup
         out[lookup] = logits(model)
-    np.testing.assert_array_equal(out["table"], out["select"])
+    # Both decode every code to the same f32 value; only the driver's fusing may differ.
+    assert_same_arithmetic(out["table"], out["select"])
     assert not (cache_dir / "tuning.txt").exists()  # nothing timed, nothing written
 
 

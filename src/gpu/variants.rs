@@ -126,7 +126,7 @@ impl Formats {
 /// (matmul_tiled: each weight read from memory once per tile, right for GPUs), or each
 /// thread loading its own (matmul_direct: on CPU drivers, where workgroup memory is no
 /// faster than the buffers and staging only adds loads; fp16 0.67x the time on
-/// lavapipe; the host uses it for all but nf4 weights). Both give bit-identical products.
+/// lavapipe; the host uses it for all but nf4 weights). Both do the same arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Loads {
     #[default]

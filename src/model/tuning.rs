@@ -22,7 +22,8 @@
 //! untimed round (it compiles and records); once the budget is spent, the dimensions not
 //! reached keep their defaults. On CPU drivers, where a decode step of a 0.1B model takes
 //! a quarter of a second, that happens early; on GPUs a step takes milliseconds.
-//! NF4 decodings and matvec rows give bit-identical results; splits, lanes and
+//! NF4 decodings and matvec rows do the same arithmetic (the same bits, unless a driver
+//! fuses a multiply-add in one variant and not the other); splits, lanes and
 //! reductions add the same products in another order, equal within float rounding (the
 //! golden tests decode under each). A run with the same choice is bit-identical to the
 //! last.
