@@ -179,73 +179,59 @@ step_peers() {
     tee -a "$summary" < "$logs/peers.json"
 }
 
-# The matrix-vector kernel's workgroups (variants.rs MatvecShape) fixed in turn, twice: what
-# the tuner chooses between at load, as whole tg rows. Tuning off, so that the rest is the
+# An A/B: for each dtype, every setting in turn, twice (A B A B), each a fresh bench
+# process on the same random model; prints the rows whose test starts with $2.
+# Usage: ab STEP TEST "DTYPES" "BENCH ARGS" "LABEL VAR=value..." ...
+ab() {
+    local step=$1 test=$2 dtypes=$3 args=$4
+    shift 4
+    local dtype round setting label vars name
+    for dtype in $dtypes; do
+        for round in 1 2; do
+            for setting in "$@"; do
+                read -r label vars <<< "$setting"
+                name="$step-$dtype-$label-$round"
+                # shellcheck disable=SC2086
+                run_logged "$name" env $vars "$python" -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" $args -r 3 \
+                    --json && rows "$logs/$name.json" "$test" "$step $label"
+            done
+        done
+    done
+}
+
+# The matrix-vector kernel's workgroups (variants.rs MatvecShape) fixed in turn: what the
+# tuner chooses between at load, as whole tg rows. Tuning off, so that the rest is the
 # device's defaults (no split, NF4 by table); the tree reduction is forced by turning
 # subgroups off (only the matvec and the cooperative prefill kernel use them; -p 16 stays
 # on the matvec).
 step_matvec() {
     say "== matvec: workgroup shapes, tg64, tuning off ($(left)s left)"
-    for dtype in fp16 nf4; do
-        for round in 1 2; do
-            for shape_of in wide,8,sg widest,8,sg wide,4,sg widest,4,sg wide,8,tree; do
-                IFS=, read -r lanes rows reduce <<< "$shape_of"
-                no_sg=0
-                [ "$reduce" = tree ] && no_sg=1
-                name="matvec-$dtype-$lanes-$rows-$reduce-$round"
-                RWKV_GPU_TUNE=off RWKV_GPU_MATVEC_LANES=$lanes RWKV_GPU_MATVEC_ROWS=$rows RWKV_GPU_NO_SUBGROUPS=$no_sg \
-                    run_logged "$name" "$python" -m rwkv_gpu.bench --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 \
-                    --json && rows "$logs/$name.json" tg "matvec $shape_of"
-            done
-        done
-    done
+    local off="RWKV_GPU_TUNE=off RWKV_GPU_MATVEC_LANES"
+    ab matvec tg "fp16 nf4" "-p 16 -n 64" \
+        "wide-8-sg $off=wide RWKV_GPU_MATVEC_ROWS=8" "widest-8-sg $off=widest RWKV_GPU_MATVEC_ROWS=8" \
+        "wide-4-sg $off=wide RWKV_GPU_MATVEC_ROWS=4" "widest-4-sg $off=widest RWKV_GPU_MATVEC_ROWS=4" \
+        "wide-8-tree $off=wide RWKV_GPU_MATVEC_ROWS=8 RWKV_GPU_NO_SUBGROUPS=1"
 }
 
 # Prefill chunks of 256 tokens (the CPU drivers' size) against 512 (the GPUs'), on
-# whichever prefill kernel the load chose, A B A B.
+# whichever prefill kernel the load chose.
 step_chunks() {
     say "== chunks: pp512 in chunks of 256 and 512 ($(left)s left)"
-    for dtype in fp16 int8; do
-        for round in 1 2; do
-            for chunk in 256 512; do
-                name="chunks-$dtype-$chunk-$round"
-                RWKV_GPU_CHUNK_TOKENS=$chunk run_logged "$name" "$python" -m rwkv_gpu.bench --shape "$shape" \
-                    --dtype "$dtype" -p 512 -n 8 -r 3 --json && rows "$logs/$name.json" pp "chunks $chunk"
-            done
-        done
-    done
+    ab chunks pp "fp16 int8" "-p 512 -n 8" "256 RWKV_GPU_CHUNK_TOKENS=256" "512 RWKV_GPU_CHUNK_TOKENS=512"
 }
 
-# The prefill kernel on matrix units against the SIMT one: A (cooperative matrices, where
-# the check at load passes) then B (RWKV_GPU_NO_COOP_MATRIX=1), twice.
+# The prefill kernel on matrix units (where the check at load passes) against the SIMT one.
 step_coop() {
     say "== coop: pp512 on cooperative matrices and on the SIMT kernel ($(left)s left)"
-    for dtype in fp16 int8; do
-        for round in 1 2; do
-            for mode in coop simt; do
-                off=0
-                [ "$mode" = simt ] && off=1
-                name="coop-$dtype-$mode-$round"
-                RWKV_GPU_NO_COOP_MATRIX=$off run_logged "$name" "$python" -m rwkv_gpu.bench --shape "$shape" \
-                    --dtype "$dtype" -p 512 -n 8 -r 3 --json && rows "$logs/$name.json" pp "$mode"
-            done
-        done
-    done
+    ab coop pp "fp16 int8" "-p 512 -n 8" "coop RWKV_GPU_NO_COOP_MATRIX=0" "simt RWKV_GPU_NO_COOP_MATRIX=1"
 }
 
-# Split-K decode (src/model/ops.rs Split) fixed at 1, 2 and 4 parts in turn, twice (tuning
-# off: the rest is the device's defaults).
+# Split-K decode (src/model/ops.rs Split) fixed at 1, 2 and 4 parts (tuning off: the rest
+# is the device's defaults).
 step_split() {
     say "== split: the decode value projection in 1, 2, 4 parts, tg64, tuning off ($(left)s left)"
-    for dtype in fp16 nf4; do
-        for round in 1 2; do
-            for parts in 1 2 4; do
-                name="split-$dtype-$parts-$round"
-                RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=$parts run_logged "$name" "$python" -m rwkv_gpu.bench \
-                    --shape "$shape" --dtype "$dtype" -p 16 -n 64 -r 3 --json && rows "$logs/$name.json" tg "split $parts"
-            done
-        done
-    done
+    ab split tg "fp16 nf4" "-p 16 -n 64" "1 RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=1" \
+        "2 RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=2" "4 RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=4"
 }
 
 prepare() {
