@@ -7,6 +7,12 @@ GroupNorm epsilon moves logits by ~1e-2 and a wrong recurrence order by >0.1.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from conftest import DATA, FALLBACKS, assert_same_arithmetic, open_model
@@ -135,6 +141,49 @@ def test_every_matvec_shape_matches_the_official_decode(monkeypatch, tiny_cases,
     state = model.new_state()
     steps = [model.forward([t], state) for t in tiny_cases["prompt"]]
     np.testing.assert_allclose(np.stack(steps), tiny_cases["prompt_logits"], atol=TOL, rtol=0)
+
+
+# Run in a fresh process with lavapipe's vectors at 128 bits (its subgroups then have 4
+# lanes): the prompt through the default kernels, then decode under each matvec shape;
+# prints the largest difference from the official logits per case.
+NARROW_SUBGROUPS = textwrap.dedent("""
+    import json, os, sys, warnings
+    import numpy as np
+    import rwkv_gpu
+    warnings.simplefilter("ignore", RuntimeWarning)
+    data, path = sys.argv[1], sys.argv[2]
+    cases = np.load(os.path.join(data, "cases.npz"))
+    out = {"subgroup_sizes": rwkv_gpu.adapters()[0]["subgroup_sizes"]}
+    model = rwkv_gpu.Model(path)
+    got = model.forward(cases["prompt"], model.new_state(), all_logits=True)
+    out["prefill"] = float(np.abs(got - cases["prompt_logits"]).max())
+    for lanes, rows in [("wide", 8), ("narrow", 8), ("widest", 8), ("narrow", 4), ("widest", 4)]:
+        os.environ["RWKV_GPU_MATVEC_LANES"], os.environ["RWKV_GPU_MATVEC_ROWS"] = lanes, str(rows)
+        model = rwkv_gpu.Model(path)
+        state = model.new_state()
+        steps = np.stack([model.forward([int(t)], state) for t in cases["prompt"]])
+        out[f"decode {lanes} x {rows}"] = float(np.abs(steps - cases["prompt_logits"]).max())
+    print(json.dumps(out))
+""")
+
+
+def test_subgroups_of_four_lanes_match_the_official_outputs():
+    """The subgroup reductions assume no width (lavapipe's 8 in CI, NVIDIA's 32, AMD's 32
+    or 64, some mobile GPUs' 4): on lavapipe with 128-bit vectors (4-lane subgroups) the
+    prompt and decode under every matvec shape stay within TOL of the official logits."""
+    import rwkv_gpu
+
+    if rwkv_gpu.adapters()[0]["driver"] != "llvmpipe":
+        pytest.skip("the subgroup width is set through lavapipe's LP_NATIVE_VECTOR_WIDTH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GPU_MATVEC_")}
+    env["LP_NATIVE_VECTOR_WIDTH"] = "128"
+    tiny = DATA / "tiny-rwkv7"
+    done = subprocess.run([sys.executable, "-c", NARROW_SUBGROUPS, str(tiny), str(tiny / "model.safetensors")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out.pop("subgroup_sizes") == [4, 4]
+    assert len(out) == 6 and all(diff <= TOL for diff in out.values()), out
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])
