@@ -34,15 +34,20 @@ shape=${SHAPE:-2.9b}
 out=${OUT:-out}
 python=${PYTHON:-python3}
 deadline=${DEADLINE:-540}
-mkdir -p "$out"
-logs=$(mktemp -d /tmp/gpu_session.XXXXXX)
 summary="$out/summary.txt"
-: > "$summary"
 
 say() { echo "$*" | tee -a "$summary"; }
 left() { echo $((deadline - SECONDS)); }
 pack() { tar -czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null || true; }
-trap pack EXIT
+
+# $OUT and the log folder, once the arguments are known to be steps (a usage error
+# leaves nothing behind); the logs are packed however the script ends.
+open_output() {
+    mkdir -p "$out"
+    logs=$(mktemp -d /tmp/gpu_session.XXXXXX)
+    : > "$summary"
+    trap pack EXIT
+}
 
 # Runs a command cut at the time left; its stdout into $logs/$1.json, stderr into .err.
 # On failure, the end of its stderr goes into the summary and the step goes on.
@@ -150,7 +155,8 @@ info = data["info"]
 print(f"{info['adapter']} | {info['model']} | copy {info['copy_bandwidth'] / 1e9:.0f} GB/s | bound {info['tg_bound']:.1f} t/s")
 print(f"  prefill matrices: {info['matmul_kernel_note']} | chunks of {info['chunk_tokens']}")
 print(f"  kernel choices ({info['tuning']}): nf4 by {info['nf4_lookup']}, value projection split {info['split_k']}, "
-      f"matvec {info['matvec_lanes']} lanes x {info['matvec_rows']} rows by {info['matvec_reduction']}")
+      f"matvec {info['matvec_lanes']} lanes x {info['matvec_rows']} rows x {info['matvec_depth']} deep by "
+      f"{info['matvec_reduction']}")
 for r in data["rows"]:
     share = "" if r["fraction_of_bound"] is None else f" ({100 * r['fraction_of_bound']:.0f}% of bound)"
     extra = "" if r.get("dispatches_per_layer") is None else (
@@ -203,14 +209,16 @@ ab() {
 # tuner chooses between at load, as whole tg rows. Tuning off, so that the rest is the
 # device's defaults (no split, NF4 by table); the tree reduction is forced by turning
 # subgroups off (only the matvec and the cooperative prefill kernel use them; -p 16 stays
-# on the matvec).
+# on the matvec). Labels: lanes-rows-depth-reduction.
 step_matvec() {
     say "== matvec: workgroup shapes, tg64, tuning off ($(left)s left)"
     local off="RWKV_GPU_TUNE=off RWKV_GPU_MATVEC_LANES"
     ab matvec tg "fp16 nf4" "-p 16 -n 64" \
-        "wide-8-sg $off=wide RWKV_GPU_MATVEC_ROWS=8" "widest-8-sg $off=widest RWKV_GPU_MATVEC_ROWS=8" \
-        "wide-4-sg $off=wide RWKV_GPU_MATVEC_ROWS=4" "widest-4-sg $off=widest RWKV_GPU_MATVEC_ROWS=4" \
-        "wide-8-tree $off=wide RWKV_GPU_MATVEC_ROWS=8 RWKV_GPU_NO_SUBGROUPS=1"
+        "wide-8-1-sg $off=wide RWKV_GPU_MATVEC_ROWS=8" "widest-8-1-sg $off=widest RWKV_GPU_MATVEC_ROWS=8" \
+        "wide-8-2-sg $off=wide RWKV_GPU_MATVEC_ROWS=8 RWKV_GPU_MATVEC_DEPTH=2" \
+        "widest-8-2-sg $off=widest RWKV_GPU_MATVEC_ROWS=8 RWKV_GPU_MATVEC_DEPTH=2" \
+        "wide-4-1-sg $off=wide RWKV_GPU_MATVEC_ROWS=4" "widest-4-1-sg $off=widest RWKV_GPU_MATVEC_ROWS=4" \
+        "wide-8-1-tree $off=wide RWKV_GPU_MATVEC_ROWS=8 RWKV_GPU_NO_SUBGROUPS=1"
 }
 
 # Prefill chunks of 256 tokens (the CPU drivers' size) against 512 (the GPUs'), on
@@ -262,7 +270,6 @@ usage() {
 
 [ $# -ge 1 ] || usage
 if [ "$1" = prepare ]; then
-    trap - EXIT
     prepare
     exit 0
 fi
@@ -274,6 +281,7 @@ for step in "${steps[@]}"; do
     *) usage ;;
     esac
 done
+open_output
 setup_device
 for step in "${steps[@]}"; do
     if [ "$(left)" -lt 30 ]; then

@@ -107,7 +107,8 @@ def matmul_kernel(device, entry, fmt, m, k, t):
     defines = DEFINES[fmt]
     if entry == "matvec":
         words = k // {"fp16": 8, "int8": 16, "nf4": 32}[fmt]
-        defines = defines + [f"TOKEN_BLOCK={next((b for b in (1, 2, 4, 8) if b >= t), 8)}u", f"LANES={64 if words % 64 == 0 else 32}u", "MATVEC_ROWS=8u"]
+        block = next((b for b in (1, 2, 4, 8) if b >= t), 8)
+        defines = defines + [f"TOKEN_BLOCK={block}u", f"LANES={64 if words % 64 == 0 else 32}u", "MATVEC_ROWS=8u", "MATVEC_DEPTH=1u"]
         if "subgroup" in device.features:
             defines.append("SUBGROUPS")
     params = [t, 0, 1, 0, m, k, 0, s_off, 0, k, 0, m, code << 8, 0, 0, 0] + [0] * 84  # one group, no activation

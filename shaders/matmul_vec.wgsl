@@ -7,17 +7,21 @@
 // LANES threads (variant: 8 on CPU drivers; on GPUs 32 or 64, the count that divides a
 // row's vec4s most evenly, or 128; see MatvecShape in variants.rs) each read one
 // vec4<u32> of each of the workgroup's ROWS rows (variant: 4 or 8) per step (16 bytes:
-// 8 fp16, 16 int8 or 32 nf4 weights) and apply the weights of four rows at a time to
-// each input vec4 they load, for TOKENS tokens: per step ROWS x 16 = 64 or 128 bytes of
-// weights in flight per thread in every format, each input load feeding 16
-// multiply-adds, each weight read once per TOKENS tokens. Four rows per workgroup
-// launch twice the workgroups (more of a big GPU's cores busy on narrow models); a
-// row's sums do not depend on ROWS (the same arithmetic either way). The per-thread
-// sums are reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in
+// 8 fp16, 16 int8 or 32 nf4 weights), DEPTH steps (variant: 1 or 2) loaded before any
+// is used, and apply the weights of four rows at a time to each input vec4 they load,
+// for TOKENS tokens: ROWS x DEPTH x 16 = 64 to 256 bytes of weights in flight per
+// thread in every format, each input load feeding 16 multiply-adds, each weight read
+// once per TOKENS tokens. Four rows per workgroup launch twice the workgroups (more of
+// a big GPU's cores busy on narrow models); two steps deep double the bytes each
+// thread keeps in flight (for GPUs whose bandwidth needs more in flight than one step
+// gives, at the cost of registers). A row's sums depend on neither: each thread adds
+// its steps in the same order (the same arithmetic either way). The per-thread sums
+// are reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in
 // workgroup memory. Rows past M and tokens past T are read clamped and not stored.
 
 const WG: u32 = LANES;              // threads per workgroup (variant: 8, 32, 64 or 128)
 const ROWS: u32 = MATVEC_ROWS;      // rows per workgroup (variant: 4 or 8)
+const DEPTH: u32 = MATVEC_DEPTH;    // steps loaded before any is used (variant: 1 or 2)
 const QUADS: u32 = ROWS / 4u;       // vec4 sums per token
 const TOKENS: u32 = TOKEN_BLOCK;    // tokens per pass over the weights (variant)
 const SUMS: u32 = QUADS * TOKENS;   // per-thread sums
@@ -25,6 +29,7 @@ const SUMS: u32 = QUADS * TOKENS;   // per-thread sums
 alias Sums = array<vec4<f32>, SUMS>;     // [token][row quad]: rows 4r .. 4r + 3
 alias Part = array<vec4<f32>, TOKENS>;   // one row quad's sums over one vec4<u32> step
 alias Words = array<vec4<u32>, 4>;       // one vec4<u32> of each of four rows
+alias Batch = array<Words, QUADS * DEPTH>;  // [step][row quad] (step 0 unused)
 alias Inputs = array<u32, TOKENS>;       // each token's first x vec4
 
 // Four rows' vec4<u32> number q (rows clamped to the matrix).
@@ -32,6 +37,28 @@ fn load_rows(g: Group, row: u32, q: u32, words: u32) -> Words {
     let rows = min(vec4<u32>(row) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(g.m - 1u));
     let base = g.w_off / 4u + q;
     return Words(w[base + rows.x * words], w[base + rows.y * words], w[base + rows.z * words], w[base + rows.w * words]);
+}
+
+// The words of the steps after the first in an iteration (q + WG, ..., q + (DEPTH - 1)
+// WG) of the workgroup's rows, every load issued before any step's arithmetic: what a
+// deeper workgroup keeps in flight. Steps past the row read its last vec4, unused.
+fn load_later_steps(g: Group, row0: u32, q: u32, words: u32) -> Batch {
+    var r: Batch;
+    for (var d = 1u; d < DEPTH; d++) {
+        for (var rq = 0u; rq < QUADS; rq++) {
+            r[d * QUADS + rq] = load_rows(g, row0 + 4u * rq, min(q + d * WG, words - 1u), words);
+        }
+    }
+    return r;
+}
+
+// Step d's words of the row quad at `row`: the first step's loaded as they are used (so
+// that depth 1 keeps a quad's words alone live), the later steps' from `later`.
+fn step_words(later: ptr<function, Batch>, d: u32, rq: u32, g: Group, row: u32, q: u32, words: u32) -> Words {
+    if (d == 0u) {
+        return load_rows(g, row, q, words);
+    }
+    return (*later)[d * QUADS + rq];
 }
 
 // The block scales of four rows at block `b` (quantized formats).
@@ -115,12 +142,20 @@ fn matvec_sums(g: Group, row0: u32, t0: u32, lane: u32) -> Sums {
     }
     let f = format_of(g);
     let words = g.k / per_word4(g);     // vec4<u32> per row
+    // Each loop: DEPTH steps per iteration, loaded together, then added in order of q.
 #ifdef HAS_INT8
     if (f == FMT_INT8) {
-        for (var q = lane; q < words; q += WG) {
-            for (var rq = 0u; rq < QUADS; rq++) {
-                let row = row0 + 4u * rq;
-                add_part(&sums, rq, step_int8(load_rows(g, row, q, words), xrow, q), row_scales(g, row, q / 4u));
+        for (var q = lane; q < words; q += DEPTH * WG) {
+            var later = load_later_steps(g, row0, q, words);
+            for (var d = 0u; d < DEPTH; d++) {
+                let qd = q + d * WG;
+                for (var rq = 0u; rq < QUADS; rq++) {
+                    if (d == 0u || qd < words) {
+                        let row = row0 + 4u * rq;
+                        let r = step_words(&later, d, rq, g, row, q, words);
+                        add_part(&sums, rq, step_int8(r, xrow, qd), row_scales(g, row, qd / 4u));
+                    }
+                }
             }
         }
         return sums;
@@ -128,19 +163,32 @@ fn matvec_sums(g: Group, row0: u32, t0: u32, lane: u32) -> Sums {
 #endif
 #ifdef HAS_NF4
     if (f == FMT_NF4) {
-        for (var q = lane; q < words; q += WG) {
-            for (var rq = 0u; rq < QUADS; rq++) {
-                let row = row0 + 4u * rq;
-                add_part(&sums, rq, step_nf4(load_rows(g, row, q, words), xrow, q), row_scales(g, row, q / 2u));
+        for (var q = lane; q < words; q += DEPTH * WG) {
+            var later = load_later_steps(g, row0, q, words);
+            for (var d = 0u; d < DEPTH; d++) {
+                let qd = q + d * WG;
+                for (var rq = 0u; rq < QUADS; rq++) {
+                    if (d == 0u || qd < words) {
+                        let row = row0 + 4u * rq;
+                        let r = step_words(&later, d, rq, g, row, q, words);
+                        add_part(&sums, rq, step_nf4(r, xrow, qd), row_scales(g, row, qd / 2u));
+                    }
+                }
             }
         }
         return sums;
     }
 #endif
-    for (var q = lane; q < words; q += WG) {
-        for (var rq = 0u; rq < QUADS; rq++) {
-            let row = row0 + 4u * rq;
-            add_part(&sums, rq, step_16bit(g, load_rows(g, row, q, words), xrow, q), vec4<f32>(1.0));
+    for (var q = lane; q < words; q += DEPTH * WG) {
+        var later = load_later_steps(g, row0, q, words);
+        for (var d = 0u; d < DEPTH; d++) {
+            let qd = q + d * WG;
+            for (var rq = 0u; rq < QUADS; rq++) {
+                if (d == 0u || qd < words) {
+                    let r = step_words(&later, d, rq, g, row0 + 4u * rq, q, words);
+                    add_part(&sums, rq, step_16bit(g, r, xrow, qd), vec4<f32>(1.0));
+                }
+            }
         }
     }
     return sums;

@@ -128,16 +128,25 @@ def test_against_numpy_reference_on_other_shape():
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("lanes, rows", [("wide", 8), ("narrow", 8), ("widest", 8), ("narrow", 4), ("widest", 4)])
-def test_every_matvec_shape_matches_the_official_decode(monkeypatch, tiny_cases, lanes, rows):
+# Workgroup shapes (lanes, rows, depth) the tuner may pick: every lane count and row
+# count, and two steps deep at 8 and 4 rows.
+MATVEC_SHAPES = [("wide", 8, 1), ("narrow", 8, 1), ("widest", 8, 1), ("narrow", 4, 1), ("widest", 4, 1),
+                 ("wide", 8, 2), ("narrow", 4, 2)]
+
+
+@pytest.mark.parametrize("lanes, rows, depth", MATVEC_SHAPES)
+def test_every_matvec_shape_matches_the_official_decode(monkeypatch, tiny_cases, lanes, rows, depth):
     """Decode with each matvec workgroup shape the tuner may pick (the GPUs' 32/64 lanes
-    or 128, the CPU devices' 8; 8 or 4 rows): each step's logits within TOL of the
-    official ones (shapes differ only in the order of the per-lane partial sums). The
-    tree reduction is the no_subgroups fallback of the tests above."""
+    or 128, the CPU devices' 8; 8 or 4 rows; 1 or 2 steps loaded at once): each step's
+    logits within TOL of the official ones (shapes differ only in the order of the
+    per-lane partial sums). The tree reduction is the no_subgroups fallback of the tests
+    above."""
     monkeypatch.setenv("RWKV_GPU_MATVEC_LANES", lanes)
     monkeypatch.setenv("RWKV_GPU_MATVEC_ROWS", str(rows))
+    monkeypatch.setenv("RWKV_GPU_MATVEC_DEPTH", str(depth))
     model = open_model(DATA / "tiny-rwkv7" / "model.safetensors")
-    assert (model.config["matvec_lanes"], model.config["matvec_rows"]) == (lanes, rows)
+    shape = (model.config["matvec_lanes"], model.config["matvec_rows"], model.config["matvec_depth"])
+    assert shape == (lanes, rows, depth)
     state = model.new_state()
     steps = [model.forward([t], state) for t in tiny_cases["prompt"]]
     np.testing.assert_allclose(np.stack(steps), tiny_cases["prompt_logits"], atol=TOL, rtol=0)
@@ -157,12 +166,13 @@ NARROW_SUBGROUPS = textwrap.dedent("""
     model = rwkv_gpu.Model(path)
     got = model.forward(cases["prompt"], model.new_state(), all_logits=True)
     out["prefill"] = float(np.abs(got - cases["prompt_logits"]).max())
-    for lanes, rows in [("wide", 8), ("narrow", 8), ("widest", 8), ("narrow", 4), ("widest", 4)]:
+    for lanes, rows, depth in json.loads(sys.argv[3]):
         os.environ["RWKV_GPU_MATVEC_LANES"], os.environ["RWKV_GPU_MATVEC_ROWS"] = lanes, str(rows)
+        os.environ["RWKV_GPU_MATVEC_DEPTH"] = str(depth)
         model = rwkv_gpu.Model(path)
         state = model.new_state()
         steps = np.stack([model.forward([int(t)], state) for t in cases["prompt"]])
-        out[f"decode {lanes} x {rows}"] = float(np.abs(steps - cases["prompt_logits"]).max())
+        out[f"decode {lanes} x {rows} x {depth}"] = float(np.abs(steps - cases["prompt_logits"]).max())
     print(json.dumps(out))
 """)
 
@@ -178,12 +188,12 @@ def test_subgroups_of_four_lanes_match_the_official_outputs():
     env = {k: v for k, v in os.environ.items() if not k.startswith("RWKV_GPU_MATVEC_")}
     env["LP_NATIVE_VECTOR_WIDTH"] = "128"
     tiny = DATA / "tiny-rwkv7"
-    done = subprocess.run([sys.executable, "-c", NARROW_SUBGROUPS, str(tiny), str(tiny / "model.safetensors")],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run([sys.executable, "-c", NARROW_SUBGROUPS, str(tiny), str(tiny / "model.safetensors"),
+                           json.dumps(MATVEC_SHAPES)], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout)
     assert out.pop("subgroup_sizes") == [4, 4]
-    assert len(out) == 6 and all(diff <= TOL for diff in out.values()), out
+    assert len(out) == 1 + len(MATVEC_SHAPES) and all(diff <= TOL for diff in out.values()), out
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8", "nf4"])

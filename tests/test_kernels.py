@@ -300,7 +300,7 @@ def pack_weights_of(fmt, w):
 
 
 def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf4_select=False, coop_subgroups=4,
-                   compiled=None, matvec_rows=8):
+                   compiled=None, matvec_rows=8, matvec_depth=1):
     """As variants.rs: code for each format in `compiled` (default: those used), and one
     format alone a constant."""
     compiled = set(compiled or formats)
@@ -313,6 +313,7 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf
         defines.append(f"TOKEN_BLOCK={tokens or token_block(t)}u")
         defines.append(f"LANES={lanes}u")
         defines.append(f"MATVEC_ROWS={matvec_rows}u")
+        defines.append(f"MATVEC_DEPTH={matvec_depth}u")
         if subgroups:
             defines.append("SUBGROUPS")
     if entry == "matmul_coop":
@@ -321,7 +322,7 @@ def matmul_defines(entry, formats, t, tokens=None, subgroups=False, lanes=64, nf
 
 
 def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fold=False, lanes=64, nf4_select=False,
-                        coop_subgroups=4, compiled=None, matvec_rows=8):
+                        coop_subgroups=4, compiled=None, matvec_rows=8, matvec_depth=1):
     """Runs one dispatch over len(specs) matrices (m, k, act, add, format) held back to
     back in one weight buffer (after 4 unused words; each starting on 16 bytes), each
     reading its own window of x and writing its own window of y; returns (got, want)."""
@@ -343,7 +344,7 @@ def check_matmul_groups(entry, specs, t, seed, tokens=None, subgroups=False, fol
     y = rand(rng, y_at + 2)  # ADD accumulates into it; others overwrite
     w = np.concatenate(words)
     defines = matmul_defines(entry, [spec[4] for spec in specs], t, tokens, subgroups, lanes, nf4_select, coop_subgroups,
-                             compiled, matvec_rows)
+                             compiled, matvec_rows, matvec_depth)
     grid = matmul_grid(entry, [spec[0] for spec in specs], t, fold, coop_rows=32 * coop_subgroups,
                        matvec_rows=matvec_rows)
     _, _, _, got = run_kernel(KERNEL_FILES[entry], defines, entry, matmul_params(t, groups), [w, w, x, y], grid)
@@ -422,6 +423,48 @@ def test_matvec_rows_per_workgroup_do_the_same_arithmetic(fmt):
             assert_same_arithmetic(out[4], out[8], err_msg=f"lanes={lanes} subgroups={subgroups}")
 
 
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("lanes", [8, 64, 128])
+@pytest.mark.parametrize("rows", [8, 4])
+@pytest.mark.parametrize("k", [8, 776, 1032])
+def test_matvec_two_steps_deep(tokens, lanes, rows, k):
+    """Depth 2 (each thread loads two steps before it adds either) gives the dense
+    product: K = 8 (2 vec4s: every thread's second step past the row, clamped and not
+    added), 776 (97: the last iteration has one step for some threads, two for others
+    under every lane count), 1032 (129 = 2 x 64 + 1: one step past whole iterations at
+    64 lanes); M = 21, rows past the matrix in the last workgroup; 9 tokens, so a block
+    of 8 runs two passes."""
+    reductions = [False, True] if "subgroup" in device().features else [False]
+    for subgroups in reductions:
+        check_matmul("matvec", 21, k, 9, seed=k + tokens, tokens=tokens, subgroups=subgroups, add=True, lanes=lanes,
+                     matvec_rows=rows, matvec_depth=2)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "int8", "nf4"])
+def test_matvec_depths_do_the_same_arithmetic(fmt):
+    """Each thread adds its steps in the same order at depth 1 and 2 (only when the loads
+    are issued differs), so the tuner may pick either without changing outputs: the two
+    agree as the same arithmetic does (conftest.assert_same_arithmetic) and give the
+    dense product within MATMUL_TOL, for every format, with a mixed-format dispatch (the
+    quantized format beside f16, as the time mix runs them) at 8 and 64 lanes."""
+    # K: 1000 f16 = 125 vec4s (62 whole iterations of 2 at one lane, one step left), 576
+    # int8 = 36, nf4 = 18 (fewer than the lanes: most threads have no step at all).
+    specs = [(37, 1000, None, True, fmt), (12, 64, "tanh", False, "f16")]
+    if fmt != "f16":
+        specs[0] = (37, 576, None, True, fmt)
+    reductions = [False, True] if "subgroup" in device().features else [False]
+    for lanes in (8, 64):
+        for subgroups in reductions:
+            out = {}
+            for depth in (1, 2):
+                got, want = check_matmul_groups("matvec", specs, 3, seed=6, subgroups=subgroups, lanes=lanes,
+                                                matvec_depth=depth)
+                np.testing.assert_allclose(got, want, **MATMUL_TOL,
+                                           err_msg=f"lanes={lanes} subgroups={subgroups} depth={depth}")
+                out[depth] = got
+            assert_same_arithmetic(out[1], out[2], err_msg=f"lanes={lanes} subgroups={subgroups}")
+
+
 @pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("m, fold", [(128, False), (130, True)])  # 2 or 3 x 2 tiles of 64x64
 def test_matmul_several_tiles(entry, m, fold):
@@ -439,11 +482,13 @@ def test_matmul_eight_groups_of_mixed_formats_in_one_dispatch(entry, t):
              (5, 8, "tanh", False, "f16"), (40, 40, None, True, "bf16"), (9, 64, "sigmoid", False, "nf4"),
              (16, 96, None, False, "f16"), (3, 520, "relu_sq", True, "f16")]
     for subgroups in ([False, True] if entry == "matvec" and "subgroup" in device().features else [False]):
-        for lanes, rows in ([(8, 8), (32, 8), (64, 8), (128, 4)] if entry == "matvec" else [(64, 8)]):
+        shapes = [(8, 8, 1), (32, 8, 2), (64, 8, 1), (128, 4, 2)] if entry == "matvec" else [(64, 8, 1)]
+        for lanes, rows, depth in shapes:
             got, want = check_matmul_groups(entry, specs, t, seed=11, subgroups=subgroups, fold=True, lanes=lanes,
-                                            matvec_rows=rows)
+                                            matvec_rows=rows, matvec_depth=depth)
             np.testing.assert_allclose(got, want, **MATMUL_TOL,
-                                       err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes} rows={rows}")
+                                       err_msg=f"{entry} t={t} subgroups={subgroups} lanes={lanes} rows={rows} "
+                                               f"depth={depth}")
 
 
 @pytest.mark.parametrize("entry", ENTRIES)

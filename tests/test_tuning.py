@@ -23,7 +23,7 @@ def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV_GPU_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("RWKV_GPU_TUNE", raising=False)
     monkeypatch.delenv("RWKV_GPU_NF4_LOOKUP", raising=False)
-    for variable in ("RWKV_GPU_SPLIT_K", "RWKV_GPU_MATVEC_LANES", "RWKV_GPU_MATVEC_ROWS"):
+    for variable in ("RWKV_GPU_SPLIT_K", "RWKV_GPU_MATVEC_LANES", "RWKV_GPU_MATVEC_ROWS", "RWKV_GPU_MATVEC_DEPTH"):
         monkeypatch.delenv(variable, raising=False)
     return tmp_path
 
@@ -40,7 +40,7 @@ def chosen(model):
     """The cache file's text for the model's choice."""
     c = model.config
     return (f"nf4={c['nf4_lookup']} split={c['split_k']} lanes={c['matvec_lanes']} rows={c['matvec_rows']} "
-            f"reduce={c['matvec_reduction']}")
+            f"reduce={c['matvec_reduction']} depth={c['matvec_depth']}")
 
 
 def candidates(model, everywhere=False):
@@ -53,7 +53,8 @@ def candidates(model, everywhere=False):
     nf4 = ("select,table" if cpu else "table,select") if c["dtype"] == "nf4" else ("select" if cpu else "table")
     lanes = ("narrow,wide,widest" if cpu else "wide,widest") if more else "narrow"
     reduce = "subgroup,tree" if c["subgroups"] and more else ("subgroup" if c["subgroups"] else "tree")
-    return f"nf4={nf4} lanes={lanes} rows={'8,4' if more else '8'} reduce={reduce} split={'1,2,4' if more else '1'}"
+    return (f"nf4={nf4} lanes={lanes} rows={'8,4' if more else '8'} depth={'1,2' if more else '1'} reduce={reduce} "
+            f"split={'1,2,4' if more else '1'}")
 
 
 def logits(model):
@@ -133,10 +134,11 @@ def test_tuning_off_and_models_with_nothing_to_tune(cache_dir, monkeypatch):
     off, _ = load()
     assert off.config["tuning"] == "off"
     # The device type's defaults: the select tree and 8-lane workgroups on CPU devices,
-    # the table and 32/64 lanes elsewhere; 8 rows, subgroupAdd where there are subgroups.
+    # the table and 32/64 lanes elsewhere; 8 rows, one step deep, subgroupAdd where there
+    # are subgroups.
     assert off.config["nf4_lookup"] == ("select" if cpu else "table")
     assert off.config["matvec_lanes"] == ("narrow" if cpu else "wide")
-    assert off.config["matvec_rows"] == 8
+    assert off.config["matvec_rows"] == 8 and off.config["matvec_depth"] == 1
     assert off.config["matvec_reduction"] == ("subgroup" if off.config["subgroups"] else "tree")
     assert off.config["split_k"] == 1
     assert not (cache_dir / "tuning.txt").exists()
@@ -163,7 +165,7 @@ def test_splits_timed_on_gpus_only_and_a_forced_split_is_kept(cache_dir, monkeyp
 
 def test_every_dimension_timed_when_asked(cache_dir, monkeypatch):
     """RWKV_GPU_TUNE=all times, on any device, the dimensions that CPU drivers have one
-    answer for (split, matvec lanes, rows, reduction): the key lists every candidate,
+    answer for (split, matvec lanes, rows, depth, reduction): the key lists every candidate,
     the choice is one of them and cached, and whatever it is, decode stays within the
     golden tests' 1e-3 of the official logits (the candidates differ in the order of
     float sums, not in what they compute)."""
@@ -174,6 +176,7 @@ def test_every_dimension_timed_when_asked(cache_dir, monkeypatch):
     assert key.endswith("among " + candidates(first, everywhere=True))
     assert choice == chosen(first)
     assert first.config["matvec_lanes"] in ("narrow", "wide", "widest") and first.config["matvec_rows"] in (8, 4)
+    assert first.config["matvec_depth"] in (1, 2)
     again, _ = load()
     assert again.config["tuning"] == "cached" and chosen(again) == chosen(first)
     np.testing.assert_array_equal(logits(first), logits(again))
@@ -186,7 +189,9 @@ def test_every_dimension_timed_when_asked(cache_dir, monkeypatch):
             again._m.set_profiling(False)
         names = [name.split() for name, _, _ in again._m.last_profile() if name.startswith("matvec t1 ")]
         lanes = {"narrow": "l8", "widest": "l128"}.get(again.config["matvec_lanes"], "l32 or l64")
-        assert names and all(f"r{again.config['matvec_rows']}" in n and n[2] in lanes.split(" or ") for n in names)
+        assert names and all(n[2] in lanes.split(" or ") and n[3:5] == [f"r{again.config['matvec_rows']}",
+                                                                         f"d{again.config['matvec_depth']}"]
+                             for n in names)
         assert all(("sg" in n) == (again.config["matvec_reduction"] == "subgroup") for n in names)
     else:
         again._m.set_profiling(False)
@@ -197,14 +202,15 @@ def test_every_dimension_timed_when_asked(cache_dir, monkeypatch):
 
 
 def test_a_forced_matvec_shape_is_kept_untimed(cache_dir, monkeypatch):
-    """RWKV_GPU_MATVEC_LANES and RWKV_GPU_MATVEC_ROWS fix those dimensions: with
-    everything else fixed too, nothing is timed and nothing written."""
+    """RWKV_GPU_MATVEC_LANES, _ROWS and _DEPTH fix those dimensions: with everything else
+    fixed too, nothing is timed and nothing written."""
     for variable, value in (("RWKV_GPU_MATVEC_LANES", "widest"), ("RWKV_GPU_MATVEC_ROWS", "4"),
-                            ("RWKV_GPU_SPLIT_K", "1"), ("RWKV_GPU_NF4_LOOKUP", "table")):
+                            ("RWKV_GPU_MATVEC_DEPTH", "2"), ("RWKV_GPU_SPLIT_K", "1"),
+                            ("RWKV_GPU_NF4_LOOKUP", "table")):
         monkeypatch.setenv(variable, value)
     monkeypatch.setenv("RWKV_GPU_NO_SUBGROUPS", "1")  # the tree: the only reduction left
     model, _ = load()
     assert model.config["tuning"] == "forced"
-    assert (model.config["matvec_lanes"], model.config["matvec_rows"], model.config["matvec_reduction"]) == (
-        "widest", 4, "tree")
+    shape = ("matvec_lanes", "matvec_rows", "matvec_depth", "matvec_reduction")
+    assert tuple(model.config[k] for k in shape) == ("widest", 4, 2, "tree")
     assert not (cache_dir / "tuning.txt").exists()

@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_kernel": cfg["matmul_kernel"], "matmul_kernel_note": cfg["matmul_kernel_note"],
         "chunk_tokens": cfg["chunk_tokens"],
         "nf4_lookup": cfg["nf4_lookup"], "split_k": cfg["split_k"], "matvec_lanes": cfg["matvec_lanes"],
-        "matvec_rows": cfg["matvec_rows"], "matvec_reduction": cfg["matvec_reduction"], "tuning": cfg["tuning"],
+        "matvec_rows": cfg["matvec_rows"], "matvec_depth": cfg["matvec_depth"], "matvec_reduction": cfg["matvec_reduction"],
+        "tuning": cfg["tuning"],
     }
     if args.profile:
         info["kernel_profile"] = profiles
@@ -411,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adapter: {cfg['adapter']} | backend: {cfg['backend']} | device type: {cfg['device_type']} | driver: {cfg['driver']}")
     print(f"model: {name} | layers {cfg['n_layer']} | width {cfg['n_embd']} | vocab {cfg['vocab_size']} | dtype {cfg['dtype']} | "
           f"kernel choices: nf4 by {cfg['nf4_lookup']}, value projection split {cfg['split_k']}, matvec "
-          f"{cfg['matvec_lanes']} lanes x {cfg['matvec_rows']} rows by {cfg['matvec_reduction']} ({cfg['tuning']})")
+          f"{cfg['matvec_lanes']} lanes x {cfg['matvec_rows']} rows x {cfg['matvec_depth']} deep by {cfg['matvec_reduction']} "
+          f"({cfg['tuning']})")
     print(f"prefill matrices: {cfg['matmul_kernel_note']} | chunks of up to {cfg['chunk_tokens']} tokens")
     print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
           f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")

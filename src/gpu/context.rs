@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use super::pipeline_cache::DiskCache;
-use super::variants::{Loads, MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_ROWS};
+use super::variants::{Loads, MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_DEPTHS, MATVEC_ROWS};
 use crate::error::{Error, Result};
 
 /// Which adapter to use: an index into [`list_adapters`], or a case-insensitive substring
@@ -86,6 +86,9 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_MATVEC_ROWS=4|8`: rows per matrix-vector workgroup (default: timed per
     /// model on GPUs, 8 elsewhere).
     pub matvec_rows: Option<u32>,
+    /// `RWKV_GPU_MATVEC_DEPTH=1|2`: steps a matrix-vector thread loads at once (default:
+    /// timed per model on GPUs, 1 elsewhere).
+    pub matvec_depth: Option<u32>,
     /// `RWKV_GPU_SPLIT_K=1|2|4|8`: parts the decode value projection is split into along
     /// K (default: timed per model on GPUs, 1 on CPU drivers; `crate::model::tuning`).
     pub split_k: Option<usize>,
@@ -160,6 +163,8 @@ impl DeviceOptions {
         )?;
         let rows = |v: &str| v.trim().parse().ok().filter(|r| MATVEC_ROWS.contains(r));
         chosen(&mut self.matvec_rows, "RWKV_GPU_MATVEC_ROWS", rows, "4 or 8")?;
+        let depth = |v: &str| v.trim().parse().ok().filter(|d| MATVEC_DEPTHS.contains(d));
+        chosen(&mut self.matvec_depth, "RWKV_GPU_MATVEC_DEPTH", depth, "1 or 2")?;
         let parts = |v: &str| v.trim().parse().ok().filter(|p| super::variants::SPLIT_PARTS.contains(p));
         chosen(&mut self.split_k, "RWKV_GPU_SPLIT_K", parts, "1, 2, 4 or 8")?;
         chosen(&mut self.tune, "RWKV_GPU_TUNE", TuneMode::parse, "\"off\", \"on\" or \"all\"")?;
@@ -435,6 +440,7 @@ pub struct GpuContext {
     pub matvec: MatvecShape,
     pub matvec_lanes_forced: bool,
     pub matvec_rows_forced: bool,
+    pub matvec_depth_forced: bool,
     pub tune: TuneMode,
     /// Tokens per prefill chunk at most (fewer where a binding cannot hold them).
     pub chunk_tokens: usize,
@@ -545,6 +551,7 @@ impl GpuContext {
         let matvec = MatvecShape {
             lanes: options.matvec_lanes.unwrap_or(MatvecLanes::for_device_type(&summary.device_type)),
             rows: options.matvec_rows.unwrap_or(MATVEC_ROWS[0]),
+            depth: options.matvec_depth.unwrap_or(MATVEC_DEPTHS[0]),
             reduction: if subgroups { Reduction::Subgroup } else { Reduction::Tree },
         };
         Ok(Arc::new(GpuContext {
@@ -566,6 +573,7 @@ impl GpuContext {
             matvec,
             matvec_lanes_forced: options.matvec_lanes.is_some(),
             matvec_rows_forced: options.matvec_rows.is_some(),
+            matvec_depth_forced: options.matvec_depth.is_some(),
             tune: options.tune.unwrap_or_default(),
             chunk_tokens,
             sparse_ffn: !options.no_sparse_ffn,

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use super::context::AdapterSummary;
 use super::pipeline_cache::cache_directory;
-use super::variants::{MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_ROWS, SPLIT_PARTS};
+use super::variants::{
+    MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_DEPTHS, MATVEC_ROWS, SPLIT_PARTS,
+};
 use crate::error::Saving;
 
 const HEADER: &str = "rwkv-gpu kernel choices 1";
@@ -36,19 +38,19 @@ pub struct Choice {
 /// What lines of versions before the matvec shape was tuned stand for (their keys,
 /// which named fewer candidates, match no key of this one: they are kept, never used).
 const OLD_MATVEC: MatvecShape =
-    MatvecShape { lanes: MatvecLanes::Wide, rows: 8, reduction: Reduction::Subgroup };
+    MatvecShape { lanes: MatvecLanes::Wide, rows: 8, depth: 1, reduction: Reduction::Subgroup };
 
 impl Choice {
-    /// "nf4=table split=2 lanes=wide rows=8 reduce=subgroup"
+    /// "nf4=table split=2 lanes=wide rows=8 reduce=subgroup depth=1"
     pub fn to_text(self) -> String {
         format!("nf4={} split={} {}", self.nf4_lookup.name(), self.split_k, self.matvec.to_text())
     }
 
     /// The fields in `to_text`'s order; the older texts ("nf4=table", "nf4=table
-    /// split=2") parse too.
+    /// split=2", and the matvec shape without "depth", which was 1) parse too.
     fn parse(text: &str) -> Option<Choice> {
         let fields: Vec<&str> = text.split(' ').collect();
-        if ![1, 2, 5].contains(&fields.len()) {
+        if ![1, 2, 5, 6].contains(&fields.len()) {
             return None;
         }
         let value = |i: usize, name: &str| -> Option<Option<&str>> {
@@ -66,10 +68,15 @@ impl Choice {
             Some(parts) => number(parts)? as usize,
             None => 1,
         };
+        let depth = match value(5, "depth")? {
+            Some(depth) => number(depth).filter(|d| MATVEC_DEPTHS.contains(d))?,
+            None => 1,
+        };
         let matvec = match (value(2, "lanes")?, value(3, "rows")?, value(4, "reduce")?) {
             (Some(lanes), Some(rows), Some(reduce)) => MatvecShape {
                 lanes: MatvecLanes::parse(lanes)?,
                 rows: number(rows).filter(|r| MATVEC_ROWS.contains(r))?,
+                depth,
                 reduction: Reduction::parse(reduce)?,
             },
             _ => OLD_MATVEC,
@@ -190,20 +197,27 @@ mod tests {
             for split_k in SPLIT_PARTS {
                 for lanes in [MatvecLanes::Wide, MatvecLanes::Narrow, MatvecLanes::Widest] {
                     for rows in MATVEC_ROWS {
-                        for reduction in [Reduction::Subgroup, Reduction::Tree] {
-                            let c = Choice {
-                                nf4_lookup,
-                                split_k,
-                                matvec: MatvecShape { lanes, rows, reduction },
-                            };
-                            assert_eq!(Choice::parse(&c.to_text()), Some(c));
+                        for depth in MATVEC_DEPTHS {
+                            for reduction in [Reduction::Subgroup, Reduction::Tree] {
+                                let c = Choice {
+                                    nf4_lookup,
+                                    split_k,
+                                    matvec: MatvecShape { lanes, rows, depth, reduction },
+                                };
+                                assert_eq!(Choice::parse(&c.to_text()), Some(c));
+                            }
                         }
                     }
                 }
             }
         }
-        let full = "nf4=table split=2 lanes=wide rows=8 reduce=tree";
-        assert!(Choice::parse(full).is_some());
+        let full = "nf4=table split=2 lanes=wide rows=8 reduce=tree depth=2";
+        assert_eq!(Choice::parse(full).map(|c| c.matvec.depth), Some(2));
+        // Written before the depth was a choice: the one depth there was.
+        let before_depth = Choice::parse("nf4=table split=2 lanes=widest rows=4 reduce=tree");
+        let matvec =
+            MatvecShape { lanes: MatvecLanes::Widest, rows: 4, depth: 1, reduction: Reduction::Tree };
+        assert_eq!(before_depth.map(|c| c.matvec), Some(matvec));
         for bad in [
             "",
             "nf4=",
@@ -221,6 +235,11 @@ mod tests {
             "nf4=table split=2 lanes=wide rows=8 reduce=sum",
             "nf4=table split=2 rows=8 lanes=wide reduce=tree",
             "nf4=table split=2 lanes=wide rows=8 reduce=tree more",
+            "nf4=table split=2 lanes=wide rows=8 reduce=tree depth=3",
+            "nf4=table split=2 lanes=wide rows=8 reduce=tree depth=",
+            "nf4=table split=2 lanes=wide rows=8 reduce=tree depth=+2",
+            "nf4=table split=2 lanes=wide rows=8 depth=2 reduce=tree",
+            "nf4=table split=2 lanes=wide rows=8 reduce=tree depth=2 more",
             "nf4=table split=2 lanes=wide rows=8  reduce=tree",
         ] {
             assert_eq!(Choice::parse(bad), None, "{bad:?}");

@@ -181,6 +181,9 @@ pub const MATVEC_NARROW_LANES: u32 = 8;
 pub const MATVEC_WIDEST_LANES: u32 = 128;
 /// Rows of a matvec workgroup (MatvecShape::rows), the default first.
 pub const MATVEC_ROWS: [u32; 2] = [8, 4];
+/// Steps (one vec4<u32> of each row) a matvec thread loads before it adds any
+/// (MatvecShape::depth), the default first.
+pub const MATVEC_DEPTHS: [u32; 2] = [1, 2];
 
 /// How wide a matvec workgroup is: 8 threads on CPU drivers, which run a workgroup's
 /// subgroups as coroutines switched at every barrier (there 8 lanes took 0.57-0.59x the
@@ -255,19 +258,30 @@ impl Reduction {
 
 /// The matrix-vector kernel's workgroups: their threads, their rows (4 or 8, one of
 /// MATVEC_ROWS: four launch twice the workgroups, for narrow models on GPUs with more
-/// cores than 8-row blocks) and their reduction. Devices differ in which is fastest, so
-/// models time the candidates (`crate::model::tuning`); the device type gives the default.
+/// cores than 8-row blocks), how many steps each thread loads at once (1 or 2, one of
+/// MATVEC_DEPTHS: two double the bytes in flight, for GPUs whose bandwidth needs more,
+/// at the cost of registers) and their reduction. Devices differ in which is fastest,
+/// so models time the candidates (`crate::model::tuning`); the device type gives the
+/// default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MatvecShape {
     pub lanes: MatvecLanes,
     pub rows: u32,
+    pub depth: u32,
     pub reduction: Reduction,
 }
 
 impl MatvecShape {
-    /// "lanes=wide rows=8 reduce=subgroup"
+    /// "lanes=wide rows=8 reduce=subgroup depth=1" (depth last: the cache's older lines
+    /// end at reduce).
     pub fn to_text(self) -> String {
-        format!("lanes={} rows={} reduce={}", self.lanes.name(), self.rows, self.reduction.name())
+        format!(
+            "lanes={} rows={} reduce={} depth={}",
+            self.lanes.name(),
+            self.rows,
+            self.reduction.name(),
+            self.depth
+        )
     }
 }
 
@@ -321,11 +335,13 @@ pub enum Variant {
     DeepEmbed,
     /// `tokens`: one of MATVEC_TOKEN_BLOCKS; `lanes`: threads per workgroup (one of
     /// MATVEC_LANES, MATVEC_NARROW_LANES, MATVEC_WIDEST_LANES); `rows`: per workgroup,
-    /// one of MATVEC_ROWS; `subgroups`: reduce with subgroupAdd.
+    /// one of MATVEC_ROWS; `depth`: steps loaded at once, one of MATVEC_DEPTHS;
+    /// `subgroups`: reduce with subgroupAdd.
     MatVec {
         tokens: u32,
         lanes: u32,
         rows: u32,
+        depth: u32,
         formats: Formats,
         subgroups: bool,
     },
@@ -419,10 +435,11 @@ impl Variant {
                     out.push(("FOLD".into(), String::new()));
                 }
             }
-            Variant::MatVec { tokens, lanes, rows, formats, subgroups } => {
+            Variant::MatVec { tokens, lanes, rows, depth, formats, subgroups } => {
                 valued("TOKEN_BLOCK", tokens);
                 valued("LANES", lanes);
                 valued("MATVEC_ROWS", rows);
+                valued("MATVEC_DEPTH", depth);
                 formats.defines(&mut out);
                 if subgroups {
                     out.push(("SUBGROUPS".into(), String::new()));
@@ -475,7 +492,7 @@ impl Variant {
         out
     }
 
-    /// What profiles report GPU time under: "matvec t4 l64 r8 f16+int8 sg".
+    /// What profiles report GPU time under: "matvec t4 l64 r8 d1 f16+int8 sg".
     pub fn label(self) -> String {
         match self {
             Variant::LnShift { mixes, keep_normalised, fold } => {
@@ -485,9 +502,9 @@ impl Variant {
                     if fold { " fold" } else { "" }
                 )
             }
-            Variant::MatVec { tokens, lanes, rows, formats, subgroups } => {
+            Variant::MatVec { tokens, lanes, rows, depth, formats, subgroups } => {
                 format!(
-                    "matvec t{tokens} l{lanes} r{rows} {}{}",
+                    "matvec t{tokens} l{lanes} r{rows} d{depth} {}{}",
                     formats.label(),
                     if subgroups { " sg" } else { "" }
                 )
@@ -556,8 +573,10 @@ impl Variant {
             for tokens in MATVEC_TOKEN_BLOCKS {
                 for lanes in MATVEC_LANES.into_iter().chain([MATVEC_NARROW_LANES, MATVEC_WIDEST_LANES]) {
                     for rows in MATVEC_ROWS {
-                        for subgroups in [false, true] {
-                            all.push(Variant::MatVec { tokens, lanes, rows, formats, subgroups });
+                        for depth in MATVEC_DEPTHS {
+                            for subgroups in [false, true] {
+                                all.push(Variant::MatVec { tokens, lanes, rows, depth, formats, subgroups });
+                            }
                         }
                     }
                 }

@@ -416,6 +416,7 @@ fn matmul_dispatch(model: &Model, rec: &mut Recorder, d: MatDispatch) -> Result<
                 tokens: token_block(t),
                 lanes,
                 rows: shape.rows,
+                depth: shape.depth,
                 formats: d.formats,
                 subgroups: shape.reduction == Reduction::Subgroup,
             },
@@ -884,7 +885,14 @@ mod tests {
                 ("fold_stride", offset_of!(LnShiftParams, fold_stride)),
             ],
         );
-        let mv = Variant::MatVec { tokens: 1, lanes: 64, rows: 8, formats: Formats::F16, subgroups: false };
+        let mv = Variant::MatVec {
+            tokens: 1,
+            lanes: 64,
+            rows: 8,
+            depth: 1,
+            formats: Formats::F16,
+            subgroups: false,
+        };
         check::<MatParams>(
             mv,
             &[

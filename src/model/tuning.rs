@@ -9,7 +9,8 @@
 //! - the parts the decode value projection is split into along K (`ops::Split`: 1, 2 or
 //!   4), for models whose value projection can be split;
 //! - the matrix-vector kernel's workgroups (`MatvecShape`): threads (32/64 fitted to the
-//!   rows, or 128), rows (8 or 4) and reduction (subgroupAdd or a tree).
+//!   rows, or 128), rows (8 or 4), steps each thread loads at once (1 or 2) and
+//!   reduction (subgroupAdd or a tree).
 //!
 //! All but NF4 decoding are timed on GPUs only: on CPU drivers the grid's workgroups
 //! outnumber the cores many times over, and each of those dimensions has one answer
@@ -22,8 +23,8 @@
 //! untimed round (it compiles and records); once the budget is spent, the dimensions not
 //! reached keep their defaults. On CPU drivers, where a decode step of a 0.1B model takes
 //! a quarter of a second, that happens early; on GPUs a step takes milliseconds.
-//! NF4 decodings and matvec rows do the same arithmetic (the same bits, unless a driver
-//! fuses a multiply-add in one variant and not the other); splits, lanes and
+//! NF4 decodings, matvec rows and depths do the same arithmetic (the same bits, unless a
+//! driver fuses a multiply-add in one variant and not the other); splits, lanes and
 //! reductions add the same products in another order, equal within float rounding (the
 //! golden tests decode under each). A run with the same choice is bit-identical to the
 //! last.
@@ -35,7 +36,7 @@ use super::Model;
 use crate::error::Result;
 use crate::gpu::context::{GpuContext, TuneMode};
 use crate::gpu::tuning_cache::{self, Choice, TuningCache};
-use crate::gpu::variants::{MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_ROWS};
+use crate::gpu::variants::{MatvecLanes, MatvecShape, Nf4Lookup, Reduction, MATVEC_DEPTHS, MATVEC_ROWS};
 use crate::model::ops;
 use crate::model::weights::WeightFormat;
 
@@ -51,7 +52,8 @@ const SPLIT_CANDIDATES: [usize; 3] = [1, 2, 4];
 pub enum Source {
     /// Nothing to choose for this model on this device: the device's defaults.
     Default,
-    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`, `_SPLIT_K`, `_MATVEC_LANES`, `_MATVEC_ROWS`).
+    /// The caller fixed them (`RWKV_GPU_NF4_LOOKUP`, `_SPLIT_K`, `_MATVEC_LANES`,
+    /// `_MATVEC_ROWS`, `_MATVEC_DEPTH`).
     Forced,
     /// `RWKV_GPU_TUNE=off`: the defaults, untimed.
     Off,
@@ -99,6 +101,7 @@ enum Setting {
     Split(usize),
     Lanes(MatvecLanes),
     Rows(u32),
+    Depth(u32),
     Reduce(Reduction),
 }
 
@@ -109,6 +112,7 @@ impl Setting {
             Setting::Split(parts) => choice.split_k = parts,
             Setting::Lanes(lanes) => choice.matvec.lanes = lanes,
             Setting::Rows(rows) => choice.matvec.rows = rows,
+            Setting::Depth(depth) => choice.matvec.depth = depth,
             Setting::Reduce(reduction) => choice.matvec.reduction = reduction,
         }
         choice
@@ -121,6 +125,7 @@ impl Setting {
             Setting::Split(parts) => parts.to_string(),
             Setting::Lanes(lanes) => lanes.name().into(),
             Setting::Rows(rows) => rows.to_string(),
+            Setting::Depth(depth) => depth.to_string(),
             Setting::Reduce(reduction) => reduction.name().into(),
         }
     }
@@ -200,6 +205,11 @@ impl Model {
         } else {
             MATVEC_ROWS.to_vec()
         };
+        let depth = if ctx.matvec_depth_forced || !timed_here {
+            vec![default.matvec.depth]
+        } else {
+            MATVEC_DEPTHS.to_vec()
+        };
         // Without subgroups the default is the tree, and the tree is all there is.
         let reduce = if ctx.subgroups && timed_here {
             vec![Reduction::Subgroup, Reduction::Tree]
@@ -212,6 +222,7 @@ impl Model {
             Dimension { name: "nf4", values: nf4.into_iter().map(Setting::Nf4).collect() },
             Dimension { name: "lanes", values: lanes.into_iter().map(Setting::Lanes).collect() },
             Dimension { name: "rows", values: rows.into_iter().map(Setting::Rows).collect() },
+            Dimension { name: "depth", values: depth.into_iter().map(Setting::Depth).collect() },
             Dimension { name: "reduce", values: reduce.into_iter().map(Setting::Reduce).collect() },
             Dimension { name: "split", values: split.into_iter().map(Setting::Split).collect() },
         ]
@@ -249,7 +260,8 @@ impl Model {
         let forced = ctx.nf4_forced
             || ctx.split_k_forced.is_some()
             || ctx.matvec_lanes_forced
-            || ctx.matvec_rows_forced;
+            || ctx.matvec_rows_forced
+            || ctx.matvec_depth_forced;
         self.apply(device_default(ctx));
         let source = if anything_to_time && mode != TuneMode::Off {
             return self.time_choices(&dimensions);

@@ -39,6 +39,7 @@ fn options(
         gemm_loads: None,
         matvec_lanes: None,
         matvec_rows: None,
+        matvec_depth: None,
         tune: None,
         chunk_tokens: None,
         split_k: None,
@@ -257,6 +258,7 @@ impl PyModel {
         let matvec = self.inner.matvec_shape();
         d.set_item("matvec_lanes", matvec.lanes.name())?;
         d.set_item("matvec_rows", matvec.rows)?;
+        d.set_item("matvec_depth", matvec.depth)?;
         d.set_item("matvec_reduction", matvec.reduction.name())?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         d.set_item("chunk_tokens", self.inner.chunk_tokens())?;
