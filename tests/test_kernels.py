@@ -402,6 +402,26 @@ def test_matvec_token_blocks_lanes_rows_and_reductions(tokens, t, subgroups, lan
                  matvec_rows=rows)
 
 
+def assert_setting_keeps_arithmetic(specs, setting, values, lanes_list, seed):
+    """The matvec under each value of one tuning setting (a check_matmul_groups keyword)
+    gives the dense product within MATMUL_TOL and agrees with the first value as the
+    same arithmetic does (conftest.assert_same_arithmetic), at every lane count in
+    lanes_list, with the tree reduction and, where the adapter has subgroups, subgroupAdd."""
+    reductions = [False, True] if "subgroup" in device().features else [False]
+    for lanes in lanes_list:
+        for subgroups in reductions:
+            first = None
+            for value in values:
+                got, want = check_matmul_groups("matvec", specs, 3, seed=seed, subgroups=subgroups, lanes=lanes,
+                                                **{setting: value})
+                where = f"lanes={lanes} subgroups={subgroups} {setting}={value}"
+                np.testing.assert_allclose(got, want, **MATMUL_TOL, err_msg=where)
+                if first is None:
+                    first = got
+                else:
+                    assert_same_arithmetic(first, got, err_msg=where)
+
+
 @pytest.mark.parametrize("fmt", ["f16", "int8", "nf4"])
 def test_matvec_rows_per_workgroup_do_the_same_arithmetic(fmt):
     """A row's sums do not depend on how many rows its workgroup holds, so the tuner may
@@ -410,17 +430,7 @@ def test_matvec_rows_per_workgroup_do_the_same_arithmetic(fmt):
     the dense product within MATMUL_TOL, for every format, at 8, 64 and 128 lanes with
     the tree reduction and, where the adapter has subgroups, with subgroupAdd."""
     specs = [(37, 576, None, True, fmt), (12, 64, "tanh", False, "f16")]  # K: 72 f16 vec4s, 36 int8, 18 nf4
-    reductions = [False, True] if "subgroup" in device().features else [False]
-    for lanes in (8, 64, 128):
-        for subgroups in reductions:
-            out = {}
-            for rows in (8, 4):
-                got, want = check_matmul_groups("matvec", specs, 3, seed=5, subgroups=subgroups, lanes=lanes,
-                                                matvec_rows=rows)
-                np.testing.assert_allclose(got, want, **MATMUL_TOL,
-                                           err_msg=f"lanes={lanes} subgroups={subgroups} rows={rows}")
-                out[rows] = got
-            assert_same_arithmetic(out[4], out[8], err_msg=f"lanes={lanes} subgroups={subgroups}")
+    assert_setting_keeps_arithmetic(specs, "matvec_rows", (8, 4), lanes_list=(8, 64, 128), seed=5)
 
 
 @pytest.mark.parametrize("tokens", [1, 8])
@@ -452,17 +462,7 @@ def test_matvec_depths_do_the_same_arithmetic(fmt):
     specs = [(37, 1000, None, True, fmt), (12, 64, "tanh", False, "f16")]
     if fmt != "f16":
         specs[0] = (37, 576, None, True, fmt)
-    reductions = [False, True] if "subgroup" in device().features else [False]
-    for lanes in (8, 64):
-        for subgroups in reductions:
-            out = {}
-            for depth in (1, 2):
-                got, want = check_matmul_groups("matvec", specs, 3, seed=6, subgroups=subgroups, lanes=lanes,
-                                                matvec_depth=depth)
-                np.testing.assert_allclose(got, want, **MATMUL_TOL,
-                                           err_msg=f"lanes={lanes} subgroups={subgroups} depth={depth}")
-                out[depth] = got
-            assert_same_arithmetic(out[1], out[2], err_msg=f"lanes={lanes} subgroups={subgroups}")
+    assert_setting_keeps_arithmetic(specs, "matvec_depth", (1, 2), lanes_list=(8, 64), seed=6)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
