@@ -47,12 +47,47 @@ impl RandomCheckpoint {
 }
 
 /// splitmix64: small, fast and good enough for weights nobody will read.
+const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
 fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    *state = state.wrapping_add(GAMMA);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Fills `out` (fp16 values, little-endian) with the uniform values of the splitmix
+/// stream that starts at `state`, centred on `centre`, `half` either side, one part per
+/// core for a big tensor (a 2.9B model is ~3e9 values, and the benches build one per
+/// process).
+fn fill_uniform(out: &mut [u8], state: u64, centre: f32, half: f32) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Parts of at least 1 Mi values: below that a thread costs more than it saves.
+    let parts = cores.min(out.len() >> 21).max(1);
+    fill_uniform_in_parts(out, state, centre, half, parts);
+}
+
+/// Value i depends only on `state + (i + 1) * GAMMA`, so each part starts its stream
+/// there and the values do not depend on how many parts there are.
+fn fill_uniform_in_parts(out: &mut [u8], state: u64, centre: f32, half: f32, parts: usize) {
+    let fill_part = |part: &mut [u8], first: usize| {
+        let mut s = state.wrapping_add((first as u64).wrapping_mul(GAMMA));
+        for pair in part.chunks_exact_mut(2) {
+            let u = (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            let v = centre + half * (2.0 * u - 1.0);
+            pair.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+        }
+    };
+    if parts <= 1 {
+        return fill_part(out, 0);
+    }
+    let per_part = (out.len() / 2).div_ceil(parts).max(1);
+    std::thread::scope(|scope| {
+        for (i, part) in out.chunks_mut(2 * per_part).enumerate() {
+            scope.spawn(move || fill_part(part, i * per_part));
+        }
+    });
 }
 
 impl Checkpoint for RandomCheckpoint {
@@ -73,20 +108,38 @@ impl Checkpoint for RandomCheckpoint {
             .map(|(_, s)| s.clone())
             .ok_or_else(|| Error::load(&self.path, format!("missing tensor {name:?}")))?;
         let (centre, half) = self.range(name, &shape);
-        let mut state = self.seed
+        let state = self.seed
             ^ name
                 .bytes()
                 .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let n: usize = shape.iter().product();
-        let mut out = Vec::with_capacity(n * 2);
-        for _ in 0..n {
-            let u = (splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            let v = centre + half * (2.0 * u - 1.0);
-            out.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
-        }
+        let mut out = vec![0u8; n * 2];
+        fill_uniform(&mut out, state, centre, half);
         Ok(Cow::Owned(out))
     }
     fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_do_not_depend_on_the_parts() {
+        // 1001 values: parts of 143 (7), 91 (11) and 1 (1001, one value each).
+        let mut one = vec![0u8; 2002];
+        fill_uniform_in_parts(&mut one, 42, 0.5, 0.25, 1);
+        assert!(one.chunks_exact(2).any(|p| p != [0, 0]), "nothing was written");
+        for parts in [2, 7, 11, 1001, 5000] {
+            let mut split = vec![0u8; 2002];
+            fill_uniform_in_parts(&mut split, 42, 0.5, 0.25, parts);
+            assert_eq!(one, split, "{parts} parts");
+        }
+        // A one-value stream starting at value 1000 is the last value of the whole.
+        let mut last = [0u8; 2];
+        fill_uniform_in_parts(&mut last, 42u64.wrapping_add(1000u64.wrapping_mul(GAMMA)), 0.5, 0.25, 1);
+        assert_eq!(last, one[2000..]);
     }
 }

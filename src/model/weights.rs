@@ -9,6 +9,7 @@
 //! The embedding table (and DeepEmbed's per-layer tables) stay in host memory
 //! (`host_table.rs`): each call needs only its tokens' rows.
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::host_table::HostTable;
@@ -286,14 +287,34 @@ pub fn to_f32_into(bytes: &[u8], dtype: DType, out: &mut Vec<f32>) {
     out.reserve(bytes.len() / dtype.size());
     match dtype {
         DType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        DType::F16 => out
-            .extend(bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())),
-        DType::BF16 => out.extend(
-            bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
-        ),
+        // 16-bit values through half's slice conversion (vector instructions where the CPU
+        // has them) when the bytes are aligned for it, as a mapped file's tensors mostly are.
+        DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(halves) if cfg!(target_endian = "little") => {
+                convert_into(out, halves.len(), |o| halves.convert_to_f32_slice(o))
+            }
+            _ => out.extend(
+                bytes.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            ),
+        },
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(bytes) {
+            Ok(halves) if cfg!(target_endian = "little") => {
+                convert_into(out, halves.len(), |o| halves.convert_to_f32_slice(o))
+            }
+            _ => out.extend(
+                bytes.chunks_exact(2).map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+            ),
+        },
         DType::I8 => out.extend(bytes.iter().map(|&b| b as i8 as f32)),
         DType::U8 => out.extend(bytes.iter().map(|&b| b as f32)),
     }
+}
+
+/// Appends `n` values to `out`, written by `convert` into the new tail.
+fn convert_into(out: &mut Vec<f32>, n: usize, convert: impl FnOnce(&mut [f32])) {
+    let start = out.len();
+    out.resize(start + n, 0.0);
+    convert(&mut out[start..]);
 }
 
 pub(crate) fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
@@ -310,4 +331,39 @@ pub(crate) fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
 pub struct Quantization {
     pub layers: Vec<Option<WeightFormat>>,
     pub head: Option<WeightFormat>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sixteen_bit_values_convert_the_same_aligned_or_not() {
+        // Every bit pattern that is not NaN (the loader rejects NaN and infinity after
+        // converting, so they only need to survive as non-finite).
+        let bits: Vec<u16> = (0..=u16::MAX).collect();
+        let aligned: &[u8] = bytemuck::cast_slice(&bits);
+        let mut shifted = vec![0u8; aligned.len() + 1];
+        shifted[1..].copy_from_slice(aligned);
+        for dtype in [DType::F16, DType::BF16] {
+            let (mut fast, mut slow) = (vec![7.0], vec![7.0]);
+            to_f32_into(aligned, dtype, &mut fast);
+            to_f32_into(&shifted[1..], dtype, &mut slow);
+            assert_eq!(fast.len(), bits.len() + 1);
+            assert_eq!(fast[0], 7.0, "{dtype:?}: the values already there are kept");
+            for (i, &b) in bits.iter().enumerate() {
+                let want = if dtype == DType::F16 {
+                    f16::from_bits(b).to_f32()
+                } else {
+                    bf16::from_bits(b).to_f32()
+                };
+                for (got, how) in [(fast[i + 1], "aligned"), (slow[i + 1], "unaligned")] {
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{dtype:?} {b:#06x} {how}: {got} != {want}"
+                    );
+                }
+            }
+        }
+    }
 }
