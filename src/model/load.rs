@@ -339,19 +339,32 @@ impl<'a> Loader<'a> {
                     }
                 }
             } else {
-                // Stored row r is the file's column r. Sixteen rows at a time, so that each
-                // read of the file's values takes a whole cache line (one value per read
-                // went to memory for every value of the big transposed matrices).
-                for r0 in (0..chunk.rows).step_by(16) {
-                    let block = (chunk.rows - r0).min(16);
-                    for c in 0..width {
-                        let column = &values[c * rows + chunk.row0 + r0..][..block];
-                        for (j, &v) in column.iter().enumerate() {
-                            bits[(r0 + j) * width + c] = if bf16_needed {
-                                bf16::from_f32(v).to_bits()
+                // Stored row r is the file's column r. In tiles of 64 x 64, through a
+                // small buffer: each read runs 64 values along a file row (converted as a
+                // slice), each write 64 values along a stored row (a value at a time down
+                // a column went to memory for nearly every value).
+                const TILE: usize = 64;
+                let mut run = [0u16; TILE];
+                let mut tile = [[0u16; TILE]; TILE]; // [stored row][stored column] in the tile
+                for r0 in (0..chunk.rows).step_by(TILE) {
+                    let tile_r = (chunk.rows - r0).min(TILE);
+                    for c0 in (0..width).step_by(TILE) {
+                        let tile_c = (width - c0).min(TILE);
+                        for dc in 0..tile_c {
+                            let src = &values[(c0 + dc) * rows + chunk.row0 + r0..][..tile_r];
+                            if bf16_needed {
+                                bytemuck::cast_slice_mut::<u16, bf16>(&mut run[..tile_r])
+                                    .convert_from_f32_slice(src);
                             } else {
-                                f16::from_f32(v).to_bits()
-                            };
+                                bytemuck::cast_slice_mut::<u16, f16>(&mut run[..tile_r])
+                                    .convert_from_f32_slice(src);
+                            }
+                            for (dr, &b) in run[..tile_r].iter().enumerate() {
+                                tile[dr][dc] = b;
+                            }
+                        }
+                        for (dr, row) in tile[..tile_r].iter().enumerate() {
+                            bits[(r0 + dr) * width + c0..][..tile_c].copy_from_slice(&row[..tile_c]);
                         }
                     }
                 }
