@@ -328,15 +328,10 @@ impl<'a> Loader<'a> {
             bits.clear();
             bits.resize(chunk.rows * width, 0);
             if direct {
-                // A row at a time through half's slice conversion (vector instructions
-                // where the CPU has them).
+                // A row at a time, converted as a slice.
                 for (i, out) in bits.chunks_exact_mut(width).enumerate() {
                     let row = &values[(chunk.row0 + i) * width..][..width];
-                    if bf16_needed {
-                        bytemuck::cast_slice_mut::<u16, bf16>(out).convert_from_f32_slice(row);
-                    } else {
-                        bytemuck::cast_slice_mut::<u16, f16>(out).convert_from_f32_slice(row);
-                    }
+                    to_16_bits(row, out, bf16_needed);
                 }
             } else {
                 // Stored row r is the file's column r. In tiles of 64 x 64, through a
@@ -352,13 +347,7 @@ impl<'a> Loader<'a> {
                         let tile_c = (width - c0).min(TILE);
                         for dc in 0..tile_c {
                             let src = &values[(c0 + dc) * rows + chunk.row0 + r0..][..tile_r];
-                            if bf16_needed {
-                                bytemuck::cast_slice_mut::<u16, bf16>(&mut run[..tile_r])
-                                    .convert_from_f32_slice(src);
-                            } else {
-                                bytemuck::cast_slice_mut::<u16, f16>(&mut run[..tile_r])
-                                    .convert_from_f32_slice(src);
-                            }
+                            to_16_bits(src, &mut run[..tile_r], bf16_needed);
                             for (dr, &b) in run[..tile_r].iter().enumerate() {
                                 tile[dr][dc] = b;
                             }
@@ -652,6 +641,16 @@ const ALLOCATION_ORDER: [LayerMatrix; 14] = {
     use LayerMatrix::*;
     [Receptance, Key, Value, W1, A1, V1, G1, W2, A2, V2, G2, Output, FfnKey, FfnValue]
 };
+
+/// Writes `values` into `out` as the bits of bf16 (`as_bf16`) or fp16 values, as one
+/// slice: half's slice conversion uses vector instructions where the CPU has them.
+fn to_16_bits(values: &[f32], out: &mut [u16], as_bf16: bool) {
+    if as_bf16 {
+        bytemuck::cast_slice_mut::<u16, bf16>(out).convert_from_f32_slice(values);
+    } else {
+        bytemuck::cast_slice_mut::<u16, f16>(out).convert_from_f32_slice(values);
+    }
+}
 
 fn host_oom(bytes: usize, what: &str) -> Error {
     Error::OutOfMemory(format!("host memory: {bytes} bytes for {what} could not be allocated"))
