@@ -7,21 +7,25 @@
 // LANES threads (variant: 8 on CPU drivers; on GPUs 32 or 64, the count that divides a
 // row's vec4s most evenly, or 128; see MatvecShape in variants.rs) each read one
 // vec4<u32> of each of the workgroup's ROWS rows (variant: 4 or 8) per step (16 bytes:
-// 8 fp16, 16 int8 or 32 nf4 weights), DEPTH steps (variant: 1 or 2) loaded before any
-// is used, and apply the weights of four rows at a time to each input vec4 they load,
-// for TOKENS tokens: ROWS x DEPTH x 16 = 64 to 256 bytes of weights in flight per
-// thread in every format, each input load feeding 16 multiply-adds, each weight read
-// once per TOKENS tokens. Four rows per workgroup launch twice the workgroups (more of
-// a big GPU's cores busy on narrow models); two steps deep double the bytes each
-// thread keeps in flight (for GPUs whose bandwidth needs more in flight than one step
-// gives, at the cost of registers). A row's sums depend on neither: each thread adds
+// 8 fp16, 16 int8 or 32 nf4 weights), DEPTH steps (variant: 1 or 2) per iteration, and
+// apply the weights of four rows at a time to each input vec4 they load, for TOKENS
+// tokens. Bytes of weights in flight per thread, as written: the later steps' words of
+// every row and the first step's words of one row quad are requested before the first
+// multiply-add, (4 + ROWS x (DEPTH - 1)) x 16 = 64 bytes at depth 1, 128 or 192 at
+// depth 2; an iteration reads ROWS x DEPTH x 16 = 64 to 256 bytes, none of whose loads
+// depend on the arithmetic (a GPU compiler may issue them all up front). Each input
+// load feeds 16 multiply-adds, each weight is read once per TOKENS tokens. Four rows
+// per workgroup launch twice the workgroups (more of a big GPU's cores busy on narrow
+// models); two steps deep raise the bytes each thread keeps in flight (for GPUs whose
+// bandwidth needs more in flight than one step gives, at the cost of registers). A
+// row's sums depend on neither: each thread adds
 // its steps in the same order (the same arithmetic either way). The per-thread sums
 // are reduced across the workgroup with subgroupAdd (SUBGROUPS) or a tree in
 // workgroup memory. Rows past M and tokens past T are read clamped and not stored.
 
 const WG: u32 = LANES;              // threads per workgroup (variant: 8, 32, 64 or 128)
 const ROWS: u32 = MATVEC_ROWS;      // rows per workgroup (variant: 4 or 8)
-const DEPTH: u32 = MATVEC_DEPTH;    // steps loaded before any is used (variant: 1 or 2)
+const DEPTH: u32 = MATVEC_DEPTH;    // steps per iteration, the later ones loaded first (variant: 1 or 2)
 const QUADS: u32 = ROWS / 4u;       // vec4 sums per token
 const TOKENS: u32 = TOKEN_BLOCK;    // tokens per pass over the weights (variant)
 const SUMS: u32 = QUADS * TOKENS;   // per-thread sums

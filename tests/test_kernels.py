@@ -438,12 +438,13 @@ def test_matvec_rows_per_workgroup_do_the_same_arithmetic(fmt):
 @pytest.mark.parametrize("rows", [8, 4])
 @pytest.mark.parametrize("k", [8, 776, 1032])
 def test_matvec_two_steps_deep(tokens, lanes, rows, k):
-    """Depth 2 (each thread loads two steps before it adds either) gives the dense
-    product: K = 8 (2 vec4s: every thread's second step past the row, clamped and not
-    added), 776 (97: the last iteration has one step for some threads, two for others
-    under every lane count), 1032 (129 = 2 x 64 + 1: one step past whole iterations at
-    64 lanes); M = 21, rows past the matrix in the last workgroup; 9 tokens, so a block
-    of 8 runs two passes."""
+    """Depth 2 (each thread loads its second step before it adds the first) gives the
+    dense product. K in fp16 vec4s: 8 (1: every thread's second step past the row,
+    clamped and not added); 776 (97: at 8 lanes six iterations of two steps and a last
+    with one step for thread 0; at 64 lanes two steps for threads 0-32, one for the
+    rest; at 128 lanes no second step); 1032 (129: at 64 lanes one whole iteration and
+    one step past it; at 128 lanes two steps for thread 0 only). M = 21, rows past the
+    matrix in the last workgroup; 9 tokens, so a block of 8 runs two passes."""
     reductions = [False, True] if "subgroup" in device().features else [False]
     for subgroups in reductions:
         check_matmul("matvec", 21, k, 9, seed=k + tokens, tokens=tokens, subgroups=subgroups, add=True, lanes=lanes,
@@ -457,8 +458,9 @@ def test_matvec_depths_do_the_same_arithmetic(fmt):
     agree as the same arithmetic does (conftest.assert_same_arithmetic) and give the
     dense product within MATMUL_TOL, for every format, with a mixed-format dispatch (the
     quantized format beside f16, as the time mix runs them) at 8 and 64 lanes."""
-    # K: 1000 f16 = 125 vec4s (62 whole iterations of 2 at one lane, one step left), 576
-    # int8 = 36, nf4 = 18 (fewer than the lanes: most threads have no step at all).
+    # K: 1000 f16 = 125 vec4s (at 8 lanes seven iterations of two steps, then two for
+    # threads 0-4 and one for the rest; at 64 lanes two steps for threads 0-60). 576 int8
+    # = 36 vec4s, nf4 = 18: second steps at 8 lanes only (at 64, fewer vec4s than lanes).
     specs = [(37, 1000, None, True, fmt), (12, 64, "tanh", False, "f16")]
     if fmt != "f16":
         specs[0] = (37, 576, None, True, fmt)

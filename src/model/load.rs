@@ -643,7 +643,8 @@ const ALLOCATION_ORDER: [LayerMatrix; 14] = {
 };
 
 /// Writes `values` into `out` as the bits of bf16 (`as_bf16`) or fp16 values, as one
-/// slice: half's slice conversion uses vector instructions where the CPU has them.
+/// slice: half converts fp16 slices with vector instructions where the CPU has them
+/// (F16C on x86).
 fn to_16_bits(values: &[f32], out: &mut [u16], as_bf16: bool) {
     if as_bf16 {
         bytemuck::cast_slice_mut::<u16, bf16>(out).convert_from_f32_slice(values);

@@ -62,9 +62,8 @@ fn splitmix(state: &mut u64) -> u64 {
 /// core for a big tensor (a 2.9B model is ~3e9 values, and the benches build one per
 /// process).
 fn fill_uniform(out: &mut [u8], state: u64, centre: f32, half: f32) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Parts of at least 1 Mi values: below that a thread costs more than it saves.
-    let parts = cores.min(out.len() >> 21).max(1);
+    let parts = crate::parallel::cores().min(out.len() >> 21).max(1);
     fill_uniform_in_parts(out, state, centre, half, parts);
 }
 
@@ -83,11 +82,9 @@ fn fill_uniform_in_parts(out: &mut [u8], state: u64, centre: f32, half: f32, par
         return fill_part(out, 0);
     }
     let per_part = (out.len() / 2).div_ceil(parts).max(1);
-    std::thread::scope(|scope| {
-        for (i, part) in out.chunks_mut(2 * per_part).enumerate() {
-            scope.spawn(move || fill_part(part, i * per_part));
-        }
-    });
+    let parts: Vec<_> = out.chunks_mut(2 * per_part).enumerate().collect();
+    let threads = parts.len();
+    crate::parallel::map(parts, threads, |(i, part)| fill_part(part, i * per_part));
 }
 
 impl Checkpoint for RandomCheckpoint {

@@ -58,22 +58,8 @@ impl PyWorldTokenizer {
 
     /// Encodes several texts on all cores, with the GIL released.
     fn encode_batch<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Vec<Bound<'py, PyList>>> {
-        let t = self.inner.clone();
-        let all: Vec<Vec<u32>> = py.detach(move || {
-            let workers =
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(texts.len().max(1));
-            let per = texts.len().div_ceil(workers.max(1)).max(1);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = texts
-                    .chunks(per)
-                    .map(|part| {
-                        let t = &t;
-                        scope.spawn(move || part.iter().map(|x| t.encode(x.as_bytes())).collect::<Vec<_>>())
-                    })
-                    .collect();
-                handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
-            })
-        });
+        let t = &self.inner;
+        let all = py.detach(|| t.encode_batch(&texts));
         all.iter().map(|ids| self.id_list(py, ids)).collect()
     }
 
