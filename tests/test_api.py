@@ -157,6 +157,16 @@ def test_random_model_runs():
         rwkv_gpu.Model.random(2, 100)
 
 
+@pytest.mark.parametrize("args", [(0, 64), (1025, 64), (10**5, 64), (2, 0), (2, 2**40), (2, 32768 + 64),
+                                  (2, 64, 0), (2, 64, 2**22 + 1)])
+def test_random_model_sizes_beyond_the_bounds_are_shape_errors(args):
+    """Checked before anything is built from them (a layer count of 10**5 used to build
+    the names of every layer's tensors first), as a ValueError naming the bounds."""
+    with pytest.raises(rwkv_gpu.ShapeError, match=r"n_layer in 1\.\.=1024.*\(got " + ", ".join(map(str, args))):
+        rwkv_gpu.Model.random(*args)
+    assert issubclass(rwkv_gpu.ShapeError, ValueError)
+
+
 def test_threads_share_a_model_but_not_a_state(tiny_model, tiny_cases):
     """Threads with their own states get the same answer as running alone."""
     prompt = tiny_cases["prompt"]

@@ -247,6 +247,18 @@ def test_chat_turns_equal_one_forward_over_the_transcript(model):
     assert np.max(np.abs(got - want)) < 1e-3
 
 
+def test_a_turn_refused_before_it_runs_keeps_the_system_prompt(model):
+    """A bad sampling option fails the first send before anything is fed: the chat is as
+    it was, and the next send still begins with the system prompt."""
+    chat = rwkv_gpu.Chat(model, system="Answer in Python.", max_tokens=3, temprature=0.0)
+    with pytest.raises(TypeError, match="temprature"):
+        chat.ask("hi")
+    assert chat.tokens == [] and chat.history == []
+    chat.sampling = {"temperature": 0.0}
+    chat.ask("hi")
+    assert bytes(chat.tokens).startswith(b"System: Answer in Python.\n\nUser: hi\n\nAssistant:")
+
+
 def test_state_cache_feeds_only_the_new_part(model):
     document = "import os\nimport sys\n\nclass Config:\n    "
     cache = rwkv_gpu.StateCache(max_entries=2)

@@ -83,9 +83,9 @@ class Chat:
         """Streams the reply to `message` (leading and trailing whitespace removed)."""
         before = self._pending
         text = before + turn("user", message) + REPLY_PROMPT
-        self._pending = ""
         prompt = self.model.tokenizer.encode(text)
         run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), [REPLY_STOP], (0,), None)
+        self._pending = ""  # only now: a bad option or tokenizer above leaves the turn unsent
         pieces: list[str] = []
         stream = iter(run)
         try:

@@ -4,6 +4,9 @@
 use crate::error::Result;
 use crate::loader::Checkpoint;
 
+/// The head size of every published RWKV-7 model, and so of `Config::official`.
+pub const OFFICIAL_HEAD_SIZE: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub n_layer: usize,
@@ -52,8 +55,8 @@ impl Config {
         Config {
             n_layer,
             n_embd,
-            n_head: n_embd / 64,
-            head_size: 64,
+            n_head: n_embd / OFFICIAL_HEAD_SIZE,
+            head_size: OFFICIAL_HEAD_SIZE,
             vocab_size,
             ffn_size: 4 * n_embd,
             lora_w: width(1.8, 0.5),

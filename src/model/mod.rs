@@ -165,9 +165,32 @@ impl Model {
         Self::from_checkpoint(ck.into(), options, quant, progress)
     }
 
-    pub fn random(config: Config, seed: u64, options: &DeviceOptions, quant: &QuantSpec) -> Result<Model> {
-        let ck = random::RandomCheckpoint::new(config, seed);
-        Self::from_checkpoint(Arc::new(ck), options, quant, &mut |_, _| Ok(()))
+    /// A model of the official shape (`Config::official`) with random weights. The sizes
+    /// are checked against the library's bounds before anything is built from them;
+    /// `progress` as for `from_checkpoint`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn random(
+        n_layer: usize,
+        n_embd: usize,
+        vocab_size: usize,
+        seed: u64,
+        options: &DeviceOptions,
+        quant: &QuantSpec,
+        progress: &mut dyn FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Model> {
+        use crate::schema::{MAX_EMBD, MAX_LAYERS, MAX_VOCAB};
+        let head = config::OFFICIAL_HEAD_SIZE;
+        if !(1..=MAX_LAYERS).contains(&n_layer)
+            || !(1..=MAX_EMBD).contains(&n_embd)
+            || !n_embd.is_multiple_of(head)
+            || !(1..=MAX_VOCAB).contains(&vocab_size)
+        {
+            return Err(Error::Shape(format!(
+                "Model.random needs n_layer in 1..={MAX_LAYERS}, n_embd a multiple of {head} in {head}..={MAX_EMBD} and vocab_size in 1..={MAX_VOCAB} (got {n_layer}, {n_embd}, {vocab_size})"
+            )));
+        }
+        let ck = random::RandomCheckpoint::new(Config::official(n_layer, n_embd, vocab_size), seed);
+        Self::from_checkpoint(Arc::new(ck), options, quant, progress)
     }
 
     /// Host tables keep reading from `ck` where it maps its file (see host_table.rs).

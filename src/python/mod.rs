@@ -225,16 +225,11 @@ impl PyModel {
         let (n_layer, n_embd, vocab_size) =
             (n_layer.count("n_layer")?, n_embd.count("n_embd")?, vocab_size.count("vocab_size")?);
         let seed = seed.within::<u64>("seed", 0, u64::MAX)?;
-        if n_layer == 0 || n_embd == 0 || n_embd % 64 != 0 || vocab_size == 0 {
-            return Err(errors::shape(format!(
-                "Model.random needs n_layer >= 1, n_embd a positive multiple of 64 and vocab_size >= 1 (got {n_layer}, {n_embd}, {vocab_size})"
-            )));
-        }
         let opts = options(adapter, no_f16, no_subgroups, max_binding)?;
         let quant = quant_spec(layer_dtypes, head_dtype)?;
-        let model = py
-            .detach(|| Model::random(Config::official(n_layer, n_embd, vocab_size), seed, &opts, &quant))
-            .map_err(to_py)?;
+        let model = errors::long_call(py, |interrupt, _| {
+            Model::random(n_layer, n_embd, vocab_size, seed, &opts, &quant, &mut |_, _| interrupt.check())
+        })?;
         Ok(PyModel { inner: Arc::new(model) })
     }
 
