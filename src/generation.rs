@@ -264,39 +264,40 @@ impl Batch {
         Ok(())
     }
 
-    /// Feeds the pending tokens of the sequences in `ids` (all: None), in one call, no
-    /// logits, except drawn tokens the caller never took; they take no more steps. Safe
-    /// to repeat.
-    pub fn finish(&mut self, ids: Option<&[SeqId]>) -> Result<()> {
+    /// Ends the sequences in `ids` (all: None): each feeds the drawn token the caller took,
+    /// if any, all in one call, no logits. A drawn token never taken is dropped, and a
+    /// prompt not all in is fed no further: its state holds the part in `fed` (feeding
+    /// the rest of a long prompt here would hold a cancelled request's batch, or a
+    /// Ctrl-C, for all of it). They take no more steps. On an error or an interrupt
+    /// nothing changes. Safe to repeat.
+    pub fn finish_with(&mut self, ids: Option<&[SeqId]>, interrupt: Interrupt) -> Result<()> {
         let chosen = |m: &Member| ids.is_none_or(|ids| ids.contains(&m.id));
-        for m in self.members.iter_mut().filter(|m| chosen(m)) {
-            if m.untaken {
-                m.pending.clear();
-                m.untaken = false;
-            }
-        }
-        let batch: Vec<(&State, &[u32])> = self
-            .members
-            .iter()
-            .filter(|m| chosen(m) && !m.pending.is_empty())
-            .map(|m| (&m.state, m.pending.as_slice()))
-            .collect();
+        let feeds = |m: &Member| chosen(m) && !m.untaken && !m.reading_prompt() && !m.pending.is_empty();
+        let batch: Vec<(&State, &[u32])> =
+            self.members.iter().filter(|m| feeds(m)).map(|m| (&m.state, m.pending.as_slice())).collect();
         if !batch.is_empty() {
-            self.model.forward_batch(&batch, Want::None)?;
+            self.model.forward_batch_with(&batch, Want::None, interrupt)?;
         }
         for m in self.members.iter_mut().filter(|m| chosen(m)) {
             let pending = std::mem::take(&mut m.pending);
-            m.fed.extend(pending);
+            if !m.untaken && !m.reading_prompt() {
+                m.fed.extend(pending);
+            }
+            m.untaken = false;
             m.done = true;
         }
         Ok(())
     }
 
-    /// Finishes sequence `id` and takes it out of the batch; its state then holds exactly
-    /// its `fed` tokens. Returns (fed, given).
-    pub fn remove(&mut self, id: SeqId) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub fn finish(&mut self, ids: Option<&[SeqId]>) -> Result<()> {
+        self.finish_with(ids, Interrupt::NONE)
+    }
+
+    /// Finishes sequence `id` (as `finish_with`) and takes it out of the batch; its state
+    /// then holds exactly its `fed` tokens. Returns (fed, given).
+    pub fn remove_with(&mut self, id: SeqId, interrupt: Interrupt) -> Result<(Vec<u32>, Vec<u32>)> {
         self.member(id)?;
-        self.finish(Some(&[id]))?;
+        self.finish_with(Some(&[id]), interrupt)?;
         let at = self.members.iter().position(|m| m.id == id).expect("checked above");
         let m = self.members.remove(at);
         Ok((m.fed, m.given))

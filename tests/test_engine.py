@@ -114,6 +114,32 @@ def test_cancel_frees_the_slot_and_keeps_what_was_handed_out(model):
     assert_states_close(first.state.to_numpy(), state_after(model, list(PROMPTS[0].encode()) + done.tokens))
 
 
+def test_cancelling_a_request_still_reading_its_prompt_feeds_no_more_of_it(model):
+    """With max_prefill_tokens 32, a 2000-byte prompt takes ~63 steps to go in. Cancelled
+    after a few, the request ends without the rest being fed (which held the scheduler,
+    every stream with it, for the whole prompt), and the state it was given, which would
+    have held part of the prompt, is left as it was; nothing is returned for it."""
+    long_prompt = (DATA / "trained-bytes" / "heldout.txt").read_text()[:2000]
+    given = model.new_state()
+    model.prefill(list(b"# notes\n"), given)
+    before = given.to_numpy()
+    with rwkv_gpu.Engine(model, max_batch=2, max_prefill_tokens=32) as engine:
+        cancelled = engine.submit(long_prompt, max_tokens=4, state=given, **GREEDY)
+        returned = engine.submit(long_prompt, max_tokens=4, return_state=True, **GREEDY)
+        while engine.stats().get("steps", 0) < 3:
+            time.sleep(0.005)
+        cancelled.cancel()
+        returned.cancel()
+        for request in (cancelled, returned):
+            assert request.result(timeout=60).tokens == []
+            assert request.finish_reason == "cancelled"
+        steps = engine.stats()["steps"]
+        assert steps < 2000 // 32, f"the prompts went in before the cancel ({steps} steps)"
+    after = given.to_numpy()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert returned.state is None
+
+
 def test_a_failing_request_fails_alone(model):
     with rwkv_gpu.Engine(model, max_batch=4) as engine:
         good = [engine.submit(p, max_tokens=8, **GREEDY) for p in PROMPTS[:2]]

@@ -51,7 +51,9 @@ class Request:
     `result()`; `cancel()` ends it within one step. Afterwards `finish_reason` ("stop",
     "length", "cancelled", "closed"), `tokens`, `logprobs`, `prompt_tokens`,
     `cached_tokens` (prompt tokens the prefix cache supplied) and `state` (the final
-    state, when one was given or `return_state` asked for) describe it."""
+    state, when one was given or `return_state` asked for; a request cancelled or closed
+    before its whole prompt was in leaves a given state as it was and returns none)
+    describe it."""
 
     _ids = itertools.count()
 
@@ -418,7 +420,9 @@ class Engine:
 
     def _retire(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         """Takes the request out of the batch: its slot's state then holds the prompt and
-        the tokens handed out; the state goes to the request and the cache as asked."""
+        the tokens handed out, and goes to the request and the cache as asked. A request
+        that ends before its whole prompt is in (cancelled, closed) is not fed the rest:
+        its slot holds part of the prompt, which no one is given."""
         assert request._seq is not None and request._slot is not None
         slot = self._slots[request._slot]
         try:
@@ -426,9 +430,9 @@ class Engine:
             if error is None:
                 prompt_in = len(fed) - len(request.tokens) == len(request.ids) - request.cached_tokens
                 self.counters["prompt_tokens"] += request.prompt_tokens
-                if request.state is not None:
+                if request.state is not None and prompt_in:
                     self.model._m.copy_state(slot._core, request.state._core)
-                elif request.return_state:
+                elif request.return_state and prompt_in:
                     request.state = slot.clone()
                 if self.cache is not None and request.use_cache and prompt_in:
                     self.cache.store(self.model, request.ids + request.tokens, slot)

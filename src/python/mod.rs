@@ -642,15 +642,16 @@ impl PyBatch {
         self.locked(|b| b.stop(id, feed_pending))
     }
 
-    /// Feeds what the sequences in `ids` (default all) have pending, taken tokens only.
+    /// Ends the sequences in `ids` (default all), feeding the drawn tokens the caller took
+    /// (a prompt not all in is fed no further).
     #[pyo3(signature = (ids=None))]
     fn finish(&self, py: Python<'_>, ids: Option<Vec<u64>>) -> PyResult<()> {
-        self.detached(py, move |b, _| b.finish(ids.as_deref()))
+        self.detached(py, move |b, interrupt| b.finish_with(ids.as_deref(), interrupt))
     }
 
     /// Finishes sequence `id` and takes it out; returns (fed, given).
     fn remove(&self, py: Python<'_>, id: u64) -> PyResult<(Vec<u32>, Vec<u32>)> {
-        self.detached(py, move |b, _| b.remove(id))
+        self.detached(py, move |b, interrupt| b.remove_with(id, interrupt))
     }
 
     fn fed(&self, id: u64) -> PyResult<Vec<u32>> {
