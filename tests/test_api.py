@@ -95,6 +95,13 @@ def test_bad_state_arrays(tiny_model):
         tiny_model.state_from_numpy({**good, "wkv": good["wkv"][:1]})
     with pytest.raises(rwkv_gpu.ShapeError, match="missing 'ffn_shift'"):
         tiny_model.state_from_numpy({"att_shift": good["att_shift"], "wkv": good["wkv"]})
+    # The core's own checks, under the Python ones: a byte count that is not whole f32
+    # values (one byte short of the right count) is refused, not padded with zeros.
+    parts = [np.ascontiguousarray(good[k], dtype=np.float32).tobytes() for k in ("att_shift", "wkv", "ffn_shift")]
+    with pytest.raises(rwkv_gpu.ShapeError, match=f"wkv has {len(parts[1]) - 1} bytes: not a whole number"):
+        tiny_model._m.state_from_host(parts[0], parts[1][:-1], parts[2])
+    with pytest.raises(rwkv_gpu.ShapeError, match="att_shift has 1 values"):
+        tiny_model._m.state_from_host(parts[0][:4], parts[1], parts[2])
 
 
 @pytest.mark.parametrize(
@@ -297,3 +304,13 @@ def test_long_generation_keeps_host_and_device_memory_flat():
     assert run(2000, 2) == 2000
     assert rss() < before * 1.01, (before, rss())
     assert model.memory() == device
+
+
+def test_copy_bandwidth_refuses_what_it_cannot_record(tiny_model):
+    """The bench's bandwidth probe records every copy into one submission: a repetition
+    count past its cap is refused at once (it was recorded whole, without Ctrl-C)."""
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="1 to 1000 repetitions"):
+        tiny_model._m.copy_bandwidth(1 << 20, 10**6)
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="at least 16 bytes"):
+        tiny_model._m.copy_bandwidth(8, 1)
+    assert tiny_model._m.copy_bandwidth(1 << 16, 2) > 0

@@ -16,14 +16,20 @@ struct CopyParams {
     _pad: [u32; 3],
 }
 
+/// The most copies `copy_bandwidth` records into its one submission.
+pub const MAX_COPY_REPETITIONS: usize = 1000;
+
 impl Model {
     /// Bytes moved per second (read plus written) by copying a `bytes`-byte buffer
     /// `repetitions` times in one submission, after one warm-up copy; wall time from
-    /// submission to completion. `bytes` is capped at the largest storage binding.
+    /// submission to completion. `bytes` is capped at the largest storage binding;
+    /// repetitions at MAX_COPY_REPETITIONS (one submission, recorded whole on the host).
     pub fn copy_bandwidth(&self, bytes: u64, repetitions: usize) -> Result<f64> {
         let bytes = bytes.min(self.ctx.max_binding) / 16 * 16;
-        if bytes == 0 || repetitions == 0 {
-            return Err(Error::Invalid("copy_bandwidth needs at least 16 bytes and one repetition".into()));
+        if bytes == 0 || !(1..=MAX_COPY_REPETITIONS).contains(&repetitions) {
+            return Err(Error::Invalid(format!(
+                "copy_bandwidth needs at least 16 bytes and 1 to {MAX_COPY_REPETITIONS} repetitions (got {bytes} bytes, {repetitions})"
+            )));
         }
         let src = self.ctx.create_buffer("copy source", bytes, wgpu::BufferUsages::STORAGE)?;
         let dst = self.ctx.create_buffer("copy destination", bytes, wgpu::BufferUsages::STORAGE)?;
@@ -48,6 +54,6 @@ impl Model {
         };
         run(1)?;
         let seconds = run(repetitions)?;
-        Ok((2 * bytes * repetitions as u64) as f64 / seconds)
+        Ok(2.0 * bytes as f64 * repetitions as f64 / seconds)
     }
 }

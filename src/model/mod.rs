@@ -154,6 +154,27 @@ pub struct HostState {
     pub ffn_shift: Vec<f32>,
 }
 
+impl HostState {
+    /// From the little-endian f32 bytes of each part; a length that is not a whole number
+    /// of f32 values is refused (not padded).
+    pub fn from_le_bytes(att_shift: &[u8], wkv: &[u8], ffn_shift: &[u8]) -> Result<HostState> {
+        let values = |name: &str, bytes: &[u8]| -> Result<Vec<f32>> {
+            if !bytes.len().is_multiple_of(4) {
+                return Err(Error::Shape(format!(
+                    "state {name} has {} bytes: not a whole number of f32 values",
+                    bytes.len()
+                )));
+            }
+            Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        };
+        Ok(HostState {
+            att_shift: values("att_shift", att_shift)?,
+            wkv: values("wkv", wkv)?,
+            ffn_shift: values("ffn_shift", ffn_shift)?,
+        })
+    }
+}
+
 impl Model {
     pub fn open(
         path: &Path,

@@ -382,11 +382,7 @@ impl PyModel {
         wkv: &[u8],
         ffn_shift: &[u8],
     ) -> PyResult<PyState> {
-        let host = HostState {
-            att_shift: bytemuck::pod_collect_to_vec(att_shift),
-            wkv: bytemuck::pod_collect_to_vec(wkv),
-            ffn_shift: bytemuck::pod_collect_to_vec(ffn_shift),
-        };
+        let host = HostState::from_le_bytes(att_shift, wkv, ffn_shift).map_err(to_py)?;
         let m = self.inner.clone();
         Ok(PyState { inner: py.detach(move || m.state_from_host(&host)).map_err(to_py)? })
     }
