@@ -76,6 +76,12 @@ def test_random_model_with_negative_dimensions(args, names):
         rwkv_gpu.Model.random(*args)
 
 
+@pytest.mark.parametrize("value", [-1, 2**70])
+def test_a_max_binding_no_u64_holds_is_a_value_error_naming_it(value):
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match=f"max_binding .*{value}"):
+        rwkv_gpu.Model.random(1, 64, vocab_size=16, max_binding=value)
+
+
 @pytest.mark.parametrize("variable", [
     "RWKV_GPU_MATVEC_LANES", "RWKV_GPU_GEMM_LOADS", "RWKV_GPU_NF4_LOOKUP", "RWKV_GPU_MAX_BINDING", "RWKV_GPU_SPLIT_K",
     "RWKV_GPU_MATVEC_ROWS", "RWKV_GPU_MATVEC_DEPTH", "RWKV_GPU_TUNE", "RWKV_GPU_CHUNK_TOKENS",

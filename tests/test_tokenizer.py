@@ -87,6 +87,8 @@ def test_bad_ids(world):
         world.decode([70000])
     with pytest.raises(rwkv_gpu.ShapeError):
         world.decode([-1])
+    # No token has an id outside 0..2**32: None, as for any id without a token.
+    assert world.token_bytes(-1) is None and world.token_bytes(2**40) is None
 
 
 # ---- tokenizer.json models, through the `tokenizers` package ----
@@ -117,6 +119,7 @@ def test_tokenizer_json_round_trips_and_streams(bpe_json):
     pieces = [d.push(i) for i in ids]
     assert "".join(pieces) + d.finish() == text
     assert all("\ufffd" not in p for p in pieces)
+    assert tok.token_bytes(ids[0]) and tok.token_bytes(-1) is None and tok.token_bytes(2**40) is None
 
 
 def test_model_picks_the_tokenizer_json_beside_it(bpe_json, tmp_path):

@@ -139,12 +139,15 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes | None:
+        token = int(token)
+        if not 0 <= token < 2**32:  # no tokenizer has such an id
+            return None
         if self._hf is not None:
-            piece = self._hf.id_to_token(int(token))
+            piece = self._hf.id_to_token(token)
             return None if piece is None else piece.encode("utf-8")
         if self._bytes:
             return bytes([token]) if 0 <= token < 256 else None
-        return self._core.token_bytes(int(token))
+        return self._core.token_bytes(token)
 
     def stream_decoder(self) -> StreamDecoder:
         if self._hf is not None:

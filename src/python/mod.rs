@@ -25,8 +25,9 @@ fn options(
     adapter: Option<String>,
     no_f16: bool,
     no_subgroups: bool,
-    max_binding: Option<u64>,
+    max_binding: Option<Int>,
 ) -> PyResult<DeviceOptions> {
+    let max_binding = max_binding.map(|b| b.within::<u64>("max_binding", 0, u64::MAX)).transpose()?;
     DeviceOptions {
         adapter: adapter.map(|a| AdapterChoice::parse(&a)),
         no_f16,
@@ -184,7 +185,7 @@ impl PyModel {
         adapter: Option<String>,
         no_f16: bool,
         no_subgroups: bool,
-        max_binding: Option<u64>,
+        max_binding: Option<Int>,
         progress: Option<Py<PyAny>>,
         layer_dtypes: Option<Vec<String>>,
         head_dtype: Option<String>,
@@ -218,7 +219,7 @@ impl PyModel {
         adapter: Option<String>,
         no_f16: bool,
         no_subgroups: bool,
-        max_binding: Option<u64>,
+        max_binding: Option<Int>,
         layer_dtypes: Option<Vec<String>>,
         head_dtype: Option<String>,
     ) -> PyResult<Self> {
