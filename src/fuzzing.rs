@@ -146,6 +146,6 @@ pub fn sampler(data: &[u8]) {
         assert!((token as usize) < vocab, "token {token} outside a vocabulary of {vocab}");
         let p = sampler.probabilities(&penalised);
         assert_eq!(p.len(), vocab);
-        sampler.record(token, b"x");
+        sampler.record(token, b"x").expect("a drawn token is in the vocabulary");
     }
 }

@@ -246,7 +246,7 @@ impl Batch {
         if !m.untaken || m.pending.last() != Some(&token) {
             return Err(Error::State(format!("token {token} is not sequence {id}'s drawn token")));
         }
-        m.sampler.record(token, token_bytes);
+        m.sampler.record(token, token_bytes)?;
         m.given.push(token);
         m.untaken = false;
         Ok(())

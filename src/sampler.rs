@@ -143,6 +143,19 @@ impl Sampler {
         self.vocab
     }
 
+    /// Logits from their little-endian f32 bytes, one value per token of the vocabulary.
+    pub fn logits_from_le_bytes(&self, raw: &[u8]) -> Result<Vec<f32>> {
+        if raw.len() != self.vocab * 4 {
+            return Err(Error::Shape(format!(
+                "logits hold {} bytes; this sampler needs {} float32 values ({} bytes)",
+                raw.len(),
+                self.vocab,
+                self.vocab * 4
+            )));
+        }
+        Ok(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    }
+
     /// Forgets the penalty counts (the RNG goes on).
     pub fn reset(&mut self) {
         self.counts.clear();
@@ -196,11 +209,15 @@ impl Sampler {
     }
 
     /// After a draw: decays every count, then counts `token` (+0 for whitespace/digit text).
-    pub fn record(&mut self, token: u32, token_bytes: &[u8]) {
+    pub fn record(&mut self, token: u32, token_bytes: &[u8]) -> Result<()> {
+        if token as usize >= self.vocab {
+            return Err(Error::Shape(format!("token {token} is outside the vocabulary of {}", self.vocab)));
+        }
         let decay = self.options.penalty_decay as f64;
         self.counts.values_mut().for_each(|c| *c *= decay);
         let free = token_bytes.is_empty() || FREE_TEXT.windows(token_bytes.len()).any(|w| w == token_bytes);
         *self.counts.entry(token).or_insert(0.0) += if free { 0.0 } else { 1.0 };
+        Ok(())
     }
 
     /// The distribution `sample` draws from, one probability per logit.
@@ -460,12 +477,12 @@ mod tests {
     fn penalties_decay_then_count() {
         let mut s =
             sampler(|o| (o.presence_penalty, o.frequency_penalty, o.penalty_decay) = (0.5, 0.25, 0.5), 8);
-        s.record(3, b"hi");
-        s.record(3, b"hi"); // 1 * 0.5 + 1
-        s.record(5, b" "); // whitespace: enters with 0
-        s.record(6, b"12"); // a substring of " \t0123456789": 0
-        s.record(7, b"  "); // two spaces are not a substring: 1
-        s.record(3, b"hi"); // 1.5 * 0.5^4 + 1 (four decays since)
+        s.record(3, b"hi").unwrap();
+        s.record(3, b"hi").unwrap(); // 1 * 0.5 + 1
+        s.record(5, b" ").unwrap(); // whitespace: enters with 0
+        s.record(6, b"12").unwrap(); // a substring of " \t0123456789": 0
+        s.record(7, b"  ").unwrap(); // two spaces are not a substring: 1
+        s.record(3, b"hi").unwrap(); // 1.5 * 0.5^4 + 1 (four decays since)
         assert_eq!(s.counts(), vec![(3, 1.09375), (5, 0.0), (6, 0.0), (7, 0.5)]);
         let mut logits = [1.0f32; 8];
         s.apply_penalties(&mut logits);
@@ -474,10 +491,23 @@ mod tests {
         s.reset();
         assert!(s.counts().is_empty());
         for empty in [b"".as_slice(), b"\t0", b"789"] {
-            s.record(1, empty);
+            s.record(1, empty).unwrap();
         }
-        s.record(2, b" 1"); // space then digit is not in the string
+        s.record(2, b" 1").unwrap(); // space then digit is not in the string
         assert_eq!(s.counts(), vec![(1, 0.0), (2, 1.0)]);
+        // A token outside the vocabulary is refused and counts nothing, decays nothing.
+        assert!(matches!(s.record(8, b"x"), Err(Error::Shape(m)) if m.contains("token 8 is outside")));
+        assert_eq!(s.counts(), vec![(1, 0.0), (2, 1.0)]);
+    }
+
+    #[test]
+    fn logits_are_whole_f32_values_one_per_token() {
+        let s = sampler(|_| (), 3);
+        let raw: Vec<u8> = [1.5f32, -2.0, 0.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(s.logits_from_le_bytes(&raw).unwrap(), vec![1.5, -2.0, 0.25]);
+        for bad in [&raw[..11], &raw[..8], &[raw.as_slice(), &[0; 4]].concat()[..]] {
+            assert!(matches!(s.logits_from_le_bytes(bad), Err(Error::Shape(_))), "{} bytes", bad.len());
+        }
     }
 
     #[test]

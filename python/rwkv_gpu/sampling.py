@@ -78,8 +78,6 @@ class Sampler:
 
     def __init__(self, vocab_size: int, options: Sampling | None = None) -> None:
         o = options or Sampling()
-        if o.seed is not None and not 0 <= int(o.seed) < 2**64:
-            raise errors.InvalidOptionError(f"seed {o.seed} must be in [0, 2**64)")
         self.vocab_size = int(vocab_size)
         self.options = o
         self._core = _core.Sampler(

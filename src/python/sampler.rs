@@ -13,7 +13,6 @@ use crate::sampler::{Sampler, SamplingOptions};
 #[pyclass(name = "Sampler", module = "rwkv_gpu._core", frozen)]
 pub struct PySampler {
     pub(crate) inner: Arc<Mutex<Sampler>>,
-    pub(crate) vocab: usize,
 }
 
 impl PySampler {
@@ -22,15 +21,7 @@ impl PySampler {
     }
 
     fn logits(&self, raw: &[u8]) -> PyResult<Vec<f32>> {
-        if raw.len() != self.vocab * 4 {
-            return Err(super::errors::shape(format!(
-                "logits hold {} bytes; this sampler needs {} float32 values ({} bytes)",
-                raw.len(),
-                self.vocab,
-                self.vocab * 4
-            )));
-        }
-        Ok(bytemuck::pod_collect_to_vec(raw))
+        self.lock().logits_from_le_bytes(raw).map_err(to_py)
     }
 }
 
@@ -91,7 +82,7 @@ impl PySampler {
             seed,
         };
         let sampler = Sampler::new(options, vocab_size).map_err(to_py)?;
-        Ok(PySampler { inner: Arc::new(Mutex::new(sampler)), vocab: vocab_size })
+        Ok(PySampler { inner: Arc::new(Mutex::new(sampler)) })
     }
 
     /// Logits after logit bias, bans and penalties (f32 bytes).
@@ -118,14 +109,7 @@ impl PySampler {
 
     /// Counts a generated token (decay first); `token_bytes` decides the whitespace/digit rule.
     fn record(&self, token: u32, token_bytes: &[u8]) -> PyResult<()> {
-        if token as usize >= self.vocab {
-            return Err(super::errors::shape(format!(
-                "token {token} is outside the vocabulary of {}",
-                self.vocab
-            )));
-        }
-        self.lock().record(token, token_bytes);
-        Ok(())
+        self.lock().record(token, token_bytes).map_err(to_py)
     }
 
     fn counts(&self) -> Vec<(u32, f64)> {
