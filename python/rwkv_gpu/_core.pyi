@@ -4,10 +4,11 @@ from collections.abc import Callable
 from typing import Any, final
 
 __all__ = ["adapters", "choose_adapter", "kernel_source", "checkpoint_config", "sampling_defaults", "Model", "State", "Sampler", "Batch",
-           "WorldTokenizer", "StreamDecoder", "kernels", "projections"]
+           "WorldTokenizer", "StreamDecoder", "kernels", "projections", "max_top_logprobs"]
 
 kernels: list[str]
 projections: list[str]
+max_top_logprobs: int
 
 
 def adapters() -> list[dict[str, object]]: ...

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import _core, errors
 from .generation import Completion, TextStream, sampler_for
 from .sampling import Sampler, Sampling, sampling_options
 from .state_cache import StateCache
@@ -243,15 +243,16 @@ class Engine:
         (sampling keywords, stop strings and tokens, max_tokens). `state`: start from it
         and advance it (when the request ends); `return_state`: hand the final state back
         as `request.state` otherwise. `top_logprobs`: report each token's log-probability
-        and that many alternatives (0-20). `cache_points`: prompt lengths after which the
+        and that many alternatives (0 to `_core.max_top_logprobs`, 20). `cache_points`: prompt lengths after which the
         state is worth keeping in the prefix cache (ends of a system prompt or of earlier
         turns). Bad options raise here; a bad prompt fails this request only."""
         text = TextStream(self.model._tokenizer_if_any(), max_tokens, stop, stop_tokens)
         sampler = sampler_for(self.model, Sampling(**sampling_options(dict(options))))  # checks the options
         if state is not None:
             self.model._check_state(state)
-        if top_logprobs is not None and not 0 <= int(top_logprobs) <= 20:
-            raise errors.InvalidOptionError(f"top_logprobs must be between 0 and 20, got {top_logprobs}")
+        if top_logprobs is not None and not 0 <= int(top_logprobs) <= _core.max_top_logprobs:
+            raise errors.InvalidOptionError(
+                f"top_logprobs must be between 0 and {_core.max_top_logprobs}, got {top_logprobs}")
         ids = self.model._prompt_ids(prompt)
         request = Request(ids, cache_points, text, sampler, state, return_state, top_logprobs, use_cache)
         with self._cv:

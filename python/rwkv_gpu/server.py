@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import errors
+from . import _core, errors
 from .conversation import REPLY_PROMPT, REPLY_STOP, ReplyStart, turn
 from .metrics import Metrics
 
@@ -97,7 +97,7 @@ class _Body(BaseModel):
 class CompletionBody(_Body):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=_core.max_top_logprobs)
     echo: bool = False
 
 
@@ -112,7 +112,7 @@ class ChatBody(_Body):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=_core.max_top_logprobs)
 
 
 class EmbeddingBody(BaseModel):

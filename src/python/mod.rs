@@ -686,5 +686,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .map(|(e, _)| e.name.strip_suffix(".weight").unwrap_or(e.name))
         .collect();
     m.add("projections", PyList::new(py, projections)?)?;
+    m.add("max_top_logprobs", crate::generation::MAX_TOP_LOGPROBS)?;
     Ok(())
 }
