@@ -363,3 +363,15 @@ def test_lost_device_is_device_lost_error_and_a_new_model_works(tiny_cases):
     fresh = open_model(TINY)
     np.testing.assert_allclose(fresh.forward(tiny_cases["prompt"], fresh.new_state(), all_logits=True),
                                tiny_cases["prompt_logits"], atol=1e-3, rtol=0)
+
+
+def test_unknown_names_are_invalid_option_errors_listing_the_known(model):
+    """Kernel, output and pooling names are parsed in the core, which lists the ones it knows."""
+    first = rwkv_gpu._core.kernels[0]
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match=f'unknown kernel "nope"; kernels: .*"{first}"'):
+        rwkv_gpu.kernel_source("nope")
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match='want must be one of .*"hidden_all".*, got "bogus"'):
+        model._m.forward([1], model.new_state()._core, "bogus")
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="pooling must be 'last' or 'mean', got \"max\""):
+        model.embed([1, 2], pooling="max")
+    assert issubclass(rwkv_gpu.InvalidOptionError, ValueError)

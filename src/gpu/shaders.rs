@@ -54,8 +54,10 @@ impl Kernel {
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Kernel> {
-        Kernel::ALL.into_iter().find(|k| k.name() == name)
+    pub fn from_name(name: &str) -> Result<Kernel> {
+        Kernel::ALL.into_iter().find(|k| k.name() == name).ok_or_else(|| {
+            Error::Invalid(format!("unknown kernel {name:?}; kernels: {:?}", Kernel::ALL.map(|k| k.name())))
+        })
     }
 
     pub fn source(self) -> &'static str {
@@ -81,6 +83,20 @@ fn library(file: &str) -> Option<&'static str> {
         "matmul_common.wgsl" => Some(include_str!("../../shaders/matmul_common.wgsl")),
         _ => None,
     }
+}
+
+/// The preprocessed source of kernel `name` under `defines` written as `NAME` or
+/// `NAME=value` (for testing kernels with other compilers).
+pub fn kernel_source(name: &str, defines: &[String]) -> Result<String> {
+    let kernel = Kernel::from_name(name)?;
+    let defines: Vec<(String, String)> = defines
+        .iter()
+        .map(|d| match d.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (d.clone(), String::new()),
+        })
+        .collect();
+    preprocess(name, kernel.source(), &defines)
 }
 
 /// Expands `#include "file"` lines (files of `library`), `#ifdef` blocks and valued

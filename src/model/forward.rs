@@ -13,7 +13,7 @@ use super::scratch::{Scratch, MAX_SEQS};
 use super::state::Page;
 use super::weights::{consts, Layer};
 use super::{CallStats, Model};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::recorder::{read_buffer, Program};
 use crate::gpu::{GpuContext, Recorder};
 use crate::interrupt::Interrupt;
@@ -35,6 +35,23 @@ pub enum Want {
 }
 
 impl Want {
+    /// Each output by the name the Python layer passes.
+    const NAMES: [(&'static str, Want); 6] = [
+        ("last", Want::Last),
+        ("all", Want::All),
+        ("none", Want::None),
+        ("hidden_last", Want::HiddenLast),
+        ("hidden_all", Want::HiddenAll),
+        ("argmax", Want::Argmax),
+    ];
+
+    pub fn parse(name: &str) -> Result<Want> {
+        let known = Self::NAMES.iter().find(|(n, _)| *n == name);
+        known.map(|&(_, want)| want).ok_or_else(|| {
+            Error::Invalid(format!("want must be one of {:?}, got {name:?}", Self::NAMES.map(|(n, _)| n)))
+        })
+    }
+
     /// One output row per token (else one per sequence, or none).
     pub(crate) fn per_token(self) -> bool {
         matches!(self, Want::All | Want::HiddenAll)

@@ -141,13 +141,24 @@ impl QuantSpec {
     }
 }
 
-/// Per-layer state as host arrays, f32: att_shift [L, C], wkv [L, H, N, N], ffn_shift [L, C].
+/// How `embed` turns a sequence's hidden states into one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     Last,
     Mean,
 }
 
+impl Pooling {
+    pub fn parse(name: &str) -> Result<Pooling> {
+        match name {
+            "last" => Ok(Pooling::Last),
+            "mean" => Ok(Pooling::Mean),
+            other => Err(Error::Invalid(format!("pooling must be 'last' or 'mean', got {other:?}"))),
+        }
+    }
+}
+
+/// Per-layer state as host arrays, f32: att_shift [L, C], wkv [L, H, N, N], ffn_shift [L, C].
 pub struct HostState {
     pub att_shift: Vec<f32>,
     pub wkv: Vec<f32>,

@@ -112,17 +112,7 @@ fn dims_dict<'py>(py: Python<'py>, c: &Config) -> PyResult<Bound<'py, PyDict>> {
 #[pyfunction]
 #[pyo3(signature = (name, defines=Vec::new()))]
 fn kernel_source(name: &str, defines: Vec<String>) -> PyResult<String> {
-    let kernel = Kernel::from_name(name).ok_or_else(|| {
-        errors::invalid(format!("unknown kernel {name:?}; kernels: {:?}", Kernel::ALL.map(|k| k.name())))
-    })?;
-    let defs: Vec<(String, String)> = defines
-        .iter()
-        .map(|d| match d.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (d.clone(), String::new()),
-        })
-        .collect();
-    crate::gpu::shaders::preprocess(name, kernel.source(), &defs).map_err(to_py)
+    crate::gpu::shaders::kernel_source(name, &defines).map_err(to_py)
 }
 
 #[pyclass(name = "State", module = "rwkv_gpu._core", frozen)]
@@ -144,22 +134,6 @@ fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> 
         .map_err(to_py)?;
     let head = head_dtype.map(|h| WeightFormat::parse(&h)).transpose().map_err(to_py)?;
     Ok(QuantSpec { layers, head })
-}
-
-fn parse_want(want: &str) -> PyResult<Want> {
-    Ok(match want {
-        "last" => Want::Last,
-        "all" => Want::All,
-        "none" => Want::None,
-        "hidden_last" => Want::HiddenLast,
-        "hidden_all" => Want::HiddenAll,
-        "argmax" => Want::Argmax,
-        other => {
-            return Err(errors::invalid(format!(
-                "want must be 'last', 'all', 'none', 'hidden_last', 'hidden_all' or 'argmax', got {other:?}"
-            )))
-        }
-    })
 }
 
 fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
@@ -280,7 +254,7 @@ impl PyModel {
         state: &PyState,
         want: &str,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let want = parse_want(want)?;
+        let want = Want::parse(want).map_err(to_py)?;
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
@@ -322,7 +296,7 @@ impl PyModel {
         states: Vec<PyRef<'py, PyState>>,
         want: &str,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let want = parse_want(want)?;
+        let want = Want::parse(want).map_err(to_py)?;
         if batch.len() != states.len() {
             return Err(errors::shape(format!(
                 "{} token lists but {} states: give one state per sequence",
@@ -423,11 +397,7 @@ impl PyModel {
         batch: Vec<Vec<Int>>,
         pooling: &str,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let pooling = match pooling {
-            "last" => Pooling::Last,
-            "mean" => Pooling::Mean,
-            other => return Err(errors::invalid(format!("pooling must be 'last' or 'mean', got {other:?}"))),
-        };
+        let pooling = Pooling::parse(pooling).map_err(to_py)?;
         let v = self.inner.config.vocab_size;
         let batch = batch.into_iter().map(|t| tokens_from(t, v)).collect::<PyResult<Vec<_>>>()?;
         let m = self.inner.clone();
