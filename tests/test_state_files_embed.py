@@ -143,3 +143,9 @@ def test_embed_rejects_bad_input(tiny_model):
         tiny_model.embed([])
     with pytest.raises(rwkv_gpu.ShapeError, match="out of range"):
         tiny_model.embed([[1, 2], [9999]])
+    # Every bad id is named by its text, whether the vocabulary or a u32 refuses it.
+    for bad in (9999, -1, 2**40):
+        with pytest.raises(rwkv_gpu.ShapeError, match=f"^text 1: token id {bad} at position 1 is out of range"):
+            tiny_model.embed([[1, 2], [3, bad]])
+        with pytest.raises(rwkv_gpu.ShapeError, match=f"^sequence 1: token id {bad} at position 1 is out of range"):
+            tiny_model.forward_batch([[1, 2], [3, bad]], tiny_model.new_states(2))

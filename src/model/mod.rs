@@ -327,9 +327,9 @@ impl Model {
         }
         for (i, (state, tokens)) in batch.iter().enumerate() {
             self.check_state(state)?;
-            self.check_tokens(tokens).map_err(|e| match e {
-                Error::Shape(m) if batch.len() > 1 => Error::Shape(format!("sequence {i}: {m}")),
-                e => e,
+            self.check_tokens(tokens).map_err(|e| match batch.len() {
+                1 => e,
+                _ => in_batch_item("sequence", i, e),
             })?;
             if let Some(j) = batch[..i]
                 .iter()
@@ -430,10 +430,7 @@ impl Model {
     /// `embed`, asking `interrupt` between submissions.
     pub fn embed_with(&self, batch: &[Vec<u32>], pooling: Pooling, interrupt: Interrupt) -> Result<Vec<f32>> {
         for (i, tokens) in batch.iter().enumerate() {
-            self.check_tokens(tokens).map_err(|e| match e {
-                Error::Shape(m) => Error::Shape(format!("text {i}: {m}")),
-                e => e,
-            })?;
+            self.check_tokens(tokens).map_err(|e| in_batch_item("text", i, e))?;
         }
         let c = self.config.n_embd;
         let mut out = Vec::with_capacity(batch.len() * c);
@@ -675,6 +672,14 @@ impl Model {
 
 /// The error for token id `token` at `position` outside a vocabulary of `vocab` tokens
 /// (also for ids the binding cannot even represent as u32: negative, or huge).
+/// A shape error of item `i` of a batch, saying which (`what` is "sequence" or "text").
+pub fn in_batch_item(what: &str, i: usize, error: Error) -> Error {
+    match error {
+        Error::Shape(m) => Error::Shape(format!("{what} {i}: {m}")),
+        e => e,
+    }
+}
+
 pub fn token_out_of_range(token: impl std::fmt::Display, position: usize, vocab: usize) -> Error {
     Error::Shape(format!(
         "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens"

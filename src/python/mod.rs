@@ -137,14 +137,32 @@ fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> 
 }
 
 fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
-    // Only what a u32 cannot hold is refused here; the core checks the vocabulary.
+    token_ids(tokens, vocab).map_err(to_py)
+}
+
+/// Only what a u32 cannot hold is refused here; the core checks the vocabulary (with
+/// the same error).
+fn token_ids(tokens: Vec<Int>, vocab: usize) -> crate::Result<Vec<u32>> {
     tokens
         .iter()
         .enumerate()
-        .map(|(i, &Int(t))| {
-            u32::try_from(t).map_err(|_| to_py(crate::model::token_out_of_range(t, i, vocab)))
-        })
+        .map(|(i, &Int(t))| u32::try_from(t).map_err(|_| crate::model::token_out_of_range(t, i, vocab)))
         .collect()
+}
+
+/// Each list's ids; a failure is named by its place in the batch ("text 2: ..."), as the
+/// core names its own, except a lone sequence's (a plain forward's).
+fn batch_token_ids(batch: Vec<Vec<Int>>, vocab: usize, what: &str) -> PyResult<Vec<Vec<u32>>> {
+    let named = what == "text" || batch.len() > 1;
+    let ids = batch.into_iter().enumerate().map(|(i, t)| {
+        let ids = token_ids(t, vocab);
+        if named {
+            ids.map_err(|e| crate::model::in_batch_item(what, i, e))
+        } else {
+            ids
+        }
+    });
+    ids.collect::<crate::Result<_>>().map_err(to_py)
 }
 
 #[pymethods]
@@ -304,18 +322,7 @@ impl PyModel {
                 states.len()
             )));
         }
-        let (v, n) = (self.inner.config.vocab_size, batch.len());
-        // Named as the core names its own token errors in a batch.
-        let batch = batch
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                tokens_from(t, v).map_err(|e| match n {
-                    1 => e,
-                    _ => errors::shape(format!("sequence {i}: {}", e.value(py))),
-                })
-            })
-            .collect::<PyResult<Vec<_>>>()?;
+        let batch = batch_token_ids(batch, self.inner.config.vocab_size, "sequence")?;
         let states: Vec<State> = states.iter().map(|s| s.inner.clone()).collect();
         let m = self.inner.clone();
         let out = errors::long_call(py, move |interrupt, _| {
@@ -398,8 +405,7 @@ impl PyModel {
         pooling: &str,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let pooling = Pooling::parse(pooling).map_err(to_py)?;
-        let v = self.inner.config.vocab_size;
-        let batch = batch.into_iter().map(|t| tokens_from(t, v)).collect::<PyResult<Vec<_>>>()?;
+        let batch = batch_token_ids(batch, self.inner.config.vocab_size, "text")?;
         let m = self.inner.clone();
         let rows = errors::long_call(py, move |interrupt, _| m.embed_with(&batch, pooling, interrupt))?;
         Ok(PyBytes::new(py, bytemuck::cast_slice(&rows)))
