@@ -289,10 +289,6 @@ impl Batch {
         Ok(())
     }
 
-    pub fn finish(&mut self, ids: Option<&[SeqId]>) -> Result<()> {
-        self.finish_with(ids, Interrupt::NONE)
-    }
-
     /// Finishes sequence `id` (as `finish_with`) and takes it out of the batch; its state
     /// then holds exactly its `fed` tokens. Returns (fed, given).
     pub fn remove_with(&mut self, id: SeqId, interrupt: Interrupt) -> Result<(Vec<u32>, Vec<u32>)> {

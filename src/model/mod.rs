@@ -327,10 +327,7 @@ impl Model {
         }
         for (i, (state, tokens)) in batch.iter().enumerate() {
             self.check_state(state)?;
-            self.check_tokens(tokens).map_err(|e| match batch.len() {
-                1 => e,
-                _ => in_batch_item("sequence", i, e),
-            })?;
+            self.check_tokens(tokens).map_err(|e| in_batch_item("sequence", i, batch.len(), e))?;
             if let Some(j) = batch[..i]
                 .iter()
                 .position(|(other, _)| other.0.page == state.0.page && other.0.slot == state.0.slot)
@@ -430,7 +427,7 @@ impl Model {
     /// `embed`, asking `interrupt` between submissions.
     pub fn embed_with(&self, batch: &[Vec<u32>], pooling: Pooling, interrupt: Interrupt) -> Result<Vec<f32>> {
         for (i, tokens) in batch.iter().enumerate() {
-            self.check_tokens(tokens).map_err(|e| in_batch_item("text", i, e))?;
+            self.check_tokens(tokens).map_err(|e| in_batch_item("text", i, batch.len(), e))?;
         }
         let c = self.config.n_embd;
         let mut out = Vec::with_capacity(batch.len() * c);
@@ -672,10 +669,11 @@ impl Model {
 
 /// The error for token id `token` at `position` outside a vocabulary of `vocab` tokens
 /// (also for ids the binding cannot even represent as u32: negative, or huge).
-/// A shape error of item `i` of a batch, saying which (`what` is "sequence" or "text").
-pub fn in_batch_item(what: &str, i: usize, error: Error) -> Error {
+/// A shape error of item `i` of a batch of `len`, saying which ("sequence 2: ...") when
+/// there is more than one.
+pub fn in_batch_item(what: &str, i: usize, len: usize, error: Error) -> Error {
     match error {
-        Error::Shape(m) => Error::Shape(format!("{what} {i}: {m}")),
+        Error::Shape(m) if len > 1 => Error::Shape(format!("{what} {i}: {m}")),
         e => e,
     }
 }

@@ -150,18 +150,11 @@ fn token_ids(tokens: Vec<Int>, vocab: usize) -> crate::Result<Vec<u32>> {
         .collect()
 }
 
-/// Each list's ids; a failure is named by its place in the batch ("text 2: ..."), as the
-/// core names its own, except a lone sequence's (a plain forward's).
+/// Each list's ids; a failure is named by its place in the batch as the core names its own.
 fn batch_token_ids(batch: Vec<Vec<Int>>, vocab: usize, what: &str) -> PyResult<Vec<Vec<u32>>> {
-    let named = what == "text" || batch.len() > 1;
-    let ids = batch.into_iter().enumerate().map(|(i, t)| {
-        let ids = token_ids(t, vocab);
-        if named {
-            ids.map_err(|e| crate::model::in_batch_item(what, i, e))
-        } else {
-            ids
-        }
-    });
+    let n = batch.len();
+    let ids = batch.into_iter().enumerate();
+    let ids = ids.map(|(i, t)| token_ids(t, vocab).map_err(|e| crate::model::in_batch_item(what, i, n, e)));
     ids.collect::<crate::Result<_>>().map_err(to_py)
 }
 
