@@ -88,4 +88,12 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
+
+    /// The one wording of a token id that a vocabulary of `vocab` tokens does not hold, for
+    /// the model and the tokenizer alike (and for ids the binding cannot even represent as
+    /// u32: negative, or huge). `position` is the id's index in its list, when it has one.
+    pub fn token_out_of_range(token: impl std::fmt::Display, position: Option<usize>, vocab: usize) -> Self {
+        let at = position.map(|p| format!(" at position {p}")).unwrap_or_default();
+        Error::Shape(format!("token id {token}{at} is out of range: the vocabulary has {vocab} tokens"))
+    }
 }

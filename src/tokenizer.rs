@@ -154,8 +154,8 @@ impl Tokenizer {
     /// `Error::Shape` naming it.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(ids.len() * 4);
-        for &id in ids {
-            out.extend_from_slice(self.bytes_of(id)?);
+        for (position, &id) in ids.iter().enumerate() {
+            out.extend_from_slice(self.bytes_of(id, Some(position))?);
         }
         Ok(out)
     }
@@ -172,10 +172,16 @@ impl Tokenizer {
         Some(&self.bytes[s as usize..e as usize])
     }
 
-    fn bytes_of(&self, id: u32) -> Result<&[u8]> {
-        self.token_bytes(id).ok_or_else(|| {
-            Error::Shape(format!("token id {id} is not in the vocabulary (ids 0..{})", self.vocab_size()))
-        })
+    fn bytes_of(&self, id: u32, position: Option<usize>) -> Result<&[u8]> {
+        if let Some(bytes) = self.token_bytes(id) {
+            return Ok(bytes);
+        }
+        if id as usize >= self.vocab_size() {
+            return Err(Error::token_out_of_range(id, position, self.vocab_size()));
+        }
+        // A hole in a vocabulary file's ids: in range, but no token has it.
+        let at = position.map(|p| format!(" at position {p}")).unwrap_or_default();
+        Err(Error::Shape(format!("token id {id}{at} has no token in the vocabulary")))
     }
 }
 
@@ -351,7 +357,7 @@ impl StreamDecoder {
     /// Appends the token's bytes and returns the text completed by them (maybe empty).
     /// An unknown id is an `Error::Shape` and leaves the decoder unchanged.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
-        self.pending.extend_from_slice(tok.bytes_of(id)?);
+        self.pending.extend_from_slice(tok.bytes_of(id, None)?);
         Ok(self.drain(false))
     }
 
@@ -502,7 +508,25 @@ mod tests {
         assert_eq!(t.token_bytes(65530), None);
         assert_eq!(t.decode_bytes(&[33155, 0, 34]).unwrap(), b"Hello!");
         let err = t.decode_bytes(&[33155, 65533]).unwrap_err();
-        assert!(matches!(&err, Error::Shape(m) if m.contains("65533")), "{err}");
+        let message = "token id 65533 at position 1 is out of range: the vocabulary has 65530 tokens";
+        assert!(matches!(&err, Error::Shape(m) if m == message), "{err}");
+        let err = StreamDecoder::new().push(t, 70000).unwrap_err();
+        let message = "token id 70000 is out of range: the vocabulary has 65530 tokens";
+        assert!(matches!(&err, Error::Shape(m) if m == message), "{err}");
+    }
+
+    #[test]
+    fn an_id_missing_from_a_vocabulary_file_is_named_as_missing() {
+        // The 256 single bytes as ids 1..=256, then one token at 300: ids 257..300 are holes.
+        let mut text: String = (0..256).map(|b| format!("{} b'\\x{b:02x}' 1\n", b + 1)).collect();
+        text.push_str("300 b'ab' 2\n");
+        let t = Tokenizer::from_vocab_text(&text, Path::new("holes.txt")).unwrap();
+        assert_eq!(t.vocab_size(), 301);
+        let err = t.decode_bytes(&[98, 260]).unwrap_err();
+        let message = "token id 260 at position 1 has no token in the vocabulary";
+        assert!(matches!(&err, Error::Shape(m) if m == message), "{err}");
+        assert_eq!(t.decode_bytes(&[300, 99]).unwrap(), b"abb"); // id b + 1 is byte b
+        assert!(StreamDecoder::new().push(&t, 301).unwrap_err().to_string().contains("out of range"));
     }
 
     /// Encode against a brute-force longest match, and decode(encode(x)) == x.

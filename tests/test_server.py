@@ -117,6 +117,10 @@ def test_seeds_and_n(client, model):
     assert a.choices[0].text == model.complete("x = ", max_tokens=10, temperature=1.0, top_p=0.9, seed=42).text
     assert a.choices[1].text == model.complete("x = ", max_tokens=10, temperature=1.0, top_p=0.9, seed=43).text
     assert a.usage.completion_tokens == 20
+    # OpenAI seeds may be negative: -1 wraps to 2**64 - 1, and its second choice to 0.
+    wrapped = client.completions.create(model=NAME, prompt="x = ", n=2, **dict(options, seed=-1))
+    sampled = {k: v for k, v in options.items() if k != "seed"}
+    assert [c.text for c in wrapped.choices] == [model.complete("x = ", seed=s, **sampled).text for s in (2**64 - 1, 0)]
 
 
 def test_logprobs(client):

@@ -82,11 +82,24 @@ def test_stream_decoder_never_yields_half_a_character(world):
     assert all(p in ("", "👍", "🏽", emoji) for p in pieces), pieces
 
 
-def test_bad_ids(world):
-    with pytest.raises(rwkv_gpu.ShapeError, match="70000"):
-        world.decode([70000])
-    with pytest.raises(rwkv_gpu.ShapeError):
-        world.decode([-1])
+@pytest.mark.parametrize("which", ["world", "bytes", "tokenizer.json"])
+def test_bad_ids(world, which, request):
+    # One wording for every tokenizer (and the model): the id, its position, the vocabulary.
+    # (The `tokenizers` package alone would drop 70000 silently and raise OverflowError at -1.)
+    tok = {"world": lambda: world, "bytes": rwkv_gpu.Tokenizer.byte_level,
+           "tokenizer.json": lambda: rwkv_gpu.Tokenizer.from_file(request.getfixturevalue("bpe_json"))}[which]()
+    vocab = tok.vocab_size
+    for bad in (70000, -1, 2**40):
+        for call in (tok.decode, tok.decode_bytes):
+            with pytest.raises(rwkv_gpu.ShapeError,
+                               match=f"^token id {bad} at position 1 is out of range: the vocabulary has {vocab} tokens$"):
+                call([5, bad, 6])
+        stream = tok.stream_decoder()
+        first = stream.push(tok.encode("a")[0])
+        with pytest.raises(rwkv_gpu.ShapeError, match=f"^token id {bad} is out of range: the vocabulary has {vocab} tokens$"):
+            stream.push(bad)
+        # A refused id changes nothing: the stream goes on as if it had never been pushed.
+        assert first + stream.push(tok.encode("b")[0]) + stream.finish() == "ab"
     # No token has an id outside 0..2**32: None, as for any id without a token.
     assert world.token_bytes(-1) is None and world.token_bytes(2**40) is None
 

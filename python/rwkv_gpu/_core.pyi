@@ -37,8 +37,8 @@ class Model:
     def random(
         n_layer: int,
         n_embd: int,
-        vocab_size: int = ...,  # 65536
-        seed: int = ...,  # 0
+        vocab_size: int,
+        seed: int,
         adapter: str | None = None,
         no_f16: bool = False,
         no_subgroups: bool = False,

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from .generation import STOP_TOKENS
 from .sampling import Sampling, sampling_options
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class Chat:
         before = self._pending
         text = before + turn("user", message) + REPLY_PROMPT
         prompt = self.model.tokenizer.encode(text)
-        run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), [REPLY_STOP], (0,), None)
+        run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), [REPLY_STOP], STOP_TOKENS, None)
         self._pending = ""  # only now: a bad option or tokenizer above leaves the turn unsent
         pieces: list[str] = []
         stream = iter(run)

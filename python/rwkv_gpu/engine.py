@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _core, errors
-from .generation import Completion, TextStream, sampler_for
+from .generation import MAX_TOKENS, STOP_TOKENS, Completion, TextStream, sampler_for
 from .sampling import Sampler, Sampling, sampling_options
 from .state_cache import StateCache
 
@@ -235,8 +235,8 @@ class Engine:
 
     # ---- submitting ----
 
-    def submit(self, prompt: str | Sequence[int], *, max_tokens: int = 256, state: State | None = None,
-               return_state: bool = False, stop: Sequence[str] | str = (), stop_tokens: Sequence[int] = (0,),
+    def submit(self, prompt: str | Sequence[int], *, max_tokens: int = MAX_TOKENS, state: State | None = None,
+               return_state: bool = False, stop: Sequence[str] | str = (), stop_tokens: Sequence[int] = STOP_TOKENS,
                top_logprobs: int | None = None, cache_points: Sequence[int] = (), use_cache: bool = True,
                **options: Any) -> Request:
         """Queues a generation; returns its Request at once. Options as `Model.generate`

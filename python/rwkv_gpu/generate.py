@@ -7,6 +7,7 @@ import sys
 
 from . import RwkvError
 from ._cli import add_model_args, add_sampling_args, load_model, reports_errors, sampling_kwargs
+from .generation import MAX_TOKENS
 
 
 @reports_errors
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkv_gpu.generate", description=__doc__)
     ap.add_argument("prompt", help="the text to continue ('-' reads it from stdin)")
     add_model_args(ap)
-    add_sampling_args(ap, max_tokens=256)
+    add_sampling_args(ap, max_tokens=MAX_TOKENS)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     args = ap.parse_args(argv)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt

@@ -15,12 +15,19 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .sampling import Sampler, Sampling
+from .sampling import Sampler, Sampling, item_seed
 
 if TYPE_CHECKING:
     from .model import Model, State
     from .state_cache import StateCache
     from .tokenizer import Tokenizer
+
+
+# The defaults of every generation call (Model.generate, complete, the *_batch calls,
+# Engine.submit, `python -m rwkv_gpu.generate`): at most this many tokens, and the ids
+# that end a run (0 is end of text). The server and Chat keep their own, per their APIs.
+MAX_TOKENS = 256
+STOP_TOKENS: tuple[int, ...] = (0,)
 
 
 @dataclass
@@ -150,8 +157,7 @@ class BatchRun:
                 raise errors.ShapeError(f"{len(self.ids)} prompts but {len(self.states)} states: give one state per prompt")
             for state in self.states:
                 model._check_state(state)
-        seeds = [None if sampling.seed is None else (int(sampling.seed) + i) % 2**64 for i in range(len(self.ids))]
-        samplers = [sampler_for(model, replace(sampling, seed=seed)) for seed in seeds]
+        samplers = [sampler_for(model, replace(sampling, seed=item_seed(sampling.seed, i))) for i in range(len(self.ids))]
         self._start(model, [(s, smp, ids) for s, smp, ids in zip(self.states, samplers, self.ids)])
 
     def _start(self, model: Model, runs: list[tuple[State, Sampler, list[int]]]) -> None:

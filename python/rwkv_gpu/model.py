@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _core, errors
 from .errors import RwkvError, ShapeError
-from .generation import BatchRun, Completion, Run
+from .generation import MAX_TOKENS, STOP_TOKENS, BatchRun, Completion, Run
 from .sampling import Sampling, sampling_options
 from .tokenizer import Tokenizer
 
@@ -414,7 +414,7 @@ class Model:
         self,
         prompt: str | Tokens,
         state: State | None = None,
-        max_tokens: int = 256,
+        max_tokens: int = MAX_TOKENS,
         *,
         temperature: float = _SAMPLING.temperature,  # the defaults are Sampling's (one place)
         top_p: float = _SAMPLING.top_p,
@@ -425,7 +425,7 @@ class Model:
         banned_tokens: Sequence[int] = _SAMPLING.banned_tokens,
         logit_bias: Mapping[int, float] | None = None,
         stop: Sequence[str] | str = (),
-        stop_tokens: Sequence[int] = (0,),
+        stop_tokens: Sequence[int] = STOP_TOKENS,
         seed: int | None = None,
         cache: StateCache | None = None,
     ) -> Iterator[str]:
@@ -448,15 +448,15 @@ class Model:
             temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay,
             tuple(banned_tokens), dict(logit_bias or {}), seed), stop, stop_tokens, cache))
 
-    def complete(self, prompt: str | Tokens, state: State | None = None, max_tokens: int = 256, **options: Any) -> Completion:
+    def complete(self, prompt: str | Tokens, state: State | None = None, max_tokens: int = MAX_TOKENS, **options: Any) -> Completion:
         """`generate`, collected: text, finish_reason ("stop" | "length"), token counts."""
         run = self._run(prompt, state, max_tokens, Sampling(**sampling_options(options)),
-                        options.pop("stop", ()), options.pop("stop_tokens", (0,)), options.pop("cache", None))
+                        options.pop("stop", ()), options.pop("stop_tokens", STOP_TOKENS), options.pop("cache", None))
         text = "".join(run)
         return Completion(text, run.finish_reason or "length", run.prompt_tokens, len(run.tokens), list(run.tokens))
 
     def generate_batch(self, prompts: Sequence[str | Tokens], states: Sequence[State] | None = None,
-                       max_tokens: int = 256, **options: Any) -> Iterator[tuple[int, str]]:
+                       max_tokens: int = MAX_TOKENS, **options: Any) -> Iterator[tuple[int, str]]:
         """`complete_batch`, streamed: yields (prompt index, text piece) as each sequence
         produces complete UTF-8 text; pieces of different sequences interleave step by
         step. Same options as `complete_batch`."""
@@ -467,10 +467,10 @@ class Model:
         if "cache" in options:
             raise TypeError("batched generation takes no cache: give states (e.g. from StateCache.resume) instead")
         sampling = Sampling(**sampling_options(options))
-        return BatchRun(self, prompts, states, max_tokens, sampling, options.pop("stop", ()), options.pop("stop_tokens", (0,)))
+        return BatchRun(self, prompts, states, max_tokens, sampling, options.pop("stop", ()), options.pop("stop_tokens", STOP_TOKENS))
 
     def complete_batch(self, prompts: Sequence[str | Tokens], states: Sequence[State] | None = None,
-                       max_tokens: int = 256, **options: Any) -> list[Completion]:
+                       max_tokens: int = MAX_TOKENS, **options: Any) -> list[Completion]:
         """`complete` for several prompts at once, stepped together: every step feeds all
         sequences still going in one forward call, reading the weights once for the
         batch. Takes the same options as `complete` (stop strings and tokens apply to

@@ -48,6 +48,13 @@ class Sampling:
         return Sampler(vocab_size, self)
 
 
+def item_seed(seed: int | None, i: int) -> int | None:
+    """The seed of item `i` of a batch or of `n` choices: seed + i, wrapped into the u64
+    range the core takes (a negative seed wraps too), so that copies of one prompt draw
+    differently yet reproducibly."""
+    return None if seed is None else (int(seed) + i) % 2**64
+
+
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty",
                     "penalty_decay", "banned_tokens", "logit_bias", "seed")
 

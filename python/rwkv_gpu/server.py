@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import _core, errors
 from .conversation import REPLY_PROMPT, REPLY_STOP, ReplyStart, turn
 from .metrics import Metrics
+from .sampling import item_seed
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -271,7 +272,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "presence_penalty",
                                             "frequency_penalty", "penalty_decay", "seed") if getattr(body, k, None) is not None}
         if "seed" in out:
-            out["seed"] %= 1 << 64
+            out["seed"] = item_seed(out["seed"], 0)
         return out
 
     def stops(stop: Stop) -> list[str]:
@@ -281,7 +282,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
 
     def submit(prompt: list[int], *, index: int, seed_shift: bool, **options: Any) -> EngineRequest:
         if seed_shift and options.get("seed") is not None:
-            options["seed"] = (options["seed"] + index) % (1 << 64)
+            options["seed"] = item_seed(options["seed"], index)
         try:
             return engine.submit(prompt, **options)
         except errors.RwkvError as e:

@@ -31,6 +31,23 @@ class StreamDecoder:
         return self._core.finish()
 
 
+def _out_of_range(token: int, vocab: int, position: int | None = None) -> errors.ShapeError:
+    """The core's wording of an id outside the vocabulary (`Error::token_out_of_range`),
+    for the tokenizers that live here: byte-level and tokenizer.json."""
+    at = "" if position is None else f" at position {position}"
+    return errors.ShapeError(f"token id {token}{at} is out of range: the vocabulary has {vocab} tokens")
+
+
+def _checked_ids(ids: Sequence[int], vocab: int) -> list[int]:
+    """`ids` as ints, each in 0..vocab (the `tokenizers` package would drop unknown ids
+    silently and refuse negative ones with a bare OverflowError)."""
+    values = [int(i) for i in ids]
+    for position, token in enumerate(values):
+        if not 0 <= token < vocab:
+            raise _out_of_range(token, vocab, position)
+    return values
+
+
 class _ByteStream:
     """Stream decoding for byte tokens: an incremental UTF-8 decoder."""
 
@@ -39,7 +56,7 @@ class _ByteStream:
 
     def push(self, token: int) -> str:
         if not 0 <= token < 256:
-            raise errors.ShapeError(f"token id {token} is not a byte (0..255)")
+            raise _out_of_range(token, 256)
         return self._utf8.decode(bytes([token]))
 
     def finish(self) -> str:
@@ -54,14 +71,17 @@ class _PrefixStream:
     spaces come out as in a full decode, and emit only text that does not end in a
     replacement character (an incomplete character)."""
 
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], vocab: int) -> None:
         self._decode = decode
+        self._vocab = vocab
         self._ids: list[int] = []
         self._prefix = 0  # window start
         self._read = 0  # tokens already emitted
 
     def push(self, token: int) -> str:
-        self._ids.append(int(token))
+        if not 0 <= token < self._vocab:
+            raise _out_of_range(token, self._vocab)  # before anything changes
+        self._ids.append(token)
         before = self._decode(self._ids[self._prefix : self._read])
         text = self._decode(self._ids[self._prefix :])
         if len(text) <= len(before) or text.endswith("\ufffd"):
@@ -124,18 +144,15 @@ class Tokenizer:
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         if self._hf is not None:
-            return self._hf.decode(list(ids), skip_special_tokens=False).encode("utf-8")
+            return self.decode(ids).encode("utf-8")
         if self._bytes:
-            try:
-                return bytes(int(i) for i in ids)
-            except ValueError:
-                raise errors.ShapeError("byte tokens must be in 0..255") from None
+            return bytes(_checked_ids(ids, 256))
         return self._core.decode_bytes([int(i) for i in ids])
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD."""
         if self._hf is not None:
-            return self._hf.decode(list(ids), skip_special_tokens=False)
+            return self._hf.decode(_checked_ids(ids, self.vocab_size), skip_special_tokens=False)
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes | None:
@@ -152,7 +169,7 @@ class Tokenizer:
     def stream_decoder(self) -> StreamDecoder:
         if self._hf is not None:
             hf = self._hf
-            return StreamDecoder(_PrefixStream(lambda ids: hf.decode(ids, skip_special_tokens=False)))
+            return StreamDecoder(_PrefixStream(lambda ids: hf.decode(ids, skip_special_tokens=False), self.vocab_size))
         if self._bytes:
             return StreamDecoder(_ByteStream())
         return StreamDecoder(self._core.stream_decoder())

@@ -289,7 +289,7 @@ impl Model {
             return Err(Error::Shape("tokens is empty: give at least one token id".into()));
         }
         if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= self.config.vocab_size) {
-            return Err(token_out_of_range(t, i, self.config.vocab_size));
+            return Err(Error::token_out_of_range(t, Some(i), self.config.vocab_size));
         }
         Ok(())
     }
@@ -667,8 +667,6 @@ impl Model {
     }
 }
 
-/// The error for token id `token` at `position` outside a vocabulary of `vocab` tokens
-/// (also for ids the binding cannot even represent as u32: negative, or huge).
 /// A shape error of item `i` of a batch of `len`, saying which ("sequence 2: ...") when
 /// there is more than one.
 pub fn in_batch_item(what: &str, i: usize, len: usize, error: Error) -> Error {
@@ -676,10 +674,4 @@ pub fn in_batch_item(what: &str, i: usize, len: usize, error: Error) -> Error {
         Error::Shape(m) if len > 1 => Error::Shape(format!("{what} {i}: {m}")),
         e => e,
     }
-}
-
-pub fn token_out_of_range(token: impl std::fmt::Display, position: usize, vocab: usize) -> Error {
-    Error::Shape(format!(
-        "token id {token} at position {position} is out of range: the vocabulary has {vocab} tokens"
-    ))
 }

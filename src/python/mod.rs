@@ -142,11 +142,11 @@ fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
 
 /// Only what a u32 cannot hold is refused here; the core checks the vocabulary (with
 /// the same error).
-fn token_ids(tokens: Vec<Int>, vocab: usize) -> crate::Result<Vec<u32>> {
+pub(crate) fn token_ids(tokens: Vec<Int>, vocab: usize) -> crate::Result<Vec<u32>> {
     tokens
         .iter()
         .enumerate()
-        .map(|(i, &Int(t))| u32::try_from(t).map_err(|_| crate::model::token_out_of_range(t, i, vocab)))
+        .map(|(i, &Int(t))| u32::try_from(t).map_err(|_| crate::Error::token_out_of_range(t, Some(i), vocab)))
         .collect()
 }
 
@@ -192,7 +192,7 @@ impl PyModel {
     }
 
     #[staticmethod]
-    #[pyo3(signature = (n_layer, n_embd, vocab_size=Int(65536), seed=Int(0), adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
+    #[pyo3(signature = (n_layer, n_embd, vocab_size, seed, adapter=None, no_f16=false, no_subgroups=false, max_binding=None,
                         layer_dtypes=None, head_dtype=None))]
     #[allow(clippy::too_many_arguments)]
     fn random(

@@ -31,16 +31,6 @@ impl PyWorldTokenizer {
     }
 }
 
-fn ids_from(ids: Vec<Int>) -> PyResult<Vec<u32>> {
-    ids.iter()
-        .enumerate()
-        .map(|(i, &Int(t))| {
-            u32::try_from(t)
-                .map_err(|_| super::errors::shape(format!("token id {t} at position {i} is not a valid id")))
-        })
-        .collect()
-}
-
 #[pymethods]
 impl PyWorldTokenizer {
     #[new]
@@ -64,7 +54,8 @@ impl PyWorldTokenizer {
     }
 
     fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<Int>) -> PyResult<Bound<'py, PyBytes>> {
-        let bytes = self.inner.decode_bytes(&ids_from(ids)?).map_err(to_py)?;
+        let ids = super::token_ids(ids, self.inner.vocab_size()).map_err(to_py)?;
+        let bytes = self.inner.decode_bytes(&ids).map_err(to_py)?;
         Ok(PyBytes::new(py, &bytes))
     }
 
@@ -91,8 +82,9 @@ pub struct PyStreamDecoder {
 #[pymethods]
 impl PyStreamDecoder {
     fn push(&self, id: Int) -> PyResult<String> {
-        let id = u32::try_from(id.0)
-            .map_err(|_| super::errors::shape(format!("token id {id} is not a valid id")))?;
+        let vocab = self.tokenizer.vocab_size();
+        let id =
+            u32::try_from(id.0).map_err(|_| to_py(crate::Error::token_out_of_range(id.0, None, vocab)))?;
         let mut d = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         d.push(&self.tokenizer, id).map_err(to_py)
     }
