@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashSet};
 use crate::error::{Error, Result};
 use crate::loader::{Checkpoint, DType};
 use crate::model::saved;
+use crate::model::weights::Layout;
 use crate::model::Config;
 
 /// A dimension of the model; shapes in the table are written in these.
@@ -501,6 +502,12 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
             )))
         }
     };
+    let in_range = |what: &str, d: usize| -> Result<usize> {
+        if d == 0 || d > n_embd {
+            return Err(load(format!("{what} has low-rank width {d}; expected 1 to n_embd ({n_embd})")));
+        }
+        Ok(d)
+    };
     let width = |name: &str| -> Result<usize> {
         let s = shape_of(ck, name)?;
         let d = match (&s[..], low_rank_out_in) {
@@ -511,18 +518,19 @@ fn dimensions(ck: &dyn Checkpoint, names: &[String]) -> Result<(Config, bool)> {
                 return Err(load(format!("{name} has shape {s:?}; expected {want} like blocks.0.att.w1")));
             }
         };
-        if d == 0 || d > n_embd {
-            return Err(load(format!("{name} has low-rank width {d}; expected 1 to n_embd ({n_embd})")));
-        }
-        Ok(d)
+        in_range(name, d)
     };
-    // Layer 0 never reads v1 (fla leaves it out), so its width comes from layer 1.
+    // Layer 0 never reads v1 (fla leaves it out), so its width comes from layer 1, or
+    // from what config.json declares for a one-layer model.
     let lora_v = if n_layer > 1 {
         width("blocks.1.att.v1")?
     } else if ck.info("blocks.0.att.v1").is_some() {
         width("blocks.0.att.v1")?
     } else {
-        ck.declared().iter().find(|d| d.dim == Dv).map(|d| d.value).unwrap_or(32)
+        match ck.declared().iter().find(|d| d.dim == Dv) {
+            Some(d) => in_range(&d.source, d.value)?,
+            None => 32.min(n_embd),
+        }
     };
     let config = Config {
         n_layer,
@@ -606,9 +614,17 @@ pub fn check(ck: &dyn Checkpoint) -> Result<Checked> {
                 ));
                 continue;
             }
-            // Codes and scales are of the matrix as stored: transposed when input-major.
+            // Codes and scales are of the matrix as stored: transposed when input-major,
+            // which only the ffn value projection (read by sparse decode) ever is.
             let (rows, width) = match saved::stored_layout(ck, &x.name)? {
-                Some(crate::model::weights::Layout::InputMajor) => (shape[1], shape[0]),
+                Some(Layout::InputMajor) if x.entry.role != Role::Matrix(LayerMatrix::FfnValue) => {
+                    problems.push(format!(
+                        "{} is saved input-major, but only ffn.value.weight (read by sparse decode) ever is",
+                        x.name
+                    ));
+                    continue;
+                }
+                Some(Layout::InputMajor) => (shape[1], shape[0]),
                 _ => (shape[0], shape[1]),
             };
             for (tensor, dtype, want) in saved::quantized_tensors(&x.name, format, rows, width) {

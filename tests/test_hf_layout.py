@@ -7,7 +7,9 @@ golden ones, checked to 1e-3 in test_golden.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -81,13 +83,62 @@ def test_sharded_folder(tmp_path, hf_raw, tiny_cases, expected):
     np.testing.assert_array_equal(logits(tmp_path, tiny_cases), expected)
 
 
-def test_sharded_index_cannot_point_outside_the_folder(tmp_path, hf_raw):
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "C:elsewhere.safetensors"])  # a path; a Windows drive
+def test_sharded_index_cannot_point_outside_the_folder(tmp_path, hf_raw, shard):
     write_sharded(tmp_path, hf_raw)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    index["weight_map"]["lm_head.weight"] = "../elsewhere.safetensors"
+    index["weight_map"]["lm_head.weight"] = shard
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(rwkv_gpu.ModelLoadError, match=r"is not a file name in the model folder"):
         open_model(tmp_path)
+
+
+def test_a_shard_that_is_a_named_pipe_is_refused_without_blocking(tmp_path, hf_raw):
+    """Opening a FIFO blocks until a writer comes; the loader must look before it opens.
+    (Run in a daemon thread so that a regression fails here instead of hanging the suite.)"""
+    write_sharded(tmp_path, hf_raw)
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    outcome = []
+
+    def load():
+        try:
+            open_model(tmp_path)
+        except rwkv_gpu.ModelLoadError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the load blocked opening the FIFO"
+    assert len(outcome) == 1 and "model-00002-of-00002.safetensors: not a regular file" in outcome[0], outcome
+
+
+@pytest.mark.parametrize("v_low_rank_dim", [0, 2**40])
+def test_one_layer_model_takes_a_bounded_v_width_from_config_json(tmp_path, hf_raw, v_low_rank_dim):
+    """Layer 0 has no v_lora (it never reads one), so a one-layer model's width comes
+    from config.json, which must be held to the bounds every width from a tensor is."""
+    one_layer = {n: a for n, a in hf_raw.items() if ".layers.1." not in n}
+    write_safetensors(tmp_path / "model.safetensors", one_layer)
+    config = json.loads((HF / "config.json").read_text())
+    config.update(num_hidden_layers=1, v_low_rank_dim=v_low_rank_dim)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(rwkv_gpu.ModelLoadError,
+                       match=rf"config\.json v_low_rank_dim has low-rank width {v_low_rank_dim}; expected 1 to n_embd \(128\)"):
+        open_model(tmp_path)
+    config["v_low_rank_dim"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert open_model(tmp_path).config["lora_widths"][2] == 16
+
+
+def test_a_tensor_given_twice_is_refused(tmp_path, hf_raw):
+    """fla's name and the official one for the same tensor: neither silently wins."""
+    tensors = dict(hf_raw)
+    tensors["blocks.1.att.r_k"] = hf_raw["model.layers.1.attn.r_k"]
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=r"model\.layers\.1\.attn\.r_k and blocks\.1\.att\.r_k both give blocks\.1\.att\.r_k"):
+        open_model(tmp_path / "model.safetensors")
 
 
 @pytest.mark.parametrize("key, value, says", [

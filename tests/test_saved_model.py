@@ -125,6 +125,9 @@ def rewrite_metadata(src, dst, change):
     (lambda m: m.update({"quant.blocks.0.att.key.weight": "nf4"}), r"blocks\.0\.att\.key\.weight\.codes is I8 \[128, 128\]; expected U8 \[128, 64\]"),
     (lambda m: m.update({"quant.blocks.1.att.w1": "int8"}),
      r"blocks\.1\.att\.w1 is saved as int8, but only the big projections and the head are ever quantized"),
+    # Square [128, 128], so its codes fit either layout: the layout itself must be refused.
+    (lambda m: m.update({"layout.blocks.0.att.key.weight": "input-major"}),
+     r"blocks\.0\.att\.key\.weight is saved input-major, but only ffn\.value\.weight \(read by sparse decode\) ever is"),
 ])
 def test_damaged_saved_model_is_a_clear_load_error(tmp_path, change, message):
     good = tmp_path / "good.safetensors"

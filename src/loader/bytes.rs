@@ -12,6 +12,11 @@ pub enum FileBytes {
 
 impl FileBytes {
     pub fn map(path: &Path) -> Result<FileBytes> {
+        // Checked before opening too: opening a FIFO (a named pipe, say in an unpacked
+        // archive) blocks until something writes to it.
+        if !std::fs::metadata(path).map_err(|e| Error::io(path, e))?.is_file() {
+            return Err(Error::load(path, "not a regular file"));
+        }
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if !meta.is_file() {

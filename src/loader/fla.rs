@@ -53,14 +53,23 @@ impl FlaView {
         let mut sources: HashMap<String, Source> = HashMap::new();
         let mut names = Vec::new();
         let mut claimed: HashSet<String> = HashSet::new();
+        // One source per official name: a file that gives a name twice (fla's tensor and
+        // the official one, or the fused `x_x` and a mix's own) is refused, not resolved.
+        let path = inner.path();
         let add = |official: String,
                    file_name: &str,
                    row: Option<usize>,
                    info: TensorInfo,
                    names: &mut Vec<String>,
-                   sources: &mut HashMap<String, Source>| {
+                   sources: &mut HashMap<String, Source>|
+         -> Result<()> {
+            if let Some(first) = sources.get(&official) {
+                let msg = format!("{} and {file_name} both give {official}", first.file_name);
+                return Err(Error::load(path, msg));
+            }
             names.push(official.clone());
             sources.insert(official, Source { file_name: file_name.to_string(), row, info });
+            Ok(())
         };
         for entry in schema::ENTRIES.iter().filter(|e| !e.fla.is_empty()) {
             let instances: Vec<(String, String)> = match entry.scope {
@@ -77,7 +86,7 @@ impl FlaView {
                 if entry.fla_form == FlaForm::Flat && info.shape.len() == 1 {
                     info.shape = vec![1, 1, info.shape[0]];
                 }
-                add(official, &fla_name, None, info, &mut names, &mut sources);
+                add(official, &fla_name, None, info, &mut names, &mut sources)?;
                 claimed.insert(fla_name);
             }
         }
@@ -92,21 +101,8 @@ impl FlaView {
                 ));
             };
             for (row, mix) in schema::FUSED_MIX.iter().enumerate() {
-                let official = format!("blocks.{i}.{mix}");
-                if sources.contains_key(&official) {
-                    return Err(Error::load(
-                        inner.path(),
-                        format!("{fused} and {official}'s own tensor are both present"),
-                    ));
-                }
-                add(
-                    official,
-                    &fused,
-                    Some(row),
-                    TensorInfo { dtype: info.dtype, shape: vec![1, 1, c] },
-                    &mut names,
-                    &mut sources,
-                );
+                let info = TensorInfo { dtype: info.dtype, shape: vec![1, 1, c] };
+                add(format!("blocks.{i}.{mix}"), &fused, Some(row), info, &mut names, &mut sources)?;
             }
             claimed.insert(fused);
         }
@@ -114,7 +110,7 @@ impl FlaView {
         for n in &file_names {
             if !claimed.contains(n) {
                 let info = inner.info(n).expect("listed by the file");
-                add(n.clone(), n, None, info, &mut names, &mut sources);
+                add(n.clone(), n, None, info, &mut names, &mut sources)?;
             }
         }
         let declared = match config {

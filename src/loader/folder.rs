@@ -33,7 +33,11 @@ pub fn open(dir: &Path) -> Result<Box<dyn Checkpoint>> {
 
 /// Reads a small JSON file, refusing one too big to be what it claims.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::load(path, "not a regular file")); // a FIFO would block the read
+    }
+    let len = meta.len();
     if len > MAX_JSON_BYTES {
         return Err(Error::load(
             path,
@@ -71,23 +75,22 @@ impl Sharded {
             .and_then(|m| m.as_object())
             .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
         let mut files: Vec<String> = Vec::new();
+        let mut shard_of_file: HashMap<&str, usize> = HashMap::new();
         let mut wanted: Vec<(String, usize)> = Vec::new();
         for (name, file) in map {
             let file =
                 file.as_str().ok_or_else(|| bad(format!("weight_map[{name:?}] is not a file name")))?;
-            // A shard is a file in this folder: no paths, so an index cannot point elsewhere.
-            if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
+            // A shard is a file in this folder: no paths (nor a Windows drive, `C:name`), so
+            // an index cannot point elsewhere.
+            if file.is_empty() || file.contains(['/', '\\', ':']) || file == "." || file == ".." {
                 return Err(bad(format!(
                     "weight_map[{name:?}] = {file:?} is not a file name in the model folder"
                 )));
             }
-            let shard = match files.iter().position(|f| f == file) {
-                Some(i) => i,
-                None => {
-                    files.push(file.to_string());
-                    files.len() - 1
-                }
-            };
+            let shard = *shard_of_file.entry(file).or_insert_with(|| {
+                files.push(file.to_string());
+                files.len() - 1
+            });
             wanted.push((name.clone(), shard));
         }
         let shards = files.iter().map(|f| SafetensorsFile::open(&dir.join(f))).collect::<Result<Vec<_>>>()?;

@@ -142,6 +142,7 @@ fn parse(buf: &[u8]) -> Msg<(Vec<String>, HashMap<String, View>)> {
     let mut names = Vec::new();
     let mut tensors = HashMap::new();
     for (name, t) in up.state_dict_tensors()? {
+        let name = name.to_string();
         let t = &up.tensors[t];
         let st = &up.storages[t.storage];
         let what = |msg: String| format!("tensor `{name}`: {msg}");
@@ -161,9 +162,8 @@ fn parse(buf: &[u8]) -> Msg<(Vec<String>, HashMap<String, View>)> {
         check_view(t, st.numel).map_err(what)?;
         let info = TensorInfo { dtype: st.dtype, shape: t.shape.clone() };
         let view = View { info, storage: range, offset: t.offset, stride: t.stride.clone() };
-        if tensors.insert(name.clone(), view).is_none() {
-            names.push(name);
-        }
+        names.push(name.clone());
+        tensors.insert(name, view);
     }
     Ok((names, tensors))
 }
@@ -450,6 +450,48 @@ mod tests {
             .op(b"uu.");
         let msg = err(open_bytes(&pth("archive", p.0, &[], false)));
         assert!(msg.contains("a training checkpoint") && msg.contains("optimizer state"), "{msg}");
+    }
+
+    #[test]
+    fn a_name_set_twice_keeps_its_place_and_takes_the_last_tensor() {
+        let ts = [
+            T { numel: 4, ..T::new("w", 0, &[2], &[1]) },
+            T { numel: 4, ..T::new("v", 1, &[1], &[1]) },
+            T { numel: 4, ..T::new("w", 2, &[2], &[1]) },
+        ];
+        let f =
+            open_bytes(&pth("archive", state_dict(&ts), &[("0", f32s([0., 1., 2., 3.]))], false)).unwrap();
+        assert_eq!(f.names(), ["w", "v"]);
+        assert_eq!(&*f.read("w").unwrap(), &f32s([2., 3.])[..]);
+    }
+
+    /// Memoised values are shared: opcodes that call a memoised function on memoised
+    /// arguments over and over cost bounded memory each, and the count is capped.
+    #[test]
+    fn memoised_arguments_cannot_multiply_memory() {
+        let ones = [1; 16];
+        let t = T { numel: 1, ..T::new("w", 0, &ones, &ones) };
+        let mut p = Pickle::default();
+        p.op(b"\x80\x02}(").str("w").global("torch._utils", "_rebuild_tensor_v2").op(b"q\x01((");
+        p.str("storage").global("torch", t.storage).str(t.key).str("cpu").int(t.numel).op(b"tQ");
+        p.int(0).ints(t.shape).ints(t.stride).op(b"\x89");
+        p.global("collections", "OrderedDict").op(b")Rtq\x02R");
+        for _ in 0..(1 << 18) {
+            p.op(b"h\x01h\x02R"); // one more 16-dimensional tensor from 5 bytes
+        }
+        p.op(b"u.");
+        let msg = err(open_bytes(&pth("archive", p.0, &[("0", f32s([0.]))], false)));
+        assert!(msg.contains("more than 262144 tensors"), "{msg}");
+
+        // Too many dimensions, too many arguments.
+        let many = [1; 17];
+        let ts = [T::new("w", 0, &many, &many)];
+        let msg = err(open_bytes(&pth("archive", state_dict(&ts), &[("0", f32s([0.]))], false)));
+        assert!(msg.contains("a tensor of 17 dimensions: at most 16"), "{msg}");
+        let mut p = Pickle::default();
+        p.op(b"\x80\x02").global("torch._utils", "_rebuild_tensor_v2").ints(&[0; 9]).op(b"R.");
+        let msg = err(open_bytes(&pth("archive", p.0, &[], false)));
+        assert!(msg.contains("with 9 arguments"), "{msg}");
     }
 
     #[test]

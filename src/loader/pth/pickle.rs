@@ -6,6 +6,14 @@ use std::rc::Rc;
 use super::Msg;
 use crate::loader::DType;
 
+/// Bounds that keep the work and memory of a run linear in the pickle's length: memoised
+/// values are shared, never copied, so one of these is the most a few bytes of opcodes
+/// (`BINGET` + `REDUCE`) can make. Torch's own calls take at most 7 arguments; RWKV tensors
+/// have at most 3 dimensions; the largest model state dict has a few thousand tensors.
+const MAX_CALL_ARGS: usize = 8;
+const MAX_RANK: usize = 16;
+const MAX_TENSORS: usize = 1 << 18;
+
 /// Globals a state dict may name. Nothing is ever called: each is interpreted here.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Global {
@@ -60,7 +68,7 @@ enum Value {
 
 pub(super) struct StorageRef {
     pub(super) dtype: DType,
-    pub(super) key: String,
+    pub(super) key: Rc<str>,
     pub(super) numel: usize,
 }
 
@@ -89,8 +97,9 @@ impl<'a> Unpickler<'a> {
         Unpickler { data, ..Default::default() }
     }
 
-    /// Runs the pickle and lists the state dict's tensors: (name, index into `tensors`).
-    pub(super) fn state_dict_tensors(&mut self) -> Msg<Vec<(String, usize)>> {
+    /// Runs the pickle and lists the state dict's tensors: (name, index into `tensors`),
+    /// each name once.
+    pub(super) fn state_dict_tensors(&mut self) -> Msg<Vec<(Rc<str>, usize)>> {
         let root = self.run()?;
         self.state_dict(&root)
     }
@@ -316,6 +325,10 @@ impl<'a> Unpickler<'a> {
     }
 
     fn call(&mut self, func: &Value, args: &Value) -> Msg<Value> {
+        let n = self.tuple(args)?.len();
+        if n > MAX_CALL_ARGS {
+            return Err(format!("cannot call {func:?} with {n} arguments"));
+        }
         let args = self.tuple(args)?.to_vec();
         match func {
             Value::Global(Global::OrderedDict) if args.is_empty() => Ok(self.new_dict(Vec::new())),
@@ -340,11 +353,21 @@ impl<'a> Unpickler<'a> {
         let [Value::Storage(storage), offset, shape, stride, ..] = args else {
             return Err("malformed _rebuild_tensor_v2 arguments".into());
         };
+        let (shape, stride) = (self.tuple(shape)?, self.tuple(stride)?);
+        if shape.len().max(stride.len()) > MAX_RANK {
+            return Err(format!(
+                "a tensor of {} dimensions: at most {MAX_RANK} are supported",
+                shape.len().max(stride.len())
+            ));
+        }
+        if self.tensors.len() == MAX_TENSORS {
+            return Err(format!("more than {MAX_TENSORS} tensors: not a model's state dict"));
+        }
         let t = TensorRef {
             storage: *storage,
             offset: non_negative(offset)?,
-            shape: self.tuple(shape)?.iter().map(non_negative).collect::<Msg<_>>()?,
-            stride: self.tuple(stride)?.iter().map(non_negative).collect::<Msg<_>>()?,
+            shape: shape.iter().map(non_negative).collect::<Msg<_>>()?,
+            stride: stride.iter().map(non_negative).collect::<Msg<_>>()?,
         };
         self.tensors.push(t);
         Ok(Value::Tensor(self.tensors.len() - 1))
@@ -356,10 +379,13 @@ impl<'a> Unpickler<'a> {
             [Value::Str(tag), Value::Global(Global::Storage(dtype)), Value::Str(key), _location, numel]
                 if &**tag == "storage" =>
             {
-                (*dtype, key.to_string(), non_negative(numel)?)
+                (*dtype, key.clone(), non_negative(numel)?)
             }
             other => return Err(format!("unsupported persistent id {other:?}")),
         };
+        if self.storages.len() == MAX_TENSORS {
+            return Err(format!("more than {MAX_TENSORS} storages: not a model's state dict"));
+        }
         self.storages.push(StorageRef { dtype, key, numel });
         Ok(Value::Storage(self.storages.len() - 1))
     }
@@ -367,7 +393,7 @@ impl<'a> Unpickler<'a> {
     /// The tensors of the state dict: the top-level dict if it holds any tensors, else
     /// its one nested dict that does (`{"state_dict": {...}, "epoch": 3}`).
     /// Non-tensor entries are skipped.
-    fn state_dict(&self, root: &Value) -> Msg<Vec<(String, usize)>> {
+    fn state_dict(&self, root: &Value) -> Msg<Vec<(Rc<str>, usize)>> {
         let Value::Dict(top) = root else {
             return Err(format!("data.pkl holds {root:?}, not a dict of tensors"));
         };
@@ -394,11 +420,20 @@ impl<'a> Unpickler<'a> {
         }
     }
 
-    fn tensors_in(&self, dict: usize) -> Msg<Vec<(String, usize)>> {
-        let mut out = Vec::new();
+    /// A dict's tensors by name; a name set again keeps its place and takes the new
+    /// tensor, as in Python.
+    fn tensors_in(&self, dict: usize) -> Msg<Vec<(Rc<str>, usize)>> {
+        let mut out: Vec<(Rc<str>, usize)> = Vec::new();
+        let mut at: HashMap<Rc<str>, usize> = HashMap::new();
         for (k, v) in &self.dicts[dict] {
             match (k, v) {
-                (Value::Str(k), Value::Tensor(t)) => out.push((k.to_string(), *t)),
+                (Value::Str(k), Value::Tensor(t)) => match at.get(k) {
+                    Some(&i) => out[i].1 = *t,
+                    None => {
+                        at.insert(k.clone(), out.len());
+                        out.push((k.clone(), *t));
+                    }
+                },
                 (_, Value::Tensor(_)) => return Err(format!("tensor stored under non-string key {k:?}")),
                 _ => {}
             }
