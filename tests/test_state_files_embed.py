@@ -149,3 +149,36 @@ def test_embed_rejects_bad_input(tiny_model):
             tiny_model.embed([[1, 2], [3, bad]])
         with pytest.raises(rwkv_gpu.ShapeError, match=f"^sequence 1: token id {bad} at position 1 is out of range"):
             tiny_model.forward_batch([[1, 2], [3, bad]], tiny_model.new_states(2))
+
+
+def test_state_tuning_file_of_a_one_head_model_and_of_codes(tmp_path):
+    """A one-head model's time_state is [1, N, N] (with or without a leading batch 1):
+    its own 1 is not a batch dimension. Integer tensors are not states."""
+    from support.safetensors_writer import write_safetensors
+
+    model = rwkv_gpu.Model.random(2, 64, vocab_size=100)  # head size 64: one head
+    states = np.random.default_rng(5).standard_normal((2, 1, 64, 64)).astype(np.float32)
+    for leading in ((), (1,)):
+        path = tmp_path / f"one-head{len(leading)}.pth"
+        write_pth(path, {f"blocks.{i}.att.time_state": states[i].reshape(leading + states[i].shape) for i in range(2)})
+        np.testing.assert_array_equal(model.load_state(path).to_numpy()["wkv"], states)
+    codes = tmp_path / "codes.safetensors"
+    write_safetensors(codes, {f"blocks.{i}.att.time_state": np.ones((1, 64, 64), np.int8) for i in range(2)})
+    with pytest.raises(rwkv_gpu.StateError, match=r"blocks\.0\.att\.time_state is I8; a state is floating point"):
+        model.load_state(codes)
+
+
+def test_a_state_with_nan_or_infinity_is_refused(tmp_path, tiny_model):
+    """From arrays, or from a file (which the error names)."""
+    good = tiny_model.new_state().to_numpy()
+    for part, value in (("wkv", np.nan), ("att_shift", np.inf)):
+        arrays = {k: v.copy() for k, v in good.items()}
+        arrays[part].reshape(-1)[7] = value
+        with pytest.raises(rwkv_gpu.ShapeError, match="state holds NaN or infinite values"):
+            tiny_model.state_from_numpy(arrays)
+    states, _, _ = rank_one_states(4)
+    states[1, 0, 3, 3] = np.inf
+    path = tmp_path / "inf.pth"
+    write_state_tuning(path, states)
+    with pytest.raises(rwkv_gpu.ShapeError, match=r"inf\.pth: state holds NaN or infinite values"):
+        tiny_model.load_state(path)

@@ -52,7 +52,11 @@ pub fn save(model: &Model, state: &State, path: &Path) -> Result<()> {
 pub fn load(model: &Model, path: &Path, transpose: bool) -> Result<State> {
     let ck = crate::loader::open(path)?;
     let host = read(ck.as_ref(), &model.config, model.weights.fingerprint, transpose)?;
-    model.state_from_host(&host)
+    // Shapes were checked by `read`; what is left to refuse is the values (NaN, infinity).
+    model.state_from_host(&host).map_err(|e| match e {
+        Error::Shape(m) => Error::Shape(format!("{}: {m}", path.display())),
+        e => e,
+    })
 }
 
 /// A state file's contents for a model of `config` and weights `fingerprint`: one of ours
@@ -120,13 +124,24 @@ fn read_state_tuning(ck: &dyn Checkpoint, c: &Config, transpose: bool) -> Result
                 c.n_layer
             ))
         })?;
-        // Some tools keep a leading batch dimension of 1.
-        let dims: Vec<usize> = info.shape.iter().copied().skip_while(|&d| d == 1).collect();
+        // Some tools keep a leading batch dimension of 1 (and a one-head model's own
+        // [1, N, N] keeps its 1).
+        let mut dims = &info.shape[..];
+        while dims.len() > 3 && dims[0] == 1 {
+            dims = &dims[1..];
+        }
         if dims != [h, n, n] {
             return Err(Error::State(format!(
                 "{}: {name} has shape {:?}; this model needs [{h}, {n}, {n}] (heads, head size, head size)",
                 path.display(),
                 info.shape
+            )));
+        }
+        if !matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::State(format!(
+                "{}: {name} is {:?}; a state is floating point (F32, F16 or BF16)",
+                path.display(),
+                info.dtype
             )));
         }
         let values = to_f32(&ck.read(&name)?, info.dtype);
