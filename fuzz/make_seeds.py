@@ -6,6 +6,7 @@ fuzzer's own corpus grows from these (scripts/fuzz.sh)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "tests"))
 from support.pth_writer import write_pth  # noqa: E402
-from support.safetensors_writer import write_safetensors  # noqa: E402
+from support.safetensors_writer import read_raw, write_safetensors  # noqa: E402
 
 C, H, N, V, F, D, L = 8, 2, 4, 16, 16, 8, 2
 rng = np.random.default_rng(0)
@@ -40,6 +41,24 @@ def official() -> dict[str, np.ndarray]:
     return out
 
 
+def fla_one_layer() -> bytes:
+    """Layer 0 of tests/data/tiny-rwkv7-hf (fla's names) at this file's dimensions:
+    C 128 -> 8, F and V 512 -> 16, head size 64 -> 4 (in r_k), low-rank widths -> 8."""
+    hf = read_raw(ROOT.parent / "tests" / "data" / "tiny-rwkv7-hf" / "model.safetensors")
+    own = np.random.default_rng(1)  # not `rng`: the other seeds stay as they were
+    out = {}
+    for name, a in hf.items():
+        if ".layers.1." in name:
+            continue
+        small = {128: C, 512: F, 32: D, 16: D, 2: H, 64: N if name.endswith("r_k") else D}
+        out[name] = own.standard_normal([small.get(d, d) for d in a.shape]).astype(np.float16)
+    path = ROOT / "fla-seed.tmp"
+    write_safetensors(path, out)
+    data = path.read_bytes()
+    path.unlink()
+    return data
+
+
 def main() -> None:
     ck = ROOT / "corpus" / "checkpoint"
     weights = official()
@@ -56,6 +75,12 @@ def main() -> None:
     fla = {("model.embeddings.weight" if k == "emb.weight" else k.replace("blocks.0.att.receptance.weight", "model.layers.0.attn.r_proj.weight")): v
            for k, v in weights.items()}
     write_safetensors(ck / "seed-fla.safetensors", fla)
+    # A one-layer model wholly in fla's layout, then CONFIG_MARKER (src/fuzzing.rs) and its
+    # config.json: layer 0 has no v_lora, so its width is the config's.
+    (ck / "seed-fla-config").write_bytes(fla_one_layer() + b"\0config.json\0" + json.dumps(
+        {"model_type": "rwkv7", "hidden_size": C, "num_hidden_layers": 1, "head_dim": N, "vocab_size": V,
+         "intermediate_size": F, "decay_low_rank_dim": D, "a_low_rank_dim": D, "v_low_rank_dim": D,
+         "gate_low_rank_dim": D}).encode())
 
     st = ROOT / "corpus" / "state_file"
     # Our state file for a model of these dimensions (src/fuzzing.rs `small`).

@@ -5,7 +5,7 @@
 //! bytes: no panic, and any value handed back consistent with what was asked. Errors are
 //! the expected outcome for most inputs and are discarded.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::loader::bytes::FileBytes;
 use crate::loader::{self, Checkpoint};
@@ -19,9 +19,18 @@ fn open(data: &[u8]) -> Option<Box<dyn Checkpoint>> {
     loader::from_bytes(Path::new(PATH), FileBytes::Owned(data.to_vec())).ok()
 }
 
-/// A checkpoint file (`.pth` zip + pickle, safetensors header, our saved-model metadata):
-/// every tensor read, then the schema check (and fla's renaming where the names are its).
-pub fn checkpoint(data: &[u8]) {
+/// In a `checkpoint` input, what separates the file from the config.json beside it (fla's
+/// dimensions, which the schema cross-checks or, for what the tensors leave open, takes).
+pub const CONFIG_MARKER: &[u8] = b"\0config.json\0";
+
+/// A checkpoint file (`.pth` zip + pickle, safetensors header, our saved-model metadata),
+/// optionally followed by CONFIG_MARKER and a config.json: every tensor read, then the
+/// schema check (and fla's renaming where the names are its).
+pub fn checkpoint(input: &[u8]) {
+    let (data, config) = match input.windows(CONFIG_MARKER.len()).position(|w| w == CONFIG_MARKER) {
+        Some(at) => (&input[..at], serde_json::from_slice(&input[at + CONFIG_MARKER.len()..]).ok()),
+        None => (input, None),
+    };
     let Some(ck) = open(data) else { return };
     for name in ck.names() {
         let info = ck.info(&name).expect("a listed tensor has an info");
@@ -37,7 +46,7 @@ pub fn checkpoint(data: &[u8]) {
         }
     }
     let ck: Box<dyn Checkpoint> = if loader::fla::is_fla(&ck.names()) {
-        match loader::fla::FlaView::new(ck, None) {
+        match loader::fla::FlaView::new(ck, config.map(|json| (PathBuf::from("config.json"), json))) {
             Ok(view) => Box::new(view),
             Err(_) => return,
         }
@@ -51,6 +60,10 @@ pub fn checkpoint(data: &[u8]) {
                 && c.n_embd <= crate::schema::MAX_EMBD
                 && c.vocab_size <= crate::schema::MAX_VOCAB
         );
+        // Every width sizes buffers: each one in 1..=n_embd, whichever source gave it.
+        for d in [c.lora_w, c.lora_a, c.lora_v, c.lora_g] {
+            assert!((1..=c.n_embd).contains(&d), "low-rank width {d} with n_embd {}", c.n_embd);
+        }
     }
 }
 
