@@ -196,6 +196,24 @@ def test_prefix_cache_feeds_only_the_rest(model):
     assert 0 < stats["prefix_cache_bytes"] <= 256 << 20
 
 
+def test_only_the_latest_cache_points_pause_a_prompt(model):
+    """A prompt of many messages (a point after each) pauses at its last MAX_CACHE_POINTS
+    only: each pause is a step of its own and a cache entry, so a request of thousands of
+    tiny messages cannot hold a slot for thousands of steps or flush the cache."""
+    from rwkv_gpu.engine import MAX_CACHE_POINTS
+
+    prompt = "x" * 40
+    with rwkv_gpu.Engine(model, max_batch=1) as engine:
+        request = engine.submit(prompt, max_tokens=2, cache_points=range(1, 40), **GREEDY)
+        got = request.result(timeout=60)
+        stats = engine.stats()
+    assert request.cache_points == list(range(40 - MAX_CACHE_POINTS, 40))
+    assert got.tokens == alone(model, prompt, 2, **GREEDY).tokens
+    # The states cached: at the points kept (the last is the prompt but its last token),
+    # and the final one (for the conversation's next turn).
+    assert stats["prefix_cache_entries"] == MAX_CACHE_POINTS + 1, stats
+
+
 def test_prefix_cache_is_bounded_in_bytes(model):
     per_state = model.state_bytes
     with rwkv_gpu.Engine(model, cache_bytes=3 * per_state) as engine:
@@ -254,9 +272,15 @@ def test_queue_full_and_close(model):
     queued = [engine.submit(PROMPTS[1], max_tokens=4) for _ in range(2)]
     with pytest.raises(rwkv_gpu.QueueFullError, match="max_queue 2"):
         engine.submit(PROMPTS[2], max_tokens=4)
+    # A request cancelled while waiting gives its place up at once (a client that left
+    # cannot keep the queue full), ending as cancelled with nothing drawn.
+    queued[0].cancel()
+    queued.append(engine.submit(PROMPTS[2], max_tokens=4))
+    assert queued[0].done and queued[0].finish_reason == "cancelled" and queued[0].tokens == []
+    assert engine.stats()["queue_length"] == 2
     engine.close()
     assert running.finish_reason == "closed" and running.done
-    assert all(q.finish_reason == "closed" for q in queued)
+    assert all(q.finish_reason == "closed" for q in queued[1:])
     with pytest.raises(rwkv_gpu.EngineClosedError):
         engine.submit("x")
     assert threading.active_count() == threads_before

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -282,3 +283,67 @@ def test_32_concurrent_streams_all_complete(client, url, model):
     assert len(results) == 32
     for prompt, text, reason in results:
         assert text == want[prompt] and reason in ("stop", "length")
+
+
+def test_request_limits(model):
+    """What would cost the scheduler or the event loop without bound is refused before
+    any work: too many or too long stop strings (matched against every drawn token), a
+    body too big to be a prompt this server takes (by its Content-Length, or as it
+    streams in without one), and text that is not Unicode (a lone surrogate)."""
+    with serving(model, max_prompt_tokens=8) as url:  # bodies: at most 1 MiB
+        headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+
+        def post(path, body):
+            content = json.dumps(body).encode() if isinstance(body, dict) else body
+            return httpx.post(f"{url}/v1/{path}", headers=headers, content=content, timeout=60)
+
+        for stop in (["x"] * 17, "y" * 257):
+            r = post("completions", {"model": NAME, "prompt": "a", "stop": stop})
+            assert r.status_code == 400 and r.json()["error"]["param"].startswith("stop"), r.text
+        assert post("completions", {"model": NAME, "prompt": "a", "max_tokens": 2, "stop": ["x"] * 16}).status_code == 200
+        big = b'{"model": "trained-bytes", "prompt": "' + b"a" * (1 << 20) + b'"}'
+        for body in (big, iter([big[:1000], big[1000:]])):  # with a Content-Length, then chunked
+            r = post("completions", body)
+            assert r.status_code == 413 and "over 1048576 bytes" in r.json()["error"]["message"], r.text
+        for path, body, param in [("completions", {"prompt": "\ud800"}, "prompt"),
+                                  ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+                                  ("embeddings", {"input": ["ok", "\ud800"]}, "input")]:
+            r = post(path, dict(body, model=NAME))
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+
+
+def test_a_refused_choice_cancels_the_queued_ones(model):
+    """n choices are queued together or not at all: when the queue refuses the third, the
+    two already queued are cancelled (and leave the queue) instead of running unheard."""
+    with serving(model, engine_options={"max_batch": 1, "max_queue": 2}) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        stream = c.completions.create(model=NAME, prompt="a", max_tokens=5000, stream=True, **GREEDY)
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError, match="max_queue 2"):
+            c.completions.create(model=NAME, prompt="b", max_tokens=3, n=3)
+        deadline = time.monotonic() + 30
+        while 'rwkv_requests_finished_total{reason="cancelled"} 2.0' not in httpx.get(f"{url}/metrics").text:
+            assert time.monotonic() < deadline, httpx.get(f"{url}/metrics").text
+            time.sleep(0.05)
+        assert "rwkv_queue_length 0.0" in httpx.get(f"{url}/metrics").text
+        stream.close()
+
+
+@pytest.mark.parametrize("path, body", [
+    ("completions", {"prompt": "a", "max_tokens": 5000}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 5000, "n": 2}),
+    ("responses", {"input": "a", "max_output_tokens": 5000}),
+])
+def test_a_client_that_leaves_a_plain_request_stops_its_generation(model, path, body):
+    """Not streamed: the handler waits for the whole answer, and gives it up (cancelling
+    every choice) when its client goes away, instead of generating to max_tokens."""
+    with serving(model) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/{path}", headers={"Authorization": f"Bearer {KEY}"}, timeout=2,
+                       json=dict(body, model=NAME, temperature=0))
+        cancelled = f'rwkv_requests_finished_total{{reason="cancelled"}} {float(body.get("n", 1))}'
+        deadline = time.monotonic() + 30
+        while cancelled not in (metrics := httpx.get(f"{url}/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+        assert "rwkv_running_requests 0.0" in metrics, metrics

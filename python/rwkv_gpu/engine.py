@@ -46,6 +46,9 @@ class TokenInfo:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+MAX_CACHE_POINTS = 8
+
+
 class Request:
     """A submitted generation. Iterate it (from one thread) for text pieces, or call
     `result()`; `cancel()` ends it within one step. Afterwards `finish_reason` ("stop",
@@ -61,7 +64,9 @@ class Request:
                  state: State | None, return_state: bool, top_logprobs: int | None, use_cache: bool) -> None:
         self.id = next(Request._ids)
         self.ids = ids
-        self.cache_points = sorted({int(p) for p in cache_points if 0 < int(p) < len(ids)})
+        # The latest points only: each is a pause in the prefill and a cache entry, and a
+        # conversation's next turn extends its latest messages.
+        self.cache_points = sorted({int(p) for p in cache_points if 0 < int(p) < len(ids)})[-MAX_CACHE_POINTS:]
         self.text = text
         self.sampler = sampler
         self.state = state
@@ -245,7 +250,7 @@ class Engine:
         as `request.state` otherwise. `top_logprobs`: report each token's log-probability
         and that many alternatives (0 to `_core.max_top_logprobs`, 20). `cache_points`: prompt lengths after which the
         state is worth keeping in the prefix cache (ends of a system prompt or of earlier
-        turns). Bad options raise here; a bad prompt fails this request only."""
+        turns; the last MAX_CACHE_POINTS are kept). Bad options raise here; a bad prompt fails this request only."""
         text = TextStream(self.model._tokenizer_if_any(), max_tokens, stop, stop_tokens)
         sampler = sampler_for(self.model, Sampling(**sampling_options(dict(options))))  # checks the options
         if state is not None:
@@ -258,6 +263,7 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise errors.EngineClosedError("the engine is closed")
+            self._drop_cancelled_waiting()
             if len(self._waiting) >= self.max_queue:
                 self.counters["requests_refused"] += 1
                 raise errors.QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
@@ -330,6 +336,7 @@ class Engine:
                         self._cv.wait()
                     if self._closing:
                         break
+                    self._drop_cancelled_waiting()
                     admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
                 for request in admitted:
                     self._admit(request)
@@ -348,6 +355,20 @@ class Engine:
                 self._retire(request, "closed", failure)
             for request in waiting:
                 request._end("closed", failure)
+
+    def _drop_cancelled_waiting(self) -> None:
+        """(With `_cv` held.) Requests cancelled while waiting leave the queue at once, so
+        that their places are free, and end as cancelled without ever being admitted."""
+        if not any(r._cancelled.is_set() for r in self._waiting):
+            return
+        kept: collections.deque[Request] = collections.deque()
+        for request in self._waiting:
+            if request._cancelled.is_set():
+                self.counters["requests_finished_cancelled"] += 1
+                request._end("cancelled")
+            else:
+                kept.append(request)
+        self._waiting = kept
 
     def _admit(self, request: Request) -> None:
         slot = self._free.pop()

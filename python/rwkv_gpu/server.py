@@ -23,9 +23,9 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -73,7 +73,52 @@ def _from_rwkv(e: BaseException) -> ApiError:
 
 # ---- request bodies ----
 
-Stop = str | list[str] | None
+# Stop strings are matched against every drawn token on the scheduler's thread, so their
+# number and length are bounded (OpenAI takes at most 4).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
+
+T = TypeVar("T")
+
+# A request body may hold this many bytes per prompt token the server takes (JSON text
+# of any script, or token ids, fits with room to spare); a bigger one is refused unread.
+BODY_BYTES_PER_TOKEN = 64
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before it is parsed or
+    tokenized, by its Content-Length or, without one, as soon as that many bytes came."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"the request body is over {self.max_bytes} bytes, the most this server reads"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await ApiError(413, self._message()).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised where the app reads the body: its HTTP error handler answers.
+                    raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class _Body(BaseModel):
@@ -209,7 +254,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                max_output_tokens: int = 8192, response_store_bytes: int = 1 << 30,
                route: tuple[int, int] | None = None) -> FastAPI:
     """The ASGI app serving `engine`'s model as `model_name`. Prompts longer than
-    `max_prompt_tokens` get 413, asking for more than `max_output_tokens` gets 400.
+    `max_prompt_tokens` get 413 (and bodies over BODY_BYTES_PER_TOKEN bytes per such token,
+    1 MiB at least, before they are read), asking for more than `max_output_tokens` gets 400.
     `route` (index, servers): this server's place behind nginx (`response_id`)."""
     if route is not None and not 0 <= route[0] < route[1]:
         raise errors.InvalidOptionError(f"route index {route[0]} must be in 0..{route[1] - 1}")
@@ -237,6 +283,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     @app.exception_handler(errors.RwkvError)
     async def runtime_error(_: Request, e: errors.RwkvError) -> JSONResponse:
         return _from_rwkv(e).response()
+
+    # Added first, so it runs inside `authorize`: a stranger learns nothing of the limit.
+    app.add_middleware(BodyLimit, max_bytes=max(1 << 20, BODY_BYTES_PER_TOKEN * max_prompt_tokens))
 
     @app.middleware("http")
     async def authorize(request: Request, call_next: Any) -> Any:
@@ -280,13 +329,27 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             return []
         return [stop] if isinstance(stop, str) else list(stop)
 
-    def submit(prompt: list[int], *, index: int, seed_shift: bool, **options: Any) -> EngineRequest:
-        if seed_shift and options.get("seed") is not None:
-            options["seed"] = item_seed(options["seed"], index)
+    def submit(prompt: list[int], n: int, **options: Any) -> list[EngineRequest]:
+        """The `n` choices' requests (choice i samples with seed + i); all or none: when
+        one is refused (a full queue), those already queued are cancelled."""
+        requests: list[EngineRequest] = []
         try:
-            return engine.submit(prompt, **options)
-        except errors.RwkvError as e:
-            raise _from_rwkv(e) from e
+            for i in range(n):
+                requests.append(engine.submit(prompt, **dict(options, seed=item_seed(options.get("seed"), i))))
+        except BaseException as e:
+            for r in requests:
+                r.cancel()
+            raise _from_rwkv(e) if isinstance(e, errors.RwkvError) else e from None
+        return requests
+
+    async def encode(texts: list[str], param: str) -> list[list[int]]:
+        """Tokenizes off the event loop (the tokenizers release the GIL), so that other
+        streams keep flowing while a long prompt is read. Text that is not valid Unicode
+        (a lone surrogate, which JSON can carry) is the client's error."""
+        try:
+            return await asyncio.to_thread(tokenizer.encode_batch, texts)
+        except ValueError as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from e
 
     async def started(requests: Sequence[EngineRequest]) -> None:
         """Before a stream's first byte: every request admitted, or the error answered."""
@@ -330,6 +393,26 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             at += len(token_text(i.token))
         return {"tokens": [token_text(i.token) for i in infos], "token_logprobs": [i.logprob for i in infos],
                 "top_logprobs": [{token_text(t): lp for t, lp in i.top} for i in infos], "text_offset": offsets}
+
+    async def attended(http: Request, work: Awaitable[T]) -> T:
+        """`work`, given up (cancelled: its `finally` cancels its engine requests) when the
+        client disconnects first, so that a non-streamed answer nobody waits for is not
+        generated to the end. (A stream's client leaving ends its body iterator instead.)"""
+        async def disconnected() -> None:
+            # The body is read: the next message is the disconnect. (Request.is_disconnected
+            # never sees it behind a BaseHTTPMiddleware such as `authorize`.)
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+
+        task, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise ApiError(499, "the client disconnected", code="client_disconnected")  # read by no one
+        finally:
+            task.cancel()
+            gone.cancel()
 
     async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
         try:
@@ -393,7 +476,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         return {"id": model_name, "object": "model", "created": created, "owned_by": "rwkv-gpu"}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Any:
+    async def completions(body: CompletionBody, http: Request) -> Any:
         check_model(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
@@ -401,7 +484,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 raise ApiError(400, "give one prompt per request (a list of several is not supported)", param="prompt")
             prompt = prompt[0]  # type: ignore[assignment]
         try:
-            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]  # type: ignore[union-attr]
+            ids = (await encode([prompt], "prompt"))[0] if isinstance(prompt, str) else [int(t) for t in prompt]  # type: ignore[union-attr]
         except (TypeError, ValueError) as e:
             raise ApiError(400, f"prompt: {e}", param="prompt") from e
         if not ids:
@@ -409,7 +492,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         check_length(ids, "prompt")
         options = dict(sampling(body), max_tokens=output_limit(body.max_tokens, 16, "max_tokens"), stop=stops(body.stop),
                        top_logprobs=body.logprobs)
-        requests = [submit(ids, index=i, seed_shift=True, **options) for i in range(body.n)]
+        requests = submit(ids, body.n, **options)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = tokenizer.decode(ids) if body.echo else ""
 
@@ -437,31 +520,34 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                            "choices": [], "usage": usage(requests)}
             await started(requests)
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
-        try:
-            for r in requests:
-                await finished(r)
-        finally:
-            for r in requests:
-                r.cancel()
+
+        async def wait() -> None:
+            try:
+                for r in requests:
+                    await finished(r)
+            finally:
+                for r in requests:
+                    r.cancel()
+        await attended(http, wait())
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                 "choices": [choice(i, echo + r.completion().text, r) for i, r in enumerate(requests)],
                 "usage": usage(requests)}
 
-    def chat_prompt(messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+    async def chat_prompt(messages: Sequence[Message], param: str) -> tuple[list[int], list[int]]:
         """The chat's tokens, each message tokenized alone, and where each message ends."""
+        turns = [turn("system" if m.role == "developer" else m.role, _text(m.content)) for m in messages]
+        parts = await encode([*turns, REPLY_PROMPT], param)
         ids: list[int] = []
         ends = []
-        for m in messages:
-            role = "system" if m.role == "developer" else m.role
-            ids += tokenizer.encode(turn(role, _text(m.content)))
+        for part in parts[:-1]:
+            ids += part
             ends.append(len(ids))
-        ids += tokenizer.encode(REPLY_PROMPT)
-        return ids, ends
+        return ids + parts[-1], ends
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody) -> Any:
+    async def chat_completions(body: ChatBody, http: Request) -> Any:
         check_model(body.model)
-        ids, ends = chat_prompt(body.messages)
+        ids, ends = await chat_prompt(body.messages, "messages")
         check_length(ids, "messages")
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = output_limit(asked, 1024,
@@ -469,7 +555,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         top = (body.top_logprobs or 0) if body.logprobs else None
         options = dict(sampling(body), max_tokens=max_tokens, stop=[REPLY_STOP, *stops(body.stop)],
                        top_logprobs=top, cache_points=ends)
-        requests = [submit(ids, index=i, seed_shift=True, **options) for i in range(body.n)]
+        requests = submit(ids, body.n, **options)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
@@ -488,16 +574,20 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                     yield dict(head, choices=[], usage=usage(requests))
             await started(requests)
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
-        texts = []
-        try:
-            for r in requests:
-                texts.append("".join([p async for p in _areply(engine._watch(r))]))
-                if r.error is not None:
-                    raise _from_rwkv(r.error)
-                metrics.finished(r)
-        finally:
-            for r in requests:
-                r.cancel()
+
+        async def replies() -> list[str]:
+            texts = []
+            try:
+                for r in requests:
+                    texts.append("".join([p async for p in _areply(engine._watch(r))]))
+                    if r.error is not None:
+                        raise _from_rwkv(r.error)
+                    metrics.finished(r)
+            finally:
+                for r in requests:
+                    r.cancel()
+            return texts
+        texts = await attended(http, replies())
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t},
                              "logprobs": chat_logprobs(r.logprobs) if top is not None else None,
@@ -514,7 +604,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             items = list(raw)  # type: ignore[arg-type]
         if not items or len(items) > 2048:
             raise ApiError(400, f"input must hold 1 to 2048 texts, got {len(items)}", param="input")
-        batch = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in items]
+        texts = [x for x in items if isinstance(x, str)]
+        encoded = iter(await encode(texts, "input") if texts else [])
+        batch = [next(encoded) if isinstance(x, str) else list(x) for x in items]
         if not all(batch):
             raise ApiError(400, "an input is empty", param="input")
         check_length([t for ids in batch for t in ids], "input")  # the whole call's tokens
@@ -527,7 +619,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         return {"object": "list", "data": data, "model": model_name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/responses")
-    async def create_response(body: ResponseBody) -> Any:
+    async def create_response(body: ResponseBody, http: Request) -> Any:
         check_model(body.model)
         if body.stream:
             raise ApiError(400, "streamed responses are not supported yet: use /v1/chat/completions to stream",
@@ -542,15 +634,18 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         messages = [Message(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
         if body.instructions and state is None:
             messages.insert(0, Message(role="system", content=body.instructions))
-        ids, ends = chat_prompt(messages)
+        ids, ends = await chat_prompt(messages, "input")
         check_length(ids, "input")
         options = dict(sampling(body), max_tokens=output_limit(body.max_output_tokens, 1024, "max_output_tokens"), stop=[REPLY_STOP],
                        cache_points=ends, state=state, return_state=state is None and body.store)
-        request = submit(ids, index=0, seed_shift=False, **options)
-        try:
-            text = "".join([p async for p in _areply(engine._watch(request))])
-        finally:
-            request.cancel()
+        (request,) = submit(ids, 1, **options)
+
+        async def reply() -> str:
+            try:
+                return "".join([p async for p in _areply(engine._watch(request))])
+            finally:
+                request.cancel()
+        text = await attended(http, reply())
         if request.error is not None:
             raise _from_rwkv(request.error)
         metrics.finished(request)
