@@ -8,6 +8,7 @@
 
 pub mod atomic_file;
 pub mod error;
+pub mod fair_mutex;
 pub mod fuzzing;
 pub mod generation;
 pub mod gpu;

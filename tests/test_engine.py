@@ -294,3 +294,23 @@ def test_bad_engine_options(model):
                          ({"cache_bytes": -1}, "cache_bytes"), ({"max_batch": 2.5}, "max_batch")]:
         with pytest.raises(rwkv_gpu.InvalidOptionError, match=name):
             rwkv_gpu.Engine(model, **kwargs)
+
+
+def test_a_long_embedding_lets_the_engine_step():
+    """`embed` feeds a chunk per forward call and lets go of the model in between, and
+    the model is taken in turn (first come, first served), so an Engine stream sharing the
+    model draws between every two chunks of a long text being embedded. (One call over
+    the whole text held the model throughout; and with std's Mutex the embedding thread
+    mostly took it straight back.)"""
+    model = open_model(DATA / "tiny-rwkv7" / "model.safetensors", tokenizer="bytes")
+    chunk = model.config["chunk_tokens"]
+    text = [int(t) for t in np.random.default_rng(0).integers(1, 256, 4 * chunk)]
+    with rwkv_gpu.Engine(model) as engine:
+        request = engine.submit([1, 2, 3], max_tokens=100_000, **GREEDY)
+        while len(request.tokens) < 2:
+            time.sleep(0.01)
+        before = len(request.tokens)
+        model.embed(text)
+        during = len(request.tokens) - before
+        request.cancel()
+    assert during >= 3, during

@@ -124,6 +124,25 @@ def test_embed_is_the_reference_hidden_state(tiny_model, weights, tiny_cases):
     assert reference.maxdev(mean, hidden.mean(0)) < TOL
 
 
+def test_embed_of_texts_longer_than_a_chunk(tiny_model, weights):
+    """Each text is fed a chunk at a time, one forward call each (the model is let go in
+    between): its state carries over, the mean runs over every chunk's rows, and texts
+    that end in different chunks each keep their own last row."""
+    chunk = tiny_model.config["chunk_tokens"]
+    long = [int(t) for t in np.random.default_rng(3).integers(1, 512, 2 * chunk + 5)]
+    hidden = reference.forward(weights, long, reference.new_state(weights), hidden=True)
+    assert reference.maxdev(tiny_model.embed(long), hidden[-1]) < TOL
+    assert reference.maxdev(tiny_model.embed(long, pooling="mean"), hidden.mean(0)) < TOL
+    # The last forward call fed the last 5 tokens alone: one submission (a single call
+    # over the whole text would have made three).
+    assert tiny_model._m.last_stats()[0] == 1
+    texts = [long, long[:chunk + 1], long[:7]]
+    for pooling in ("last", "mean"):
+        together = tiny_model.embed(texts, pooling=pooling)
+        for row, text in zip(together, texts):
+            np.testing.assert_allclose(row, tiny_model.embed(text, pooling=pooling), atol=1e-5, rtol=0)
+
+
 def test_embed_batches_and_repeats(tiny_model):
     seqs = [[1, 2, 3], [400, 5], list(range(10, 60))]
     batch = tiny_model.embed(seqs, pooling="mean")

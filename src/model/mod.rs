@@ -27,6 +27,7 @@ pub use state::State;
 pub use weights::{Quantization, WeightFormat};
 
 use crate::error::{Error, Result};
+use crate::fair_mutex::FairMutex;
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
 use crate::interrupt::Interrupt;
 use crate::loader::{self, Checkpoint};
@@ -84,7 +85,8 @@ pub struct Model {
     pipelines: Pipelines,
     /// Scratch activations, reused by every call. Calls on one model run one at a time;
     /// a Model may be shared between threads and they take turns here.
-    scratch: Mutex<Option<Scratch>>,
+    /// Taken in turn (first come, first served): see `fair_mutex`.
+    scratch: FairMutex<Option<Scratch>>,
     pub id: u64,
     pub last_stats: Mutex<CallStats>,
     /// Time every dispatch on the GPU (see `Recorder::profile`); off by default.
@@ -248,7 +250,7 @@ impl Model {
             config,
             weights,
             pool,
-            scratch: Mutex::new(None),
+            scratch: FairMutex::new(None),
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             last_stats: Mutex::new(CallStats::default()),
             profiling: std::sync::atomic::AtomicBool::new(false),
@@ -338,7 +340,7 @@ impl Model {
             }
         }
         let _leases = batch.iter().map(|(state, _)| state.lease()).collect::<Result<Vec<_>>>()?;
-        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut scratch = self.scratch.lock();
         // Sequences by state page, in order of first appearance.
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, (state, _)) in batch.iter().enumerate() {
@@ -425,30 +427,47 @@ impl Model {
     }
 
     /// `embed`, asking `interrupt` between submissions.
+    ///
+    /// Texts are fed one chunk (`chunk_tokens`) at a time each, one forward call per
+    /// chunk, so that the model's scratch is let go between chunks: an Engine sharing the
+    /// model steps in between, and a long text cannot stall its streams for the whole of
+    /// its prefill.
     pub fn embed_with(&self, batch: &[Vec<u32>], pooling: Pooling, interrupt: Interrupt) -> Result<Vec<f32>> {
         for (i, tokens) in batch.iter().enumerate() {
             self.check_tokens(tokens).map_err(|e| in_batch_item("text", i, batch.len(), e))?;
         }
         let c = self.config.n_embd;
+        let window = scratch::chunk_tokens(self);
         let mut out = Vec::with_capacity(batch.len() * c);
         for group in batch.chunks(EMBED_BATCH) {
             let states = self.new_states(group.len())?;
-            let items: Vec<(&State, &[u32])> =
-                states.iter().zip(group).map(|(s, t)| (s, t.as_slice())).collect();
-            match pooling {
-                Pooling::Last => out.extend(self.forward_batch_with(&items, Want::HiddenLast, interrupt)?),
-                Pooling::Mean => {
-                    let rows = self.forward_batch_with(&items, Want::HiddenAll, interrupt)?;
-                    let mut at = 0;
-                    for tokens in group {
-                        let mut sum = vec![0f64; c];
-                        for row in rows[at * c..(at + tokens.len()) * c].chunks_exact(c) {
-                            sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
-                        }
-                        out.extend(sum.iter().map(|s| (s / tokens.len() as f64) as f32));
-                        at += tokens.len();
+            // Per text: the last token's row so far, or the sum of its rows (f64).
+            let mut pooled = vec![0f64; group.len() * c];
+            let longest = group.iter().map(Vec::len).max().unwrap_or(0);
+            for start in (0..longest).step_by(window) {
+                let members: Vec<usize> = (0..group.len()).filter(|&i| group[i].len() > start).collect();
+                let items: Vec<(&State, &[u32])> = members
+                    .iter()
+                    .map(|&i| (&states[i], &group[i][start..group[i].len().min(start + window)]))
+                    .collect();
+                let want = if pooling == Pooling::Last { Want::HiddenLast } else { Want::HiddenAll };
+                let rows = self.forward_batch_with(&items, want, interrupt)?;
+                let mut at = 0;
+                for (&i, (_, tokens)) in members.iter().zip(&items) {
+                    let n = if pooling == Pooling::Last { 1 } else { tokens.len() };
+                    let sum = &mut pooled[i * c..(i + 1) * c];
+                    if pooling == Pooling::Last {
+                        sum.fill(0.0);
                     }
+                    for row in rows[at * c..(at + n) * c].chunks_exact(c) {
+                        sum.iter_mut().zip(row).for_each(|(s, &x)| *s += x as f64);
+                    }
+                    at += n;
                 }
+            }
+            for (i, tokens) in group.iter().enumerate() {
+                let n = if pooling == Pooling::Last { 1.0 } else { tokens.len() as f64 };
+                out.extend(pooled[i * c..(i + 1) * c].iter().map(|s| (s / n) as f32));
             }
         }
         Ok(out)
@@ -581,11 +600,10 @@ impl Model {
         saved::save(self, path)
     }
 
-    /// A copy of `size` bytes of a device buffer from `offset`, in host memory.
     /// Per layer, what its sparse value projection read while `counting_reads` was on,
     /// since the last call (which zeroes the counters). Layers stored dense count nothing.
     pub fn take_read_counts(&self) -> Result<Vec<ReadCounts>> {
-        let scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let scratch = self.scratch.lock();
         let Some(buffer) = scratch.as_ref().and_then(|s| s.read_counts.as_ref()) else {
             return Ok(vec![ReadCounts::default(); self.config.n_layer]);
         };
@@ -603,6 +621,7 @@ impl Model {
             .collect())
     }
 
+    /// A copy of `size` bytes of a device buffer from `offset`, in host memory.
     pub(crate) fn download(&self, buffer: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>> {
         let staging = self.staging(size)?;
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
@@ -619,13 +638,7 @@ impl Model {
     /// too), the other layer and model vectors ("weights_f32"), the head, the embeddings
     /// (0: they stay in host memory), states and scratch.
     pub fn memory(&self) -> Vec<(&'static str, u64)> {
-        let scratch = self
-            .scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|s| s.device_bytes())
-            .unwrap_or(0);
+        let scratch = self.scratch.lock().as_ref().map(|s| s.device_bytes()).unwrap_or(0);
         let mut by_format = [0u64; 3];
         let mut vectors = self.weights.consts.size();
         for layer in &self.weights.layers {
