@@ -21,7 +21,11 @@ for t in "${targets[@]}"; do
     echo "$t: ${runs:-0} executions in ${seconds}s"
     rm -f "$log"
     # Keep what the repository holds small: the inputs that add coverage, under 8 KiB
-    # (the seeds whatever their size).
+    # (the seeds whatever their size; cmin would rename them to their hashes).
+    seeds=$(mktemp -d)
+    cp "fuzz/corpus/$t"/seed-* "$seeds"/ 2>/dev/null || true
     cargo +nightly fuzz cmin "$t" "fuzz/corpus/$t" -- -max_len=65536 >/dev/null 2>&1 || true
-    find "fuzz/corpus/$t" -type f -size +8k ! -name 'seed-*' -delete
+    find "fuzz/corpus/$t" -type f -size +8k -delete
+    cp "$seeds"/seed-* "fuzz/corpus/$t"/ 2>/dev/null || true
+    rm -rf "$seeds"
 done
