@@ -347,3 +347,21 @@ def test_a_client_that_leaves_a_plain_request_stops_its_generation(model, path, 
             assert time.monotonic() < deadline, metrics
             time.sleep(0.05)
         assert "rwkv_running_requests 0.0" in metrics, metrics
+
+
+def test_a_stream_whose_client_left_while_queued_is_cancelled(model):
+    """A streamed request waits for its slot before the response starts; when its client
+    is gone by then, it is cancelled instead of generating to max_tokens for no one."""
+    with serving(model, engine_options={"max_batch": 1}) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        holder = c.completions.create(model=NAME, prompt="a", max_tokens=5000, stream=True, **GREEDY)
+        next(iter(holder))
+        with pytest.raises(httpx.ReadTimeout):  # queued behind `holder`: no byte comes
+            httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=2,
+                       json={"model": NAME, "prompt": "b", "max_tokens": 5000, "stream": True, "temperature": 0})
+        holder.close()
+        deadline = time.monotonic() + 30
+        while 'rwkv_requests_finished_total{reason="cancelled"} 2.0' not in (metrics := httpx.get(f"{url}/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
+        assert "rwkv_running_requests 0.0" in metrics and "rwkv_queue_length 0.0" in metrics, metrics
