@@ -132,15 +132,6 @@ def test_one_layer_model_takes_a_bounded_v_width_from_config_json(tmp_path, hf_r
     assert open_model(tmp_path).config["lora_widths"][2] == 16
 
 
-def test_a_tensor_given_twice_is_refused(tmp_path, hf_raw):
-    """fla's name and the official one for the same tensor: neither silently wins."""
-    tensors = dict(hf_raw)
-    tensors["blocks.1.att.r_k"] = hf_raw["model.layers.1.attn.r_k"]
-    write_safetensors(tmp_path / "model.safetensors", tensors)
-    with pytest.raises(rwkv_gpu.ModelLoadError, match=r"model\.layers\.1\.attn\.r_k and blocks\.1\.att\.r_k both give blocks\.1\.att\.r_k"):
-        open_model(tmp_path / "model.safetensors")
-
-
 @pytest.mark.parametrize("key, value, says", [
     ("hidden_size", 256, "config.json hidden_size says 256, but the tensors give 128"),
     ("num_hidden_layers", 3, "config.json num_hidden_layers says 3, but the tensors give 2"),
@@ -163,11 +154,18 @@ def test_folder_without_weights_is_a_clear_error(tmp_path):
         open_model(tmp_path)
 
 
-def test_unknown_fla_tensor_is_reported_under_its_own_name(tmp_path, hf_raw):
+@pytest.mark.parametrize("extra, copy_of, says", [
+    ("model.layers.1.attn.extra", "model.layers.1.attn.k_k", r"unexpected tensor model\.layers\.1\.attn\.extra"),
+    ("blocks.1.att.r_k", "model.layers.1.attn.r_k",
+     r"model\.layers\.1\.attn\.r_k and blocks\.1\.att\.r_k both give blocks\.1\.att\.r_k"),
+], ids=["nobody's", "given twice"])
+def test_an_extra_tensor_in_an_fla_file_is_reported(tmp_path, hf_raw, extra, copy_of, says):
+    """Under its own name when no official name is its; when fla's name and the official
+    one both give a tensor, neither silently wins."""
     tensors = dict(hf_raw)
-    tensors["model.layers.1.attn.extra"] = hf_raw["model.layers.1.attn.k_k"]
+    tensors[extra] = hf_raw[copy_of]
     write_safetensors(tmp_path / "model.safetensors", tensors)
-    with pytest.raises(rwkv_gpu.ModelLoadError, match=r"unexpected tensor model\.layers\.1\.attn\.extra"):
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=says):
         open_model(tmp_path / "model.safetensors")
 
 
