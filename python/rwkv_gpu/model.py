@@ -488,8 +488,10 @@ class Model:
         fed from a zero state: the last token's (`pooling="last"`) or the mean over all
         tokens ("mean"). A text or token list gives a float32 vector [n_embd]; a list of
         them gives a matrix [n, n_embd], in one call; up to 16 texts share each pass over
-        the weights. Deterministic: the same call gives the same bits (a text embedded
-        alone or beside others agrees to float rounding, ~1e-7).
+        the weights. Texts are fed a chunk at a time, and an Engine sharing the model
+        steps between chunks, so its streams go on during a long embedding.
+        Deterministic: the same call gives the same bits (a text embedded alone or beside
+        others agrees to float rounding, ~1e-7).
 
         This is a representation of the text as the language model sees it, not a
         trained sentence-embedding model: compare such vectors with care."""
