@@ -47,9 +47,12 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// The World vocabulary file is about 1 MB; one 64 times that is not a vocabulary.
+const MAX_VOCAB_FILE_BYTES: u64 = 64 << 20;
+
 impl Tokenizer {
     pub fn from_vocab_file(path: &Path) -> Result<Tokenizer> {
-        let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let raw = crate::loader::bytes::read_small(path, MAX_VOCAB_FILE_BYTES, "a vocabulary file")?;
         let text = String::from_utf8(raw).map_err(|e| Error::load(path, format!("not UTF-8: {e}")))?;
         Self::from_vocab_text(&text, path)
     }

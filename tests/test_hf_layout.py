@@ -93,13 +93,21 @@ def test_sharded_index_cannot_point_outside_the_folder(tmp_path, hf_raw, shard):
         open_model(tmp_path)
 
 
-def test_a_shard_that_is_a_named_pipe_is_refused_without_blocking(tmp_path, hf_raw):
-    """Opening a FIFO blocks until a writer comes; the loader must look before it opens.
-    (Run in a daemon thread so that a regression fails here instead of hanging the suite.)"""
-    write_sharded(tmp_path, hf_raw)
-    shard = tmp_path / "model-00002-of-00002.safetensors"
-    shard.unlink()
-    os.mkfifo(shard)
+@pytest.mark.parametrize("sharded, pipe", [(True, "model-00002-of-00002.safetensors"),
+                                           (True, "model.safetensors.index.json"),
+                                           (False, "model.safetensors"),
+                                           (False, "config.json")])
+def test_a_file_that_is_a_named_pipe_is_refused_without_blocking(tmp_path, hf_raw, sharded, pipe):
+    """Opening a FIFO blocks until a writer comes; the loader must look before it opens,
+    and name the file rather than call the folder empty. (Run in a daemon thread so that
+    a regression fails here instead of hanging the suite.)"""
+    if sharded:
+        write_sharded(tmp_path, hf_raw)
+    else:
+        write_safetensors(tmp_path / "model.safetensors", hf_raw)
+        shutil.copy(HF / "config.json", tmp_path / "config.json")
+    (tmp_path / pipe).unlink()
+    os.mkfifo(tmp_path / pipe)
     outcome = []
 
     def load():
@@ -112,7 +120,7 @@ def test_a_shard_that_is_a_named_pipe_is_refused_without_blocking(tmp_path, hf_r
     thread.start()
     thread.join(120)
     assert not thread.is_alive(), "the load blocked opening the FIFO"
-    assert len(outcome) == 1 and "model-00002-of-00002.safetensors: not a regular file" in outcome[0], outcome
+    assert len(outcome) == 1 and f"{pipe}: not a regular file" in outcome[0], outcome
 
 
 @pytest.mark.parametrize("v_low_rank_dim", [0, 2**40])

@@ -63,6 +63,17 @@ def test_corrupt_or_foreign_file_is_ignored_and_replaced(tmp_path):
         assert file.read_bytes()[:8] == b"RWKVPLC1"
 
 
+def test_a_named_pipe_in_its_place_is_ignored_without_blocking(tmp_path):
+    """Reading a FIFO blocks until a writer comes: the cache looks before it reads (a
+    regression times the child out), then replaces it with a good file."""
+    run(tmp_path)
+    (file,) = cache_files(tmp_path)
+    file.unlink()
+    os.mkfifo(file)
+    run(tmp_path)
+    assert file.is_file() and file.read_bytes()[:8] == b"RWKVPLC1"
+
+
 def test_off_writes_nothing(tmp_path):
     home = tmp_path / "home"
     env_dir = "off"

@@ -5,7 +5,10 @@ on random and adversarial texts against the official pure-Python TRIE_TOKENIZER
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import threading
 from importlib import resources
 
 import pytest
@@ -133,6 +136,39 @@ def test_tokenizer_json_round_trips_and_streams(bpe_json):
     assert "".join(pieces) + d.finish() == text
     assert all("\ufffd" not in p for p in pieces)
     assert tok.token_bytes(ids[0]) and tok.token_bytes(-1) is None and tok.token_bytes(2**40) is None
+
+
+def test_a_bad_tokenizer_json_is_a_load_error_naming_it(tmp_path):
+    """Missing, a folder, a FIFO (opening one would block: a regression fails the thread
+    check instead of hanging), not UTF-8, not a tokenizer: each a ModelLoadError (the
+    missing one also a FileNotFoundError) naming the path, not the package's bare Exception."""
+    path = tmp_path / "tokenizer.json"
+    with pytest.raises(rwkv_gpu.ModelNotFoundError) as missing:
+        rwkv_gpu.Tokenizer.from_file(path)
+    assert isinstance(missing.value, FileNotFoundError) and missing.value.filename == str(path)
+    path.mkdir()
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=f"^{re.escape(str(path))}: not a regular file$"):
+        rwkv_gpu.Tokenizer.from_file(path)
+    path.rmdir()
+    os.mkfifo(path)
+    outcome = []
+
+    def load():
+        try:
+            rwkv_gpu.Tokenizer.from_file(path)
+        except rwkv_gpu.ModelLoadError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "reading the FIFO blocked"
+    assert outcome == [f"{path}: not a regular file"]
+    path.unlink()
+    for content, says in ((b"\xff\xfe", "not UTF-8"), (b'{"model": 3}', "not a tokenizer.json the tokenizers package reads")):
+        path.write_bytes(content)
+        with pytest.raises(rwkv_gpu.ModelLoadError, match=f"^{re.escape(str(path))}: {says}"):
+            rwkv_gpu.Tokenizer.from_file(path)
 
 
 def test_model_picks_the_tokenizer_json_beside_it(bpe_json, tmp_path):

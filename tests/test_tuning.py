@@ -6,6 +6,8 @@ driver's fusing of multiply-adds may move)."""
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 
 import numpy as np
@@ -119,6 +121,23 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(cache_dir, content):
     assert choice == chosen(model)
     again, warned = load()
     assert again.config["tuning"] == "cached" and not warned
+
+
+def test_a_named_pipe_in_its_place_is_ignored_with_a_warning(cache_dir):
+    """Reading a FIFO blocks until a writer comes: the cache looks before it reads. (Run
+    in a daemon thread so that a regression fails here instead of hanging the suite.)"""
+    path = cache_dir / "tuning.txt"
+    os.mkfifo(path)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(load()), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "the load blocked reading the FIFO"
+    (model, warned), = outcome
+    assert model.config["tuning"] == "timed"
+    assert warned == [f"ignored the kernel choices in {path}: not a regular file"]
+    (_, choice), = entries(path)  # replaced by a regular file holding this shape's choice
+    assert choice == chosen(model)
 
 
 def test_tuning_off_and_models_with_nothing_to_tune(cache_dir, monkeypatch):

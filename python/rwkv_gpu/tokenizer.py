@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import stat
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from . import _core, errors
 
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
+# The core's bound on side files (src/loader/folder.rs); big vocabularies' tokenizer.json
+# files are about 10 MB.
+MAX_TOKENIZER_JSON_BYTES = 64 << 20
 
 
 class StreamDecoder:
@@ -96,6 +100,30 @@ class _PrefixStream:
         return text[len(before) :]
 
 
+def _read_tokenizer_json(path: str) -> str:
+    """The file's text, looked at before it is opened: a FIFO would block the read and a
+    huge file is no tokenizer."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.ModelLoadError(f"{path}: not a regular file")
+        if st.st_size > MAX_TOKENIZER_JSON_BYTES:
+            raise errors.ModelLoadError(
+                f"{path}: {st.st_size} bytes: too big for a tokenizer.json (at most {MAX_TOKENIZER_JSON_BYTES})")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError as e:
+        raise errors.ModelNotFoundError(e.errno, e.strerror, path) from None
+    except PermissionError as e:
+        raise errors.ModelPermissionError(e.errno, e.strerror, path) from None
+    except OSError as e:
+        raise errors.ModelLoadError(f"{path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.ModelLoadError(f"{path}: not UTF-8: {e}") from None
+
+
 class Tokenizer:
     """`Tokenizer.world()` for RWKV World models, `Tokenizer.byte_level()` for byte-level
     models, `Tokenizer.from_file(path)` for a Hugging Face tokenizer.json."""
@@ -118,12 +146,20 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """A tokenizer.json, through the `tokenizers` package (pip install tokenizers)."""
+        """A tokenizer.json, through the `tokenizers` package (pip install tokenizers).
+        A file that is missing, not a regular file, too big or not one the package
+        reads raises ModelLoadError (or its FileNotFoundError/PermissionError kinds)
+        naming it."""
         try:
             from tokenizers import Tokenizer as HfTokenizer
         except ImportError as e:
             raise errors.RwkvError("Tokenizer.from_file needs the 'tokenizers' package: pip install tokenizers") from e
-        return cls(None, HfTokenizer.from_file(os.fspath(path)))
+        path = os.fspath(path)
+        text = _read_tokenizer_json(path)
+        try:
+            return cls(None, HfTokenizer.from_str(text))
+        except Exception as e:  # the package raises a bare Exception for what it cannot parse
+            raise errors.ModelLoadError(f"{path}: not a tokenizer.json the tokenizers package reads: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (greedy longest match over its UTF-8 bytes for World).

@@ -67,7 +67,7 @@ impl DiskCache {
         let path = cache_directory()?.join(key);
         let file = std::fs::metadata(&path)
             .ok()
-            .filter(|m| m.len() <= MAX_BYTES)
+            .filter(|m| m.is_file() && m.len() <= MAX_BYTES) // a FIFO would block the read
             .and_then(|_| std::fs::read(&path).ok());
         let data = file.as_deref().and_then(unwrap);
         // SAFETY: `data` is what `get_data` returned on an earlier run for an adapter of

@@ -126,6 +126,10 @@ impl TuningCache {
         let Ok(meta) = std::fs::metadata(&self.path) else { return found };
         let not_ours =
             |why: &str| Some(format!("ignored the kernel choices in {}: {why}", self.path.display()));
+        if !meta.is_file() {
+            found.warning = not_ours("not a regular file"); // a FIFO would block the read
+            return found;
+        }
         if meta.len() > MAX_BYTES {
             found.warning = not_ours("larger than any this library writes");
             return found;

@@ -17,12 +17,14 @@ pub const INDEX: &str = "model.safetensors.index.json";
 pub const SINGLE: &str = "model.safetensors";
 
 pub fn open(dir: &Path) -> Result<Box<dyn Checkpoint>> {
+    // `exists`, not `is_file`: a FIFO or folder by these names is then refused by the
+    // reader as "not a regular file", naming it, instead of looking absent.
     let index = dir.join(INDEX);
-    if index.is_file() {
+    if index.exists() {
         return Ok(Box::new(Sharded::open(dir, &index)?));
     }
     let single = dir.join(SINGLE);
-    if single.is_file() {
+    if single.exists() {
         return super::open_file(&single);
     }
     Err(Error::load(
@@ -33,18 +35,7 @@ pub fn open(dir: &Path) -> Result<Box<dyn Checkpoint>> {
 
 /// Reads a small JSON file, refusing one too big to be what it claims.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::load(path, "not a regular file")); // a FIFO would block the read
-    }
-    let len = meta.len();
-    if len > MAX_JSON_BYTES {
-        return Err(Error::load(
-            path,
-            format!("{len} bytes: too big for a JSON side file (at most {MAX_JSON_BYTES})"),
-        ));
-    }
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = super::bytes::read_small(path, MAX_JSON_BYTES, "a JSON side file")?;
     serde_json::from_slice(&text).map_err(|e| Error::load(path, format!("not valid JSON: {e}")))
 }
 
@@ -52,7 +43,7 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// one), if there is one.
 pub fn config_json_for(path: &Path) -> Result<Option<(PathBuf, serde_json::Value)>> {
     let dir = if path.is_dir() { Some(path) } else { path.parent() };
-    let Some(file) = dir.map(|d| d.join("config.json")).filter(|f| f.is_file()) else { return Ok(None) };
+    let Some(file) = dir.map(|d| d.join("config.json")).filter(|f| f.exists()) else { return Ok(None) };
     let value = read_json(&file)?;
     Ok(Some((file, value)))
 }
