@@ -278,9 +278,14 @@ def test_queue_full_and_close(model):
     queued.append(engine.submit(PROMPTS[2], max_tokens=4))
     assert queued[0].done and queued[0].finish_reason == "cancelled" and queued[0].tokens == []
     assert engine.stats()["queue_length"] == 2
+    # And a later cancel too (the queue is scanned after each cancel, not only the first).
+    queued[1].cancel()
+    queued.append(engine.submit(PROMPTS[3], max_tokens=4))
+    assert queued[1].done and queued[1].finish_reason == "cancelled"
+    assert engine.stats()["queue_length"] == 2
     engine.close()
     assert running.finish_reason == "closed" and running.done
-    assert all(q.finish_reason == "closed" for q in queued[1:])
+    assert all(q.finish_reason == "closed" for q in queued[2:])
     with pytest.raises(rwkv_gpu.EngineClosedError):
         engine.submit("x")
     assert threading.active_count() == threads_before

@@ -21,7 +21,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +83,7 @@ class Request:
         self.finished_at: float | None = None
         self.error: BaseException | None = None
         self._cancelled = threading.Event()
+        self._on_cancel: Callable[[], None] | None = None  # the engine's note that a cancel happened
         self._finished = threading.Event()
         self._started = False
         self._items: collections.deque[Any] = collections.deque()
@@ -106,6 +107,8 @@ class Request:
         """Ends the request at the next step; the tokens handed out so far stay its
         result (and are in its state)."""
         self._cancelled.set()
+        if self._on_cancel is not None:  # after the set: the engine's scan then sees it
+            self._on_cancel()
 
     # ---- from the engine's thread ----
 
@@ -231,6 +234,8 @@ class Engine:
         self._batch.set_prefill_budget(max_prefill_tokens)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}  # by sequence id
+        # Set by Request.cancel, so that the waiting queue is scanned only after a cancel.
+        self._cancel_noted = False
         self._cv = threading.Condition()
         self._closing = False
         self.counters: collections.Counter[str] = collections.Counter()
@@ -260,6 +265,7 @@ class Engine:
                 f"top_logprobs must be between 0 and {_core.max_top_logprobs}, got {top_logprobs}")
         ids = self.model._prompt_ids(prompt)
         request = Request(ids, cache_points, text, sampler, state, return_state, top_logprobs, use_cache)
+        request._on_cancel = self._note_cancel
         with self._cv:
             if self._closing:
                 raise errors.EngineClosedError("the engine is closed")
@@ -358,9 +364,12 @@ class Engine:
 
     def _drop_cancelled_waiting(self) -> None:
         """(With `_cv` held.) Requests cancelled while waiting leave the queue at once, so
-        that their places are free, and end as cancelled without ever being admitted."""
-        if not any(r._cancelled.is_set() for r in self._waiting):
+        that their places are free, and end as cancelled without ever being admitted.
+        Scans only when a cancel came since the last scan; the flag is cleared before the
+        scan, so a cancel racing it sets the flag again for the next."""
+        if not self._cancel_noted:
             return
+        self._cancel_noted = False
         kept: collections.deque[Request] = collections.deque()
         for request in self._waiting:
             if request._cancelled.is_set():
@@ -369,6 +378,9 @@ class Engine:
             else:
                 kept.append(request)
         self._waiting = kept
+
+    def _note_cancel(self) -> None:
+        self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
 
     def _admit(self, request: Request) -> None:
         slot = self._free.pop()
