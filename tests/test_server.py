@@ -312,6 +312,23 @@ def test_request_limits(model):
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
 
 
+def test_logprobs_are_bounded(url):
+    """n x max tokens x (1 + alternatives) at most MAX_LOGPROB_ENTRIES (2**19): each
+    choice, token and alternative is an entry built into one answer."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path, body, param in [("completions", {"prompt": "a", "n": 16, "max_tokens": 8192, "logprobs": 4}, "logprobs"),
+                              ("chat/completions", {"messages": [{"role": "user", "content": "a"}], "n": 16,
+                                                    "max_tokens": 2048, "logprobs": True, "top_logprobs": 20},
+                               "top_logprobs")]:
+        r = httpx.post(f"{url}/v1/{path}", headers=headers, json=dict(body, model=NAME), timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, r.text)
+        assert "log-probabilities; this server returns at most 524288 per request" in r.json()["error"]["message"]
+    # A small ask is answered, each choice with its tokens' entries.
+    r = httpx.post(f"{url}/v1/completions", headers=headers, timeout=60,
+                   json={"model": NAME, "prompt": "a", "n": 2, "max_tokens": 2, "logprobs": 3, **GREEDY})
+    assert r.status_code == 200 and [len(c["logprobs"]["tokens"]) for c in r.json()["choices"]] == [2, 2], r.text
+
+
 def test_a_refused_choice_cancels_the_queued_ones(model):
     """n choices are queued together or not at all: when the queue refuses the third, the
     two already queued are cancelled (and leave the queue) instead of running unheard."""

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -76,6 +76,10 @@ def _from_rwkv(e: BaseException) -> ApiError:
 # Stop strings are matched against every drawn token on the scheduler's thread, so their
 # number and length are bounded (OpenAI takes at most 4).
 MAX_STOPS = 16
+# Log-probabilities one request may ask for: n x max tokens x (1 + alternatives). An entry
+# is about 50 bytes of JSON, so an answer stays within about 25 MB (16 choices x 8192
+# tokens x 21 would be 2.8M entries, about 140 MB built and sent for one request).
+MAX_LOGPROB_ENTRIES = 1 << 19
 MAX_STOP_CHARS = 256
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
@@ -317,6 +321,15 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                            param=param)
         return n
 
+    def check_logprobs(n: int, max_tokens: int, top: int | None, param: str) -> None:
+        if top is None:
+            return
+        entries = n * max_tokens * (1 + top)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise ApiError(400, f"n ({n}) x max tokens ({max_tokens}) x (1 + {param} {top}) is {entries} "
+                                f"log-probabilities; this server returns at most {MAX_LOGPROB_ENTRIES} per request: "
+                                f"ask for fewer choices, tokens or alternatives", param=param)
+
     def sampling(body: Any) -> dict[str, Any]:
         out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "presence_penalty",
                                             "frequency_penalty", "penalty_decay", "seed") if getattr(body, k, None) is not None}
@@ -393,6 +406,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             at += len(token_text(i.token))
         return {"tokens": [token_text(i.token) for i in infos], "token_logprobs": [i.logprob for i in infos],
                 "top_logprobs": [{token_text(t): lp for t, lp in i.top} for i in infos], "text_offset": offsets}
+
+    async def answer(build: Callable[[], dict[str, Any]]) -> JSONResponse:
+        """A non-streamed answer, built and serialized off the event loop: with
+        log-probabilities it may hold MAX_LOGPROB_ENTRIES of them, which would stall every
+        stream on the loop while it is made."""
+        return await asyncio.to_thread(lambda: JSONResponse(build()))
 
     async def attended(http: Request, work: Awaitable[T]) -> T:
         """`work`, given up (cancelled: its `finally` cancels its engine requests) when the
@@ -490,8 +509,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         check_length(ids, "prompt")
-        options = dict(sampling(body), max_tokens=output_limit(body.max_tokens, 16, "max_tokens"), stop=stops(body.stop),
-                       top_logprobs=body.logprobs)
+        max_tokens = output_limit(body.max_tokens, 16, "max_tokens")
+        check_logprobs(body.n, max_tokens, body.logprobs, "logprobs")
+        options = dict(sampling(body), max_tokens=max_tokens, stop=stops(body.stop), top_logprobs=body.logprobs)
         requests = submit(ids, body.n, **options)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = tokenizer.decode(ids) if body.echo else ""
@@ -529,9 +549,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 for r in requests:
                     r.cancel()
         await attended(http, wait())
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [choice(i, echo + r.completion().text, r) for i, r in enumerate(requests)],
-                "usage": usage(requests)}
+        return await answer(lambda: {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                                     "choices": [choice(i, echo + r.completion().text, r) for i, r in enumerate(requests)],
+                                     "usage": usage(requests)})
 
     async def chat_prompt(messages: Sequence[Message], param: str) -> tuple[list[int], list[int]]:
         """The chat's tokens, each message tokenized alone, and where each message ends."""
@@ -553,6 +573,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         max_tokens = output_limit(asked, 1024,
                                   "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
         top = (body.top_logprobs or 0) if body.logprobs else None
+        check_logprobs(body.n, max_tokens, top, "top_logprobs")
         options = dict(sampling(body), max_tokens=max_tokens, stop=[REPLY_STOP, *stops(body.stop)],
                        top_logprobs=top, cache_points=ends)
         requests = submit(ids, body.n, **options)
@@ -588,11 +609,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                     r.cancel()
             return texts
         texts = await attended(http, replies())
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t},
-                             "logprobs": chat_logprobs(r.logprobs) if top is not None else None,
-                             "finish_reason": _finish(r)} for i, (t, r) in enumerate(zip(texts, requests))],
-                "usage": usage(requests)}
+        return await answer(lambda: {
+            "id": rid, "object": "chat.completion", "created": now, "model": model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": t},
+                         "logprobs": chat_logprobs(r.logprobs) if top is not None else None,
+                         "finish_reason": _finish(r)} for i, (t, r) in enumerate(zip(texts, requests))],
+            "usage": usage(requests)})
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingBody) -> Any:
