@@ -214,6 +214,50 @@ def test_only_the_latest_cache_points_pause_a_prompt(model):
     assert stats["prefix_cache_entries"] == MAX_CACHE_POINTS + 1, stats
 
 
+@pytest.mark.parametrize("cache_bytes", [256 << 20, 0], ids=["cache", "no-cache"])
+def test_one_prompt_sent_many_times_is_read_once(model, cache_bytes):
+    """Requests with the same prompt (n choices, or clients sending one prompt at once)
+    wait for the first to read it and start from the state it leaves in the prefix cache:
+    one prompt's worth of prefill instead of n, the same draws. Without a cache each reads
+    its own."""
+    prompt = "".join(PROMPTS) * 2  # some hundreds of tokens: many steps at 32 a step
+    seeds = [SEEDED["seed"] + i for i in range(6)]
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=32, cache_bytes=cache_bytes) as engine:
+        requests = [engine.submit(prompt, max_tokens=5, **dict(SEEDED, seed=s)) for s in seeds]
+        got = [r.result(timeout=120) for r in requests]
+        stats = engine.stats()
+    n, length = len(seeds), len(prompt.encode())
+    for seed, completion in zip(seeds, got):
+        assert completion.tokens == alone(model, prompt, 5, **dict(SEEDED, seed=seed)).tokens
+    if cache_bytes:
+        assert [r.cached_tokens for r in requests] == [0] + [length - 1] * (n - 1)
+        assert stats["prompt_reads_shared"] == n - 1
+        assert stats["prompt_tokens"] - stats["prompt_tokens_cached"] == length + n - 1
+    else:
+        assert [r.cached_tokens for r in requests] == [0] * n and "prompt_reads_shared" not in stats
+    assert stats["queue_length"] == 0 and stats["requests_finished_length"] == n
+
+
+def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
+    """A request waiting for another to read its prompt still counts as queued, ends
+    cancelled when cancelled, and closed (not forgotten) when the engine closes."""
+    prompt = "".join(PROMPTS) * 4
+    engine = rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=8)
+    reader = engine.submit(prompt, max_tokens=2, **GREEDY)
+    while not reader._started:
+        time.sleep(0.001)
+    followers = [engine.submit(prompt, max_tokens=2, **GREEDY) for _ in range(3)]
+    deadline = time.monotonic() + 30
+    while engine.stats().get("prompt_reads_shared", 0) < 3:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.001)
+    assert engine.stats()["queue_length"] == 3 and not any(f._started for f in followers)
+    followers[0].cancel()
+    engine.close()  # before the reader is through its prompt (8 tokens a step)
+    assert reader.finish_reason == "closed" and followers[0].finish_reason == "cancelled"
+    assert [f.finish_reason for f in followers[1:]] == ["closed", "closed"] and all(f.done for f in followers)
+
+
 def test_prefix_cache_is_bounded_in_bytes(model):
     per_state = model.state_bytes
     with rwkv_gpu.Engine(model, cache_bytes=3 * per_state) as engine:

@@ -212,6 +212,21 @@ def test_prompt_too_long_is_413(model):
         assert e.value.status_code == 413 and "at most 8" in str(e.value)
 
 
+def test_n_choices_read_their_prompt_once(model):
+    """The n requests of one prompt: the first reads it, the others start from the state
+    it leaves in the prefix cache (the engine's counter says so), and draw as each would
+    alone with its seed."""
+    prompt = "def parse(text):\n    " * 20
+    options = {"temperature": 1.0, "top_p": 0.9, "seed": 5, "max_tokens": 6}
+    with serving(model) as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+        got = c.completions.create(model=NAME, prompt=prompt, n=4, **options)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert "rwkv_prompt_reads_shared_total 3.0" in metrics
+    sampled = {k: v for k, v in options.items() if k != "seed"}
+    assert [ch.text for ch in got.choices] == [model.complete(prompt, seed=5 + i, **sampled).text for i in range(4)]
+
+
 def test_queue_full_429_and_disconnect_frees_the_slot(model):
     """One slot, one place in the queue: a stream holds the slot, a second request waits,
     a third gets 429. Closing the stream (the client leaves) frees the slot within a step,

@@ -94,6 +94,10 @@ class Request:
         # prompt segments still to feed ([start, end) of ids) before the drawing one.
         self._slot: int | None = None
         self._seq: int | None = None
+        # While this request reads a prompt whose state will go to the prefix cache: the
+        # requests with the same prompt that wait for that state.
+        self._reading = False
+        self._followers: list[Request] = []
 
     @property
     def finish_reason(self) -> str | None:
@@ -212,7 +216,9 @@ class Engine:
             reading their prompt, so that a long prompt does not stall the others' streams.
         cache_bytes: device memory for the prefix cache (states after prompt prefixes:
             every prompt's `cache_points`, all of a prompt but its last token, and each
-            request's final history); 0 turns it off.
+            request's final history); 0 turns it off. With it, requests sent with the same
+            prompt (n choices, or clients at once) read it once: the others wait for the
+            first to read it and start from the state it leaves there.
         max_queue: requests waiting beyond this are refused (`QueueFullError`).
     """
 
@@ -236,6 +242,11 @@ class Engine:
         self._running: dict[int, Request] = {}  # by sequence id
         # Set by Request.cancel, so that the waiting queue is scanned only after a cancel.
         self._cancel_noted = False
+        # Running requests reading a prompt whose state (all but its last token) will go
+        # to the prefix cache, by prompt: a request with the same prompt waits for that
+        # state instead of reading it again (n choices of one prompt, or clients sending
+        # the same one at once).
+        self._reading: dict[tuple[int, ...], Request] = {}
         self._cv = threading.Condition()
         self._closing = False
         self.counters: collections.Counter[str] = collections.Counter()
@@ -270,9 +281,10 @@ class Engine:
             if self._closing:
                 raise errors.EngineClosedError("the engine is closed")
             self._drop_cancelled_waiting()
-            if len(self._waiting) >= self.max_queue:
+            waiting = self._queue_length()
+            if waiting >= self.max_queue:
                 self.counters["requests_refused"] += 1
-                raise errors.QueueFullError(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+                raise errors.QueueFullError(f"{waiting} requests are waiting (max_queue {self.max_queue})")
             self._waiting.append(request)
             self.counters["requests_submitted"] += 1
             self._cv.notify()
@@ -304,7 +316,7 @@ class Engine:
         """Counters and gauges for metrics: requests, tokens, queue, occupancy, cache."""
         with self._cv:
             out: dict[str, Any] = dict(self.counters)
-            out["queue_length"] = len(self._waiting)
+            out["queue_length"] = self._queue_length()
             out["running"] = len(self._running)
             out["max_batch"] = self.max_batch
         if self.cache is not None:
@@ -356,11 +368,17 @@ class Engine:
         finally:
             with self._cv:
                 self._closing = True
-                waiting, self._waiting = list(self._waiting), collections.deque()
-            for request in list(self._running.values()):
+            for request in list(self._running.values()):  # their followers rejoin the queue
                 self._retire(request, "closed", failure)
+            with self._cv:
+                self._drop_cancelled_waiting()  # those end as cancelled, as they would have
+                waiting, self._waiting = list(self._waiting), collections.deque()
             for request in waiting:
                 request._end("closed", failure)
+
+    def _queue_length(self) -> int:
+        """(With `_cv` held.) Requests not yet admitted: queued, or following a reader."""
+        return len(self._waiting) + sum(len(r._followers) for r in self._reading.values())
 
     def _drop_cancelled_waiting(self) -> None:
         """(With `_cv` held.) Requests cancelled while waiting leave the queue at once, so
@@ -383,10 +401,17 @@ class Engine:
         self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
 
     def _admit(self, request: Request) -> None:
+        ids = request.ids
+        caching = request.use_cache and self.cache is not None
+        prompt = tuple(ids) if caching and len(ids) > 1 else None
+        if prompt is not None and (reader := self._reading.get(prompt)) is not None:
+            with self._cv:
+                reader._followers.append(request)
+            self.counters["prompt_reads_shared"] += 1
+            return
         slot = self._free.pop()
         request._slot = slot
         try:
-            ids = request.ids
             if self.model._initial_version != self._start_version:  # initial_state changed
                 self._start, self._start_version = self.model.new_state(), self.model._initial_version
                 if self.cache is not None:
@@ -400,10 +425,13 @@ class Engine:
             self.counters["prompt_tokens_cached"] += at
             # Where a state is worth caching, the prompt pauses (the state is stored there);
             # then it goes on and draws.
-            caching = request.use_cache and self.cache is not None
             pauses = sorted({p - at for p in [*request.cache_points, len(ids) - 1] if at < p < len(ids)}) if caching else []
             request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:], pauses,
                                            request.top_logprobs)
+            if prompt is not None and at < len(ids) - 1:
+                with self._cv:  # `_queue_length` reads it from other threads
+                    self._reading[prompt] = request
+                    request._reading = True
         except BaseException as e:  # this request only: the others go on
             self._free.append(slot)
             request._slot = None
@@ -450,7 +478,24 @@ class Engine:
     def _paused(self, request: Request, fed: int) -> None:
         """The prompt is in up to a cache point: keep that state."""
         assert self.cache is not None and request._slot is not None
-        self.cache.store(self.model, request.ids[:request.cached_tokens + fed], self._slots[request._slot])
+        read = request.cached_tokens + fed
+        self.cache.store(self.model, request.ids[:read], self._slots[request._slot])
+        if read == len(request.ids) - 1:
+            self._let_followers_in(request)
+
+    def _let_followers_in(self, reader: Request) -> None:
+        """The reader's prompt state is in the cache (or never will be): the requests
+        that waited for it go to the front of the queue, in their order, and find it
+        there when admitted."""
+        if not reader._reading:
+            return
+        with self._cv:
+            reader._reading = False
+            del self._reading[tuple(reader.ids)]
+            followers, reader._followers = reader._followers, []
+            self._waiting.extendleft(reversed(followers))
+            if followers:
+                self._cancel_noted = True  # one may have been cancelled while it followed
 
     def _retire(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         """Takes the request out of the batch: its slot's state then holds the prompt and
@@ -475,6 +520,7 @@ class Engine:
         finally:
             self._free.append(request._slot)
             request._slot = None
+            self._let_followers_in(request)
         with self._cv:
             self._running.pop(request._seq, None)
             self.counters["requests_failed" if error is not None else f"requests_finished_{request.finish_reason or reason}"] += 1
