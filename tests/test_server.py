@@ -135,6 +135,12 @@ def test_logprobs(client):
         assert abs(entry.top_logprobs[0].logprob - entry.logprob) < 1e-6  # greedy: the chosen token is the top one
     legacy = client.completions.create(model=NAME, prompt="ab", max_tokens=3, logprobs=2, **GREEDY)
     assert len(legacy.choices[0].logprobs.token_logprobs) == 3 and len(legacy.choices[0].logprobs.top_logprobs[0]) == 2
+    # Streamed: the closing chunk of each choice carries its tokens' log-probabilities,
+    # the same as the answer not streamed.
+    streamed = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                              logprobs=True, top_logprobs=3, stream=True, **GREEDY)
+    closing = [c.choices[0] for c in streamed if c.choices and c.choices[0].finish_reason is not None]
+    assert len(closing) == 1 and closing[0].logprobs.content == content
 
 
 def test_embeddings(client, model, url):

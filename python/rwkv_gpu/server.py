@@ -433,10 +433,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             task.cancel()
             gone.cancel()
 
-    async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async def sse(chunks: AsyncIterator[dict[str, Any] | str]) -> AsyncIterator[str]:
+        """Server-sent events of the chunks (dicts, or their JSON made already)."""
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk)}\n\n"
         except ApiError as e:  # after the first byte only an error event can tell
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': e.param, 'code': e.code}})}\n\n"
         yield "data: [DONE]\n\n"
@@ -580,7 +581,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         if body.stream:
-            async def chunks() -> AsyncIterator[dict[str, Any]]:
+            async def chunks() -> AsyncIterator[dict[str, Any] | str]:
                 head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name}
                 for i in range(body.n):
                     yield dict(head, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -589,8 +590,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                     yield dict(head, choices=[{"index": i, "delta": {"content": piece}, "logprobs": None,
                                                "finish_reason": None}])
                 for i, r in enumerate(requests):
-                    yield dict(head, choices=[{"index": i, "delta": {}, "finish_reason": _finish(r),
-                                               "logprobs": chat_logprobs(r.logprobs) if top is not None else None}])
+                    def last(i: int = i, r: EngineRequest = r) -> str:
+                        return json.dumps(dict(head, choices=[{
+                            "index": i, "delta": {}, "finish_reason": _finish(r),
+                            "logprobs": chat_logprobs(r.logprobs) if top is not None else None}]))
+                    # With log-probabilities it holds one entry per token: made off the loop.
+                    yield await asyncio.to_thread(last) if top is not None else last()
                 if (body.stream_options or {}).get("include_usage"):
                     yield dict(head, choices=[], usage=usage(requests))
             await started(requests)
