@@ -231,11 +231,58 @@ def test_one_prompt_sent_many_times_is_read_once(model, cache_bytes):
         assert completion.tokens == alone(model, prompt, 5, **dict(SEEDED, seed=seed)).tokens
     if cache_bytes:
         assert [r.cached_tokens for r in requests] == [0] + [length - 1] * (n - 1)
-        assert stats["prompt_reads_shared"] == n - 1
+        # Three followed the first (4 slots), starting from its slot's state; the last two,
+        # admitted as slots came free, found that state in the prefix cache.
+        assert stats["prompt_reads_shared"] == 3 and stats["prefix_cache_hits"] >= 2
         assert stats["prompt_tokens"] - stats["prompt_tokens_cached"] == length + n - 1
     else:
         assert [r.cached_tokens for r in requests] == [0] * n and "prompt_reads_shared" not in stats
     assert stats["queue_length"] == 0 and stats["requests_finished_length"] == n
+
+
+def test_followers_keep_their_places(model):
+    """Followers hold the slots they were admitted to: requests queued after them do not
+    take those while the reader reads, so n choices start together."""
+    prompt = "".join(PROMPTS) * 2
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=32) as engine:
+        choices = [engine.submit(prompt, max_tokens=2, **dict(SEEDED, seed=i)) for i in range(4)]
+        later = [engine.submit(p, max_tokens=2, **GREEDY) for p in PROMPTS[:3]]
+        for r in choices + later:
+            r.result(timeout=120)
+        stats = engine.stats()
+    assert stats["prompt_reads_shared"] == 3
+    assert max(c.first_token_at for c in choices) < min(r.first_token_at for r in later)
+
+
+def test_a_new_initial_state_is_not_followed_from_the_old(model):
+    """A request admitted after `initial_state` changed neither follows a reader that
+    started from the old one nor finds that reader's states in the cache (they are not
+    stored once the start they grew from is replaced): it reads from the new start, as
+    it would alone."""
+    prompt = PROMPTS[7]  # one whose greedy reply the start below changes
+    old_start = alone(model, prompt, 4, **GREEDY).tokens
+    primed = model.new_state()
+    model.forward(list(b"SELECT name FROM users WHERE id = 1;\n-- "), primed)
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=1) as engine:  # a token a step
+        before = engine.submit(prompt, max_tokens=4, **GREEDY)
+        while not before._started:
+            time.sleep(0.001)
+        model.initial_state = primed
+        try:
+            after = engine.submit(prompt, max_tokens=4, **GREEDY)  # while `before` reads
+            got = after.result(timeout=120)
+            assert before.result(timeout=120).tokens == old_start
+            # Continuing `before`'s text: its final state (old start) must not be found.
+            more = prompt + bytes(before.tokens).decode("utf-8", errors="replace") + "\n"
+            continued = engine.submit(more, max_tokens=4, **GREEDY)
+            want = alone(model, prompt, 4, **GREEDY).tokens, alone(model, more, 4, **GREEDY).tokens
+            continued.result(timeout=120)
+        finally:
+            model.initial_state = None
+        stats = engine.stats()
+    assert after.cached_tokens == 0 and "prompt_reads_shared" not in stats
+    assert got.tokens == want[0] != old_start  # the start makes a difference
+    assert continued.cached_tokens < len(prompt) and continued.tokens == want[1]
 
 
 def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
@@ -248,13 +295,19 @@ def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
         time.sleep(0.001)
     followers = [engine.submit(prompt, max_tokens=2, **GREEDY) for _ in range(3)]
     deadline = time.monotonic() + 30
-    while engine.stats().get("prompt_reads_shared", 0) < 3:
+    while len(reader._followers) < 3:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.001)
     assert engine.stats()["queue_length"] == 3 and not any(f._started for f in followers)
+    # A cancelled follower ends at the next step, not when the reader is through.
     followers[0].cancel()
-    engine.close()  # before the reader is through its prompt (8 tokens a step)
-    assert reader.finish_reason == "closed" and followers[0].finish_reason == "cancelled"
+    while not followers[0].done:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.001)
+    assert followers[0].finish_reason == "cancelled" and engine.stats()["queue_length"] == 2
+    assert reader.first_token_at is None  # still reading its prompt (8 tokens a step)
+    engine.close()
+    assert reader.finish_reason == "closed" and "prompt_reads_shared" not in engine.stats()
     assert [f.finish_reason for f in followers[1:]] == ["closed", "closed"] and all(f.done for f in followers)
 
 

@@ -98,6 +98,7 @@ class Request:
         # requests with the same prompt that wait for that state.
         self._reading = False
         self._followers: list[Request] = []
+        self._start_version = 0  # the model's initial state it started from (its version)
 
     @property
     def finish_reason(self) -> str | None:
@@ -111,8 +112,8 @@ class Request:
         """Ends the request at the next step; the tokens handed out so far stay its
         result (and are in its state)."""
         self._cancelled.set()
-        if self._on_cancel is not None:  # after the set: the engine's scan then sees it
-            self._on_cancel()
+        if self._on_cancel is not None and not self._started and not self.done:
+            self._on_cancel()  # after the set: the engine's scan then sees it
 
     # ---- from the engine's thread ----
 
@@ -355,7 +356,10 @@ class Engine:
                     if self._closing:
                         break
                     self._drop_cancelled_waiting()
-                    admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+                    # Followers hold a place each: they start the moment their reader's
+                    # state exists, not behind requests that came after them.
+                    room = len(self._free) - self._following()
+                    admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 for request in admitted:
                     self._admit(request)
                 for request in [r for r in self._running.values() if r._cancelled.is_set()]:
@@ -368,7 +372,7 @@ class Engine:
         finally:
             with self._cv:
                 self._closing = True
-            for request in list(self._running.values()):  # their followers rejoin the queue
+            for request in list(self._running.values()):  # their followers end too
                 self._retire(request, "closed", failure)
             with self._cv:
                 self._drop_cancelled_waiting()  # those end as cancelled, as they would have
@@ -376,9 +380,13 @@ class Engine:
             for request in waiting:
                 request._end("closed", failure)
 
+    def _following(self) -> int:
+        """(With `_cv` held.) Requests waiting for a reader's state."""
+        return sum(len(r._followers) for r in self._reading.values())
+
     def _queue_length(self) -> int:
         """(With `_cv` held.) Requests not yet admitted: queued, or following a reader."""
-        return len(self._waiting) + sum(len(r._followers) for r in self._reading.values())
+        return len(self._waiting) + self._following()
 
     def _drop_cancelled_waiting(self) -> None:
         """(With `_cv` held.) Requests cancelled while waiting leave the queue at once, so
@@ -396,30 +404,49 @@ class Engine:
             else:
                 kept.append(request)
         self._waiting = kept
+        for reader in self._reading.values():  # and those following a reader
+            if any(f._cancelled.is_set() for f in reader._followers):
+                for follower in reader._followers:
+                    if follower._cancelled.is_set():
+                        self.counters["requests_finished_cancelled"] += 1
+                        follower._end("cancelled")
+                reader._followers = [f for f in reader._followers if not f._cancelled.is_set()]
 
     def _note_cancel(self) -> None:
         self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request, reader: Request | None = None) -> None:
+        """Gives the request a slot and its start: its own state, the longest cached prefix
+        of its prompt, or `reader`'s slot (which holds its prompt but the last token), and
+        adds it to the batch. A request whose prompt another running request is reading
+        (and will pause after all but its last token) follows that reader instead."""
         ids = request.ids
+        if self.model._initial_version != self._start_version:  # initial_state changed
+            self._start, self._start_version = self.model.new_state(), self.model._initial_version
+            if self.cache is not None:
+                self.cache.clear()
+        request._start_version = self._start_version
+        if reader is not None and reader._start_version != self._start_version:
+            reader = None  # its state grew from the initial state since replaced
         caching = request.use_cache and self.cache is not None
         prompt = tuple(ids) if caching and len(ids) > 1 else None
-        if prompt is not None and (reader := self._reading.get(prompt)) is not None:
-            with self._cv:
-                reader._followers.append(request)
-            self.counters["prompt_reads_shared"] += 1
-            return
+        if reader is None and prompt is not None:
+            reading = self._reading.get(prompt)
+            if reading is not None and reading._start_version == self._start_version:
+                with self._cv:
+                    reading._followers.append(request)
+                return
         slot = self._free.pop()
         request._slot = slot
         try:
-            if self.model._initial_version != self._start_version:  # initial_state changed
-                self._start, self._start_version = self.model.new_state(), self.model._initial_version
-                if self.cache is not None:
-                    self.cache.clear()
             start, at = request.state, 0
-            if start is None and request.use_cache and self.cache is not None:
-                cached, at = self.cache.find(self.model, ids[:-1])
-                start = cached
+            if reader is not None:
+                assert reader._slot is not None
+                start, at = self._slots[reader._slot], len(ids) - 1
+                self.counters["prompt_reads_shared"] += 1
+            elif start is None and caching:
+                assert self.cache is not None
+                start, at = self.cache.find(self.model, ids[:-1])
             self.model._m.copy_state((start or self._start)._core, self._slots[slot]._core)
             request.cached_tokens = at
             self.counters["prompt_tokens_cached"] += at
@@ -428,7 +455,7 @@ class Engine:
             pauses = sorted({p - at for p in [*request.cache_points, len(ids) - 1] if at < p < len(ids)}) if caching else []
             request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:], pauses,
                                            request.top_logprobs)
-            if prompt is not None and at < len(ids) - 1:
+            if prompt is not None and at < len(ids) - 1 and prompt not in self._reading:
                 with self._cv:  # `_queue_length` reads it from other threads
                     self._reading[prompt] = request
                     request._reading = True
@@ -476,26 +503,40 @@ class Engine:
             self._retire(request, None)
 
     def _paused(self, request: Request, fed: int) -> None:
-        """The prompt is in up to a cache point: keep that state."""
+        """The prompt is in up to a cache point: keep that state (and start the requests
+        following this one from it)."""
         assert self.cache is not None and request._slot is not None
         read = request.cached_tokens + fed
-        self.cache.store(self.model, request.ids[:read], self._slots[request._slot])
+        if self._current(request):
+            self.cache.store(self.model, request.ids[:read], self._slots[request._slot])
         if read == len(request.ids) - 1:
-            self._let_followers_in(request)
+            self._let_followers_in(request, from_state=True)
 
-    def _let_followers_in(self, reader: Request) -> None:
-        """The reader's prompt state is in the cache (or never will be): the requests
-        that waited for it go to the front of the queue, in their order, and find it
-        there when admitted."""
+    def _current(self, request: Request) -> bool:
+        """Whether the request started from the current initial state: a state built on
+        one that has since been replaced is not cached (its key would say otherwise)."""
+        return request._start_version == self.model._initial_version
+
+    def _let_followers_in(self, reader: Request, from_state: bool) -> None:
+        """The reader has read its prompt but the last token (`from_state`: its slot holds
+        that state, which each follower's slot gets a copy of) or has left the batch
+        without (each follower reads the prompt itself). Either way they start now, in
+        the places held for them; cancelled ones end, and all end when closing."""
         if not reader._reading:
             return
         with self._cv:
             reader._reading = False
             del self._reading[tuple(reader.ids)]
             followers, reader._followers = reader._followers, []
-            self._waiting.extendleft(reversed(followers))
-            if followers:
-                self._cancel_noted = True  # one may have been cancelled while it followed
+            closing = self._closing
+        for follower in followers:
+            if follower._cancelled.is_set():
+                self.counters["requests_finished_cancelled"] += 1
+                follower._end("cancelled")
+            elif closing:
+                follower._end("closed")
+            else:
+                self._admit(follower, reader if from_state else None)
 
     def _retire(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         """Takes the request out of the batch: its slot's state then holds the prompt and
@@ -513,14 +554,14 @@ class Engine:
                     self.model._m.copy_state(slot._core, request.state._core)
                 elif request.return_state and prompt_in:
                     request.state = slot.clone()
-                if self.cache is not None and request.use_cache and prompt_in:
+                if self.cache is not None and request.use_cache and prompt_in and self._current(request):
                     self.cache.store(self.model, request.ids + request.tokens, slot)
         except BaseException as e:
             error = error or e
         finally:
             self._free.append(request._slot)
             request._slot = None
-            self._let_followers_in(request)
+            self._let_followers_in(request, from_state=False)
         with self._cv:
             self._running.pop(request._seq, None)
             self.counters["requests_failed" if error is not None else f"requests_finished_{request.finish_reason or reason}"] += 1
