@@ -53,7 +53,8 @@ class Request:
     """A submitted generation. Iterate it (from one thread) for text pieces, or call
     `result()`; `cancel()` ends it within one step. Afterwards `finish_reason` ("stop",
     "length", "cancelled", "closed"), `tokens`, `logprobs`, `prompt_tokens`,
-    `cached_tokens` (prompt tokens the prefix cache supplied) and `state` (the final
+    `cached_tokens` (prompt tokens not read: their state came from the prefix cache or
+    from a request reading the same prompt) and `state` (the final
     state, when one was given or `return_state` asked for; a request cancelled or closed
     before its whole prompt was in leaves a given state as it was and returns none)
     describe it."""
@@ -416,6 +417,18 @@ class Engine:
         self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
 
     def _admit(self, request: Request, reader: Request | None = None) -> None:
+        """Places the request (`_place`); a failure (a bad prompt, device memory for a new
+        start) ends this request only, its slot freed: the others go on."""
+        try:
+            self._place(request, reader)
+        except BaseException as e:
+            if request._slot is not None:
+                self._free.append(request._slot)
+                request._slot = None
+            self.counters["requests_failed"] += 1
+            request._end("error", e)
+
+    def _place(self, request: Request, reader: Request | None) -> None:
         """Gives the request a slot and its start: its own state, the longest cached prefix
         of its prompt, or `reader`'s slot (which holds its prompt but the last token), and
         adds it to the batch. A request whose prompt another running request is reading
@@ -436,35 +449,28 @@ class Engine:
                 with self._cv:
                     reading._followers.append(request)
                 return
-        slot = self._free.pop()
-        request._slot = slot
-        try:
-            start, at = request.state, 0
-            if reader is not None:
-                assert reader._slot is not None
-                start, at = self._slots[reader._slot], len(ids) - 1
-                self.counters["prompt_reads_shared"] += 1
-            elif start is None and caching:
-                assert self.cache is not None
-                start, at = self.cache.find(self.model, ids[:-1])
-            self.model._m.copy_state((start or self._start)._core, self._slots[slot]._core)
-            request.cached_tokens = at
-            self.counters["prompt_tokens_cached"] += at
-            # Where a state is worth caching, the prompt pauses (the state is stored there);
-            # then it goes on and draws.
-            pauses = sorted({p - at for p in [*request.cache_points, len(ids) - 1] if at < p < len(ids)}) if caching else []
-            request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:], pauses,
-                                           request.top_logprobs)
-            if prompt is not None and at < len(ids) - 1 and prompt not in self._reading:
-                with self._cv:  # `_queue_length` reads it from other threads
-                    self._reading[prompt] = request
-                    request._reading = True
-        except BaseException as e:  # this request only: the others go on
-            self._free.append(slot)
-            request._slot = None
-            self.counters["requests_failed"] += 1
-            request._end("error", e)
-            return
+        slot = request._slot = self._free.pop()
+        start, at = request.state, 0
+        if reader is not None:
+            assert reader._slot is not None
+            start, at = self._slots[reader._slot], len(ids) - 1
+        elif start is None and caching:
+            assert self.cache is not None
+            start, at = self.cache.find(self.model, ids[:-1])
+        self.model._m.copy_state((start or self._start)._core, self._slots[slot]._core)
+        # Where a state is worth caching, the prompt pauses (the state is stored there);
+        # then it goes on and draws.
+        pauses = sorted({p - at for p in [*request.cache_points, len(ids) - 1] if at < p < len(ids)}) if caching else []
+        request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:], pauses,
+                                       request.top_logprobs)
+        request.cached_tokens = at
+        self.counters["prompt_tokens_cached"] += at
+        if reader is not None:
+            self.counters["prompt_reads_shared"] += 1
+        if prompt is not None and at < len(ids) - 1 and prompt not in self._reading:
+            with self._cv:  # `_queue_length` reads it from other threads
+                self._reading[prompt] = request
+                request._reading = True
         self._running[request._seq] = request
         self.counters["requests_admitted"] += 1
         request._started = True

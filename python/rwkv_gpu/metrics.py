@@ -22,7 +22,7 @@ _ENGINE_COUNTERS = {
     "requests_refused": "Requests refused because the queue was full",
     "requests_failed": "Requests that ended with an error",
     "prompt_tokens": "Prompt tokens of finished requests",
-    "prompt_tokens_cached": "Prompt tokens supplied by the prefix cache instead of fed",
+    "prompt_tokens_cached": "Prompt tokens not fed: states from the prefix cache or from a request reading the same prompt",
     "prompt_reads_shared": "Requests that waited for another with the same prompt to read it, instead of reading it too",
     "generated_tokens": "Tokens generated and handed out",
     "steps": "Engine steps (one forward call over the running batch each)",
