@@ -240,6 +240,23 @@ def test_one_prompt_sent_many_times_is_read_once(model, cache_bytes):
     assert stats["queue_length"] == 0 and stats["requests_finished_length"] == n
 
 
+def test_a_system_prompt_sent_by_many_at_once_is_read_once(model):
+    """Prompts that share their start up to a cache point (a system prompt), arriving
+    together: the first reads the shared part, the others wait for its state there and
+    read only their own rest; each draws as it would alone."""
+    system = "# utilities for parsing and printing\nimport re\nimport sys\n\n" * 3
+    prompts = [system + p for p in PROMPTS[:4]]
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=16) as engine:
+        requests = [engine.submit(p, max_tokens=4, cache_points=[len(system)], **GREEDY) for p in prompts]
+        got = [r.result(timeout=120) for r in requests]
+        stats = engine.stats()
+    assert [r.cached_tokens for r in requests] == [0] + [len(system)] * 3
+    assert stats["prompt_reads_shared"] == 3
+    assert stats["prompt_tokens"] - stats["prompt_tokens_cached"] == sum(map(len, prompts)) - 3 * len(system)
+    for prompt, completion in zip(prompts, got):
+        assert completion.tokens == alone(model, prompt, 4, **GREEDY).tokens
+
+
 def test_followers_keep_their_places(model):
     """Followers hold the slots they were admitted to: requests queued after them do not
     take those while the reader reads, so n choices start together."""
@@ -295,7 +312,7 @@ def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
         time.sleep(0.001)
     followers = [engine.submit(prompt, max_tokens=2, **GREEDY) for _ in range(3)]
     deadline = time.monotonic() + 30
-    while len(reader._followers) < 3:
+    while sum(map(len, reader._followers.values())) < 3:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.001)
     assert engine.stats()["queue_length"] == 3 and not any(f._started for f in followers)

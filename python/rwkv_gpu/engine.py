@@ -95,10 +95,11 @@ class Request:
         # prompt segments still to feed ([start, end) of ids) before the drawing one.
         self._slot: int | None = None
         self._seq: int | None = None
-        # While this request reads a prompt whose state will go to the prefix cache: the
-        # requests with the same prompt that wait for that state.
-        self._reading = False
-        self._followers: list[Request] = []
+        # While this request reads its prompt: the points where it will pause (their state
+        # goes to the prefix cache) and, by point, the requests whose prompts start with
+        # the same tokens up to there, waiting for that state.
+        self._points: list[int] = []
+        self._followers: dict[int, list[Request]] = {}
         self._start_version = 0  # the model's initial state it started from (its version)
 
     @property
@@ -218,9 +219,10 @@ class Engine:
             reading their prompt, so that a long prompt does not stall the others' streams.
         cache_bytes: device memory for the prefix cache (states after prompt prefixes:
             every prompt's `cache_points`, all of a prompt but its last token, and each
-            request's final history); 0 turns it off. With it, requests sent with the same
-            prompt (n choices, or clients at once) read it once: the others wait for the
-            first to read it and start from the state it leaves there.
+            request's final history); 0 turns it off. With it, requests arriving together
+            whose prompts share a start up to a cache point (a system prompt; n choices of
+            one prompt share all but the last token) read it once: the others wait for the
+            first to read it and start from a copy of its state there.
         max_queue: requests waiting beyond this are refused (`QueueFullError`).
     """
 
@@ -244,11 +246,12 @@ class Engine:
         self._running: dict[int, Request] = {}  # by sequence id
         # Set by Request.cancel, so that the waiting queue is scanned only after a cancel.
         self._cancel_noted = False
-        # Running requests reading a prompt whose state (all but its last token) will go
-        # to the prefix cache, by prompt: a request with the same prompt waits for that
-        # state instead of reading it again (n choices of one prompt, or clients sending
-        # the same one at once).
-        self._reading: dict[tuple[int, ...], Request] = {}
+        # The points where running requests will pause while reading their prompts (a
+        # cache point, or all but the last token; the state there goes to the prefix
+        # cache), by the tokens up to there: a request whose prompt starts with those
+        # tokens, at a point of its own, waits for that state instead of reading them
+        # again (n choices of one prompt, a system prompt many clients send at once).
+        self._pending: dict[tuple[int, ...], Request] = {}
         self._cv = threading.Condition()
         self._closing = False
         self.counters: collections.Counter[str] = collections.Counter()
@@ -383,7 +386,11 @@ class Engine:
 
     def _following(self) -> int:
         """(With `_cv` held.) Requests waiting for a reader's state."""
-        return sum(len(r._followers) for r in self._reading.values())
+        return sum(len(f) for r in self._readers() for f in r._followers.values())
+
+    def _readers(self) -> list[Request]:
+        """(With `_cv` held.) Requests with followers."""
+        return [r for r in {id(r): r for r in self._pending.values()}.values() if r._followers]
 
     def _queue_length(self) -> int:
         """(With `_cv` held.) Requests not yet admitted: queued, or following a reader."""
@@ -405,22 +412,22 @@ class Engine:
             else:
                 kept.append(request)
         self._waiting = kept
-        for reader in self._reading.values():  # and those following a reader
-            if any(f._cancelled.is_set() for f in reader._followers):
-                for follower in reader._followers:
+        for reader in self._readers():  # and those following a reader
+            for point, followers in list(reader._followers.items()):
+                for follower in followers:
                     if follower._cancelled.is_set():
                         self.counters["requests_finished_cancelled"] += 1
                         follower._end("cancelled")
-                reader._followers = [f for f in reader._followers if not f._cancelled.is_set()]
+                reader._followers[point] = [f for f in followers if not f._cancelled.is_set()]
 
     def _note_cancel(self) -> None:
         self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
 
-    def _admit(self, request: Request, reader: Request | None = None) -> None:
+    def _admit(self, request: Request, start_at: tuple[Request, int] | None = None) -> None:
         """Places the request (`_place`); a failure (a bad prompt, device memory for a new
         start) ends this request only, its slot freed: the others go on."""
         try:
-            self._place(request, reader)
+            self._place(request, start_at)
         except BaseException as e:
             if request._slot is not None:
                 self._free.append(request._slot)
@@ -428,49 +435,52 @@ class Engine:
             self.counters["requests_failed"] += 1
             request._end("error", e)
 
-    def _place(self, request: Request, reader: Request | None) -> None:
+    def _place(self, request: Request, start_at: tuple[Request, int] | None) -> None:
         """Gives the request a slot and its start: its own state, the longest cached prefix
-        of its prompt, or `reader`'s slot (which holds its prompt but the last token), and
-        adds it to the batch. A request whose prompt another running request is reading
-        (and will pause after all but its last token) follows that reader instead."""
+        of its prompt, or (`start_at`) a reader's slot, which holds the state after the
+        given point of the prompt they share, and adds it to the batch. A request whose
+        prompt starts with what a running request is reading up to one of its pauses
+        (at a point of this request's own) follows that reader instead."""
         ids = request.ids
         if self.model._initial_version != self._start_version:  # initial_state changed
             self._start, self._start_version = self.model.new_state(), self.model._initial_version
             if self.cache is not None:
                 self.cache.clear()
         request._start_version = self._start_version
-        if reader is not None and reader._start_version != self._start_version:
-            reader = None  # its state grew from the initial state since replaced
+        if start_at is not None and start_at[0]._start_version != self._start_version:
+            start_at = None  # its state grew from the initial state since replaced
         caching = request.use_cache and self.cache is not None
-        prompt = tuple(ids) if caching and len(ids) > 1 else None
-        if reader is None and prompt is not None:
-            reading = self._reading.get(prompt)
-            if reading is not None and reading._start_version == self._start_version:
-                with self._cv:
-                    reading._followers.append(request)
-                return
+        points = sorted({p for p in [*request.cache_points, len(ids) - 1] if 0 < p < len(ids)}) if caching else []
+        if start_at is None:
+            for point in reversed(points):  # the longest shared prefix first
+                reader = self._pending.get(tuple(ids[:point]))
+                if reader is not None and reader._start_version == self._start_version:
+                    with self._cv:
+                        reader._followers.setdefault(point, []).append(request)
+                    return
         slot = request._slot = self._free.pop()
         start, at = request.state, 0
-        if reader is not None:
+        if start_at is not None:
+            reader, at = start_at
             assert reader._slot is not None
-            start, at = self._slots[reader._slot], len(ids) - 1
+            start = self._slots[reader._slot]
         elif start is None and caching:
             assert self.cache is not None
             start, at = self.cache.find(self.model, ids[:-1])
         self.model._m.copy_state((start or self._start)._core, self._slots[slot]._core)
         # Where a state is worth caching, the prompt pauses (the state is stored there);
         # then it goes on and draws.
-        pauses = sorted({p - at for p in [*request.cache_points, len(ids) - 1] if at < p < len(ids)}) if caching else []
-        request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:], pauses,
-                                       request.top_logprobs)
+        pauses = [p for p in points if p > at]
+        request._seq = self._batch.add(self._slots[slot]._core, request.sampler._core, ids[at:],
+                                       [p - at for p in pauses], request.top_logprobs)
         request.cached_tokens = at
         self.counters["prompt_tokens_cached"] += at
-        if reader is not None:
+        if start_at is not None:
             self.counters["prompt_reads_shared"] += 1
-        if prompt is not None and at < len(ids) - 1 and prompt not in self._reading:
-            with self._cv:  # `_queue_length` reads it from other threads
-                self._reading[prompt] = request
-                request._reading = True
+        with self._cv:  # `_following` reads these from other threads
+            for point in pauses:
+                if self._pending.setdefault(tuple(ids[:point]), request) is request:
+                    request._points.append(point)
         self._running[request._seq] = request
         self.counters["requests_admitted"] += 1
         request._started = True
@@ -515,34 +525,36 @@ class Engine:
         read = request.cached_tokens + fed
         if self._current(request):
             self.cache.store(self.model, request.ids[:read], self._slots[request._slot])
-        if read == len(request.ids) - 1:
-            self._let_followers_in(request, from_state=True)
+        self._let_followers_in(request, read)
 
     def _current(self, request: Request) -> bool:
         """Whether the request started from the current initial state: a state built on
         one that has since been replaced is not cached (its key would say otherwise)."""
         return request._start_version == self.model._initial_version
 
-    def _let_followers_in(self, reader: Request, from_state: bool) -> None:
-        """The reader has read its prompt but the last token (`from_state`: its slot holds
-        that state, which each follower's slot gets a copy of) or has left the batch
-        without (each follower reads the prompt itself). Either way they start now, in
-        the places held for them; cancelled ones end, and all end when closing."""
-        if not reader._reading:
-            return
+    def _let_followers_in(self, reader: Request, point: int | None) -> None:
+        """The reader has read its prompt up to `point` (its slot holds that state, which
+        each follower waiting there gets a copy of), or (None) has left the batch (its
+        followers start as if just admitted: from the cache, or following another). They
+        take the places held for them; cancelled ones end, and all end when closing."""
         with self._cv:
-            reader._reading = False
-            del self._reading[tuple(reader.ids)]
-            followers, reader._followers = reader._followers, []
+            done = [p for p in reader._points if point is None or p == point]
+            if not done:
+                return
+            reader._points = [p for p in reader._points if p not in done]
+            followers = []
+            for p in done:
+                del self._pending[tuple(reader.ids[:p])]
+                followers += [(f, p) for f in reader._followers.pop(p, [])]
             closing = self._closing
-        for follower in followers:
+        for follower, p in followers:
             if follower._cancelled.is_set():
                 self.counters["requests_finished_cancelled"] += 1
                 follower._end("cancelled")
             elif closing:
                 follower._end("closed")
             else:
-                self._admit(follower, reader if from_state else None)
+                self._admit(follower, None if point is None else (reader, p))
 
     def _retire(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
         """Takes the request out of the batch: its slot's state then holds the prompt and
@@ -567,7 +579,7 @@ class Engine:
         finally:
             self._free.append(request._slot)
             request._slot = None
-            self._let_followers_in(request, from_state=False)
+            self._let_followers_in(request, None)
         with self._cv:
             self._running.pop(request._seq, None)
             self.counters["requests_failed" if error is not None else f"requests_finished_{request.finish_reason or reason}"] += 1
