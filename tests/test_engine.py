@@ -276,18 +276,21 @@ def test_a_new_initial_state_is_not_followed_from_the_old(model):
     started from the old one nor finds that reader's states in the cache (they are not
     stored once the start they grew from is replaced): it reads from the new start, as
     it would alone."""
-    prompt = PROMPTS[7]  # one whose greedy reply the start below changes
+    long_prompt, prompt = "".join(PROMPTS) * 3, PROMPTS[7]  # the start below changes the latter's reply
     old_start = alone(model, prompt, 4, **GREEDY).tokens
     primed = model.new_state()
     model.forward(list(b"SELECT name FROM users WHERE id = 1;\n-- "), primed)
-    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=1) as engine:  # a token a step
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=4) as engine:
+        reading = engine.submit(long_prompt, max_tokens=1, **GREEDY)
         before = engine.submit(prompt, max_tokens=4, **GREEDY)
         while not before._started:
             time.sleep(0.001)
         model.initial_state = primed
         try:
-            after = engine.submit(prompt, max_tokens=4, **GREEDY)  # while `before` reads
-            got = after.result(timeout=120)
+            after = engine.submit(long_prompt, max_tokens=1, **GREEDY)  # while `reading` reads it
+            after.result(timeout=120)
+            reading.result(timeout=120)
+            assert after.submitted_at < reading.first_token_at  # it came while `reading` read
             assert before.result(timeout=120).tokens == old_start
             # Continuing `before`'s text: its final state (old start) must not be found.
             more = prompt + bytes(before.tokens).decode("utf-8", errors="replace") + "\n"
@@ -298,15 +301,67 @@ def test_a_new_initial_state_is_not_followed_from_the_old(model):
             model.initial_state = None
         stats = engine.stats()
     assert after.cached_tokens == 0 and "prompt_reads_shared" not in stats
-    assert got.tokens == want[0] != old_start  # the start makes a difference
+    assert want[0] != old_start  # the start makes a difference
     assert continued.cached_tokens < len(prompt) and continued.tokens == want[1]
+
+
+def test_a_follower_let_in_may_follow_another_further(model):
+    """n choices of S+Q arriving while another request reads S: they wait for S, and when
+    let in there, the first reads Q and the others wait for it (not each reading Q)."""
+    system = "# utilities for parsing and printing\nimport re\nimport sys\n\n" * 3
+    question = PROMPTS[0] * 3
+    with rwkv_gpu.Engine(model, max_batch=8, max_prefill_tokens=4) as engine:
+        first = engine.submit(system + PROMPTS[1], max_tokens=2, cache_points=[len(system)], **GREEDY)
+        while not first._started:
+            time.sleep(0.001)
+        choices = [engine.submit(system + question, max_tokens=3, cache_points=[len(system)], **dict(SEEDED, seed=i))
+                   for i in range(3)]
+        got = [c.result(timeout=120) for c in choices]
+        first.result(timeout=120)
+        stats = engine.stats()
+    length = len(system + question)
+    assert [c.cached_tokens for c in choices] == [len(system), length - 1, length - 1]
+    assert stats["prompt_reads_shared"] == 3
+    for i, completion in enumerate(got):
+        assert completion.tokens == alone(model, system + question, 3, **dict(SEEDED, seed=i)).tokens
+
+
+def test_a_follower_cancelled_during_a_scan_still_ends(model):
+    """The scan of followers looks at each one's cancel once: a cancel landing between two
+    looks must not drop it from the queue without ending it (a client would wait forever)."""
+
+    class CancelledAfterTheFirstLook:
+        looks = 0
+
+        def is_set(self):  # the cancel lands just after the scan's first look
+            self.looks += 1
+            return self.looks > 1
+
+        def set(self):
+            pass
+
+    prompt = "".join(PROMPTS) * 4
+    engine = rwkv_gpu.Engine(model, max_batch=2, max_prefill_tokens=1)
+    reader = engine.submit(prompt, max_tokens=2, **GREEDY)
+    while not reader._started:
+        time.sleep(0.001)
+    follower = engine.submit(prompt, max_tokens=2, **GREEDY)
+    deadline = time.monotonic() + 30
+    while sum(map(len, reader._followers.values())) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    follower._cancelled = CancelledAfterTheFirstLook()
+    follower.cancel()
+    time.sleep(0.2)
+    engine.close()
+    assert follower.done and follower.finish_reason in ("cancelled", "closed")
 
 
 def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
     """A request waiting for another to read its prompt still counts as queued, ends
     cancelled when cancelled, and closed (not forgotten) when the engine closes."""
     prompt = "".join(PROMPTS) * 4
-    engine = rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=8)
+    engine = rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=1)  # ~700 steps of prompt
     reader = engine.submit(prompt, max_tokens=2, **GREEDY)
     while not reader._started:
         time.sleep(0.001)
@@ -322,7 +377,7 @@ def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.001)
     assert followers[0].finish_reason == "cancelled" and engine.stats()["queue_length"] == 2
-    assert reader.first_token_at is None  # still reading its prompt (8 tokens a step)
+    assert reader.first_token_at is None  # still reading its prompt (a token a step)
     engine.close()
     assert reader.finish_reason == "closed" and "prompt_reads_shared" not in engine.stats()
     assert [f.finish_reason for f in followers[1:]] == ["closed", "closed"] and all(f.done for f in followers)
@@ -331,10 +386,11 @@ def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
 def test_prefix_cache_is_bounded_in_bytes(model):
     per_state = model.state_bytes
     with rwkv_gpu.Engine(model, cache_bytes=3 * per_state) as engine:
-        for p in PROMPTS:
+        for p in PROMPTS + PROMPTS[-1:]:  # the last twice: its entries stored again
             engine.submit(p, max_tokens=2, **GREEDY).result(timeout=60)
         stats = engine.stats()
     assert stats["prefix_cache_entries"] <= 3 and stats["prefix_cache_bytes"] <= 3 * per_state
+    assert stats["prefix_cache_bytes"] == stats["prefix_cache_entries"] * per_state  # kept as entries go
 
 
 def test_logprobs_are_the_models(model):

@@ -246,6 +246,7 @@ class Engine:
         self._running: dict[int, Request] = {}  # by sequence id
         # Set by Request.cancel, so that the waiting queue is scanned only after a cancel.
         self._cancel_noted = False
+        self._failure: BaseException | None = None  # what stopped the scheduler, if a bug did
         # The points where running requests will pause while reading their prompts (a
         # cache point, or all but the last token; the state there goes to the prefix
         # cache), by the tokens up to there: a request whose prompt starts with those
@@ -371,7 +372,7 @@ class Engine:
                 if self._running:
                     self._step()
         except BaseException as e:  # a bug here: no request may wait forever for it
-            failure = e
+            failure = self._failure = e
             raise
         finally:
             with self._cv:
@@ -414,11 +415,14 @@ class Engine:
         self._waiting = kept
         for reader in self._readers():  # and those following a reader
             for point, followers in list(reader._followers.items()):
-                for follower in followers:
+                staying = []
+                for follower in followers:  # one look at each: a cancel may land meanwhile
                     if follower._cancelled.is_set():
                         self.counters["requests_finished_cancelled"] += 1
                         follower._end("cancelled")
-                reader._followers[point] = [f for f in followers if not f._cancelled.is_set()]
+                    else:
+                        staying.append(follower)
+                reader._followers[point] = staying
 
     def _note_cancel(self) -> None:
         self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
@@ -451,13 +455,14 @@ class Engine:
             start_at = None  # its state grew from the initial state since replaced
         caching = request.use_cache and self.cache is not None
         points = sorted({p for p in [*request.cache_points, len(ids) - 1] if 0 < p < len(ids)}) if caching else []
-        if start_at is None:
-            for point in reversed(points):  # the longest shared prefix first
-                reader = self._pending.get(tuple(ids[:point]))
-                if reader is not None and reader._start_version == self._start_version:
-                    with self._cv:
-                        reader._followers.setdefault(point, []).append(request)
-                    return
+        # The longest shared prefix first; one let in at a reader's point may follow
+        # another reader further (n choices of S+Q arriving while S is read).
+        for point in reversed([p for p in points if start_at is None or p > start_at[1]]):
+            reader = self._pending.get(tuple(ids[:point]))
+            if reader is not None and reader._start_version == self._start_version:
+                with self._cv:
+                    reader._followers.setdefault(point, []).append(request)
+                return
         slot = request._slot = self._free.pop()
         start, at = request.state, 0
         if start_at is not None:
@@ -549,10 +554,11 @@ class Engine:
             closing = self._closing
         for follower, p in followers:
             if follower._cancelled.is_set():
-                self.counters["requests_finished_cancelled"] += 1
+                with self._cv:  # the submitting threads count cancels too
+                    self.counters["requests_finished_cancelled"] += 1
                 follower._end("cancelled")
             elif closing:
-                follower._end("closed")
+                follower._end("closed", self._failure)
             else:
                 self._admit(follower, None if point is None else (reader, p))
 

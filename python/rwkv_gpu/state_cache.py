@@ -35,6 +35,7 @@ class StateCache:
         self.max_entries = int(max_entries)
         self.max_bytes = None if max_bytes is None else int(max_bytes)
         self._entries: OrderedDict[tuple, State] = OrderedDict()
+        self._bytes = 0  # kept as entries come and go: `bytes` is read from other threads
         self.hits = 0
         self.misses = 0
         self.tokens_saved = 0
@@ -42,13 +43,14 @@ class StateCache:
     @property
     def bytes(self) -> int:
         """Device bytes held by the entries."""
-        return sum(state._model.state_bytes for state in self._entries.values())
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
     @staticmethod
     def _key(model: Model, tokens: Sequence[int]) -> tuple:
@@ -86,10 +88,14 @@ class StateCache:
         if self.max_bytes is not None and model.state_bytes > self.max_bytes:
             return
         key = self._key(model, tokens)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= old._model.state_bytes
         self._entries[key] = state.clone()
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries or (self.max_bytes is not None and self.bytes > self.max_bytes):
-            self._entries.popitem(last=False)
+        self._bytes += model.state_bytes
+        while len(self._entries) > self.max_entries or (self.max_bytes is not None and self._bytes > self.max_bytes):
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted._model.state_bytes
 
     def prefill(self, model: Model, tokens: Sequence[int]) -> None:
         """Feeds `tokens` (from the longest cached prefix on) and remembers the result."""
