@@ -290,12 +290,15 @@ impl Batch {
     }
 
     /// Finishes sequence `id` (as `finish_with`) and takes it out of the batch; its state
-    /// then holds exactly its `fed` tokens. Returns (fed, given).
+    /// then holds exactly its `fed` tokens. Returns (fed, given). It is taken out even when
+    /// finishing fails (the error is returned; its state is then not to be used): a caller
+    /// that frees the state's slot must not leave a live member on it.
     pub fn remove_with(&mut self, id: SeqId, interrupt: Interrupt) -> Result<(Vec<u32>, Vec<u32>)> {
         self.member(id)?;
-        self.finish_with(Some(&[id]), interrupt)?;
+        let finished = self.finish_with(Some(&[id]), interrupt);
         let at = self.members.iter().position(|m| m.id == id).expect("checked above");
         let m = self.members.remove(at);
+        finished?;
         Ok((m.fed, m.given))
     }
 

@@ -383,6 +383,24 @@ def test_requests_following_a_reader_can_be_cancelled_and_closed(model):
     assert [f.finish_reason for f in followers[1:]] == ["closed", "closed"] and all(f.done for f in followers)
 
 
+def test_a_cache_store_that_fails_does_not_fail_the_reader(model, monkeypatch):
+    """Out of device memory for a cache entry's copy: the reader goes on uncached (its
+    followers still start from its slot), and the failure is counted."""
+    prompt = "".join(PROMPTS)
+    with rwkv_gpu.Engine(model, max_batch=4, max_prefill_tokens=16) as engine:
+        def no_memory(*_):
+            raise rwkv_gpu.OutOfMemoryError("no device memory for the copy (test)")
+
+        monkeypatch.setattr(engine.cache, "store", no_memory)
+        requests = [engine.submit(prompt, max_tokens=4, **dict(SEEDED, seed=i)) for i in range(3)]
+        got = [r.result(timeout=120) for r in requests]
+        stats = engine.stats()
+    assert [r.finish_reason for r in got] == ["length"] * 3 and stats.get("requests_failed", 0) == 0
+    assert stats["prefix_cache_store_failures"] >= 1 and stats["prompt_reads_shared"] == 2
+    for i, completion in enumerate(got):
+        assert completion.tokens == alone(model, prompt, 4, **dict(SEEDED, seed=i)).tokens
+
+
 def test_prefix_cache_is_bounded_in_bytes(model):
     per_state = model.state_bytes
     with rwkv_gpu.Engine(model, cache_bytes=3 * per_state) as engine:

@@ -91,8 +91,7 @@ class Request:
         self._ready = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        # Set by the engine while the request runs: its slot and sequence id, and the
-        # prompt segments still to feed ([start, end) of ids) before the drawing one.
+        # Set by the engine while the request runs: its slot and sequence id.
         self._slot: int | None = None
         self._seq: int | None = None
         # While this request reads its prompt: the points where it will pause (their state
@@ -253,6 +252,8 @@ class Engine:
         # tokens, at a point of its own, waits for that state instead of reading them
         # again (n choices of one prompt, a system prompt many clients send at once).
         self._pending: dict[tuple[int, ...], Request] = {}
+        # Guards what other threads read or change: `_waiting`, `_pending` with each
+        # reader's `_points` and `_followers`, `_running`'s membership, `_closing`.
         self._cv = threading.Condition()
         self._closing = False
         self.counters: collections.Counter[str] = collections.Counter()
@@ -378,7 +379,11 @@ class Engine:
             with self._cv:
                 self._closing = True
             for request in list(self._running.values()):  # their followers end too
-                self._retire(request, "closed", failure)
+                try:
+                    self._retire(request, "closed", failure)
+                except BaseException:  # noqa: BLE001 (the others must still end)
+                    if not request.done:
+                        request._end("closed", failure)
             with self._cv:
                 self._drop_cancelled_waiting()  # those end as cancelled, as they would have
                 waiting, self._waiting = list(self._waiting), collections.deque()
@@ -391,7 +396,7 @@ class Engine:
 
     def _readers(self) -> list[Request]:
         """(With `_cv` held.) Requests with followers."""
-        return [r for r in {id(r): r for r in self._pending.values()}.values() if r._followers]
+        return [r for r in dict.fromkeys(self._pending.values()) if r._followers]
 
     def _queue_length(self) -> int:
         """(With `_cv` held.) Requests not yet admitted: queued, or following a reader."""
@@ -408,8 +413,7 @@ class Engine:
         kept: collections.deque[Request] = collections.deque()
         for request in self._waiting:
             if request._cancelled.is_set():
-                self.counters["requests_finished_cancelled"] += 1
-                request._end("cancelled")
+                self._end_cancelled(request)
             else:
                 kept.append(request)
         self._waiting = kept
@@ -418,11 +422,16 @@ class Engine:
                 staying = []
                 for follower in followers:  # one look at each: a cancel may land meanwhile
                     if follower._cancelled.is_set():
-                        self.counters["requests_finished_cancelled"] += 1
-                        follower._end("cancelled")
+                        self._end_cancelled(follower)
                     else:
                         staying.append(follower)
                 reader._followers[point] = staying
+
+    def _end_cancelled(self, request: Request) -> None:
+        """(With `_cv` held: the submitting threads count too.) Ends a request cancelled
+        before it was admitted."""
+        self.counters["requests_finished_cancelled"] += 1
+        request._end("cancelled")
 
     def _note_cancel(self) -> None:
         self._cancel_noted = True  # a plain store: Request.cancel may run under any lock
@@ -446,8 +455,9 @@ class Engine:
         prompt starts with what a running request is reading up to one of its pauses
         (at a point of this request's own) follows that reader instead."""
         ids = request.ids
-        if self.model._initial_version != self._start_version:  # initial_state changed
-            self._start, self._start_version = self.model.new_state(), self.model._initial_version
+        if (version := self.model._initial_version) != self._start_version:  # initial_state changed
+            # The version read first: a change landing meanwhile is caught next time.
+            self._start, self._start_version = self.model.new_state(), version
             if self.cache is not None:
                 self.cache.clear()
         request._start_version = self._start_version
@@ -462,6 +472,8 @@ class Engine:
             if reader is not None and reader._start_version == self._start_version:
                 with self._cv:
                     reader._followers.setdefault(point, []).append(request)
+                    if request._cancelled.is_set():  # a scan may have run while it was in no queue
+                        self._cancel_noted = True
                 return
         slot = request._slot = self._free.pop()
         start, at = request.state, 0
@@ -482,11 +494,11 @@ class Engine:
         self.counters["prompt_tokens_cached"] += at
         if start_at is not None:
             self.counters["prompt_reads_shared"] += 1
-        with self._cv:  # `_following` reads these from other threads
+        with self._cv:
             for point in pauses:
                 if self._pending.setdefault(tuple(ids[:point]), request) is request:
                     request._points.append(point)
-        self._running[request._seq] = request
+            self._running[request._seq] = request
         self.counters["requests_admitted"] += 1
         request._started = True
         request._notify()
@@ -501,7 +513,9 @@ class Engine:
         self.counters["steps"] += 1
         self.counters["batch_occupancy_sum"] += len(self._running)
         for seq, token, paused_at, logprob, top in stepped:
-            request = self._running[seq]
+            request = self._running.get(seq)
+            if request is None:  # retired already (a failed removal leaves nothing behind)
+                continue
             try:
                 if token is None:
                     self._paused(request, paused_at)
@@ -529,8 +543,17 @@ class Engine:
         assert self.cache is not None and request._slot is not None
         read = request.cached_tokens + fed
         if self._current(request):
-            self.cache.store(self.model, request.ids[:read], self._slots[request._slot])
+            self._store(request.ids[:read], self._slots[request._slot])
         self._let_followers_in(request, read)
+
+    def _store(self, tokens: list[int], state: State) -> None:
+        """Keeps a copy in the prefix cache. Without device memory for the copy the
+        request goes on (or ends) uncached rather than failing: the cache is an aid."""
+        assert self.cache is not None
+        try:
+            self.cache.store(self.model, tokens, state)
+        except errors.RwkvError:
+            self.counters["prefix_cache_store_failures"] += 1
 
     def _current(self, request: Request) -> bool:
         """Whether the request started from the current initial state: a state built on
@@ -554,9 +577,8 @@ class Engine:
             closing = self._closing
         for follower, p in followers:
             if follower._cancelled.is_set():
-                with self._cv:  # the submitting threads count cancels too
-                    self.counters["requests_finished_cancelled"] += 1
-                follower._end("cancelled")
+                with self._cv:
+                    self._end_cancelled(follower)
             elif closing:
                 follower._end("closed", self._failure)
             else:
@@ -579,7 +601,7 @@ class Engine:
                 elif request.return_state and prompt_in:
                     request.state = slot.clone()
                 if self.cache is not None and request.use_cache and prompt_in and self._current(request):
-                    self.cache.store(self.model, request.ids + request.tokens, slot)
+                    self._store(request.ids + request.tokens, slot)
         except BaseException as e:
             error = error or e
         finally:

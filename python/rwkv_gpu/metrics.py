@@ -25,6 +25,7 @@ _ENGINE_COUNTERS = {
     "prompt_tokens_cached": "Prompt tokens not fed: states from the prefix cache or from a request reading the same prompt",
     "prompt_reads_shared": "Requests that waited for another with the same prompt to read it, instead of reading it too",
     "generated_tokens": "Tokens generated and handed out",
+    "prefix_cache_store_failures": "Prefix-cache entries not kept for want of device memory",
     "steps": "Engine steps (one forward call over the running batch each)",
 }
 
