@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,28 @@ def assert_same_arithmetic(got, want, err_msg=""):
     assert got.shape == want.shape, (got.shape, want.shape, err_msg)
     scale = float(np.abs(want).max()) if want.size else 0.0
     np.testing.assert_allclose(got, want, rtol=0, atol=scale * 2.0 ** -16, err_msg=err_msg)
+
+
+def without_blocking(call, seconds=120):
+    """`call()` run on a daemon thread: what it returns, or the exception it raised. A
+    call still running after `seconds` fails the test instead of hanging the suite (a
+    FIFO opened without a look first blocks until a writer comes)."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((True, call()))
+        except BaseException as e:  # noqa: BLE001 (handed back to the test)
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call was still blocked after {seconds} s"
+    (returned, value), = outcome
+    if not returned:
+        raise value
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,11 @@ import json
 import os
 import random
 import re
-import threading
 from importlib import resources
 
 import pytest
 import rwkv_gpu
-from conftest import DATA
+from conftest import DATA, without_blocking
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +138,8 @@ def test_tokenizer_json_round_trips_and_streams(bpe_json):
 
 
 def test_a_bad_tokenizer_json_is_a_load_error_naming_it(tmp_path):
-    """Missing, a folder, a FIFO (opening one would block: a regression fails the thread
-    check instead of hanging), not UTF-8, not a tokenizer: each a ModelLoadError (the
+    """Missing, a folder, a FIFO (opening one would block: a regression fails
+    `without_blocking` instead of hanging), not UTF-8, not a tokenizer: each a ModelLoadError (the
     missing one also a FileNotFoundError) naming the path, not the package's bare Exception."""
     path = tmp_path / "tokenizer.json"
     with pytest.raises(rwkv_gpu.ModelNotFoundError) as missing:
@@ -151,19 +150,8 @@ def test_a_bad_tokenizer_json_is_a_load_error_naming_it(tmp_path):
         rwkv_gpu.Tokenizer.from_file(path)
     path.rmdir()
     os.mkfifo(path)
-    outcome = []
-
-    def load():
-        try:
-            rwkv_gpu.Tokenizer.from_file(path)
-        except rwkv_gpu.ModelLoadError as e:
-            outcome.append(str(e))
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(60)
-    assert not thread.is_alive(), "reading the FIFO blocked"
-    assert outcome == [f"{path}: not a regular file"]
+    with pytest.raises(rwkv_gpu.ModelLoadError, match=f"^{re.escape(str(path))}: not a regular file$"):
+        without_blocking(lambda: rwkv_gpu.Tokenizer.from_file(path), seconds=60)
     path.unlink()
     for content, says in ((b"\xff\xfe", "not UTF-8"), (b'{"model": 3}', "not a tokenizer.json the tokenizers package reads")):
         path.write_bytes(content)

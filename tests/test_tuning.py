@@ -7,13 +7,12 @@ driver's fusing of multiply-adds may move)."""
 from __future__ import annotations
 
 import os
-import threading
 import warnings
 
 import numpy as np
 import pytest
 import rwkv_gpu
-from conftest import DATA, assert_same_arithmetic, open_model
+from conftest import DATA, assert_same_arithmetic, open_model, without_blocking
 
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
 PROMPT = [3, 17, 60, 2, 99]
@@ -124,16 +123,10 @@ def test_a_corrupt_cache_is_ignored_with_a_warning(cache_dir, content):
 
 
 def test_a_named_pipe_in_its_place_is_ignored_with_a_warning(cache_dir):
-    """Reading a FIFO blocks until a writer comes: the cache looks before it reads. (Run
-    in a daemon thread so that a regression fails here instead of hanging the suite.)"""
+    """Reading a FIFO blocks until a writer comes: the cache looks before it reads."""
     path = cache_dir / "tuning.txt"
     os.mkfifo(path)
-    outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(load()), daemon=True)
-    thread.start()
-    thread.join(120)
-    assert not thread.is_alive(), "the load blocked reading the FIFO"
-    (model, warned), = outcome
+    model, warned = without_blocking(load)
     assert model.config["tuning"] == "timed"
     assert warned == [f"ignored the kernel choices in {path}: not a regular file"]
     (_, choice), = entries(path)  # replaced by a regular file holding this shape's choice
