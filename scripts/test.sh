@@ -6,11 +6,12 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 
-echo "== lint: rustfmt, clippy, ruff, type stubs against the built module" >&2
+echo "== lint: rustfmt, clippy, ruff, mypy, type stubs against the built module" >&2
 cargo fmt --check
 cargo fmt --check --manifest-path fuzz/Cargo.toml
 cargo clippy --release --features python --all-targets -- -D warnings
 .venv/bin/ruff check python tests benches scripts fuzz tools
+.venv/bin/python -m mypy
 .venv/bin/python -m mypy.stubtest rwkv_gpu._core
 
 echo "== cargo test" >&2

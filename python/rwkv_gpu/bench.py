@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import Engine, Model, Sampler, Sampling, StateCache, _core
+from . import Engine, Model, Sampler, Sampling, State, StateCache, _core
 from ._cli import add_quant_args, quant_layer_dtypes, reports_errors
 
 SHAPES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560), "7.2b": (32, 4096)}
@@ -125,7 +125,7 @@ class Bench:
     def pp(self) -> None:
         self.model.forward(self.prompt[: self.prefill], self.model.new_state())
 
-    def tg(self, start: Callable[[], object], on_device: bool) -> Callable[[], None]:
+    def tg(self, start: Callable[[], State], on_device: bool) -> Callable[[], None]:
         model = self.model
 
         def run() -> None:
@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + written, {info['copy_bytes'] >> 20} MiB buffer) | "
           f"decode bound (weights per token / bandwidth): {bound:.2f} t/s")
     print()
-    profile = " dispatches/layer | submissions/token | read-backs/token | host µs/submission |" if args.profile else ""
-    print(f"| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |{profile}")
+    count_columns = " dispatches/layer | submissions/token | read-backs/token | host µs/submission |" if args.profile else ""
+    print(f"| model | dtype | quant_int8 | quant_nf4 | test | t/s | memory |{count_columns}")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: |" + (" ---: | ---: | ---: | ---: |" if args.profile else ""))
     for r in rows:
         unit = " s" if r.unit == "s" else ""

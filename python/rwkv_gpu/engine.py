@@ -507,8 +507,8 @@ class Engine:
         try:
             stepped = self._batch.step()
         except BaseException as e:  # a device fault: every running request fails with it
-            for request in list(self._running.values()):
-                self._retire(request, "error", e)
+            for running in list(self._running.values()):
+                self._retire(running, "error", e)
             return
         self.counters["steps"] += 1
         self.counters["batch_occupancy_sum"] += len(self._running)
@@ -520,12 +520,12 @@ class Engine:
                 if token is None:
                     self._paused(request, paused_at)
                 else:
-                    self._drew(request, token, logprob, top)
+                    self._drew(request, seq, token, logprob, top)
             except BaseException as e:  # this request only: the others go on
                 self._retire(request, "error", e)
 
-    def _drew(self, request: Request, token: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
-        text = request.text.take(self._batch, request._seq, token)
+    def _drew(self, request: Request, seq: int, token: int, logprob: float | None, top: list[tuple[int, float]]) -> None:
+        text = request.text.take(self._batch, seq, token)
         if token not in request.text.stop_tokens:  # a stop token is not handed out
             request.tokens.append(token)
             request.logprobs.append(TokenInfo(token, logprob, list(top)))

@@ -10,7 +10,7 @@ and the tokens given (stop tokens excepted).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,7 @@ from . import errors
 from .sampling import Sampler, Sampling, item_seed
 
 if TYPE_CHECKING:
-    from .model import Model, State
+    from .model import Model, State, Tokens
     from .state_cache import StateCache
     from .tokenizer import Tokenizer
 
@@ -135,7 +135,7 @@ class BatchRun:
     def __init__(
         self,
         model: Model,
-        prompts: Sequence[str | Sequence[int]],
+        prompts: Sequence[str | Tokens],
         states: Sequence[State] | None,
         max_tokens: int,
         sampling: Sampling,
@@ -232,7 +232,7 @@ class Run(BatchRun):
     def __init__(
         self,
         model: Model,
-        prompt: str | Sequence[int],
+        prompt: str | Tokens,
         state: State | None,
         max_tokens: int,
         sampling: Sampling,
@@ -260,6 +260,6 @@ class Run(BatchRun):
     def tokens(self) -> list[int]:  # type: ignore[override]
         return super().tokens[0]
 
-    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+    def __iter__(self) -> Generator[str, None, None]:  # type: ignore[override]
         for _, text in super().__iter__():
             yield text

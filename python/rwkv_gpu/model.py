@@ -7,7 +7,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Union, cast
 
 import numpy as np
 
@@ -499,7 +499,7 @@ class Model:
             isinstance(text_or_tokens, np.ndarray) and text_or_tokens.ndim == 1
         ) or (isinstance(text_or_tokens, Sequence) and len(text_or_tokens) > 0
               and all(isinstance(t, (int, np.integer)) for t in text_or_tokens))
-        items = [text_or_tokens] if single else list(text_or_tokens)  # type: ignore[arg-type]
+        items = cast("list[str | Tokens]", [text_or_tokens] if single else list(text_or_tokens))
         if not items:
             raise ShapeError("embed needs at least one text")
         batch = [self._prompt_ids(x) for x in items]

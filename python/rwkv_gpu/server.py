@@ -498,13 +498,14 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: Request) -> Any:
         check_model(body.model)
-        prompt = body.prompt
+        # The body's model checked the shapes: a text, token ids, or a list of either.
+        prompt: Any = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
             if len(prompt) != 1:
                 raise ApiError(400, "give one prompt per request (a list of several is not supported)", param="prompt")
-            prompt = prompt[0]  # type: ignore[assignment]
+            prompt = prompt[0]
         try:
-            ids = (await encode([prompt], "prompt"))[0] if isinstance(prompt, str) else [int(t) for t in prompt]  # type: ignore[union-attr]
+            ids = (await encode([prompt], "prompt"))[0] if isinstance(prompt, str) else [int(t) for t in prompt]
         except (TypeError, ValueError) as e:
             raise ApiError(400, f"prompt: {e}", param="prompt") from e
         if not ids:
