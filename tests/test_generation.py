@@ -334,6 +334,19 @@ def test_batch_completions_equal_one_at_a_time(model):
     assert seeded[0].tokens != seeded[1].tokens
 
 
+def test_batch_draws_at_full_vocabulary_equal_one_at_a_time():
+    """With a 65536-token vocabulary a step's draws run on several threads (one per core,
+    Rust `draw_threads`); each sequence still gets exactly the tokens it draws alone with
+    seed + i, under penalties that grow with its own history."""
+    wide = rwkv_gpu.Model.random(1, 64, vocab_size=65536, seed=5)
+    prompts = [[1, 2, 3], [40000], [7, 7], [65535, 9]]
+    options = dict(max_tokens=6, temperature=1.0, top_p=0.95, presence_penalty=0.5, frequency_penalty=0.5, stop_tokens=[])
+    together = wide.complete_batch(prompts, seed=77, **options)
+    for i, (prompt, got) in enumerate(zip(prompts, together)):
+        assert got.tokens == wide.complete(prompt, seed=77 + i, **options).tokens, f"sequence {i}"
+    assert len({tuple(c.tokens) for c in together}) == len(prompts)
+
+
 def test_batch_stops_each_sequence_on_its_own(model):
     """A stop token ends the sequence that draws it (not emitted, not fed) while the
     others go on to max_tokens; a stop string ends its sequence with the string fed."""
