@@ -4,6 +4,7 @@ state files written whole or not at all, command lines that print one error line
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import subprocess
@@ -375,3 +376,201 @@ def test_unknown_names_are_invalid_option_errors_listing_the_known(model):
     with pytest.raises(rwkv_gpu.InvalidOptionError, match="pooling must be 'last' or 'mean', got \"max\""):
         model.embed([1, 2], pooling="max")
     assert issubclass(rwkv_gpu.InvalidOptionError, ValueError)
+
+
+def test_logits_for_too_long_an_input_are_out_of_memory_not_an_abort():
+    """all_logits over 200k tokens at a 65536 vocabulary is 52 GB of output: allocated
+    fallibly, refused before anything runs (the address space is capped at 8 GB, as
+    above, so that this holds on machines of any size). The process lives on, the states
+    are as they were, and the same calls at a sane length work."""
+    script = textwrap.dedent("""
+        import resource, warnings
+        import numpy as np
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.RLIM_INFINITY))
+        warnings.simplefilter("ignore")
+        import rwkv_gpu
+        m = rwkv_gpu.Model.random(1, 64, vocab_size=65536)
+        long = [1] * 200_000
+        a, b = m.new_state(), m.new_state()  # separate pages: forward_batch's grouped path
+        m.forward([5], a)
+        before = [s.to_numpy()["wkv"].copy() for s in (a, b)]
+        calls = [lambda: m.forward(long, a, all_logits=True),
+                 lambda: m.forward_batch([long, long], [a, b], all_logits=True),
+                 lambda: m.forward_batch([long, [1]], m.new_states(2), all_logits=True)]
+        for call in calls:
+            try:
+                call()
+                raise SystemExit("allocated")
+            except rwkv_gpu.OutOfMemoryError as e:
+                assert "host memory" in str(e) and "output" in str(e), str(e)
+        for s, was in zip((a, b), before):
+            assert np.array_equal(s.to_numpy()["wkv"], was)
+        assert m.forward([1] * 3, a, all_logits=True).shape == (3, 65536)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout
+
+
+# ---- values of the wrong kind: refused by name, before anything runs ----
+# An integer is an int or a NumPy integer, never a float (1.5 would be truncated), a bool
+# or text ("12" would be read as digits or as the ids 1 and 2).
+
+def assert_state_is(state, before):
+    for k, v in state.to_numpy().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    e = rwkv_gpu.Engine(model, max_batch=2, cache_bytes=0)
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("stop", [[b"\n\n"], [5], b"\n\n", 5, ["ok", None]])
+def test_a_stop_of_the_wrong_kind_is_refused_before_anything_is_fed(model, engine, stop):
+    state = model.new_state()
+    model.forward([65], state)
+    before = state.to_numpy()
+    calls = [lambda: model.complete("hi", state, max_tokens=3, stop=stop),
+             lambda: list(model.generate("hi", state, max_tokens=3, stop=stop)),
+             lambda: model.complete_batch(["hi"], [state], max_tokens=3, stop=stop),
+             lambda: engine.submit("hi", max_tokens=3, stop=stop, state=state)]
+    for call in calls:
+        with pytest.raises(TypeError, match="stop must be a string or a list of strings"):
+            call()
+        assert_state_is(state, before)
+    assert engine.stats().get("requests_submitted", 0) == 0
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"max_tokens": float("nan")}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"max_tokens": "5"}, "max_tokens"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"seed": 1.5}, "seed"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"banned_tokens": [1.5]}, "banned_tokens"),
+    ({"banned_tokens": "12"}, "banned_tokens"),
+    ({"logit_bias": {1.5: 1.0}}, "logit_bias"),
+    ({"logit_bias": {1: "big"}}, "logit_bias"),
+    ({"logit_bias": [(1, 2.0, 3.0)]}, "logit_bias"),
+    ({"stop_tokens": "12"}, "stop_tokens"),
+    ({"stop_tokens": [True]}, "stop_tokens"),
+])
+def test_options_of_the_wrong_kind_are_type_errors_naming_them(model, engine, options, name):
+    state = model.new_state()
+    before = state.to_numpy()
+    with pytest.raises(TypeError, match=name):
+        model.complete([1, 2, 3], state, **options)
+    assert_state_is(state, before)
+    with pytest.raises(TypeError, match=name):
+        engine.submit([1, 2, 3], **options)
+
+
+@pytest.mark.parametrize("options, name", [
+    ({"top_logprobs": 1.5}, "top_logprobs"),
+    ({"top_logprobs": "3"}, "top_logprobs"),
+    ({"cache_points": [1.5]}, "cache_points"),
+    ({"cache": "junk"}, "cache"),  # an Engine has its own prefix cache
+])
+def test_engine_refuses_its_own_options_of_the_wrong_kind_in_submit(engine, options, name):
+    with pytest.raises(TypeError, match=name):
+        engine.submit([1, 2, 3], max_tokens=2, **options)
+    assert engine.stats().get("requests_submitted", 0) == 0
+
+
+@pytest.mark.parametrize("option", ["stop", "stop_tokens", "cache"])
+def test_chat_refuses_options_it_does_not_take(model, option):
+    """A reply ends at the next turn, so stop strings and tokens are the chat's own."""
+    chat = rwkv_gpu.Chat(model, max_tokens=2, **{option: ["x"]})
+    with pytest.raises(TypeError, match=f"unknown generation option.*{option}"):
+        chat.ask("hi")
+    with pytest.raises(TypeError, match="message must be a string"):
+        rwkv_gpu.Chat(model, max_tokens=2).ask(None)
+    assert chat.tokens == [] and chat.history == []
+
+
+def test_logit_bias_as_pairs_or_as_a_dict_is_the_same_in_every_call(model, engine):
+    opts = dict(max_tokens=4, temperature=1.0, top_p=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=3)
+    want = model.complete("hi", logit_bias={65: 30.0}, **opts)
+    assert want.tokens == [65] * 4  # the bias is felt
+    assert model.complete("hi", logit_bias=[(65, 30.0)], **opts).tokens == want.tokens
+    assert "".join(model.generate("hi", logit_bias=[(65, 30.0)], **opts)) == want.text
+    assert model.complete_batch(["hi"], logit_bias=[(65, 30.0)], **opts)[0].tokens == want.tokens
+    assert engine.submit("hi", logit_bias=[(65, 30.0)], **opts).result().tokens == want.tokens
+
+
+@pytest.mark.parametrize("tokens", [
+    lambda: (t for t in [1.7, 2.9]), lambda: iter(["65", " 66 "]), lambda: iter([True, 2]), lambda: map(float, [1, 2]),
+])
+def test_token_ids_from_an_iterator_are_checked_like_a_list(model, tokens):
+    """An iterator is read once: its values are checked, not a second, empty pass."""
+    state = model.new_state()
+    before = state.to_numpy()
+    with pytest.raises(rwkv_gpu.ShapeError, match="tokens must hold ints"):
+        model.forward_argmax(tokens(), state)
+    assert_state_is(state, before)
+    assert model.forward_argmax((t for t in [1, 2]), model.new_state()) == model.forward_argmax([1, 2], model.new_state())
+
+
+def test_generation_without_a_tokenizer_gives_tokens_as_the_engine_does():
+    """A vocabulary with no tokenizer (random, 300 ids) generates token ids, no text,
+    through every call; text needs a tokenizer and says so."""
+    bare = rwkv_gpu.Model.random(1, 64, vocab_size=300)
+    got = bare.complete([1, 2], max_tokens=3, temperature=0.0, stop_tokens=[])
+    assert got.text == "" and len(got.tokens) == 3 and got.finish_reason == "length"
+    assert bare.complete_batch([[1, 2]], max_tokens=3, temperature=0.0, stop_tokens=[])[0].tokens == got.tokens
+    with rwkv_gpu.Engine(bare, max_batch=1, cache_bytes=0) as e:
+        assert e.submit([1, 2], max_tokens=3, temperature=0.0, stop_tokens=[]).result().tokens == got.tokens
+    with pytest.raises(rwkv_gpu.RwkvError, match="no tokenizer known for a vocabulary of 300"):
+        bare.complete("text", max_tokens=3)
+
+
+def test_a_state_cache_refuses_another_models_state(model):
+    other = rwkv_gpu.Model.random(1, 64, vocab_size=256, tokenizer="bytes")
+    cache = rwkv_gpu.StateCache(max_entries=1)
+    with pytest.raises(rwkv_gpu.StateError, match="another model"):
+        cache.store(model, [1, 2], other.new_state())
+    with pytest.raises(TypeError, match="tokens must hold ints"):
+        cache.store(model, [1.5], model.new_state())
+    assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_integer_arguments_of_the_wrong_kind_are_type_errors_naming_them():
+    with pytest.raises(TypeError, match="n_layer"):
+        rwkv_gpu.Model.random(1.5, 64, 256)
+    with pytest.raises(TypeError, match="n_embd"):
+        rwkv_gpu.Model.random(1, "64", 256)
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="vocab_size must not be negative"):
+        rwkv_gpu.Sampler(-1)
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="token must not be negative"):
+        rwkv_gpu.Sampler(16).record(-1, b"")
+    with pytest.raises(TypeError, match="token must be an int"):
+        rwkv_gpu.Sampler(16).record(1.5, b"")
+
+
+def test_tokenizers_refuse_text_for_ids_and_ids_for_text():
+    for tok in (rwkv_gpu.Tokenizer.byte_level(), rwkv_gpu.Tokenizer.world()):
+        with pytest.raises(TypeError, match="token ids must be a list of ints, not text"):
+            tok.decode("12")
+        with pytest.raises(TypeError, match="token ids must hold ints"):
+            tok.decode([1.9])
+        with pytest.raises(TypeError, match="encode takes a string"):
+            tok.encode(5)
+        assert tok.decode(np.array([65, 66])) == tok.decode([65, 66]) != ""
+
+
+def test_copies_of_a_state_are_clones_and_states_take_real_numbers_only(model):
+    state = model.new_state()
+    model.forward([1, 2], state)
+    before = state.to_numpy()
+    for twin in (copy.copy(state), copy.deepcopy(state)):
+        assert_state_is(twin, before)
+        model.forward([3], twin)
+        assert_state_is(state, before)
+    arrays = {k: v.astype(np.complex64) for k, v in before.items()}
+    with pytest.raises(rwkv_gpu.ShapeError, match="att_shift has dtype complex64"):
+        model.state_from_numpy(arrays)
+    assert len(model.new_states(np.int64(2))) == 2

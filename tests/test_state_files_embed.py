@@ -3,6 +3,8 @@ NumPy reference on the tiny golden model (2 layers, 128 wide, 2 heads of 64)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import rwkv_gpu
@@ -90,9 +92,14 @@ def test_state_tuning_file_variants_and_errors(tmp_path, tiny_model):
     write_pth(bad, {"blocks.0.att.time_state": states[0]})
     with pytest.raises(rwkv_gpu.StateError, match="no blocks.1.att.time_state"):
         tiny_model.load_state(bad)
-    write_pth(bad, {f"blocks.{i}.att.time_state": states[0] for i in range(3)})
-    with pytest.raises(rwkv_gpu.StateError, match="more layers"):
-        tiny_model.load_state(bad)
+    # Any tensor besides this model's layers' time_state: the file is some other model's
+    # (a layer past ours, even with a gap) or not a state-tuning file (a saved state's
+    # tensors beside them, a layer spelled another way).
+    for extra in ["blocks.2.att.time_state", "blocks.5.att.time_state", "att_shift", "blocks.01.att.time_state"]:
+        write_pth(bad, {**{f"blocks.{i}.att.time_state": states[0] for i in range(L)}, extra: states[0]})
+        only = re.escape(f"a state-tuning file for this model has only blocks.0..{L - 1}.att.time_state")
+        with pytest.raises(rwkv_gpu.StateError, match=rf"holds {re.escape(extra)}; {only}"):
+            tiny_model.load_state(bad)
     own = tmp_path / "own.st"
     tiny_model.new_state().save(own)
     with pytest.raises(rwkv_gpu.RwkvError, match="transpose applies to state-tuning files"):

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._values import int_value
 from .generation import STOP_TOKENS
 from .sampling import Sampling, sampling_options
 
@@ -74,18 +75,22 @@ class Chat:
                  max_tokens: int = 1024, **sampling: Any) -> None:
         self.model = model
         self.state = model.new_state() if state is None else state.clone()
-        self.max_tokens = max_tokens
-        self.sampling = sampling
+        self.max_tokens = int_value(max_tokens, "max_tokens")
+        self.sampling = sampling  # checked at each turn, before anything is fed
         self.history: list[tuple[str, str]] = []  # (user message, reply) per finished turn
         self.tokens: list[int] = []  # every token fed into `state` by this chat, in order
         self._pending = turn("system", system) if system else ""
 
     def send(self, message: str) -> Iterator[str]:
         """Streams the reply to `message` (leading and trailing whitespace removed)."""
+        if not isinstance(message, str):
+            raise TypeError(f"message must be a string, got {type(message).__name__}")
         before = self._pending
         text = before + turn("user", message) + REPLY_PROMPT
         prompt = self.model.tokenizer.encode(text)
-        run = self.model._run(prompt, self.state, self.max_tokens, Sampling(**sampling_options(dict(self.sampling))), [REPLY_STOP], STOP_TOKENS, None)
+        # A reply ends at the next turn: stop strings and tokens are the chat's own.
+        sampling = Sampling(**sampling_options(dict(self.sampling), takes=()))
+        run = self.model._run(prompt, self.state, self.max_tokens, sampling, [REPLY_STOP], STOP_TOKENS, None)
         self._pending = ""  # only now: a bad option or tokenizer above leaves the turn unsent
         pieces: list[str] = []
         stream = iter(run)

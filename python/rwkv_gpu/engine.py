@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import _core, errors
+from ._values import int_value, int_values
 from .generation import MAX_TOKENS, STOP_TOKENS, Completion, TextStream, sampler_for
 from .sampling import Sampler, Sampling, sampling_options
 from .state_cache import StateCache
@@ -67,7 +68,7 @@ class Request:
         self.ids = ids
         # The latest points only: each is a pause in the prefill and a cache entry, and a
         # conversation's next turn extends its latest messages.
-        self.cache_points = sorted({int(p) for p in cache_points if 0 < int(p) < len(ids)})[-MAX_CACHE_POINTS:]
+        self.cache_points = sorted({p for p in int_values(cache_points, "cache_points") if 0 < p < len(ids)})[-MAX_CACHE_POINTS:]
         self.text = text
         self.sampler = sampler
         self.state = state
@@ -275,10 +276,10 @@ class Engine:
         state is worth keeping in the prefix cache (ends of a system prompt or of earlier
         turns; the last MAX_CACHE_POINTS are kept). Bad options raise here; a bad prompt fails this request only."""
         text = TextStream(self.model._tokenizer_if_any(), max_tokens, stop, stop_tokens)
-        sampler = sampler_for(self.model, Sampling(**sampling_options(dict(options))))  # checks the options
+        sampler = sampler_for(self.model, Sampling(**sampling_options(dict(options), takes=())))  # checks the options
         if state is not None:
             self.model._check_state(state)
-        if top_logprobs is not None and not 0 <= int(top_logprobs) <= _core.max_top_logprobs:
+        if top_logprobs is not None and not 0 <= int_value(top_logprobs, "top_logprobs") <= _core.max_top_logprobs:
             raise errors.InvalidOptionError(
                 f"top_logprobs must be between 0 and {_core.max_top_logprobs}, got {top_logprobs}")
         ids = self.model._prompt_ids(prompt)

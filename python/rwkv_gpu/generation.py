@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from ._values import int_value, int_values
 from .sampling import Sampler, Sampling, item_seed
 
 if TYPE_CHECKING:
@@ -72,6 +73,13 @@ class StopMatcher:
         return out
 
 
+def _list_or_none(values: Any) -> list[Any] | None:
+    try:
+        return list(values)
+    except TypeError:
+        return None
+
+
 class TextStream:
     """One sequence's text: decodes its drawn tokens into complete UTF-8 pieces and
     decides when it ends (a stop token, a stop string, max_tokens). The same for a
@@ -79,16 +87,18 @@ class TextStream:
     whose vocabulary has none, e.g. a random one) it gives tokens only, no text."""
 
     def __init__(self, tokenizer: Tokenizer | None, max_tokens: int, stop: Sequence[str] | str, stop_tokens: Sequence[int]) -> None:
-        if max_tokens < 1:
+        if int_value(max_tokens, "max_tokens") < 1:
             raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
-        stops = [stop] if isinstance(stop, str) else list(stop)
+        stops = [stop] if isinstance(stop, str) else None if isinstance(stop, (bytes, bytearray)) else _list_or_none(stop)
+        if stops is None or not all(isinstance(s, str) for s in stops):
+            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
         if tokenizer is None and any(stops):
             raise errors.InvalidOptionError("stop strings need a tokenizer; this model has none (pass tokenizer=)")
         self.tokenizer = tokenizer
         self.max_tokens = int(max_tokens)
         self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self.matcher = StopMatcher(stops)
-        self.stop_tokens = {int(t) for t in stop_tokens}
+        self.stop_tokens = set(int_values(stop_tokens, "stop_tokens"))
         self.taken = 0
         self.finish_reason: str | None = None
 
@@ -144,7 +154,7 @@ class BatchRun:
     ) -> None:
         if isinstance(prompts, str):
             raise errors.ShapeError("prompts must be a list of prompts (texts or token lists)")
-        self.tokenizer = model.tokenizer
+        self.tokenizer = model._tokenizer_if_any()
         self.ids = [model._prompt_ids(p) for p in prompts]
         if not self.ids:
             raise errors.ShapeError("prompts is empty: give at least one prompt")
@@ -240,7 +250,7 @@ class Run(BatchRun):
         stop_tokens: Sequence[int],
         cache: StateCache | None,
     ) -> None:
-        self.tokenizer = model.tokenizer
+        self.tokenizer = model._tokenizer_if_any()
         self.texts = [TextStream(self.tokenizer, max_tokens, stop, stop_tokens)]
         sampler = sampler_for(model, sampling)
         ids = model._prompt_ids(prompt)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Union, cast
 import numpy as np
 
 from . import _core, errors
+from ._values import Tokens, int_value, token_ids
 from .errors import RwkvError, ShapeError
 from .generation import MAX_TOKENS, STOP_TOKENS, BatchRun, Completion, Run
 from .sampling import Sampling, sampling_options
@@ -20,29 +21,8 @@ from .tokenizer import Tokenizer
 if TYPE_CHECKING:
     from .state_cache import StateCache
 
-Tokens = Sequence[int] | np.ndarray
 _SAMPLING = Sampling()
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _token_list(tokens: Tokens) -> list[int]:
-    """Accepts a list of ints or a 1-D integer array; rejects anything else by name."""
-    if isinstance(tokens, np.ndarray):
-        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ShapeError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
-        out = tokens.tolist()  # exact Python ints: a uint64 id past 2**63 stays itself
-    elif isinstance(tokens, (str, bytes)):
-        raise ShapeError("tokens must be token ids, not text (encode it with a tokenizer first)")
-    else:
-        try:
-            out = [int(t) for t in tokens]
-        except (TypeError, ValueError) as e:
-            raise ShapeError(f"tokens must be a sequence of ints: {e}") from None
-        if any(not isinstance(t, (int, np.integer)) or isinstance(t, bool) for t in tokens):
-            raise ShapeError("tokens must be ints")
-    if not out:
-        raise ShapeError("tokens is empty: give at least one token id")
-    return out
 
 
 def _terminal_progress(label: str) -> Callable[[int, int], None] | None:
@@ -84,6 +64,14 @@ class State:
 
     def clone(self) -> State:
         return State(self._model, self._model._m.clone_state(self._core))
+
+    # copy.copy and copy.deepcopy give a clone: two handles on one slot would advance
+    # each other, and the model (held, not copied) cannot be pickled.
+    def __copy__(self) -> State:
+        return self.clone()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> State:
+        return self.clone()
 
     def to_numpy(self) -> dict[str, np.ndarray]:
         """{"att_shift": [L, C], "wkv": [L, H, N, N], "ffn_shift": [L, C]}, float32; wkv is
@@ -244,7 +232,7 @@ class Model:
         """`n` states for `forward_batch`, each as `new_state()` would give it. They share
         one block of device memory, which lets a batch of them read the weights once per
         step; states from separate `new_state()` calls may take one pass per block."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if int_value(n, "n") < 1:
             raise ShapeError(f"n must be a positive int, got {n!r}")
         states = [State(self, core) for core in self._m.new_states(n)]
         if self._initial is not None:
@@ -284,7 +272,7 @@ class Model:
         """Feeds `tokens` and advances `state` in place. Returns the last token's logits
         (np.float32 [V]) or, with all_logits, every token's ([T, V])."""
         self._check_state(state)
-        ids = _token_list(tokens)
+        ids = token_ids(tokens)
         raw = self._m.forward(ids, state._core, "all" if all_logits else "last")
         logits = np.frombuffer(raw, dtype=np.float32)
         if all_logits:
@@ -326,7 +314,7 @@ class Model:
         for i, (t, state) in enumerate(zip(tokens, states)):
             self._check_state(state)
             try:
-                ids.append(_token_list(t))
+                ids.append(token_ids(t))
             except ShapeError as e:
                 raise ShapeError(f"sequence {i}: {e}") from None
         return ids, [s._core for s in states]
@@ -336,12 +324,12 @@ class Model:
         logit, chosen on the device (greedy decoding; 8 bytes read back instead of the
         whole vocabulary). Ties go to the lowest id, as numpy.argmax."""
         self._check_state(state)
-        return int(self._m.forward_argmax(_token_list(tokens), state._core))
+        return int(self._m.forward_argmax(token_ids(tokens), state._core))
 
     def prefill(self, tokens: Tokens, state: State) -> None:
         """Advances `state` through `tokens` without computing any logits."""
         self._check_state(state)
-        self._m.forward(_token_list(tokens), state._core, "none")
+        self._m.forward(token_ids(tokens), state._core, "none")
 
     def state_from_numpy(self, arrays: dict[str, np.ndarray]) -> State:
         cfg = self.config
@@ -354,6 +342,8 @@ class Model:
             a = np.asarray(arrays[name])
             if a.shape != shape:
                 raise ShapeError(f"state {name} has shape {a.shape}; this model needs {shape}")
+            if a.dtype.kind not in "fiu":  # complex would lose its imaginary part, text be parsed
+                raise ShapeError(f"state {name} has dtype {a.dtype}; give real numbers (float32)")
             parts.append(np.ascontiguousarray(a, dtype=np.float32).tobytes())
         return State(self, self._m.state_from_host(*parts))
 
@@ -408,7 +398,7 @@ class Model:
             if not ids:
                 raise ShapeError("the prompt is empty")
             return ids
-        return _token_list(prompt)
+        return token_ids(prompt)
 
     def generate(
         self,
@@ -446,7 +436,7 @@ class Model:
         """
         return iter(self._run(prompt, state, max_tokens, Sampling(
             temperature, top_p, top_k, presence_penalty, frequency_penalty, penalty_decay,
-            tuple(banned_tokens), dict(logit_bias or {}), seed), stop, stop_tokens, cache))
+            banned_tokens, logit_bias or {}, seed), stop, stop_tokens, cache))
 
     def complete(self, prompt: str | Tokens, state: State | None = None, max_tokens: int = MAX_TOKENS, **options: Any) -> Completion:
         """`generate`, collected: text, finish_reason ("stop" | "length"), token counts."""

@@ -7,13 +7,14 @@ before each increment; tokens whose text is whitespace or digits count 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from . import _core, errors
+from ._values import int_value, int_values
 
 # The defaults live in the core (src/sampler.rs, `SamplingOptions::default`); every Python
 # path (generate, complete, batches, Chat, the Engine, the server, the CLIs) takes them
@@ -37,15 +38,50 @@ class Sampling:
     presence_penalty: float = _f32(_CORE_DEFAULTS["presence_penalty"])
     frequency_penalty: float = _f32(_CORE_DEFAULTS["frequency_penalty"])
     penalty_decay: float = _f32(_CORE_DEFAULTS["penalty_decay"])
-    banned_tokens: tuple[int, ...] = tuple(_CORE_DEFAULTS["banned_tokens"])
+    banned_tokens: Sequence[int] = tuple(_CORE_DEFAULTS["banned_tokens"])  # kept as a tuple
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Each option is checked for its kind here, once (the core checks the ranges):
+        a float 1.5 as `top_k` or text as a temperature is refused, not truncated or
+        parsed. `logit_bias` may also be given as (token, bias) pairs."""
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "penalty_decay"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        int_value(self.top_k, "top_k")
+        if self.seed is not None:
+            int_value(self.seed, "seed")
+        object.__setattr__(self, "banned_tokens", tuple(int_values(self.banned_tokens, "banned_tokens")))
+        bias = self.logit_bias
+        pairs = list(bias.items()) if isinstance(bias, Mapping) else _pairs(bias)
+        for token, value in pairs:
+            int_value(token, "a logit_bias token")
+            if not _is_number(value):
+                raise TypeError(f"logit_bias[{token}] must be a number, got {type(value).__name__} {value!r}")
+        object.__setattr__(self, "logit_bias", {int(t): float(v) for t, v in pairs})
 
     def with_bans(self, extra: Iterable[int]) -> Sampling:
         return replace(self, banned_tokens=tuple(dict.fromkeys([*self.banned_tokens, *extra])))
 
     def sampler(self, vocab_size: int) -> Sampler:
         return Sampler(vocab_size, self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _pairs(bias: Any) -> list[tuple[Any, ...]]:
+    if not isinstance(bias, (str, bytes)):
+        try:
+            pairs = [tuple(pair) for pair in bias]
+            if all(len(pair) == 2 for pair in pairs):
+                return pairs
+        except TypeError:
+            pass
+    raise TypeError(f"logit_bias must map token ids to numbers (a dict, or (token, bias) pairs), got {bias!r}")
 
 
 def item_seed(seed: int | None, i: int) -> int | None:
@@ -59,14 +95,13 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "presence_penalty", "freque
                     "penalty_decay", "banned_tokens", "logit_bias", "seed")
 
 
-def sampling_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Takes the sampling keywords out of `options`; anything unknown is an error."""
+def sampling_options(options: dict[str, Any], takes: tuple[str, ...] = ("stop", "stop_tokens", "cache")) -> dict[str, Any]:
+    """Takes the sampling keywords out of `options`; anything else that the caller does
+    not take itself (`takes`, left in `options`) is an error."""
     out = {k: options.pop(k) for k in _SAMPLING_FIELDS if k in options}
-    unknown = set(options) - {"stop", "stop_tokens", "cache"}
+    unknown = set(options) - set(takes)
     if unknown:
         raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-    if "banned_tokens" in out:
-        out["banned_tokens"] = tuple(out["banned_tokens"])
     if out.get("logit_bias") is None:
         out.pop("logit_bias", None)
     return out
@@ -85,7 +120,7 @@ class Sampler:
 
     def __init__(self, vocab_size: int, options: Sampling | None = None) -> None:
         o = options or Sampling()
-        self.vocab_size = int(vocab_size)
+        self.vocab_size = int_value(vocab_size, "vocab_size")
         self.options = o
         self._core = _core.Sampler(
             self.vocab_size,
@@ -115,7 +150,7 @@ class Sampler:
         return int(self._core.sample(_f32_bytes(logits, self.vocab_size)))
 
     def record(self, token: int, token_bytes: bytes) -> None:
-        self._core.record(int(token), bytes(token_bytes))
+        self._core.record(int_value(token, "token"), bytes(token_bytes))
 
     def counts(self) -> dict[int, float]:
         return dict(self._core.counts())

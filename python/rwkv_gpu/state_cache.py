@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import errors
+from ._values import int_values
 
 if TYPE_CHECKING:
     from .model import Model, State
@@ -85,6 +86,8 @@ class StateCache:
     def store(self, model: Model, tokens: Sequence[int], state: State) -> None:
         """Remembers a copy of `state`, which must be the state after `tokens`; the least
         recently used entries go while the cache is over its bounds."""
+        model._check_state(state)  # a state of another model would be found under this one's key
+        tokens = int_values(tokens, "tokens")
         if self.max_bytes is not None and model.state_bytes > self.max_bytes:
             return
         key = self._key(model, tokens)

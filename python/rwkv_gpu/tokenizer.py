@@ -13,6 +13,7 @@ from importlib import resources
 from typing import Any
 
 from . import _core, errors
+from ._values import int_values
 
 VOCAB_FILE = "rwkv_vocab_v20230424.txt"
 # The core's bound on side files (src/loader/folder.rs); big vocabularies' tokenizer.json
@@ -45,7 +46,7 @@ def _out_of_range(token: int, vocab: int, position: int | None = None) -> errors
 def _checked_ids(ids: Sequence[int], vocab: int) -> list[int]:
     """`ids` as ints, each in 0..vocab (the `tokenizers` package would drop unknown ids
     silently and refuse negative ones with a bare OverflowError)."""
-    values = [int(i) for i in ids]
+    values = int_values(ids, "token ids")
     for position, token in enumerate(values):
         if not 0 <= token < vocab:
             raise _out_of_range(token, vocab, position)
@@ -164,6 +165,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (greedy longest match over its UTF-8 bytes for World).
         Lone surrogates raise UnicodeEncodeError, as str.encode does."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a string, got {type(text).__name__}")
         if self._hf is not None:
             return list(self._hf.encode(text, add_special_tokens=False).ids)
         if self._bytes:
@@ -183,7 +186,7 @@ class Tokenizer:
             return self.decode(ids).encode("utf-8")
         if self._bytes:
             return bytes(_checked_ids(ids, 256))
-        return self._core.decode_bytes([int(i) for i in ids])
+        return self._core.decode_bytes(int_values(ids, "token ids"))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; invalid UTF-8 becomes U+FFFD."""

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use super::chunks::{plan_chunks, Pace, SeqInput, SeqRow};
 use super::head::{self, Placement};
+use super::host_memory;
 use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, ReadCounts, Split, Wkv};
 use super::scratch::{Scratch, MAX_SEQS};
 use super::state::Page;
@@ -176,7 +177,8 @@ pub fn run(
         out_start.push(out_rows);
         out_rows += if per_token { len } else { 1 };
     }
-    let mut out = vec![0f32; out_rows * width];
+    let mut out =
+        host_memory::zeroed_f32(out_rows.saturating_mul(width), "the output (logits or hidden states)")?;
 
     // Submissions not yet waited for, oldest first, with when each was submitted and its
     // tokens (only while interruptible), and when the last one waited for was seen done.

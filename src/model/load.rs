@@ -19,6 +19,7 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 use super::config::Config;
+use super::host_memory;
 use super::host_table::HostTable;
 use super::saved;
 use super::weights::{
@@ -244,7 +245,7 @@ impl<'a> Loader<'a> {
         let numel: usize = expect.iter().product();
         let mut values = std::mem::take(&mut self.values);
         values.clear();
-        host_reserve(&mut values, numel, name)?;
+        host_memory::reserve_f32(&mut values, numel, name)?;
         if self.checked.absent.contains(name) {
             values.resize(numel, 0.0);
             return Ok(values);
@@ -651,15 +652,6 @@ fn to_16_bits(values: &[f32], out: &mut [u16], as_bf16: bool) {
     } else {
         bytemuck::cast_slice_mut::<u16, f16>(out).convert_from_f32_slice(values);
     }
-}
-
-fn host_oom(bytes: usize, what: &str) -> Error {
-    Error::OutOfMemory(format!("host memory: {bytes} bytes for {what} could not be allocated"))
-}
-
-/// Reserves room for `n` more f32 values, failing with an error rather than aborting.
-fn host_reserve(values: &mut Vec<f32>, n: usize, what: &str) -> Result<()> {
-    values.try_reserve(n).map_err(|_| host_oom(n.saturating_mul(4), what))
 }
 
 /// The error for a NaN or infinite weight: the tensor and the index of the first.

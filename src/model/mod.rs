@@ -6,6 +6,7 @@ pub mod config;
 pub mod coop_check;
 mod forward;
 mod head;
+mod host_memory;
 pub mod host_table;
 mod load;
 mod ops;
@@ -358,7 +359,11 @@ impl Model {
             *start = total_rows;
             total_rows += rows_of(i);
         }
-        let mut out = if groups.len() == 1 { Vec::new() } else { vec![0f32; total_rows * width] };
+        let mut out = if groups.len() == 1 {
+            Vec::new()
+        } else {
+            host_memory::zeroed_f32(total_rows.saturating_mul(width), "the output (logits or hidden states)")?
+        };
         let mut stats = CallStats::default();
         let tokens: usize = batch.iter().map(|(_, t)| t.len()).sum();
         let backups = if groups.len() > 1 || tokens > scratch::chunk_tokens(self) {

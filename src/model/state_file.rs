@@ -153,11 +153,20 @@ fn read_state_tuning(ck: &dyn Checkpoint, c: &Config, transpose: bool) -> Result
             wkv.extend(values);
         }
     }
-    if ck.info(&format!("blocks.{}.att.time_state", c.n_layer)).is_some() {
+    // Anything else (a layer past this model's, a saved state's tensors beside these) says
+    // the file is not this model's state-tuning file.
+    let ours = |name: &str| {
+        name.strip_prefix("blocks.").and_then(|rest| rest.strip_suffix(".att.time_state")).is_some_and(|i| {
+            i.parse::<usize>().is_ok_and(|layer| layer < c.n_layer && layer.to_string() == i)
+        })
+    };
+    let mut names = ck.names();
+    names.sort();
+    if let Some(other) = names.iter().find(|name| !ours(name)) {
         return Err(Error::State(format!(
-            "{}: state-tuning file has more layers than this model's {}",
+            "{}: holds {other}; a state-tuning file for this model has only blocks.0..{}.att.time_state",
             path.display(),
-            c.n_layer
+            c.n_layer - 1
         )));
     }
     let zeros = vec![0.0; c.n_layer * c.n_embd];

@@ -16,8 +16,9 @@ impl FromPyObject<'_, '_> for Int {
         if let Ok(v) = obj.extract::<i64>() {
             return Ok(Int(v as i128));
         }
-        // Beyond i64 (or a NumPy integer): by its decimal text. `__index__` refuses floats.
-        let index = obj.call_method0("__index__")?.cast_into::<PyInt>()?;
+        // Beyond i64 (or a NumPy integer): by its decimal text. operator.index refuses
+        // floats and text with a TypeError (PyO3 adds the argument's name).
+        let index = obj.py().import("operator")?.call_method1("index", (obj,))?.cast_into::<PyInt>()?;
         let text = index.str()?.to_string();
         Ok(Int(text.parse::<i128>().unwrap_or(if text.starts_with('-') { i128::MIN } else { i128::MAX })))
     }

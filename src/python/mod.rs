@@ -136,6 +136,16 @@ fn quant_spec(layer_dtypes: Option<Vec<String>>, head_dtype: Option<String>) -> 
     Ok(QuantSpec { layers, head })
 }
 
+/// `values` as little-endian bytes in a new Python `bytes`. A `MemoryError` when Python
+/// cannot allocate it (PyBytes::new would panic on that).
+fn f32_bytes<'py>(py: Python<'py>, values: &[f32]) -> PyResult<Bound<'py, PyBytes>> {
+    let raw: &[u8] = bytemuck::cast_slice(values);
+    PyBytes::new_with(py, raw.len(), |out| {
+        out.copy_from_slice(raw);
+        Ok(())
+    })
+}
+
 fn tokens_from(tokens: Vec<Int>, vocab: usize) -> PyResult<Vec<u32>> {
     token_ids(tokens, vocab).map_err(to_py)
 }
@@ -272,7 +282,7 @@ impl PyModel {
         let logits = errors::long_call(py, move |interrupt, _| {
             m.forward_batch_with(&[(&s, &tokens)], want, interrupt)
         })?;
-        Ok(PyBytes::new(py, bytemuck::cast_slice(&logits)))
+        f32_bytes(py, &logits)
     }
 
     /// Bytes per second moved (read + written) by a copy kernel over `bytes` bytes.
@@ -323,7 +333,7 @@ impl PyModel {
                 states.iter().zip(&batch).map(|(s, t)| (s, t.as_slice())).collect();
             m.forward_batch_with(&items, want, interrupt)
         })?;
-        Ok(PyBytes::new(py, bytemuck::cast_slice(&out)))
+        f32_bytes(py, &out)
     }
 
     /// Feeds `tokens`; the last token's argmax, chosen on the device.
@@ -343,11 +353,7 @@ impl PyModel {
         let m = self.inner.clone();
         let s = state.inner.clone();
         let h = py.detach(move || m.state_to_host(&s)).map_err(to_py)?;
-        Ok((
-            PyBytes::new(py, bytemuck::cast_slice(&h.att_shift)),
-            PyBytes::new(py, bytemuck::cast_slice(&h.wkv)),
-            PyBytes::new(py, bytemuck::cast_slice(&h.ffn_shift)),
-        ))
+        Ok((f32_bytes(py, &h.att_shift)?, f32_bytes(py, &h.wkv)?, f32_bytes(py, &h.ffn_shift)?))
     }
 
     fn state_from_host(
@@ -401,7 +407,7 @@ impl PyModel {
         let batch = batch_token_ids(batch, self.inner.config.vocab_size, "text")?;
         let m = self.inner.clone();
         let rows = errors::long_call(py, move |interrupt, _| m.embed_with(&batch, pooling, interrupt))?;
-        Ok(PyBytes::new(py, bytemuck::cast_slice(&rows)))
+        f32_bytes(py, &rows)
     }
 
     /// Writes the model as held on the device (quantized matrices as codes + scales).

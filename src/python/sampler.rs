@@ -50,7 +50,7 @@ impl PySampler {
                         logit_bias, seed))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        vocab_size: usize,
+        vocab_size: Int,
         temperature: f32,
         top_p: f32,
         top_k: Int,
@@ -81,7 +81,7 @@ impl PySampler {
             logit_bias,
             seed,
         };
-        let sampler = Sampler::new(options, vocab_size).map_err(to_py)?;
+        let sampler = Sampler::new(options, vocab_size.count("vocab_size")?).map_err(to_py)?;
         Ok(PySampler { inner: Arc::new(Mutex::new(sampler)) })
     }
 
@@ -108,7 +108,8 @@ impl PySampler {
     }
 
     /// Counts a generated token (decay first); `token_bytes` decides the whitespace/digit rule.
-    fn record(&self, token: u32, token_bytes: &[u8]) -> PyResult<()> {
+    fn record(&self, token: Int, token_bytes: &[u8]) -> PyResult<()> {
+        let token = token.within::<u32>("token", 0, u32::MAX)?;
         self.lock().record(token, token_bytes).map_err(to_py)
     }
 
