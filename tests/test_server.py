@@ -390,16 +390,122 @@ def test_a_client_that_leaves_a_plain_request_stops_its_generation(model, path, 
 def test_a_stream_whose_client_left_while_queued_is_cancelled(model):
     """A streamed request waits for its slot before the response starts; when its client
     is gone by then, it is cancelled instead of generating to max_tokens for no one."""
-    with serving(model, engine_options={"max_batch": 1}) as url:
+    with serving(model, engine_options={"max_batch": 1, "max_queue": 1}) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
         holder = c.completions.create(model=NAME, prompt="a", max_tokens=5000, stream=True, **GREEDY)
         next(iter(holder))
         with pytest.raises(httpx.ReadTimeout):  # queued behind `holder`: no byte comes
             httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=2,
                        json={"model": NAME, "prompt": "b", "max_tokens": 5000, "stream": True, "temperature": 0})
-        holder.close()
+        # Its place in the queue is freed while `holder` still runs: a live client gets it.
         deadline = time.monotonic() + 30
-        while 'rwkv_requests_finished_total{reason="cancelled"} 2.0' not in (metrics := httpx.get(f"{url}/metrics").text):
+        while 'rwkv_requests_finished_total{reason="cancelled"} 1.0' not in (metrics := httpx.get(f"{url}/metrics").text):
             assert time.monotonic() < deadline, metrics
             time.sleep(0.05)
-        assert "rwkv_running_requests 0.0" in metrics and "rwkv_queue_length 0.0" in metrics, metrics
+        assert "rwkv_running_requests 1.0" in metrics and "rwkv_queue_length 0.0" in metrics, metrics
+        waiting: dict = {}
+        t = threading.Thread(target=lambda: waiting.update(r=c.completions.create(model=NAME, prompt="c", max_tokens=2, **GREEDY)))
+        t.start()
+        holder.close()
+        t.join(timeout=60)
+        assert waiting["r"].choices[0].text == model.complete("c", max_tokens=2, **GREEDY).text
+
+
+def post(url, path, body, key=KEY, **kwargs):
+    return httpx.post(f"{url}/v1/{path}", headers={"Authorization": f"Bearer {key}"}, json=dict(body, model=NAME),
+                      timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("completions", {"prompt": "hi", "max_tokens": 2}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("responses", {"input": "hi", "max_output_tokens": 2}),
+])
+@pytest.mark.parametrize("option, value", [
+    ("presence_penalty", "abc"), ("frequency_penalty", -1e6), ("penalty_decay", 5), ("top_k", 1.5),
+    ("logit_bias", {"x": 1.0}), ("logit_bias", {"300": 1.0}), ("logit_bias", {"65": 1000}),
+])
+def test_every_generating_endpoint_checks_the_sampling_options_alike(url, path, body, option, value):
+    r = post(url, path, dict(body, **{option: value}))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == option, r.text
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+])
+def test_what_the_server_cannot_do_is_refused_not_ignored(url, extra, param):
+    r = post(url, "chat/completions", dict({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, **extra))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    ok = post(url, "chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": [],
+                                        "tool_choice": "none", "response_format": {"type": "text"}})
+    assert ok.status_code == 200, ok.text
+
+
+def test_logit_bias_is_applied(client, model):
+    plain = client.completions.create(model=NAME, prompt="ab", max_tokens=1, **GREEDY).choices[0].text
+    first = ord(plain)
+    banned = client.completions.create(model=NAME, prompt="ab", max_tokens=1, logit_bias={str(first): -100}, **GREEDY)
+    assert banned.choices[0].text != plain
+    assert banned.choices[0].text == model.complete("ab", max_tokens=1, logit_bias={first: -100.0}, **GREEDY).text
+    forced = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                            logit_bias={"113": 100}, **GREEDY)
+    assert forced.choices[0].message.content == "qqq"
+
+
+def test_completion_logprobs_streamed_and_with_echo(client):
+    plain = client.completions.create(model=NAME, prompt="ab", max_tokens=3, logprobs=2, **GREEDY).choices[0]
+    streamed = client.completions.create(model=NAME, prompt="ab", max_tokens=3, logprobs=2, stream=True, **GREEDY)
+    closing = [c.choices[0] for c in streamed if c.choices and c.choices[0].finish_reason is not None]
+    assert len(closing) == 1 and closing[0].logprobs == plain.logprobs
+    # With echo the offsets point into the whole text, the prompt's included.
+    echoed = client.completions.create(model=NAME, prompt="ab", max_tokens=3, logprobs=1, echo=True, **GREEDY).choices[0]
+    assert echoed.text == "ab" + plain.text and echoed.logprobs.text_offset[0] == 2
+    for token, at in zip(echoed.logprobs.tokens, echoed.logprobs.text_offset):
+        assert echoed.text[at:at + len(token)] == token
+
+
+def test_new_instructions_apply_to_a_continued_response(client):
+    first = client.responses.create(model=NAME, input="Write a function.", max_output_tokens=2, temperature=0.0)
+    without = client.responses.create(model=NAME, input="Go on.", previous_response_id=first.id, max_output_tokens=2,
+                                      temperature=0.0)
+    told = client.responses.create(model=NAME, input="Go on.", previous_response_id=first.id, max_output_tokens=2,
+                                   temperature=0.0, instructions="Answer in French.")
+    assert told.usage.input_tokens == without.usage.input_tokens + len("System: Answer in French.\n\n")
+    with pytest.raises(openai.BadRequestError, match="input is empty"):
+        client.responses.create(model=NAME, input=[], max_output_tokens=2)
+
+
+def test_an_unhandled_error_is_an_openai_500_and_counted(model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(rwkv_gpu.Engine, "submit", broken)
+    with serving(model) as url:
+        r = post(url, "completions", {"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        assert "a bug" not in r.text  # details go to the log, not to clients
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'rwkv_http_requests_total{path="/v1/completions",status="500"} 1.0' in metrics, metrics
+
+
+def test_metric_labels_are_a_fixed_set_and_auth_takes_any_case_of_bearer(url):
+    for i in range(3):
+        assert httpx.get(f"{url}/v1/junk-{i}").status_code == 401
+        assert httpx.get(f"{url}/v1/junk-{i}", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"BEARER  {KEY}"}).status_code == 200
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "junk" not in metrics and 'path="other",status="401"' in metrics and 'path="other",status="404"' in metrics
+
+
+def test_a_bad_body_names_the_field_not_the_union_member(url):
+    r = post(url, "completions", {"prompt": {"text": "hi"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    r = post(url, "completions", {"prompt": [65, 300]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "token id 300" in r.text, r.text
+    r = post(url, "embeddings", {"input": [[65, 999]]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text

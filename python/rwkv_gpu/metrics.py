@@ -64,6 +64,7 @@ class _EngineCollector:
 
 class Metrics:
     def __init__(self, engine: Engine, responses: ResponseStore) -> None:
+        self.paths: frozenset[str] = frozenset()  # the app's routes, set once they are made
         self.registry = CollectorRegistry()
         self._http = Counter("rwkv_http_requests", "HTTP requests answered, by path and status",
                              ["path", "status"], registry=self.registry)
@@ -74,10 +75,9 @@ class Metrics:
         self.registry.register(_EngineCollector(engine, responses))  # type: ignore[arg-type]
 
     def http(self, path: str, status: int) -> None:
-        # Paths with ids (/v1/models/NAME) collapse so that the label set stays small.
-        label = "/v1/models/{name}" if path.startswith("/v1/models/") else path
-        if label not in ("/health", "/metrics") and not label.startswith("/v1/"):
-            label = "other"
+        # The label set is fixed: the app's own paths (ids such as /v1/models/NAME
+        # collapse), anything else "other", so that no client can grow it.
+        label = "/v1/models/{name}" if path.startswith("/v1/models/") else path if path in self.paths else "other"
         self._http.labels(label, str(status)).inc()
 
     def finished(self, request: Request) -> None:

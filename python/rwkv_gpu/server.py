@@ -19,6 +19,7 @@ import base64
 import collections
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -85,6 +86,7 @@ StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None
 
 T = TypeVar("T")
+log = logging.getLogger("rwkv_gpu.server")
 
 # A request body may hold this many bytes per prompt token the server takes (JSON text
 # of any script, or token ids, fits with room to spare); a bigger one is refused unread.
@@ -125,9 +127,12 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-class _Body(BaseModel):
-    # Fields of the OpenAI API this server does not act on (user, service_tier, ...)
-    # are accepted and ignored, as clients send them.
+class _Sampled(BaseModel):
+    """The sampling fields every generating endpoint takes (one place for their bounds).
+    Fields of the OpenAI API this server does not act on (user, service_tier, ...) are
+    accepted and ignored, as clients send them; those it cannot honour (tools, a JSON
+    response format) are refused by `check_unsupported`."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
@@ -138,6 +143,11 @@ class _Body(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-100.0, le=100.0)
     penalty_decay: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    # Token id (as text, as OpenAI's) -> added to its logit; -100 bans it in practice.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(None, max_length=1024)
+
+
+class _Body(_Sampled):
     stop: Stop = None
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
@@ -172,17 +182,11 @@ class EmbeddingBody(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
 
 
-class ResponseBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class ResponseBody(_Sampled):
     input: str | list[Message]
     instructions: str | None = None
     previous_response_id: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, le=1 << 31)
-    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     store: bool = True
     stream: bool = False
 
@@ -265,6 +269,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         raise errors.InvalidOptionError(f"route index {route[0]} must be in 0..{route[1] - 1}")
     model = engine.model
     tokenizer = model.tokenizer
+    vocab_size = model.config["vocab_size"]
     responses = ResponseStore(response_store_bytes)
     metrics = Metrics(engine, responses)
     app = FastAPI(title="rwkv-gpu", version="0.1.0", description="OpenAI-compatible API for RWKV-7 models on the GPU")
@@ -277,8 +282,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     @app.exception_handler(RequestValidationError)
     async def bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return ApiError(400, f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", param=where).response()
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        # The parameter is the body's field; the rest of the place (a list index, the
+        # member of a union pydantic tried) goes in the message only.
+        where = ".".join(loc) or "body"
+        return ApiError(400, f"invalid request: {where}: {first.get('msg', 'malformed')}", param=loc[0] if loc else None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -295,12 +303,17 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def authorize(request: Request, call_next: Any) -> Any:
         path = request.url.path
         if api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            # The scheme is case-insensitive (RFC 9110); the key is compared in constant time.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 metrics.http(path, 401)
                 return ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                                 code="invalid_api_key").response()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug of ours: an OpenAI-format 500, counted, and logged
+            log.exception("unhandled error answering %s %s", request.method, path)
+            response = ApiError(500, "internal server error (the server's log has the details)", "server_error").response()
         metrics.http(path, response.status_code)
         return response
 
@@ -330,12 +343,39 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                                 f"log-probabilities; this server returns at most {MAX_LOGPROB_ENTRIES} per request: "
                                 f"ask for fewer choices, tokens or alternatives", param=param)
 
-    def sampling(body: Any) -> dict[str, Any]:
+    def sampling(body: _Sampled) -> dict[str, Any]:
+        check_unsupported(body)
         out = {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "presence_penalty",
-                                            "frequency_penalty", "penalty_decay", "seed") if getattr(body, k, None) is not None}
+                                            "frequency_penalty", "penalty_decay", "seed") if getattr(body, k) is not None}
         if "seed" in out:
             out["seed"] = item_seed(out["seed"], 0)
+        if body.logit_bias:
+            out["logit_bias"] = {token_id(key, "logit_bias"): bias for key, bias in body.logit_bias.items()}
         return out
+
+    def token_id(text: str | int, param: str) -> int:
+        """A token id given by a client (logit_bias keys are text), within the vocabulary."""
+        try:
+            token = int(text)
+        except ValueError:
+            raise ApiError(400, f"{param}: {text!r} is not a token id", param=param) from None
+        if not 0 <= token < vocab_size:
+            raise ApiError(400, f"{param}: token id {token} is outside the vocabulary (0..{vocab_size - 1})", param=param)
+        return token
+
+    def check_unsupported(body: _Sampled) -> None:
+        """What this server cannot do is refused, not silently left out: a client asking
+        for tool calls or JSON output would otherwise get plain text it takes for them."""
+        extra = body.model_extra or {}
+        for name in ("tools", "functions"):
+            if extra.get(name):
+                raise ApiError(400, f"{name} are not supported by this server (no tool calls)", param=name)
+        if extra.get("tool_choice") not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice: no tools are supported by this server", param="tool_choice")
+        form = extra.get("response_format")
+        kind = form.get("type") if isinstance(form, dict) else form
+        if kind not in (None, "text"):
+            raise ApiError(400, f"response_format {kind!r} is not supported (text only)", param="response_format")
 
     def stops(stop: Stop) -> list[str]:
         if stop is None:
@@ -352,6 +392,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         except BaseException as e:
             for r in requests:
                 r.cancel()
+            if isinstance(e, TypeError):  # an option of the wrong kind the body's model let through
+                raise ApiError(400, str(e)) from None
             raise _from_rwkv(e) if isinstance(e, errors.RwkvError) else e from None
         return requests
 
@@ -399,8 +441,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             "top_logprobs": [{"token": token_text(t), "logprob": lp, "bytes": piece_bytes(t)} for t, lp in i.top],
         } for i in infos]}
 
-    def completion_logprobs(infos: Sequence[Any]) -> dict[str, Any]:
-        offsets, at = [], 0
+    def completion_logprobs(infos: Sequence[Any], start: int) -> dict[str, Any]:
+        """`start`: where the generated text begins in the choice's text (after an echo)."""
+        offsets, at = [], start
         for i in infos:
             offsets.append(at)
             at += len(token_text(i.token))
@@ -505,7 +548,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                 raise ApiError(400, "give one prompt per request (a list of several is not supported)", param="prompt")
             prompt = prompt[0]
         try:
-            ids = (await encode([prompt], "prompt"))[0] if isinstance(prompt, str) else [int(t) for t in prompt]
+            ids = (await encode([prompt], "prompt"))[0] if isinstance(prompt, str) else [token_id(t, "prompt") for t in prompt]
         except (TypeError, ValueError) as e:
             raise ApiError(400, f"prompt: {e}", param="prompt") from e
         if not ids:
@@ -522,11 +565,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             out: dict[str, Any] = {"index": i, "text": text, "logprobs": None,
                                    "finish_reason": None if request is None else _finish(request)}
             if request is not None and body.logprobs is not None:
-                out["logprobs"] = completion_logprobs(request.logprobs)
+                out["logprobs"] = completion_logprobs(request.logprobs, len(echo))
             return out
 
         if body.stream:
-            async def chunks() -> AsyncIterator[dict[str, Any]]:
+            async def chunks() -> AsyncIterator[dict[str, Any] | str]:
                 if echo:
                     for i in range(body.n):
                         yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
@@ -535,12 +578,16 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                     yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                            "choices": [choice(i, piece, None)]}
                 for i, r in enumerate(requests):
-                    yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                           "choices": [dict(choice(i, "", r), logprobs=None)]}
+                    def last(i: int = i, r: EngineRequest = r) -> str:
+                        return json.dumps({"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                                           "choices": [choice(i, "", r)]})
+                    # A choice's closing chunk holds its log-probabilities (as chat's does):
+                    # one entry per token, so made off the loop.
+                    yield await asyncio.to_thread(last) if body.logprobs is not None else last()
                 if (body.stream_options or {}).get("include_usage"):
                     yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                            "choices": [], "usage": usage(requests)}
-            await started(requests)
+            await attended(http, started(requests))  # a client gone while queued frees its place
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
         async def wait() -> None:
@@ -574,6 +621,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = output_limit(asked, 1024,
                                   "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
         check_logprobs(body.n, max_tokens, top, "top_logprobs")
         options = dict(sampling(body), max_tokens=max_tokens, stop=[REPLY_STOP, *stops(body.stop)],
@@ -599,7 +648,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                     yield await asyncio.to_thread(last) if top is not None else last()
                 if (body.stream_options or {}).get("include_usage"):
                     yield dict(head, choices=[], usage=usage(requests))
-            await started(requests)
+            await attended(http, started(requests))  # a client gone while queued frees its place
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
 
         async def replies() -> list[str]:
@@ -634,7 +683,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             raise ApiError(400, f"input must hold 1 to 2048 texts, got {len(items)}", param="input")
         texts = [x for x in items if isinstance(x, str)]
         encoded = iter(await encode(texts, "input") if texts else [])
-        batch = [next(encoded) if isinstance(x, str) else list(x) for x in items]
+        batch = [next(encoded) if isinstance(x, str) else [token_id(t, "input") for t in x] for x in items]
         if not all(batch):
             raise ApiError(400, "an input is empty", param="input")
         check_length([t for ids in batch for t in ids], "input")  # the whole call's tokens
@@ -660,7 +709,11 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
                                param="previous_response_id", code="response_not_found")
             state = stored.clone()
         messages = [Message(role="user", content=body.input)] if isinstance(body.input, str) else list(body.input)
-        if body.instructions and state is None:
+        if not messages:
+            raise ApiError(400, "input is empty: give a text or at least one message", param="input")
+        # New instructions apply to this response: a system turn before its input (a
+        # continued response's state already holds the earlier ones; it cannot unlearn them).
+        if body.instructions:
             messages.insert(0, Message(role="system", content=body.instructions))
         ids, ends = await chat_prompt(messages, "input")
         check_length(ids, "input")
@@ -696,6 +749,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
             "temperature": body.temperature, "top_p": body.top_p,
         }
 
+    metrics.paths = frozenset(path for route in app.routes if "{" not in (path := getattr(route, "path", "{")))
     app.state.engine = engine
     app.state.responses = responses
     return app
