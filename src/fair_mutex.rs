@@ -6,16 +6,26 @@
 //! calls (a long embedding) could starve the Engine's streams; here the waiter that came
 //! first goes next. A holder that panicked leaves the value as it was, like the
 //! `unwrap_or_else(into_inner)` the callers used on std's poisoned Mutex.
+//!
+//! A thread asking again for a lock it holds gets `Reentered` instead of waiting for
+//! itself forever: a Python signal handler or callback that runs inside a long call (the
+//! call asks for pending signals between its submissions) may call back into the model.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
 
 pub struct FairMutex<T> {
     /// (next ticket to hand out, ticket being served)
     turns: Mutex<(u64, u64)>,
     turn_changed: Condvar,
     value: Mutex<T>,
+    holder: Mutex<Option<ThreadId>>,
 }
+
+/// The calling thread holds the lock already.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reentered;
 
 pub struct FairGuard<'a, T> {
     lock: &'a FairMutex<T>,
@@ -24,11 +34,24 @@ pub struct FairGuard<'a, T> {
 
 impl<T> FairMutex<T> {
     pub fn new(value: T) -> Self {
-        FairMutex { turns: Mutex::new((0, 0)), turn_changed: Condvar::new(), value: Mutex::new(value) }
+        FairMutex {
+            turns: Mutex::new((0, 0)),
+            turn_changed: Condvar::new(),
+            value: Mutex::new(value),
+            holder: Mutex::new(None),
+        }
+    }
+
+    fn holder(&self) -> MutexGuard<'_, Option<ThreadId>> {
+        self.holder.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits for this caller's turn, then holds the value until the guard is dropped.
-    pub fn lock(&self) -> FairGuard<'_, T> {
+    pub fn lock(&self) -> Result<FairGuard<'_, T>, Reentered> {
+        let me = std::thread::current().id();
+        if *self.holder() == Some(me) {
+            return Err(Reentered);
+        }
         let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
         let ticket = turns.0;
         turns.0 += 1;
@@ -38,12 +61,14 @@ impl<T> FairMutex<T> {
         drop(turns);
         // Only the ticket being served gets here, so this never waits.
         let value = self.value.lock().unwrap_or_else(|p| p.into_inner());
-        FairGuard { lock: self, value: Some(value) }
+        *self.holder() = Some(me);
+        Ok(FairGuard { lock: self, value: Some(value) })
     }
 }
 
 impl<T> Drop for FairGuard<'_, T> {
     fn drop(&mut self) {
+        *self.lock.holder() = None;
         self.value.take();
         self.lock.turns.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
         self.lock.turn_changed.notify_all();
@@ -76,10 +101,10 @@ mod tests {
     fn a_waiter_goes_before_the_holder_locking_again() {
         let lock = Arc::new(FairMutex::new(String::new()));
         for round in 0..20 {
-            let mut held = lock.lock();
+            let mut held = lock.lock().unwrap();
             let other = {
                 let lock = lock.clone();
-                std::thread::spawn(move || lock.lock().push('b'))
+                std::thread::spawn(move || lock.lock().unwrap().push('b'))
             };
             // The other thread has its ticket: it is waiting.
             while lock.turns.lock().unwrap().0 < 3 * round + 2 {
@@ -87,10 +112,10 @@ mod tests {
             }
             held.push('a');
             drop(held);
-            lock.lock().push('c');
+            lock.lock().unwrap().push('c');
             other.join().unwrap();
         }
-        assert_eq!(*lock.lock(), "abc".repeat(20));
+        assert_eq!(*lock.lock().unwrap(), "abc".repeat(20));
     }
 
     #[test]
@@ -98,12 +123,28 @@ mod tests {
         let lock = Arc::new(FairMutex::new(1));
         let held = lock.clone();
         assert!(std::thread::spawn(move || {
-            let mut v = held.lock();
+            let mut v = held.lock().unwrap();
             *v = 2;
             panic!("while holding the lock");
         })
         .join()
         .is_err());
-        assert_eq!(*lock.lock(), 2);
+        assert_eq!(*lock.lock().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_holder_asking_again_is_told_not_left_waiting() {
+        let lock = Arc::new(FairMutex::new(0));
+        let held = lock.lock().unwrap();
+        assert!(matches!(lock.lock(), Err(Reentered)));
+        // Another thread waits its turn as before, and gets it once the holder lets go.
+        let other = {
+            let lock = lock.clone();
+            std::thread::spawn(move || *lock.lock().unwrap() += 1)
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(held);
+        other.join().unwrap();
+        assert_eq!(*lock.lock().unwrap(), 1);
     }
 }

@@ -166,9 +166,10 @@ impl Batch {
     }
 
     /// Feeds each live sequence's pending tokens (prompts within the budget) in one call,
-    /// then draws for each sequence that fed all it had. On error nothing changes; when
-    /// interrupted, the states are as before and the tokens of this step are dropped
-    /// (nothing was produced from them, so `finish` does not feed them either).
+    /// then draws for each sequence that fed all it had. On an error or an interrupt
+    /// nothing changes: the forward call leaves the states as they were, and the tokens
+    /// stay pending (a taken drawn token is then still fed by `finish`, a prompt not all
+    /// in still is not).
     pub fn step_with(&mut self, interrupt: Interrupt) -> Result<Vec<Stepped>> {
         // How many pending tokens each member feeds now: a decoding one its single token,
         // prompts in order of arrival while the budget lasts.
@@ -192,15 +193,7 @@ impl Batch {
         let want = if wants_logits { Want::Last } else { Want::None };
         let batch: Vec<(&State, &[u32])> =
             fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
-        let result = self.model.forward_batch_with(&batch, want, interrupt);
-        if matches!(result, Err(Error::Interrupted)) {
-            for &i in &fed {
-                let m = &mut self.members[i];
-                m.pending.drain(..take[i]);
-                m.untaken = false;
-            }
-        }
-        let mut logits = result?;
+        let mut logits = self.model.forward_batch_with(&batch, want, interrupt)?;
         let v = self.model.config.vocab_size;
         // The bookkeeping first, then every draw at once: each sequence draws from its own
         // row with its own sampler, so the draws may run side by side.
@@ -279,6 +272,9 @@ impl Batch {
     /// Ctrl-C, for all of it). They take no more steps. On an error or an interrupt
     /// nothing changes. Safe to repeat.
     pub fn finish_with(&mut self, ids: Option<&[SeqId]>, interrupt: Interrupt) -> Result<()> {
+        for &id in ids.unwrap_or_default() {
+            self.member(id)?;
+        }
         let chosen = |m: &Member| ids.is_none_or(|ids| ids.contains(&m.id));
         let feeds = |m: &Member| chosen(m) && !m.untaken && !m.reading_prompt() && !m.pending.is_empty();
         let batch: Vec<(&State, &[u32])> =
@@ -373,9 +369,9 @@ pub fn draw_all(draws: Vec<Draw<'_>>, threads: usize) -> Vec<Drawn> {
 
 fn log_probabilities(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
-    let lp = |l: f32| (l as f64 - log_z) as f32;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max as f64).exp()).sum();
+    // Relative to the max first: max + ln(sum) would lose ln(sum) against a huge max.
+    let lp = |l: f32| ((l as f64 - max as f64) - sum.ln()) as f32;
     let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
     for (i, &l) in logits.iter().enumerate() {
         if n == 0 || l == f32::NEG_INFINITY {
@@ -477,5 +473,9 @@ mod tests {
         assert!((lp as f64 - (3.0 - z)).abs() < 1e-6);
         assert_eq!(log_probabilities(&logits, 2, 2), (f32::NEG_INFINITY, vec![(1, lp), (3, lp)]));
         assert!(log_probabilities(&logits, 0, 0).1.is_empty());
+        // Near f32::MAX: the normaliser is not lost against the max (both about -ln 2).
+        let (lp, top) = log_probabilities(&[3e38, 3e38, f32::NEG_INFINITY], 0, 2);
+        assert!((lp - -std::f32::consts::LN_2).abs() < 1e-6, "{lp}");
+        assert!(top.iter().all(|&(_, l)| (l - -std::f32::consts::LN_2).abs() < 1e-6), "{top:?}");
     }
 }

@@ -356,7 +356,11 @@ def test_device_memory_exhausted_is_out_of_memory_and_harms_nothing():
 def test_lost_device_is_device_lost_error_and_a_new_model_works(tiny_cases):
     model = open_model(TINY)
     state = model.new_state()
+    model.forward([1, 2, 3], model.new_state())  # the scratch made, three tokens' kernels compiled
     model._m._lose_device()
+    # A kernel never compiled before (one token's decode): the device, not the shader.
+    with pytest.raises(rwkv_gpu.DeviceLostError, match="lost"):
+        model.forward([1], state)
     with pytest.raises(rwkv_gpu.DeviceLostError, match="lost"):
         model.forward([1, 2, 3], state)
     with pytest.raises(rwkv_gpu.DeviceLostError):
@@ -549,6 +553,19 @@ def test_integer_arguments_of_the_wrong_kind_are_type_errors_naming_them():
         rwkv_gpu.Sampler(16).record(-1, b"")
     with pytest.raises(TypeError, match="token must be an int"):
         rwkv_gpu.Sampler(16).record(1.5, b"")
+    # Past the core's fixed widths: the project's error naming the value, not a bare OverflowError.
+    m = rwkv_gpu.Model.random(1, 64, vocab_size=256, tokenizer="bytes")
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match=f"n must be .*{2**64}"):
+        m.new_states(2**64)
+    with pytest.raises(rwkv_gpu.InvalidOptionError, match="max_batch|n must"):
+        rwkv_gpu.Engine(m, max_batch=2**64)
+    batch = m._m.batch()
+    for call, name in [(lambda: batch.record(-1, 1, b""), "sequence id"), (lambda: batch.record(0, 2**32, b""), "token"),
+                       (lambda: batch.remove(2**64), "sequence id"), (lambda: batch.finish([-1]), "sequence id"),
+                       (lambda: m._m.copy_bandwidth(-1), "bytes")]:
+        with pytest.raises(rwkv_gpu.InvalidOptionError, match=name):
+            call()
+    assert m.tokenizer.token_bytes(2**40) is None
 
 
 def test_tokenizers_refuse_text_for_ids_and_ids_for_text():
@@ -574,3 +591,155 @@ def test_copies_of_a_state_are_clones_and_states_take_real_numbers_only(model):
     with pytest.raises(rwkv_gpu.ShapeError, match="att_shift has dtype complex64"):
         model.state_from_numpy(arrays)
     assert len(model.new_states(np.int64(2))) == 2
+
+
+# ---- threads, signals and the interpreter's exit ----
+
+def run_script(script, timeout=300):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_long_call_and_a_thread_asking_for_the_model_do_not_deadlock():
+    """A long call on the main thread asks for the GIL between its submissions (for
+    signals) while holding the model; another thread asking for the model (memory(), a
+    batch's length) must wait with the GIL released. Both ways round, and through an
+    Engine; a hang fails the test through the timeout."""
+    out = run_script("""
+        import threading, warnings
+        warnings.simplefilter("ignore")
+        import rwkv_gpu
+        m = rwkv_gpu.Model.random(1, 64, vocab_size=256, tokenizer="bytes")
+        long = list(range(1, 256)) * 3  # several chunks
+        def ask(done):
+            while not done.is_set():
+                m.memory()
+        for where in ("main", "thread"):
+            done = threading.Event()
+            if where == "main":
+                t = threading.Thread(target=ask, args=(done,)); t.start()
+                for _ in range(3):
+                    m.forward(long, m.new_state())
+                done.set()
+            else:
+                t = threading.Thread(target=lambda: [m.forward(long, m.new_state()) for _ in range(3)] and done.set())
+                t.start()
+                ask(done)
+            t.join()
+        with rwkv_gpu.Engine(m) as engine:
+            request = engine.submit(long * 3, max_tokens=3)
+            while not request.done:
+                m.memory()
+        print("ok")
+    """, timeout=240)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout
+
+
+def test_exiting_while_other_threads_are_inside_calls_is_clean():
+    """At exit, an Engine never closed and a daemon thread in a long forward: calls come
+    back out before finalization (a thread taking the GIL back during it would crash
+    the process); later calls are refused with StateError. Several runs: the crash was
+    a race."""
+    script = """
+        import threading, time, warnings
+        warnings.simplefilter("ignore")
+        import rwkv_gpu
+        m = rwkv_gpu.Model.random(1, 64, vocab_size=256, tokenizer="bytes")
+        engine = rwkv_gpu.Engine(m)
+        engine.submit(list(range(1, 256)) * 40, max_tokens=5)
+        def loop():
+            while True:
+                m.forward(list(range(1, 256)) * 8, m.new_state())
+        threading.Thread(target=loop, daemon=True).start()
+        time.sleep(0.5)
+        print("exiting")
+    """
+    for _ in range(3):
+        out = run_script(script, timeout=120)
+        assert out.returncode == 0 and "exiting" in out.stdout, (out.returncode, out.stderr[-2000:])
+
+
+def test_a_signal_handler_calling_into_the_model_mid_call_is_refused_not_deadlocked():
+    out = run_script("""
+        import signal, warnings
+        warnings.simplefilter("ignore")
+        import numpy as np
+        import rwkv_gpu
+        m = rwkv_gpu.Model.random(1, 64, vocab_size=256, tokenizer="bytes")
+        other = m.new_state()
+        for call in (m.memory, lambda: m.forward([1], other)):
+            signal.signal(signal.SIGALRM, lambda *_: call())
+            state = m.new_state()
+            m.forward([5], state)
+            before = state.to_numpy()
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            try:
+                m.forward(list(range(1, 256)) * 40, state)
+                raise SystemExit("not interrupted")
+            except rwkv_gpu.StateError as e:
+                assert "in the middle of a call on this thread" in str(e), e
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            after = state.to_numpy()
+            assert all(np.array_equal(after[k], before[k]) for k in before)
+        print("ok")
+    """, timeout=240)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout
+
+
+def test_an_interrupted_call_or_step_of_a_few_pieces_changes_nothing():
+    """Ctrl-C inside a forward of 200 tokens (paced in pieces of 64 while interruptible)
+    leaves the state as it was; inside a batch step reading half a prompt, it leaves the
+    batch as it was, so the next steps read the prompt from where they were."""
+    out = run_script("""
+        import signal, warnings
+        warnings.simplefilter("ignore")
+        import numpy as np
+        import rwkv_gpu
+        def alarm(*_):
+            raise KeyboardInterrupt("alarm")
+        signal.signal(signal.SIGALRM, alarm)
+        m = rwkv_gpu.Model.random(1, 64, vocab_size=256, tokenizer="bytes")
+        prompt = list(range(1, 201)) * 3
+        interrupted = 0
+        for delay in (0.001, 0.003, 0.01):
+            state = m.new_state()
+            m.forward([5], state)
+            before = state.to_numpy()
+            signal.setitimer(signal.ITIMER_REAL, delay)
+            try:
+                m.forward(prompt[:200], state)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                want = m.new_state(); m.forward([5], want); m.forward(prompt[:200], want)
+                before = want.to_numpy()
+            except KeyboardInterrupt:
+                interrupted += 1
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            after = state.to_numpy()
+            assert all(np.array_equal(after[k], before[k]) for k in before), delay
+        assert interrupted >= 1
+        greedy = rwkv_gpu.Sampler(256, rwkv_gpu.Sampling(temperature=0.0, presence_penalty=0.0, frequency_penalty=0.0))
+        alone = m._m.batch()
+        alone.add(m.new_state()._core, greedy._core, prompt)
+        want = alone.step()[0][1]
+        b = m._m.batch()
+        b.set_prefill_budget(300)
+        seq = b.add(m.new_state()._core, greedy._core, prompt)
+        signal.setitimer(signal.ITIMER_REAL, 0.001)
+        try:
+            b.step()
+            raise SystemExit("not interrupted")
+        except KeyboardInterrupt:
+            pass
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert b.fed(seq) == []
+        assert b.step() == [] and b.fed(seq) == prompt[:300]
+        (got,) = b.step()
+        assert b.fed(seq) == prompt and got[1] == want, (got, want)
+        with_unknown = m._m.batch()
+        try:
+            with_unknown.finish([99])
+            raise SystemExit("finished an unknown sequence")
+        except rwkv_gpu.StateError:
+            pass
+        print("ok")
+    """, timeout=240)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr + out.stdout

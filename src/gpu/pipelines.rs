@@ -66,7 +66,11 @@ impl Pipelines {
                     cache: self.ctx.pipeline_cache.as_ref().map(|c| &c.cache),
                 })
             })
-            .map_err(|e| Error::Shader { kernel: label.clone(), message: e.to_string() })?;
+            .map_err(|e| match e {
+                // The device, not the shader: lost, or out of memory, as any other call says.
+                Error::DeviceLost(_) | Error::OutOfMemory(_) => e,
+                e => Error::Shader { kernel: label.clone(), message: e.to_string() },
+            })?;
         self.compiled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(c) = &self.ctx.pipeline_cache {
             c.mark();

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::chunks::{plan_chunks, Pace, SeqInput, SeqRow};
+use super::chunks::{plan_chunks, Pace, SeqInput, SeqRow, PACE_MIN};
 use super::head::{self, Placement};
 use super::host_memory;
 use super::ops::{self, Act, DeepEmbed, LayerNorm, LnShift, LoraInput, Product, ReadCounts, Split, Wkv};
@@ -138,6 +138,13 @@ impl Plans {
 /// holds the tokens of every sequence that fits, back to back. Returns what `want` asks
 /// for, sequence by sequence: Last/HiddenLast/Argmax one row each, All/HiddenAll one row
 /// per token (sequence 0's tokens first).
+/// Whether `run` over sequences of `lens` tokens, in chunks of `chunk_tokens`, may submit
+/// more than once: several chunks, or (while interruptible) one cut into paced pieces.
+pub(super) fn may_submit_more_than_once(lens: &[usize], chunk_tokens: usize, interruptible: bool) -> bool {
+    plan_chunks(lens, chunk_tokens, MAX_SEQS).len() > 1
+        || (interruptible && lens.iter().sum::<usize>() > PACE_MIN)
+}
+
 /// `interrupt` is asked before every chunk but the first. While it is active, chunk n is
 /// submitted only once chunk n-2 has run (n-1 for slow chunks), so that an interrupt
 /// comes within two chunks' time while the GPU still has the next chunk queued behind

@@ -28,7 +28,7 @@ pub use state::State;
 pub use weights::{Quantization, WeightFormat};
 
 use crate::error::{Error, Result};
-use crate::fair_mutex::FairMutex;
+use crate::fair_mutex::{FairGuard, FairMutex};
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
 use crate::interrupt::Interrupt;
 use crate::loader::{self, Checkpoint};
@@ -341,7 +341,7 @@ impl Model {
             }
         }
         let _leases = batch.iter().map(|(state, _)| state.lease()).collect::<Result<Vec<_>>>()?;
-        let mut scratch = self.scratch.lock();
+        let mut scratch = self.scratch()?;
         // Sequences by state page, in order of first appearance.
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, (state, _)) in batch.iter().enumerate() {
@@ -365,8 +365,14 @@ impl Model {
             host_memory::zeroed_f32(total_rows.saturating_mul(width), "the output (logits or hidden states)")?
         };
         let mut stats = CallStats::default();
-        let tokens: usize = batch.iter().map(|(_, t)| t.len()).sum();
-        let backups = if groups.len() > 1 || tokens > scratch::chunk_tokens(self) {
+        // A call cut short after a submission (an interrupt, a failure) must not leave its
+        // states part way: one that may submit more than once backs them up first.
+        let several = groups.len() > 1
+            || groups.iter().any(|(_, members)| {
+                let lens: Vec<usize> = members.iter().map(|&i| batch[i].1.len()).collect();
+                forward::may_submit_more_than_once(&lens, scratch::chunk_tokens(self), interrupt.active())
+            });
+        let backups = if several {
             let copies = self.new_states(batch.len())?;
             for ((state, _), copy) in batch.iter().zip(&copies) {
                 self.copy_slots(state, copy)?;
@@ -599,6 +605,18 @@ impl Model {
         Ok(())
     }
 
+    /// The scratch, waited for. A signal handler or callback running inside a call on this
+    /// thread (which holds it) is refused rather than left waiting for itself.
+    fn scratch(&self) -> Result<FairGuard<'_, Option<Scratch>>> {
+        self.scratch.lock().map_err(|_| {
+            Error::State(
+                "this model is in the middle of a call on this thread: a signal handler or callback cannot \
+                 call into it"
+                    .into(),
+            )
+        })
+    }
+
     /// Writes the model as it is held on the device (quantized matrices as codes and
     /// scales) to a safetensors file that `open` loads without quantizing again.
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -608,7 +626,7 @@ impl Model {
     /// Per layer, what its sparse value projection read while `counting_reads` was on,
     /// since the last call (which zeroes the counters). Layers stored dense count nothing.
     pub fn take_read_counts(&self) -> Result<Vec<ReadCounts>> {
-        let scratch = self.scratch.lock();
+        let scratch = self.scratch()?;
         let Some(buffer) = scratch.as_ref().and_then(|s| s.read_counts.as_ref()) else {
             return Ok(vec![ReadCounts::default(); self.config.n_layer]);
         };
@@ -642,8 +660,8 @@ impl Model {
     /// Device bytes by category: layer matrices by format ("weights_fp16" counts bf16
     /// too), the other layer and model vectors ("weights_f32"), the head, the embeddings
     /// (0: they stay in host memory), states and scratch.
-    pub fn memory(&self) -> Vec<(&'static str, u64)> {
-        let scratch = self.scratch.lock().as_ref().map(|s| s.device_bytes()).unwrap_or(0);
+    pub fn memory(&self) -> Result<Vec<(&'static str, u64)>> {
+        let scratch = self.scratch()?.as_ref().map(|s| s.device_bytes()).unwrap_or(0);
         let mut by_format = [0u64; 3];
         let mut vectors = self.weights.consts.size();
         for layer in &self.weights.layers {
@@ -658,7 +676,7 @@ impl Model {
                 }] += m.device_bytes();
             }
         }
-        vec![
+        Ok(vec![
             ("weights_fp16", by_format[0]),
             ("weights_int8", by_format[1]),
             ("weights_nf4", by_format[2]),
@@ -667,7 +685,7 @@ impl Model {
             ("embeddings", 0),
             ("states", self.pool.device_bytes()),
             ("scratch", scratch),
-        ]
+        ])
     }
 
     /// Host bytes of the tables that stay in host memory: the embedding, DeepEmbed's

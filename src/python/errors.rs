@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 use pyo3::types::PyType;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, Saving};
@@ -93,11 +94,19 @@ impl Caught {
 /// thread). The handler's exception (KeyboardInterrupt), or one a callback raised into
 /// `Caught`, is what the call then raises. Every call that can take more than one
 /// submission goes through here.
+///
+/// Only the main thread asks: Python runs signal handlers nowhere else, and a thread that
+/// takes the GIL back in the middle of a call can meet a Python thread waiting (GIL held)
+/// for a lock the call holds, or an interpreter shutting down (a daemon thread's call at
+/// exit, where taking the GIL ends the thread under Rust frames).
 pub(crate) fn long_call<T: Send>(
     py: Python<'_>,
     f: impl FnOnce(Interrupt, &Caught) -> crate::Result<T> + Send,
 ) -> PyResult<T> {
     let caught = Caught::default();
+    let threading = py.import("threading")?;
+    let on_main_thread =
+        threading.call_method0("current_thread")?.is(&threading.call_method0("main_thread")?);
     let pending = || {
         Python::attach(|py| match py.check_signals() {
             Ok(()) => false,
@@ -107,7 +116,8 @@ pub(crate) fn long_call<T: Send>(
             }
         })
     };
-    let result = py.detach(|| f(Interrupt::new(&pending), &caught));
+    let result =
+        counted(py, || f(if on_main_thread { Interrupt::new(&pending) } else { Interrupt::NONE }, &caught))?;
     match result {
         Ok(v) => Ok(v),
         Err(Error::Interrupted) => {
@@ -116,4 +126,56 @@ pub(crate) fn long_call<T: Send>(
         }
         Err(e) => Err(to_py(e)),
     }
+}
+
+// ---- the interpreter's exit ----
+//
+// A thread that takes the GIL back while the interpreter finalizes is ended on the spot
+// (pthread_exit unwinding through Rust frames: a crash). Daemon threads (an Engine's
+// scheduler, a user's) may be inside a call when the main thread exits, so an atexit
+// hook (`at_exit`, registered when `_core` is imported) refuses new calls and waits for
+// those inside to come back out before finalization begins.
+
+static EXITING: AtomicBool = AtomicBool::new(false);
+static INSIDE: AtomicUsize = AtomicUsize::new(0);
+
+/// Leaves the count once the call has the GIL again.
+struct Inside;
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs `f` with the GIL released, counted for `at_exit`; refused once the interpreter
+/// is exiting.
+fn counted<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> PyResult<T> {
+    INSIDE.fetch_add(1, Ordering::SeqCst);
+    let _inside = Inside;
+    if EXITING.load(Ordering::SeqCst) {
+        return Err(to_py(Error::State("the interpreter is exiting: no more calls into the runtime".into())));
+    }
+    Ok(py.detach(f))
+}
+
+/// A core call with the GIL released (every one goes through here or `long_call`).
+pub(crate) fn detach<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    counted(py, f)?.map_err(to_py)
+}
+
+/// Most seconds `at_exit` waits for calls to come back (a long prefill on a CPU driver
+/// may take minutes: the exit then goes on without it).
+const EXIT_WAIT_S: u64 = 10;
+
+/// The atexit hook: no new calls, and the calls inside given time to come back.
+#[pyfunction]
+pub(crate) fn at_exit(py: Python<'_>) {
+    EXITING.store(true, Ordering::SeqCst);
+    py.detach(|| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(EXIT_WAIT_S);
+        while INSIDE.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    });
 }

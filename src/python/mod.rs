@@ -3,7 +3,9 @@
 //! hierarchy rooted at `RwkvError`. The typed public API lives in python/rwkv_gpu.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use crate::fair_mutex::{FairGuard, FairMutex};
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
@@ -51,7 +53,7 @@ fn options(
 
 #[pyfunction]
 fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
-    let list = py.detach(context::list_adapters);
+    let list = errors::detach(py, || Ok(context::list_adapters()))?;
     list.into_iter()
         .map(|a| {
             let d = PyDict::new(py);
@@ -81,7 +83,7 @@ fn adapters(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
 #[pyo3(signature = (adapter=None))]
 fn choose_adapter(py: Python<'_>, adapter: Option<String>) -> PyResult<(usize, Vec<String>)> {
     let opts = options(adapter, false, false, None)?;
-    let list = py.detach(context::list_adapters);
+    let list = errors::detach(py, || Ok(context::list_adapters()))?;
     context::select(&list, opts.adapter.as_ref()).map_err(to_py)
 }
 
@@ -264,7 +266,7 @@ impl PyModel {
 
     fn new_state(&self, py: Python<'_>) -> PyResult<PyState> {
         let m = self.inner.clone();
-        Ok(PyState { inner: py.detach(move || m.new_state()).map_err(to_py)? })
+        Ok(PyState { inner: errors::detach(py, move || m.new_state())? })
     }
 
     /// Returns the logits as little-endian f32 bytes ([V] or [T, V]; empty for "none").
@@ -286,24 +288,27 @@ impl PyModel {
     }
 
     /// Bytes per second moved (read + written) by a copy kernel over `bytes` bytes.
-    #[pyo3(signature = (bytes, repetitions=10))]
-    fn copy_bandwidth(&self, py: Python<'_>, bytes: u64, repetitions: usize) -> PyResult<f64> {
+    #[pyo3(signature = (bytes, repetitions=Int(10)))]
+    fn copy_bandwidth(&self, py: Python<'_>, bytes: Int, repetitions: Int) -> PyResult<f64> {
+        let (bytes, repetitions) =
+            (bytes.within::<u64>("bytes", 0, u64::MAX)?, repetitions.count("repetitions")?);
         let m = self.inner.clone();
-        py.detach(move || m.copy_bandwidth(bytes, repetitions)).map_err(to_py)
+        errors::detach(py, move || m.copy_bandwidth(bytes, repetitions))
     }
 
     /// Overwrites `dst` with `src`'s contents, on the device.
     fn copy_state(&self, py: Python<'_>, src: &PyState, dst: &PyState) -> PyResult<()> {
         let m = self.inner.clone();
         let (a, b) = (src.inner.clone(), dst.inner.clone());
-        py.detach(move || m.copy_state(&a, &b)).map_err(to_py)
+        errors::detach(py, move || m.copy_state(&a, &b))
     }
 
     /// `n` fresh states on one state page, so that `forward_batch` reads the weights
     /// once per step for all of them.
-    fn new_states(&self, py: Python<'_>, n: usize) -> PyResult<Vec<PyState>> {
+    fn new_states(&self, py: Python<'_>, n: Int) -> PyResult<Vec<PyState>> {
+        let n = n.count("n")?;
         let m = self.inner.clone();
-        let states = py.detach(move || m.new_states(n)).map_err(to_py)?;
+        let states = errors::detach(py, move || m.new_states(n))?;
         Ok(states.into_iter().map(|inner| PyState { inner }).collect())
     }
 
@@ -341,7 +346,7 @@ impl PyModel {
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
-        py.detach(move || m.forward_argmax(&s, &tokens)).map_err(to_py)
+        errors::detach(py, move || m.forward_argmax(&s, &tokens))
     }
 
     /// (att_shift, wkv, ffn_shift) as f32 bytes.
@@ -352,7 +357,7 @@ impl PyModel {
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let m = self.inner.clone();
         let s = state.inner.clone();
-        let h = py.detach(move || m.state_to_host(&s)).map_err(to_py)?;
+        let h = errors::detach(py, move || m.state_to_host(&s))?;
         Ok((f32_bytes(py, &h.att_shift)?, f32_bytes(py, &h.wkv)?, f32_bytes(py, &h.ffn_shift)?))
     }
 
@@ -365,33 +370,33 @@ impl PyModel {
     ) -> PyResult<PyState> {
         let host = HostState::from_le_bytes(att_shift, wkv, ffn_shift).map_err(to_py)?;
         let m = self.inner.clone();
-        Ok(PyState { inner: py.detach(move || m.state_from_host(&host)).map_err(to_py)? })
+        Ok(PyState { inner: errors::detach(py, move || m.state_from_host(&host))? })
     }
 
     fn clone_state(&self, py: Python<'_>, state: &PyState) -> PyResult<PyState> {
         let m = self.inner.clone();
         let s = state.inner.clone();
-        Ok(PyState { inner: py.detach(move || m.clone_state(&s)).map_err(to_py)? })
+        Ok(PyState { inner: errors::detach(py, move || m.clone_state(&s))? })
     }
 
     fn save_state(&self, py: Python<'_>, state: &PyState, path: PathBuf) -> PyResult<()> {
         let m = self.inner.clone();
         let s = state.inner.clone();
-        py.detach(move || crate::model::state_file::save(&m, &s, &path)).map_err(to_py)
+        errors::detach(py, move || crate::model::state_file::save(&m, &s, &path))
     }
 
     #[pyo3(signature = (path, transpose=false))]
     fn load_state(&self, py: Python<'_>, path: PathBuf, transpose: bool) -> PyResult<PyState> {
         let m = self.inner.clone();
         Ok(PyState {
-            inner: py.detach(move || crate::model::state_file::load(&m, &path, transpose)).map_err(to_py)?,
+            inner: errors::detach(py, move || crate::model::state_file::load(&m, &path, transpose))?,
         })
     }
 
     /// An empty generation batch over this model (`Batch`): sequences join with `add`.
     fn batch(&self) -> PyBatch {
         PyBatch {
-            inner: Arc::new(Mutex::new(Batch::new(self.inner.clone()))),
+            inner: Arc::new(FairMutex::new(Batch::new(self.inner.clone()))),
             vocab: self.inner.config.vocab_size,
         }
     }
@@ -413,11 +418,14 @@ impl PyModel {
     /// Writes the model as held on the device (quantized matrices as codes + scales).
     fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let m = self.inner.clone();
-        py.detach(move || m.save(&path)).map_err(to_py)
+        errors::detach(py, move || m.save(&path))
     }
 
-    fn memory(&self) -> Vec<(&'static str, u64)> {
-        self.inner.memory()
+    /// Waits for the scratch with the GIL released: a long call holding it may be asking
+    /// for the GIL (to look for signals).
+    fn memory(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64)>> {
+        let m = self.inner.clone();
+        errors::detach(py, move || m.memory())
     }
 
     fn host_memory(&self) -> Vec<(&'static str, u64)> {
@@ -475,7 +483,7 @@ impl PyModel {
     /// Per layer, (groups of four inputs read, groups, non-zero inputs, inputs) counted
     /// by the sparse value projection since the last call; zeroes the counters.
     fn take_read_counts(&self, py: Python<'_>) -> PyResult<Vec<(u64, u64, u64, u64)>> {
-        let counts = py.detach(|| self.inner.take_read_counts()).map_err(to_py)?;
+        let counts = errors::detach(py, || self.inner.take_read_counts())?;
         Ok(counts.iter().map(|c| (c.groups_read, c.groups, c.nonzero_inputs, c.inputs)).collect())
     }
 
@@ -498,7 +506,7 @@ impl PyModel {
     fn matmul_disagreement(&self, py: Python<'_>, kernel: &str) -> PyResult<f64> {
         let kernel = crate::model::coop_check::MatmulKernel::parse(kernel).map_err(to_py)?;
         let m = self.inner.clone();
-        py.detach(move || m.matmul_disagreement(kernel)).map_err(to_py)
+        errors::detach(py, move || m.matmul_disagreement(kernel))
     }
 
     /// [(kernel variant, GPU nanoseconds, bytes it must move or 0)] for each dispatch of
@@ -532,8 +540,22 @@ impl PyModel {
 
 #[pyclass(name = "Batch", module = "rwkv_gpu._core", frozen)]
 struct PyBatch {
-    inner: Arc<Mutex<Batch>>,
+    inner: Arc<FairMutex<Batch>>,
     vocab: usize,
+}
+
+/// The batch, waited for; a signal handler or callback inside a step on this thread
+/// (which holds it) is refused rather than left waiting for itself.
+fn lock_batch(batch: &FairMutex<Batch>) -> crate::Result<FairGuard<'_, Batch>> {
+    batch.lock().map_err(|_| {
+        crate::Error::State(
+            "this batch is in the middle of a step on this thread: a signal handler cannot use it".into(),
+        )
+    })
+}
+
+fn sequence_id(id: Int) -> PyResult<u64> {
+    id.within::<u64>("sequence id", 0, u64::MAX)
 }
 
 impl PyBatch {
@@ -544,13 +566,18 @@ impl PyBatch {
         f: impl FnOnce(&mut Batch, Interrupt) -> crate::Result<T> + Send,
     ) -> PyResult<T> {
         let batch = self.inner.clone();
-        errors::long_call(py, move |interrupt, _| {
-            f(&mut batch.lock().unwrap_or_else(|p| p.into_inner()), interrupt)
-        })
+        errors::long_call(py, move |interrupt, _| f(&mut *lock_batch(&batch)?, interrupt))
     }
 
-    fn locked<T>(&self, f: impl FnOnce(&mut Batch) -> crate::Result<T>) -> PyResult<T> {
-        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner())).map_err(to_py)
+    /// Runs `f` on the batch, locked. The lock is waited for with the GIL released: a
+    /// step holding it may be asking for the GIL (to look for signals).
+    fn locked<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Batch) -> crate::Result<T> + Send,
+    ) -> PyResult<T> {
+        let batch = self.inner.clone();
+        errors::detach(py, move || f(&mut *lock_batch(&batch)?))
     }
 }
 
@@ -567,6 +594,7 @@ impl PyBatch {
     #[pyo3(signature = (state, sampler, prompt, pauses=Vec::new(), top_logprobs=None))]
     fn add(
         &self,
+        py: Python<'_>,
         state: &PyState,
         sampler: &sampler::PySampler,
         prompt: Vec<Int>,
@@ -579,13 +607,13 @@ impl PyBatch {
         let mut smp = sampler.lock().clone();
         smp.reset();
         let state = state.inner.clone();
-        self.locked(move |b| b.add(state, smp, prompt, pauses, top))
+        self.locked(py, move |b| b.add(state, smp, prompt, pauses, top))
     }
 
     /// The most prompt tokens one step feeds over all sequences reading a prompt (0: no limit).
-    fn set_prefill_budget(&self, tokens: Int) -> PyResult<()> {
+    fn set_prefill_budget(&self, py: Python<'_>, tokens: Int) -> PyResult<()> {
         let tokens = tokens.count("max_prefill_tokens")?;
-        self.locked(|b| {
+        self.locked(py, move |b| {
             b.set_prefill_budget(tokens);
             Ok(())
         })
@@ -604,39 +632,46 @@ impl PyBatch {
             .collect())
     }
 
-    fn record(&self, id: u64, token: u32, token_bytes: Vec<u8>) -> PyResult<()> {
-        self.locked(|b| b.record(id, token, &token_bytes))
+    fn record(&self, py: Python<'_>, id: Int, token: Int, token_bytes: Vec<u8>) -> PyResult<()> {
+        let (id, token) = (sequence_id(id)?, token.within::<u32>("token", 0, u32::MAX)?);
+        self.locked(py, move |b| b.record(id, token, &token_bytes))
     }
 
     /// Sequence `id` takes no more steps; its drawn token is fed by `finish` only when
     /// `feed_pending` (a stop string's token is, a stop token is not).
-    fn stop(&self, id: u64, feed_pending: bool) -> PyResult<()> {
-        self.locked(|b| b.stop(id, feed_pending))
+    fn stop(&self, py: Python<'_>, id: Int, feed_pending: bool) -> PyResult<()> {
+        let id = sequence_id(id)?;
+        self.locked(py, move |b| b.stop(id, feed_pending))
     }
 
     /// Ends the sequences in `ids` (default all), feeding the drawn tokens the caller took
     /// (a prompt not all in is fed no further).
     #[pyo3(signature = (ids=None))]
-    fn finish(&self, py: Python<'_>, ids: Option<Vec<u64>>) -> PyResult<()> {
+    fn finish(&self, py: Python<'_>, ids: Option<Vec<Int>>) -> PyResult<()> {
+        let ids =
+            ids.map(|ids| ids.into_iter().map(sequence_id).collect::<PyResult<Vec<u64>>>()).transpose()?;
         self.detached(py, move |b, interrupt| b.finish_with(ids.as_deref(), interrupt))
     }
 
     /// Finishes sequence `id` and takes it out; returns (fed, given).
-    fn remove(&self, py: Python<'_>, id: u64) -> PyResult<(Vec<u32>, Vec<u32>)> {
+    fn remove(&self, py: Python<'_>, id: Int) -> PyResult<(Vec<u32>, Vec<u32>)> {
+        let id = sequence_id(id)?;
         self.detached(py, move |b, interrupt| b.remove_with(id, interrupt))
     }
 
-    fn fed(&self, id: u64) -> PyResult<Vec<u32>> {
-        self.locked(|b| Ok(b.fed(id)?.to_vec()))
+    fn fed(&self, py: Python<'_>, id: Int) -> PyResult<Vec<u32>> {
+        let id = sequence_id(id)?;
+        self.locked(py, move |b| Ok(b.fed(id)?.to_vec()))
     }
 
     /// The tokens the caller has taken (recorded) from sequence `id`.
-    fn given(&self, id: u64) -> PyResult<Vec<u32>> {
-        self.locked(|b| Ok(b.given(id)?.to_vec()))
+    fn given(&self, py: Python<'_>, id: Int) -> PyResult<Vec<u32>> {
+        let id = sequence_id(id)?;
+        self.locked(py, move |b| Ok(b.given(id)?.to_vec()))
     }
 
-    fn __len__(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len()
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.locked(py, |b| Ok(b.len()))
     }
 }
 
@@ -662,5 +697,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .collect();
     m.add("projections", PyList::new(py, projections)?)?;
     m.add("max_top_logprobs", crate::generation::MAX_TOP_LOGPROBS)?;
+    // Before finalization: calls still inside on other threads come back out first.
+    py.import("atexit")?.call_method1("register", (wrap_pyfunction!(errors::at_exit, m)?,))?;
     Ok(())
 }

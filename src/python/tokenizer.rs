@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
+use super::errors;
 use super::int::Int;
 use super::to_py;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
@@ -35,21 +36,21 @@ impl PyWorldTokenizer {
 impl PyWorldTokenizer {
     #[new]
     fn new(py: Python<'_>, vocab_path: PathBuf) -> PyResult<Self> {
-        let t = py.detach(|| Tokenizer::from_vocab_file(&vocab_path)).map_err(to_py)?;
+        let t = errors::detach(py, || Tokenizer::from_vocab_file(&vocab_path))?;
         Ok(PyWorldTokenizer { inner: Arc::new(t), ints: std::sync::OnceLock::new() })
     }
 
     /// Token ids of a str (its UTF-8, borrowed from the str object, not copied).
     fn encode<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyList>> {
         let t = &self.inner;
-        let ids = py.detach(|| t.encode(text.as_bytes()));
+        let ids = errors::detach(py, || Ok(t.encode(text.as_bytes())))?;
         self.id_list(py, &ids)
     }
 
     /// Encodes several texts on all cores, with the GIL released.
     fn encode_batch<'py>(&self, py: Python<'py>, texts: Vec<String>) -> PyResult<Vec<Bound<'py, PyList>>> {
         let t = &self.inner;
-        let all = py.detach(|| t.encode_batch(&texts));
+        let all = errors::detach(py, || Ok(t.encode_batch(&texts)))?;
         all.iter().map(|ids| self.id_list(py, ids)).collect()
     }
 
@@ -63,7 +64,9 @@ impl PyWorldTokenizer {
         self.inner.vocab_size()
     }
 
-    fn token_bytes<'py>(&self, py: Python<'py>, id: u32) -> Option<Bound<'py, PyBytes>> {
+    /// None for an id no token has (negative or past the vocabulary included).
+    fn token_bytes<'py>(&self, py: Python<'py>, id: Int) -> Option<Bound<'py, PyBytes>> {
+        let id = u32::try_from(id.0).ok()?;
         self.inner.token_bytes(id).map(|b| PyBytes::new(py, b))
     }
 
