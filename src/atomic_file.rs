@@ -61,6 +61,15 @@ pub fn write(path: &Path, what: Saving, body: impl FnOnce(&mut dyn Write) -> Res
     result
 }
 
+/// `write` for the runtime's own files (its caches): whatever else is in the file's place
+/// (a FIFO) goes first, where a save to a path the caller names refuses to replace it.
+pub fn write_own(path: &Path, what: Saving, body: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let _ = std::fs::remove_file(path);
+    }
+    write(path, what, body)
+}
+
 /// The error for a failed write inside a `write` body.
 pub fn write_error(path: &Path, what: Saving, source: std::io::Error) -> Error {
     Error::Write { path: path.to_path_buf(), what, source }

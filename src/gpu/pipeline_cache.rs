@@ -98,7 +98,7 @@ impl DiskCache {
         if let Some(dir) = self.path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let _ = crate::atomic_file::write(&self.path, Saving::Cache, |out| {
+        let _ = crate::atomic_file::write_own(&self.path, Saving::Cache, |out| {
             out.write_all(&wrap(&data))
                 .map_err(|e| crate::atomic_file::write_error(&self.path, Saving::Cache, e))
         });
