@@ -212,7 +212,7 @@ def test_ctrl_c_during_generation_leaves_exactly_the_given_tokens_in_the_state()
 
 
 def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_was():
-    """A 60k-token call (forward, prefill, batch, embed) is interrupted one second in:
+    """A 60k-token call (forward, prefill, batch, embed, greedy argmax) is interrupted one second in:
     KeyboardInterrupt comes within 3 s (the issue's bound; here a chunk takes a fraction
     of that), the state is bit-identical to before the call, and the model goes on giving
     the golden logits."""
@@ -227,7 +227,7 @@ def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_wa
         state = m.new_state()
         m.forward(cases["prompt"][:5], state)
         before = state.to_numpy()
-        for call in ("forward", "prefill", "batch", "embed"):
+        for call in ("forward", "prefill", "batch", "embed", "argmax"):
             fired = []
             timer = threading.Timer(1.0, lambda: (fired.append(time.perf_counter()), _thread.interrupt_main()))
             timer.start()
@@ -239,6 +239,8 @@ def test_ctrl_c_during_a_long_prefill_arrives_soon_and_leaves_the_state_as_it_wa
                     m.prefill(tokens, state)
                 elif call == "embed":
                     m.embed([tokens, tokens[:9]], pooling="mean")
+                elif call == "argmax":
+                    m.forward_argmax(tokens, state)
                 else:
                     m.forward_batch([tokens, tokens[:9]], [state, m.new_state()])
                 raise SystemExit(call + ": not interrupted")

@@ -425,7 +425,12 @@ impl Model {
     /// the device (lowest index among ties, as numpy.argmax): greedy decoding without
     /// reading the logits back.
     pub fn forward_argmax(&self, state: &State, tokens: &[u32]) -> Result<u32> {
-        let out = self.forward(state, tokens, Want::Argmax)?;
+        self.forward_argmax_with(state, tokens, Interrupt::NONE)
+    }
+
+    /// `forward_argmax`, asking `interrupt` between submissions (a long prompt).
+    pub fn forward_argmax_with(&self, state: &State, tokens: &[u32], interrupt: Interrupt) -> Result<u32> {
+        let out = self.forward_batch_with(&[(state, tokens)], Want::Argmax, interrupt)?;
         Ok(out[0].to_bits())
     }
 

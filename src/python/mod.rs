@@ -346,7 +346,7 @@ impl PyModel {
         let tokens = tokens_from(tokens, self.inner.config.vocab_size)?;
         let m = self.inner.clone();
         let s = state.inner.clone();
-        errors::detach(py, move || m.forward_argmax(&s, &tokens))
+        errors::long_call(py, move |interrupt, _| m.forward_argmax_with(&s, &tokens, interrupt))
     }
 
     /// (att_shift, wkv, ffn_shift) as f32 bytes.
