@@ -27,9 +27,9 @@ NAME = "trained-bytes"
 
 
 @contextlib.contextmanager
-def serving(model, key=KEY, engine_options=None, **app_options):
+def serving(model, key=KEY, engine_options=None, name=NAME, **app_options):
     engine = rwkv_gpu.Engine(model, **(engine_options or {}))
-    app = create_app(engine, NAME, api_key=key, **app_options)
+    app = create_app(engine, name, api_key=key, **app_options)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -509,3 +509,13 @@ def test_a_bad_body_names_the_field_not_the_union_member(url):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "token id 300" in r.text, r.text
     r = post(url, "embeddings", {"input": [[65, 999]]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+
+def test_a_model_name_with_a_slash_and_a_body_not_sent_as_json(model):
+    with serving(model, key=None, name="org/model") as url:
+        assert httpx.get(f"{url}/v1/models/org/model").json()["id"] == "org/model"
+        missing = httpx.get(f"{url}/v1/models/org/other")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+        form = httpx.post(f"{url}/v1/completions", content=b"model=org/model&prompt=hi",
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+        assert form.status_code == 400 and "Content-Type: application/json" in form.json()["error"]["message"], form.text

@@ -280,13 +280,16 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
         return e.response()
 
     @app.exception_handler(RequestValidationError)
-    async def bad_body(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def bad_body(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ())[1:]]
         # The parameter is the body's field; the rest of the place (a list index, the
         # member of a union pydantic tried) goes in the message only.
         where = ".".join(loc) or "body"
-        return ApiError(400, f"invalid request: {where}: {first.get('msg', 'malformed')}", param=loc[0] if loc else None).response()
+        message = f"invalid request: {where}: {first.get('msg', 'malformed')}"
+        if "json" not in request.headers.get("content-type", ""):  # curl -d sends form encoding
+            message += " (send the body as JSON, with Content-Type: application/json)"
+        return ApiError(400, message, param=loc[0] if loc else None).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -533,7 +536,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, m
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rwkv-gpu"}]}
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name:path}")  # names such as org/model hold a slash
     async def get_model(name: str) -> dict[str, Any]:
         check_model(name)
         return {"id": model_name, "object": "model", "created": created, "owned_by": "rwkv-gpu"}
