@@ -198,8 +198,8 @@ impl Batch {
         // The bookkeeping first, then every draw at once: each sequence draws from its own
         // row with its own sampler, so the draws may run side by side.
         let mut events: Vec<(usize, Stepped)> = Vec::new();
-        let mut drawing: Vec<(usize, usize)> = Vec::new(); // (member, row of logits)
-        for (row, &i) in fed.iter().enumerate() {
+        let mut draws_now = vec![false; self.members.len()];
+        for &i in &fed {
             let m = &mut self.members[i];
             let all_in = take[i] == m.pending.len();
             if m.reading_prompt() {
@@ -211,21 +211,22 @@ impl Batch {
                 m.pauses.remove(0);
                 events.push((i, Stepped::Paused { id: m.id, at: m.prompt_fed }));
             }
-            if all_in {
-                drawing.push((i, row));
-            }
+            draws_now[i] = all_in;
         }
-        let mut rows: Vec<Option<&mut [f32]>> = logits.chunks_mut(v).map(Some).collect();
-        let mut draws = Vec::with_capacity(drawing.len());
-        let mut members = self.members.iter_mut().enumerate();
-        for &(i, row) in &drawing {
-            let (_, m) = members.find(|(j, _)| *j == i).expect("drawing lists members in order");
-            let logits = rows[row].take().expect("one row per sequence fed");
-            draws.push(Draw { sampler: &mut m.sampler, logits, top_logprobs: m.top_logprobs });
-        }
+        // One row of logits per sequence fed, in order (none when no sequence draws).
+        let draws: Vec<Draw<'_>> = self
+            .members
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| take[*i] > 0)
+            .zip(logits.chunks_mut(v))
+            .filter(|((i, _), _)| draws_now[*i])
+            .map(|((_, m), logits)| Draw { sampler: &mut m.sampler, logits, top_logprobs: m.top_logprobs })
+            .collect();
         let threads = draw_threads(draws.len(), v);
         let drawn = draw_all(draws, threads);
-        for (&(i, _), (token, logprob, top)) in drawing.iter().zip(drawn) {
+        let drawing = (0..self.members.len()).filter(|&i| draws_now[i]);
+        for (i, (token, logprob, top)) in drawing.zip(drawn) {
             let m = &mut self.members[i];
             m.pending.push(token);
             m.untaken = true;
@@ -326,8 +327,6 @@ impl Batch {
     }
 }
 
-/// log softmax of `logits` at `token`, and the `n` most likely tokens with theirs (ties
-/// to the lower id). Banned tokens (-inf) have -inf and are never listed.
 /// One sequence's draw: its sampler and its row of logits, penalised in place.
 pub struct Draw<'a> {
     pub sampler: &'a mut Sampler,
@@ -367,6 +366,8 @@ pub fn draw_all(draws: Vec<Draw<'_>>, threads: usize) -> Vec<Drawn> {
     crate::parallel::map(draws, threads, Draw::run)
 }
 
+/// log softmax of `logits` at `token`, and the `n` most likely tokens with theirs (ties
+/// to the lower id). Banned tokens (-inf) have -inf and are never listed.
 fn log_probabilities(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max as f64).exp()).sum();

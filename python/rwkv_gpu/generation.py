@@ -73,11 +73,17 @@ class StopMatcher:
         return out
 
 
-def _list_or_none(values: Any) -> list[Any] | None:
+def _stop_strings(stop: Any) -> list[str]:
+    """`stop` as a list: one string, or an iterable of strings (not bytes, not numbers)."""
+    if isinstance(stop, str):
+        return [stop]
     try:
-        return list(values)
+        stops = None if isinstance(stop, (bytes, bytearray)) else list(stop)
     except TypeError:
-        return None
+        stops = None
+    if stops is None or not all(isinstance(s, str) for s in stops):
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    return stops
 
 
 class TextStream:
@@ -89,9 +95,7 @@ class TextStream:
     def __init__(self, tokenizer: Tokenizer | None, max_tokens: int, stop: Sequence[str] | str, stop_tokens: Sequence[int]) -> None:
         if int_value(max_tokens, "max_tokens") < 1:
             raise errors.InvalidOptionError(f"max_tokens must be at least 1, got {max_tokens}")
-        stops = [stop] if isinstance(stop, str) else None if isinstance(stop, (bytes, bytearray)) else _list_or_none(stop)
-        if stops is None or not all(isinstance(s, str) for s in stops):
-            raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+        stops = _stop_strings(stop)
         if tokenizer is None and any(stops):
             raise errors.InvalidOptionError("stop strings need a tokenizer; this model has none (pass tokenizer=)")
         self.tokenizer = tokenizer
