@@ -10,7 +10,7 @@
 #     needs for Python 3.12 into .whl/, the web-rwkv runner in benches/peers/target/release/)
 # There, via the device tool's `run` with timeout_s 600, carry [".gl", ".whl",
 # "target/wheels", "benches/peers/target/release/rwkv-gpu-peers"]:
-#     bash benches/gpu_session.sh all      # the first call: smoke bench peers matvec chunks coop split, in that order, until DEADLINE
+#     bash benches/gpu_session.sh all      # the first call: smoke bench peers sampling matvec chunks coop split, in that order, until DEADLINE
 #     bash benches/gpu_session.sh STEP...  # any of the steps below, in the order given (a second call: the ones `all` skipped)
 # Steps:
 #     smoke    the golden tests, then the kernels against NumPy through wgpu-py for SMOKE_S (120) s, on the GPU
@@ -21,6 +21,7 @@
 #     chunks   pp512 fp16/int8 in chunks of 256 and of 512 tokens (the GPU default), A B A B
 #     coop     pp512 fp16/int8 on cooperative matrices vs the SIMT kernel, A B A B
 #     split    tg64 fp16/nf4 with the decode value projection split 1, 2, 4 ways, twice in turn
+#     sampling tg64 x1 and x16 through the Engine drawing on the host and on the device, twice in turn
 # DEADLINE (seconds, default 540) bounds the whole run: a step starts only if its estimate
 # fits in what is left, and every command is cut at what is left, so the script always
 # ends on its own inside the call's 600 s and packs what it has. The summary lines are
@@ -153,7 +154,7 @@ import json, sys
 data = json.load(open(sys.argv[1]))
 info = data["info"]
 print(f"{info['adapter']} | {info['model']} | copy {info['copy_bandwidth'] / 1e9:.0f} GB/s | bound {info['tg_bound']:.1f} t/s")
-print(f"  prefill matrices: {info['matmul_kernel_note']} | chunks of {info['chunk_tokens']}")
+print(f"  prefill matrices: {info['matmul_kernel_note']} | chunks of {info['chunk_tokens']} | draws on the {info['sample_on']}")
 print(f"  kernel choices ({info['tuning']}): nf4 by {info['nf4_lookup']}, value projection split {info['split_k']}, "
       f"matvec {info['matvec_lanes']} lanes x {info['matvec_rows']} rows x {info['matvec_depth']} deep by "
       f"{info['matvec_reduction']}")
@@ -242,6 +243,26 @@ step_split() {
         "2 RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=2" "4 RWKV_GPU_TUNE=off RWKV_GPU_SPLIT_K=4"
 }
 
+# Where generation draws its tokens (shaders/sample.wgsl against src/sampler.rs), on a
+# random model of $shape (top_p 0.85, the expensive draw): one sequence
+# is the close case (a draw's ~12 passes over the row in one workgroup against 256 KiB
+# read back and ~0.3 ms of host arithmetic); at 16 the host's draws grow 16-fold.
+# host and device in turn, twice (A B A B); each prints ms a step.
+step_sampling() {
+    say "== sampling: steps of 1 and 16 sequences drawing on the host and on the device ($(left)s left)"
+    local batch round place name
+    for batch in 1 16; do
+        for round in 1 2; do
+            for place in host device; do
+                name="sampling-$batch-$place-$round"
+                run_logged "$name" env RWKV_GPU_SAMPLE_ON=$place "$python" benches/draw_place.py --shape "$shape" \
+                    --batch "$batch" --tokens 32 || continue
+                say "  x$batch $place ($round): $(cat "$logs/$name.json")"
+            done
+        done
+    done
+}
+
 prepare() {
     grep -qx '/.gl/' .git/info/exclude 2>/dev/null || echo /.gl/ >> .git/info/exclude
     mkdir -p .gl /tmp/amd64/partial
@@ -264,7 +285,7 @@ prepare() {
 }
 
 usage() {
-    echo "usage: bash benches/gpu_session.sh prepare | all | STEP... (smoke tests bench peers matvec chunks coop split)" >&2
+    echo "usage: bash benches/gpu_session.sh prepare | all | STEP... (smoke tests bench peers sampling matvec chunks coop split)" >&2
     exit 2
 }
 
@@ -274,10 +295,10 @@ if [ "$1" = prepare ]; then
     exit 0
 fi
 steps=("$@")
-[ "$1" = all ] && steps=(smoke bench peers matvec chunks coop split)
+[ "$1" = all ] && steps=(smoke bench peers sampling matvec chunks coop split)
 for step in "${steps[@]}"; do
     case "$step" in
-    smoke | tests | bench | peers | matvec | chunks | coop | split) ;;
+    smoke | tests | bench | peers | sampling | matvec | chunks | coop | split) ;;
     *) usage ;;
     esac
 done

@@ -2,9 +2,12 @@
 //! batch of one, `complete_batch` a batch of n, and the serving Engine a batch that
 //! sequences join and leave between steps.
 //!
-//! Each step feeds every live sequence's pending tokens in one `forward_batch` call (the
-//! weights read once for all), then each sequence whose pending tokens were all fed draws
-//! its next token with its own sampler and makes it the pending one. A step may cap the
+//! Each step feeds every live sequence's pending tokens in one forward call (the weights
+//! read once for all), and each sequence whose pending tokens were all fed draws its next
+//! token with its own sampler and makes it the pending one: on the device in the same
+//! submission (`Model::forward_draw_with`, one token read back per sequence), or on the
+//! host from the logits when a sequence wants log-probabilities or the model draws on
+//! the host (`Model::draws_on_device`). A step may cap the
 //! prompt tokens it feeds (`prefill_budget`): a long prompt is then fed over several
 //! steps, interleaved with the others' decoding, and draws once it is all in.
 //!
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::interrupt::Interrupt;
 use crate::model::{Model, State, Want};
-use crate::sampler::Sampler;
+use crate::sampler::{DeviceDraw, Sampler};
 
 /// A sequence's handle in its batch (never reused within one batch).
 pub type SeqId = u64;
@@ -169,7 +172,9 @@ impl Batch {
     /// then draws for each sequence that fed all it had. On an error or an interrupt
     /// nothing changes: the forward call leaves the states as they were, and the tokens
     /// stay pending (a taken drawn token is then still fed by `finish`, a prompt not all
-    /// in still is not).
+    /// in still is not). The one exception is a device whose sampler gives a token
+    /// outside the vocabulary: the tokens are fed by then, so the step's sequences keep
+    /// them (`fed`) and stop.
     pub fn step_with(&mut self, interrupt: Interrupt) -> Result<Vec<Stepped>> {
         // How many pending tokens each member feeds now: a decoding one its single token,
         // prompts in order of arrival while the budget lasts.
@@ -189,19 +194,54 @@ impl Batch {
         if fed.is_empty() {
             return Ok(Vec::new());
         }
-        let wants_logits = fed.iter().any(|&i| take[i] == self.members[i].pending.len());
-        let want = if wants_logits { Want::Last } else { Want::None };
+        // Who draws this step: those that feed all they have. The device draws for them
+        // unless one wants log-probabilities (they need the logits on the host).
+        let draws_now: Vec<bool> = (0..self.members.len())
+            .map(|i| take[i] > 0 && take[i] == self.members[i].pending.len())
+            .collect();
+        let drawing: Vec<usize> = (0..self.members.len()).filter(|&i| draws_now[i]).collect();
+        let on_device = !drawing.is_empty()
+            && self.model.draws_on_device()
+            && drawing.iter().all(|&i| self.members[i].top_logprobs.is_none());
         let batch: Vec<(&State, &[u32])> =
             fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
-        let mut logits = self.model.forward_batch_with(&batch, want, interrupt)?;
-        let v = self.model.config.vocab_size;
-        // The bookkeeping first, then every draw at once: each sequence draws from its own
-        // row with its own sampler, so the draws may run side by side.
+        let drawn: Vec<Drawn> = if on_device {
+            let draws: Vec<Option<DeviceDraw>> =
+                fed.iter().map(|&i| draws_now[i].then(|| self.members[i].sampler.device_draw())).collect();
+            let refs: Vec<Option<&DeviceDraw>> = draws.iter().map(Option::as_ref).collect();
+            let tokens = self.model.forward_draw_with(&batch, &refs, interrupt)?;
+            let vocab = self.model.config.vocab_size as u32;
+            let drew = fed.iter().zip(tokens).filter(|(&i, _)| draws_now[i]);
+            // Only a broken device gives no token in the vocabulary: the states have
+            // advanced, so the bookkeeping below still runs, and the step fails after it.
+            let token = |t: Option<u32>| t.filter(|&t| t < vocab).unwrap_or(u32::MAX);
+            drew.map(|(_, t)| (token(t), None, Vec::new())).collect()
+        } else {
+            let want = if drawing.is_empty() { Want::None } else { Want::Last };
+            let mut logits = self.model.forward_batch_with(&batch, want, interrupt)?;
+            // Every draw at once: each sequence draws from its own row with its own
+            // sampler, so the draws may run side by side.
+            let v = self.model.config.vocab_size;
+            let draws: Vec<Draw<'_>> = self
+                .members
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| take[*i] > 0)
+                .zip(logits.chunks_mut(v))
+                .filter(|((i, _), _)| draws_now[*i])
+                .map(|((_, m), logits)| Draw {
+                    sampler: &mut m.sampler,
+                    logits,
+                    top_logprobs: m.top_logprobs,
+                })
+                .collect();
+            let threads = draw_threads(draws.len(), v);
+            draw_all(draws, threads)
+        };
+        debug_assert_eq!(drawn.len(), drawing.len());
         let mut events: Vec<(usize, Stepped)> = Vec::new();
-        let mut draws_now = vec![false; self.members.len()];
         for &i in &fed {
             let m = &mut self.members[i];
-            let all_in = take[i] == m.pending.len();
             if m.reading_prompt() {
                 m.prompt_fed += take[i];
             }
@@ -211,23 +251,17 @@ impl Batch {
                 m.pauses.remove(0);
                 events.push((i, Stepped::Paused { id: m.id, at: m.prompt_fed }));
             }
-            draws_now[i] = all_in;
         }
-        // One row of logits per sequence fed, in order (none when no sequence draws).
-        let draws: Vec<Draw<'_>> = self
-            .members
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| take[*i] > 0)
-            .zip(logits.chunks_mut(v))
-            .filter(|((i, _), _)| draws_now[*i])
-            .map(|((_, m), logits)| Draw { sampler: &mut m.sampler, logits, top_logprobs: m.top_logprobs })
-            .collect();
-        let threads = draw_threads(draws.len(), v);
-        let drawn = draw_all(draws, threads);
-        let drawing = (0..self.members.len()).filter(|&i| draws_now[i]);
-        for (i, (token, logprob, top)) in drawing.zip(drawn) {
+        if drawn.iter().any(|d| d.0 == u32::MAX) {
+            // Their states hold `fed`; with no token to draw from, they take no more steps.
+            drawing.iter().for_each(|&i| self.members[i].done = true);
+            return Err(Error::Device("the device's sampler gave a token outside the vocabulary".into()));
+        }
+        for (&i, (token, logprob, top)) in drawing.iter().zip(drawn) {
             let m = &mut self.members[i];
+            if on_device {
+                m.sampler.drew_on_device();
+            }
             m.pending.push(token);
             m.untaken = true;
             events.push((i, Stepped::Drew { id: m.id, token, logprob, top }));

@@ -118,6 +118,28 @@ impl SamplingOptions {
     }
 }
 
+/// One token's penalties as the device applies them: `(logit + bias) - penalty`, or -inf
+/// when banned (`Sampler::apply_penalties`' order of arithmetic).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PenaltyEntry {
+    pub token: u32,
+    pub bias: f32,
+    pub penalty: f32,
+    pub banned: bool,
+}
+
+/// One draw for the device's sampler (shaders/sample.wgsl): a sequence's options, its
+/// penalty entries (one per token, by id) and its random number in [0, 1).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceDraw {
+    pub u: f32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub fallback: u32,
+    pub entries: Vec<PenaltyEntry>,
+}
+
 /// One generation's sampler: options, penalty counts (generated tokens only) and RNG.
 /// Make a new one (or `reset`) per generate call, as the official starts its counts empty.
 #[derive(Clone)]
@@ -206,6 +228,46 @@ impl Sampler {
         }
         // Only if u * total rounded up past the walk's sum: the last drawable token.
         kept.iter().rev().find(|k| k.1 > 0.0).map_or_else(|| self.fallback(), |k| k.0)
+    }
+
+    /// What the device needs to draw this sampler's next token (`DeviceDraw`): its options,
+    /// the penalties as one entry per token, and the random number `sample` would take
+    /// next, so that a seeded run draws the same tokens on either side (up to the rounding
+    /// of the device's f32 sums: see shaders/sample.wgsl). The stream moves past that
+    /// number only with `drew_on_device`, once the draw is done: a failed step leaves the
+    /// sampler as it was.
+    pub fn device_draw(&self) -> DeviceDraw {
+        let u = self.rng.clone().next_f64();
+        let o = &self.options;
+        let mut entries: HashMap<u32, PenaltyEntry> = HashMap::new();
+        let blank = PenaltyEntry { token: 0, bias: 0.0, penalty: 0.0, banned: false };
+        for &(t, bias) in &o.logit_bias {
+            entries.insert(t, PenaltyEntry { token: t, bias, ..blank });
+        }
+        for &t in &o.banned {
+            entries.entry(t).or_insert(PenaltyEntry { token: t, ..blank }).banned = true;
+        }
+        let (presence, frequency) = (o.presence_penalty as f64, o.frequency_penalty as f64);
+        for (&t, &count) in &self.counts {
+            entries.entry(t).or_insert(PenaltyEntry { token: t, ..blank }).penalty =
+                (presence + count * frequency) as f32;
+        }
+        let mut entries: Vec<PenaltyEntry> = entries.into_values().collect();
+        entries.sort_unstable_by_key(|e| e.token);
+        DeviceDraw {
+            // The largest f32 below 1 at most: u itself is below 1.
+            u: (u as f32).min(f32::from_bits(0x3f7f_ffff)),
+            temperature: o.temperature,
+            top_p: o.top_p,
+            top_k: o.top_k.min(self.vocab) as u32,
+            fallback: self.fallback(),
+            entries,
+        }
+    }
+
+    /// The device drew with `device_draw`'s number: the stream moves past it.
+    pub fn drew_on_device(&mut self) {
+        self.rng.next_f64();
     }
 
     /// After a draw: decays every count, then counts `token` (+0 for whitespace/digit text).
@@ -520,6 +582,40 @@ mod tests {
         assert!((0..1000).all(|_| matches!(s.sample(&logits), 1 | 4)));
         // Garbage logits fall back to the first live token.
         assert_eq!(s.sample(&[f32::NAN; 5]), 1);
+    }
+
+    /// The device's draw applies the host's penalties as one entry per token, in id order,
+    /// and takes the number `sample` would: the stream moves only with `drew_on_device`.
+    #[test]
+    fn device_draws_carry_the_hosts_penalties_and_number() {
+        let mut s = sampler(
+            |o| {
+                (o.banned, o.logit_bias, o.seed) = (vec![0, 4], vec![(4, 2.0), (3, -1.5)], Some(9));
+                (o.presence_penalty, o.frequency_penalty) = (0.5, 0.25);
+            },
+            6,
+        );
+        s.record(3, b"x").unwrap();
+        s.record(5, b"y").unwrap();
+        let d = s.device_draw();
+        let logits = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let mut host = logits;
+        s.apply_penalties(&mut host);
+        let mut device = logits;
+        for e in &d.entries {
+            let l = &mut device[e.token as usize];
+            *l = if e.banned { f32::NEG_INFINITY } else { (*l + e.bias) - e.penalty };
+        }
+        assert_eq!(device, host);
+        assert_eq!(d.entries.iter().map(|e| e.token).collect::<Vec<_>>(), [0, 3, 4, 5]);
+        assert_eq!((d.fallback, d.top_k, d.temperature), (1, 0, 1.0));
+        // The same number until the device has drawn with it; then `sample`'s next one.
+        assert_eq!(s.device_draw().u, d.u);
+        let mut twin = s.clone();
+        let u = twin.rng.next_f64();
+        assert_eq!(d.u, u as f32);
+        s.drew_on_device();
+        assert_eq!(s.device_draw().u, twin.rng.next_f64() as f32);
     }
 
     #[test]

@@ -85,7 +85,7 @@ def test_a_max_binding_no_u64_holds_is_a_value_error_naming_it(value):
 
 @pytest.mark.parametrize("variable", [
     "RWKV_GPU_MATVEC_LANES", "RWKV_GPU_GEMM_LOADS", "RWKV_GPU_NF4_LOOKUP", "RWKV_GPU_MAX_BINDING", "RWKV_GPU_SPLIT_K",
-    "RWKV_GPU_MATVEC_ROWS", "RWKV_GPU_MATVEC_DEPTH", "RWKV_GPU_TUNE", "RWKV_GPU_CHUNK_TOKENS",
+    "RWKV_GPU_MATVEC_ROWS", "RWKV_GPU_MATVEC_DEPTH", "RWKV_GPU_TUNE", "RWKV_GPU_CHUNK_TOKENS", "RWKV_GPU_SAMPLE_ON",
 ])
 def test_a_bad_environment_value_is_a_value_error_naming_the_variable(monkeypatch, variable):
     # These variables choose kernel variants; a typo must not silently mean the default.

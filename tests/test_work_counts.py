@@ -25,6 +25,9 @@ DECODE_PER_LAYER = 7
 CHUNK_PER_LAYER = 8
 STAGED_PER_LAYER = 10
 TINY = DATA / "tiny-rwkv7" / "model.safetensors"
+# Scratch besides the activations: the sequence table, argmax results and draws (64
+# sequences of 16, 8 and 32 bytes) and the draws' first 1024 penalty entries of 16 bytes.
+TABLES = 64 * 16 + 64 * 8 + 64 * 32 + 1024 * 16
 
 
 @pytest.fixture(scope="module", params=["fp16", "int8", "nf4"])
@@ -211,7 +214,7 @@ def test_profile_states_the_bytes_each_product_moves(dtype):
 def test_scratch_bytes_follow_the_plan(monkeypatch, chunk):
     """Scratch for one chunk of T tokens, exactly: the residual, the mixes, r/k/v with the
     low-rank hidden values, and v_first; one buffer for emb/att/norm and one for lora/ffn
-    (never alive at the same time); the sequence table and argmax results; one token's
+    (never alive at the same time); the sequence table, argmax results and draws; one token's
     logits and its read-back buffer. T: the device's chunk (256 tokens on CPU devices, 512
     on GPUs; RWKV_GPU_CHUNK_TOKENS sets it), fewer where a binding cannot hold them."""
     if chunk:
@@ -226,8 +229,7 @@ def test_scratch_bytes_follow_the_plan(monkeypatch, chunk):
     t = min(device_chunk, cfg["max_binding"] // (4 * widest))
     assert cfg["chunk_tokens"] == t
     floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f)
-    # The sequence table and argmax results: 64 sequences of 16 and 8 bytes.
-    assert m.memory()["scratch"] == 4 * floats + 64 * 16 + 64 * 8 + 2 * 4 * v
+    assert m.memory()["scratch"] == 4 * floats + TABLES + 2 * 4 * v
 
 
 def test_deepembed_decode_step_counts():
@@ -253,4 +255,4 @@ def test_deepembed_scratch_adds_each_layers_table_rows():
     widest = max(6 * c, f + r, 3 * c + dsum, n_layer * r * r)
     t = min(256, cfg["max_binding"] // (4 * widest))
     floats = t * c * (1 + 1 + 6 + 3 + 1) + t * dsum + t * max(4 * c, f + r) + t * n_layer * r * r
-    assert m.memory()["scratch"] == 4 * floats + 64 * 16 + 64 * 8 + 2 * 4 * v
+    assert m.memory()["scratch"] == 4 * floats + TABLES + 2 * 4 * v

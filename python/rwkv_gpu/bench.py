@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes_per_token": weight_bytes_per_token(model), "memory": model.memory(), "peak_host_rss": host["peak_rss"],
         "copy_bandwidth": bandwidth, "copy_bytes": min(copy_bytes, cfg["max_binding"]), "tg_bound": bound,
         "matmul_kernel": cfg["matmul_kernel"], "matmul_kernel_note": cfg["matmul_kernel_note"],
-        "chunk_tokens": cfg["chunk_tokens"],
+        "chunk_tokens": cfg["chunk_tokens"], "sample_on": cfg["sample_on"],
         "nf4_lookup": cfg["nf4_lookup"], "split_k": cfg["split_k"], "matvec_lanes": cfg["matvec_lanes"],
         "matvec_rows": cfg["matvec_rows"], "matvec_depth": cfg["matvec_depth"], "matvec_reduction": cfg["matvec_reduction"],
         "tuning": cfg["tuning"],
@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
           f"kernel choices: nf4 by {cfg['nf4_lookup']}, value projection split {cfg['split_k']}, matvec "
           f"{cfg['matvec_lanes']} lanes x {cfg['matvec_rows']} rows x {cfg['matvec_depth']} deep by {cfg['matvec_reduction']} "
           f"({cfg['tuning']})")
-    print(f"prefill matrices: {cfg['matmul_kernel_note']} | chunks of up to {cfg['chunk_tokens']} tokens")
+    print(f"prefill matrices: {cfg['matmul_kernel_note']} | chunks of up to {cfg['chunk_tokens']} tokens | "
+          f"generation draws on the {cfg['sample_on']}")
     print(f"weights read per token: {info['weight_bytes_per_token'] / 1e6:.1f} MB (every matrix once; embedding row from "
           f"the host) | device memory: {sum(info['memory'].values()) / 1e9:.3f} GB | peak host RSS: {host['peak_rss'] / 1e9:.3f} GB")
     print(f"copy bandwidth: {bandwidth / 1e9:.2f} GB/s (read + written, {info['copy_bytes'] >> 20} MiB buffer) | "

@@ -1,7 +1,7 @@
 """The generation loop behind `Model.generate`, `complete`, `*_batch` and the Engine.
 
-The stepping is Rust's (`_core.Batch`: feed what is pending, read the last logits,
-penalise and draw, for every sequence at once, GIL released). Python turns each drawn
+The stepping is Rust's (`_core.Batch`: feed what is pending, then penalise and draw,
+on the device or from the logits on the host, for every sequence at once, GIL released). Python turns each drawn
 token into text (`TextStream`: decoding, stop tokens, stop strings, max_tokens). A run
 can be left at any point (Ctrl-C, a `break`, a cancelled request): the core's `finish`
 then feeds only the drawn tokens handed out, so a state always holds exactly the prompt

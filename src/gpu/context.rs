@@ -97,6 +97,9 @@ pub struct DeviceOptions {
     /// `RWKV_GPU_CHUNK_TOKENS=N` (64 to 1024, a multiple of 64): tokens per prefill chunk
     /// at most (default: by device type, `chunk_tokens_for_device_type`).
     pub chunk_tokens: Option<usize>,
+    /// `RWKV_GPU_SAMPLE_ON=device|host`: where generation draws its tokens (default: by
+    /// device type, `sample_on_device_for_device_type`; `Model::draws_on_device`).
+    pub sample_on_device: Option<bool>,
 }
 
 /// Tokens per prefill chunk at most, by device type: 512 on GPUs, 256 on CPU drivers.
@@ -112,6 +115,16 @@ pub fn chunk_tokens_for_device_type(device_type: &str) -> usize {
     } else {
         512
     }
+}
+
+/// Where generation draws its tokens by default: on the device everywhere but on CPU
+/// drivers. A GPU then reads back 8 bytes per sequence instead of its logits and the host
+/// does no per-token arithmetic; a CPU driver runs each sequence's draw (one workgroup)
+/// on one core, as the host does, but in passes with workgroup barriers that it pays
+/// dearly for (lavapipe, `benches/draw_place.py`: 1.32x the host's wall time at 16
+/// sequences, 1.34x at one; README).
+pub fn sample_on_device_for_device_type(device_type: &str) -> bool {
+    device_type != "cpu"
 }
 
 impl DeviceOptions {
@@ -171,6 +184,12 @@ impl DeviceOptions {
         let tokens =
             |v: &str| v.trim().parse().ok().filter(|&t: &usize| (64..=1024).contains(&t) && t % 64 == 0);
         chosen(&mut self.chunk_tokens, "RWKV_GPU_CHUNK_TOKENS", tokens, "a multiple of 64 from 64 to 1024")?;
+        let place = |v: &str| match v.trim() {
+            "device" => Some(true),
+            "host" => Some(false),
+            _ => None,
+        };
+        chosen(&mut self.sample_on_device, "RWKV_GPU_SAMPLE_ON", place, "\"device\" or \"host\"")?;
         chosen(&mut self.nf4_lookup, "RWKV_GPU_NF4_LOOKUP", Nf4Lookup::parse, "\"table\" or \"select\"")?;
         Ok(self)
     }
@@ -446,6 +465,8 @@ pub struct GpuContext {
     pub chunk_tokens: usize,
     /// Loads may store the channel mix's value projection input-major, for sparse decode.
     pub sparse_ffn: bool,
+    /// Generation draws its tokens on the device where it can (`Model::draws_on_device`).
+    pub sample_on_device: bool,
     /// Timestamp queries are available: profiles report GPU time per dispatch.
     pub timestamps: bool,
     pub warnings: Vec<String>,
@@ -548,6 +569,8 @@ impl GpuContext {
         let nf4_lookup = options.nf4_lookup.unwrap_or(Nf4Lookup::for_device_type(&summary.device_type));
         let gemm_loads = options.gemm_loads.unwrap_or(Loads::for_device_type(&summary.device_type));
         let chunk_tokens = options.chunk_tokens.unwrap_or(chunk_tokens_for_device_type(&summary.device_type));
+        let sample_on_device =
+            options.sample_on_device.unwrap_or(sample_on_device_for_device_type(&summary.device_type));
         let matvec = MatvecShape {
             lanes: options.matvec_lanes.unwrap_or(MatvecLanes::for_device_type(&summary.device_type)),
             rows: options.matvec_rows.unwrap_or(MATVEC_ROWS[0]),
@@ -577,6 +600,7 @@ impl GpuContext {
             tune: options.tune.unwrap_or_default(),
             chunk_tokens,
             sparse_ffn: !options.no_sparse_ffn,
+            sample_on_device,
             timestamps,
             warnings,
             created: Created::default(),

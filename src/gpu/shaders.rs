@@ -20,11 +20,12 @@ pub enum Kernel {
     Wkv7,
     Quantize,
     Argmax,
+    Sample,
     Copy,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::LayerNorm,
         Kernel::LnShift,
         Kernel::MatmulVec,
@@ -34,6 +35,7 @@ impl Kernel {
         Kernel::Wkv7,
         Kernel::Quantize,
         Kernel::Argmax,
+        Kernel::Sample,
         Kernel::Copy,
         Kernel::DeepEmbed,
     ];
@@ -50,6 +52,7 @@ impl Kernel {
             Kernel::Wkv7 => "wkv7",
             Kernel::Quantize => "quantize",
             Kernel::Argmax => "argmax",
+            Kernel::Sample => "sample",
             Kernel::Copy => "copy",
         }
     }
@@ -72,6 +75,7 @@ impl Kernel {
             Kernel::Wkv7 => include_str!("../../shaders/wkv7.wgsl"),
             Kernel::Quantize => include_str!("../../shaders/quantize.wgsl"),
             Kernel::Argmax => include_str!("../../shaders/argmax.wgsl"),
+            Kernel::Sample => include_str!("../../shaders/sample.wgsl"),
             Kernel::Copy => include_str!("../../shaders/copy.wgsl"),
         }
     }

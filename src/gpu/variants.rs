@@ -377,6 +377,7 @@ pub enum Variant {
         codes: Codes,
     },
     Argmax,
+    Sample,
     Copy,
 }
 
@@ -395,6 +396,7 @@ impl Variant {
             Variant::Wkv7 { .. } => Kernel::Wkv7,
             Variant::Quantize { .. } => Kernel::Quantize,
             Variant::Argmax => Kernel::Argmax,
+            Variant::Sample => Kernel::Sample,
             Variant::Copy => Kernel::Copy,
         }
     }
@@ -417,6 +419,7 @@ impl Variant {
             },
             Variant::Quantize { .. } => "quantize",
             Variant::Argmax => "argmax",
+            Variant::Sample => "sample",
             Variant::Copy => "copy",
         }
     }
@@ -487,7 +490,7 @@ impl Variant {
             Variant::Quantize { codes } => {
                 out.push((if codes == Codes::Int8 { "INT8" } else { "NF4" }.into(), String::new()))
             }
-            Variant::LayerNorm | Variant::Argmax | Variant::Copy | Variant::DeepEmbed => {}
+            Variant::LayerNorm | Variant::Argmax | Variant::Sample | Variant::Copy | Variant::DeepEmbed => {}
         }
         out
     }
@@ -549,7 +552,8 @@ impl Variant {
 
     /// Every variant the runtime can ask for.
     pub fn all() -> Vec<Variant> {
-        let mut all = vec![Variant::LayerNorm, Variant::Argmax, Variant::Copy, Variant::DeepEmbed];
+        let mut all =
+            vec![Variant::LayerNorm, Variant::Argmax, Variant::Sample, Variant::Copy, Variant::DeepEmbed];
         all.extend([1, 6].map(|mixes| Variant::LnShift { mixes, keep_normalised: false, fold: false }));
         all.push(Variant::LnShift { mixes: 1, keep_normalised: true, fold: false });
         // Only the time mix's folds: the channel mix follows the (unsplit) output projection.

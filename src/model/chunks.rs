@@ -2,11 +2,14 @@
 //! sequences back to back and a table of (first token, tokens, slot) rows; nothing is
 //! padded.
 
+use crate::sampler::DeviceDraw;
+
 /// One sequence of a call: its state slot (all sequences of a call share one state
-/// page) and the tokens to feed it.
+/// page), the tokens to feed it and, for `Want::Draw`, its draw (None: it draws nothing).
 pub struct SeqInput<'a> {
     pub slot: u32,
     pub tokens: &'a [u32],
+    pub draw: Option<&'a DeviceDraw>,
 }
 
 /// One row of a chunk's sequence table: `count` tokens of sequence `seq` at chunk rows

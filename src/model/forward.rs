@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::gpu::recorder::{read_buffer, Program};
 use crate::gpu::{GpuContext, Recorder};
 use crate::interrupt::Interrupt;
+use crate::sampler::DeviceDraw;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Want {
@@ -33,6 +34,10 @@ pub enum Want {
     /// The index of the last token's largest logit, chosen on the device (one value,
     /// the u32 index in f32 bits; see `Model::forward_argmax`).
     Argmax,
+    /// A token drawn on the device from the last token's logits with each sequence's own
+    /// `DeviceDraw` (the u32 id in f32 bits; see `Model::forward_draw_with`). Not a name
+    /// Python passes: it needs the draws.
+    Draw,
 }
 
 impl Want {
@@ -62,7 +67,7 @@ impl Want {
     pub(crate) fn width(self, cfg: &super::Config) -> usize {
         match self {
             Want::None => 0,
-            Want::Argmax => 1,
+            Want::Argmax | Want::Draw => 1,
             Want::HiddenLast | Want::HiddenAll => cfg.n_embd,
             Want::Last | Want::All => cfg.vocab_size,
         }
@@ -227,6 +232,11 @@ pub fn run(
         }
         let chunk_want = if wanted.is_empty() { Want::None } else { want };
         head::prepare(model, s, chunk_want, wanted.len())?;
+        if chunk_want == Want::Draw {
+            // The wanted rows in order: the last token of each sequence that ends here.
+            let ending = rows.iter().filter(|r| r.pos + r.count == lens[r.seq]);
+            upload_draws(model, s, ending.map(|r| seqs[r.seq].draw))?;
+        }
         let key = PlanKey {
             tokens: t,
             n_seq: rows.len(),
@@ -298,6 +308,44 @@ fn upload_chunk(model: &Model, s: &Scratch, seqs: &[SeqInput], rows: &[SeqRow], 
     let table: Vec<u32> =
         rows.iter().flat_map(|r| [r.first as u32, r.count as u32, seqs[r.seq].slot, 0]).collect();
     model.ctx.queue.write_buffer(&s.seqs, 0, bytemuck::cast_slice(&table));
+    Ok(())
+}
+
+/// Writes the draws table (row j: wanted row j's draw) and their penalty entries, making
+/// room for the entries first (before the program is looked up: a bigger buffer makes
+/// the recorded programs stale).
+fn upload_draws<'a>(
+    model: &Model,
+    s: &mut Scratch,
+    draws: impl Iterator<Item = Option<&'a DeviceDraw>>,
+) -> Result<()> {
+    let mut rows = Vec::with_capacity(MAX_SEQS);
+    let mut entries: Vec<[u32; 4]> = Vec::new();
+    for draw in draws {
+        let Some(d) = draw else {
+            rows.push(ops::DrawRow::SKIP);
+            continue;
+        };
+        rows.push(ops::DrawRow {
+            u: d.u,
+            temperature: d.temperature,
+            top_p: d.top_p,
+            top_k: d.top_k,
+            fallback: d.fallback,
+            first_entry: entries.len() as u32,
+            entries: d.entries.len() as u32,
+            skip: 0,
+        });
+        entries.extend(d.entries.iter().map(|e| {
+            let bias = if e.banned { f32::NEG_INFINITY } else { e.bias };
+            [e.token, bias.to_bits(), e.penalty.to_bits(), u32::from(e.banned)]
+        }));
+    }
+    s.ensure_draw_entries(model, entries.len())?;
+    model.ctx.queue.write_buffer(&s.draws, 0, bytemuck::cast_slice(&rows));
+    if !entries.is_empty() {
+        model.ctx.queue.write_buffer(&s.draw_entries, 0, bytemuck::cast_slice(&entries));
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! (normalised rows, logits, or each row's argmax), copied into the read-back buffer.
 
 use super::forward::Want;
-use super::ops::{self, Act, Argmax, LayerNorm, Product};
+use super::ops::{self, Act, Argmax, LayerNorm, Product, Sample};
 use super::scratch::Scratch;
 use super::weights::consts;
 use super::Model;
@@ -26,11 +26,14 @@ pub fn prepare(model: &Model, s: &mut Scratch, want: Want, rows: usize) -> Resul
     let floats = match want {
         Want::None => return Ok(()),
         Want::HiddenLast | Want::HiddenAll => rows * model.config.n_embd,
-        Want::Argmax => rows * 2,
+        Want::Argmax | Want::Draw => rows * 2,
         Want::Last | Want::All => rows * model.config.vocab_size,
     };
-    if matches!(want, Want::Argmax | Want::Last | Want::All) {
+    if matches!(want, Want::Argmax | Want::Draw | Want::Last | Want::All) {
         s.ensure_logits(model, rows)?;
+    }
+    if want == Want::Draw && model.weights.head.chunks.len() > 1 {
+        s.ensure_draw_logits(model, rows)?;
     }
     s.ensure_staging(model, (floats * 4) as u64)
 }
@@ -48,6 +51,7 @@ pub fn record(
         Want::None => Ok(Vec::new()),
         Want::HiddenLast | Want::HiddenAll => record_hidden(model, rec, s, wanted),
         Want::Argmax => record_argmax(model, rec, s, wanted),
+        Want::Draw => record_draw(model, rec, s, wanted),
         Want::Last | Want::All => record_logits(model, rec, s, wanted),
     }
 }
@@ -143,16 +147,72 @@ fn record_argmax(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[usize
         }
         done += n;
     }
-    // `best` holds (index, value bits) per row; the output keeps the index, as f32 bits.
-    let bytes = (wanted.len() * 8) as u64;
+    Ok(read_best(rec, s, wanted.len()))
+}
+
+/// Reads back `rows` rows of `best`, (token id, -) each: the output keeps the id, as f32
+/// bits.
+fn read_best(rec: &mut Recorder, s: &Scratch, rows: usize) -> Vec<Placement> {
     rec.copy(Copy {
         src: s.best.clone(),
         src_offset: 0,
         dst: s.staging().clone(),
         dst_offset: 0,
-        size: bytes,
+        size: (rows * 8) as u64,
     });
-    Ok((0..wanted.len()).map(|j| Placement { src: 2 * j, row: j, col: 0, len: 1 }).collect())
+    (0..rows).map(|j| Placement { src: 2 * j, row: j, col: 0, len: 1 }).collect()
+}
+
+/// A token drawn for each wanted row by the device's sampler, with draws table row j for
+/// wanted row j (uploaded with the chunk): the head in groups of rows; a head of several
+/// row chunks has each group's chunks gathered into whole rows first.
+fn record_draw(model: &Model, rec: &mut Recorder, s: &Scratch, wanted: &[usize]) -> Result<Vec<Placement>> {
+    let head = &model.weights.head;
+    let vocab = model.config.vocab_size;
+    let group = match (&s.draw_logits, head.chunks.len()) {
+        (_, 1) => s.logits_tokens,
+        (Some(_), _) => s.logits_tokens.min(s.draw_rows),
+        (None, _) => unreachable!("head::prepare makes the gathered rows"),
+    };
+    let mut done = 0;
+    while done < wanted.len() {
+        let n = (wanted.len() - done).min(group);
+        final_norm(model, rec, s, &wanted[done..done + n], 0)?;
+        for i in 0..head.chunks.len() {
+            head_chunk(model, rec, s, i, 0, n)?;
+        }
+        let rows = match &s.draw_logits {
+            Some(gathered) if head.chunks.len() > 1 => {
+                for (i, chunk) in head.chunks.iter().enumerate() {
+                    for j in 0..n {
+                        rec.copy(Copy {
+                            src: s.logits[i].clone(),
+                            src_offset: (j * chunk.rows * 4) as u64,
+                            dst: gathered.clone(),
+                            dst_offset: ((j * vocab + chunk.row0) * 4) as u64,
+                            size: (chunk.rows * 4) as u64,
+                        });
+                    }
+                }
+                gathered
+            }
+            _ => &s.logits[0],
+        };
+        ops::sample(
+            model,
+            rec,
+            Sample {
+                logits: rows,
+                draws: &s.draws,
+                entries: &s.draw_entries,
+                best: &s.best,
+                row0: done,
+                rows: n,
+            },
+        )?;
+        done += n;
+    }
+    Ok(read_best(rec, s, wanted.len()))
 }
 
 /// The wanted rows' logits, in groups of rows that fit the logits buffers; each head row

@@ -32,6 +32,7 @@ use crate::fair_mutex::{FairGuard, FairMutex};
 use crate::gpu::{DeviceOptions, GpuContext, Pipelines};
 use crate::interrupt::Interrupt;
 use crate::loader::{self, Checkpoint};
+use crate::sampler::DeviceDraw;
 use load::Loader;
 use scratch::Scratch;
 use state::StatePool;
@@ -325,6 +326,70 @@ impl Model {
         want: Want,
         interrupt: Interrupt,
     ) -> Result<Vec<f32>> {
+        if want == Want::Draw {
+            return Err(Error::Invalid("a draw needs its options: use forward_draw_with".into()));
+        }
+        self.forward_seqs(batch, want, &[], interrupt)
+    }
+
+    /// Whether this model draws tokens on the device (`forward_draw_with`): unless the
+    /// device options say host (`RWKV_GPU_SAMPLE_ON=host`), wherever a row of logits fits
+    /// one storage binding.
+    pub fn draws_on_device(&self) -> bool {
+        self.ctx.sample_on_device && 4 * self.config.vocab_size as u64 <= self.ctx.max_binding
+    }
+
+    /// `forward_batch_with` that draws each sequence's next token on the device with its
+    /// `draws` entry (None: that sequence draws nothing; its token is None), reading back
+    /// one token per sequence instead of its logits. Needs `draws_on_device`.
+    pub fn forward_draw_with(
+        &self,
+        batch: &[(&State, &[u32])],
+        draws: &[Option<&DeviceDraw>],
+        interrupt: Interrupt,
+    ) -> Result<Vec<Option<u32>>> {
+        if !self.draws_on_device() {
+            return Err(Error::Invalid(
+                "this model draws on the host (RWKV_GPU_SAMPLE_ON=host, or a logits row exceeds one binding)"
+                    .into(),
+            ));
+        }
+        if draws.len() != batch.len() {
+            return Err(Error::Shape(format!("{} draws for {} sequences", draws.len(), batch.len())));
+        }
+        let vocab = self.config.vocab_size;
+        let mut entries = 0usize;
+        for (i, d) in draws.iter().enumerate().filter_map(|(i, d)| d.map(|d| (i, d))) {
+            let bad = |what: String| in_batch_item("draw", i, draws.len(), Error::Invalid(what));
+            if d.fallback as usize >= vocab || d.entries.iter().any(|e| e.token as usize >= vocab) {
+                return Err(bad(format!("a token of the draw is outside the vocabulary of {vocab}")));
+            }
+            let in_range = (0.0..1.0).contains(&d.u) && d.temperature >= 0.0 && d.temperature.is_finite();
+            if !in_range {
+                return Err(bad(format!("u {} or temperature {} out of range", d.u, d.temperature)));
+            }
+            if d.entries.windows(2).any(|w| w[0].token >= w[1].token) {
+                return Err(bad("the penalty entries must name each token once, in order".into()));
+            }
+            entries += d.entries.len();
+        }
+        if 16 * entries as u64 > self.ctx.max_binding {
+            return Err(Error::Invalid(format!("{entries} penalty entries exceed one storage binding")));
+        }
+        let out = self.forward_seqs(batch, Want::Draw, draws, interrupt)?;
+        let none = u32::MAX;
+        Ok(out.iter().map(|v| Some(v.to_bits()).filter(|&t| t != none)).collect())
+    }
+
+    /// The forward pass behind `forward_batch_with` and `forward_draw_with` (`draws`:
+    /// empty, or one per sequence).
+    fn forward_seqs(
+        &self,
+        batch: &[(&State, &[u32])],
+        want: Want,
+        draws: &[Option<&DeviceDraw>],
+        interrupt: Interrupt,
+    ) -> Result<Vec<f32>> {
         if batch.is_empty() {
             return Err(Error::Shape("the batch is empty: give at least one (tokens, state) pair".into()));
         }
@@ -395,7 +460,11 @@ impl Model {
             let page = self.pool.page(*page);
             let seqs: Vec<chunks::SeqInput> = members
                 .iter()
-                .map(|&i| chunks::SeqInput { slot: batch[i].0 .0.slot as u32, tokens: batch[i].1 })
+                .map(|&i| chunks::SeqInput {
+                    slot: batch[i].0 .0.slot as u32,
+                    tokens: batch[i].1,
+                    draw: draws.get(i).copied().flatten(),
+                })
                 .collect();
             let (values, group_stats) =
                 forward::run(self, &mut scratch, &page, &seqs, want, interrupt).map_err(restore)?;

@@ -832,40 +832,104 @@ pub fn argmax(model: &Model, rec: &mut Recorder, a: Argmax) -> Result<()> {
     Ok(())
 }
 
+// ---- sample.wgsl ----
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SampleParams {
+    vocab: u32,
+    row0: u32,
+    _pad: [u32; 2],
+}
+
+/// One row of the draws table (`Draw` in sample.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub struct DrawRow {
+    pub u: f32,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub fallback: u32,
+    pub first_entry: u32,
+    pub entries: u32,
+    pub skip: u32,
+}
+
+impl DrawRow {
+    /// A row that draws nothing.
+    pub const SKIP: DrawRow = DrawRow {
+        u: 0.0,
+        temperature: 0.0,
+        top_p: 0.0,
+        top_k: 0,
+        fallback: 0,
+        first_entry: 0,
+        entries: 0,
+        skip: 1,
+    };
+}
+
+/// Draws a token for each of `rows` rows of `logits` (a full vocabulary each, rewritten
+/// on the way) with rows `row0..` of the `draws` table, into those rows of `best`.
+pub struct Sample<'a> {
+    pub logits: &'a wgpu::Buffer,
+    pub draws: &'a wgpu::Buffer,
+    pub entries: &'a wgpu::Buffer,
+    pub best: &'a wgpu::Buffer,
+    pub row0: usize,
+    pub rows: usize,
+}
+
+pub fn sample(model: &Model, rec: &mut Recorder, a: Sample) -> Result<()> {
+    let pipeline = model.pipelines.get(Variant::Sample)?;
+    let params = SampleParams { vocab: model.config.vocab_size as u32, row0: a.row0 as u32, _pad: [0; 2] };
+    let bindings = [a.logits, a.draws, a.entries, a.best].map(Binding::whole);
+    rec.dispatch(&pipeline, &params, bindings.into(), (1, a.rows as u32, 1));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::gpu::shaders::preprocess;
 
-    /// Byte size and the byte offset of each member of the WGSL struct `Params` of the
+    /// Byte size and the byte offset of each member of the WGSL struct `name` of the
     /// variant's kernel.
-    fn wgsl_params(variant: Variant) -> (u32, Vec<(String, u32)>) {
+    fn wgsl_struct(variant: Variant, name: &str) -> (u32, Vec<(String, u32)>) {
         let kernel = variant.kernel();
         let code = preprocess(kernel.name(), kernel.source(), &variant.defines()).unwrap();
         let module = naga::front::wgsl::parse_str(&code).unwrap();
         let mut layouter = naga::proc::Layouter::default();
         layouter.update(module.to_ctx()).unwrap();
-        let (handle, ty) =
-            module.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("a Params struct");
+        let ty = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("{variant:?}: no struct {name}"))
+            .1;
         match &ty.inner {
             naga::TypeInner::Struct { members, span } => {
-                let _ = handle;
                 (*span, members.iter().map(|m| (m.name.clone().unwrap_or_default(), m.offset)).collect())
             }
-            _ => panic!("Params is not a struct"),
+            _ => panic!("{name} is not a struct"),
+        }
+    }
+
+    fn check_struct<P>(variant: Variant, name: &str, offsets: &[(&str, usize)]) {
+        let (size, members) = wgsl_struct(variant, name);
+        assert_eq!(size as usize, std::mem::size_of::<P>(), "{variant:?}: size of {name}");
+        for (member, offset) in offsets {
+            let found = members
+                .iter()
+                .find(|(n, _)| n == member)
+                .unwrap_or_else(|| panic!("{variant:?}: no member {member} in {name}"));
+            assert_eq!(found.1 as usize, *offset, "{variant:?}: offset of {name}.{member}");
         }
     }
 
     fn check<P>(variant: Variant, offsets: &[(&str, usize)]) {
-        let (size, members) = wgsl_params(variant);
-        assert_eq!(size as usize, std::mem::size_of::<P>(), "{variant:?}: size of Params");
-        for (name, offset) in offsets {
-            let found = members
-                .iter()
-                .find(|(n, _)| n == name)
-                .unwrap_or_else(|| panic!("{variant:?}: no member {name}"));
-            assert_eq!(found.1 as usize, *offset, "{variant:?}: offset of {name}");
-        }
+        check_struct::<P>(variant, "Params", offsets)
     }
 
     #[test]
@@ -921,6 +985,16 @@ mod tests {
             ],
         );
         check::<ArgmaxParams>(Variant::Argmax, &[("out0", offset_of!(ArgmaxParams, out0))]);
+        check::<SampleParams>(Variant::Sample, &[("row0", offset_of!(SampleParams, row0))]);
+        check_struct::<DrawRow>(
+            Variant::Sample,
+            "Draw",
+            &[
+                ("top_k", offset_of!(DrawRow, top_k)),
+                ("first_entry", offset_of!(DrawRow, first_entry)),
+                ("skip", offset_of!(DrawRow, skip)),
+            ],
+        );
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Activations for one chunk of up to `tokens` tokens, allocated once per model and
 //! reused by every call.
 
-use super::ops::{MATVEC_TOKENS, MAX_SPLIT};
+use super::ops::{DrawRow, MATVEC_TOKENS, MAX_SPLIT};
 use super::Model;
 use crate::error::Result;
 
 /// Sequences per chunk at most (rows of the sequence table).
 pub const MAX_SEQS: usize = 64;
+
+/// Penalty entries the draws buffer holds at first (16 bytes each); it doubles as needed.
+const FIRST_DRAW_ENTRIES: usize = 1024;
 
 /// Buffers whose contents are never alive at the same time share memory (each is read
 /// only by dispatches recorded before the next write of the other):
@@ -31,7 +34,16 @@ pub struct Scratch {
     /// the first call that splits.
     pub partials: Option<wgpu::Buffer>,
     pub seqs: wgpu::Buffer, // (MAX_SEQS, 4) u32: first token, tokens, slot, -
-    pub best: wgpu::Buffer, // (MAX_SEQS, 2) u32: argmax index and value bits
+    pub best: wgpu::Buffer, // (MAX_SEQS, 2) u32: argmax index and value bits, or drawn token and 0
+    /// (MAX_SEQS) ops::DrawRow: the draws of a chunk's wanted rows (uploaded per chunk).
+    pub draws: wgpu::Buffer,
+    /// (draw_entries_len, 4) u32: the draws' penalty entries, grown on demand.
+    pub draw_entries: wgpu::Buffer,
+    pub draw_entries_len: usize,
+    /// (draw_rows, V): whole rows of logits gathered from the head's row chunks for the
+    /// sampler, made on first use when the head has more than one chunk.
+    pub draw_logits: Option<wgpu::Buffer>,
+    pub draw_rows: usize,
     /// One logits buffer per head row chunk: (logits_tokens, rows), grown on demand up to
     /// head_tokens, so that calls wanting one token's logits never hold a chunk's worth.
     pub logits: Vec<wgpu::Buffer>,
@@ -97,6 +109,11 @@ impl Scratch {
             partials: None,
             seqs: make("seqs", MAX_SEQS * 4)?,
             best: make("argmax", 2 * MAX_SEQS)?,
+            draws: make("draws", MAX_SEQS * std::mem::size_of::<DrawRow>() / 4)?,
+            draw_entries: make("draw entries", 4 * FIRST_DRAW_ENTRIES)?,
+            draw_entries_len: FIRST_DRAW_ENTRIES,
+            draw_logits: None,
+            draw_rows: 0,
             logits,
             logits_tokens: 1,
             head_tokens,
@@ -122,8 +139,16 @@ impl Scratch {
             &self.deep,
             &self.seqs,
             &self.best,
+            &self.draws,
+            &self.draw_entries,
         ];
-        for b in all.into_iter().chain(&self.logits).chain(&self.staging).chain(&self.partials) {
+        for b in all
+            .into_iter()
+            .chain(&self.logits)
+            .chain(&self.staging)
+            .chain(&self.partials)
+            .chain(&self.draw_logits)
+        {
             if !distinct.contains(&b) {
                 distinct.push(b);
             }
@@ -179,6 +204,34 @@ impl Scratch {
             let bytes = (4 * MAX_SPLIT * MATVEC_TOKENS * model.config.n_embd) as u64;
             self.partials = Some(model.ctx.create_buffer("split partial sums", bytes, USAGE)?);
         }
+        Ok(())
+    }
+
+    /// Makes the draws' entries buffer hold `entries` entries.
+    pub fn ensure_draw_entries(&mut self, model: &Model, entries: usize) -> Result<()> {
+        if entries <= self.draw_entries_len {
+            return Ok(());
+        }
+        // Doubling, within one binding (forward_draw_with checks that `entries` fits).
+        let most = (model.ctx.max_binding / 16) as usize;
+        let len = entries.next_power_of_two().min(most).max(entries);
+        self.draw_entries = model.ctx.create_buffer("draw entries", (16 * len) as u64, USAGE)?;
+        self.draw_entries_len = len;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Makes the gathered logits hold `rows` whole rows (at most as many as one binding
+    /// allows; the head then draws in groups).
+    pub fn ensure_draw_logits(&mut self, model: &Model, rows: usize) -> Result<()> {
+        let row_bytes = 4 * model.config.vocab_size;
+        let rows = rows.min((model.ctx.max_binding as usize / row_bytes).max(1)).min(MAX_SEQS);
+        if rows <= self.draw_rows {
+            return Ok(());
+        }
+        self.draw_logits = Some(model.ctx.create_buffer("draw logits", (rows * row_bytes) as u64, USAGE)?);
+        self.draw_rows = rows;
+        self.generation += 1;
         Ok(())
     }
 

@@ -46,6 +46,7 @@ fn options(
         tune: None,
         chunk_tokens: None,
         split_k: None,
+        sample_on_device: None,
     }
     .with_env()
     .map_err(to_py)
@@ -255,6 +256,7 @@ impl PyModel {
         d.set_item("matvec_reduction", matvec.reduction.name())?;
         d.set_item("max_binding", self.inner.ctx.max_binding)?;
         d.set_item("chunk_tokens", self.inner.chunk_tokens())?;
+        d.set_item("sample_on", if self.inner.draws_on_device() { "device" } else { "host" })?;
         Ok(d)
     }
 
