@@ -200,14 +200,19 @@ impl Batch {
             .map(|i| take[i] > 0 && take[i] == self.members[i].pending.len())
             .collect();
         let drawing: Vec<usize> = (0..self.members.len()).filter(|&i| draws_now[i]).collect();
-        let on_device = !drawing.is_empty()
+        // (Nor when their penalty entries would not fit one binding: a long generation on
+        // a device with small bindings.)
+        let device_draws: Option<Vec<Option<DeviceDraw>>> = (!drawing.is_empty()
             && self.model.draws_on_device()
-            && drawing.iter().all(|&i| self.members[i].top_logprobs.is_none());
+            && drawing.iter().all(|&i| self.members[i].top_logprobs.is_none()))
+        .then(|| fed.iter().map(|&i| draws_now[i].then(|| self.members[i].sampler.device_draw())).collect())
+        .filter(|draws: &Vec<Option<DeviceDraw>>| {
+            self.model.draw_entries_fit(draws.iter().flatten().map(|d| d.entries.len()).sum())
+        });
+        let on_device = device_draws.is_some();
         let batch: Vec<(&State, &[u32])> =
             fed.iter().map(|&i| (&self.members[i].state, &self.members[i].pending[..take[i]])).collect();
-        let drawn: Vec<Drawn> = if on_device {
-            let draws: Vec<Option<DeviceDraw>> =
-                fed.iter().map(|&i| draws_now[i].then(|| self.members[i].sampler.device_draw())).collect();
+        let drawn: Vec<Drawn> = if let Some(draws) = &device_draws {
             let refs: Vec<Option<&DeviceDraw>> = draws.iter().map(Option::as_ref).collect();
             let tokens = self.model.forward_draw_with(&batch, &refs, interrupt)?;
             let vocab = self.model.config.vocab_size as u32;

@@ -227,17 +227,26 @@ SETTINGS = [
 ]
 
 
-def models_on(path, **options):
-    """The same checkpoint opened twice: drawing on the host, and on the device."""
+def models_on(make):
+    """The model `make()` opens, opened twice: drawing on the host, and on the device."""
     out = {}
     for place in ("host", "device"):
         os.environ["RWKV_GPU_SAMPLE_ON"] = place
         try:
-            out[place] = open_model(path, **options)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the software-adapter warning
+                out[place] = make()
         finally:
             os.environ.pop("RWKV_GPU_SAMPLE_ON", None)
         assert out[place].config["sample_on"] == place
     return out
+
+
+def small_binding_model():
+    """A random 1 x 64 model with an 8192-token vocabulary under a 64 KiB binding."""
+    import rwkv_gpu
+
+    return rwkv_gpu.Model.random(1, 64, vocab_size=8192, max_binding=65536)
 
 
 def test_the_default_place_is_by_device_type(tiny_model):
@@ -249,7 +258,7 @@ def test_the_default_place_is_by_device_type(tiny_model):
 
 @pytest.fixture(scope="module")
 def trained():
-    return models_on(TRAINED)
+    return models_on(lambda: open_model(TRAINED))
 
 
 def decode_dispatches(model):
@@ -316,23 +325,11 @@ def step_tokens(model, prompt, steps, sampling, top_logprobs=None):
 
 
 def test_groups_of_rows_over_a_split_head_and_several_pages():
-    """A random 1 x 64 model with an 8192-token vocabulary under a 64 KiB binding: its head
-    splits into many row chunks gathered into whole rows two at a time (a 32 KiB row),
-    and three states fit a page, so seven sequences run as three pages' calls with groups
-    of rows at row0 0 and 2. Greedy draws equal the host's; seeded ones too (but for an
+    """`small_binding_model`: its head splits into many row chunks, gathered into whole
+    rows two at a time (a row is 32 KiB), and three states fit a page, so seven sequences
+    run as three pages' calls with groups of rows at row0 0 and 2. Greedy draws equal the host's; seeded ones too (but for an
     edge: at most one sequence may part)."""
-    import rwkv_gpu
-
-    models = {}
-    for place in ("host", "device"):
-        os.environ["RWKV_GPU_SAMPLE_ON"] = place
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)  # the software-adapter warning
-                models[place] = rwkv_gpu.Model.random(1, 64, vocab_size=8192, max_binding=65536)
-        finally:
-            os.environ.pop("RWKV_GPU_SAMPLE_ON", None)
-        assert models[place].config["sample_on"] == place
+    models = models_on(small_binding_model)
     prompts = [[1 + i, 2 * i + 5, 3] for i in range(7)]
     for options, allowed in ((dict(temperature=0), 0), (dict(seed=3, temperature=1.0, top_p=0.9), 1)):
         outs = {place: [c.tokens for c in m.complete_batch(prompts, max_tokens=6, stop_tokens=(), **options)]
@@ -347,7 +344,7 @@ def test_greedy_tokens_and_no_objects_created_per_step(options):
     head's row chunks; after the first steps a step creates no buffer or bind group."""
     import rwkv_gpu
 
-    models = models_on(TINY, **options)
+    models = models_on(lambda: open_model(TINY, **options))
     tokens, outside = {}, {}
     for place, model in models.items():
         tokens[place], created = step_tokens(model, [1, 2, 3], 24, rwkv_gpu.Sampling(temperature=0))
@@ -356,3 +353,20 @@ def test_greedy_tokens_and_no_objects_created_per_step(options):
     assert tokens["host"] == tokens["device"]
     # The device drew: one more dispatch (the sampler) beside ln0 and the head's.
     assert outside["device"] == outside["host"] + 1
+
+
+def test_more_penalty_entries_than_a_binding_holds_draw_on_the_host():
+    """Rows of 32 KiB fit a 64 KiB binding, but 5000 biased tokens (80 KB of entries) do
+    not: those steps draw on the host, with the same tokens."""
+    import rwkv_gpu
+
+    models = models_on(small_binding_model)
+    outside, tokens = {}, {}
+    for bias_count in (10, 5000):
+        sampling = rwkv_gpu.Sampling(temperature=0, logit_bias={t: 0.25 for t in range(bias_count)})
+        for place, model in models.items():
+            tokens[place], _ = step_tokens(model, [1, 2, 3], 4, sampling)
+            outside[place] = decode_dispatches(model)
+        assert tokens["host"] == tokens["device"]
+        # The device drew (one more dispatch) only while its entries fit.
+        assert outside["device"] == outside["host"] + (bias_count == 10), bias_count

@@ -339,6 +339,12 @@ impl Model {
         self.ctx.sample_on_device && 4 * self.config.vocab_size as u64 <= self.ctx.max_binding
     }
 
+    /// Whether one call's draws may carry `entries` penalty entries in all (16 bytes each,
+    /// in one binding).
+    pub fn draw_entries_fit(&self, entries: usize) -> bool {
+        (entries as u64).saturating_mul(16) <= self.ctx.max_binding
+    }
+
     /// `forward_batch_with` that draws each sequence's next token on the device with its
     /// `draws` entry (None: that sequence draws nothing; its token is None), reading back
     /// one token per sequence instead of its logits. Needs `draws_on_device`.
@@ -373,7 +379,7 @@ impl Model {
             }
             entries += d.entries.len();
         }
-        if 16 * entries as u64 > self.ctx.max_binding {
+        if !self.draw_entries_fit(entries) {
             return Err(Error::Invalid(format!("{entries} penalty entries exceed one storage binding")));
         }
         let out = self.forward_seqs(batch, Want::Draw, draws, interrupt)?;
