@@ -1,6 +1,6 @@
 """Speed of each kernel family on the default adapter, through wgpu-py with the exact
 WGSL the runtime compiles (rwkv_gpu.kernel_source): matrix-vector and matrix-matrix
-products in fp16/int8/nf4, the WKV recurrence, layer norm; plus end-to-end pp/tg on a
+products in fp16/int8/nf4, the WKV recurrence, layer norm, the sampler; plus end-to-end pp/tg on a
 small random model through rwkv_gpu itself.
 
     python -m pytest benches/test_kernel_speed.py --benchmark-only
@@ -255,6 +255,25 @@ def test_ln_shift(benchmark, device):
     kernel = Kernel(device, "ln_shift", ["N_MIX=6u"], "ln_shift", [C, rows, 1, 0, C, 2 * C, 0, 2 * C, 1e-5],
                     [x, consts, seqs, state, out], (rows, 1, 1))
     measure(benchmark, kernel, x.nbytes + out.nbytes, 20.0 * rows * C)
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("top_p", [0.85, 1.0])
+def test_sample(benchmark, device, rows, top_p):
+    """The device's sampler (shaders/sample.wgsl) over `rows` sequences of a 65536-token
+    vocabulary: top_p 0.85 runs the cutoff's radix descent, 1.0 skips it. The kernel
+    rewrites its rows (probabilities, then weights), so the dispatches after the first
+    draw from those: the same passes over the same bytes. GB/s counts one read of each
+    row; us_per_dispatch is what a decode step adds (against reading the rows back)."""
+    vocab = 65536
+    rng = np.random.default_rng(4)
+    logits = (rng.standard_normal((rows, vocab)) * 2.5).astype(np.float32)
+    draw = [np.float32(0.5).view(np.uint32), np.float32(1.0).view(np.uint32), np.float32(top_p).view(np.uint32), 0, 0, 0, 0, 0]
+    draws = np.array([draw] * rows, np.uint32)
+    entries = np.zeros((1, 4), np.uint32)
+    best = np.zeros((rows, 2), np.uint32)
+    kernel = Kernel(device, "sample", [], "sample", [vocab, 0], [logits, draws, entries, best], (1, rows, 1))
+    measure(benchmark, kernel, logits.nbytes, 10.0 * logits.size)
 
 
 @pytest.fixture(scope="module")

@@ -89,11 +89,44 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
+    /// This error, met while putting a failed call's states back (after `cause`): the
+    /// same kind, its message naming both, since the states are now not as they were.
+    pub fn after_failed_call(self, cause: &Error) -> Self {
+        let note = |m: String| format!("{m} (while putting the states back after the call failed: {cause})");
+        match self {
+            Error::Device(m) => Error::Device(note(m)),
+            Error::DeviceLost(m) => Error::DeviceLost(note(m)),
+            Error::OutOfMemory(m) => Error::OutOfMemory(note(m)),
+            Error::State(m) => Error::State(note(m)),
+            other => other,
+        }
+    }
+
     /// The one wording of a token id that a vocabulary of `vocab` tokens does not hold, for
     /// the model and the tokenizer alike (and for ids the binding cannot even represent as
     /// u32: negative, or huge). `position` is the id's index in its list, when it has one.
     pub fn token_out_of_range(token: impl std::fmt::Display, position: Option<usize>, vocab: usize) -> Self {
         let at = position.map(|p| format!(" at position {p}")).unwrap_or_default();
         Error::Shape(format!("token id {token}{at} is out of range: the vocabulary has {vocab} tokens"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn a_failed_restore_names_the_failure_before_it() {
+        let restored =
+            Error::OutOfMemory("no room for a state copy".into()).after_failed_call(&Error::Interrupted);
+        assert!(matches!(restored, Error::OutOfMemory(_)));
+        let text = restored.to_string();
+        assert!(
+            text.contains("no room for a state copy") && text.contains("after the call failed: interrupted"),
+            "{text}"
+        );
+        let lost =
+            Error::DeviceLost("gone".into()).after_failed_call(&Error::Device("a submission failed".into()));
+        assert!(matches!(&lost, Error::DeviceLost(m) if m.contains("a submission failed")));
     }
 }

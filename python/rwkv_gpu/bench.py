@@ -9,7 +9,8 @@ does not grow with the context.
 tg<N> x<B> (--batch): B sequences generating N tokens each, one forward_batch call per
 step (each step reads the weights once for all B); t/s counts all B*N tokens.
 "tg<N> x<B> engine": the same B generations as requests to a `rwkv_gpu.Engine` (the
-serving scheduler: per-request sampling, text decoding and stop checks on the host).
+serving scheduler: per-request sampling, on the device on GPUs (`sample_on` in the
+header), text decoding and stop checks on the host).
 ttft<L>: time to the first token of a generation: an L-token prompt (128, or P if
 smaller) fed from a fresh state, logits read, token drawn; "cached" has a StateCache
 holding all but its last 16 tokens (shown in seconds).

@@ -456,7 +456,7 @@ impl Model {
             if let Some(copies) = &backups {
                 for ((state, _), copy) in batch.iter().zip(copies) {
                     if let Err(failed) = self.copy_slots(copy, state) {
-                        return failed;
+                        return failed.after_failed_call(&e);
                     }
                 }
             }
